@@ -1,0 +1,71 @@
+# Tidepool: `make run` starts the embedded server; `make test` runs the whole suite.
+# Everything a fresh Debian machine lacks is installed here (apt, Python venv, models), and the
+# heavy caches (cargo target dir, models, venv) live outside the clone so CI reuses them.
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/tidepool
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export TIDEPOOL_MODELS_DIR ?= $(CACHE)/models
+VENV := $(CACHE)/venv
+PY := $(VENV)/bin/python
+LISTEN ?= 127.0.0.1:8080
+CONFIG ?= tidepool.toml
+DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
+RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
+APT_PACKAGES := cmake clang libclang-dev unzip python3-venv
+
+.PHONY: run test deps apt venv models build build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
+
+run: deps models build
+	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
+
+test: deps models lint rust-test python-test
+
+deps: apt venv
+
+# Installs only what is missing; `apt-get update` runs once, only if something is.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: tests/python/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+	touch $@
+
+models:
+	@scripts/fetch-models.sh
+
+build:
+	cargo build --release --locked -p tidepool
+
+build-debug:
+	cargo build --workspace --all-targets --locked
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	scripts/check-layering.sh
+
+rust-test:
+	cargo nextest run --workspace --locked --no-fail-fast
+
+# Black-box tests with the official openai SDK against a real `tidepool serve` (debug build, same
+# workspace-wide feature set as clippy and nextest so llama.cpp is compiled once;
+# dependencies are optimised in the dev profile, so it runs at full speed).
+python-test: build-debug venv
+	TIDEPOOL_BIN=$(DEBUG_BIN) $(PY) -m pytest -q tests/python
+
+bench: build peers
+	$(RELEASE_BIN) bench engine --llama-server $(HOME)/.cache/tidepool-peers/bin/llama-server
+
+peers:
+	bash ../shared/peers/build-llama-server.sh
+
+fmt:
+	cargo fmt --all

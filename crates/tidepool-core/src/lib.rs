@@ -1,0 +1,22 @@
+//! `tidepool-core` owns the vocabulary every other crate speaks: ids ([`RequestId`],
+//! [`ModelId`], [`TenantId`], [`KeyId`]), token counts ([`TokenCount`]), money ([`Nanos`],
+//! integer nano-units of a currency), the validated configuration ([`Config`], [`Limits`]) and
+//! [`CoreError`].
+//!
+//! It must never depend on tokio, sqlx, axum or any engine: the pool and the simulator build on
+//! it without an async runtime. Read [`config`] first, then [`money`].
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod money;
+
+pub use config::{Config, Limits, ModelConfig, ModelKind, PoolPolicy};
+pub use error::CoreError;
+pub use ids::{KeyId, ModelId, RequestId, TenantId};
+pub use money::{Currency, Nanos};
+
+/// A count of tokens. `u32` is explicit: no single request comes near 4 billion tokens, and every
+/// place that adds counts up uses `u64`.
+pub type TokenCount = u32;

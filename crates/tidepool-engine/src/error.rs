@@ -1,0 +1,33 @@
+//! The one error type of `tidepool-engine`.
+
+use std::path::PathBuf;
+
+use tidepool_core::TokenCount;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the model's queue is full")]
+    Overloaded { retry_after_ms: u32 },
+    #[error(
+        "{prompt_tokens} prompt tokens + {max_tokens} max_tokens exceed the context of {context_tokens} tokens"
+    )]
+    ContextLengthExceeded {
+        prompt_tokens: TokenCount,
+        max_tokens: TokenCount,
+        context_tokens: TokenCount,
+    },
+    #[error("invalid `{param}`: {reason}")]
+    InvalidRequest { param: &'static str, reason: String },
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("tokenizer failed: {reason}")]
+    Tokenize { reason: String },
+    #[error("chat template failed: {reason}")]
+    Template { reason: String },
+    #[error("llama.cpp decode failed with code {code}")]
+    Decode { code: i32 },
+    #[error("embedding model failed: {reason}")]
+    Embedding { reason: String },
+    #[error("the engine has shut down")]
+    ShutDown,
+}

@@ -1,0 +1,158 @@
+//! `tidepool-engine` owns model execution: the [`TextEngine`] and [`EmbeddingEngine`] traits,
+//! the llama.cpp backend (`llama` module, continuous batching on one owning OS thread per
+//! model, because a llama.cpp context is not `Send`), the candle embedding backend (`embed`) and
+//! a deterministic fake engine with a cost model (`fake`) for scheduler and load tests only, and
+//! the raw llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline.
+//!
+//! It never depends on the gateway, the ledger or the pool, and touches tokio only through
+//! `tokio::sync` channels (no runtime). Read [`TextEngine`] and [`GenerationEvent`] first.
+
+pub mod bench;
+pub mod embed;
+pub mod error;
+pub mod fake;
+pub mod llama;
+mod output;
+mod params;
+
+pub use embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
+pub use error::EngineError;
+pub use fake::{FakeEngine, FakeEngineConfig};
+pub use llama::{LlamaEngine, LlamaEngineConfig};
+use tidepool_core::{ModelId, RequestId, TokenCount};
+use tokio::sync::{mpsc, oneshot};
+
+/// A llama.cpp vocabulary token.
+pub type TokenId = i32;
+
+/// One chat message after the gateway has validated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Per-request sampling, validated by the gateway before it reaches the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    /// Seed of the sequence's sampler; `None` derives one from the request id.
+    pub seed: Option<u64>,
+    /// Most completion tokens to generate.
+    pub max_tokens: TokenCount,
+    /// Generation ends before the first occurrence of any of these; the stop text is not returned.
+    pub stop: Vec<String>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: 16,
+            stop: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
+/// A tokenized prompt ready to run.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub request_id: RequestId,
+    pub prompt: Vec<TokenId>,
+    pub params: SamplingParams,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+/// What the engine sends back for one request, in order: zero or more `Chunk`s, then exactly one
+/// `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text and the number of generated tokens it accounts for. Text is held back while it
+    /// could be the start of a stop sequence or an incomplete UTF-8 character, so `tokens` may be
+    /// more than one and `text` may be empty.
+    Chunk { text: String, tokens: TokenCount },
+    /// Generation ended. `completion_tokens` counts every generated token, including any whose
+    /// text was swallowed by a stop sequence.
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: TokenCount,
+        /// Prompt tokens whose KV was reused from a resident prefix rather than computed.
+        cached_prompt_tokens: TokenCount,
+        completion_tokens: TokenCount,
+    },
+    /// Generation failed after admission.
+    Failed(EngineError),
+}
+
+/// A running generation. Dropping it cancels the sequence: the engine sees the closed channel
+/// within one step and frees the slot.
+#[derive(Debug)]
+pub struct Generation {
+    pub events: mpsc::Receiver<GenerationEvent>,
+}
+
+/// Live counters of one text engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests admitted but not yet decoding.
+    pub queued: u32,
+    /// Sequences in the batch.
+    pub active: u32,
+}
+
+/// A text-generation model. Implementations are cheap to call from async code: nothing here
+/// blocks on generation.
+pub trait TextEngine: Send + Sync + std::fmt::Debug {
+    fn model_id(&self) -> &ModelId;
+    /// Longest prompt + completion one sequence may hold.
+    fn context_tokens(&self) -> TokenCount;
+    /// Renders chat messages with the model's own template, ending with the assistant prefix.
+    fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
+    /// Tokenizes text (special tokens in the text are parsed; BOS added if the model wants it).
+    fn tokenize(&self, text: &str) -> Result<Vec<TokenId>, EngineError>;
+    /// Queues a request without waiting. A full queue is `EngineError::Overloaded`.
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError>;
+    fn stats(&self) -> EngineStats;
+}
+
+/// Embedding vectors for a batch of inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One L2-normalised vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read across all inputs (after truncation).
+    pub prompt_tokens: TokenCount,
+}
+
+/// An embedding model.
+pub trait EmbeddingEngine: Send + Sync + std::fmt::Debug {
+    fn model_id(&self) -> &ModelId;
+    fn dimensions(&self) -> usize;
+    /// Longest input, in tokens; longer inputs are an `EngineError::ContextLengthExceeded`.
+    fn input_tokens_max(&self) -> TokenCount;
+    /// Queues a batch without waiting; the answer arrives on the returned channel.
+    fn embed(
+        &self,
+        inputs: Vec<String>,
+    ) -> Result<oneshot::Receiver<Result<Embeddings, EngineError>>, EngineError>;
+}

@@ -1,0 +1,440 @@
+//! The one HTTP error type, [`ApiError`], and the one place errors become statuses, OpenAI error
+//! types and stable codes (`status`, `kind`, `code`: exhaustive matches, no `_` arm, nested crate
+//! errors matched variant by variant). Every code is listed in `docs/errors.md`; a test keeps the
+//! two in step.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tidepool_core::{ModelId, ModelKind, RequestId};
+use tidepool_engine::EngineError;
+use tidepool_ledger::LedgerError;
+use utoipa::ToSchema;
+
+tokio::task_local! {
+    /// The id of the request being handled, set by the request-id middleware so that an error
+    /// rendered anywhere inside the handler can quote it in a 5xx body.
+    pub(crate) static CURRENT_REQUEST_ID: RequestId;
+}
+
+/// Every `code` an error body can carry, in the order of `docs/errors.md`.
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_request_error",
+    "invalid_api_key",
+    "model_not_found",
+    "model_endpoint_mismatch",
+    "context_length_exceeded",
+    "request_too_large",
+    "not_found",
+    "method_not_allowed",
+    "overloaded",
+    "rate_limit_exceeded",
+    "insufficient_quota",
+    "request_timeout",
+    "stream_stalled",
+    "internal_error",
+    "unavailable",
+];
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not the JSON we expect (syntax, types, missing fields).
+    #[error("invalid JSON body: {detail}")]
+    InvalidJson { detail: String },
+    /// A parameter is out of range or unsupported.
+    #[error("invalid `{param}`: {reason}")]
+    InvalidParam { param: &'static str, reason: String },
+    #[error("missing, malformed or revoked API key")]
+    InvalidApiKey,
+    #[error("the model `{model}` does not exist")]
+    ModelNotFound { model: String },
+    #[error("the model `{model}` is a {kind} model and is not served on {endpoint}")]
+    ModelEndpointMismatch {
+        model: ModelId,
+        kind: &'static str,
+        endpoint: &'static str,
+    },
+    #[error("the request body is larger than {bytes_max} bytes")]
+    RequestTooLarge { bytes_max: u64 },
+    #[error("no route for this path")]
+    RouteNotFound,
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    #[error("the request took longer than {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("the engine produced nothing for {stall_ms} ms")]
+    Stalled { stall_ms: u64 },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// The OpenAI error body: `{"error": {...}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, OpenAI-shaped.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: &'static str,
+}
+
+/// How loudly an error is logged at the HTTP boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Debug,
+    Warn,
+    Error,
+}
+
+impl ApiError {
+    pub fn invalid_param(param: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidParam {
+            param,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn model_endpoint_mismatch(
+        model: ModelId,
+        kind: ModelKind,
+        endpoint: &'static str,
+    ) -> Self {
+        let kind = match kind {
+            ModelKind::Chat => "chat",
+            ModelKind::Completion => "completion",
+            ModelKind::Embedding => "embedding",
+        };
+        Self::ModelEndpointMismatch {
+            model,
+            kind,
+            endpoint,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson { .. }
+            | Self::InvalidParam { .. }
+            | Self::ModelEndpointMismatch { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout { .. } | Self::Stalled { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Engine(error) => match error {
+                EngineError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                EngineError::ContextLengthExceeded { .. } | EngineError::InvalidRequest { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                EngineError::Load { .. }
+                | EngineError::Tokenize { .. }
+                | EngineError::Template { .. }
+                | EngineError::Decode { .. }
+                | EngineError::Embedding { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                EngineError::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Self::Ledger(error) => match error {
+                LedgerError::Database(_) | LedgerError::WriterFailed => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                LedgerError::KeyRevoked { .. } => StatusCode::UNAUTHORIZED,
+                LedgerError::InsufficientQuota { .. } | LedgerError::RateLimited { .. } => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
+                LedgerError::DuplicateRequest { .. } | LedgerError::IdempotencyKeyReused { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                LedgerError::Migrate(_)
+                | LedgerError::UnsupportedUrl
+                | LedgerError::KeyNotFound { .. }
+                | LedgerError::Core(_)
+                | LedgerError::OutOfRange { .. }
+                | LedgerError::Corrupt { .. }
+                | LedgerError::Invariant { .. }
+                | LedgerError::TenantNotFound { .. }
+                | LedgerError::CurrencyMismatch { .. }
+                | LedgerError::PriceNotFound { .. }
+                | LedgerError::PriceVersionConflict { .. }
+                | LedgerError::ReservationNotFound { .. }
+                | LedgerError::ReservationMismatch { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            status if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The stable, `snake_case` `code`; every value is in [`ERROR_CODES`] and `docs/errors.md`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson { .. } | Self::InvalidParam { .. } => "invalid_request_error",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::ModelEndpointMismatch { .. } => "model_endpoint_mismatch",
+            Self::RequestTooLarge { .. } => "request_too_large",
+            Self::RouteNotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Timeout { .. } => "request_timeout",
+            Self::Stalled { .. } => "stream_stalled",
+            Self::Engine(error) => match error {
+                EngineError::Overloaded { .. } => "overloaded",
+                EngineError::ContextLengthExceeded { .. } => "context_length_exceeded",
+                EngineError::InvalidRequest { .. } => "invalid_request_error",
+                EngineError::Load { .. }
+                | EngineError::Tokenize { .. }
+                | EngineError::Template { .. }
+                | EngineError::Decode { .. }
+                | EngineError::Embedding { .. } => "internal_error",
+                EngineError::ShutDown => "unavailable",
+            },
+            Self::Ledger(error) => match error {
+                LedgerError::Database(_) | LedgerError::WriterFailed => "unavailable",
+                LedgerError::KeyRevoked { .. } => "invalid_api_key",
+                LedgerError::InsufficientQuota { .. } => "insufficient_quota",
+                LedgerError::RateLimited { .. } => "rate_limit_exceeded",
+                LedgerError::DuplicateRequest { .. } | LedgerError::IdempotencyKeyReused { .. } => {
+                    "invalid_request_error"
+                }
+                LedgerError::Migrate(_)
+                | LedgerError::UnsupportedUrl
+                | LedgerError::KeyNotFound { .. }
+                | LedgerError::Core(_)
+                | LedgerError::OutOfRange { .. }
+                | LedgerError::Corrupt { .. }
+                | LedgerError::Invariant { .. }
+                | LedgerError::TenantNotFound { .. }
+                | LedgerError::CurrencyMismatch { .. }
+                | LedgerError::PriceNotFound { .. }
+                | LedgerError::PriceVersionConflict { .. }
+                | LedgerError::ReservationNotFound { .. }
+                | LedgerError::ReservationMismatch { .. } => "internal_error",
+            },
+        }
+    }
+
+    /// The parameter at fault, if one is.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidParam { param, .. }
+            | Self::Engine(EngineError::InvalidRequest { param, .. }) => Some(*param),
+            Self::ModelNotFound { .. } | Self::ModelEndpointMismatch { .. } => Some("model"),
+            Self::InvalidJson { .. }
+            | Self::InvalidApiKey
+            | Self::RequestTooLarge { .. }
+            | Self::RouteNotFound
+            | Self::MethodNotAllowed
+            | Self::Timeout { .. }
+            | Self::Stalled { .. }
+            | Self::Engine(_)
+            | Self::Ledger(_) => None,
+        }
+    }
+
+    /// How long a client should wait before retrying, for 429s.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Self::Engine(EngineError::Overloaded { retry_after_ms }) => {
+                Some(u64::from(*retry_after_ms))
+            }
+            Self::Ledger(LedgerError::RateLimited { retry_after_ms, .. }) => Some(*retry_after_ms),
+            _ => None,
+        }
+    }
+
+    /// Whether the SDK should retry on its own (`x-should-retry`); only set where its default
+    /// (retry every 429) would be wrong.
+    pub fn should_retry(&self) -> Option<bool> {
+        match self {
+            Self::Ledger(LedgerError::InsufficientQuota { .. }) => Some(false),
+            _ => None,
+        }
+    }
+
+    fn level(&self) -> Level {
+        let status = self.status();
+        if status.is_server_error() {
+            Level::Error
+        } else if status == StatusCode::TOO_MANY_REQUESTS {
+            Level::Warn
+        } else {
+            Level::Debug
+        }
+    }
+
+    /// The message shown to the client: 5xx bodies never carry internal detail, only the id.
+    pub fn public_message(&self, request_id: Option<RequestId>) -> String {
+        if self.status().is_server_error() {
+            let what = match self {
+                Self::Timeout { .. } | Self::Stalled { .. } => self.to_string(),
+                _ => "internal server error".to_owned(),
+            };
+            match request_id {
+                Some(id) => format!("{what} (request id {id})"),
+                None => what,
+            }
+        } else {
+            self.to_string()
+        }
+    }
+
+    /// The body, as sent in a response or as the last SSE event of a failed stream.
+    pub fn body(&self, request_id: Option<RequestId>) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.public_message(request_id),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        }
+    }
+
+    /// Logs the error once, at the HTTP boundary, at its variant's level.
+    pub(crate) fn log(&self) {
+        let code = self.code();
+        match self.level() {
+            Level::Error => tracing::error!(code, error = %self, "request failed"),
+            Level::Warn => tracing::warn!(code, error = %self, "request rejected"),
+            Level::Debug => tracing::debug!(code, error = %self, "request rejected"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
+        let request_id = CURRENT_REQUEST_ID.try_with(|id| *id).ok();
+        let status = self.status();
+        let retry_after_ms = self.retry_after_ms();
+        let should_retry = self.should_retry();
+        let mut response = (status, axum::Json(self.body(request_id))).into_response();
+        if let Some(ms) = retry_after_ms {
+            let headers = response.headers_mut();
+            // Whole seconds, rounded up so a client never retries early.
+            let seconds = ms.div_ceil(1000).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            headers.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        if let Some(retry) = should_retry {
+            response.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<ApiError> {
+        let model = ModelId::new("m").unwrap();
+        vec![
+            ApiError::InvalidJson { detail: "x".into() },
+            ApiError::invalid_param("top_p", "bad"),
+            ApiError::InvalidApiKey,
+            ApiError::ModelNotFound { model: "m".into() },
+            ApiError::model_endpoint_mismatch(model, ModelKind::Embedding, "/v1/chat/completions"),
+            ApiError::RequestTooLarge { bytes_max: 1 },
+            ApiError::RouteNotFound,
+            ApiError::MethodNotAllowed,
+            ApiError::Timeout { timeout_ms: 1 },
+            ApiError::Stalled { stall_ms: 1 },
+            EngineError::Overloaded { retry_after_ms: 1 }.into(),
+            EngineError::ContextLengthExceeded {
+                prompt_tokens: 1,
+                max_tokens: 1,
+                context_tokens: 1,
+            }
+            .into(),
+            EngineError::InvalidRequest {
+                param: "prompt",
+                reason: "x".into(),
+            }
+            .into(),
+            EngineError::Load {
+                path: "p".into(),
+                reason: "x".into(),
+            }
+            .into(),
+            EngineError::Tokenize { reason: "x".into() }.into(),
+            EngineError::Template { reason: "x".into() }.into(),
+            EngineError::Decode { code: 1 }.into(),
+            EngineError::Embedding { reason: "x".into() }.into(),
+            EngineError::ShutDown.into(),
+            LedgerError::UnsupportedUrl.into(),
+            LedgerError::KeyNotFound { key_id: "k".into() }.into(),
+            LedgerError::OutOfRange { field: "f" }.into(),
+            LedgerError::Corrupt { what: "w" }.into(),
+            LedgerError::WriterFailed.into(),
+            LedgerError::InsufficientQuota {
+                scope: tidepool_ledger::QuotaScope::Balance,
+                needed: tidepool_core::Nanos(2),
+                available: tidepool_core::Nanos(1),
+            }
+            .into(),
+            LedgerError::RateLimited {
+                scope: tidepool_ledger::RateScopeKind::Key,
+                kind: tidepool_ledger::RateKind::Requests,
+                retry_after_ms: 1,
+            }
+            .into(),
+        ]
+    }
+
+    #[test]
+    fn every_code_is_listed_and_every_listed_code_is_used() {
+        let used: std::collections::BTreeSet<_> = samples().iter().map(ApiError::code).collect();
+        for code in &used {
+            assert!(
+                ERROR_CODES.contains(code),
+                "{code} missing from ERROR_CODES"
+            );
+        }
+        for code in ERROR_CODES {
+            assert!(
+                used.contains(code),
+                "{code} is listed but no sample produces it"
+            );
+        }
+    }
+
+    #[test]
+    fn server_errors_hide_detail_and_quote_the_request_id() {
+        let id = RequestId::new();
+        for error in samples() {
+            let body = error.body(Some(id));
+            assert!(error.status().is_client_error() || error.status().is_server_error());
+            if error.status().is_server_error() {
+                assert!(body.error.message.contains(&id.to_string()));
+                assert!(!body.error.message.contains('x'), "{}", body.error.message);
+                assert_eq!(body.error.kind, "server_error");
+            }
+        }
+        assert_eq!(
+            ApiError::from(EngineError::Overloaded {
+                retry_after_ms: 1500
+            })
+            .retry_after_ms(),
+            Some(1500)
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! What runs before a handler's own logic: the request-context middleware (request id, root
+//! span, per-route counter), our JSON extractor (so a malformed or oversized body gets an
+//! OpenAI-shaped error, not axum's plain text) and bearer-key authentication.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::StreamExt as _;
+use serde::de::DeserializeOwned;
+use tidepool_core::RequestId;
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
+use crate::error::{ApiError, CURRENT_REQUEST_ID};
+use crate::metrics;
+use crate::state::AppState;
+use crate::usage::UsageGuard;
+
+/// The header that carries the request id, inbound and outbound.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Every route template; anything else is counted as `unmatched` (labels stay a closed set).
+const ROUTES: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/healthz",
+    "/metrics",
+    "/openapi.json",
+];
+
+fn route_label(path: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .copied()
+        .find(|route| *route == path)
+        .unwrap_or("unmatched")
+}
+
+/// Assigns the request id (a well-formed inbound `x-request-id`, else a new `UUIDv7`), opens the
+/// request's root span, and echoes the id on the response.
+pub(crate) async fn request_context(mut request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| RequestId::parse(value).ok())
+        .unwrap_or_default();
+    let route = route_label(request.uri().path());
+    request.extensions_mut().insert(request_id);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %request.method(),
+        route,
+        model = Empty,
+        api_key_id = Empty,
+        stream = Empty,
+        prompt_tokens = Empty,
+        completion_tokens = Empty,
+        ttft_ms = Empty,
+        total_ms = Empty,
+    );
+    let mut response = CURRENT_REQUEST_ID
+        .scope(request_id, next.run(request).instrument(span))
+        .await;
+    metrics::request(route, response.status().as_u16());
+    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// How much of an oversized body is still read (and discarded) before answering 413, as a
+/// multiple of `request_body_bytes_max`. Answering while the client is still sending makes the
+/// kernel reset the connection, and the client may then never see the 413 (nginx's
+/// `lingering_close` solves the same problem).
+const OVERSIZED_DRAIN_FACTOR: u64 = 4;
+
+/// `axum::Json`, but every rejection is an [`ApiError`]: an oversized body is 413
+/// `request_too_large`, anything unparsable is 400 `invalid_request_error`. The content type is
+/// not checked: a body that parses as the expected JSON is accepted.
+#[derive(Debug, Clone)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(request, state.limits().request_body_bytes_max).await?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|error| ApiError::InvalidJson {
+                detail: error.to_string(),
+            })
+    }
+}
+
+/// Reads a body of at most `bytes_max` bytes; a larger one is drained (up to a bound) and
+/// refused.
+async fn read_body(request: Request, bytes_max: u64) -> Result<Vec<u8>, ApiError> {
+    let too_large = ApiError::RequestTooLarge { bytes_max };
+    let drain_max = bytes_max.saturating_mul(OVERSIZED_DRAIN_FACTOR);
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > drain_max) {
+        return Err(too_large);
+    }
+    let mut frames = request.into_body().into_data_stream();
+    let mut body = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|error| ApiError::InvalidJson {
+            detail: error.to_string(),
+        })?;
+        seen = seen.saturating_add(u64::try_from(frame.len()).unwrap_or(u64::MAX));
+        if seen > drain_max {
+            return Err(too_large);
+        }
+        if seen <= bytes_max {
+            body.extend_from_slice(&frame);
+        }
+    }
+    if seen > bytes_max {
+        Err(too_large)
+    } else {
+        Ok(body)
+    }
+}
+
+/// Checks `Authorization: Bearer <key>` and opens the request's usage entry.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    request_id: RequestId,
+    endpoint: &'static str,
+) -> Result<UsageGuard, ApiError> {
+    let started = tokio::time::Instant::now();
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::InvalidApiKey)?;
+    let record = state
+        .ledger()
+        .authenticate(secret)
+        .await?
+        .ok_or(ApiError::InvalidApiKey)?;
+    Ok(UsageGuard::new(
+        state.clone(),
+        request_id,
+        record.tenant,
+        record.key_id,
+        endpoint,
+        started,
+    ))
+}

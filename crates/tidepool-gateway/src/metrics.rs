@@ -1,0 +1,133 @@
+//! Prometheus metrics. The recorder is process-global (installed once, whatever number of
+//! `AppState`s a test process builds); every metric is described once with its unit. Label values
+//! come from closed sets only: route templates, status codes, configured model ids, token kinds.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub(crate) const REQUESTS_TOTAL: &str = "tidepool_requests_total";
+pub(crate) const TOKENS_TOTAL: &str = "tidepool_tokens_total";
+pub(crate) const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tidepool_time_to_first_token_seconds";
+pub(crate) const INTER_TOKEN_LATENCY_SECONDS: &str = "tidepool_inter_token_latency_seconds";
+pub(crate) const REQUEST_DURATION_SECONDS: &str = "tidepool_request_duration_seconds";
+pub(crate) const USAGE_WRITE_FAILURES_TOTAL: &str = "tidepool_usage_write_failures_total";
+pub(crate) const CLIENT_DISCONNECTS_TOTAL: &str = "tidepool_client_disconnects_total";
+
+/// The `model` label of a request that never resolved a model.
+pub(crate) const NO_MODEL_LABEL: &str = "none";
+
+/// Histogram buckets in seconds: 1 ms to 10 minutes.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder (first call only) and describes every metric.
+pub(crate) fn install() {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS);
+        let recorder = match builder {
+            Ok(builder) => builder.build_recorder(),
+            Err(error) => {
+                tracing::error!(%error, "cannot configure the Prometheus recorder");
+                return None;
+            }
+        };
+        let handle = recorder.handle();
+        if let Err(error) = metrics::set_global_recorder(recorder) {
+            tracing::error!(%error, "a metrics recorder is already installed; /metrics is empty");
+            return None;
+        }
+        describe();
+        Some(handle)
+    });
+}
+
+fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "HTTP requests by route template and status code"
+    );
+    describe_counter!(
+        TOKENS_TOTAL,
+        Unit::Count,
+        "Tokens processed, by model and kind (prompt|completion)"
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from request admission to the first generated token, per model"
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time between consecutive generated chunks of one request, per model"
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from request start to its usage being settled, per model"
+    );
+    describe_counter!(
+        USAGE_WRITE_FAILURES_TOTAL,
+        Unit::Count,
+        "Usage entries that could not be written to the ledger (each one is also logged)"
+    );
+    describe_counter!(
+        CLIENT_DISCONNECTS_TOTAL,
+        Unit::Count,
+        "Requests whose client went away before the response was complete, per model"
+    );
+}
+
+/// The Prometheus text exposition, or an empty body if no recorder could be installed.
+pub(crate) fn render() -> String {
+    match HANDLE.get() {
+        Some(Some(handle)) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        Some(None) | None => String::new(),
+    }
+}
+
+pub(crate) fn request(route: &'static str, status: u16) {
+    counter!(REQUESTS_TOTAL, "route" => route, "code" => status.to_string()).increment(1);
+}
+
+pub(crate) fn tokens(model: &str, prompt_tokens: u32, completion_tokens: u32) {
+    let model = model.to_owned();
+    counter!(TOKENS_TOTAL, "model" => model.clone(), "kind" => "prompt")
+        .increment(u64::from(prompt_tokens));
+    counter!(TOKENS_TOTAL, "model" => model, "kind" => "completion")
+        .increment(u64::from(completion_tokens));
+}
+
+pub(crate) fn time_to_first_token(model: &str, elapsed: Duration) {
+    histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "model" => model.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn inter_token_latency(model: &str, elapsed: Duration) {
+    histogram!(INTER_TOKEN_LATENCY_SECONDS, "model" => model.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn request_duration(model: &str, elapsed: Duration) {
+    histogram!(REQUEST_DURATION_SECONDS, "model" => model.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn usage_write_failure() {
+    counter!(USAGE_WRITE_FAILURES_TOTAL).increment(1);
+}
+
+pub(crate) fn client_disconnect(model: &str) {
+    counter!(CLIENT_DISCONNECTS_TOTAL, "model" => model.to_owned()).increment(1);
+}

@@ -1,0 +1,72 @@
+//! The `OpenAPI` document, generated from the handlers' `#[utoipa::path]` attributes and the wire
+//! types. It is served at `/openapi.json` and committed as `docs/openapi.json`; a test fails when
+//! the two drift (`TIDEPOOL_UPDATE_DOCS=1 cargo nextest run -p tidepool-gateway` rewrites it).
+
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::openai;
+use crate::routes;
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Tidepool",
+        description = "A self-hostable, OpenAI-compatible AI cloud. Error codes: docs/errors.md.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        routes::chat_completions,
+        routes::completions,
+        routes::embeddings,
+        routes::models,
+        routes::healthz,
+        routes::metrics,
+        routes::openapi,
+    ),
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        openai::ChatCompletionRequest,
+        openai::CompletionRequest,
+        openai::EmbeddingRequest,
+        openai::ChatCompletionChunk,
+        openai::StringOrArray,
+        openai::MessageContent,
+        openai::ContentPart,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "openai", description = "OpenAI-compatible endpoints"),
+        (name = "ops", description = "Health, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The document as pretty JSON with a trailing newline (the committed file's exact bytes).
+pub fn document() -> String {
+    match ApiDoc::openapi().to_pretty_json() {
+        Ok(mut json) => {
+            json.push('\n');
+            json
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot render the OpenAPI document");
+            String::from("{}\n")
+        }
+    }
+}

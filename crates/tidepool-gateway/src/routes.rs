@@ -1,0 +1,418 @@
+//! Handlers. Each one extracts, authenticates (opening the request's usage entry), validates,
+//! calls one domain function and maps the result; errors become responses only through
+//! `ApiError`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use base64::Engine as _;
+use tidepool_core::{ModelId, ModelKind, RequestId};
+use tidepool_engine::{EmbeddingEngine, EngineError, TextEngine};
+
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiJson, authenticate};
+use crate::generate::{Flavor, TextJob};
+use crate::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest,
+    EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, Health,
+    Model, ModelList,
+};
+use crate::state::{AppState, ModelEngine};
+use crate::usage::UsageGuard;
+use crate::{generate, validate};
+
+/// Which endpoint a model lookup is for.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completions,
+}
+
+fn text_engine(
+    state: &AppState,
+    guard: &mut UsageGuard,
+    model: &str,
+    endpoint: Endpoint,
+) -> Result<(ModelId, Arc<dyn TextEngine>), ApiError> {
+    let served = state.model(model).ok_or_else(|| ApiError::ModelNotFound {
+        model: model.chars().take(128).collect(),
+    })?;
+    guard.set_model(served.id.clone());
+    let (allowed, name) = match endpoint {
+        Endpoint::Chat => (served.kind == ModelKind::Chat, "/v1/chat/completions"),
+        Endpoint::Completions => (
+            matches!(served.kind, ModelKind::Chat | ModelKind::Completion),
+            "/v1/completions",
+        ),
+    };
+    match (&served.engine, allowed) {
+        (ModelEngine::Text(engine), true) => Ok((served.id.clone(), Arc::clone(engine))),
+        (ModelEngine::Text(_) | ModelEngine::Embedding(_), _) => Err(
+            ApiError::model_endpoint_mismatch(served.id.clone(), served.kind, name),
+        ),
+    }
+}
+
+/// Renders a chat template; a template that rejects the conversation is the caller's 400.
+fn render_chat(
+    engine: &dyn TextEngine,
+    messages: &[tidepool_engine::ChatMessage],
+) -> Result<String, ApiError> {
+    engine
+        .apply_chat_template(messages)
+        .map_err(|error| match error {
+            EngineError::Template { reason } => ApiError::invalid_param("messages", reason),
+            other => other.into(),
+        })
+}
+
+macro_rules! authenticated {
+    ($state:expr, $headers:expr, $request_id:expr, $endpoint:expr) => {
+        match authenticate(&$state, &$headers, $request_id, $endpoint).await {
+            Ok(guard) => guard,
+            Err(error) => return error.into_response(),
+        }
+    };
+}
+
+/// Records a failure before any response byte and renders it.
+fn failed(mut guard: UsageGuard, error: ApiError) -> Response {
+    guard.fail(&error);
+    error.into_response()
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A chat completion, or with `stream: true` an SSE stream of chunks ending in `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "`invalid_request_error`, `context_length_exceeded`, `model_endpoint_mismatch`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`", body = ErrorBody),
+        (status = 413, description = "`request_too_large`", body = ErrorBody),
+        (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`request_timeout`, `stream_stalled`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<ApiJson<ChatCompletionRequest>, ApiError>,
+) -> Response {
+    let mut guard = authenticated!(state, headers, request_id, "chat.completions");
+    let job = (|| {
+        let ApiJson(request) = body?;
+        let (model, engine) = text_engine(&state, &mut guard, &request.model, Endpoint::Chat)?;
+        let limits = state.limits();
+        let params = validate::sampling(&request.sampling, limits)?;
+        let max_tokens = match request.max_completion_tokens {
+            Some(_) => validate::max_tokens(
+                "max_completion_tokens",
+                request.max_completion_tokens,
+                limits,
+            )?,
+            None => validate::max_tokens("max_tokens", request.sampling.max_tokens, limits)?,
+        };
+        let messages = validate::messages(&request.messages, limits)?;
+        let prompt_text = render_chat(engine.as_ref(), &messages)?;
+        Ok::<_, ApiError>(TextJob {
+            flavor: Flavor::Chat,
+            engine,
+            model,
+            prompt_text,
+            params,
+            max_tokens,
+            stream: request.sampling.stream,
+            include_usage: request
+                .sampling
+                .stream_options
+                .is_some_and(|o| o.include_usage),
+        })
+    })();
+    match job {
+        Ok(job) => generate::respond(state, guard, job).await,
+        Err(error) => failed(guard, error),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A completion, or with `stream: true` an SSE stream of completion chunks ending in `data: [DONE]`",
+            content((Completion = "application/json"), (Completion = "text/event-stream"))),
+        (status = 400, description = "`invalid_request_error`, `context_length_exceeded`, `model_endpoint_mismatch`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`", body = ErrorBody),
+        (status = 413, description = "`request_too_large`", body = ErrorBody),
+        (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`request_timeout`, `stream_stalled`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<ApiJson<CompletionRequest>, ApiError>,
+) -> Response {
+    let mut guard = authenticated!(state, headers, request_id, "completions");
+    let job = (|| {
+        let ApiJson(request) = body?;
+        let (model, engine) =
+            text_engine(&state, &mut guard, &request.model, Endpoint::Completions)?;
+        let limits = state.limits();
+        let params = validate::sampling(&request.sampling, limits)?;
+        let max_tokens = validate::max_tokens("max_tokens", request.sampling.max_tokens, limits)?;
+        let prompt_text = validate::prompt(&request.prompt)?;
+        Ok::<_, ApiError>(TextJob {
+            flavor: Flavor::Completion,
+            engine,
+            model,
+            prompt_text,
+            params,
+            max_tokens,
+            stream: request.sampling.stream,
+            include_usage: request
+                .sampling
+                .stream_options
+                .is_some_and(|o| o.include_usage),
+        })
+    })();
+    match job {
+        Ok(job) => generate::respond(state, guard, job).await,
+        Err(error) => failed(guard, error),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    tag = "openai",
+    request_body = EmbeddingRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One embedding per input, in input order", body = EmbeddingResponse),
+        (status = 400, description = "`invalid_request_error`, `context_length_exceeded`, `model_endpoint_mismatch`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`", body = ErrorBody),
+        (status = 413, description = "`request_too_large`", body = ErrorBody),
+        (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`request_timeout`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn embeddings(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<ApiJson<EmbeddingRequest>, ApiError>,
+) -> Response {
+    let mut guard = authenticated!(state, headers, request_id, "embeddings");
+    match embed(&state, &mut guard, body).await {
+        Ok(response) => {
+            guard.succeed(response.usage.prompt_tokens, 0, 0);
+            Json(response).into_response()
+        }
+        Err(error) => failed(guard, error),
+    }
+}
+
+/// Whether to send floats or base64 of little-endian f32 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Float,
+    Base64,
+}
+
+async fn embed(
+    state: &AppState,
+    guard: &mut UsageGuard,
+    body: Result<ApiJson<EmbeddingRequest>, ApiError>,
+) -> Result<EmbeddingResponse, ApiError> {
+    let ApiJson(request) = body?;
+    let served = state
+        .model(&request.model)
+        .ok_or_else(|| ApiError::ModelNotFound {
+            model: request.model.chars().take(128).collect(),
+        })?;
+    guard.set_model(served.id.clone());
+    let engine: Arc<dyn EmbeddingEngine> = match &served.engine {
+        ModelEngine::Embedding(engine) => Arc::clone(engine),
+        ModelEngine::Text(_) => {
+            return Err(ApiError::model_endpoint_mismatch(
+                served.id.clone(),
+                served.kind,
+                "/v1/embeddings",
+            ));
+        }
+    };
+    let encoding = match request.encoding_format.as_deref() {
+        None | Some("float") => Encoding::Float,
+        Some("base64") => Encoding::Base64,
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "encoding_format",
+                "must be `float` or `base64`",
+            ));
+        }
+    };
+    if let Some(dimensions) = request.dimensions
+        && usize::try_from(dimensions).ok() != Some(engine.dimensions())
+    {
+        return Err(ApiError::invalid_param(
+            "dimensions",
+            format!(
+                "this model only produces {} dimensions",
+                engine.dimensions()
+            ),
+        ));
+    }
+    let inputs = validate::embedding_input(&request.input, state.limits())?;
+    let receiver = engine.embed(inputs)?;
+    let timeout_ms = state.limits().request_timeout_ms;
+    let deadline = guard.started() + std::time::Duration::from_millis(timeout_ms);
+    let embeddings = match tokio::time::timeout_at(deadline, receiver).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(_closed)) => return Err(EngineError::ShutDown.into()),
+        Err(_elapsed) => return Err(ApiError::Timeout { timeout_ms }),
+    };
+    let prompt_tokens = embeddings.prompt_tokens;
+    let data = encode(embeddings.vectors, encoding);
+    Ok(EmbeddingResponse {
+        object: "list",
+        data,
+        model: served.id.to_string(),
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    })
+}
+
+fn encode(vectors: Vec<Vec<f32>>, encoding: Encoding) -> Vec<EmbeddingData> {
+    vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| EmbeddingData {
+            object: "embedding",
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            embedding: match encoding {
+                Encoding::Float => EmbeddingVector::Float(vector),
+                Encoding::Base64 => {
+                    // Little-endian f32 bytes, as OpenAI's SDKs decode them.
+                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            },
+        })
+        .collect()
+}
+
+fn kind_str(kind: ModelKind) -> &'static str {
+    match kind {
+        ModelKind::Chat => "chat",
+        ModelKind::Completion => "completion",
+        ModelKind::Embedding => "embedding",
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every served model", body = ModelList),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn models(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Response {
+    let mut guard = authenticated!(state, headers, request_id, "models");
+    let data = state
+        .models()
+        .map(|model| Model {
+            id: model.id.to_string(),
+            object: "model",
+            created: 0,
+            owned_by: "tidepool",
+            kind: kind_str(model.kind),
+            context_length: model.context_tokens,
+        })
+        .collect();
+    guard.succeed(0, 0, 0);
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "The server is up and its models are loaded", body = Health))
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "ops",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json"))
+)]
+pub(crate) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

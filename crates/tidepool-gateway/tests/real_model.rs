@@ -1,0 +1,271 @@
+//! Real-model tests: the gateway over the real llama.cpp and candle engines, loaded from the
+//! models `make models` fetched (`$TIDEPOOL_MODELS_DIR`, default `~/.cache/tidepool/models`).
+//! Each test loads only the model it needs. Names contain `real_model` so nextest gives them the
+//! whole machine. No timed assertions: waits are on signals or on a condition becoming true.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns fail loudly"
+)]
+use std::path::{Path, PathBuf};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tidepool_core::{Config, RequestId, TenantId};
+use tidepool_gateway::{AppState, ModelEngine, load_models, router};
+use tidepool_ledger::{Ledger, UsageEntry, UsageStatus};
+use tower::ServiceExt as _;
+
+const CHAT: &str = "smollm2-135m-instruct";
+const BASE: &str = "gemma-3-270m";
+const EMBED: &str = "all-minilm-l6-v2";
+
+struct RealApp {
+    state: AppState,
+    router: Router,
+    ledger: Ledger,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("TIDEPOOL_MODELS_DIR").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tidepool/models"),
+        PathBuf::from,
+    )
+}
+
+async fn real_app(model: &str) -> RealApp {
+    let text = include_str!("../../../tidepool.toml");
+    let mut config = Config::parse(text, Path::new("tidepool.toml")).unwrap();
+    config.server.models_dir = Some(models_dir());
+    config.engine.threads = 2;
+    config.models.retain(|m| m.id.as_str() == model);
+    for m in &mut config.models {
+        m.seqs_max = m.seqs_max.min(4);
+        m.context_tokens = m.context_tokens.min(1024);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect(&format!("sqlite://{}", dir.path().join("l.db").display()))
+        .await
+        .unwrap();
+    let key = ledger
+        .create_key(&TenantId::new("acme").unwrap(), "real")
+        .await
+        .unwrap()
+        .secret;
+    let models = load_models(&config).await.unwrap();
+    let state = AppState::new(models, ledger.clone(), config.limits.clone());
+    RealApp {
+        router: router(state.clone()),
+        state,
+        ledger,
+        key,
+        _dir: dir,
+    }
+}
+
+impl RealApp {
+    async fn post(&self, path: &str, body: &Value) -> axum::http::Response<Body> {
+        let request = Request::post(path)
+            .header("authorization", format!("Bearer {}", self.key))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        self.router.clone().oneshot(request).await.unwrap()
+    }
+
+    async fn usage(&self, request_id: &str) -> UsageEntry {
+        let tasks = self.state.tasks();
+        tasks.close();
+        tasks.wait().await;
+        tasks.reopen();
+        self.ledger
+            .usage_entry(RequestId::parse(request_id).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+fn request_id(response: &axum::http::Response<Body>) -> String {
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn json_of(response: axum::http::Response<Body>) -> Value {
+    serde_json::from_slice(
+        &axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn data_lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn real_model_chat_stream_equals_non_stream_at_temperature_zero() {
+    let app = real_app(CHAT).await;
+    let body = json!({
+        "model": CHAT, "max_tokens": 24, "temperature": 0,
+        "messages": [{"role": "user", "content": "Name three colours of the rainbow."}],
+    });
+    let response = app.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let id = request_id(&response);
+    let whole = json_of(response).await;
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!text.trim().is_empty());
+    let usage = app.usage(&id).await;
+    assert_eq!(usage.status, UsageStatus::Ok);
+    assert_eq!(
+        Value::from(usage.completion_tokens),
+        whole["usage"]["completion_tokens"]
+    );
+    assert_eq!(
+        Value::from(usage.prompt_tokens),
+        whole["usage"]["prompt_tokens"]
+    );
+
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    let response = app.post("/v1/chat/completions", &stream_body).await;
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let data = data_lines(&bytes);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"].get(0)?["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn real_model_completion_on_the_base_model_and_context_limit() {
+    let app = real_app(BASE).await;
+    let response = app.post("/v1/completions", &json!({"model": BASE, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = json_of(response).await;
+    assert!(!body["choices"][0]["text"].as_str().unwrap().is_empty());
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() <= 8);
+    let chat = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(
+        json_of(chat).await["error"]["code"],
+        "model_endpoint_mismatch"
+    );
+    let long = app
+        .post(
+            "/v1/completions",
+            &json!({"model": BASE, "prompt": "word ".repeat(3000), "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(long.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        json_of(long).await["error"]["code"],
+        "context_length_exceeded"
+    );
+}
+
+#[tokio::test]
+async fn real_model_embeddings_rank_a_paraphrase_above_an_unrelated_sentence() {
+    let app = real_app(EMBED).await;
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a meal.",
+        "The stock market fell sharply today.",
+    ];
+    let response = app
+        .post("/v1/embeddings", &json!({"model": EMBED, "input": texts}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = json_of(response).await;
+    let vectors: Vec<Vec<f64>> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert!(vectors.iter().all(|v| v.len() == 384));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    assert!(dot(&vectors[0], &vectors[1]) > dot(&vectors[0], &vectors[2]) + 0.2);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn real_model_disconnect_after_five_chunks_bills_what_was_delivered_and_frees_the_slot() {
+    let app = real_app(CHAT).await;
+    let body = json!({
+        "model": CHAT, "stream": true, "max_tokens": 400, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+    });
+    let response = app.post("/v1/chat/completions", &body).await;
+    let id = request_id(&response);
+    let mut frames = response.into_body().into_data_stream();
+    let mut delivered = 0;
+    while delivered < 5 {
+        let frame = frames.next().await.unwrap().unwrap();
+        for data in data_lines(&frame) {
+            let chunk: Value = serde_json::from_str(&data).unwrap();
+            if chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
+                delivered += 1;
+            }
+        }
+    }
+    drop(frames);
+    let usage = app.usage(&id).await;
+    assert_eq!(usage.status, UsageStatus::ClientDisconnected);
+    assert!(
+        (5..=7).contains(&usage.completion_tokens),
+        "{}",
+        usage.completion_tokens
+    );
+    let Some(ModelEngine::Text(engine)) = app.state.models().next().map(|m| m.engine.clone())
+    else {
+        panic!("a text engine");
+    };
+    // The engine frees the slot within one step of the dropped receiver.
+    while engine.stats().active > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

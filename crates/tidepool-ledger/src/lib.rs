@@ -1,0 +1,216 @@
+//! `tidepool-ledger` owns everything that is money or identity at rest: API keys (only their
+//! SHA-256 is stored), usage entries (exactly one per request id), tenants → projects → keys,
+//! prepaid balances, monthly budgets, the versioned price book, RPM/TPM windows, durable
+//! reservations (reserve → settle | void) and monthly statements. One behavioural suite runs on
+//! both stores: SQLite (default, embedded, WAL) and PostgreSQL, each with its own `sqlx`
+//! migration set. docs/ledger.md states the guarantees and how each is tested.
+//!
+//! It never depends on the gateway, the engine or the pool. Read [`Ledger`] first, then
+//! [`Ledger::reserve`], [`Ledger::settle`] and the rounding rule in [`price`].
+#![forbid(unsafe_code)]
+#![deny(clippy::arithmetic_side_effects, clippy::float_arithmetic)]
+
+mod accounts;
+mod bench;
+mod billing;
+mod clock;
+mod error;
+mod keys;
+mod month;
+pub mod price;
+mod recovery;
+mod statement;
+mod store;
+mod usage;
+mod writer;
+
+use std::sync::Arc;
+
+pub use accounts::{
+    Account, BALANCE_NANOS_MAX, BUDGET_NANOS_MAX, BudgetScope, BudgetStatus, CREDIT_NANOS_MAX,
+    CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateScope,
+};
+pub use bench::{BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_settles};
+pub use billing::{
+    HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QuotaScope, RATE_WINDOW_MS, RateKind,
+    RateLimitStatus, Reservation, ReservationState, ReserveRequest, WindowStatus,
+};
+pub use clock::{Clock, SystemClock};
+pub use error::{LedgerError, RateScopeKind};
+pub use keys::{KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN};
+pub use month::Month;
+pub use price::{BilledTokens, PriceVersion};
+pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};
+pub use statement::{STATEMENT_CREDIT_LINES_MAX, Statement, StatementLine};
+use tidepool_core::{KeyId, ModelId, RequestId, TenantId, TokenCount};
+pub use usage::{BilledUsage, ModelUsage, USAGE_LABEL_BYTES_MAX, UsageScope};
+pub use writer::{Finish, SETTLE_BATCH_LEN_MAX, SETTLE_QUEUE_LEN_MAX, Settlement};
+
+use crate::store::Store;
+
+/// A stored API key (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub key_id: KeyId,
+    pub tenant: TenantId,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A freshly created key: the only time the secret exists outside the client.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub record: ApiKeyRecord,
+    /// `tp-<key_id>-<secret>`; shown once, never stored.
+    pub secret: String,
+}
+
+/// How a request ended, as stored in its usage entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageStatus {
+    Ok,
+    /// The client went away; the entry counts the tokens actually delivered.
+    ClientDisconnected,
+    /// Failed with this stable error code (e.g. `context_length_exceeded`).
+    Error {
+        code: String,
+    },
+}
+
+/// One request's usage, written exactly once per request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEntry {
+    pub request_id: RequestId,
+    pub tenant: TenantId,
+    pub key_id: KeyId,
+    /// `None` when the request failed before a model was resolved.
+    pub model: Option<ModelId>,
+    /// e.g. `chat.completions`, `completions`, `embeddings`.
+    pub endpoint: String,
+    pub prompt_tokens: TokenCount,
+    pub completion_tokens: TokenCount,
+    pub cached_prompt_tokens: TokenCount,
+    pub status: UsageStatus,
+    pub latency_ms: u64,
+    pub created_at_ms: i64,
+}
+
+/// Sums for one model over a query's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelTotals {
+    /// The model id, or [`NO_MODEL`] for requests that failed before a model was resolved.
+    pub model: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// The `model` of [`ModelTotals`] for requests that never resolved a model.
+pub const NO_MODEL: &str = "(none)";
+
+/// Longest replica id, in bytes.
+pub const REPLICA_ID_BYTES_MAX: usize = 64;
+
+/// How a [`Ledger`] handle is set up.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Names this process among the gateway replicas sharing one database. Must be stable across
+    /// restarts and unique among live replicas: [`Ledger::recover`] resolves the open
+    /// reservations made under this id.
+    pub replica_id: String,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            replica_id: "default".to_owned(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The ledger handle: cheap to clone, safe to share across tasks. Each handle made by `connect*`
+/// owns one settle writer task (it stops when the last clone is dropped); two handles on one
+/// PostgreSQL behave as two gateway replicas.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    replica_id: Arc<str>,
+    writer: tokio::sync::mpsc::Sender<writer::Command>,
+    gate: store::WriteGate,
+}
+
+impl Ledger {
+    /// Connects to `sqlite://path` (created if missing, WAL) or `postgres://…` and runs the
+    /// store's migrations.
+    pub async fn connect(database_url: &str) -> Result<Self, LedgerError> {
+        Self::connect_with_clock(database_url, Arc::new(SystemClock)).await
+    }
+
+    /// [`Ledger::connect`] with an injected clock (tests, simulation).
+    pub async fn connect_with_clock(
+        database_url: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, LedgerError> {
+        Self::connect_with(
+            database_url,
+            LedgerOptions {
+                clock,
+                ..LedgerOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Ledger::connect`] with explicit options. Must run inside a tokio runtime: it starts the
+    /// settle writer task.
+    pub async fn connect_with(
+        database_url: &str,
+        options: LedgerOptions,
+    ) -> Result<Self, LedgerError> {
+        let replica_id = options.replica_id;
+        if replica_id.is_empty() || replica_id.len() > REPLICA_ID_BYTES_MAX {
+            return Err(LedgerError::OutOfRange {
+                field: "replica id",
+            });
+        }
+        let store = Store::connect(database_url).await?;
+        store.migrate().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(SETTLE_QUEUE_LEN_MAX);
+        let gate = store::WriteGate::for_store(&store);
+        let writer = writer::Writer {
+            store: store.clone(),
+            gate: gate.clone(),
+            clock: options.clock.clone(),
+            rx,
+            last_cleanup_ms: i64::MIN,
+        };
+        // Not tracked by a TaskTracker: the writer ends by itself once every handle is dropped,
+        // after replying to everything queued.
+        tokio::spawn(writer.run());
+        Ok(Self {
+            store,
+            clock: options.clock,
+            replica_id: replica_id.into(),
+            writer: tx,
+            gate,
+        })
+    }
+
+    /// This handle's replica id.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// Which store this handle talks to: `"sqlite"` or `"postgres"`.
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}

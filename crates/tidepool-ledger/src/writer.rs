@@ -1,0 +1,670 @@
+//! Settlement: the group-committed writer. `settle`, `void` and `checkpoint` queue a command on
+//! a bounded channel and await its own outcome; one writer task per `Ledger` drains up to
+//! [`SETTLE_BATCH_LEN_MAX`] commands and applies them in one transaction with a handful of
+//! statements (one locking read of the reservations, one state update per outcome, one
+//! multi-row usage insert, one balance update per tenant and one per budget row), so the cost
+//! of a commit is shared by the whole batch. Replies go out only after the commit: an `Ok` is
+//! durable. If a batch fails as a whole, each command is retried alone so one bad command cannot
+//! fail its neighbours.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::QueryBuilder;
+use tidepool_core::{Currency, ModelId, Nanos, RequestId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::billing::ReservationState;
+use crate::price::{BilledTokens, PriceVersion, cost_of};
+use crate::store::{Store, on_store, to_i64};
+use crate::usage::{status_parts, validate_entry};
+use crate::{Clock, LedgerError, UsageEntry};
+
+/// Commands waiting for the writer; a full queue makes `settle` wait (backpressure), never drop.
+pub const SETTLE_QUEUE_LEN_MAX: usize = 8192;
+/// Commands applied in one transaction. 512 usage rows × 20 columns = 10,240 bind parameters,
+/// below SQLite's 32,766 and PostgreSQL's 65,535.
+pub const SETTLE_BATCH_LEN_MAX: usize = 512;
+const USAGE_COLUMNS: usize = 20;
+const _: () = assert!(
+    SETTLE_BATCH_LEN_MAX <= SETTLE_QUEUE_LEN_MAX,
+    "a full batch fits the queue"
+);
+const _: () = assert!(
+    SETTLE_BATCH_LEN_MAX * USAGE_COLUMNS < 32_766,
+    "a batch fits SQLite's bind limit"
+);
+/// Rate windows older than this are deleted by the writer.
+const RATE_WINDOW_RETENTION_MS: i64 = 180_000;
+
+/// How a request's reservation is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Bill the exact cost of the tokens in the usage entry (capped at the hold).
+    Settle,
+    /// Bill nothing: the request failed before any token was produced.
+    Void,
+}
+
+/// The outcome of `settle`/`void`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub request_id: RequestId,
+    /// `Settled` or `Voided`: the state the reservation is in now.
+    pub state: ReservationState,
+    pub cost: Nanos,
+    pub currency: Currency,
+    /// `false` when the reservation had already been resolved (by an earlier call, another
+    /// replica or recovery): nothing moved, `cost` is what was billed then.
+    pub first: bool,
+    /// The usage exceeded what was reserved; the cost was capped at the hold.
+    pub capped: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Finish {
+        entry: UsageEntry,
+        finish: Finish,
+        reply: oneshot::Sender<Result<Settlement, LedgerError>>,
+    },
+    Checkpoint {
+        request_id: RequestId,
+        completion_tokens: u32,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+}
+
+/// What the locking read returns per reservation.
+type ReservationRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<i64>,
+);
+
+#[derive(Debug)]
+struct Held {
+    tenant: String,
+    project: String,
+    key_id: String,
+    model: String,
+    month: String,
+    currency: Currency,
+    price: PriceVersion,
+    prompt_tokens_max: i64,
+    completion_tokens_max: i64,
+    hold: Nanos,
+    state: ReservationState,
+    stored_cost: Option<i64>,
+}
+
+fn corrupt(what: &'static str) -> LedgerError {
+    LedgerError::Corrupt { what }
+}
+
+fn held_from_row(row: ReservationRow) -> Result<(String, Held), LedgerError> {
+    let (
+        request_id,
+        tenant,
+        project,
+        key_id,
+        model,
+        month,
+        currency,
+        effective_from_ms,
+        input,
+        output,
+        cached,
+        prompt_max,
+        completion_max,
+        hold,
+        state,
+        stored_cost,
+    ) = row;
+    let currency = Currency::parse(&currency).map_err(|_| corrupt("currency"))?;
+    let price = PriceVersion {
+        model: ModelId::new(model.clone()).map_err(|_| corrupt("model id"))?,
+        effective_from_ms,
+        currency,
+        input_per_mtok: Nanos(input),
+        output_per_mtok: Nanos(output),
+        cached_input_per_mtok: Nanos(cached),
+    };
+    let held = Held {
+        tenant,
+        project,
+        key_id,
+        model,
+        month,
+        currency,
+        price,
+        prompt_tokens_max: prompt_max,
+        completion_tokens_max: completion_max,
+        hold: Nanos(hold),
+        state: ReservationState::parse(&state)?,
+        stored_cost,
+    };
+    Ok((request_id, held))
+}
+
+/// One usage row to insert, with its money.
+#[derive(Debug)]
+struct BilledRow<'a> {
+    entry: &'a UsageEntry,
+    held: &'a Held,
+    cost: Nanos,
+    latency_ms: i64,
+}
+
+/// Sums per account and per budget row, applied in the global lock order.
+#[derive(Debug, Default)]
+struct Deltas {
+    /// tenant → (hold released, cost billed)
+    accounts: BTreeMap<String, (Nanos, Nanos)>,
+    /// `(scope, scope_id, month)` → (hold released, cost billed)
+    budgets: BTreeMap<(&'static str, String, String), (Nanos, Nanos)>,
+}
+
+fn add_pair(slot: &mut (Nanos, Nanos), hold: Nanos, cost: Nanos) -> Result<(), LedgerError> {
+    let overflow =
+        || LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what: "batch sum" });
+    slot.0 = slot.0.checked_add(hold).ok_or_else(overflow)?;
+    slot.1 = slot.1.checked_add(cost).ok_or_else(overflow)?;
+    Ok(())
+}
+
+impl Deltas {
+    fn add(&mut self, held: &Held, cost: Nanos) -> Result<(), LedgerError> {
+        add_pair(
+            self.accounts.entry(held.tenant.clone()).or_default(),
+            held.hold,
+            cost,
+        )?;
+        let project_scope = format!("{}/{}", held.tenant, held.project);
+        for key in [
+            ("key", held.key_id.clone(), held.month.clone()),
+            ("project", project_scope, held.month.clone()),
+        ] {
+            add_pair(self.budgets.entry(key).or_default(), held.hold, cost)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decides one command against its open reservation: `(cost, capped, latency_ms)` to apply, or
+/// `Err` when the command does not fit the reservation.
+fn decide(
+    entry: &UsageEntry,
+    finish: Finish,
+    held: &Held,
+) -> Result<(Nanos, bool, i64), LedgerError> {
+    validate_entry(entry)?;
+    let latency_ms = to_i64(entry.latency_ms, "latency_ms")?;
+    let model_matches = entry
+        .model
+        .as_ref()
+        .is_some_and(|m| m.as_str() == held.model);
+    if entry.tenant.as_str() != held.tenant || entry.key_id.0 != held.key_id || !model_matches {
+        return Err(LedgerError::ReservationMismatch {
+            request_id: entry.request_id,
+        });
+    }
+    match finish {
+        Finish::Void => Ok((Nanos::ZERO, false, latency_ms)),
+        Finish::Settle => {
+            let tokens = BilledTokens {
+                prompt_tokens: entry.prompt_tokens,
+                cached_prompt_tokens: entry.cached_prompt_tokens,
+                completion_tokens: entry.completion_tokens,
+            };
+            let exact = cost_of(tokens, &held.price)?;
+            let over_tokens = i64::from(entry.prompt_tokens) > held.prompt_tokens_max
+                || i64::from(entry.completion_tokens) > held.completion_tokens_max;
+            let capped = exact > held.hold;
+            if over_tokens || capped {
+                tracing::error!(
+                    request_id = %entry.request_id,
+                    "usage exceeds its reservation; billing at most the hold"
+                );
+            }
+            Ok((exact.min(held.hold), capped, latency_ms))
+        }
+    }
+}
+
+enum Outcome<'a> {
+    Reply(Result<Settlement, LedgerError>),
+    Apply {
+        row: BilledRow<'a>,
+        finish: Finish,
+        capped: bool,
+    },
+}
+
+impl crate::Ledger {
+    /// Settles a reserved request at the exact cost of the tokens in `entry` (at the reservation's
+    /// price snapshot, capped at its hold) and writes its usage entry. Returns once durable.
+    /// Idempotent: a second call returns the first outcome with `first: false`.
+    pub async fn settle(&self, entry: &UsageEntry) -> Result<Settlement, LedgerError> {
+        self.finish(entry, Finish::Settle).await
+    }
+
+    /// Voids a reserved request (failed before any token): releases the hold, bills nothing,
+    /// writes its usage entry. Idempotent like [`Self::settle`].
+    pub async fn void(&self, entry: &UsageEntry) -> Result<Settlement, LedgerError> {
+        self.finish(entry, Finish::Void).await
+    }
+
+    /// Settles or voids.
+    pub async fn finish(
+        &self,
+        entry: &UsageEntry,
+        finish: Finish,
+    ) -> Result<Settlement, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Finish {
+                entry: entry.clone(),
+                finish,
+                reply,
+            })
+            .await
+            .map_err(|_| LedgerError::WriterFailed)?;
+        answer.await.map_err(|_| LedgerError::WriterFailed)?
+    }
+
+    /// Records durable progress of an open reservation (completion tokens delivered so far), so
+    /// recovery after a crash can bill them. Call when the first token goes out and then every
+    /// so often; it only ever moves forward.
+    pub async fn checkpoint(
+        &self,
+        request_id: RequestId,
+        completion_tokens: u32,
+    ) -> Result<(), LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Checkpoint {
+                request_id,
+                completion_tokens,
+                reply,
+            })
+            .await
+            .map_err(|_| LedgerError::WriterFailed)?;
+        answer.await.map_err(|_| LedgerError::WriterFailed)?
+    }
+}
+
+pub(crate) struct Writer {
+    pub(crate) store: Store,
+    pub(crate) gate: crate::store::WriteGate,
+    pub(crate) clock: std::sync::Arc<dyn Clock>,
+    pub(crate) rx: mpsc::Receiver<Command>,
+    pub(crate) last_cleanup_ms: i64,
+}
+
+impl Writer {
+    /// Runs until every sender is gone, then returns after the last batch.
+    pub(crate) async fn run(mut self) {
+        let mut batch: Vec<Command> = Vec::with_capacity(SETTLE_BATCH_LEN_MAX);
+        while self.rx.recv_many(&mut batch, SETTLE_BATCH_LEN_MAX).await > 0 {
+            assert!(
+                batch.len() <= SETTLE_BATCH_LEN_MAX,
+                "recv_many respects its limit"
+            );
+            let commands = std::mem::take(&mut batch);
+            self.apply(commands).await;
+            self.cleanup().await;
+        }
+        tracing::debug!("ledger writer stopped: all handles dropped");
+    }
+
+    async fn cleanup(&mut self) {
+        let now_ms = self.clock.now_ms();
+        if now_ms.saturating_sub(self.last_cleanup_ms) < RATE_WINDOW_RETENTION_MS {
+            return;
+        }
+        self.last_cleanup_ms = now_ms;
+        let cutoff = now_ms.saturating_sub(RATE_WINDOW_RETENTION_MS);
+        let result = on_store!(&self.store, pool => {
+            sqlx::query("DELETE FROM rate_windows WHERE window_start_ms < $1")
+                .bind(cutoff)
+                .execute(pool)
+                .await
+                .map(drop)
+        });
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "deleting old rate windows failed; will retry");
+        }
+    }
+
+    async fn apply(&self, commands: Vec<Command>) {
+        let mut finishes = Vec::new();
+        let mut checkpoints = Vec::new();
+        for command in commands {
+            match command {
+                Command::Finish {
+                    entry,
+                    finish,
+                    reply,
+                } => finishes.push((entry, finish, reply)),
+                Command::Checkpoint {
+                    request_id,
+                    completion_tokens,
+                    reply,
+                } => {
+                    checkpoints.push((request_id, completion_tokens, reply));
+                }
+            }
+        }
+        if !checkpoints.is_empty() {
+            let items: Vec<(RequestId, u32)> =
+                checkpoints.iter().map(|(r, c, _)| (*r, *c)).collect();
+            let result = self.checkpoint_batch(&items).await;
+            let failed = result.is_err();
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "checkpoint batch failed");
+            }
+            for (_, _, reply) in checkpoints {
+                let answer = if failed {
+                    Err(LedgerError::WriterFailed)
+                } else {
+                    Ok(())
+                };
+                // The caller may have given up waiting; the checkpoint is applied regardless.
+                drop(reply.send(answer));
+            }
+        }
+        if finishes.is_empty() {
+            return;
+        }
+        let items: Vec<(&UsageEntry, Finish)> = finishes.iter().map(|(e, f, _)| (e, *f)).collect();
+        match self.finish_batch_retrying(&items).await {
+            Ok(results) => {
+                assert!(results.len() == finishes.len(), "one result per command");
+                for ((_, _, reply), result) in finishes.into_iter().zip(results) {
+                    drop(reply.send(result));
+                }
+            }
+            Err(err) if items.len() == 1 => {
+                if let Some((_, _, reply)) = finishes.into_iter().next() {
+                    drop(reply.send(Err(err)));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, len = items.len(), "settle batch failed; applying one by one");
+                for (entry, finish, reply) in finishes {
+                    let result = match self.finish_batch_retrying(&[(&entry, finish)]).await {
+                        Ok(mut results) => results.pop().unwrap_or(Err(LedgerError::WriterFailed)),
+                        Err(err) => Err(err),
+                    };
+                    drop(reply.send(result));
+                }
+            }
+        }
+    }
+
+    async fn finish_batch_retrying(
+        &self,
+        items: &[(&UsageEntry, Finish)],
+    ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.finish_batch(items).await {
+                Err(err) if err.is_transient() && attempt < crate::store::RETRY_ATTEMPTS_MAX => {
+                    attempt = attempt.saturating_add(1);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn checkpoint_batch(&self, items: &[(RequestId, u32)]) -> Result<(), LedgerError> {
+        let now_ms = self.clock.now_ms();
+        let _gate = self.gate.enter().await;
+        on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            for (request_id, completion_tokens) in items {
+                sqlx::query(
+                    "UPDATE reservations SET progress_completion_tokens = $2, progress_at_ms = $3 \
+                     WHERE request_id = $1 AND state = 'open' AND progress_completion_tokens <= $2",
+                )
+                .bind(request_id.to_string())
+                .bind(i64::from(*completion_tokens))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    #[expect(clippy::too_many_lines, reason = "one transaction, read top to bottom")]
+    async fn finish_batch(
+        &self,
+        items: &[(&UsageEntry, Finish)],
+    ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
+        assert!(!items.is_empty(), "batches are never empty");
+        assert!(
+            items.len() <= SETTLE_BATCH_LEN_MAX,
+            "batches respect their limit"
+        );
+        let now_ms = self.clock.now_ms();
+        let is_postgres = matches!(self.store, Store::Postgres(_));
+        let ids: BTreeSet<String> = items
+            .iter()
+            .map(|(e, _)| e.request_id.to_string())
+            .collect();
+
+        let _gate = self.gate.enter().await;
+        on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+
+            // 1. Lock and read the reservations (PostgreSQL: FOR UPDATE, in request id order).
+            let mut read = QueryBuilder::new(
+                "SELECT r.request_id, r.tenant_id, r.project_id, r.key_id, r.model, r.month, \
+                 r.currency, r.price_effective_from_ms, r.input_per_mtok_nanos, \
+                 r.output_per_mtok_nanos, r.cached_input_per_mtok_nanos, r.prompt_tokens_max, \
+                 r.completion_tokens_max, r.hold_nanos, r.state, u.cost_nanos \
+                 FROM reservations r LEFT JOIN usage_entries u ON u.request_id = r.request_id \
+                 WHERE r.request_id IN (",
+            );
+            let mut list = read.separated(", ");
+            for id in &ids {
+                list.push_bind(id.as_str());
+            }
+            read.push(") ORDER BY r.request_id");
+            if is_postgres {
+                read.push(" FOR UPDATE OF r");
+            }
+            let rows: Vec<ReservationRow> = read.build_query_as().fetch_all(&mut *tx).await?;
+            let mut held: BTreeMap<String, Held> = BTreeMap::new();
+            for row in rows {
+                let (id, h) = held_from_row(row)?;
+                held.insert(id, h);
+            }
+
+            // 2. Decide each command; a request finished twice in one batch counts once.
+            let mut outcomes: Vec<Outcome<'_>> = Vec::with_capacity(items.len());
+            let mut decided: BTreeMap<String, (ReservationState, Nanos)> = BTreeMap::new();
+            for (entry, finish) in items {
+                let id = entry.request_id.to_string();
+                let Some(h) = held.get(&id) else {
+                    outcomes.push(Outcome::Reply(Err(LedgerError::ReservationNotFound {
+                        request_id: entry.request_id,
+                    })));
+                    continue;
+                };
+                let earlier = decided.get(&id).copied().or(match h.state {
+                    ReservationState::Open => None,
+                    state => Some((state, Nanos(h.stored_cost.unwrap_or(0)))),
+                });
+                if let Some((state, cost)) = earlier {
+                    outcomes.push(Outcome::Reply(Ok(Settlement {
+                        request_id: entry.request_id,
+                        state,
+                        cost,
+                        currency: h.currency,
+                        first: false,
+                        capped: false,
+                    })));
+                    continue;
+                }
+                match decide(entry, *finish, h) {
+                    Ok((cost, capped, latency_ms)) => {
+                        let state = match finish {
+                            Finish::Settle => ReservationState::Settled,
+                            Finish::Void => ReservationState::Voided,
+                        };
+                        decided.insert(id, (state, cost));
+                        outcomes.push(Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped });
+                    }
+                    Err(err) => outcomes.push(Outcome::Reply(Err(err))),
+                }
+            }
+            let applied: Vec<(&BilledRow<'_>, Finish)> = outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    Outcome::Apply { row, finish, .. } => Some((row, *finish)),
+                    Outcome::Reply(_) => None,
+                })
+                .collect();
+
+            if !applied.is_empty() {
+                // 3. Reservation states.
+                for (state, finish) in [("settled", Finish::Settle), ("voided", Finish::Void)] {
+                    let group: Vec<String> = applied
+                        .iter()
+                        .filter(|(_, f)| *f == finish)
+                        .map(|(r, _)| r.entry.request_id.to_string())
+                        .collect();
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let mut update = QueryBuilder::new("UPDATE reservations SET state = ");
+                    update.push_bind(state);
+                    update.push(", resolved_at_ms = ");
+                    update.push_bind(now_ms);
+                    update.push(" WHERE state = 'open' AND request_id IN (");
+                    let mut list = update.separated(", ");
+                    for id in &group {
+                        list.push_bind(id.as_str());
+                    }
+                    update.push(")");
+                    let changed = update.build().execute(&mut *tx).await?.rows_affected();
+                    if changed != u64::try_from(group.len()).unwrap_or(u64::MAX) {
+                        return Err(LedgerError::Invariant { what: "open reservations changed under a lock" });
+                    }
+                }
+
+                // 4. Usage entries, with their money and price snapshot.
+                let mut insert = QueryBuilder::new(
+                    "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+                     prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+                     latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
+                     price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
+                     cached_input_per_mtok_nanos) ",
+                );
+                insert.push_values(applied.iter(), |mut b, (row, _)| {
+                    let (status, code) = status_parts(&row.entry.status);
+                    b.push_bind(row.entry.request_id.to_string())
+                        .push_bind(row.entry.tenant.as_str().to_owned())
+                        .push_bind(row.entry.key_id.0.clone())
+                        .push_bind(row.held.model.clone())
+                        .push_bind(row.entry.endpoint.clone())
+                        .push_bind(i64::from(row.entry.prompt_tokens))
+                        .push_bind(i64::from(row.entry.completion_tokens))
+                        .push_bind(i64::from(row.entry.cached_prompt_tokens))
+                        .push_bind(status)
+                        .push_bind(code.map(str::to_owned))
+                        .push_bind(row.latency_ms)
+                        .push_bind(row.entry.created_at_ms)
+                        .push_bind(row.held.project.clone())
+                        .push_bind(row.held.month.clone())
+                        .push_bind(row.held.currency.as_str().to_owned())
+                        .push_bind(row.cost.0)
+                        .push_bind(row.held.price.effective_from_ms)
+                        .push_bind(row.held.price.input_per_mtok.0)
+                        .push_bind(row.held.price.output_per_mtok.0)
+                        .push_bind(row.held.price.cached_input_per_mtok.0);
+                });
+                insert.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+                let inserted: Vec<(String,)> = insert.build_query_as().fetch_all(&mut *tx).await?;
+                if inserted.len() != applied.len() {
+                    // A money-free usage row already holds one of these ids (record_usage on a
+                    // reserved request): refuse the batch; one-by-one retry isolates it.
+                    return Err(LedgerError::Invariant { what: "usage row already exists for a reserved request" });
+                }
+
+                // 5. Balances and budgets, in the global lock order.
+                let mut deltas = Deltas::default();
+                for (row, _) in &applied {
+                    deltas.add(row.held, row.cost)?;
+                }
+                for (tenant, (hold, cost)) in &deltas.accounts {
+                    let changed = sqlx::query(
+                        "UPDATE accounts SET reserved_nanos = reserved_nanos - $2, \
+                         balance_nanos = balance_nanos - $3 WHERE tenant_id = $1",
+                    )
+                    .bind(tenant)
+                    .bind(hold.0)
+                    .bind(cost.0)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if changed != 1 {
+                        return Err(LedgerError::Invariant { what: "account of a reservation is missing" });
+                    }
+                }
+                for ((scope, scope_id, month), (hold, cost)) in &deltas.budgets {
+                    let changed = sqlx::query(
+                        "UPDATE budget_spend SET reserved_nanos = reserved_nanos - $4, \
+                         spent_nanos = spent_nanos + $5 WHERE scope = $1 AND scope_id = $2 AND month = $3",
+                    )
+                    .bind(*scope)
+                    .bind(scope_id)
+                    .bind(month)
+                    .bind(hold.0)
+                    .bind(cost.0)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if changed != 1 {
+                        return Err(LedgerError::Invariant { what: "budget row of a reservation is missing" });
+                    }
+                }
+            }
+            tx.commit().await?;
+
+            Ok(outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    Outcome::Reply(result) => result,
+                    Outcome::Apply { row, finish, capped } => Ok(Settlement {
+                        request_id: row.entry.request_id,
+                        state: match finish {
+                            Finish::Settle => ReservationState::Settled,
+                            Finish::Void => ReservationState::Voided,
+                        },
+                        cost: row.cost,
+                        currency: row.held.currency,
+                        first: true,
+                        capped,
+                    }),
+                })
+                .collect())
+        })
+    }
+}

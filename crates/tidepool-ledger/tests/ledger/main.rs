@@ -1,0 +1,13 @@
+//! The ledger's behavioural suite: one binary, each behaviour declared once and run on both
+//! stores through [`both_stores!`] (SQLite in a tempdir, PostgreSQL in a fresh database).
+
+#[cfg(test)]
+mod billing;
+#[cfg(test)]
+mod common;
+#[cfg(test)]
+mod crash;
+#[cfg(test)]
+mod keys_usage;
+#[cfg(test)]
+mod model;

@@ -1,0 +1,1022 @@
+//! The pool's state and event handling. Decisions (what runs next, what gets evicted) live in
+//! `sched.rs`; this file applies events, emits actions and keeps the memory ledger.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use tidepool_core::{ModelId, PoolPolicy};
+
+use crate::PoolError;
+use crate::config::{ModelSpec, PoolConfig};
+use crate::event::{Action, ActionId, Event, SeqFinished, SeqId};
+use crate::status::{ModelStatus, PoolCounters, PoolStatus, Residency};
+
+/// Where a sequence's KV cells are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kv {
+    /// Not prefilled yet.
+    None,
+    /// In the model's context (or a slot reserved for it by an in-flight prefill/restore).
+    InCtx,
+    /// A save is in flight; `bytes` are already charged to the saved pool.
+    Saving {
+        bytes: u64,
+    },
+    Saved {
+        bytes: u64,
+    },
+    /// A restore is in flight; the slot is reserved and the bytes still charged.
+    Restoring {
+        bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for admission (`token`: KV reservation and attainment prediction).
+    Pending,
+    /// Admitted, waiting in its model's prefill queue.
+    Queued,
+    Prefilling,
+    Decoding,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SeqState {
+    pub(crate) model: usize,
+    pub(crate) arrival_ns: u64,
+    pub(crate) prompt_tokens: u32,
+    pub(crate) max_tokens: u32,
+    pub(crate) emitted: u32,
+    pub(crate) kv: Kv,
+    pub(crate) phase: Phase,
+    pub(crate) in_action: bool,
+    pub(crate) cancelled: bool,
+    /// Worst-case saved bytes reserved at admission (`token` only).
+    pub(crate) reserved_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ModelState {
+    pub(crate) residency: Residency,
+    pub(crate) prefill_q: VecDeque<SeqId>,
+    pub(crate) decoding: BTreeSet<SeqId>,
+    /// Context slots in use or reserved (`≤ seqs_max`).
+    pub(crate) in_ctx: u32,
+    /// In-flight actions touching this model.
+    pub(crate) busy: u32,
+    pub(crate) last_used_ns: u64,
+    pub(crate) last_switch_ns: Option<u64>,
+    pub(crate) decode_step_ns: u64,
+    pub(crate) load_ns: u64,
+    pub(crate) saved_bytes: u64,
+    /// Requests held in the admission queue for this model.
+    pub(crate) pending: u32,
+}
+
+impl ModelState {
+    fn new(spec: &ModelSpec) -> Self {
+        Self {
+            residency: Residency::Cold,
+            prefill_q: VecDeque::new(),
+            decoding: BTreeSet::new(),
+            in_ctx: 0,
+            busy: 0,
+            last_used_ns: 0,
+            last_switch_ns: None,
+            decode_step_ns: spec.estimate.decode_step_ns,
+            load_ns: spec.estimate.load_ns,
+            saved_bytes: 0,
+            pending: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    Compute,
+    Transfer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Work {
+    Load,
+    Evict,
+    Save(SeqId),
+    Restore(SeqId),
+    Prefill(Vec<SeqId>),
+    Decode(Vec<SeqId>, u32),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct InFlight {
+    pub(crate) model: usize,
+    pub(crate) work: Work,
+}
+
+/// One decode turn of the round: a chunk of a model's decoding sequences and its step count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Turn {
+    pub(crate) model: usize,
+    pub(crate) chunk: u32,
+    pub(crate) steps: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Prefill { model: usize },
+    Decode(Turn),
+}
+
+/// Bytes charged right now. See [`Pool::check_invariants`] for the recount it must match.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ledger {
+    /// Weights + context of every model that is loading, resident or evicting.
+    pub(crate) resident_bytes: u64,
+    /// Sequence states saving, saved or restoring.
+    pub(crate) saved_bytes: u64,
+}
+
+/// The sans-IO scheduler. Feed it [`Event`]s with [`Pool::handle`]; carry out the [`Action`]s
+/// it returns; report each engine action's completion as an event.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub(crate) cfg: PoolConfig,
+    pub(crate) now_ns: u64,
+    pub(crate) models: Vec<ModelState>,
+    pub(crate) index: BTreeMap<ModelId, usize>,
+    /// Whether each model can ever be loaded under the budget (else admission refuses it).
+    pub(crate) loadable: Vec<bool>,
+    pub(crate) seqs: BTreeMap<SeqId, SeqState>,
+    pub(crate) pending: VecDeque<SeqId>,
+    pub(crate) queued_len: u32,
+    pub(crate) in_flight: BTreeMap<ActionId, InFlight>,
+    pub(crate) compute_busy: bool,
+    pub(crate) transfer_busy: bool,
+    pub(crate) next_action: u64,
+    pub(crate) target: Option<Target>,
+    pub(crate) round: Vec<Turn>,
+    pub(crate) turn: usize,
+    pub(crate) prefill_credit: bool,
+    pub(crate) ledger: Ledger,
+    pub(crate) kv_reserved_bytes: u64,
+    pub(crate) counters: PoolCounters,
+}
+
+impl Pool {
+    /// Builds a pool; models are kept in `ModelId` order, which is the round order.
+    pub fn new(mut cfg: PoolConfig) -> Result<Self, PoolError> {
+        cfg.validate()?;
+        cfg.models.sort_by(|a, b| a.id.cmp(&b.id));
+        let total: u64 = cfg.models.iter().map(ModelSpec::resident_bytes).sum();
+        if cfg.policy == PoolPolicy::Dedicated {
+            // "The budget is raised to fit": dedicated keeps everything resident by definition.
+            cfg.memory_bytes_max = cfg.memory_bytes_max.max(total);
+        }
+        let pinned: u64 = cfg
+            .models
+            .iter()
+            .filter(|m| m.pin)
+            .map(ModelSpec::resident_bytes)
+            .sum();
+        let saved_share = if cfg.policy == PoolPolicy::Token && cfg.saved_kv_in_memory_budget {
+            cfg.kv_saved_bytes_max
+        } else {
+            0
+        };
+        let loadable = cfg
+            .models
+            .iter()
+            .map(|m| {
+                let others = if m.pin {
+                    pinned - m.resident_bytes()
+                } else {
+                    pinned
+                };
+                m.resident_bytes()
+                    .saturating_add(others)
+                    .saturating_add(saved_share)
+                    <= cfg.memory_bytes_max
+            })
+            .collect();
+        let models = cfg.models.iter().map(ModelState::new).collect();
+        let index = cfg
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+        Ok(Self {
+            cfg,
+            now_ns: 0,
+            models,
+            index,
+            loadable,
+            seqs: BTreeMap::new(),
+            pending: VecDeque::new(),
+            queued_len: 0,
+            in_flight: BTreeMap::new(),
+            compute_busy: false,
+            transfer_busy: false,
+            next_action: 1,
+            target: None,
+            round: Vec::new(),
+            turn: 0,
+            prefill_credit: true,
+            ledger: Ledger::default(),
+            kv_reserved_bytes: 0,
+            counters: PoolCounters::default(),
+        })
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    pub fn counters(&self) -> PoolCounters {
+        self.counters
+    }
+
+    /// Applies one event and appends the resulting actions to `actions` (at most one action per
+    /// lane plus `Release`s). On `Err` nothing changed except the clock.
+    pub fn handle(&mut self, event: Event, actions: &mut Vec<Action>) -> Result<(), PoolError> {
+        let now_ns = event.now_ns();
+        if now_ns < self.now_ns {
+            return Err(PoolError::TimeWentBackwards {
+                now_ns,
+                clock_ns: self.now_ns,
+            });
+        }
+        self.now_ns = now_ns;
+        match event {
+            Event::RequestArrived {
+                seq,
+                model,
+                prompt_tokens,
+                max_tokens,
+                ..
+            } => {
+                self.admit(seq, &model, prompt_tokens, max_tokens)?;
+            }
+            Event::Cancelled { seq, .. } => self.cancel(seq, actions),
+            Event::LoadFinished {
+                action,
+                duration_ns,
+                ..
+            } => {
+                let done = self.take(action, "load", |w| matches!(w, Work::Load))?;
+                let model = &mut self.models[done.model];
+                assert_eq!(
+                    model.residency,
+                    Residency::Loading,
+                    "load finished for a non-loading model"
+                );
+                model.residency = Residency::Resident;
+                model.last_used_ns = now_ns;
+                model.load_ns = ewma(model.load_ns, duration_ns);
+            }
+            Event::UnloadFinished { action, .. } => {
+                let done = self.take(action, "evict", |w| matches!(w, Work::Evict))?;
+                self.finish_evict(done.model);
+            }
+            Event::KvSaved { action, .. } => {
+                let done = self.take(action, "save", |w| matches!(w, Work::Save(_)))?;
+                if let Work::Save(seq) = done.work {
+                    self.finish_save(seq, actions);
+                }
+            }
+            Event::KvRestored { action, .. } => {
+                let done = self.take(action, "restore", |w| matches!(w, Work::Restore(_)))?;
+                if let Work::Restore(seq) = done.work {
+                    self.finish_restore(seq, actions);
+                }
+            }
+            Event::StepFinished {
+                action,
+                steps,
+                duration_ns,
+                finished,
+                ..
+            } => {
+                let done = self.take(action, "step", |w| {
+                    matches!(w, Work::Prefill(_) | Work::Decode(..))
+                })?;
+                self.finish_step(done, steps, duration_ns, &finished, actions);
+            }
+            Event::Tick { .. } => {}
+        }
+        self.check_ledger();
+        self.schedule(actions);
+        self.check_ledger();
+        Ok(())
+    }
+
+    fn admit(
+        &mut self,
+        seq: SeqId,
+        model: &ModelId,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> Result<(), PoolError> {
+        let result = self.admission_check(seq, model, prompt_tokens, max_tokens);
+        let index = match result {
+            Ok(index) => index,
+            Err(error) => {
+                self.counters.requests_rejected += 1;
+                return Err(error);
+            }
+        };
+        let token = self.cfg.policy == PoolPolicy::Token;
+        let state = SeqState {
+            model: index,
+            arrival_ns: self.now_ns,
+            prompt_tokens,
+            max_tokens,
+            emitted: 0,
+            kv: Kv::None,
+            phase: if token { Phase::Pending } else { Phase::Queued },
+            in_action: false,
+            cancelled: false,
+            reserved_bytes: 0,
+        };
+        self.seqs.insert(seq, state);
+        let m = &mut self.models[index];
+        m.last_used_ns = self.now_ns;
+        if token {
+            self.pending.push_back(seq);
+            m.pending += 1;
+        } else {
+            m.prefill_q.push_back(seq);
+        }
+        self.queued_len += 1;
+        self.counters.requests_admitted += 1;
+        Ok(())
+    }
+
+    fn admission_check(
+        &self,
+        seq: SeqId,
+        model: &ModelId,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> Result<usize, PoolError> {
+        let Some(&index) = self.index.get(model) else {
+            return Err(PoolError::ModelNotFound {
+                model: model.clone(),
+            });
+        };
+        let spec = &self.cfg.models[index];
+        if !self.loadable[index] {
+            return Err(PoolError::ModelTooLarge {
+                model: model.clone(),
+                bytes_needed: spec.resident_bytes(),
+                memory_bytes_max: self.cfg.memory_bytes_max,
+            });
+        }
+        let tokens = u64::from(prompt_tokens) + u64::from(max_tokens);
+        let too_long = tokens > u64::from(spec.seq_tokens_max)
+            || max_tokens == 0
+            || prompt_tokens == 0
+            || (self.cfg.policy == PoolPolicy::Token
+                && spec.saved_bytes(tokens) > self.cfg.kv_saved_bytes_max);
+        if too_long {
+            return Err(PoolError::RequestTooLong {
+                model: model.clone(),
+                tokens,
+                seq_tokens_max: spec.seq_tokens_max,
+            });
+        }
+        if self.seqs.contains_key(&seq) {
+            return Err(PoolError::DuplicateSeq { seq });
+        }
+        if self.queued_len >= self.cfg.admission_queue_len_max {
+            return Err(PoolError::QueueFull {
+                admission_queue_len_max: self.cfg.admission_queue_len_max,
+            });
+        }
+        Ok(index)
+    }
+
+    fn cancel(&mut self, seq: SeqId, actions: &mut Vec<Action>) {
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        if state.in_action {
+            // Finished when the action that holds it completes.
+            state.cancelled = true;
+            return;
+        }
+        let (model, phase) = (state.model, state.phase);
+        match phase {
+            Phase::Pending => {
+                self.pending.retain(|s| *s != seq);
+                self.models[model].pending -= 1;
+                self.queued_len -= 1;
+            }
+            Phase::Queued => {
+                self.models[model].prefill_q.retain(|s| *s != seq);
+                self.queued_len -= 1;
+            }
+            Phase::Prefilling | Phase::Decoding => {}
+        }
+        self.counters.requests_cancelled += 1;
+        self.finish_seq(seq, true, actions);
+    }
+
+    /// Removes a finished or cancelled sequence and frees what it holds. `release` tells the
+    /// engine to drop its cells or saved state (a normal finish frees them engine-side).
+    pub(crate) fn finish_seq(&mut self, seq: SeqId, release: bool, actions: &mut Vec<Action>) {
+        let Some(state) = self.seqs.remove(&seq) else {
+            return;
+        };
+        assert!(
+            !state.in_action,
+            "a sequence inside an in-flight action cannot finish"
+        );
+        let model = &mut self.models[state.model];
+        model.decoding.remove(&seq);
+        model.last_used_ns = self.now_ns;
+        let model_id = self.cfg.models[state.model].id.clone();
+        match state.kv {
+            Kv::None => {}
+            Kv::InCtx => {
+                assert!(model.in_ctx > 0, "slot count underflow");
+                model.in_ctx -= 1;
+                if release {
+                    actions.push(Action::Release {
+                        model: model_id,
+                        seq,
+                    });
+                }
+            }
+            Kv::Saved { bytes } => {
+                model.saved_bytes -= bytes;
+                self.ledger.saved_bytes -= bytes;
+                actions.push(Action::Release {
+                    model: model_id,
+                    seq,
+                });
+            }
+            Kv::Saving { .. } | Kv::Restoring { .. } => {
+                unreachable_state("a sequence with a transfer in flight is always in an action");
+            }
+        }
+        assert!(
+            self.kv_reserved_bytes >= state.reserved_bytes,
+            "KV reservation underflow"
+        );
+        self.kv_reserved_bytes -= state.reserved_bytes;
+        if !state.cancelled && !release {
+            self.counters.requests_finished += 1;
+        }
+        if state.cancelled {
+            self.counters.requests_cancelled += 1;
+        }
+    }
+
+    /// Removes an in-flight action after checking its kind; frees its lane.
+    fn take(
+        &mut self,
+        action: ActionId,
+        expected: &'static str,
+        kind: impl Fn(&Work) -> bool,
+    ) -> Result<InFlight, PoolError> {
+        match self.in_flight.get(&action) {
+            None => return Err(PoolError::UnknownAction { action }),
+            Some(f) if !kind(&f.work) => return Err(PoolError::EventMismatch { action, expected }),
+            Some(_) => {}
+        }
+        let Some(done) = self.in_flight.remove(&action) else {
+            return Err(PoolError::UnknownAction { action });
+        };
+        match lane_of(&done.work) {
+            Lane::Compute => self.compute_busy = false,
+            Lane::Transfer => self.transfer_busy = false,
+        }
+        let model = &mut self.models[done.model];
+        model.busy -= 1;
+        model.last_used_ns = self.now_ns;
+        let seqs: &[SeqId] = match &done.work {
+            Work::Save(seq) | Work::Restore(seq) => std::slice::from_ref(seq),
+            Work::Prefill(seqs) | Work::Decode(seqs, _) => seqs,
+            Work::Load | Work::Evict => &[],
+        };
+        for seq in seqs {
+            if let Some(state) = self.seqs.get_mut(seq) {
+                state.in_action = false;
+            }
+        }
+        Ok(done)
+    }
+
+    fn finish_evict(&mut self, model: usize) {
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Evicting,
+            "unload finished for a model not evicting"
+        );
+        assert_eq!(
+            m.in_ctx, 0,
+            "a model was evicted with sequences in its context"
+        );
+        m.residency = Residency::Cold;
+        let bytes = self.cfg.models[model].resident_bytes();
+        assert!(
+            self.ledger.resident_bytes >= bytes,
+            "ledger underflow on evict"
+        );
+        self.ledger.resident_bytes -= bytes;
+        self.counters.evictions += 1;
+    }
+
+    fn finish_save(&mut self, seq: SeqId, actions: &mut Vec<Action>) {
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let Kv::Saving { bytes } = state.kv else {
+            unreachable_state("save finished for a sequence not saving");
+            return;
+        };
+        state.kv = Kv::Saved { bytes };
+        let (model, cancelled) = (state.model, state.cancelled);
+        assert!(
+            self.models[model].in_ctx > 0,
+            "slot count underflow on save"
+        );
+        self.models[model].in_ctx -= 1;
+        self.counters.kv_saves += 1;
+        if cancelled {
+            self.finish_seq(seq, true, actions);
+        }
+    }
+
+    fn finish_restore(&mut self, seq: SeqId, actions: &mut Vec<Action>) {
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let Kv::Restoring { bytes } = state.kv else {
+            unreachable_state("restore finished for a sequence not restoring");
+            return;
+        };
+        state.kv = Kv::InCtx;
+        let (model, cancelled) = (state.model, state.cancelled);
+        self.models[model].saved_bytes -= bytes;
+        self.ledger.saved_bytes -= bytes;
+        self.counters.kv_restores += 1;
+        if cancelled {
+            self.finish_seq(seq, true, actions);
+        }
+    }
+
+    fn finish_step(
+        &mut self,
+        done: InFlight,
+        steps: u32,
+        duration_ns: u64,
+        finished: &[SeqFinished],
+        actions: &mut Vec<Action>,
+    ) {
+        let (seqs, prefill) = match done.work {
+            Work::Prefill(seqs) => (seqs, true),
+            Work::Decode(seqs, _) => (seqs, false),
+            Work::Load | Work::Evict | Work::Save(_) | Work::Restore(_) => return,
+        };
+        if !prefill && steps > 0 {
+            let m = &mut self.models[done.model];
+            m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
+            self.counters.decode_steps += u64::from(steps);
+        }
+        let steps = if prefill { 1 } else { steps };
+        for seq in seqs {
+            let Some(state) = self.seqs.get_mut(&seq) else {
+                continue;
+            };
+            let reported = finished.iter().find(|f| f.seq == seq);
+            if state.cancelled && reported.is_none() {
+                // Cancelled mid-step: the engine still holds its cells.
+                self.finish_seq(seq, true, actions);
+                continue;
+            }
+            let emitted = match reported {
+                Some(f) => f.tokens_emitted,
+                None => state.emitted.saturating_add(steps),
+            };
+            state.emitted = emitted.min(state.max_tokens);
+            if prefill {
+                state.phase = Phase::Decoding;
+                self.models[done.model].decoding.insert(seq);
+            }
+            if reported.is_some() || state.emitted >= state.max_tokens {
+                self.finish_seq(seq, false, actions);
+            }
+        }
+    }
+
+    /// Emits one engine action and books everything it reserves.
+    pub(crate) fn emit(&mut self, model: usize, work: Work, actions: &mut Vec<Action>) {
+        let id = ActionId(self.next_action);
+        self.next_action += 1;
+        let model_id = self.cfg.models[model].id.clone();
+        let action = match &work {
+            Work::Load => self.book_load(id, model, model_id),
+            Work::Evict => self.book_evict(id, model, model_id),
+            Work::Save(seq) => self.book_save(id, model, model_id, *seq),
+            Work::Restore(seq) => self.book_restore(id, model, model_id, *seq),
+            Work::Prefill(seqs) => self.book_prefill(id, model, model_id, seqs),
+            Work::Decode(seqs, steps) => self.book_decode(id, model, model_id, seqs, *steps),
+        };
+        match lane_of(&work) {
+            Lane::Compute => {
+                assert!(!self.compute_busy, "two compute actions in flight");
+                self.compute_busy = true;
+            }
+            Lane::Transfer => {
+                assert!(!self.transfer_busy, "two transfer actions in flight");
+                self.transfer_busy = true;
+            }
+        }
+        assert!(
+            self.cfg.overlap_transfers || !(self.compute_busy && self.transfer_busy),
+            "overlap without overlap_transfers"
+        );
+        self.models[model].busy += 1;
+        self.in_flight.insert(id, InFlight { model, work });
+        actions.push(action);
+    }
+
+    fn book_evict(&mut self, id: ActionId, model: usize, model_id: ModelId) -> Action {
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Resident,
+            "evict of a non-resident model"
+        );
+        assert_eq!(
+            m.in_ctx, 0,
+            "evict of a model with sequences in its context"
+        );
+        let pinned = self.cfg.models[model].pin;
+        assert!(
+            !pinned || self.cfg.policy == PoolPolicy::Dedicated,
+            "evict of a pinned model"
+        );
+        m.residency = Residency::Evicting;
+        Action::Evict {
+            id,
+            model: model_id,
+        }
+    }
+
+    fn book_decode(
+        &mut self,
+        id: ActionId,
+        model: usize,
+        model_id: ModelId,
+        seqs: &[SeqId],
+        steps: u32,
+    ) -> Action {
+        let residency = self.models[model].residency;
+        assert_eq!(
+            residency,
+            Residency::Resident,
+            "decode of a non-resident model"
+        );
+        assert!(steps > 0, "decode of zero steps");
+        for seq in seqs {
+            let state = self.seqs.get_mut(seq);
+            let ready = state
+                .as_ref()
+                .is_some_and(|s| s.kv == Kv::InCtx && !s.in_action);
+            assert!(ready, "decode of a sequence not in the context");
+            if let Some(state) = state {
+                state.in_action = true;
+            }
+        }
+        self.counters.decode_turns += 1;
+        Action::Decode {
+            id,
+            model: model_id,
+            seqs: seqs.to_vec(),
+            steps,
+        }
+    }
+
+    fn book_load(&mut self, id: ActionId, model: usize, model_id: ModelId) -> Action {
+        let bytes = self.cfg.models[model].resident_bytes();
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Cold,
+            "load of a model that is not cold"
+        );
+        m.residency = Residency::Loading;
+        m.last_switch_ns = Some(self.now_ns);
+        self.ledger.resident_bytes += bytes;
+        self.counters.loads += 1;
+        Action::Load {
+            id,
+            model: model_id,
+        }
+    }
+
+    fn book_save(&mut self, id: ActionId, model: usize, model_id: ModelId, seq: SeqId) -> Action {
+        let spec = &self.cfg.models[model];
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            unreachable_state("save of an unknown sequence");
+            return Action::Release {
+                model: model_id,
+                seq,
+            };
+        };
+        assert_eq!(state.kv, Kv::InCtx, "save of a sequence not in the context");
+        assert!(!state.in_action, "save of a sequence inside an action");
+        let bytes = spec.saved_bytes(u64::from(state.prompt_tokens) + u64::from(state.emitted));
+        state.kv = Kv::Saving { bytes };
+        state.in_action = true;
+        self.models[model].saved_bytes += bytes;
+        self.ledger.saved_bytes += bytes;
+        Action::SaveKv {
+            id,
+            model: model_id,
+            seq,
+        }
+    }
+
+    fn book_restore(
+        &mut self,
+        id: ActionId,
+        model: usize,
+        model_id: ModelId,
+        seq: SeqId,
+    ) -> Action {
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            unreachable_state("restore of an unknown sequence");
+            return Action::Release {
+                model: model_id,
+                seq,
+            };
+        };
+        let Kv::Saved { bytes } = state.kv else {
+            unreachable_state("restore of a sequence that is not saved");
+            return Action::Release {
+                model: model_id,
+                seq,
+            };
+        };
+        assert!(!state.in_action, "restore of a sequence inside an action");
+        state.kv = Kv::Restoring { bytes };
+        state.in_action = true;
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Resident,
+            "restore into a non-resident model"
+        );
+        m.in_ctx += 1;
+        assert!(
+            m.in_ctx <= self.cfg.models[model].seqs_max,
+            "restore past the context's slots"
+        );
+        Action::RestoreKv {
+            id,
+            model: model_id,
+            seq,
+        }
+    }
+
+    fn book_prefill(
+        &mut self,
+        id: ActionId,
+        model: usize,
+        model_id: ModelId,
+        seqs: &[SeqId],
+    ) -> Action {
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Resident,
+            "prefill of a non-resident model"
+        );
+        for seq in seqs {
+            assert_eq!(
+                m.prefill_q.front(),
+                Some(seq),
+                "prefill takes its model's queue in order"
+            );
+            m.prefill_q.pop_front();
+            let Some(state) = self.seqs.get_mut(seq) else {
+                continue;
+            };
+            assert_eq!(
+                state.phase,
+                Phase::Queued,
+                "prefill of a sequence not queued"
+            );
+            state.phase = Phase::Prefilling;
+            state.kv = Kv::InCtx;
+            state.in_action = true;
+        }
+        let count = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
+        m.in_ctx += count;
+        assert!(
+            m.in_ctx <= self.cfg.models[model].seqs_max,
+            "prefill past the context's slots"
+        );
+        self.queued_len -= count;
+        self.counters.prefills += 1;
+        Action::Prefill {
+            id,
+            model: model_id,
+            seqs: seqs.to_vec(),
+        }
+    }
+
+    /// Bytes charged against `memory_bytes_max` now.
+    pub fn memory_bytes_used(&self) -> u64 {
+        let saved = if self.cfg.saved_kv_in_memory_budget {
+            self.ledger.saved_bytes
+        } else {
+            0
+        };
+        self.ledger.resident_bytes + saved
+    }
+
+    /// Bytes a load may take now. Under `token` with saved states in the budget the whole
+    /// saved pool is held back, so a victim's sequences can always be saved before it is
+    /// evicted (without this headroom two full resident models deadlock: neither can be
+    /// saved, so neither can leave).
+    pub(crate) fn memory_bytes_free(&self) -> u64 {
+        let held_back =
+            if self.cfg.policy == PoolPolicy::Token && self.cfg.saved_kv_in_memory_budget {
+                self.cfg.kv_saved_bytes_max
+            } else {
+                self.memory_bytes_used() - self.ledger.resident_bytes
+            };
+        self.cfg
+            .memory_bytes_max
+            .saturating_sub(self.ledger.resident_bytes.saturating_add(held_back))
+    }
+
+    /// O(1) ledger bounds, on every event; the O(n) recount runs in debug builds.
+    fn check_ledger(&self) {
+        assert!(
+            self.memory_bytes_used() <= self.cfg.memory_bytes_max,
+            "memory budget exceeded"
+        );
+        assert!(
+            self.ledger.saved_bytes <= self.cfg.kv_saved_bytes_max,
+            "saved-KV pool exceeded"
+        );
+        assert!(
+            self.kv_reserved_bytes <= self.cfg.kv_saved_bytes_max,
+            "KV reservations exceed the pool"
+        );
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
+    }
+
+    /// Recounts the ledger and every per-model count from scratch and asserts they match the
+    /// incremental values, plus the legality invariants of docs/pool.md. O(models + sequences).
+    pub fn check_invariants(&self) {
+        let mut ledger = Ledger::default();
+        let mut in_ctx = vec![0_u32; self.models.len()];
+        let mut saved = vec![0_u64; self.models.len()];
+        for (i, m) in self.models.iter().enumerate() {
+            if m.residency != Residency::Cold {
+                ledger.resident_bytes += self.cfg.models[i].resident_bytes();
+            }
+        }
+        for state in self.seqs.values() {
+            match state.kv {
+                Kv::None => {}
+                Kv::InCtx => in_ctx[state.model] += 1,
+                Kv::Restoring { bytes } | Kv::Saving { bytes } => {
+                    in_ctx[state.model] += 1;
+                    saved[state.model] += bytes;
+                }
+                Kv::Saved { bytes } => saved[state.model] += bytes,
+            }
+            let in_context = matches!(
+                state.kv,
+                Kv::InCtx | Kv::Saving { .. } | Kv::Restoring { .. }
+            );
+            let residency = self.models[state.model].residency;
+            assert!(
+                !in_context || residency == Residency::Resident,
+                "sequence cells in a model that is not resident"
+            );
+        }
+        ledger.saved_bytes = saved.iter().sum();
+        assert_eq!(
+            ledger.resident_bytes, self.ledger.resident_bytes,
+            "resident ledger drifted"
+        );
+        assert_eq!(
+            ledger.saved_bytes, self.ledger.saved_bytes,
+            "saved ledger drifted"
+        );
+        for (i, m) in self.models.iter().enumerate() {
+            assert_eq!(m.in_ctx, in_ctx[i], "slot count drifted");
+            assert_eq!(m.saved_bytes, saved[i], "per-model saved bytes drifted");
+            assert!(
+                m.in_ctx <= self.cfg.models[i].seqs_max,
+                "context over its slots"
+            );
+        }
+        let reserved: u64 = self.seqs.values().map(|s| s.reserved_bytes).sum();
+        assert_eq!(reserved, self.kv_reserved_bytes, "KV reservations drifted");
+        let queued = self
+            .seqs
+            .values()
+            .filter(|s| matches!(s.phase, Phase::Pending | Phase::Queued))
+            .count();
+        assert_eq!(
+            u32::try_from(queued).ok(),
+            Some(self.queued_len),
+            "queue length drifted"
+        );
+        assert!(
+            self.queued_len <= self.cfg.admission_queue_len_max,
+            "admission queue over its bound"
+        );
+    }
+
+    /// The snapshot behind `GET /v1/pool`.
+    pub fn status(&self) -> PoolStatus {
+        let mut queued = vec![0_u32; self.models.len()];
+        let mut in_flight = vec![0_u32; self.models.len()];
+        for state in self.seqs.values() {
+            match state.phase {
+                Phase::Pending | Phase::Queued => queued[state.model] += 1,
+                Phase::Prefilling | Phase::Decoding => in_flight[state.model] += 1,
+            }
+        }
+        let models = self
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let spec = &self.cfg.models[i];
+                let resident = if m.residency == Residency::Cold {
+                    0
+                } else {
+                    spec.resident_bytes()
+                };
+                ModelStatus {
+                    model: spec.id.clone(),
+                    state: m.residency,
+                    pinned: spec.pin,
+                    queued: queued[i],
+                    in_flight: in_flight[i],
+                    memory_bytes: resident + m.saved_bytes,
+                    saved_kv_bytes: m.saved_bytes,
+                    last_switch_ns: m.last_switch_ns,
+                }
+            })
+            .collect();
+        PoolStatus {
+            now_ns: self.now_ns,
+            policy: self.cfg.policy,
+            memory_bytes_max: self.cfg.memory_bytes_max,
+            memory_bytes_used: self.memory_bytes_used(),
+            kv_saved_bytes: self.ledger.saved_bytes,
+            kv_saved_bytes_max: self.cfg.kv_saved_bytes_max,
+            queued: self.queued_len,
+            models,
+            counters: self.counters,
+        }
+    }
+
+    /// True when nothing is queued, running or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Sequences the pool still tracks (queued, running or saved).
+    pub fn seqs_len(&self) -> usize {
+        self.seqs.len()
+    }
+}
+
+pub(crate) fn lane_of(work: &Work) -> Lane {
+    match work {
+        Work::Prefill(_) | Work::Decode(..) => Lane::Compute,
+        Work::Load | Work::Evict | Work::Save(_) | Work::Restore(_) => Lane::Transfer,
+    }
+}
+
+/// Exponential average with weight 1/8 for the new sample.
+fn ewma(old: u64, sample: u64) -> u64 {
+    (old.saturating_mul(7).saturating_add(sample)) / 8
+}
+
+/// A state the bookkeeping rules out; asserts stay on in release (docs/pool.md, invariants).
+/// Every message is non-empty, so this always fires (`panic!` is denied outside tests).
+fn unreachable_state(what: &'static str) {
+    assert!(what.is_empty(), "pool invariant violated: {what}");
+}

@@ -1,0 +1,654 @@
+//! Decisions: which compute action runs next (grouped FCFS prefill vs the decode round), and
+//! which transfer prepares it (load, Belady/LRU eviction, lazy KV save, restore). Pure functions
+//! of the pool state; ties are broken by model index (= `ModelId` order) and `SeqId`.
+
+use tidepool_core::PoolPolicy;
+
+use crate::event::{Action, SeqId};
+use crate::pool::{Kv, Phase, Pool, Target, Turn, Work};
+use crate::status::Residency;
+
+/// Distance of a model that is not needed by anything known.
+const NEVER: u64 = u64::MAX;
+
+impl Pool {
+    /// Emits every action that can start now: at most one per free lane.
+    pub(crate) fn schedule(&mut self, actions: &mut Vec<Action>) {
+        if self.cfg.policy == PoolPolicy::Token {
+            self.promote_pending();
+        }
+        loop {
+            let mut progressed = false;
+            if self.compute_free() {
+                progressed |= self.try_compute(actions);
+            }
+            if self.transfer_free()
+                && let Some((model, work)) = self.next_transfer()
+            {
+                self.emit(model, work, actions);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn compute_free(&self) -> bool {
+        !self.compute_busy && (self.cfg.overlap_transfers || !self.transfer_busy)
+    }
+
+    fn transfer_free(&self) -> bool {
+        !self.transfer_busy && (self.cfg.overlap_transfers || !self.compute_busy)
+    }
+
+    /// `token` admission: FCFS from the admission queue while the worst-case saved KV fits the
+    /// pool and the predicted round factor α stays under its limit (or nothing is decoding).
+    fn promote_pending(&mut self) {
+        while let Some(&seq) = self.pending.front() {
+            let Some(state) = self.seqs.get(&seq) else {
+                break;
+            };
+            let model = state.model;
+            let tokens = u64::from(state.prompt_tokens) + u64::from(state.max_tokens);
+            let worst = self.cfg.models[model].saved_bytes(tokens);
+            if self.kv_reserved_bytes + worst > self.cfg.kv_saved_bytes_max {
+                break;
+            }
+            let busy = self
+                .models
+                .iter()
+                .any(|m| !m.decoding.is_empty() || !m.prefill_q.is_empty());
+            let active =
+                !self.models[model].decoding.is_empty() || !self.models[model].prefill_q.is_empty();
+            if busy
+                && !active
+                && self.alpha_permille_with(model) > u64::from(self.cfg.alpha_admit_permille_max)
+            {
+                break;
+            }
+            self.pending.pop_front();
+            self.kv_reserved_bytes += worst;
+            self.models[model].pending -= 1;
+            self.models[model].prefill_q.push_back(seq);
+            if let Some(state) = self.seqs.get_mut(&seq) {
+                state.phase = Phase::Queued;
+                state.reserved_bytes = worst;
+            }
+        }
+    }
+
+    /// Predicted α (mean token gap over the TBT SLO, ×1000) if `extra` joined the round.
+    fn alpha_permille_with(&self, extra: usize) -> u64 {
+        let tbt_ns = self.tbt_ns();
+        let mut sum_inv = 0.0_f64;
+        let mut n_min = f64::INFINITY;
+        let mut bytes = 0_u64;
+        let mut load_ns = 0_u64;
+        for (i, m) in self.models.iter().enumerate() {
+            let seqs = m.decoding.len() + m.prefill_q.len();
+            if seqs == 0 && i != extra {
+                continue;
+            }
+            let seqs_max = usize::try_from(self.cfg.models[i].seqs_max).unwrap_or(1);
+            let batches = seqs.div_ceil(seqs_max).max(1);
+            let n = tbt_ns / as_f64(m.decode_step_ns);
+            sum_inv += as_f64_usize(batches) / n;
+            n_min = n_min.min(n);
+            bytes = bytes.saturating_add(self.cfg.models[i].resident_bytes());
+            load_ns = load_ns.saturating_add(m.load_ns);
+        }
+        let switch_ns = if bytes <= self.cfg.memory_bytes_max {
+            0
+        } else {
+            load_ns
+        };
+        let quota_ns = as_f64(self.cfg.turn_quota_ms_max) * 1e6;
+        let alpha = as_f64(switch_ns) / (n_min * quota_ns) + sum_inv;
+        f64_to_u64(alpha * 1000.0)
+    }
+
+    fn tbt_ns(&self) -> f64 {
+        as_f64(self.cfg.tbt_slo_ms) * 1e6
+    }
+
+    /// Starts the current target if it is runnable. Returns whether an action was emitted.
+    fn try_compute(&mut self, actions: &mut Vec<Action>) -> bool {
+        let Some(target) = self.current_target() else {
+            return false;
+        };
+        match target {
+            Target::Prefill { model } => {
+                let m = &self.models[model];
+                if m.residency != Residency::Resident || m.busy > 0 {
+                    return false;
+                }
+                let slots = self.cfg.models[model].seqs_max - m.in_ctx;
+                let seqs = self.prefill_group(model, slots);
+                if seqs.is_empty() {
+                    return false;
+                }
+                self.target = None;
+                if !self.prefill_urgent(model) {
+                    self.prefill_credit = false;
+                }
+                self.emit(model, Work::Prefill(seqs), actions);
+                true
+            }
+            Target::Decode(turn) => {
+                let seqs = self.turn_seqs(turn);
+                let m = &self.models[turn.model];
+                let ready = m.residency == Residency::Resident
+                    && m.busy == 0
+                    && seqs.iter().all(|s| {
+                        self.seqs
+                            .get(s)
+                            .is_some_and(|s| s.kv == Kv::InCtx && !s.in_action)
+                    });
+                if !ready {
+                    return false;
+                }
+                self.target = None;
+                self.turn += 1;
+                self.prefill_credit = true;
+                self.emit(turn.model, Work::Decode(seqs, turn.steps), actions);
+                true
+            }
+        }
+    }
+
+    /// The cached target if still valid, else a fresh choice between the oldest prefill group
+    /// and the next decode turn. Prefill runs when it holds a credit (one group per decode
+    /// turn), when its head is about to miss its TTFT, or when nothing decodes.
+    pub(crate) fn current_target(&mut self) -> Option<Target> {
+        if let Some(target) = self.target {
+            let valid = match target {
+                Target::Prefill { model } => {
+                    !self.models[model].prefill_q.is_empty() && self.prefill_eligible(model)
+                }
+                Target::Decode(turn) => !self.turn_seqs(turn).is_empty(),
+            };
+            if valid {
+                return Some(target);
+            }
+            self.target = None;
+        }
+        let prefill = self.prefill_candidate();
+        let decode = self.decode_candidate();
+        let target = match (prefill, decode) {
+            (Some(model), Some(turn)) => {
+                if self.prefill_credit || self.prefill_urgent(model) {
+                    Target::Prefill { model }
+                } else {
+                    Target::Decode(turn)
+                }
+            }
+            (Some(model), None) => Target::Prefill { model },
+            (None, Some(turn)) => Target::Decode(turn),
+            (None, None) => return None,
+        };
+        self.target = Some(target);
+        Some(target)
+    }
+
+    /// The model of the oldest queued request that may be prefilled now (grouped FCFS).
+    fn prefill_candidate(&self) -> Option<usize> {
+        if self.cfg.policy == PoolPolicy::SwapLru && self.cfg.hol_blocking {
+            let head = self.oldest_queued(|_| true)?;
+            return self.prefill_eligible(head).then_some(head);
+        }
+        let model = self.oldest_queued(|m| self.prefill_eligible(m))?;
+        if self.cfg.policy == PoolPolicy::SwapLru {
+            // Anti-starvation: once a request blocked on a load has waited a whole TTFT SLO,
+            // newer requests stop taking the fast path, so resident models drain and free memory.
+            if let Some(blocked) =
+                self.oldest_queued(|m| self.models[m].residency != Residency::Resident)
+            {
+                let blocked_ns = self.head_arrival(blocked);
+                let ttft_ns = self.cfg.ttft_slo_ms.saturating_mul(1_000_000);
+                if self.head_arrival(model) > blocked_ns.saturating_add(ttft_ns) {
+                    return None;
+                }
+            }
+        }
+        Some(model)
+    }
+
+    fn prefill_eligible(&self, model: usize) -> bool {
+        let m = &self.models[model];
+        let slots_free = m.in_ctx < self.cfg.models[model].seqs_max;
+        match self.cfg.policy {
+            PoolPolicy::Token => true,
+            PoolPolicy::Dedicated => slots_free,
+            PoolPolicy::SwapLru => m.residency == Residency::Resident && slots_free,
+        }
+    }
+
+    fn head_arrival(&self, model: usize) -> u64 {
+        self.models[model]
+            .prefill_q
+            .front()
+            .and_then(|s| self.seqs.get(s))
+            .map_or(NEVER, |s| s.arrival_ns)
+    }
+
+    /// The model whose queue head arrived first among those passing `filter`.
+    fn oldest_queued(&self, filter: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut best: Option<(u64, SeqId, usize)> = None;
+        for (i, m) in self.models.iter().enumerate() {
+            let Some(&seq) = m.prefill_q.front() else {
+                continue;
+            };
+            if !filter(i) {
+                continue;
+            }
+            let key = (self.head_arrival(i), seq, i);
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best.map(|(_, _, i)| i)
+    }
+
+    fn prefill_urgent(&self, model: usize) -> bool {
+        let Some(state) = self.models[model]
+            .prefill_q
+            .front()
+            .and_then(|s| self.seqs.get(s))
+        else {
+            return false;
+        };
+        let spec = &self.cfg.models[model];
+        let m = &self.models[model];
+        let prefill_ns =
+            u64::from(state.prompt_tokens).saturating_mul(spec.estimate.prefill_ns_per_token);
+        let switch_ns = if m.residency == Residency::Resident {
+            0
+        } else {
+            m.load_ns
+        };
+        let deadline = state
+            .arrival_ns
+            .saturating_add(self.cfg.ttft_slo_ms.saturating_mul(1_000_000));
+        let slack = deadline.saturating_sub(self.now_ns);
+        slack < prefill_ns.saturating_add(switch_ns).saturating_mul(2)
+    }
+
+    /// Up to `slots` queued requests of `model`, FCFS, within the group and token limits (the
+    /// first request always goes).
+    fn prefill_group(&self, model: usize, slots: u32) -> Vec<SeqId> {
+        let limit = usize::try_from(slots.min(self.cfg.prefill_group_len_max)).unwrap_or(0);
+        let mut tokens = 0_u64;
+        let mut group = Vec::with_capacity(limit);
+        for &seq in self.models[model].prefill_q.iter().take(limit) {
+            let prompt = self
+                .seqs
+                .get(&seq)
+                .map_or(0, |s| u64::from(s.prompt_tokens));
+            if !group.is_empty() && tokens + prompt > u64::from(self.cfg.prefill_tokens_max) {
+                break;
+            }
+            tokens += prompt;
+            group.push(seq);
+        }
+        group
+    }
+
+    /// The next non-empty turn of the round, rebuilding the round when it is exhausted.
+    fn decode_candidate(&mut self) -> Option<Turn> {
+        for _ in 0..2 {
+            while let Some(&turn) = self.round.get(self.turn) {
+                if !self.turn_seqs(turn).is_empty() {
+                    return Some(turn);
+                }
+                self.turn += 1;
+            }
+            self.build_round();
+        }
+        None
+    }
+
+    /// The sequences of one turn: chunk `chunk` of the model's decoding set in `SeqId` order.
+    pub(crate) fn turn_seqs(&self, turn: Turn) -> Vec<SeqId> {
+        let seqs_max = usize::try_from(self.cfg.models[turn.model].seqs_max).unwrap_or(1);
+        let skip = usize::try_from(turn.chunk)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(seqs_max);
+        self.models[turn.model]
+            .decoding
+            .iter()
+            .skip(skip)
+            .take(seqs_max)
+            .copied()
+            .collect()
+    }
+
+    /// A round visits every decoding chunk once in model order. `token` sizes turns with
+    /// Aegaeon's quota formula; the request-level policies use the minimum turn (they only
+    /// time-share resident models).
+    fn build_round(&mut self) {
+        self.round.clear();
+        self.turn = 0;
+        for (i, m) in self.models.iter().enumerate() {
+            if m.decoding.is_empty() {
+                continue;
+            }
+            if self.cfg.policy != PoolPolicy::Token && m.residency != Residency::Resident {
+                continue;
+            }
+            let seqs_max = usize::try_from(self.cfg.models[i].seqs_max).unwrap_or(1);
+            let chunks = u32::try_from(m.decoding.len().div_ceil(seqs_max)).unwrap_or(u32::MAX);
+            for chunk in 0..chunks {
+                self.round.push(Turn {
+                    model: i,
+                    chunk,
+                    steps: self.cfg.decode_steps_min,
+                });
+            }
+        }
+        if self.cfg.policy == PoolPolicy::Token {
+            self.assign_quotas();
+        }
+    }
+
+    /// Aegaeon's `_assign_quota` (docs/pool.md): `n_i = TBT/d_i`, `c` = switch cost of the
+    /// round, `α = max(c/(min n·Q_max) + Σ1/n, 0.5)`, `q_i = c/(n_i(α − Σ1/n))`, converted to
+    /// step counts so the pool stays deterministic. A round whose models all fit at once has
+    /// no switches: every turn gets `decode_steps_min`.
+    fn assign_quotas(&mut self) {
+        let mut bytes = 0_u64;
+        let mut switch_ns = 0_u64;
+        let mut last = None;
+        for turn in &self.round {
+            if last != Some(turn.model) {
+                bytes = bytes.saturating_add(self.cfg.models[turn.model].resident_bytes());
+                switch_ns = switch_ns.saturating_add(self.models[turn.model].load_ns);
+                last = Some(turn.model);
+            }
+        }
+        let saved = if self.cfg.saved_kv_in_memory_budget {
+            self.ledger.saved_bytes
+        } else {
+            0
+        };
+        if bytes.saturating_add(saved) <= self.cfg.memory_bytes_max || switch_ns == 0 {
+            return;
+        }
+        let tbt_ns = self.tbt_ns();
+        let n: Vec<f64> = self
+            .round
+            .iter()
+            .map(|t| tbt_ns / as_f64(self.models[t.model].decode_step_ns))
+            .collect();
+        let sum_inv: f64 = n.iter().map(|n| 1.0 / n).sum();
+        let n_min = n.iter().copied().fold(f64::INFINITY, f64::min);
+        let c = as_f64(switch_ns);
+        let quota_max_ns = as_f64(self.cfg.turn_quota_ms_max) * 1e6;
+        let alpha = (c / (n_min * quota_max_ns) + sum_inv).max(0.5);
+        let spare = (alpha - sum_inv).max(c / (n_min * quota_max_ns));
+        for (turn, n_i) in self.round.iter_mut().zip(&n) {
+            let d_i = as_f64(self.models[turn.model].decode_step_ns);
+            let q_i = (c / (n_i * spare)).min(quota_max_ns);
+            let steps = f64_to_u64(q_i / d_i);
+            let steps = u32::try_from(steps).unwrap_or(u32::MAX);
+            turn.steps = steps.clamp(self.cfg.decode_steps_min, self.cfg.decode_steps_max);
+        }
+    }
+
+    /// The next transfer: keep-alive expiry first, then what the policy needs.
+    fn next_transfer(&mut self) -> Option<(usize, Work)> {
+        if let Some(model) = self.keep_alive_victim() {
+            return Some((model, Work::Evict));
+        }
+        match self.cfg.policy {
+            PoolPolicy::Dedicated => {
+                let cold = self
+                    .models
+                    .iter()
+                    .position(|m| m.residency == Residency::Cold)?;
+                Some((cold, Work::Load))
+            }
+            PoolPolicy::SwapLru => self.swap_transfer(),
+            PoolPolicy::Token => self.token_transfer(),
+        }
+    }
+
+    /// An idle, unpinned model past its keep-alive (scale to zero).
+    fn keep_alive_victim(&self) -> Option<usize> {
+        if self.cfg.policy == PoolPolicy::Dedicated {
+            return None;
+        }
+        (0..self.models.len()).find(|&i| {
+            self.keep_alive_expiry(i)
+                .is_some_and(|at| at <= self.now_ns)
+        })
+    }
+
+    /// When model `i` may be scaled to zero, if it is idle and has a keep-alive.
+    fn keep_alive_expiry(&self, i: usize) -> Option<u64> {
+        let spec = &self.cfg.models[i];
+        let m = &self.models[i];
+        let idle = m.residency == Residency::Resident
+            && !spec.pin
+            && m.busy == 0
+            && m.in_ctx == 0
+            && m.decoding.is_empty()
+            && m.prefill_q.is_empty()
+            && m.pending == 0
+            && m.saved_bytes == 0;
+        let keep_alive_ms = spec.keep_alive_ms?;
+        idle.then(|| {
+            m.last_used_ns
+                .saturating_add(keep_alive_ms.saturating_mul(1_000_000))
+        })
+    }
+
+    /// The earliest keep-alive expiry still ahead: when the driver should send a `Tick`.
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        if self.cfg.policy == PoolPolicy::Dedicated {
+            return None;
+        }
+        (0..self.models.len())
+            .filter_map(|i| self.keep_alive_expiry(i))
+            .min()
+    }
+
+    /// `swap-lru`: load the model of the oldest request whose model is not resident, evicting
+    /// the least recently used idle model (no request in flight) when memory is short.
+    fn swap_transfer(&self) -> Option<(usize, Work)> {
+        let model = if self.cfg.hol_blocking {
+            self.oldest_queued(|_| true)
+                .filter(|&m| self.models[m].residency != Residency::Resident)?
+        } else {
+            self.oldest_queued(|m| self.models[m].residency != Residency::Resident)?
+        };
+        if self.models[model].residency != Residency::Cold {
+            return None;
+        }
+        if self.cfg.models[model].resident_bytes() <= self.memory_bytes_free() {
+            return Some((model, Work::Load));
+        }
+        let victim = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                m.residency == Residency::Resident
+                    && !self.cfg.models[i].pin
+                    && m.busy == 0
+                    && m.in_ctx == 0
+                    && m.decoding.is_empty()
+            })
+            .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
+        Some((victim, Work::Evict))
+    }
+
+    /// `token`: prepare the current target, then prefetch for the next turn and the oldest
+    /// prefill, evicting by Belady distance over the round order.
+    fn token_transfer(&mut self) -> Option<(usize, Work)> {
+        let mut wanted: Vec<(usize, Option<Turn>, bool)> = Vec::with_capacity(3);
+        if let Some(target) = self.target {
+            match target {
+                Target::Prefill { model } => wanted.push((model, None, true)),
+                Target::Decode(turn) => wanted.push((turn.model, Some(turn), true)),
+            }
+        }
+        if let Some(&turn) = self.round.get(self.turn) {
+            wanted.push((turn.model, Some(turn), false));
+        }
+        if let Some(model) = self.oldest_queued(|_| true) {
+            wanted.push((model, None, false));
+        }
+        wanted
+            .into_iter()
+            .find_map(|(model, turn, current)| self.prepare(model, turn, current))
+    }
+
+    /// The next transfer that brings `model` (and the turn's sequences) into a runnable state.
+    fn prepare(&self, model: usize, turn: Option<Turn>, current: bool) -> Option<(usize, Work)> {
+        let m = &self.models[model];
+        if m.busy > 0 {
+            return None;
+        }
+        match m.residency {
+            Residency::Loading | Residency::Evicting => None,
+            Residency::Cold => {
+                let need = self.cfg.models[model].resident_bytes();
+                if need <= self.memory_bytes_free() {
+                    Some((model, Work::Load))
+                } else {
+                    self.make_room(need, model, current)
+                }
+            }
+            Residency::Resident => {
+                let seqs_max = self.cfg.models[model].seqs_max;
+                let Some(turn) = turn else {
+                    // Prefill needs one free slot: save a decoding sequence (lazily, only now).
+                    return if m.in_ctx >= seqs_max {
+                        self.save_one(model, &[])
+                    } else {
+                        None
+                    };
+                };
+                let seqs = self.turn_seqs(turn);
+                let saved = seqs
+                    .iter()
+                    .find(|s| matches!(self.seqs.get(s).map(|s| s.kv), Some(Kv::Saved { .. })))?;
+                if m.in_ctx < seqs_max {
+                    Some((model, Work::Restore(*saved)))
+                } else {
+                    self.save_one(model, &seqs)
+                }
+            }
+        }
+    }
+
+    /// Saves one in-context sequence of `model` not in `keep`, if the saved pool has room.
+    fn save_one(&self, model: usize, keep: &[SeqId]) -> Option<(usize, Work)> {
+        let seq = self.models[model].decoding.iter().rev().find(|s| {
+            !keep.contains(s)
+                && self
+                    .seqs
+                    .get(s)
+                    .is_some_and(|st| st.kv == Kv::InCtx && !st.in_action)
+        })?;
+        self.save_fits(model, *seq)
+            .then_some((model, Work::Save(*seq)))
+    }
+
+    fn save_fits(&self, model: usize, seq: SeqId) -> bool {
+        let Some(state) = self.seqs.get(&seq) else {
+            return false;
+        };
+        let bytes = self.cfg.models[model]
+            .saved_bytes(u64::from(state.prompt_tokens) + u64::from(state.emitted));
+        let pool_ok = self.ledger.saved_bytes + bytes <= self.cfg.kv_saved_bytes_max;
+        // Memory for the save is held back by `memory_bytes_free` (saved pool headroom).
+        pool_ok
+    }
+
+    /// Frees memory for `model`: the resident model used farthest in the future (Belady over
+    /// the round order) goes first; its sequences are saved before it is evicted. A prefetch
+    /// (`current == false`) only evicts models needed later than `model`.
+    fn make_room(&self, need: u64, model: usize, current: bool) -> Option<(usize, Work)> {
+        assert!(
+            need > self.memory_bytes_free(),
+            "make_room called with enough memory"
+        );
+        let protect = self.target.map(|t| match t {
+            Target::Prefill { model } => model,
+            Target::Decode(turn) => turn.model,
+        });
+        let own = self.next_use(model);
+        let mut victims: Vec<(u64, usize)> = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                i != model
+                    && Some(i) != protect
+                    && m.residency == Residency::Resident
+                    && !self.cfg.models[i].pin
+                    && m.busy == 0
+            })
+            .map(|i| (self.next_use(i), i))
+            .filter(|&(distance, _)| current || distance > own)
+            .collect();
+        victims.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, victim) in victims {
+            if self.models[victim].in_ctx == 0 {
+                return Some((victim, Work::Evict));
+            }
+            if let Some(save) = self.save_one(victim, &[]) {
+                return Some(save);
+            }
+        }
+        None
+    }
+
+    /// How soon `model` is needed: 0 for the current target, then its position in the round
+    /// after the current turn, then queued prefill; `NEVER` if nothing needs it.
+    fn next_use(&self, model: usize) -> u64 {
+        let target_model = self.target.map(|t| match t {
+            Target::Prefill { model } => model,
+            Target::Decode(turn) => turn.model,
+        });
+        if target_model == Some(model) {
+            return 0;
+        }
+        let len = self.round.len();
+        for offset in 0..len {
+            let index = (self.turn + offset) % len;
+            if self.round.get(index).is_some_and(|t| t.model == model) {
+                return 1 + u64::try_from(offset).unwrap_or(NEVER - 2);
+            }
+        }
+        let m = &self.models[model];
+        if !m.prefill_q.is_empty() || !m.decoding.is_empty() || m.pending > 0 {
+            return 1 + u64::try_from(len).unwrap_or(NEVER - 2);
+        }
+        NEVER
+    }
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "durations and byte counts are far below 2^52"
+)]
+fn as_f64(value: u64) -> f64 {
+    value as f64
+}
+
+#[expect(clippy::cast_precision_loss, reason = "batch counts are tiny")]
+fn as_f64_usize(value: usize) -> f64 {
+    value as f64
+}
+
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "saturating float-to-int conversion of a non-negative, clamped value"
+)]
+fn f64_to_u64(value: f64) -> u64 {
+    if value.is_nan() || value <= 0.0 {
+        0
+    } else {
+        value.min(1e18) as u64
+    }
+}

@@ -1,0 +1,150 @@
+//! Dev tooling: the "Aegaeon question" and the speed benchmark, as run for docs/sim.md.
+//! `cargo run --release -p tidepool-sim --example aegaeon -- [speed|plan MODELS|sim POLICY N MODELS]`
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use tidepool_core::PoolPolicy;
+use tidepool_sim::{
+    Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, SimSpec, market, plan, read_azure_trace,
+    simulate,
+};
+
+fn knobs() -> PoolKnobs {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let d = PoolKnobs::default();
+    PoolKnobs {
+        decode_steps_min: u32::try_from(env("STEPS_MIN", u64::from(d.decode_steps_min)))
+            .unwrap_or(d.decode_steps_min),
+        decode_steps_max: u32::try_from(env("STEPS_MAX", u64::from(d.decode_steps_max)))
+            .unwrap_or(d.decode_steps_max),
+        turn_quota_ms_max: env("QUOTA_MS", d.turn_quota_ms_max),
+        alpha_admit_permille_max: u32::try_from(env(
+            "ALPHA",
+            u64::from(d.alpha_admit_permille_max),
+        ))
+        .unwrap_or(d.alpha_admit_permille_max),
+        ..d
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "dev tooling: three modes in one match"
+)]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = std::io::stdout().lock();
+    let profile = Profile::load("h100")?;
+    let rows = read_azure_trace(Path::new("data/traces/azure-llm-2023-conv.csv"))?;
+    let spec = |policy, accelerators| SimSpec {
+        profile: profile.clone(),
+        policy,
+        accelerators,
+        ttft_slo_ms: 10_000,
+        tbt_slo_ms: 100,
+        knobs: knobs(),
+    };
+    match args.get(1).map(String::as_str) {
+        Some("speed") => {
+            let n: u64 = args.get(2).map_or(Ok(1_000_000), |s| s.parse())?;
+            let workload = tidepool_sim::bench_workload(n, &rows, &profile, 7)?;
+            let start = Instant::now();
+            let report = simulate(
+                &spec(PoolPolicy::Token, tidepool_sim::BENCH_ACCELERATORS),
+                &workload,
+                &mut |_| {},
+            )?;
+            writeln!(
+                out,
+                "{} requests in {:.2} s, attainment {:.4}",
+                report.requests,
+                start.elapsed().as_secs_f64(),
+                report.attainment
+            )?;
+        }
+        Some("sim") => {
+            let policy = match args[2].as_str() {
+                "token" => PoolPolicy::Token,
+                "swap-lru" => PoolPolicy::SwapLru,
+                _ => PoolPolicy::Dedicated,
+            };
+            let n: u32 = args[3].parse()?;
+            let models: u32 = args[4].parse()?;
+            let m = MarketSpec {
+                models,
+                popularity: Popularity::Zipf { s: 1.0 },
+                arrivals: Arrivals::Trace,
+                seed: 1,
+            };
+            let workload = market(&m, &rows, &profile)?;
+            let start = Instant::now();
+            let mut r = simulate(&spec(policy, n), &workload, &mut |_| {})?;
+            r.per_model.truncate(5);
+            writeln!(
+                out,
+                "{:.2}s {}",
+                start.elapsed().as_secs_f64(),
+                serde_json::to_string_pretty(&r)?
+            )?;
+        }
+        _ => {
+            let models: u32 = args.get(2).map_or(Ok(40), |s| s.parse())?;
+            let arrivals = match args.get(3).and_then(|r| r.parse::<f64>().ok()) {
+                Some(per_model) => Arrivals::Poisson {
+                    rate_per_s: per_model * f64::from(models),
+                    duration_s: 3600.0,
+                },
+                None => Arrivals::Trace,
+            };
+            let m = MarketSpec {
+                models,
+                popularity: Popularity::Zipf { s: 1.0 },
+                arrivals,
+                seed: 1,
+            };
+            let workload = market(&m, &rows, &profile)?;
+            writeln!(
+                out,
+                "{} requests, {} prompts capped",
+                workload.requests.len(),
+                workload.prompts_capped
+            )?;
+            let start = Instant::now();
+            let report = plan(
+                &spec(PoolPolicy::Token, 1),
+                &workload,
+                0.99,
+                &[
+                    PoolPolicy::Dedicated,
+                    PoolPolicy::SwapLru,
+                    PoolPolicy::Token,
+                ],
+                &mut |_| {},
+            )?;
+            for p in &report.points {
+                writeln!(
+                    out,
+                    "{:?} {} att {:.4} lenient {:.4} p99ttft {:.0} ms sw/s {:.2}",
+                    p.policy,
+                    p.accelerators,
+                    p.attainment,
+                    p.attainment_lenient,
+                    p.ttft_ms_p99,
+                    p.switches_per_s
+                )?;
+            }
+            for line in &report.summary {
+                writeln!(out, "{line}")?;
+            }
+            writeln!(out, "{:.2}s", start.elapsed().as_secs_f64())?;
+        }
+    }
+    Ok(())
+}

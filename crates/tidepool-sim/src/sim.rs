@@ -1,0 +1,392 @@
+//! One simulated configuration: place the market's models on accelerators, run each accelerator
+//! through the real pool, and fold the outcomes into a [`Report`].
+
+use serde::{Deserialize, Serialize};
+use tidepool_core::{ModelId, PoolPolicy};
+use tidepool_pool::PoolConfig;
+
+use crate::SimError;
+use crate::profile::{Costs, Profile, as_f64, model_spec};
+use crate::run::{AccOutcome, AccRun, SeqSim, Slo};
+use crate::workload::{Request, Workload};
+
+/// Accelerators in one simulation.
+pub const ACCELERATORS_MAX: u32 = 4096;
+
+/// Scheduler knobs the simulator passes to every pool. Defaults differ from the pool's
+/// (`decode_steps_min` 64 instead of 16, `turn_quota_ms_max` 2 s instead of Aegaeon's 4 s): they
+/// were the best of a small sweep on the Azure conversation market on the `h100` profile
+/// (docs/sim.md), and apply to all three policies alike. The α admission hold is off: holding
+/// requests while the round is over-subscribed lowered attainment in every market measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PoolKnobs {
+    pub admission_queue_len_max: u32,
+    pub prefill_group_len_max: u32,
+    pub decode_steps_min: u32,
+    pub decode_steps_max: u32,
+    pub turn_quota_ms_max: u64,
+    pub alpha_admit_permille_max: u32,
+}
+
+impl Default for PoolKnobs {
+    fn default() -> Self {
+        Self {
+            admission_queue_len_max: 4096,
+            prefill_group_len_max: 8,
+            decode_steps_min: 64,
+            decode_steps_max: 512,
+            turn_quota_ms_max: 2000,
+            alpha_admit_permille_max: u32::MAX,
+        }
+    }
+}
+
+/// Everything one simulation needs besides the workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimSpec {
+    pub profile: Profile,
+    pub policy: PoolPolicy,
+    pub accelerators: u32,
+    pub ttft_slo_ms: u64,
+    pub tbt_slo_ms: u64,
+    pub knobs: PoolKnobs,
+}
+
+/// Progress of a long run, for a progress bar the caller draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub requests_done: u64,
+    pub requests_total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelReport {
+    pub model: String,
+    pub family: String,
+    pub accelerator: u32,
+    pub requests: u64,
+    pub tokens_owed: u64,
+    pub tokens_on_time: u64,
+    pub attainment: f64,
+}
+
+/// The simulation report (serialised to JSON; identical inputs give identical bytes).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub profile: String,
+    pub policy: PoolPolicy,
+    pub accelerators: u32,
+    pub models: u32,
+    pub ttft_slo_ms: u64,
+    pub tbt_slo_ms: u64,
+    pub requests: u64,
+    pub requests_rejected: u64,
+    pub prompts_capped: u64,
+    pub tokens_owed: u64,
+    pub tokens_on_time: u64,
+    /// Share of owed tokens emitted by `arrival + TTFT + k·TBT` (design §2).
+    pub attainment: f64,
+    /// Aegaeon's time-weighted per-request score, averaged over requests.
+    pub attainment_lenient: f64,
+    /// Share of requests whose every token was on time.
+    pub requests_all_on_time: f64,
+    pub goodput_tokens_per_s: f64,
+    pub ttft_ms_p50: f64,
+    pub ttft_ms_p99: f64,
+    pub makespan_s: f64,
+    /// Compute-busy time over makespan × accelerators.
+    pub utilization: f64,
+    pub loads: u64,
+    pub evictions: u64,
+    pub kv_saves: u64,
+    pub kv_restores: u64,
+    pub switches_per_s: f64,
+    pub per_model: Vec<ModelReport>,
+}
+
+/// Model → accelerator. Longest-processing-time first: models in decreasing order of their
+/// estimated busy time (prefill + decode at batch 1 of all their requests; ties by index) go
+/// to the accelerator with the least estimated work. `dedicated` additionally requires every
+/// model of an accelerator to fit its memory at once (with as many accelerators as models,
+/// this is one model per accelerator).
+pub fn place(spec: &SimSpec, workload: &Workload) -> Result<Vec<u32>, SimError> {
+    let n = spec.accelerators;
+    if n == 0 || n > ACCELERATORS_MAX {
+        return Err(SimError::WorkloadInvalid {
+            reason: "accelerators must be in 1..=4096",
+        });
+    }
+    let fams = &spec.profile.families;
+    let mut work = vec![0.0_f64; workload.models.len()];
+    for r in &workload.requests {
+        let model = &workload.models[usize::try_from(r.model).unwrap_or(0)];
+        let costs = Costs::new(&spec.profile.accelerator, &fams[model.family]);
+        let p = f64::from(r.prompt_tokens);
+        let ctx = p + f64::from(r.output_tokens) / 2.0;
+        work[usize::try_from(r.model).unwrap_or(0)] += as_f64(costs.prefill_ns(p, p * p))
+            + f64::from(r.output_tokens) * as_f64(costs.decode_ns(1.0, ctx));
+    }
+    let mut order: Vec<usize> = (0..workload.models.len()).collect();
+    order.sort_by(|&a, &b| work[b].total_cmp(&work[a]).then(a.cmp(&b)));
+    let n_usize = usize::try_from(n).unwrap_or(1);
+    let mut load = vec![0.0_f64; n_usize];
+    let mut bytes = vec![0_u64; n_usize];
+    let mut count = vec![0_u32; n_usize];
+    let mut placement = vec![0_u32; workload.models.len()];
+    let memory = spec.profile.accelerator.memory_bytes;
+    for model in order {
+        let need = fams[workload.models[model].family].resident_bytes();
+        let fits = |a: usize| spec.policy != PoolPolicy::Dedicated || bytes[a] + need <= memory;
+        let best = (0..n_usize)
+            .filter(|&a| fits(a))
+            .min_by(|&a, &b| {
+                load[a]
+                    .total_cmp(&load[b])
+                    .then(count[a].cmp(&count[b]))
+                    .then(a.cmp(&b))
+            })
+            .ok_or(SimError::WorkloadInvalid {
+                reason: "dedicated: the models do not fit these accelerators",
+            })?;
+        load[best] += work[model];
+        bytes[best] += need;
+        count[best] += 1;
+        placement[model] = u32::try_from(best).unwrap_or(0);
+    }
+    Ok(placement)
+}
+
+fn pool_config(
+    spec: &SimSpec,
+    workload: &Workload,
+    models: &[usize],
+) -> Result<(PoolConfig, Vec<Costs>, Vec<ModelId>), SimError> {
+    let acc = &spec.profile.accelerator;
+    let mut specs = Vec::with_capacity(models.len());
+    let mut costs = Vec::with_capacity(models.len());
+    let mut ids = Vec::with_capacity(models.len());
+    for &m in models {
+        let model = &workload.models[m];
+        let family = &spec.profile.families[model.family];
+        let c = Costs::new(acc, family);
+        let id = ModelId::new(model.id.clone()).map_err(|_| SimError::WorkloadInvalid {
+            reason: "model ids must be slugs",
+        })?;
+        specs.push(model_spec(id.clone(), family, &c));
+        costs.push(c);
+        ids.push(id);
+    }
+    let mut cfg = PoolConfig::new(spec.policy, acc.memory_bytes, specs);
+    cfg.kv_saved_bytes_max = acc.kv_saved_bytes_max;
+    cfg.saved_kv_in_memory_budget = acc.saved_kv_in_memory_budget;
+    cfg.overlap_transfers = acc.overlap_transfers;
+    cfg.ttft_slo_ms = spec.ttft_slo_ms;
+    cfg.tbt_slo_ms = spec.tbt_slo_ms;
+    let k = spec.knobs;
+    cfg.admission_queue_len_max = k.admission_queue_len_max;
+    cfg.prefill_group_len_max = k.prefill_group_len_max;
+    cfg.decode_steps_min = k.decode_steps_min;
+    cfg.decode_steps_max = k.decode_steps_max;
+    cfg.turn_quota_ms_max = k.turn_quota_ms_max;
+    cfg.alpha_admit_permille_max = k.alpha_admit_permille_max;
+    Ok((cfg, costs, ids))
+}
+
+/// Runs one configuration. Accelerators are independent (static placement), so they are
+/// simulated one after the other; `progress` is called every 65,536 arrivals and at the end.
+pub fn simulate(
+    spec: &SimSpec,
+    workload: &Workload,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, SimError> {
+    if spec.tbt_slo_ms == 0 || spec.ttft_slo_ms == 0 {
+        return Err(SimError::WorkloadInvalid {
+            reason: "SLOs must be positive",
+        });
+    }
+    let placement = place(spec, workload)?;
+    let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
+    let mut done = 0_u64;
+    let slo = Slo {
+        ttft_ns: spec.ttft_slo_ms * 1_000_000,
+        tbt_ns: spec.tbt_slo_ms * 1_000_000,
+    };
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for acc in 0..spec.accelerators {
+        let models: Vec<usize> = (0..workload.models.len())
+            .filter(|&m| placement[m] == acc)
+            .collect();
+        if models.is_empty() {
+            continue;
+        }
+        let local: std::collections::BTreeMap<usize, usize> =
+            models.iter().enumerate().map(|(i, &m)| (m, i)).collect();
+        let requests: Vec<(usize, Request)> = workload
+            .requests
+            .iter()
+            .filter_map(|r| {
+                local
+                    .get(&usize::try_from(r.model).unwrap_or(0))
+                    .map(|&l| (l, *r))
+            })
+            .collect();
+        let (cfg, costs, ids) = pool_config(spec, workload, &models)?;
+        let mut tick = || {
+            done += 1;
+            if done.is_multiple_of(65_536) {
+                progress(Progress {
+                    requests_done: done,
+                    requests_total: total,
+                });
+            }
+        };
+        let outcome = AccRun::new(cfg, costs, ids, &requests, slo)?.run(&mut tick)?;
+        outcomes.push(Outcome {
+            acc,
+            models,
+            requests,
+            result: outcome,
+        });
+    }
+    progress(Progress {
+        requests_done: total,
+        requests_total: total,
+    });
+    Ok(fold(spec, workload, &outcomes))
+}
+
+/// One accelerator's models (market indices), requests (local model index) and outcome.
+struct Outcome {
+    acc: u32,
+    models: Vec<usize>,
+    requests: Vec<(usize, Request)>,
+    result: AccOutcome,
+}
+
+/// Sums over accelerators, in accelerator order.
+#[derive(Default)]
+struct Totals {
+    ttft_ns: Vec<u64>,
+    lenient_sum: f64,
+    all_on_time: u64,
+    rejected: u64,
+    busy_ns: u64,
+    end_ns: u64,
+    counters: tidepool_pool::PoolCounters,
+}
+
+fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
+    let mut per_model: Vec<ModelReport> = workload
+        .models
+        .iter()
+        .map(|m| ModelReport {
+            model: m.id.clone(),
+            family: spec.profile.families[m.family].name.clone(),
+            accelerator: 0,
+            requests: 0,
+            tokens_owed: 0,
+            tokens_on_time: 0,
+            attainment: 1.0,
+        })
+        .collect();
+    let mut t = Totals::default();
+    for o in outcomes {
+        accumulate(&mut per_model, o, &mut t);
+    }
+    for m in &mut per_model {
+        m.attainment = ratio(m.tokens_on_time, m.tokens_owed);
+    }
+    let owed: u64 = per_model.iter().map(|m| m.tokens_owed).sum();
+    let on_time: u64 = per_model.iter().map(|m| m.tokens_on_time).sum();
+    let requests = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
+    let start_ns = workload.requests.first().map_or(0, |r| r.at_ns);
+    let makespan_s = as_f64(t.end_ns.saturating_sub(start_ns)) / 1e9;
+    t.ttft_ns.sort_unstable();
+    let (ttft_ns, busy_ns, counters) = (&t.ttft_ns, t.busy_ns, t.counters);
+    Report {
+        profile: spec.profile.name.clone(),
+        policy: spec.policy,
+        accelerators: spec.accelerators,
+        models: u32::try_from(workload.models.len()).unwrap_or(u32::MAX),
+        ttft_slo_ms: spec.ttft_slo_ms,
+        tbt_slo_ms: spec.tbt_slo_ms,
+        requests,
+        requests_rejected: t.rejected,
+        prompts_capped: workload.prompts_capped,
+        tokens_owed: owed,
+        tokens_on_time: on_time,
+        attainment: ratio(on_time, owed),
+        attainment_lenient: if requests == 0 {
+            1.0
+        } else {
+            t.lenient_sum / as_f64(requests)
+        },
+        requests_all_on_time: ratio(t.all_on_time, requests),
+        goodput_tokens_per_s: if makespan_s > 0.0 {
+            as_f64(on_time) / makespan_s
+        } else {
+            0.0
+        },
+        ttft_ms_p50: percentile_ms(ttft_ns, 50),
+        ttft_ms_p99: percentile_ms(ttft_ns, 99),
+        makespan_s,
+        utilization: if makespan_s > 0.0 {
+            as_f64(busy_ns) / 1e9 / (makespan_s * f64::from(spec.accelerators))
+        } else {
+            0.0
+        },
+        loads: counters.loads,
+        evictions: counters.evictions,
+        kv_saves: counters.kv_saves,
+        kv_restores: counters.kv_restores,
+        switches_per_s: if makespan_s > 0.0 {
+            as_f64(counters.loads) / makespan_s
+        } else {
+            0.0
+        },
+        per_model,
+    }
+}
+
+fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
+    for &m in &o.models {
+        per_model[m].accelerator = o.acc;
+    }
+    for ((local, _), s) in o.requests.iter().zip(&o.result.seqs) {
+        book(&mut per_model[o.models[*local]], s);
+        t.lenient_sum += s.lenient_score();
+        t.all_on_time += u64::from(!s.rejected && s.on_time == s.output_tokens);
+        t.rejected += u64::from(s.rejected);
+        if let Some(first) = s.first_token_ns {
+            t.ttft_ns.push(first - s.arrival_ns);
+        }
+    }
+    t.busy_ns += o.result.compute_busy_ns;
+    t.end_ns = t.end_ns.max(o.result.end_ns);
+    let c = o.result.counters;
+    t.counters.loads += c.loads;
+    t.counters.evictions += c.evictions;
+    t.counters.kv_saves += c.kv_saves;
+    t.counters.kv_restores += c.kv_restores;
+}
+
+fn book(report: &mut ModelReport, s: &SeqSim) {
+    report.requests += 1;
+    report.tokens_owed += u64::from(s.output_tokens);
+    report.tokens_on_time += u64::from(s.on_time);
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 1.0 } else { as_f64(a) / as_f64(b) }
+}
+
+/// Nearest-rank percentile of sorted nanoseconds, in milliseconds.
+fn percentile_ms(sorted_ns: &[u64], pct: usize) -> f64 {
+    if sorted_ns.is_empty() {
+        return 0.0;
+    }
+    let rank = (pct * sorted_ns.len())
+        .div_ceil(100)
+        .clamp(1, sorted_ns.len());
+    as_f64(sorted_ns[rank - 1]) / 1e6
+}

@@ -1,0 +1,190 @@
+//! Black-box tests of the simulator: same inputs give a byte-identical report; the pool it
+//! drives finishes every request; the planner's answers are consistent with its own probes;
+//! the built-in profiles parse. Small markets (a few hundred requests) keep them fast.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed setup is a failed test"
+)]
+
+use std::path::Path;
+
+use tidepool_core::PoolPolicy;
+use tidepool_sim::{
+    Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, SimSpec, Workload, market, plan,
+    plan_svg, read_azure_trace, read_model_trace, sim_svg, simulate,
+};
+
+fn trace() -> Vec<tidepool_sim::TraceRow> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/traces/azure-llm-2023-conv.csv");
+    read_azure_trace(&path).unwrap()
+}
+
+fn small_market(profile: &Profile, models: u32, seed: u64) -> Workload {
+    let spec = MarketSpec {
+        models,
+        popularity: Popularity::Zipf { s: 1.0 },
+        arrivals: Arrivals::Poisson {
+            rate_per_s: 2.0,
+            duration_s: 120.0,
+        },
+        seed,
+    };
+    market(&spec, &trace(), profile).unwrap()
+}
+
+fn spec(profile: Profile, policy: PoolPolicy, accelerators: u32) -> SimSpec {
+    SimSpec {
+        profile,
+        policy,
+        accelerators,
+        ttft_slo_ms: 10_000,
+        tbt_slo_ms: 100,
+        knobs: PoolKnobs::default(),
+    }
+}
+
+#[test]
+fn azure_trace_parses_with_offsets() {
+    let rows = trace();
+    assert_eq!(rows.len(), 19_366);
+    assert_eq!(rows[0].at_ns, 0);
+    // 18:15:46.68 → 19:14:xx: just under an hour.
+    let span_s = rows.last().unwrap().at_ns / 1_000_000_000;
+    assert!((3500..3600).contains(&span_s), "span {span_s}");
+}
+
+#[test]
+fn same_inputs_give_byte_identical_reports() {
+    let profile = Profile::load("h100").unwrap();
+    for policy in [
+        PoolPolicy::Token,
+        PoolPolicy::SwapLru,
+        PoolPolicy::Dedicated,
+    ] {
+        let accelerators = if policy == PoolPolicy::Dedicated {
+            12
+        } else {
+            3
+        };
+        let a = simulate(
+            &spec(profile.clone(), policy, accelerators),
+            &small_market(&profile, 12, 3),
+            &mut |_| {},
+        )
+        .unwrap();
+        let b = simulate(
+            &spec(profile.clone(), policy, accelerators),
+            &small_market(&profile, 12, 3),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
+        assert_eq!(sim_svg(&a), sim_svg(&b));
+        assert_eq!(a.requests_rejected, 0);
+        assert!(a.tokens_on_time <= a.tokens_owed);
+    }
+}
+
+#[test]
+fn cpu_profile_runs_every_policy_with_eviction() {
+    let profile = Profile::load("cpu-devvm").unwrap();
+    let spec_m = MarketSpec {
+        models: 6,
+        popularity: Popularity::HotFew {
+            hot_models: 2,
+            hot_share: 0.8,
+        },
+        arrivals: Arrivals::Poisson {
+            rate_per_s: 0.05,
+            duration_s: 600.0,
+        },
+        seed: 9,
+    };
+    let workload = market(&spec_m, &trace(), &profile).unwrap();
+    assert!(
+        workload.prompts_capped > 0,
+        "2048-token CPU contexts cap some Azure prompts"
+    );
+    for policy in [PoolPolicy::Token, PoolPolicy::SwapLru] {
+        let report = simulate(&spec(profile.clone(), policy, 1), &workload, &mut |_| {}).unwrap();
+        assert!(
+            report.evictions > 0,
+            "{policy:?}: a 1200 MiB budget must evict"
+        );
+        assert_eq!(
+            report.requests,
+            u64::try_from(workload.requests.len()).unwrap()
+        );
+    }
+}
+
+#[test]
+fn plan_answers_match_their_probes() {
+    let profile = Profile::load("h100").unwrap();
+    let workload = small_market(&profile, 8, 5);
+    let policies = [
+        PoolPolicy::Dedicated,
+        PoolPolicy::SwapLru,
+        PoolPolicy::Token,
+    ];
+    let report = plan(
+        &spec(profile, PoolPolicy::Token, 1),
+        &workload,
+        0.99,
+        &policies,
+        &mut |_| {},
+    )
+    .unwrap();
+    for answer in &report.answers {
+        let Some(n) = answer.accelerators else {
+            continue;
+        };
+        let probe = |k: u32| {
+            report
+                .points
+                .iter()
+                .find(|p| p.policy == answer.policy && p.accelerators == k)
+        };
+        assert!(probe(n).unwrap().attainment >= 0.99);
+        if answer.policy != PoolPolicy::Dedicated && n > 1 {
+            assert!(
+                probe(n - 1).unwrap().attainment < 0.99,
+                "bisection must have probed n - 1"
+            );
+        }
+    }
+    assert!(
+        report.summary.iter().any(|l| l.starts_with("token: ")),
+        "{:?}",
+        report.summary
+    );
+    assert!(plan_svg(&report).starts_with("<svg"));
+}
+
+#[test]
+fn model_trace_csv_is_read_in_name_order() {
+    let dir = std::env::temp_dir().join(format!("tidepool-sim-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.csv");
+    std::fs::write(
+        &path,
+        "timestamp,model,prompt_tokens,output_tokens\n0.5,zeta,100,10\n0.1,alpha,50,5\n",
+    )
+    .unwrap();
+    let profile = Profile::load("h100").unwrap();
+    let w = read_model_trace(&path, &profile).unwrap();
+    assert_eq!(
+        w.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["alpha", "zeta"]
+    );
+    assert_eq!(w.requests[0].model, 0);
+    assert_eq!(w.requests[0].at_ns, 100_000_000);
+    let report = simulate(&spec(profile, PoolPolicy::Token, 1), &w, &mut |_| {}).unwrap();
+    assert!((report.attainment - 1.0).abs() < 1e-12);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,640 @@
+//! `tidepool bench …`: benchmarks, always reported as ratios against a baseline measured in the
+//! same run on the same machine (machines here are noisy; absolute numbers travel badly).
+//!
+//! `bench engine` measures, on the same GGUF, prompt and output lengths, at each concurrency:
+//! (a) the raw llama-cpp-2 batched loop with no server (the engine's limit on this machine),
+//! (b) Tidepool over HTTP, (c) llama.cpp's own `llama-server` with continuous batching. (b) and
+//! (c) are driven by the same load generator: one async task per stream in this process, which
+//! costs a few percent of one core, so the servers keep the machine.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
+use serde::Serialize;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// Arguments of `tidepool bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    pub(crate) command: BenchCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Raw llama.cpp loop vs Tidepool over HTTP vs llama-server, at several concurrencies.
+    Engine(EngineBenchArgs),
+    /// Greedy generation with the raw llama.cpp loop (no server), printed as JSON: the reference
+    /// output that black-box tests compare the server's temperature-0 output with.
+    RawGenerate(RawGenerateArgs),
+    /// Simulator speed: simulated requests per second of one core (`tidepool-sim`).
+    Sim(crate::sim_cmd::BenchSimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct EngineBenchArgs {
+    /// The GGUF to serve (default: `SmolLM2-135M-Instruct.Q4_1.gguf` in the models dir).
+    #[arg(long, env = "TIDEPOOL_BENCH_MODEL_PATH")]
+    model_path: Option<PathBuf>,
+    /// Concurrent streams, comma-separated.
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "1,4,16"
+    )]
+    concurrency: Vec<u32>,
+    /// Approximate prompt length of every request, in tokens.
+    #[arg(long, env = "TIDEPOOL_BENCH_PROMPT_TOKENS", default_value_t = 128)]
+    prompt_tokens: u32,
+    /// Completion tokens asked of every request.
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTPUT_TOKENS", default_value_t = 128)]
+    output_tokens: u32,
+    /// Sequential requests each stream sends per concurrency level.
+    #[arg(long, env = "TIDEPOOL_BENCH_ROUNDS", default_value_t = 2)]
+    rounds: u32,
+    /// llama.cpp's `llama-server` binary for baseline (c); skipped when absent.
+    #[arg(long, env = "TIDEPOOL_BENCH_LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+    /// Where the JSON report goes.
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_OUT",
+        default_value = "bench/out/engine.json"
+    )]
+    out: PathBuf,
+    /// Seconds to wait for a server to become healthy.
+    #[arg(long, default_value_t = 300)]
+    startup_timeout_s: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RawGenerateArgs {
+    #[arg(long)]
+    model_path: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Engine(args) => engine(args).await,
+        BenchCommand::RawGenerate(args) => raw_generate(&args),
+        BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
+    }
+}
+
+/// Latency and throughput of one system at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+struct LevelReport {
+    concurrency: u32,
+    requests: u32,
+    tokens: u64,
+    wall_s: f64,
+    tokens_per_s: f64,
+    ttft_ms_p50: f64,
+    ttft_ms_p99: f64,
+    itl_ms_p50: f64,
+    itl_ms_p99: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct EngineReport {
+    model: String,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    raw: Vec<LevelReport>,
+    tidepool: Vec<LevelReport>,
+    llama_server: Vec<LevelReport>,
+}
+
+/// Raw samples of one level, whatever produced them.
+#[derive(Debug, Default)]
+struct Samples {
+    ttft_ms: Vec<f64>,
+    itl_ms: Vec<f64>,
+    tokens: u64,
+    requests: u32,
+}
+
+impl Samples {
+    fn report(mut self, concurrency: u32, wall: Duration) -> LevelReport {
+        let wall_s = wall.as_secs_f64();
+        let tokens_f = f64::from(u32::try_from(self.tokens).unwrap_or(u32::MAX));
+        LevelReport {
+            concurrency,
+            requests: self.requests,
+            tokens: self.tokens,
+            wall_s,
+            tokens_per_s: if wall_s > 0.0 { tokens_f / wall_s } else { 0.0 },
+            ttft_ms_p50: percentile(&mut self.ttft_ms, 50),
+            ttft_ms_p99: percentile(&mut self.ttft_ms, 99),
+            itl_ms_p50: percentile(&mut self.itl_ms, 50),
+            itl_ms_p99: percentile(&mut self.itl_ms, 99),
+        }
+    }
+}
+
+/// Nearest-rank percentile; 0 for no samples.
+fn percentile(values: &mut [f64], pct: usize) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = (pct * values.len()).div_ceil(100).clamp(1, values.len());
+    values.get(rank - 1).copied().unwrap_or(0.0)
+}
+
+fn default_model_path() -> PathBuf {
+    let dir = std::env::var_os("TIDEPOOL_MODELS_DIR").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            home.join(".cache/tidepool/models")
+        },
+        PathBuf::from,
+    );
+    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A deterministic prose prompt of roughly `tokens` tokens (about 1.3 tokens per word here),
+/// made unique per request so neither server can serve it from a prompt cache.
+fn prompt_for(request: u32, tokens: u32) -> String {
+    const WORDS: [&str; 16] = [
+        "river", "lantern", "harbour", "quiet", "morning", "stone", "bridge", "garden", "winter",
+        "letter", "window", "market", "thunder", "orchard", "voyage", "compass",
+    ];
+    let mut text = format!("Story {request}. Continue this text:");
+    let words = tokens * 10 / 13;
+    for i in 0..words {
+        let index = usize::try_from((i * 7 + request * 3) % 16).unwrap_or(0);
+        text.push(' ');
+        text.push_str(WORDS.get(index).copied().unwrap_or("sea"));
+    }
+    text
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "the three measured systems read best as one sequence, top to bottom"
+)]
+async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
+    let model_path = args.model_path.clone().unwrap_or_else(default_model_path);
+    if !model_path.exists() {
+        bail!(
+            "model file {} not found: run `make models`",
+            model_path.display()
+        );
+    }
+    let seqs_max = args.concurrency.iter().copied().max().unwrap_or(1);
+    let mut report = EngineReport {
+        model: model_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        prompt_tokens: args.prompt_tokens,
+        output_tokens: args.output_tokens,
+        ..EngineReport::default()
+    };
+    let mut out = std::io::stdout().lock();
+
+    // (a) the raw loop, in this process, before any server runs.
+    for &concurrency in &args.concurrency {
+        let level = raw_level(&model_path, concurrency, &args)?;
+        writeln!(
+            out,
+            "raw         c={concurrency:<3} {:>8.1} tok/s",
+            level.tokens_per_s
+        )?;
+        report.raw.push(level);
+    }
+
+    // (b) Tidepool over HTTP.
+    let work = tempfile_dir()?;
+    let tidepool =
+        TidepoolServer::start(&model_path, seqs_max, &work, args.startup_timeout_s).await?;
+    for &concurrency in &args.concurrency {
+        let level = http_level(
+            &tidepool.base,
+            Some(&tidepool.key),
+            "smollm2",
+            concurrency,
+            &args,
+        )
+        .await?;
+        writeln!(
+            out,
+            "tidepool    c={concurrency:<3} {:>8.1} tok/s",
+            level.tokens_per_s
+        )?;
+        report.tidepool.push(level);
+    }
+    tidepool.stop().await;
+
+    // (c) llama-server, same model, same slots, same load generator.
+    if let Some(binary) = &args.llama_server {
+        let server =
+            LlamaServer::start(binary, &model_path, seqs_max, args.startup_timeout_s).await?;
+        for &concurrency in &args.concurrency {
+            let level = http_level(&server.base, None, "model", concurrency, &args).await?;
+            writeln!(
+                out,
+                "llama-server c={concurrency:<3} {:>8.1} tok/s",
+                level.tokens_per_s
+            )?;
+            report.llama_server.push(level);
+        }
+        server.stop().await;
+    } else {
+        writeln!(out, "llama-server: skipped (no --llama-server)")?;
+    }
+
+    write_table(&mut out, &report)?;
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&report)?)?;
+    writeln!(out, "report written to {}", args.out.display())?;
+    Ok(())
+}
+
+fn write_table(out: &mut impl std::io::Write, report: &EngineReport) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\n| streams | raw tok/s | tidepool tok/s | llama-server tok/s | tidepool/raw | tidepool/llama-server | TTFT p50/p99 ms tidepool | TTFT p50/p99 ms llama-server | ITL p50/p99 ms tidepool | ITL p50/p99 ms llama-server |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for (index, raw) in report.raw.iter().enumerate() {
+        let tp = report.tidepool.get(index);
+        let ls = report.llama_server.get(index);
+        let tps = |l: Option<&LevelReport>| {
+            l.map_or("–".to_owned(), |l| format!("{:.1}", l.tokens_per_s))
+        };
+        let ratio = |a: Option<&LevelReport>, b: Option<&LevelReport>| match (a, b) {
+            (Some(a), Some(b)) if b.tokens_per_s > 0.0 => {
+                format!("{:.2}×", a.tokens_per_s / b.tokens_per_s)
+            }
+            _ => "–".to_owned(),
+        };
+        let lat = |l: Option<&LevelReport>, ttft: bool| {
+            l.map_or("–".to_owned(), |l| {
+                if ttft {
+                    format!("{:.0} / {:.0}", l.ttft_ms_p50, l.ttft_ms_p99)
+                } else {
+                    format!("{:.1} / {:.1}", l.itl_ms_p50, l.itl_ms_p99)
+                }
+            })
+        };
+        writeln!(
+            out,
+            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            raw.concurrency,
+            raw.tokens_per_s,
+            tps(tp),
+            tps(ls),
+            ratio(tp, Some(raw)),
+            ratio(tp, ls),
+            lat(tp, true),
+            lat(ls, true),
+            lat(tp, false),
+            lat(ls, false),
+        )?;
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tidepool-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// One level of the raw loop: `rounds` batches of `concurrency` streams decoded together.
+fn raw_level(
+    model_path: &Path,
+    concurrency: u32,
+    args: &EngineBenchArgs,
+) -> anyhow::Result<LevelReport> {
+    let mut samples = Samples::default();
+    let start = Instant::now();
+    for round in 0..args.rounds {
+        let prompts: Vec<String> = (0..concurrency)
+            .map(|i| prompt_for(round * 1000 + i, args.prompt_tokens))
+            .collect();
+        let result = raw_batch(model_path, &prompts, args.output_tokens)?;
+        samples.requests += concurrency;
+        samples.tokens += result.tokens;
+        samples.ttft_ms.extend(result.ttft_ms);
+        samples.itl_ms.extend(result.itl_ms);
+    }
+    Ok(samples.report(concurrency, start.elapsed()))
+}
+
+/// What one raw batch produced.
+struct RawBatch {
+    tokens: u64,
+    ttft_ms: Vec<f64>,
+    itl_ms: Vec<f64>,
+}
+
+fn raw_batch(
+    model_path: &Path,
+    prompts: &[String],
+    output_tokens: u32,
+) -> anyhow::Result<RawBatch> {
+    use tidepool_engine::bench::{RawBatchedConfig, RawPrompt, raw_batched_generate};
+    // The raw loop gives every stream the same prompt; use the first (prefix reuse is off there).
+    let prompt = prompts.first().cloned().unwrap_or_default();
+    let streams = u32::try_from(prompts.len())?;
+    let config = RawBatchedConfig::new(model_path, streams, output_tokens);
+    let report = raw_batched_generate(&config, &RawPrompt::Text(prompt))?;
+    let mut batch = RawBatch {
+        tokens: report.generated_tokens(),
+        ttft_ms: Vec::new(),
+        itl_ms: Vec::new(),
+    };
+    for stream in &report.streams {
+        if let Some(first) = stream.first_token_time() {
+            batch.ttft_ms.push(ms(first));
+        }
+        batch.itl_ms.extend(stream.inter_token_gaps().map(ms));
+    }
+    Ok(batch)
+}
+
+fn raw_generate(args: &RawGenerateArgs) -> anyhow::Result<()> {
+    let text =
+        tidepool_engine::bench::raw_greedy_text(&args.model_path, &args.prompt, args.max_tokens)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::json!({ "text": text }))?;
+    Ok(())
+}
+
+/// One level over HTTP: `concurrency` streams, each sending `rounds` requests in a row.
+async fn http_level(
+    base: &str,
+    key: Option<&str>,
+    model: &str,
+    concurrency: u32,
+    args: &EngineBenchArgs,
+) -> anyhow::Result<LevelReport> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let start = Instant::now();
+    let streams = (0..concurrency).map(|stream| {
+        let client = client.clone();
+        let url = format!("{base}/v1/completions");
+        let key = key.map(str::to_owned);
+        let model = model.to_owned();
+        let (prompt_tokens, output_tokens, rounds) =
+            (args.prompt_tokens, args.output_tokens, args.rounds);
+        async move {
+            let mut samples = Samples::default();
+            for round in 0..rounds {
+                let body = serde_json::json!({
+                    "model": model,
+                    "prompt": prompt_for(round * 1000 + stream, prompt_tokens),
+                    "max_tokens": output_tokens,
+                    "temperature": 0,
+                    "stream": true,
+                });
+                one_stream(&client, &url, key.as_deref(), &body, &mut samples).await?;
+            }
+            anyhow::Ok(samples)
+        }
+    });
+    let results = futures::future::join_all(streams).await;
+    let wall = start.elapsed();
+    let mut total = Samples::default();
+    for result in results {
+        let samples = result?;
+        total.requests += samples.requests;
+        total.tokens += samples.tokens;
+        total.ttft_ms.extend(samples.ttft_ms);
+        total.itl_ms.extend(samples.itl_ms);
+    }
+    Ok(total.report(concurrency, wall))
+}
+
+/// Sends one streaming completion and records TTFT and inter-token gaps; every SSE event with
+/// non-empty text counts as one token (both servers send one event per token).
+async fn one_stream(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let mut request = client.post(url).json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let sent = Instant::now();
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        bail!(
+            "{url}: HTTP {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let mut bytes = response.bytes_stream();
+    let mut buffer = Vec::new();
+    let mut last: Option<Instant> = None;
+    while let Some(chunk) = bytes.next().await {
+        buffer.extend_from_slice(&chunk?);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let Some(data) = event.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+                continue;
+            };
+            let text = value
+                .pointer("/choices/0/text")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("");
+            if text.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            match last {
+                None => samples.ttft_ms.push(ms(now - sent)),
+                Some(prev) => samples.itl_ms.push(ms(now - prev)),
+            }
+            last = Some(now);
+            samples.tokens += 1;
+        }
+    }
+    samples.requests += 1;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+async fn wait_healthy(
+    base: &str,
+    path: &str,
+    child: &mut Child,
+    timeout_s: u64,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            bail!("server exited during start-up: {status}");
+        }
+        if let Ok(response) = client.get(format!("{base}{path}")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{base} did not become healthy within {timeout_s} s")
+}
+
+/// `tidepool serve` as a child process, with a one-model config and a fresh SQLite ledger.
+struct TidepoolServer {
+    child: Child,
+    base: String,
+    key: String,
+}
+
+impl TidepoolServer {
+    async fn start(
+        model: &Path,
+        seqs_max: u32,
+        work: &Path,
+        timeout_s: u64,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let port = free_port()?;
+        let db = work.join("bench.db");
+        let database_url = format!("sqlite://{}", db.display());
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = \"{database_url}\"\n\n\
+             [[models]]\nid = \"smollm2\"\nkind = \"chat\"\nfile = \"{}\"\ncontext_tokens = 2048\nseqs_max = {seqs_max}\n",
+            model.display()
+        );
+        let config_path = work.join("bench.toml");
+        std::fs::write(&config_path, config)?;
+        let created = Command::new(&exe)
+            .args([
+                "keys",
+                "create",
+                "--database-url",
+                &database_url,
+                "--tenant",
+                "bench",
+                "--name",
+                "bench",
+            ])
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&created.stdout);
+        let key = stdout
+            .split_whitespace()
+            .find(|w| w.starts_with("tp-"))
+            .context("`tidepool keys create` printed no key")?
+            .to_owned();
+        let mut child = Command::new(&exe)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_healthy(&base, "/healthz", &mut child, timeout_s).await?;
+        Ok(Self { child, base, key })
+    }
+
+    async fn stop(mut self) {
+        if let Err(error) = self.child.kill().await {
+            tracing::warn!(%error, "could not stop the benchmarked tidepool server");
+        }
+    }
+}
+
+/// llama.cpp's `llama-server` with continuous batching over `seqs_max` slots.
+struct LlamaServer {
+    child: Child,
+    base: String,
+}
+
+impl LlamaServer {
+    async fn start(
+        binary: &Path,
+        model: &Path,
+        seqs_max: u32,
+        timeout_s: u64,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let ctx = (2048 * seqs_max).to_string();
+        let lib_dir = binary.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut child = Command::new(binary)
+            .arg("-m")
+            .arg(model)
+            .args([
+                "-np",
+                &seqs_max.to_string(),
+                "-c",
+                &ctx,
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--host", "127.0.0.1", "-a", "model"])
+            .env("LD_LIBRARY_PATH", lib_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_healthy(&base, "/health", &mut child, timeout_s).await?;
+        Ok(Self { child, base })
+    }
+
+    async fn stop(mut self) {
+        if let Err(error) = self.child.kill().await {
+            tracing::warn!(%error, "could not stop llama-server");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert!((percentile(&mut v, 50) - 50.0).abs() < f64::EPSILON);
+        assert!((percentile(&mut v, 99) - 99.0).abs() < f64::EPSILON);
+        assert!(percentile(&mut [], 50).abs() < f64::EPSILON);
+        let mut one = [7.0];
+        assert!((percentile(&mut one, 99) - 7.0).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn prompts_differ_per_request_and_scale_with_length() {
+        assert_ne!(prompt_for(1, 128), prompt_for(2, 128));
+        assert!(prompt_for(1, 256).len() > prompt_for(1, 128).len());
+    }
+}

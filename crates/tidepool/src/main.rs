@@ -1,0 +1,140 @@
+//! `tidepool`, the thin command-line binary: it parses flags, sets up tracing and calls into the
+//! library crates (`serve` → `tidepool-gateway`, `keys`/`usage` → `tidepool-ledger`, `sim` →
+//! `tidepool-sim`, `bench` → all of them). No domain logic lives here.
+
+mod admin;
+mod bench;
+mod sim_cmd;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tidepool_core::Config;
+use tracing_subscriber::EnvFilter;
+
+/// The configuration used when `--config` is not given and `./tidepool.toml` does not exist.
+const EMBEDDED_CONFIG: &str = include_str!("../../../tidepool.toml");
+/// Where `--config` points by default.
+const CONFIG_PATH_DEFAULT: &str = "tidepool.toml";
+
+/// Tidepool: a self-hostable, OpenAI-compatible AI cloud.
+#[derive(Debug, Parser)]
+#[command(name = "tidepool", version, about)]
+struct Cli {
+    /// Configuration file (default: ./tidepool.toml, else the built-in default).
+    #[arg(long, global = true, env = "TIDEPOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ledger database, `sqlite://path` or `postgres://…` (default: the config's
+    /// `[server].database_url`).
+    #[arg(long, global = true, env = "TIDEPOOL_DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Create, list and revoke API keys.
+    Keys(admin::KeysArgs),
+    /// List the configured models.
+    Models,
+    /// Usage totals per model for one tenant.
+    Usage(admin::UsageArgs),
+    /// Benchmarks (ratios against baselines measured in the same run).
+    Bench(bench::BenchArgs),
+    /// Run the discrete-event simulator.
+    Sim(sim_cmd::SimArgs),
+    /// Capacity planning on top of the simulator.
+    Plan(sim_cmd::PlanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (default: the config's `[server].listen`).
+    #[arg(long, env = "TIDEPOOL_LISTEN")]
+    listen: Option<String>,
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    if let Some(path) = path {
+        return Config::load(path).with_context(|| format!("loading {}", path.display()));
+    }
+    let default = PathBuf::from(CONFIG_PATH_DEFAULT);
+    if default.exists() {
+        Config::load(&default).context("loading ./tidepool.toml")
+    } else {
+        Config::parse(EMBEDDED_CONFIG, &PathBuf::from("<built-in tidepool.toml>"))
+            .context("parsing the built-in configuration")
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries command output (a new key, tables) for scripts.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+async fn serve(config: &Config, database_url: String, args: ServeArgs) -> anyhow::Result<()> {
+    let options = tidepool_gateway::ServeOptions {
+        listen: args.listen.unwrap_or_else(|| config.server.listen.clone()),
+        database_url,
+    };
+    tidepool_gateway::serve(config, &options, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let config = || load_config(cli.config.as_ref());
+    let database_url = |config: &Config| {
+        cli.database_url
+            .clone()
+            .unwrap_or_else(|| config.server.database_url.clone())
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let config = config()?;
+            let url = database_url(&config);
+            serve(&config, url, args).await
+        }
+        Command::Keys(args) => admin::keys(&database_url(&config()?), args).await,
+        Command::Models => admin::models(&config()?),
+        Command::Usage(args) => admin::usage(&database_url(&config()?), &args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Sim(args) => sim_cmd::run_sim(&args),
+        Command::Plan(args) => sim_cmd::run_plan(&args),
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Dependencies point down: the pool, the simulator and core never pull in tokio (they are sans-IO);
+# the pool never depends on the engine, gateway or ledger; the simulator never on the engine or
+# gateway; the ledger and engine never on the gateway. Every crate root opens with a `//!` header.
+set -euo pipefail
+fail=0
+deps() { cargo tree --locked -p "$1" -e normal --prefix none 2>/dev/null | awk '{print $1}' | sort -u; }
+forbid() { # crate, forbidden deps...
+  local crate=$1; shift
+  local have; have=$(deps "$crate")
+  for bad in "$@"; do
+    if grep -qx "$bad" <<<"$have"; then echo "layering: $crate must not depend on $bad"; fail=1; fi
+  done
+}
+forbid tidepool-core tokio sqlx axum tidepool-pool tidepool-engine tidepool-ledger tidepool-gateway tidepool-sim
+forbid tidepool-pool tokio tidepool-engine tidepool-gateway tidepool-ledger tidepool-sim
+forbid tidepool-sim tokio tidepool-engine tidepool-gateway tidepool-ledger
+forbid tidepool-ledger tidepool-gateway tidepool-engine tidepool-pool
+forbid tidepool-engine tidepool-gateway tidepool-ledger tidepool-pool
+for root in crates/*/src/lib.rs crates/*/src/main.rs; do
+  [[ -f $root ]] || continue
+  head -n1 "$root" | grep -q '^//!' || { echo "layering: $root must open with a //! header"; fail=1; }
+done
+exit $fail
