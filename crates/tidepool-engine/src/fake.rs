@@ -8,13 +8,14 @@
 //! is a pure function of the prompt, `k` and the seed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::Duration;
 
 use tidepool_core::ModelId;
 use tokio::sync::mpsc;
 
+use crate::admission::{LiveStats, admit};
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
 use crate::{
@@ -61,12 +62,6 @@ impl FakeEngineConfig {
             overload_retry_after_ms: 1000,
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct LiveStats {
-    queued: AtomicU32,
-    active: AtomicU32,
 }
 
 struct Job {
@@ -214,27 +209,17 @@ impl TextEngine for FakeEngine {
                 prompt_tokens,
             ),
         };
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        match self.commands.try_send(job) {
-            Ok(()) => Ok(Generation { events }),
-            Err(TrySendError::Full(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(EngineError::Overloaded {
-                    retry_after_ms: self.overload_retry_after_ms,
-                })
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(EngineError::ShutDown)
-            }
-        }
+        admit(
+            &self.commands,
+            &self.stats,
+            job,
+            self.overload_retry_after_ms,
+        )?;
+        Ok(Generation { events })
     }
 
     fn stats(&self) -> EngineStats {
-        EngineStats {
-            queued: self.stats.queued.load(Ordering::Relaxed),
-            active: self.stats.active.load(Ordering::Relaxed),
-        }
+        self.stats.snapshot()
     }
 }
 

@@ -7,6 +7,7 @@
 //! It never depends on the gateway, the ledger or the pool, and touches tokio only through
 //! `tokio::sync` channels (no runtime). Read [`TextEngine`] and [`GenerationEvent`] first.
 
+mod admission;
 pub mod bench;
 pub mod embed;
 pub mod error;

@@ -14,8 +14,8 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use llama_cpp_2::{DecodeError, LogOptions};
 use tidepool_core::ModelId;
 use tokio::sync::mpsc;
 
+use crate::admission::{LiveStats, admit};
 use crate::output::{Delivery, SeqOutput};
 use crate::params::{seed_u32, validate_request};
 use crate::{
@@ -250,12 +251,6 @@ pub(crate) fn build_sampler(
     LlamaSampler::chain(chain, true)
 }
 
-#[derive(Debug, Default)]
-struct LiveStats {
-    queued: AtomicU32,
-    active: AtomicU32,
-}
-
 /// A queued request, built on the caller's thread so the engine thread only decodes.
 struct Job {
     prompt: Vec<LlamaToken>,
@@ -401,31 +396,21 @@ impl TextEngine for LlamaEngine {
         );
         let prompt = request.prompt.into_iter().map(LlamaToken).collect();
         // Count before sending so the engine's decrement can never run first.
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        match self.commands.try_send(Job {
-            prompt,
-            sampler,
-            output,
-        }) {
-            Ok(()) => Ok(Generation { events }),
-            Err(TrySendError::Full(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(EngineError::Overloaded {
-                    retry_after_ms: self.overload_retry_after_ms,
-                })
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(EngineError::ShutDown)
-            }
-        }
+        admit(
+            &self.commands,
+            &self.stats,
+            Job {
+                prompt,
+                sampler,
+                output,
+            },
+            self.overload_retry_after_ms,
+        )?;
+        Ok(Generation { events })
     }
 
     fn stats(&self) -> EngineStats {
-        EngineStats {
-            queued: self.stats.queued.load(Ordering::Relaxed),
-            active: self.stats.active.load(Ordering::Relaxed),
-        }
+        self.stats.snapshot()
     }
 }
 
