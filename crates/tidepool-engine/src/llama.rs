@@ -395,7 +395,6 @@ impl TextEngine for LlamaEngine {
             prompt_tokens,
         );
         let prompt = request.prompt.into_iter().map(LlamaToken).collect();
-        // Count before sending so the engine's decrement can never run first.
         admit(
             &self.commands,
             &self.stats,

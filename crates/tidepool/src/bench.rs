@@ -125,6 +125,13 @@ struct Samples {
 }
 
 impl Samples {
+    fn merge(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.tokens += other.tokens;
+        self.ttft_ms.extend(other.ttft_ms);
+        self.itl_ms.extend(other.itl_ms);
+    }
+
     fn report(mut self, concurrency: u32, wall: Duration) -> LevelReport {
         let wall_s = wall.as_secs_f64();
         let tokens_f = f64::from(u32::try_from(self.tokens).unwrap_or(u32::MAX));
@@ -329,48 +336,37 @@ fn raw_level(
         let prompts: Vec<String> = (0..concurrency)
             .map(|i| prompt_for(round * 1000 + i, args.prompt_tokens))
             .collect();
-        let result = raw_batch(model_path, &prompts, args.output_tokens)?;
-        samples.requests += concurrency;
-        samples.tokens += result.tokens;
-        samples.ttft_ms.extend(result.ttft_ms);
-        samples.itl_ms.extend(result.itl_ms);
-        generating += result.elapsed;
+        let (batch, elapsed) = raw_batch(model_path, &prompts, args.output_tokens)?;
+        samples.merge(batch);
+        generating += elapsed;
     }
     Ok(samples.report(concurrency, generating))
 }
 
-/// What one raw batch produced.
-struct RawBatch {
-    tokens: u64,
-    elapsed: Duration,
-    ttft_ms: Vec<f64>,
-    itl_ms: Vec<f64>,
-}
-
+/// One raw batch: its samples and the time it spent generating (after load).
 fn raw_batch(
     model_path: &Path,
     prompts: &[String],
     output_tokens: u32,
-) -> anyhow::Result<RawBatch> {
+) -> anyhow::Result<(Samples, Duration)> {
     use tidepool_engine::bench::{RawBatchedConfig, RawPrompt, raw_batched_generate};
     // The raw loop gives every stream the same prompt; use the first (prefix reuse is off there).
     let prompt = prompts.first().cloned().unwrap_or_default();
     let streams = u32::try_from(prompts.len())?;
     let config = RawBatchedConfig::new(model_path, streams, output_tokens);
     let report = raw_batched_generate(&config, &RawPrompt::Text(prompt))?;
-    let mut batch = RawBatch {
+    let mut samples = Samples {
+        requests: streams,
         tokens: report.generated_tokens(),
-        elapsed: report.total,
-        ttft_ms: Vec::new(),
-        itl_ms: Vec::new(),
+        ..Samples::default()
     };
     for stream in &report.streams {
         if let Some(first) = stream.first_token_time() {
-            batch.ttft_ms.push(ms(first));
+            samples.ttft_ms.push(ms(first));
         }
-        batch.itl_ms.extend(stream.inter_token_gaps().map(ms));
+        samples.itl_ms.extend(stream.inter_token_gaps().map(ms));
     }
-    Ok(batch)
+    Ok((samples, report.total))
 }
 
 fn raw_generate(args: &RawGenerateArgs) -> anyhow::Result<()> {
@@ -419,11 +415,7 @@ async fn http_level(
     let wall = start.elapsed();
     let mut total = Samples::default();
     for result in results {
-        let samples = result?;
-        total.requests += samples.requests;
-        total.tokens += samples.tokens;
-        total.ttft_ms.extend(samples.ttft_ms);
-        total.itl_ms.extend(samples.itl_ms);
+        total.merge(result?);
     }
     Ok(total.report(concurrency, wall))
 }
