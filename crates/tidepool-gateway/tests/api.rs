@@ -817,9 +817,19 @@ async fn metrics_expose_requests_tokens_and_latency_histograms() {
     }
 }
 
+/// A file of this repository. `CARGO_MANIFEST_DIR` is read when the test runs (cargo and nextest
+/// set it), not baked in with `env!`: a test binary reused from a clone that shared the target
+/// dir must not read (or, with `TIDEPOOL_UPDATE_DOCS`, write) that other tree's files.
+fn repo_file(relative: &str) -> std::path::PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run the tests with cargo");
+    std::path::Path::new(&manifest_dir)
+        .join("../..")
+        .join(relative)
+}
+
 #[test]
 fn openapi_json_is_committed_and_current() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let path = repo_file("docs/openapi.json");
     let current = tidepool_gateway::openapi_document();
     if std::env::var_os("TIDEPOOL_UPDATE_DOCS").is_some() {
         std::fs::write(&path, &current).unwrap();
@@ -833,7 +843,7 @@ fn openapi_json_is_committed_and_current() {
 
 #[test]
 fn errors_md_lists_exactly_the_error_codes() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/errors.md");
+    let path = repo_file("docs/errors.md");
     let text = std::fs::read_to_string(path).unwrap();
     // Table rows look like: | `code` | status | type | when |
     let documented: Vec<&str> = text

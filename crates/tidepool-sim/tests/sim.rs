@@ -7,18 +7,28 @@
     reason = "test helpers: a failed setup is a failed test"
 )]
 
-use std::path::Path;
-
 use tidepool_core::PoolPolicy;
 use tidepool_sim::{
     Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, SimSpec, Workload, market, plan,
     plan_svg, read_azure_trace, read_model_trace, sim_svg, simulate,
 };
 
+/// A file of this repository. `CARGO_MANIFEST_DIR` is read when the test runs (cargo and nextest
+/// set it), not baked in with `env!`: a test binary reused from a clone that shared the target
+/// dir must not read (or, with `TIDEPOOL_UPDATE_DOCS`, write) that other tree's files.
+#[expect(
+    clippy::expect_used,
+    reason = "test helper: no cargo environment is a broken setup"
+)]
+fn repo_file(relative: &str) -> std::path::PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run the tests with cargo");
+    std::path::Path::new(&manifest_dir)
+        .join("../..")
+        .join(relative)
+}
+
 fn trace() -> Vec<tidepool_sim::TraceRow> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/traces/azure-llm-2023-conv.csv");
-    read_azure_trace(&path).unwrap()
+    read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap()
 }
 
 fn small_market(profile: &Profile, models: u32, seed: u64) -> Workload {
