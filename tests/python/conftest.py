@@ -35,12 +35,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, config: str | None = None):
+        """A server on the repository's tidepool.toml, or on `config` (TOML text with the same
+        `listen` and `database_url` lines, which are pointed at this test's port and database)."""
         self.tmp = tmp
         self.port = _free_port()
         self.db_path = tmp / "tidepool.db"
         self.database_url = f"sqlite://{self.db_path}"
-        config = (ROOT / "tidepool.toml").read_text()
+        config = config if config is not None else (ROOT / "tidepool.toml").read_text()
         config = config.replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{self.port}"')
         config = config.replace('database_url = "sqlite://tidepool.db"', f'database_url = "{self.database_url}"')
         self.config_path = tmp / "tidepool.toml"
@@ -56,14 +58,17 @@ class Server:
         assert out.returncode == 0, f"tidepool {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
         return out.stdout
 
-    def create_key(self, tenant: str, name: str) -> str:
+    def create_key(self, tenant: str, name: str, credit: str | None = "100") -> str:
+        """A new key for `tenant`; the tenant gets `credit` (whole USD) of prepaid balance."""
         out = self.cli("keys", "create", "--database-url", self.database_url, "--tenant", tenant, "--name", name)
         match = re.search(r"\btp-[A-Za-z0-9_-]+", out)
         assert match, f"no key in output: {out!r}"
+        if credit is not None:
+            self.cli("credit", "add", "--database-url", self.database_url, "--tenant", tenant, credit)
         return match.group(0)
 
     def start(self) -> None:
-        log = open(self.tmp / "server.log", "w")
+        log = open(self.tmp / "server.log", "a")
         self.proc = subprocess.Popen(
             [_bin(), "serve", "--config", str(self.config_path)],
             env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,

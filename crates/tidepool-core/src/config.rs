@@ -19,6 +19,8 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub pool: PoolConfig,
+    #[serde(default)]
+    pub billing: BillingConfig,
     #[serde(default, rename = "models")]
     pub models: Vec<ModelConfig>,
 }
@@ -106,6 +108,48 @@ impl Default for EngineConfig {
     }
 }
 
+/// Metering and billing (see docs/ledger.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// `true` (default): every model request reserves its maximum cost against the tenant's
+    /// balance, budgets and RPM/TPM windows before any compute, and settles exactly at the end.
+    /// `false`: requests are only recorded (usage entries, no money moves) — for a private
+    /// deployment without billing, and for `tidepool bench ledger`'s baseline.
+    pub enforce: bool,
+    /// Names this gateway among the replicas sharing one database; stable across restarts and
+    /// unique among live replicas (start-up recovery resolves the reservations made under it).
+    pub replica_id: String,
+    /// Completion tokens delivered between two durable progress checkpoints of a stream (the
+    /// most a crash can leave unbilled per stream).
+    pub checkpoint_tokens: u32,
+    /// Open reservations older than this (any replica's) are resolved by the periodic recovery
+    /// sweep; must exceed `limits.request_timeout_ms`.
+    pub stale_reservation_ms: u64,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            enforce: true,
+            replica_id: "default".to_owned(),
+            checkpoint_tokens: 32,
+            stale_reservation_ms: 3_600_000,
+        }
+    }
+}
+
+/// Which engine runs a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// llama.cpp for `chat`/`completion`, candle for `embedding`.
+    #[default]
+    Auto,
+    /// The deterministic fake text engine (no model file): load tests and benches only.
+    Fake,
+}
+
 /// Which scheduling policy the model pool uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -165,6 +209,12 @@ pub struct ModelConfig {
     /// Price per million cached prompt tokens, nano-units.
     #[serde(default)]
     pub price_cached_input_per_mtok: Nanos,
+    /// Which engine runs it.
+    #[serde(default)]
+    pub backend: Backend,
+    /// `backend = "fake"` only: simulated time of one decode step, in microseconds.
+    #[serde(default)]
+    pub fake_decode_step_us: u64,
 }
 
 fn default_context_tokens() -> TokenCount {
@@ -222,6 +272,9 @@ impl Config {
             if model.seqs_max == 0 || model.seqs_max > SEQS_MAX_LIMIT {
                 return invalid(field("seqs_max"), "must be in 1..=256");
             }
+            if model.backend == Backend::Fake && model.kind == ModelKind::Embedding {
+                return invalid(field("backend"), "the fake backend serves text models only");
+            }
             for (name, price) in [
                 ("price_input_per_mtok", model.price_input_per_mtok),
                 ("price_output_per_mtok", model.price_output_per_mtok),
@@ -251,6 +304,18 @@ impl Config {
             return invalid(
                 "limits.request_body_bytes_max".into(),
                 "must be at least 1024",
+            );
+        }
+        if self.billing.replica_id.is_empty() || self.billing.replica_id.len() > 64 {
+            return invalid("billing.replica_id".into(), "must be 1 to 64 bytes");
+        }
+        if self.billing.checkpoint_tokens == 0 {
+            return invalid("billing.checkpoint_tokens".into(), "must be at least 1");
+        }
+        if self.billing.stale_reservation_ms <= self.limits.request_timeout_ms {
+            return invalid(
+                "billing.stale_reservation_ms".into(),
+                "must exceed limits.request_timeout_ms",
             );
         }
         if self.engine.batch_tokens_max == 0 {

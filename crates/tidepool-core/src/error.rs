@@ -23,6 +23,8 @@ pub enum CoreError {
     InvalidId { value: String, reason: &'static str },
     #[error("money overflow computing {what}")]
     MoneyOverflow { what: &'static str },
+    #[error("`{value}` is not an amount: write whole units with at most 9 decimals, e.g. 12.50")]
+    InvalidAmount { value: String },
     #[error("unknown currency code `{code}`")]
     UnknownCurrency { code: String },
 }

@@ -12,7 +12,7 @@ pub mod error;
 pub mod ids;
 pub mod money;
 
-pub use config::{Config, Limits, ModelConfig, ModelKind, PoolPolicy};
+pub use config::{Backend, BillingConfig, Config, Limits, ModelConfig, ModelKind, PoolPolicy};
 pub use error::CoreError;
 pub use ids::{KeyId, ModelId, RequestId, TenantId};
 pub use money::{Currency, Nanos};

@@ -41,6 +41,39 @@ impl Nanos {
     }
 }
 
+impl Nanos {
+    /// Parses a decimal amount of whole currency units with at most nine fractional digits
+    /// (`"10"`, `"0.25"`, `"-1.5"`) exactly, without floats.
+    pub fn parse_decimal(text: &str) -> Result<Self, CoreError> {
+        let invalid = || CoreError::InvalidAmount {
+            value: text.chars().take(64).collect(),
+        };
+        let (negative, digits) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) || fraction.len() > 9 {
+            return Err(invalid());
+        }
+        if digits.contains('.') && fraction.is_empty() {
+            return Err(invalid());
+        }
+        let whole: i64 = whole.parse().map_err(|_| invalid())?;
+        let mut padded = fraction.to_owned();
+        while padded.len() < 9 {
+            padded.push('0');
+        }
+        let fraction: i64 = padded.parse().map_err(|_| invalid())?;
+        let value = whole
+            .checked_mul(NANOS_PER_UNIT)
+            .and_then(|w| w.checked_add(fraction))
+            .ok_or_else(invalid)?;
+        Ok(Self(if negative { -value } else { value }))
+    }
+}
+
 impl fmt::Display for Nanos {
     /// Formats as a decimal amount with nine fractional digits, e.g. `1.250000000`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -98,6 +131,40 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn decimal_amounts_parse_exactly() {
+        assert_eq!(Nanos::parse_decimal("10").ok(), Some(Nanos(10_000_000_000)));
+        assert_eq!(Nanos::parse_decimal("0.25").ok(), Some(Nanos(250_000_000)));
+        assert_eq!(
+            Nanos::parse_decimal("-1.5").ok(),
+            Some(Nanos(-1_500_000_000))
+        );
+        assert_eq!(Nanos::parse_decimal("0.000000001").ok(), Some(Nanos(1)));
+        for bad in [
+            "",
+            "1.",
+            ".5",
+            "1.0000000001",
+            "1e3",
+            "abc",
+            "99999999999999999999",
+            "1,5",
+        ] {
+            assert!(
+                Nanos::parse_decimal(bad).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decimal_roundtrips_through_display(value in -1_000_000_000_000_000_i64..1_000_000_000_000_000) {
+            let shown = Nanos(value).to_string();
+            prop_assert_eq!(Nanos::parse_decimal(&shown).ok(), Some(Nanos(value)));
+        }
+    }
 
     #[test]
     fn cost_rounds_up() {

@@ -30,6 +30,10 @@ pub const ERROR_CODES: &[&str] = &[
     "overloaded",
     "rate_limit_exceeded",
     "insufficient_quota",
+    "idempotency_key_reused",
+    "duplicate_request_id",
+    "invalid_admin_token",
+    "resource_not_found",
     "request_timeout",
     "stream_stalled",
     "internal_error",
@@ -65,6 +69,12 @@ pub enum ApiError {
     Timeout { timeout_ms: u64 },
     #[error("the engine produced nothing for {stall_ms} ms")]
     Stalled { stall_ms: u64 },
+    /// `/admin/*` without the configured admin token (or with none configured).
+    #[error("missing or wrong admin token")]
+    AdminUnauthorized,
+    /// An admin or usage query names something that does not exist.
+    #[error("{what} `{id}` does not exist")]
+    ResourceNotFound { what: &'static str, id: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -125,8 +135,10 @@ impl ApiError {
             Self::InvalidJson { .. }
             | Self::InvalidParam { .. }
             | Self::ModelEndpointMismatch { .. } => StatusCode::BAD_REQUEST,
-            Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::ModelNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::InvalidApiKey | Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound { .. } | Self::RouteNotFound | Self::ResourceNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout { .. } | Self::Stalled { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -151,7 +163,7 @@ impl ApiError {
                     StatusCode::TOO_MANY_REQUESTS
                 }
                 LedgerError::DuplicateRequest { .. } | LedgerError::IdempotencyKeyReused { .. } => {
-                    StatusCode::BAD_REQUEST
+                    StatusCode::CONFLICT
                 }
                 LedgerError::Migrate(_)
                 | LedgerError::UnsupportedUrl
@@ -185,6 +197,8 @@ impl ApiError {
         match self {
             Self::InvalidJson { .. } | Self::InvalidParam { .. } => "invalid_request_error",
             Self::InvalidApiKey => "invalid_api_key",
+            Self::AdminUnauthorized => "invalid_admin_token",
+            Self::ResourceNotFound { .. } => "resource_not_found",
             Self::ModelNotFound { .. } => "model_not_found",
             Self::ModelEndpointMismatch { .. } => "model_endpoint_mismatch",
             Self::RequestTooLarge { .. } => "request_too_large",
@@ -208,9 +222,8 @@ impl ApiError {
                 LedgerError::KeyRevoked { .. } => "invalid_api_key",
                 LedgerError::InsufficientQuota { .. } => "insufficient_quota",
                 LedgerError::RateLimited { .. } => "rate_limit_exceeded",
-                LedgerError::DuplicateRequest { .. } | LedgerError::IdempotencyKeyReused { .. } => {
-                    "invalid_request_error"
-                }
+                LedgerError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
+                LedgerError::DuplicateRequest { .. } => "duplicate_request_id",
                 LedgerError::Migrate(_)
                 | LedgerError::UnsupportedUrl
                 | LedgerError::KeyNotFound { .. }
@@ -236,6 +249,8 @@ impl ApiError {
             Self::ModelNotFound { .. } | Self::ModelEndpointMismatch { .. } => Some("model"),
             Self::InvalidJson { .. }
             | Self::InvalidApiKey
+            | Self::AdminUnauthorized
+            | Self::ResourceNotFound { .. }
             | Self::RequestTooLarge { .. }
             | Self::RouteNotFound
             | Self::MethodNotAllowed
@@ -261,7 +276,12 @@ impl ApiError {
     /// (retry every 429) would be wrong.
     pub fn should_retry(&self) -> Option<bool> {
         match self {
-            Self::Ledger(LedgerError::InsufficientQuota { .. }) => Some(false),
+            // A conflict is final: retrying the same request id or key never succeeds.
+            Self::Ledger(
+                LedgerError::InsufficientQuota { .. }
+                | LedgerError::IdempotencyKeyReused { .. }
+                | LedgerError::DuplicateRequest { .. },
+            ) => Some(false),
             _ => None,
         }
     }
@@ -331,6 +351,27 @@ impl IntoResponse for ApiError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             headers.insert("retry-after-ms", HeaderValue::from(ms));
         }
+        if let Self::Ledger(LedgerError::RateLimited {
+            kind,
+            limit,
+            retry_after_ms,
+            ..
+        }) = &self
+        {
+            let status = tidepool_ledger::WindowStatus {
+                limit: *limit,
+                remaining: 0,
+                reset_ms: *retry_after_ms,
+            };
+            let (requests, tokens) = match kind {
+                tidepool_ledger::RateKind::Requests => (Some(status), None),
+                tidepool_ledger::RateKind::Tokens => (None, Some(status)),
+            };
+            crate::ratelimit::insert_headers(
+                response.headers_mut(),
+                &tidepool_ledger::RateLimitStatus { requests, tokens },
+            );
+        }
         if let Some(retry) = should_retry {
             response.headers_mut().insert(
                 "x-should-retry",
@@ -394,9 +435,24 @@ mod tests {
             LedgerError::RateLimited {
                 scope: tidepool_ledger::RateScopeKind::Key,
                 kind: tidepool_ledger::RateKind::Requests,
+                limit: 1,
                 retry_after_ms: 1,
             }
             .into(),
+            LedgerError::IdempotencyKeyReused {
+                original_request_id: RequestId::new(),
+                state: tidepool_ledger::ReservationState::Settled,
+            }
+            .into(),
+            LedgerError::DuplicateRequest {
+                request_id: RequestId::new(),
+            }
+            .into(),
+            ApiError::AdminUnauthorized,
+            ApiError::ResourceNotFound {
+                what: "tenant",
+                id: "t".into(),
+            },
         ]
     }
 

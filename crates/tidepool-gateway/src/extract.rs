@@ -26,12 +26,16 @@ const ROUTES: &[&str] = &[
     "/v1/completions",
     "/v1/embeddings",
     "/v1/models",
+    "/v1/usage",
     "/healthz",
     "/metrics",
     "/openapi.json",
 ];
 
 fn route_label(path: &str) -> &'static str {
+    if path.starts_with("/admin/") {
+        return "/admin";
+    }
     ROUTES
         .iter()
         .copied()
@@ -155,8 +159,7 @@ pub(crate) async fn authenticate(
     Ok(UsageGuard::new(
         state.clone(),
         request_id,
-        record.tenant,
-        record.key_id,
+        record,
         endpoint,
         started,
     ))

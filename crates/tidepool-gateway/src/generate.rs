@@ -47,6 +47,8 @@ pub(crate) struct TextJob {
     pub(crate) max_tokens: Option<u32>,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// The client's `Idempotency-Key` header, validated.
+    pub(crate) idempotency_key: Option<String>,
 }
 
 /// What the client is told and the ledger records, once the engine says `Done`.
@@ -67,8 +69,9 @@ fn tokens_of(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
-/// Tokenizes, checks the context and submits. Errors here happen before any response byte.
-fn submit(
+/// Tokenizes, checks the context, reserves the most the request can cost and submits. Errors
+/// here happen before any response byte.
+async fn submit(
     state: &AppState,
     guard: &mut UsageGuard,
     mut job: TextJob,
@@ -95,13 +98,16 @@ fn submit(
         .into());
     }
     job.params.max_tokens = max_tokens;
+    guard.set_prompt_tokens(prompt_tokens);
+    guard
+        .reserve(prompt_tokens, max_tokens, job.idempotency_key.take())
+        .await?;
     let request = GenerateRequest {
         request_id: guard.request_id(),
         prompt,
         params: job.params.clone(),
     };
     let generation = job.engine.submit(request)?;
-    guard.set_prompt_tokens(prompt_tokens);
     guard.attach(generation);
     Ok((job, prompt_tokens))
 }
@@ -169,14 +175,15 @@ fn limits_of(state: &AppState) -> (Duration, Duration, (u64, u64)) {
 /// Runs a validated job to a response. Every outcome is recorded on the guard.
 pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob) -> Response {
     tracing::Span::current().record("stream", job.stream);
-    let (job, prompt_tokens) = match submit(&state, &mut guard, job) {
+    let (job, prompt_tokens) = match submit(&state, &mut guard, job).await {
         Ok(submitted) => submitted,
         Err(error) => {
             guard.fail(&error);
             return error.into_response();
         }
     };
-    if job.stream {
+    let rate_limits = guard.rate_limits();
+    let mut response = if job.stream {
         let stream = sse_stream(&state, guard, &job, prompt_tokens);
         Sse::new(stream)
             .keep_alive(KeepAlive::default())
@@ -196,7 +203,9 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
                 error.into_response()
             }
         }
-    }
+    };
+    crate::ratelimit::insert_headers(response.headers_mut(), &rate_limits);
+    response
 }
 
 async fn collect(

@@ -9,6 +9,7 @@
 //! guard that settles every request exactly once).
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 mod error;
 mod extract;
 mod generate;
@@ -16,6 +17,7 @@ mod load;
 mod metrics;
 pub mod openai;
 mod openapi;
+mod ratelimit;
 mod routes;
 mod state;
 mod usage;
@@ -29,9 +31,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail};
 pub use extract::{ApiJson, REQUEST_ID_HEADER};
-pub use load::{ServeError, load_models};
+pub use load::{ServeError, load_models, sync_prices};
 pub use openapi::{ApiDoc, document as openapi_document};
-pub use state::{AppState, ModelEngine, ServedModel};
+pub use state::{AppState, ModelEngine, ServedModel, StateOptions};
 use tidepool_core::Config;
 use tidepool_ledger::Ledger;
 
@@ -45,6 +47,29 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/models", get(routes::models))
+        .route("/v1/usage", get(accounts::usage))
+        .route("/admin/tenants", post(accounts::create_tenant))
+        .route("/admin/tenants/{tenant}", get(accounts::get_tenant))
+        .route(
+            "/admin/tenants/{tenant}/projects",
+            post(accounts::create_project),
+        )
+        .route("/admin/tenants/{tenant}/credits", post(accounts::credit))
+        .route("/admin/tenants/{tenant}/usage", get(accounts::tenant_usage))
+        .route(
+            "/admin/tenants/{tenant}/statement",
+            get(accounts::statement),
+        )
+        .route("/admin/keys", post(accounts::create_key))
+        .route(
+            "/admin/keys/{key_id}",
+            axum::routing::delete(accounts::revoke_key),
+        )
+        .route("/admin/budgets", axum::routing::put(accounts::set_budget))
+        .route(
+            "/admin/rate-limits",
+            axum::routing::put(accounts::set_rate_limits),
+        )
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
@@ -61,7 +86,12 @@ pub fn router(state: AppState) -> Router {
 pub struct ServeOptions {
     pub listen: String,
     pub database_url: String,
+    /// Bearer token of the admin API; `None` disables it.
+    pub admin_token: Option<String>,
 }
+
+/// How often a replica sweeps for reservations that dead replicas left open.
+pub const STALE_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Connects the ledger, loads every configured model, and serves until `shutdown` resolves; then
 /// stops accepting, finishes in-flight requests and drains the task tracker (settlement writes).
@@ -70,10 +100,34 @@ pub async fn serve(
     options: &ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let ledger = Ledger::connect(&options.database_url).await?;
-    tracing::info!(store = ledger.store_kind(), "ledger connected");
+    let ledger = open_ledger(config, options).await?;
     let models = load_models(config).await?;
-    let state = AppState::new(models, ledger, config.limits.clone());
+    let state = AppState::with_options(
+        models,
+        ledger.clone(),
+        StateOptions {
+            limits: config.limits.clone(),
+            billing: config.billing.clone(),
+            admin_token: options.admin_token.clone(),
+            clock: std::sync::Arc::new(tidepool_ledger::SystemClock),
+        },
+    );
+    let stale_after = Duration::from_millis(config.billing.stale_reservation_ms);
+    let sweeper = state.tasks().spawn(async move {
+        let mut interval = tokio::time::interval(STALE_SWEEP_INTERVAL);
+        loop {
+            interval.tick().await;
+            match ledger.recover_stale(stale_after).await {
+                Ok(report) if report.settled + report.voided > 0 => tracing::warn!(
+                    settled = report.settled,
+                    voided = report.voided,
+                    "resolved stale reservations of a replica that did not come back"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "stale reservation sweep failed"),
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -90,6 +144,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServeError::Serve)?;
+    sweeper.abort();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, tasks.wait())
         .await
@@ -102,4 +157,32 @@ pub async fn serve(
     }
     tracing::info!("tidepool stopped");
     Ok(())
+}
+
+/// Connects the ledger as this replica, resolves what its previous life left open (before
+/// serving: docs/ledger.md, crash rule) and syncs the configured prices.
+async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, ServeError> {
+    let ledger = Ledger::connect_with(
+        &options.database_url,
+        tidepool_ledger::LedgerOptions {
+            replica_id: config.billing.replica_id.clone(),
+            ..tidepool_ledger::LedgerOptions::default()
+        },
+    )
+    .await?;
+    tracing::info!(
+        store = ledger.store_kind(),
+        replica = ledger.replica_id(),
+        "ledger connected"
+    );
+    // Before serving: resolve what this replica's previous life left open (docs/ledger.md).
+    let recovered = ledger.recover().await?;
+    tracing::info!(
+        settled = recovered.settled,
+        voided = recovered.voided,
+        already_resolved = recovered.already_resolved,
+        "start-up recovery of open reservations done"
+    );
+    sync_prices(config, &ledger).await?;
+    Ok(ledger)
 }

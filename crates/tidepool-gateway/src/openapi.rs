@@ -5,6 +5,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::accounts;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai;
 use crate::routes;
@@ -21,6 +22,17 @@ use crate::routes;
         routes::completions,
         routes::embeddings,
         routes::models,
+        accounts::usage,
+        accounts::create_tenant,
+        accounts::get_tenant,
+        accounts::create_project,
+        accounts::credit,
+        accounts::tenant_usage,
+        accounts::statement,
+        accounts::create_key,
+        accounts::revoke_key,
+        accounts::set_budget,
+        accounts::set_rate_limits,
         routes::healthz,
         routes::metrics,
         routes::openapi,
@@ -39,6 +51,8 @@ use crate::routes;
     modifiers(&BearerAuth),
     tags(
         (name = "openai", description = "OpenAI-compatible endpoints"),
+        (name = "billing", description = "A key's own usage and cost"),
+        (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements (admin token)"),
         (name = "ops", description = "Health, metrics and this document"),
     )
 )]
@@ -52,6 +66,10 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "admin",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
     }

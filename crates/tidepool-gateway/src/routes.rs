@@ -78,6 +78,29 @@ macro_rules! authenticated {
     };
 }
 
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII bytes, or absent.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::invalid_param("Idempotency-Key", "must be visible ASCII"))?;
+    if text.is_empty() || text.len() > tidepool_ledger::IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(ApiError::invalid_param(
+            "Idempotency-Key",
+            format!(
+                "must be 1 to {} bytes",
+                tidepool_ledger::IDEMPOTENCY_KEY_BYTES_MAX
+            ),
+        ));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// The header a client sets so a retried request is never billed twice.
+pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
 /// Records a failure before any response byte and renders it.
 fn failed(mut guard: UsageGuard, error: ApiError) -> Response {
     guard.fail(&error);
@@ -137,6 +160,7 @@ pub(crate) async fn chat_completions(
                 .sampling
                 .stream_options
                 .is_some_and(|o| o.include_usage),
+            idempotency_key: idempotency_key(&headers)?,
         })
     })();
     match job {
@@ -191,6 +215,7 @@ pub(crate) async fn completions(
                 .sampling
                 .stream_options
                 .is_some_and(|o| o.include_usage),
+            idempotency_key: idempotency_key(&headers)?,
         })
     })();
     match job {
@@ -224,10 +249,13 @@ pub(crate) async fn embeddings(
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Response {
     let mut guard = authenticated!(state, headers, request_id, "embeddings");
-    match embed(&state, &mut guard, body).await {
+    match embed(&state, &mut guard, &headers, body).await {
         Ok(response) => {
             guard.succeed(response.usage.prompt_tokens, 0, 0);
-            Json(response).into_response()
+            let rate_limits = guard.rate_limits();
+            let mut response = Json(response).into_response();
+            crate::ratelimit::insert_headers(response.headers_mut(), &rate_limits);
+            response
         }
         Err(error) => failed(guard, error),
     }
@@ -240,9 +268,25 @@ enum Encoding {
     Base64,
 }
 
+/// The most tokens an embedding input can count: every token of the `WordPiece` tokenizers we
+/// serve covers at least one character, plus the two special tokens; never more than the model
+/// accepts. The reservation holds this; the settlement bills the exact count.
+fn embedding_tokens_bound(inputs: &[String], input_tokens_max: u32) -> u32 {
+    inputs
+        .iter()
+        .map(|input| {
+            u32::try_from(input.chars().count())
+                .unwrap_or(u32::MAX)
+                .saturating_add(2)
+                .min(input_tokens_max)
+        })
+        .fold(0_u32, u32::saturating_add)
+}
+
 async fn embed(
     state: &AppState,
     guard: &mut UsageGuard,
+    headers: &HeaderMap,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<EmbeddingResponse, ApiError> {
     let ApiJson(request) = body?;
@@ -284,6 +328,8 @@ async fn embed(
         ));
     }
     let inputs = validate::embedding_input(&request.input, state.limits())?;
+    let bound = embedding_tokens_bound(&inputs, engine.input_tokens_max());
+    guard.reserve(bound, 0, idempotency_key(headers)?).await?;
     let receiver = engine.embed(inputs)?;
     let timeout_ms = state.limits().request_timeout_ms;
     let deadline = guard.started() + std::time::Duration::from_millis(timeout_ms);

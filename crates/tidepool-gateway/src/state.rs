@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tidepool_core::{Limits, ModelId, ModelKind};
+use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
 use tokio_util::task::TaskTracker;
@@ -65,24 +65,54 @@ struct Inner {
     models: BTreeMap<ModelId, ServedModel>,
     ledger: Ledger,
     limits: Limits,
+    billing: BillingConfig,
+    /// SHA-256 of the admin token; `None`: the admin API answers 404.
+    admin_token_sha256: Option<[u8; 32]>,
     tasks: TaskTracker,
     clock: Arc<dyn Clock>,
+}
+
+/// Everything [`AppState`] is built from besides models and ledger.
+#[derive(Debug, Clone)]
+pub struct StateOptions {
+    pub limits: Limits,
+    pub billing: BillingConfig,
+    /// Bearer token of `/admin/*`; `None` disables the admin API.
+    pub admin_token: Option<String>,
+    /// Wall clock for usage timestamps and `created` fields.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl StateOptions {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            billing: BillingConfig::default(),
+            admin_token: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
 }
 
 impl AppState {
     /// Builds the state. Model ids are unique (the config validated it; a duplicate here is a
     /// programming error).
     pub fn new(models: Vec<ServedModel>, ledger: Ledger, limits: Limits) -> Self {
-        Self::with_clock(models, ledger, limits, Arc::new(SystemClock))
+        Self::with_options(models, ledger, StateOptions::new(limits))
     }
 
-    /// [`AppState::new`] with an injected wall clock (usage timestamps, `created` fields).
-    pub fn with_clock(
-        models: Vec<ServedModel>,
-        ledger: Ledger,
-        limits: Limits,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    /// [`AppState::new`] with every option explicit.
+    pub fn with_options(models: Vec<ServedModel>, ledger: Ledger, options: StateOptions) -> Self {
+        let StateOptions {
+            limits,
+            billing,
+            admin_token,
+            clock,
+        } = options;
+        let admin_token_sha256 = admin_token.map(|token| {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        });
         let count = models.len();
         let models: BTreeMap<ModelId, ServedModel> =
             models.into_iter().map(|m| (m.id.clone(), m)).collect();
@@ -93,6 +123,8 @@ impl AppState {
                 models,
                 ledger,
                 limits,
+                billing,
+                admin_token_sha256,
                 tasks: TaskTracker::new(),
                 clock,
             }),
@@ -114,6 +146,25 @@ impl AppState {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    pub fn billing(&self) -> &BillingConfig {
+        &self.inner.billing
+    }
+
+    /// Whether `token` is the admin token (constant-time over the SHA-256 digests); always
+    /// `false` when no admin token is configured.
+    pub(crate) fn is_admin_token(&self, token: &str) -> bool {
+        use sha2::Digest as _;
+        use subtle::ConstantTimeEq as _;
+        self.inner.admin_token_sha256.is_some_and(|expected| {
+            let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            bool::from(digest.ct_eq(&expected))
+        })
+    }
+
+    pub(crate) fn admin_enabled(&self) -> bool {
+        self.inner.admin_token_sha256.is_some()
     }
 
     /// Every task the gateway spawns goes through this tracker; shutdown closes and waits on it.

@@ -4,13 +4,32 @@
 //! drops it because the client went away. `Drop` settles: an outcome that was never set means the
 //! client disconnected, and the entry counts only the completion tokens handed to the client.
 //!
+//! Billing (`[billing] enforce`, the default): before any compute the request reserves its most
+//! possible cost ([`UsageGuard::reserve`]); a stream checkpoints its delivered completion tokens
+//! durably on the first token and every `checkpoint_tokens` after (so a crash bills them); `Drop`
+//! then **settles** the reservation at the exact cost of the entry, or **voids** it when the
+//! request failed (or the client left) before a single completion token was delivered — except
+//! for successful requests that produce no completion tokens by nature (embeddings), which
+//! settle. A request that never reserved (refused before admission) only records its entry.
+//!
 //! The ledger write is spawned on the state's `TaskTracker` (so shutdown drains it) before the
 //! guard releases the engine's `Generation`; a failed write is logged and counted, never lost
-//! silently.
+//! silently: the reservation stays open in the database and the recovery sweep resolves it.
 
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 use tidepool_engine::{Generation, GenerationEvent};
-use tidepool_ledger::{UsageEntry, UsageStatus};
+use tidepool_ledger::{
+    ApiKeyRecord, Finish, ProjectId, RateLimitStatus, Reservation, ReserveRequest, UsageEntry,
+    UsageScope, UsageStatus,
+};
+
+/// How wide a caller's `/v1/usage` query is; always within the caller's own tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UsageBreadth {
+    Key,
+    Project,
+    Tenant,
+}
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -23,6 +42,7 @@ pub(crate) struct UsageGuard {
     state: AppState,
     request_id: RequestId,
     tenant: TenantId,
+    project: ProjectId,
     key_id: KeyId,
     endpoint: &'static str,
     started: Instant,
@@ -33,6 +53,10 @@ pub(crate) struct UsageGuard {
     /// Completion tokens handed to the client so far (final count once `outcome` is `Ok`).
     completion_tokens: u32,
     outcome: Option<UsageStatus>,
+    /// The request's reservation, once admission granted it.
+    reservation: Option<Reservation>,
+    /// Completion tokens covered by the last durable checkpoint sent.
+    checkpointed: u32,
     /// Held so that cancelling the generation happens after the settlement is spawned.
     generation: Option<Generation>,
 }
@@ -41,18 +65,18 @@ impl UsageGuard {
     pub(crate) fn new(
         state: AppState,
         request_id: RequestId,
-        tenant: TenantId,
-        key_id: KeyId,
+        key: ApiKeyRecord,
         endpoint: &'static str,
         started: Instant,
     ) -> Self {
         let span = tracing::Span::current();
-        span.record("api_key_id", tracing::field::display(&key_id));
+        span.record("api_key_id", tracing::field::display(&key.key_id));
         Self {
             state,
             request_id,
-            tenant,
-            key_id,
+            tenant: key.tenant,
+            project: key.project,
+            key_id: key.key_id,
             endpoint,
             started,
             span,
@@ -61,12 +85,72 @@ impl UsageGuard {
             cached_prompt_tokens: 0,
             completion_tokens: 0,
             outcome: None,
+            reservation: None,
+            checkpointed: 0,
             generation: None,
         }
     }
 
+    /// Admission: reserves the most this request can cost against the tenant's balance, the
+    /// key's and project's monthly budgets and every RPM/TPM window, before any compute. Fails
+    /// with 429 `insufficient_quota` / `rate_limit_exceeded` (and takes nothing). A no-op when
+    /// billing is not enforced. The model must be set first.
+    pub(crate) async fn reserve(
+        &mut self,
+        prompt_tokens: u32,
+        completion_tokens_max: u32,
+        idempotency_key: Option<String>,
+    ) -> Result<(), ApiError> {
+        if !self.state.billing().enforce {
+            return Ok(());
+        }
+        let Some(model) = self.model.clone() else {
+            return Err(ApiError::Ledger(tidepool_ledger::LedgerError::Invariant {
+                what: "a reservation names its model",
+            }));
+        };
+        let request = ReserveRequest {
+            request_id: self.request_id,
+            key_id: self.key_id.clone(),
+            model,
+            prompt_tokens,
+            completion_tokens_max,
+            idempotency_key,
+        };
+        let reservation = self.state.ledger().reserve(&request).await?;
+        self.reservation = Some(reservation);
+        Ok(())
+    }
+
+    /// The RPM/TPM windows that applied to this request's reservation, for response headers.
+    pub(crate) fn rate_limits(&self) -> RateLimitStatus {
+        self.reservation
+            .as_ref()
+            .map(|r| r.rate_limits)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn request_id(&self) -> RequestId {
         self.request_id
+    }
+
+    /// The caller's own usage scope of the given breadth: a key only ever sees its own tenant.
+    pub(crate) fn usage_scope(&self, breadth: UsageBreadth) -> UsageScope {
+        match breadth {
+            UsageBreadth::Key => UsageScope::Key {
+                tenant: self.tenant.clone(),
+                key_id: self.key_id.clone(),
+            },
+            UsageBreadth::Project => UsageScope::Project {
+                tenant: self.tenant.clone(),
+                project: self.project.clone(),
+            },
+            UsageBreadth::Tenant => UsageScope::Tenant(self.tenant.clone()),
+        }
+    }
+
+    pub(crate) fn tenant(&self) -> &TenantId {
+        &self.tenant
     }
 
     pub(crate) fn started(&self) -> Instant {
@@ -95,9 +179,32 @@ impl UsageGuard {
         }
     }
 
-    /// Counts completion tokens handed to the client.
+    /// Counts completion tokens handed to the client, and checkpoints them durably on the
+    /// first token and every `checkpoint_tokens` after (spawned: never awaited on the token path).
     pub(crate) fn delivered(&mut self, tokens: u32) {
         self.completion_tokens = self.completion_tokens.saturating_add(tokens);
+        if self.reservation.is_none() || self.completion_tokens == 0 {
+            return;
+        }
+        let every = self.state.billing().checkpoint_tokens;
+        let due = self.checkpointed == 0
+            || self.completion_tokens.saturating_sub(self.checkpointed) >= every;
+        if !due {
+            return;
+        }
+        self.checkpointed = self.completion_tokens;
+        let ledger = self.state.ledger().clone();
+        let request_id = self.request_id;
+        let completion_tokens = self.completion_tokens;
+        let span = self.span.clone();
+        let write = async move {
+            if let Err(error) = ledger.checkpoint(request_id, completion_tokens).await {
+                tracing::warn!(parent: &span, %error, "could not checkpoint stream progress");
+            }
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.state.tasks().spawn_on(write, &handle);
+        }
     }
 
     /// The request succeeded with these final counts.
@@ -155,16 +262,36 @@ impl Drop for UsageGuard {
             .record("completion_tokens", entry.completion_tokens);
         self.span.record("total_ms", entry.latency_ms);
 
+        // Settle, void, or (never reserved) only record.
+        let finish = self.reservation.take().map(|_| {
+            let nothing_delivered = entry.completion_tokens == 0;
+            match &entry.status {
+                UsageStatus::ClientDisconnected | UsageStatus::Error { .. }
+                    if nothing_delivered =>
+                {
+                    Finish::Void
+                }
+                UsageStatus::Ok | UsageStatus::ClientDisconnected | UsageStatus::Error { .. } => {
+                    Finish::Settle
+                }
+            }
+        });
         let ledger = self.state.ledger().clone();
         let span = self.span.clone();
         let write = async move {
-            match ledger.record_usage(&entry).await {
-                Ok(_) => {}
-                Err(error) => {
-                    metrics::usage_write_failure();
-                    tracing::error!(parent: &span, %error, request_id = %entry.request_id,
-                        "could not write the usage entry");
-                }
+            let written = match finish {
+                Some(finish) => ledger.finish(&entry, finish).await.map(|settlement| {
+                    if settlement.capped {
+                        tracing::error!(parent: &span, request_id = %entry.request_id,
+                            "usage exceeded its reservation; billed at the hold");
+                    }
+                }),
+                None => ledger.record_usage(&entry).await.map(|_| ()),
+            };
+            if let Err(error) = written {
+                metrics::usage_write_failure();
+                tracing::error!(parent: &span, %error, request_id = %entry.request_id,
+                    "could not write the usage entry");
             }
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {

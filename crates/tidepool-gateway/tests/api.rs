@@ -69,6 +69,7 @@ async fn models_lists_every_served_model_with_its_kind() {
 #[tokio::test]
 async fn chat_completion_has_openai_shape_and_is_metered() {
     let app = App::new().await;
+    let before = app.balance().await;
     let response = app
         .post(
             "/v1/chat/completions",
@@ -108,6 +109,12 @@ async fn chat_completion_has_openai_shape_and_is_metered() {
         (usage.prompt_tokens, usage.completion_tokens),
         (prompt_tokens, 8)
     );
+    assert_eq!(
+        before - app.balance().await,
+        cost(prompt_tokens, 8),
+        "billed exactly"
+    );
+    assert_eq!(app.reserved().await, 0, "the hold was released");
 }
 
 #[tokio::test]

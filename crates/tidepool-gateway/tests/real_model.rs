@@ -52,11 +52,15 @@ async fn real_app(model: &str) -> RealApp {
     let ledger = Ledger::connect(&format!("sqlite://{}", dir.path().join("l.db").display()))
         .await
         .unwrap();
-    let key = ledger
-        .create_key(&TenantId::new("acme").unwrap(), "real")
+    let acme = TenantId::new("acme").unwrap();
+    let key = ledger.create_key(&acme, "real").await.unwrap().secret;
+    ledger
+        .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
         .await
-        .unwrap()
-        .secret;
+        .unwrap();
+    tidepool_gateway::sync_prices(&config, &ledger)
+        .await
+        .unwrap();
     let models = load_models(&config).await.unwrap();
     let state = AppState::new(models, ledger.clone(), config.limits.clone());
     RealApp {

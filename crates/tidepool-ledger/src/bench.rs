@@ -39,6 +39,19 @@ fn per_second(count: u32, elapsed: Duration) -> u64 {
     u64::try_from(rate).unwrap_or(u64::MAX)
 }
 
+/// The price benches bill at (SmolLM2-class: 0.05 / 0.20 / 0.025 USD per 1M input / output /
+/// cached input tokens), in force since the epoch.
+pub fn bench_price(model: ModelId) -> PriceVersion {
+    PriceVersion {
+        model,
+        effective_from_ms: 0,
+        currency: Currency::USD,
+        input_per_mtok: Nanos(50_000_000),
+        output_per_mtok: Nanos(200_000_000),
+        cached_input_per_mtok: Nanos(25_000_000),
+    }
+}
+
 fn bench_entry(
     request_id: RequestId,
     tenant: &TenantId,
@@ -111,16 +124,7 @@ pub async fn bench_settles(
     ledger
         .credit(&tenant, Nanos(crate::accounts::CREDIT_NANOS_MAX), "bench")
         .await?;
-    ledger
-        .set_price(&PriceVersion {
-            model: model.clone(),
-            effective_from_ms: 0,
-            currency: Currency::USD,
-            input_per_mtok: Nanos(50_000_000),
-            output_per_mtok: Nanos(200_000_000),
-            cached_input_per_mtok: Nanos(25_000_000),
-        })
-        .await?;
+    ledger.set_price(&bench_price(model.clone())).await?;
     let key = ledger.create_key(&tenant, "bench").await?;
     let key_id = key.record.key_id;
 

@@ -387,14 +387,15 @@ impl Ledger {
                     .fetch_optional(&mut *tx)
                     .await?;
                     let (requests_used, _) = used.unwrap_or((0, 0));
-                    let kind = if requests_used.saturating_add(1) > rpm_bound {
-                        RateKind::Requests
+                    let (kind, limit) = if requests_used.saturating_add(1) > rpm_bound {
+                        (RateKind::Requests, rpm_bound)
                     } else {
-                        RateKind::Tokens
+                        (RateKind::Tokens, tpm_bound)
                     };
                     return Err(LedgerError::RateLimited {
                         scope: crate::error::rate_scope_kind(&scope)?,
                         kind,
+                        limit: to_u32_saturating(limit),
                         retry_after_ms: reset_ms,
                     });
                 };

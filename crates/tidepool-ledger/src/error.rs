@@ -71,10 +71,14 @@ pub enum LedgerError {
         available: Nanos,
     },
     /// An RPM/TPM window is full: 429 `rate_limit_exceeded` with `Retry-After`.
-    #[error("rate limit reached ({scope:?} {kind:?} per minute); retry in {retry_after_ms} ms")]
+    #[error(
+        "rate limit reached ({scope:?} {kind:?} per minute, limit {limit}); retry in {retry_after_ms} ms"
+    )]
     RateLimited {
         scope: RateScopeKind,
         kind: RateKind,
+        /// The per-minute limit that was hit.
+        limit: u32,
         retry_after_ms: u64,
     },
     #[error("request id {request_id} was already used")]

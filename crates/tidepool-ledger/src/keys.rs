@@ -53,13 +53,17 @@ pub(crate) fn parse_key(secret: &str) -> Option<&str> {
     (key_id_ok && body_ok).then_some(key_id)
 }
 
-type KeyRow = (String, String, String, i64, Option<i64>);
+type KeyRow = (String, String, String, String, i64, Option<i64>);
+/// A key row plus its stored hash.
+type KeyAuthRow = (String, String, String, String, i64, Option<i64>, String);
 
 fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
-    let (key_id, tenant, name, created_at_ms, revoked_at_ms) = row;
+    let (key_id, tenant, project, name, created_at_ms, revoked_at_ms) = row;
     Ok(ApiKeyRecord {
         key_id: KeyId(key_id),
         tenant: TenantId::new(tenant).map_err(|_| LedgerError::Corrupt { what: "tenant id" })?,
+        project: ProjectId::new(project)
+            .map_err(|_| LedgerError::Corrupt { what: "project id" })?,
         name,
         created_at_ms,
         revoked_at_ms,
@@ -145,6 +149,7 @@ impl Ledger {
         let record = ApiKeyRecord {
             key_id: KeyId(key_id),
             tenant: tenant.clone(),
+            project: project.clone(),
             name: name.to_owned(),
             created_at_ms: now_ms,
             revoked_at_ms: None,
@@ -159,7 +164,7 @@ impl Ledger {
         let tenant = tenant.map(TenantId::as_str);
         let rows: Vec<KeyRow> = on_store!(&self.store, pool => {
             sqlx::query_as(
-                "SELECT key_id, tenant_id, name, created_at_ms, revoked_at_ms FROM api_keys \
+                "SELECT key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms FROM api_keys \
                  WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY tenant_id, created_at_ms, key_id",
             )
             .bind(tenant)
@@ -196,16 +201,17 @@ impl Ledger {
         let Some(key_id) = parse_key(secret) else {
             return Ok(None);
         };
-        let row: Option<(String, String, String, i64, Option<i64>, String)> = on_store!(&self.store, pool => {
+        let row: Option<KeyAuthRow> = on_store!(&self.store, pool => {
             sqlx::query_as(
-                "SELECT key_id, tenant_id, name, created_at_ms, revoked_at_ms, secret_sha256 \
+                "SELECT key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms, secret_sha256 \
                  FROM api_keys WHERE key_id = $1",
             )
             .bind(key_id)
             .fetch_optional(pool)
             .await?
         });
-        let Some((key_id, tenant, name, created_at_ms, revoked_at_ms, stored_hash)) = row else {
+        let Some((key_id, tenant, project, name, created_at_ms, revoked_at_ms, stored_hash)) = row
+        else {
             return Ok(None);
         };
         let presented_hash = sha256_hex(secret);
@@ -216,7 +222,7 @@ impl Ledger {
         if !matches || revoked_at_ms.is_some() {
             return Ok(None);
         }
-        key_from_row((key_id, tenant, name, created_at_ms, revoked_at_ms)).map(Some)
+        key_from_row((key_id, tenant, project, name, created_at_ms, revoked_at_ms)).map(Some)
     }
 }
 

@@ -21,6 +21,8 @@ pub mod price;
 mod recovery;
 mod statement;
 mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod usage;
 mod writer;
 
@@ -30,7 +32,9 @@ pub use accounts::{
     Account, BALANCE_NANOS_MAX, BUDGET_NANOS_MAX, BudgetScope, BudgetStatus, CREDIT_NANOS_MAX,
     CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateScope,
 };
-pub use bench::{BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_settles};
+pub use bench::{
+    BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,
+};
 pub use billing::{
     HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QuotaScope, RATE_WINDOW_MS, RateKind,
     RateLimitStatus, Reservation, ReservationState, ReserveRequest, WindowStatus,
@@ -53,6 +57,7 @@ use crate::store::Store;
 pub struct ApiKeyRecord {
     pub key_id: KeyId,
     pub tenant: TenantId,
+    pub project: ProjectId,
     pub name: String,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,

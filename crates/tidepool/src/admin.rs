@@ -1,11 +1,15 @@
-//! `tidepool keys …`, `tidepool models` and `tidepool usage`: thin commands over the ledger and
-//! the config that print plain, aligned text (first column first, so scripts can `split()`).
+//! `tidepool keys|tenants|projects|credit|budgets|rate-limits|usage|statement` and `tidepool
+//! models`: thin commands over the ledger and the config that print plain, aligned text (first
+//! column first, so scripts can `split()`), or CSV/JSON where a report is asked for. The JSON is
+//! the same as the HTTP API's (`tidepool_gateway::accounts`).
 
 use std::io::Write as _;
 
 use anyhow::Context as _;
-use tidepool_core::{Config, KeyId, ModelKind, TenantId};
-use tidepool_ledger::Ledger;
+use tidepool_core::{Config, Currency, KeyId, ModelId, ModelKind, Nanos, TenantId};
+use tidepool_ledger::{
+    BudgetScope, Ledger, Month, ProjectId, RateLimits, RateScope, StatementLine, UsageScope,
+};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct KeysArgs {
@@ -23,6 +27,9 @@ enum KeysCommand {
         /// A label for the key, e.g. the machine it lives on.
         #[arg(long, env = "TIDEPOOL_KEY_NAME")]
         name: String,
+        /// The project it bills to (created if new).
+        #[arg(long, env = "TIDEPOOL_PROJECT", default_value = "default")]
+        project: String,
     },
     /// List keys (never their secrets).
     List {
@@ -37,15 +44,176 @@ enum KeysCommand {
     },
 }
 
+/// How a report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct UsageArgs {
-    /// The tenant whose usage to total.
+    /// The tenant whose usage to report.
     #[arg(long, env = "TIDEPOOL_TENANT")]
     tenant: String,
+    /// Only this project.
+    #[arg(long, conflicts_with = "key_id")]
+    project: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    key_id: Option<String>,
+    /// A calendar month (UTC), `YYYY-MM`; all time when absent.
+    #[arg(long)]
+    month: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatementArgs {
+    #[arg(long, env = "TIDEPOOL_TENANT")]
+    tenant: String,
+    /// `YYYY-MM` (UTC).
+    #[arg(long)]
+    month: String,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TenantsArgs {
+    #[command(subcommand)]
+    command: TenantsCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TenantsCommand {
+    /// Create a tenant (a billing customer) with an empty prepaid account.
+    Create {
+        tenant: String,
+        /// Account currency (ISO 4217).
+        #[arg(long, default_value = "USD")]
+        currency: String,
+    },
+    /// Show a tenant's balance, holds and projects.
+    Show { tenant: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProjectsArgs {
+    #[command(subcommand)]
+    command: ProjectsCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ProjectsCommand {
+    /// Create a project under a tenant.
+    Create {
+        #[arg(long, env = "TIDEPOOL_TENANT")]
+        tenant: String,
+        project: String,
+    },
+    /// List a tenant's projects.
+    List {
+        #[arg(long, env = "TIDEPOOL_TENANT")]
+        tenant: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CreditArgs {
+    #[command(subcommand)]
+    command: CreditCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CreditCommand {
+    /// Add prepaid credit to a tenant's balance.
+    Add {
+        #[arg(long, env = "TIDEPOOL_TENANT")]
+        tenant: String,
+        /// Whole currency units, e.g. `25` or `12.50` (exact, at most 9 decimals).
+        amount: String,
+        /// Shown on the statement.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BudgetsArgs {
+    #[command(subcommand)]
+    command: BudgetsCommand,
+}
+
+/// Which budget: `--tenant T --project P` or `--key-id K`.
+#[derive(Debug, clap::Args)]
+struct BudgetTarget {
+    #[arg(long, requires = "project", conflicts_with = "key_id")]
+    tenant: Option<String>,
+    #[arg(long, requires = "tenant")]
+    project: Option<String>,
+    #[arg(long)]
+    key_id: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BudgetsCommand {
+    /// Set a monthly budget (whole currency units per calendar month, UTC).
+    Set {
+        #[command(flatten)]
+        target: BudgetTarget,
+        /// e.g. `5` or `0.25`.
+        limit: String,
+    },
+    /// Remove a monthly budget.
+    Clear {
+        #[command(flatten)]
+        target: BudgetTarget,
+    },
+    /// Show a budget and what this month has used of it.
+    Show {
+        #[command(flatten)]
+        target: BudgetTarget,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RateLimitsArgs {
+    /// Limit one key.
+    #[arg(long, conflicts_with_all = ["tenant", "model"])]
+    key_id: Option<String>,
+    /// Limit one project (with `--project`).
+    #[arg(long, requires = "project", conflicts_with = "model")]
+    tenant: Option<String>,
+    #[arg(long, requires = "tenant")]
+    project: Option<String>,
+    /// Limit one model, across all tenants.
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests per minute; absent: unlimited.
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// Tokens (prompt + max completion) per minute; absent: unlimited.
+    #[arg(long)]
+    tpm: Option<u32>,
 }
 
 fn tenant(value: &str) -> anyhow::Result<TenantId> {
     TenantId::new(value).with_context(|| format!("invalid tenant `{value}`"))
+}
+
+fn project(value: &str) -> anyhow::Result<ProjectId> {
+    ProjectId::new(value).with_context(|| format!("invalid project `{value}`"))
+}
+
+fn amount(value: &str) -> anyhow::Result<Nanos> {
+    Ok(Nanos::parse_decimal(value)?)
+}
+
+fn month(value: &str) -> anyhow::Result<Month> {
+    Month::parse(value).with_context(|| format!("invalid month `{value}` (expected YYYY-MM)"))
 }
 
 async fn connect(database_url: &str) -> anyhow::Result<Ledger> {
@@ -61,13 +229,19 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
         KeysCommand::Create {
             tenant: name,
             name: label,
+            project: project_name,
         } => {
-            let created = ledger.create_key(&tenant(&name)?, &label).await?;
+            let created = ledger
+                .create_key_in_project(&tenant(&name)?, &project(&project_name)?, &label)
+                .await?;
             writeln!(out, "{}", created.secret)?;
             writeln!(
                 out,
-                "key_id {}  tenant {}  name {}  (the key above is shown only this once)",
-                created.record.key_id, created.record.tenant, created.record.name
+                "key_id {}  tenant {}  project {}  name {}  (the key above is shown only this once)",
+                created.record.key_id,
+                created.record.tenant,
+                created.record.project,
+                created.record.name
             )?;
         }
         KeysCommand::List { tenant: filter } => {
@@ -130,19 +304,310 @@ pub(crate) fn models(config: &Config) -> anyhow::Result<()> {
 
 pub(crate) async fn usage(database_url: &str, args: &UsageArgs) -> anyhow::Result<()> {
     let ledger = connect(database_url).await?;
-    let totals = ledger.usage_totals(&tenant(&args.tenant)?).await?;
+    let tenant = tenant(&args.tenant)?;
+    let scope = match (&args.project, &args.key_id) {
+        (Some(p), _) => UsageScope::Project {
+            tenant: tenant.clone(),
+            project: project(p)?,
+        },
+        (None, Some(k)) => UsageScope::Key {
+            tenant: tenant.clone(),
+            key_id: KeyId(k.clone()),
+        },
+        (None, None) => UsageScope::Tenant(tenant.clone()),
+    };
+    let month = args.month.as_deref().map(month).transpose()?;
+    let account = ledger.account(&tenant).await?;
+    let rows = ledger.usage_summary(&scope, month).await?;
+    let report = tidepool_gateway::accounts::usage_report(&scope, month, account.currency, rows)?;
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{:<28} {:>10} {:>15} {:>17}",
-        "MODEL", "REQUESTS", "PROMPT_TOKENS", "COMPLETION_TOKENS"
-    )?;
-    for row in totals {
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Csv => {
+            writeln!(
+                out,
+                "model,requests,prompt_tokens,cached_prompt_tokens,completion_tokens,cost_nanos,currency"
+            )?;
+            for row in &report.data {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{}",
+                    row.model,
+                    row.requests,
+                    row.prompt_tokens,
+                    row.cached_prompt_tokens,
+                    row.completion_tokens,
+                    row.cost_nanos,
+                    report.currency
+                )?;
+            }
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<28} {:>10} {:>15} {:>14} {:>17} {:>22}",
+                "MODEL", "REQUESTS", "PROMPT_TOKENS", "CACHED_TOKENS", "COMPLETION_TOKENS", "COST"
+            )?;
+            for row in &report.data {
+                writeln!(
+                    out,
+                    "{:<28} {:>10} {:>15} {:>14} {:>17} {:>18} {}",
+                    row.model,
+                    row.requests,
+                    row.prompt_tokens,
+                    row.cached_prompt_tokens,
+                    row.completion_tokens,
+                    Nanos(row.cost_nanos),
+                    report.currency
+                )?;
+            }
+            writeln!(
+                out,
+                "{:<28} {:>79} {}",
+                "TOTAL",
+                Nanos(report.total_cost_nanos),
+                report.currency
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn statement(database_url: &str, args: &StatementArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let statement = ledger
+        .statement(&tenant(&args.tenant)?, month(&args.month)?)
+        .await?;
+    let mut out = std::io::stdout().lock();
+    if args.format == Format::Json {
+        let json = tidepool_gateway::accounts::statement_out(&statement);
+        writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
+        return Ok(());
+    }
+    let csv = args.format == Format::Csv;
+    let currency = statement.currency;
+    if csv {
+        writeln!(out, "kind,at_ms,description,requests,amount_nanos,currency")?;
+        writeln!(out, "opening,,,,{},{currency}", statement.opening_balance.0)?;
+    } else {
         writeln!(
             out,
-            "{:<28} {:>10} {:>15} {:>17}",
-            row.model, row.requests, row.prompt_tokens, row.completion_tokens
+            "statement {} {}  opening balance {} {currency}",
+            statement.tenant, statement.month, statement.opening_balance
         )?;
     }
+    for line in &statement.lines {
+        let (kind, at_ms, description, requests) = describe(line);
+        if csv {
+            writeln!(
+                out,
+                "{kind},{at_ms},\"{}\",{requests},{},{currency}",
+                description.replace('"', "\"\""),
+                line.amount().0
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{kind:<7} {at_ms:>14} {:>19} {currency}  {requests:>8}  {description}",
+                line.amount().to_string()
+            )?;
+        }
+    }
+    if csv {
+        writeln!(out, "closing,,,,{},{currency}", statement.closing_balance.0)?;
+    } else {
+        writeln!(
+            out,
+            "closing balance {} {currency}",
+            statement.closing_balance
+        )?;
+    }
+    Ok(())
+}
+
+/// A statement line as (kind, time, description, requests) for the table and CSV forms.
+fn describe(line: &StatementLine) -> (&'static str, i64, String, String) {
+    match line {
+        StatementLine::Credit { at_ms, note, .. } => {
+            ("credit", *at_ms, note.clone(), String::new())
+        }
+        StatementLine::Usage {
+            price,
+            requests,
+            prompt_tokens,
+            cached_prompt_tokens,
+            completion_tokens,
+            ..
+        } => (
+            "usage",
+            price.effective_from_ms,
+            format!(
+                "{} in {} (cached {}) out {} at {}/{}/{} per Mtok",
+                price.model,
+                prompt_tokens,
+                cached_prompt_tokens,
+                completion_tokens,
+                price.input_per_mtok,
+                price.cached_input_per_mtok,
+                price.output_per_mtok
+            ),
+            requests.to_string(),
+        ),
+    }
+}
+
+fn print_account(
+    out: &mut impl std::io::Write,
+    account: &tidepool_ledger::Account,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<20} balance {} {}  reserved {}  available {}",
+        account.tenant.as_str(),
+        account.balance,
+        account.currency,
+        account.reserved,
+        account.available()
+    )?;
+    Ok(())
+}
+
+pub(crate) async fn tenants(database_url: &str, args: TenantsArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        TenantsCommand::Create {
+            tenant: name,
+            currency,
+        } => {
+            let id = tenant(&name)?;
+            ledger
+                .create_tenant(&id, Currency::parse(&currency)?)
+                .await?;
+            print_account(&mut out, &ledger.account(&id).await?)?;
+        }
+        TenantsCommand::Show { tenant: name } => {
+            let id = tenant(&name)?;
+            print_account(&mut out, &ledger.account(&id).await?)?;
+            for project in ledger.list_projects(&id).await? {
+                writeln!(out, "  project {project}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn projects(database_url: &str, args: ProjectsArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        ProjectsCommand::Create {
+            tenant: name,
+            project: project_name,
+        } => {
+            ledger
+                .create_project(&tenant(&name)?, &project(&project_name)?)
+                .await?;
+            writeln!(out, "{name}/{project_name}")?;
+        }
+        ProjectsCommand::List { tenant: name } => {
+            for project in ledger.list_projects(&tenant(&name)?).await? {
+                writeln!(out, "{project}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn credit(database_url: &str, args: CreditArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        CreditCommand::Add {
+            tenant: name,
+            amount: value,
+            note,
+        } => {
+            let account = ledger
+                .credit(&tenant(&name)?, amount(&value)?, &note)
+                .await?;
+            print_account(&mut out, &account)?;
+        }
+    }
+    Ok(())
+}
+
+fn budget_scope(target: &BudgetTarget) -> anyhow::Result<BudgetScope> {
+    match (&target.tenant, &target.project, &target.key_id) {
+        (Some(t), Some(p), None) => Ok(BudgetScope::Project {
+            tenant: tenant(t)?,
+            project: project(p)?,
+        }),
+        (None, None, Some(k)) => Ok(BudgetScope::Key {
+            key_id: KeyId(k.clone()),
+        }),
+        _ => anyhow::bail!("name a budget with --tenant T --project P, or --key-id K"),
+    }
+}
+
+pub(crate) async fn budgets(database_url: &str, args: BudgetsArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let mut out = std::io::stdout().lock();
+    let target = match args.command {
+        BudgetsCommand::Set { target, limit } => {
+            ledger
+                .set_budget(&budget_scope(&target)?, Some(amount(&limit)?))
+                .await?;
+            target
+        }
+        BudgetsCommand::Clear { target } => {
+            ledger.set_budget(&budget_scope(&target)?, None).await?;
+            target
+        }
+        BudgetsCommand::Show { target } => target,
+    };
+    let status = ledger.budget(&budget_scope(&target)?).await?;
+    let limit = status
+        .limit
+        .map_or_else(|| "none".to_owned(), |l| l.to_string());
+    writeln!(
+        out,
+        "month {}  limit {limit}  spent {}  reserved {}",
+        status.month, status.spent, status.reserved
+    )?;
+    Ok(())
+}
+
+pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let scope = match (&args.key_id, &args.tenant, &args.project, &args.model) {
+        (Some(k), None, None, None) => RateScope::Key {
+            key_id: KeyId(k.clone()),
+        },
+        (None, Some(t), Some(p), None) => RateScope::Project {
+            tenant: tenant(t)?,
+            project: project(p)?,
+        },
+        (None, None, None, Some(m)) => RateScope::Model {
+            model: ModelId::new(m.as_str()).with_context(|| format!("invalid model `{m}`"))?,
+        },
+        _ => anyhow::bail!("name one scope: --key-id K, --tenant T --project P, or --model M"),
+    };
+    ledger
+        .set_rate_limits(
+            &scope,
+            RateLimits {
+                requests_per_minute: args.rpm,
+                tokens_per_minute: args.tpm,
+            },
+        )
+        .await?;
+    let show = |v: Option<u32>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+    writeln!(
+        std::io::stdout().lock(),
+        "rpm {}  tpm {}",
+        show(args.rpm),
+        show(args.tpm)
+    )?;
     Ok(())
 }

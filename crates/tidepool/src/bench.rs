@@ -34,6 +34,9 @@ pub(crate) enum BenchCommand {
     RawGenerate(RawGenerateArgs),
     /// Simulator speed: simulated requests per second of one core (`tidepool-sim`).
     Sim(crate::sim_cmd::BenchSimArgs),
+    /// Ledger: settles per second on SQLite and PostgreSQL, and the request latency metering +
+    /// quotas add (with vs without, same run).
+    Ledger(crate::bench_ledger::LedgerBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +91,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Engine(args) => engine(args).await,
         BenchCommand::RawGenerate(args) => raw_generate(&args),
         BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
+        BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
     }
 }
 
@@ -150,7 +154,7 @@ impl Samples {
 }
 
 /// Nearest-rank percentile; 0 for no samples.
-fn percentile(values: &mut [f64], pct: usize) -> f64 {
+pub(crate) fn percentile(values: &mut [f64], pct: usize) -> f64 {
     if values.is_empty() {
         return 0.0;
     }

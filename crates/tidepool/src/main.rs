@@ -4,6 +4,7 @@
 
 mod admin;
 mod bench;
+mod bench_ledger;
 mod sim_cmd;
 
 use std::path::PathBuf;
@@ -41,8 +42,20 @@ enum Command {
     Keys(admin::KeysArgs),
     /// List the configured models.
     Models,
-    /// Usage totals per model for one tenant.
+    /// Tenants (billing customers) and their prepaid accounts.
+    Tenants(admin::TenantsArgs),
+    /// Projects within a tenant.
+    Projects(admin::ProjectsArgs),
+    /// Prepaid credit.
+    Credit(admin::CreditArgs),
+    /// Monthly budgets of projects and keys.
+    Budgets(admin::BudgetsArgs),
+    /// Set the RPM/TPM limits of a key, a project or a model.
+    RateLimits(admin::RateLimitsArgs),
+    /// Usage and cost per model of a tenant, project or key.
     Usage(admin::UsageArgs),
+    /// A tenant's monthly statement (line items sum to the balance movement).
+    Statement(admin::StatementArgs),
     /// Benchmarks (ratios against baselines measured in the same run).
     Bench(bench::BenchArgs),
     /// Run the discrete-event simulator.
@@ -56,6 +69,13 @@ struct ServeArgs {
     /// Address to listen on (default: the config's `[server].listen`).
     #[arg(long, env = "TIDEPOOL_LISTEN")]
     listen: Option<String>,
+    /// Bearer token of the admin API (`/admin/*`); without it the admin API is off.
+    #[arg(long, env = "TIDEPOOL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// This gateway's replica id among those sharing one database (default: the config's
+    /// `[billing].replica_id`); stable across restarts.
+    #[arg(long, env = "TIDEPOOL_REPLICA_ID")]
+    replica_id: Option<String>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -106,11 +126,17 @@ async fn shutdown_signal() {
 }
 
 async fn serve(config: &Config, database_url: String, args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    if let Some(replica_id) = args.replica_id {
+        config.billing.replica_id = replica_id;
+        config.validate()?;
+    }
     let options = tidepool_gateway::ServeOptions {
         listen: args.listen.unwrap_or_else(|| config.server.listen.clone()),
         database_url,
+        admin_token: args.admin_token.filter(|token| !token.is_empty()),
     };
-    tidepool_gateway::serve(config, &options, shutdown_signal()).await?;
+    tidepool_gateway::serve(&config, &options, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -132,7 +158,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Keys(args) => admin::keys(&database_url(&config()?), args).await,
         Command::Models => admin::models(&config()?),
+        Command::Tenants(args) => admin::tenants(&database_url(&config()?), args).await,
+        Command::Projects(args) => admin::projects(&database_url(&config()?), args).await,
+        Command::Credit(args) => admin::credit(&database_url(&config()?), args).await,
+        Command::Budgets(args) => admin::budgets(&database_url(&config()?), args).await,
+        Command::RateLimits(args) => admin::rate_limits(&database_url(&config()?), args).await,
         Command::Usage(args) => admin::usage(&database_url(&config()?), &args).await,
+        Command::Statement(args) => admin::statement(&database_url(&config()?), &args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Sim(args) => sim_cmd::run_sim(&args),
         Command::Plan(args) => sim_cmd::run_plan(&args),

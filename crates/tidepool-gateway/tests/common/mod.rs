@@ -10,14 +10,14 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use serde_json::Value;
-use tidepool_core::{Limits, ModelId, ModelKind, RequestId, TenantId, TokenCount};
+use tidepool_core::{Currency, Limits, ModelId, ModelKind, Nanos, RequestId, TenantId, TokenCount};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_engine::{
     ChatMessage, EmbeddingEngine, Embeddings, EngineError, EngineStats, GenerateRequest,
     Generation, GenerationEvent, TextEngine, TokenId,
 };
-use tidepool_gateway::{AppState, ServedModel, router};
-use tidepool_ledger::{Ledger, UsageEntry};
+use tidepool_gateway::{AppState, ServedModel, StateOptions, router};
+use tidepool_ledger::{Ledger, PriceVersion, UsageEntry};
 use tokio::sync::{mpsc, oneshot};
 use tower::ServiceExt as _;
 
@@ -26,6 +26,30 @@ pub(crate) const FAKE_BASE: &str = "fake-base";
 pub(crate) const SCRIPTED: &str = "scripted";
 pub(crate) const EMBED: &str = "fake-embed";
 pub(crate) const EMBED_DIMENSIONS: usize = 3;
+/// Every test model's price: 1000 nano-units per prompt token, 2000 per completion token.
+pub(crate) const INPUT_PER_MTOK: i64 = 1_000_000_000;
+pub(crate) const OUTPUT_PER_MTOK: i64 = 2_000_000_000;
+/// The `acme` tenant's prepaid credit: 1000 units.
+pub(crate) const CREDIT_NANOS: i64 = 1_000_000_000_000;
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The price every test model is billed at.
+pub(crate) fn price(model: &str) -> PriceVersion {
+    PriceVersion {
+        model: id(model),
+        effective_from_ms: 0,
+        currency: Currency::USD,
+        input_per_mtok: Nanos(INPUT_PER_MTOK),
+        output_per_mtok: Nanos(OUTPUT_PER_MTOK),
+        cached_input_per_mtok: Nanos(INPUT_PER_MTOK / 2),
+    }
+}
+
+/// The exact cost of a request at [`price`].
+pub(crate) fn cost(prompt_tokens: u32, completion_tokens: u32) -> i64 {
+    (i64::from(prompt_tokens) * INPUT_PER_MTOK + i64::from(completion_tokens) * OUTPUT_PER_MTOK)
+        / 1_000_000
+}
 
 /// One submission the scripted engine received: the request and the sender of its events.
 #[derive(Debug)]
@@ -132,7 +156,7 @@ pub(crate) struct App {
     pub(crate) key_id: String,
     pub(crate) scripted: Arc<ScriptedEngine>,
     pub(crate) submissions: mpsc::Receiver<Submitted>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 pub(crate) fn id(value: &str) -> ModelId {
@@ -152,10 +176,31 @@ impl App {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
         let ledger = Ledger::connect(&url).await.unwrap();
-        let created = ledger
-            .create_key(&TenantId::new("acme").unwrap(), "tests")
-            .await
-            .unwrap();
+        Self::on(ledger, Some(dir), StateOptions::new(limits), fake).await
+    }
+
+    /// An app on an existing ledger (e.g. PostgreSQL, or a second replica), with explicit state
+    /// options; prices are set and `acme` gets a key (and, when its account is new, credit).
+    pub(crate) async fn on(
+        ledger: Ledger,
+        dir: Option<tempfile::TempDir>,
+        mut options: StateOptions,
+        fake: impl FnOnce(FakeEngineConfig) -> FakeEngineConfig,
+    ) -> Self {
+        let acme = TenantId::new("acme").unwrap();
+        let created = ledger.create_key(&acme, "tests").await.unwrap();
+        if ledger.account(&acme).await.unwrap().balance == Nanos::ZERO {
+            ledger
+                .credit(&acme, Nanos(CREDIT_NANOS), "tests")
+                .await
+                .unwrap();
+        }
+        for model in [FAKE_CHAT, FAKE_BASE, SCRIPTED, EMBED] {
+            ledger.set_price(&price(model)).await.unwrap();
+        }
+        if options.admin_token.is_none() {
+            options.admin_token = Some(ADMIN_TOKEN.to_owned());
+        }
         let fake_chat = FakeEngine::start(fake(FakeEngineConfig::new(id(FAKE_CHAT)))).unwrap();
         let fake_base = FakeEngine::start(FakeEngineConfig::new(id(FAKE_BASE))).unwrap();
         let (submitted, submissions) = mpsc::channel(16);
@@ -170,7 +215,7 @@ impl App {
             ServedModel::text(ModelKind::Chat, scripted.clone()),
             ServedModel::embedding(Arc::new(FixedEmbedder { id: id(EMBED) })),
         ];
-        let state = AppState::new(models, ledger.clone(), limits);
+        let state = AppState::with_options(models, ledger.clone(), options);
         Self {
             router: router(state.clone()),
             state,
@@ -181,6 +226,23 @@ impl App {
             submissions,
             _dir: dir,
         }
+    }
+
+    /// The `acme` tenant's balance now.
+    pub(crate) async fn balance(&self) -> i64 {
+        self.account().await.balance.0
+    }
+
+    /// The `acme` tenant's holds of requests in flight now.
+    pub(crate) async fn reserved(&self) -> i64 {
+        self.account().await.reserved.0
+    }
+
+    async fn account(&self) -> tidepool_ledger::Account {
+        self.ledger
+            .account(&TenantId::new("acme").unwrap())
+            .await
+            .unwrap()
     }
 
     pub(crate) async fn send(&self, request: Request<Body>) -> Response<Body> {
