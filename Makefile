@@ -62,10 +62,13 @@ python-test: build-debug venv
 	TIDEPOOL_BIN=$(DEBUG_BIN) $(PY) -m pytest -q tests/python
 
 bench: build peers
-	$(RELEASE_BIN) bench engine --llama-server $(HOME)/.cache/tidepool-peers/bin/llama-server
+	$(RELEASE_BIN) bench engine --llama-server $(HOME)/.cache/tidepool-peers-v3/bin/llama-server
+	$(RELEASE_BIN) bench ledger
 
+# The shared peer script's GGML_NATIVE=ON build crashes on AMX CPUs; ours builds the same source
+# for Tidepool's own CPU baseline (see the script's header).
 peers:
-	bash ../shared/peers/build-llama-server.sh
+	scripts/build-peer.sh
 
 fmt:
 	cargo fmt --all

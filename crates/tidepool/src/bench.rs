@@ -589,6 +589,9 @@ impl LlamaServer {
         let port = free_port()?;
         let ctx = (2048 * seqs_max).to_string();
         let lib_dir = binary.parent().map(Path::to_path_buf).unwrap_or_default();
+        let log_path = std::env::temp_dir().join("tidepool-bench-llama-server.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
         let mut child = Command::new(binary)
             .arg("-m")
             .arg(model)
@@ -602,8 +605,10 @@ impl LlamaServer {
             ])
             .args(["--host", "127.0.0.1", "-a", "model"])
             .env("LD_LIBRARY_PATH", lib_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Its log goes to a file: with both streams on /dev/null the peer died mid-run
+            // twice on this machine kind (connection closed), and a log says why.
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
