@@ -15,7 +15,7 @@
 
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
@@ -26,7 +26,7 @@ use tidepool_ledger::{
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiJson, authenticate};
+use crate::extract::{ApiJson, authenticate, bearer};
 use crate::state::AppState;
 use crate::usage::UsageBreadth;
 
@@ -193,12 +193,7 @@ fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin_enabled() {
         return Err(ApiError::RouteNotFound);
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::AdminUnauthorized)?;
+    let token = bearer(headers).ok_or(ApiError::AdminUnauthorized)?;
     if state.is_admin_token(token) {
         Ok(())
     } else {

@@ -137,6 +137,15 @@ async fn read_body(request: Request, bytes_max: u64) -> Result<Vec<u8>, ApiError
     }
 }
 
+/// The token of `Authorization: Bearer <token>`, if the header has that shape.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Checks `Authorization: Bearer <key>` and opens the request's usage entry.
 pub(crate) async fn authenticate(
     state: &AppState,
@@ -145,12 +154,7 @@ pub(crate) async fn authenticate(
     endpoint: &'static str,
 ) -> Result<UsageGuard, ApiError> {
     let started = tokio::time::Instant::now();
-    let secret = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::InvalidApiKey)?;
+    let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
     let record = state
         .ledger()
         .authenticate(secret)

@@ -40,6 +40,17 @@ fn request_id_of(response: &axum::http::Response<Body>) -> RequestId {
     RequestId::parse(response.headers()["x-request-id"].to_str().unwrap()).unwrap()
 }
 
+/// Sends a chat POST in the background (for requests the scripted engine must answer first).
+fn spawn_post(
+    app: &App,
+    key: &str,
+    body: &Value,
+) -> tokio::task::JoinHandle<axum::http::Response<Body>> {
+    let router = app.router.clone();
+    let request = post("/v1/chat/completions", key, body.to_string());
+    tokio::spawn(async move { router.oneshot(request).await.unwrap() })
+}
+
 fn with_header(mut request: Request<Body>, name: &'static str, value: &str) -> Request<Body> {
     request.headers_mut().insert(name, value.parse().unwrap());
     request
@@ -71,13 +82,7 @@ async fn an_unaffordable_request_is_429_insufficient_quota_before_any_compute() 
     let mut app = App::new().await;
     let broke = TenantId::new("broke").unwrap();
     let key = app.ledger.create_key(&broke, "k").await.unwrap();
-    let router = app.router.clone();
-    let request = post(
-        "/v1/chat/completions",
-        &key.secret,
-        chat(SCRIPTED, 4).to_string(),
-    );
-    let pending = tokio::spawn(async move { router.oneshot(request).await.unwrap() });
+    let pending = spawn_post(&app, &key.secret, &chat(SCRIPTED, 4));
     // Whichever comes first: the answer, or the engine receiving the request (a failure).
     let outcome = tokio::select! {
         response = pending => Ok(response.unwrap()),
@@ -100,13 +105,7 @@ async fn an_unaffordable_request_is_429_insufficient_quota_before_any_compute() 
     );
     app.settle().await;
     // The same request from a funded tenant reaches the engine.
-    let router = app.router.clone();
-    let request = post(
-        "/v1/chat/completions",
-        &app.key,
-        chat(SCRIPTED, 4).to_string(),
-    );
-    let pending = tokio::spawn(async move { router.oneshot(request).await.unwrap() });
+    let pending = spawn_post(&app, &app.key, &chat(SCRIPTED, 4));
     let submitted = app.submission().await;
     submitted
         .events
@@ -125,9 +124,7 @@ async fn failure_before_the_first_token_voids_and_bills_nothing() {
     let before = app.balance().await;
     let body = json!({"model": SCRIPTED, "messages": [{"role": "user", "content": "hi"}],
                       "max_tokens": 8, "stream": true});
-    let router = app.router.clone();
-    let request = post("/v1/chat/completions", &app.key, body.to_string());
-    let pending = tokio::spawn(async move { router.oneshot(request).await.unwrap() });
+    let pending = spawn_post(&app, &app.key, &body);
     let submitted = app.submission().await;
     submitted
         .events
@@ -171,9 +168,7 @@ async fn a_disconnected_stream_is_billed_for_the_tokens_delivered() {
     let before = app.balance().await;
     let body = json!({"model": SCRIPTED, "messages": [{"role": "user", "content": "one two three"}],
                       "max_tokens": 16, "stream": true});
-    let router = app.router.clone();
-    let request = post("/v1/chat/completions", &app.key, body.to_string());
-    let pending = tokio::spawn(async move { router.oneshot(request).await.unwrap() });
+    let pending = spawn_post(&app, &app.key, &body);
     let submitted = app.submission().await;
     let prompt_tokens = u32::try_from(submitted.request.prompt.len()).unwrap();
     let response = pending.await.unwrap();
