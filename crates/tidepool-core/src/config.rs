@@ -155,20 +155,69 @@ pub enum Backend {
 #[serde(rename_all = "kebab-case")]
 pub enum PoolPolicy {
     /// Every model always resident.
-    #[default]
     Dedicated,
     /// Request-level swapping, least recently used model evicted (Ollama-like).
     SwapLru,
     /// Token-level switching (Aegaeon-like).
+    #[default]
     Token,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The model pool (`[pool]`): every llama.cpp text model runs on one accelerator thread under
+/// this policy and budget (docs/pool.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    /// `false`: each text model gets its own continuous-batching engine, all always loaded
+    /// (the skeleton's engine, kept for `tidepool bench engine`).
+    pub enabled: bool,
     pub policy: PoolPolicy,
-    /// Cap on weights + KV of everything resident; `None` = no cap.
+    /// Cap on weights + contexts + saved sequence states, in bytes; `None`: see below.
     pub memory_bytes_max: Option<u64>,
+    /// Without `memory_bytes_max`: a budget that fits this many of the largest models at once
+    /// (plus `kv_saved_bytes_max`), sizes as measured at start-up; neither: everything fits.
+    pub memory_models_max: Option<u32>,
+    /// Cap on saved sequence states, in bytes (inside `memory_bytes_max`).
+    pub kv_saved_bytes_max: u64,
+    /// Time-to-first-token SLO the `token` policy plans for, in ms.
+    pub ttft_slo_ms: u64,
+    /// Time-between-tokens SLO, in ms.
+    pub tbt_slo_ms: u64,
+    /// Decode steps of one turn when switching is free, and the floor otherwise.
+    pub decode_steps_min: u32,
+}
+
+impl PoolConfig {
+    fn validate(&self) -> Result<(), CoreError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(CoreError::ConfigInvalid {
+                field: format!("pool.{field}"),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.ttft_slo_ms == 0 || self.tbt_slo_ms == 0 {
+            return invalid("tbt_slo_ms", "SLOs must be positive");
+        }
+        if self.decode_steps_min == 0 {
+            return invalid("decode_steps_min", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy: PoolPolicy::Token,
+            memory_bytes_max: None,
+            memory_models_max: None,
+            kv_saved_bytes_max: 1 << 30,
+            ttft_slo_ms: 5_000,
+            tbt_slo_ms: 250,
+            decode_steps_min: 16,
+        }
+    }
 }
 
 /// What a model serves.
@@ -215,6 +264,13 @@ pub struct ModelConfig {
     /// `backend = "fake"` only: simulated time of one decode step, in microseconds.
     #[serde(default)]
     pub fake_decode_step_us: u64,
+    /// Pool: never evicted once loaded.
+    #[serde(default)]
+    pub pin: bool,
+    /// Pool: unloaded after this long without work (scale to zero), in ms; unset = kept until
+    /// memory is needed.
+    #[serde(default)]
+    pub keep_alive_ms: Option<u64>,
 }
 
 fn default_context_tokens() -> TokenCount {
@@ -288,6 +344,7 @@ impl Config {
                 }
             }
         }
+        self.pool.validate()?;
         if self.limits.admission_queue_len_max == 0 {
             return invalid(
                 "limits.admission_queue_len_max".into(),
@@ -372,7 +429,8 @@ price_output_per_mtok = 600000000
         assert_eq!(config.models.len(), 1);
         assert_eq!(config.models[0].context_tokens, 2048);
         assert_eq!(config.models[0].price_output_per_mtok, Nanos(600_000_000));
-        assert_eq!(config.pool.policy, PoolPolicy::Dedicated);
+        assert_eq!(config.pool.policy, PoolPolicy::Token);
+        assert!(config.pool.enabled);
     }
 
     #[test]

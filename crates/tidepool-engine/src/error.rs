@@ -28,6 +28,17 @@ pub enum EngineError {
     Decode { code: i32 },
     #[error("embedding model failed: {reason}")]
     Embedding { reason: String },
+    /// The model can never be resident under the pool's memory budget.
+    #[error(
+        "the model needs {bytes_needed} bytes of memory but the pool's budget is {memory_bytes_max}"
+    )]
+    ExceedsMemoryBudget {
+        bytes_needed: u64,
+        memory_bytes_max: u64,
+    },
+    /// The scheduler refused something only a bug can cause.
+    #[error("scheduler error: {reason}")]
+    Scheduler { reason: String },
     #[error("the engine has shut down")]
     ShutDown,
 }

@@ -13,6 +13,7 @@ pub mod embed;
 pub mod error;
 pub mod fake;
 pub mod llama;
+pub mod multi;
 mod output;
 mod params;
 

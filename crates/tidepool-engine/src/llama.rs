@@ -205,9 +205,56 @@ pub(crate) fn tokenize_text(model: &LlamaModel, text: &str) -> Vec<TokenId> {
     tokens
 }
 
+/// Renders chat messages with the model's template (from its GGUF metadata), ending with the
+/// assistant prefix.
+pub(crate) fn render_chat(
+    model: &LlamaModel,
+    template: Option<&LlamaChatTemplate>,
+    model_id: &ModelId,
+    messages: &[ChatMessage],
+) -> Result<String, EngineError> {
+    let template = template.ok_or_else(|| EngineError::Template {
+        reason: format!("model `{model_id}` has no chat template in its GGUF metadata"),
+    })?;
+    let chat = messages
+        .iter()
+        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Template {
+            reason: e.to_string(),
+        })?;
+    model
+        .apply_chat_template(template, &chat, true)
+        .map_err(|e| EngineError::Template {
+            reason: e.to_string(),
+        })
+}
+
+/// [`tokenize_text`] after rejecting text llama.cpp cannot take (a NUL byte).
+pub(crate) fn tokenize_checked(
+    model: &LlamaModel,
+    text: &str,
+) -> Result<Vec<TokenId>, EngineError> {
+    if text.contains('\0') {
+        return Err(EngineError::Tokenize {
+            reason: "text contains a NUL byte".to_owned(),
+        });
+    }
+    Ok(tokenize_text(model, text))
+}
+
+/// The numeric code of a failed `llama_decode`, as [`EngineError::Decode`] reports it.
+pub(crate) fn decode_error_code(error: &DecodeError) -> i32 {
+    match error {
+        DecodeError::NoKvCacheSlot => 1,
+        DecodeError::NTokensZero => -1,
+        DecodeError::Unknown(code) => *code,
+    }
+}
+
 /// Sliding-window size of the model, if it uses sliding-window attention. Partial KV removal is
 /// unreliable past the window (llama.cpp #25295, #29045), so prefix reuse stays inside it.
-fn sliding_window_tokens(model: &LlamaModel) -> Option<usize> {
+pub(crate) fn sliding_window_tokens(model: &LlamaModel) -> Option<usize> {
     let arch = model.meta_val_str("general.architecture").ok()?;
     let window = model
         .meta_val_str(&format!("{arch}.attention.sliding_window"))
@@ -352,36 +399,16 @@ impl TextEngine for LlamaEngine {
     }
 
     fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| EngineError::Template {
-                reason: format!(
-                    "model `{}` has no chat template in its GGUF metadata",
-                    self.model_id
-                ),
-            })?;
-        let chat = messages
-            .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Template {
-                reason: e.to_string(),
-            })?;
-        self.model
-            .apply_chat_template(template, &chat, true)
-            .map_err(|e| EngineError::Template {
-                reason: e.to_string(),
-            })
+        render_chat(
+            &self.model,
+            self.chat_template.as_ref(),
+            &self.model_id,
+            messages,
+        )
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
-        if text.contains('\0') {
-            return Err(EngineError::Tokenize {
-                reason: "text contains a NUL byte".to_owned(),
-            });
-        }
-        Ok(tokenize_text(&self.model, text))
+        tokenize_checked(&self.model, text)
     }
 
     fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
@@ -736,11 +763,7 @@ impl<'m> Worker<'m> {
         let decoded = self.batch.n_tokens() > 0;
         if decoded {
             if let Err(error) = self.ctx.decode(&mut self.batch) {
-                let code = match error {
-                    DecodeError::NoKvCacheSlot => 1,
-                    DecodeError::NTokensZero => -1,
-                    DecodeError::Unknown(code) => code,
-                };
+                let code = decode_error_code(&error);
                 tracing::error!(code, "llama_decode failed");
                 self.fail_stepped(&EngineError::Decode { code });
                 return true;

@@ -174,6 +174,11 @@ impl SeqOutput {
         self.cached_prompt_tokens = cached;
     }
 
+    /// Completion tokens generated so far (end-of-generation tokens are not counted).
+    pub(crate) fn completion_tokens(&self) -> TokenCount {
+        self.completion_tokens
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }

@@ -189,7 +189,7 @@ pub(crate) async fn usage(
 
 /// Checks `Authorization: Bearer <admin token>`. Without a configured token the admin API does
 /// not exist.
-fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin_enabled() {
         return Err(ApiError::RouteNotFound);
     }

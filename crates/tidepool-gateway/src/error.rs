@@ -33,6 +33,8 @@ pub const ERROR_CODES: &[&str] = &[
     "idempotency_key_reused",
     "duplicate_request_id",
     "invalid_admin_token",
+    "model_exceeds_memory_budget",
+    "model_busy",
     "resource_not_found",
     "request_timeout",
     "stream_stalled",
@@ -75,6 +77,9 @@ pub enum ApiError {
     /// An admin or usage query names something that does not exist.
     #[error("{what} `{id}` does not exist")]
     ResourceNotFound { what: &'static str, id: String },
+    /// An operator's pool request that cannot happen now (`POST /admin/models/{id}/unload`).
+    #[error("model `{model}` cannot be unloaded now: {reason}")]
+    ModelBusy { model: String, reason: &'static str },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -140,14 +145,16 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ModelBusy { .. } => StatusCode::CONFLICT,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout { .. } | Self::Stalled { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Engine(error) => match error {
                 EngineError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-                EngineError::ContextLengthExceeded { .. } | EngineError::InvalidRequest { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
+                EngineError::ContextLengthExceeded { .. }
+                | EngineError::InvalidRequest { .. }
+                | EngineError::ExceedsMemoryBudget { .. } => StatusCode::BAD_REQUEST,
                 EngineError::Load { .. }
+                | EngineError::Scheduler { .. }
                 | EngineError::Tokenize { .. }
                 | EngineError::Template { .. }
                 | EngineError::Decode { .. }
@@ -199,6 +206,7 @@ impl ApiError {
             Self::InvalidApiKey => "invalid_api_key",
             Self::AdminUnauthorized => "invalid_admin_token",
             Self::ResourceNotFound { .. } => "resource_not_found",
+            Self::ModelBusy { .. } => "model_busy",
             Self::ModelNotFound { .. } => "model_not_found",
             Self::ModelEndpointMismatch { .. } => "model_endpoint_mismatch",
             Self::RequestTooLarge { .. } => "request_too_large",
@@ -210,7 +218,9 @@ impl ApiError {
                 EngineError::Overloaded { .. } => "overloaded",
                 EngineError::ContextLengthExceeded { .. } => "context_length_exceeded",
                 EngineError::InvalidRequest { .. } => "invalid_request_error",
+                EngineError::ExceedsMemoryBudget { .. } => "model_exceeds_memory_budget",
                 EngineError::Load { .. }
+                | EngineError::Scheduler { .. }
                 | EngineError::Tokenize { .. }
                 | EngineError::Template { .. }
                 | EngineError::Decode { .. }
@@ -251,6 +261,7 @@ impl ApiError {
             | Self::InvalidApiKey
             | Self::AdminUnauthorized
             | Self::ResourceNotFound { .. }
+            | Self::ModelBusy { .. }
             | Self::RequestTooLarge { .. }
             | Self::RouteNotFound
             | Self::MethodNotAllowed
@@ -386,6 +397,7 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
 
+    #[expect(clippy::too_many_lines, reason = "one sample per error variant")]
     fn samples() -> Vec<ApiError> {
         let model = ModelId::new("m").unwrap();
         vec![
@@ -453,6 +465,16 @@ mod tests {
                 what: "tenant",
                 id: "t".into(),
             },
+            ApiError::ModelBusy {
+                model: "m".into(),
+                reason: "busy",
+            },
+            EngineError::ExceedsMemoryBudget {
+                bytes_needed: 2,
+                memory_bytes_max: 1,
+            }
+            .into(),
+            EngineError::Scheduler { reason: "x".into() }.into(),
         ]
     }
 

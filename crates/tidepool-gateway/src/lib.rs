@@ -17,6 +17,7 @@ mod load;
 mod metrics;
 pub mod openai;
 mod openapi;
+pub mod pool;
 mod ratelimit;
 mod routes;
 mod state;
@@ -31,7 +32,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail};
 pub use extract::{ApiJson, REQUEST_ID_HEADER};
-pub use load::{ServeError, load_models, sync_prices};
+pub use load::{LoadedModels, ServeError, load_models, sync_prices};
 pub use openapi::{ApiDoc, document as openapi_document};
 pub use state::{AppState, ModelEngine, ServedModel, StateOptions};
 use tidepool_core::Config;
@@ -48,6 +49,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(accounts::usage))
+        .route("/v1/pool", get(pool::pool_status))
+        .route("/admin/models/{id}/load", post(pool::load_model))
+        .route("/admin/models/{id}/unload", post(pool::unload_model))
         .route("/admin/tenants", post(accounts::create_tenant))
         .route("/admin/tenants/{tenant}", get(accounts::get_tenant))
         .route(
@@ -101,7 +105,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let ledger = open_ledger(config, options).await?;
-    let models = load_models(config).await?;
+    let LoadedModels { models, pool } = load_models(config).await?;
     let state = AppState::with_options(
         models,
         ledger.clone(),
@@ -110,6 +114,7 @@ pub async fn serve(
             billing: config.billing.clone(),
             admin_token: options.admin_token.clone(),
             clock: std::sync::Arc::new(tidepool_ledger::SystemClock),
+            pool,
         },
     );
     let stale_after = Duration::from_millis(config.billing.stale_reservation_ms);

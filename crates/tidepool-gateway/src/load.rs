@@ -1,15 +1,19 @@
-//! Start-up: builds the served models from `Config` (llama.cpp for `chat`/`completion`, candle
-//! for `embedding`) and the error type of `serve`. Start-up failures never reach an HTTP client,
+//! Start-up: builds the served models from `Config` (the model pool over llama.cpp for
+//! `chat`/`completion`, or one continuous-batching engine each with `[pool] enabled = false`;
+//! candle for `embedding`) and the error type of `serve`. Start-up failures never reach an HTTP client,
 //! so they are not `ApiError` variants (which each need a status): they are [`ServeError`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tidepool_core::{Backend, Config, ModelKind};
+use tidepool_core::{Backend, Config, ModelConfig, ModelKind};
 use tidepool_engine::EngineError;
 use tidepool_engine::embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_engine::llama::{LlamaEngine, LlamaEngineConfig};
+use tidepool_engine::multi::MultiModelConfig;
 use tidepool_ledger::{Ledger, LedgerError, PriceVersion};
+use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
 
 use crate::state::ServedModel;
 
@@ -36,60 +40,138 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
-/// Loads every configured model, one at a time, on the blocking pool (loading reads whole files
-/// and builds contexts: seconds of blocking work).
-pub async fn load_models(config: &Config) -> Result<Vec<ServedModel>, ServeError> {
+/// The served models, and the pool that runs the llama.cpp ones when `[pool] enabled`.
+#[derive(Debug)]
+pub struct LoadedModels {
+    pub models: Vec<ServedModel>,
+    pub pool: Option<Arc<PoolRuntime>>,
+}
+
+/// Whether a model runs in the pool: a llama.cpp text model while `[pool] enabled`.
+fn pooled(config: &Config, model: &ModelConfig) -> bool {
+    config.pool.enabled
+        && model.backend == Backend::Auto
+        && matches!(model.kind, ModelKind::Chat | ModelKind::Completion)
+}
+
+/// Loads every configured model on the blocking pool (loading reads whole files and builds
+/// contexts: seconds of blocking work). Pooled models only open their vocabulary here; the
+/// pool loads their weights when it schedules them (after measuring each once).
+pub async fn load_models(config: &Config) -> Result<LoadedModels, ServeError> {
+    let pool = start_pool(config).await?;
+    let mut pooled_engines = pool
+        .as_ref()
+        .map(PoolRuntime::engines)
+        .unwrap_or_default()
+        .into_iter();
     let mut served = Vec::with_capacity(config.models.len());
     for model in &config.models {
-        let path = config.model_path(model);
-        let limits = &config.limits;
-        let id = model.id.clone();
-        tracing::info!(model = %id, path = %path.display(), "loading model");
-        let kind = model.kind;
-        let loaded = match (model.backend, kind) {
-            (Backend::Fake, ModelKind::Chat | ModelKind::Completion) => {
-                let mut engine_config = FakeEngineConfig::new(id.clone());
-                engine_config.context_tokens = model.context_tokens;
-                engine_config.seqs_max = model.seqs_max;
-                engine_config.queue_len_max = limits.admission_queue_len_max;
-                engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
-                engine_config.decode_step_cost = Duration::from_micros(model.fake_decode_step_us);
-                Ok(FakeEngine::start(engine_config).map(|engine| ServedModel::text(kind, engine)))
+        if pooled(config, model) {
+            // `engines()` is in configuration order, the order of this loop.
+            if let Some(engine) = pooled_engines.next() {
+                served.push(ServedModel::text(model.kind, engine));
             }
-            (Backend::Auto, ModelKind::Chat | ModelKind::Completion) => {
-                let mut engine_config = LlamaEngineConfig::new(id.clone(), path);
-                engine_config.context_tokens = model.context_tokens;
-                engine_config.seqs_max = model.seqs_max;
-                engine_config.threads = config.engine.threads;
-                engine_config.batch_tokens_max = config.engine.batch_tokens_max.max(model.seqs_max);
-                engine_config.queue_len_max = limits.admission_queue_len_max;
-                engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
-                tokio::task::spawn_blocking(move || {
-                    LlamaEngine::load(engine_config).map(|engine| ServedModel::text(kind, engine))
-                })
-                .await
-            }
-            (Backend::Auto | Backend::Fake, ModelKind::Embedding) => {
-                let mut engine_config = CandleEmbeddingConfig::new(id.clone(), path);
-                engine_config.input_tokens_max = model.context_tokens;
-                engine_config.queue_len_max = limits.admission_queue_len_max;
-                engine_config.inputs_max = limits.embedding_inputs_max;
-                tokio::task::spawn_blocking(move || {
-                    CandleEmbeddingEngine::load(engine_config)
-                        .map(|engine| ServedModel::embedding(engine))
-                })
-                .await
-            }
-        };
-        let model = loaded
-            .map_err(ServeError::LoadInterrupted)?
-            .map_err(|source| ServeError::Engine {
-                model: id.to_string(),
-                source,
-            })?;
-        served.push(model);
+            continue;
+        }
+        served.push(load_one(config, model).await?);
     }
-    Ok(served)
+    Ok(LoadedModels {
+        models: served,
+        pool,
+    })
+}
+
+/// Starts the pool's accelerator thread with every pooled model (none: no pool).
+async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeError> {
+    let models: Vec<PooledModelConfig> = config
+        .models
+        .iter()
+        .filter(|m| pooled(config, m))
+        .map(|m| {
+            let mut engine = MultiModelConfig::new(m.id.clone(), config.model_path(m));
+            engine.context_tokens = m.context_tokens;
+            engine.seqs_max = m.seqs_max;
+            engine.threads = config.engine.threads;
+            engine.batch_tokens_max = config.engine.batch_tokens_max.max(m.seqs_max);
+            engine.chunks_buffered_max = config.limits.stream_chunks_buffered_max;
+            PooledModelConfig {
+                engine,
+                pin: m.pin,
+                keep_alive_ms: m.keep_alive_ms,
+            }
+        })
+        .collect();
+    let Some(first) = models.first() else {
+        return Ok(None);
+    };
+    let first = first.engine.model_id.to_string();
+    let mut runtime = RuntimeConfig::new(config.pool.policy, models);
+    runtime.memory_bytes_max = config.pool.memory_bytes_max;
+    runtime.memory_models_max = config.pool.memory_models_max;
+    runtime.kv_saved_bytes_max = config.pool.kv_saved_bytes_max;
+    runtime.ttft_slo_ms = config.pool.ttft_slo_ms;
+    runtime.tbt_slo_ms = config.pool.tbt_slo_ms;
+    runtime.decode_steps_min = config.pool.decode_steps_min;
+    runtime.admission_queue_len_max = config.limits.admission_queue_len_max;
+    tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
+        "starting the model pool (measuring each model once)");
+    let started = tokio::task::spawn_blocking(move || PoolRuntime::start(&runtime))
+        .await
+        .map_err(ServeError::LoadInterrupted)?
+        .map_err(|source| ServeError::Engine {
+            model: first,
+            source,
+        })?;
+    Ok(Some(started))
+}
+
+async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, ServeError> {
+    let path = config.model_path(model);
+    let limits = &config.limits;
+    let id = model.id.clone();
+    tracing::info!(model = %id, path = %path.display(), "loading model");
+    let kind = model.kind;
+    let loaded = match (model.backend, kind) {
+        (Backend::Fake, ModelKind::Chat | ModelKind::Completion) => {
+            let mut engine_config = FakeEngineConfig::new(id.clone());
+            engine_config.context_tokens = model.context_tokens;
+            engine_config.seqs_max = model.seqs_max;
+            engine_config.queue_len_max = limits.admission_queue_len_max;
+            engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
+            engine_config.decode_step_cost = Duration::from_micros(model.fake_decode_step_us);
+            Ok(FakeEngine::start(engine_config).map(|engine| ServedModel::text(kind, engine)))
+        }
+        (Backend::Auto, ModelKind::Chat | ModelKind::Completion) => {
+            let mut engine_config = LlamaEngineConfig::new(id.clone(), path);
+            engine_config.context_tokens = model.context_tokens;
+            engine_config.seqs_max = model.seqs_max;
+            engine_config.threads = config.engine.threads;
+            engine_config.batch_tokens_max = config.engine.batch_tokens_max.max(model.seqs_max);
+            engine_config.queue_len_max = limits.admission_queue_len_max;
+            engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
+            tokio::task::spawn_blocking(move || {
+                LlamaEngine::load(engine_config).map(|engine| ServedModel::text(kind, engine))
+            })
+            .await
+        }
+        (Backend::Auto | Backend::Fake, ModelKind::Embedding) => {
+            let mut engine_config = CandleEmbeddingConfig::new(id.clone(), path);
+            engine_config.input_tokens_max = model.context_tokens;
+            engine_config.queue_len_max = limits.admission_queue_len_max;
+            engine_config.inputs_max = limits.embedding_inputs_max;
+            tokio::task::spawn_blocking(move || {
+                CandleEmbeddingEngine::load(engine_config)
+                    .map(|engine| ServedModel::embedding(engine))
+            })
+            .await
+        }
+    };
+    loaded
+        .map_err(ServeError::LoadInterrupted)?
+        .map_err(|source| ServeError::Engine {
+            model: id.to_string(),
+            source,
+        })
 }
 
 /// Makes each configured model's price the one in force in the ledger's price book (a new

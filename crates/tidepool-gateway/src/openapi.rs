@@ -8,6 +8,7 @@ use utoipa::{Modify, OpenApi};
 use crate::accounts;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai;
+use crate::pool;
 use crate::routes;
 
 #[derive(Debug, OpenApi)]
@@ -33,6 +34,9 @@ use crate::routes;
         accounts::revoke_key,
         accounts::set_budget,
         accounts::set_rate_limits,
+        pool::pool_status,
+        pool::load_model,
+        pool::unload_model,
         routes::healthz,
         routes::metrics,
         routes::openapi,
@@ -52,6 +56,7 @@ use crate::routes;
     tags(
         (name = "openai", description = "OpenAI-compatible endpoints"),
         (name = "billing", description = "A key's own usage and cost"),
+        (name = "pool", description = "The model pool: residency, queues, memory"),
         (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements (admin token)"),
         (name = "ops", description = "Health, metrics and this document"),
     )

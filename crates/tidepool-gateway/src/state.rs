@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
+use tidepool_runtime::PoolRuntime;
 use tokio_util::task::TaskTracker;
 
 /// The engine behind one served model.
@@ -70,6 +71,7 @@ struct Inner {
     admin_token_sha256: Option<[u8; 32]>,
     tasks: TaskTracker,
     clock: Arc<dyn Clock>,
+    pool: Option<Arc<PoolRuntime>>,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -81,6 +83,8 @@ pub struct StateOptions {
     pub admin_token: Option<String>,
     /// Wall clock for usage timestamps and `created` fields.
     pub clock: Arc<dyn Clock>,
+    /// The model pool behind the pooled models (`GET /v1/pool`, admin load/unload).
+    pub pool: Option<Arc<PoolRuntime>>,
 }
 
 impl StateOptions {
@@ -90,6 +94,7 @@ impl StateOptions {
             billing: BillingConfig::default(),
             admin_token: None,
             clock: Arc::new(SystemClock),
+            pool: None,
         }
     }
 }
@@ -108,6 +113,7 @@ impl AppState {
             billing,
             admin_token,
             clock,
+            pool,
         } = options;
         let admin_token_sha256 = admin_token.map(|token| {
             use sha2::Digest as _;
@@ -127,6 +133,7 @@ impl AppState {
                 admin_token_sha256,
                 tasks: TaskTracker::new(),
                 clock,
+                pool,
             }),
         }
     }
@@ -138,6 +145,11 @@ impl AppState {
 
     pub fn models(&self) -> impl Iterator<Item = &ServedModel> {
         self.inner.models.values()
+    }
+
+    /// The model pool, when pooled models are served.
+    pub fn pool(&self) -> Option<&Arc<PoolRuntime>> {
+        self.inner.pool.as_ref()
     }
 
     pub fn ledger(&self) -> &Ledger {

@@ -15,7 +15,7 @@ use axum::http::{Request, StatusCode};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tidepool_core::{Config, RequestId, TenantId};
-use tidepool_gateway::{AppState, ModelEngine, load_models, router};
+use tidepool_gateway::{AppState, ModelEngine, StateOptions, load_models, router};
 use tidepool_ledger::{Ledger, UsageEntry, UsageStatus};
 use tower::ServiceExt as _;
 
@@ -61,8 +61,11 @@ async fn real_app(model: &str) -> RealApp {
     tidepool_gateway::sync_prices(&config, &ledger)
         .await
         .unwrap();
-    let models = load_models(&config).await.unwrap();
-    let state = AppState::new(models, ledger.clone(), config.limits.clone());
+    let loaded = load_models(&config).await.unwrap();
+    let mut options = StateOptions::new(config.limits.clone());
+    options.pool = loaded.pool;
+    options.admin_token = Some(ADMIN_TOKEN.to_owned());
+    let state = AppState::with_options(loaded.models, ledger.clone(), options);
     RealApp {
         router: router(state.clone()),
         state,
@@ -272,4 +275,85 @@ async fn real_model_disconnect_after_five_chunks_bills_what_was_delivered_and_fr
     while engine.stats().active > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+const ADMIN_TOKEN: &str = "real-model-admin-token";
+
+impl RealApp {
+    async fn call(&self, method: &str, path: &str, token: &str) -> axum::http::Response<Body> {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        self.router.clone().oneshot(request).await.unwrap()
+    }
+
+    async fn pool_model_state(&self) -> String {
+        let pool = json_of(self.call("GET", "/v1/pool", &self.key).await).await;
+        pool["models"][0]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Polls `GET /v1/pool` until the model is in `state` (a wait on state, not a timing test).
+    async fn wait_pool_state(&self, state: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+        while self.pool_model_state().await != state {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "model never became {state}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn real_model_pool_status_and_operator_load_unload_over_http() {
+    let app = real_app("smollm2-135m-instruct").await;
+    let body = json!({"model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 4,
+        "temperature": 0});
+    assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
+
+    let pool = json_of(app.call("GET", "/v1/pool", &app.key).await).await;
+    assert_eq!(pool["object"], "pool");
+    assert_eq!(pool["policy"], "token");
+    assert_eq!(pool["counters"]["requests_finished"], 1);
+    let model = &pool["models"][0];
+    assert_eq!(model["id"], "smollm2-135m-instruct");
+    assert_eq!(model["state"], "resident");
+    assert!(
+        model["weights_bytes"].as_u64().unwrap() > 10_000_000,
+        "{model}"
+    );
+    assert!(model["memory_bytes"].as_u64().unwrap() >= model["weights_bytes"].as_u64().unwrap());
+    assert!(pool["memory_bytes_used"].as_u64() <= pool["memory_bytes_max"].as_u64());
+
+    let path = "/admin/models/smollm2-135m-instruct/unload";
+    assert_eq!(app.call("POST", path, "wrong").await.status(), 401);
+    let response = app.call("POST", path, ADMIN_TOKEN).await;
+    assert_eq!(response.status(), 202);
+    app.wait_pool_state("cold").await;
+    let response = app
+        .call(
+            "POST",
+            "/admin/models/smollm2-135m-instruct/load",
+            ADMIN_TOKEN,
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    app.wait_pool_state("resident").await;
+    let missing = app
+        .call("POST", "/admin/models/nope/load", ADMIN_TOKEN)
+        .await;
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        json_of(missing).await["error"]["code"],
+        "resource_not_found"
+    );
+    // Served after the round trip, from the reloaded weights.
+    assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
 }

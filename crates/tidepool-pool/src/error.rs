@@ -29,6 +29,12 @@ pub enum PoolError {
     #[error("admission queue is full ({admission_queue_len_max} requests waiting)")]
     QueueFull { admission_queue_len_max: u32 },
     /// A sequence id was submitted twice.
+    /// An operator's unload that cannot happen now (dedicated policy, pinned, loading or busy).
+    #[error("model `{model}` cannot be unloaded now: {reason}")]
+    ModelBusy {
+        model: ModelId,
+        reason: &'static str,
+    },
     #[error("sequence {seq} already exists")]
     DuplicateSeq { seq: SeqId },
     /// A completion event names an action that is not in flight (driver bug).

@@ -76,6 +76,10 @@ pub enum Event {
     },
     /// Time passed (keep-alive expiry); the driver sends one at [`crate::Pool::next_timer_ns`].
     Tick { now_ns: u64 },
+    /// An operator asked to load `model` (`POST /admin/models/{id}/load`).
+    LoadRequested { now_ns: u64, model: ModelId },
+    /// An operator asked to unload `model`; `ModelBusy` unless it is idle.
+    UnloadRequested { now_ns: u64, model: ModelId },
 }
 
 impl Event {
@@ -88,7 +92,9 @@ impl Event {
             | Self::KvSaved { now_ns, .. }
             | Self::KvRestored { now_ns, .. }
             | Self::StepFinished { now_ns, .. }
-            | Self::Tick { now_ns } => *now_ns,
+            | Self::Tick { now_ns }
+            | Self::LoadRequested { now_ns, .. }
+            | Self::UnloadRequested { now_ns, .. } => *now_ns,
         }
     }
 }

@@ -71,6 +71,11 @@ pub(crate) struct ModelState {
     pub(crate) saved_bytes: u64,
     /// Requests held in the admission queue for this model.
     pub(crate) pending: u32,
+    /// An operator asked to load it (`Event::LoadRequested`): loaded when nothing else needs
+    /// the transfer lane and memory allows.
+    pub(crate) load_requested: bool,
+    /// An operator asked to unload it (`Event::UnloadRequested`): evicted next.
+    pub(crate) unload_requested: bool,
 }
 
 impl ModelState {
@@ -87,6 +92,8 @@ impl ModelState {
             load_ns: spec.estimate.load_ns,
             saved_bytes: 0,
             pending: 0,
+            load_requested: false,
+            unload_requested: false,
         }
     }
 }
@@ -262,21 +269,15 @@ impl Pool {
                 self.admit(seq, &model, prompt_tokens, max_tokens)?;
             }
             Event::Cancelled { seq, .. } => self.cancel(seq, actions),
+            Event::LoadRequested { model, .. } => self.request_load(&model)?,
+            Event::UnloadRequested { model, .. } => self.request_unload(&model)?,
             Event::LoadFinished {
                 action,
                 duration_ns,
                 ..
             } => {
                 let done = self.take(action, "load", |w| matches!(w, Work::Load))?;
-                let model = &mut self.models[done.model];
-                assert_eq!(
-                    model.residency,
-                    Residency::Loading,
-                    "load finished for a non-loading model"
-                );
-                model.residency = Residency::Resident;
-                model.last_used_ns = now_ns;
-                model.load_ns = ewma(model.load_ns, duration_ns);
+                self.finish_load(done.model, duration_ns);
             }
             Event::UnloadFinished { action, .. } => {
                 let done = self.take(action, "evict", |w| matches!(w, Work::Evict))?;
@@ -400,6 +401,76 @@ impl Pool {
         Ok(index)
     }
 
+    /// An operator's load: a hint (the model is loaded when the transfer lane has nothing more
+    /// urgent, evicting only idle models); a loaded or loading model is left as it is.
+    fn request_load(&mut self, model: &ModelId) -> Result<(), PoolError> {
+        let index = self.model_index(model)?;
+        if !self.loadable[index] {
+            let spec = &self.cfg.models[index];
+            return Err(PoolError::ModelTooLarge {
+                model: model.clone(),
+                bytes_needed: spec.resident_bytes(),
+                memory_bytes_max: self.cfg.memory_bytes_max,
+            });
+        }
+        let m = &mut self.models[index];
+        m.unload_requested = false;
+        m.load_requested = m.residency == Residency::Cold;
+        Ok(())
+    }
+
+    /// An operator's unload: only of an idle, unpinned model under a swapping policy; a cold
+    /// model is already unloaded.
+    fn request_unload(&mut self, model: &ModelId) -> Result<(), PoolError> {
+        let index = self.model_index(model)?;
+        let busy = |reason: &'static str| {
+            Err(PoolError::ModelBusy {
+                model: model.clone(),
+                reason,
+            })
+        };
+        if self.cfg.policy == PoolPolicy::Dedicated {
+            return busy("the dedicated policy keeps every model resident");
+        }
+        if self.cfg.models[index].pin {
+            return busy("the model is pinned");
+        }
+        let m = &mut self.models[index];
+        let idle = m.busy == 0
+            && m.in_ctx == 0
+            && m.decoding.is_empty()
+            && m.prefill_q.is_empty()
+            && m.pending == 0
+            && m.saved_bytes == 0;
+        if !idle {
+            return busy("the model has requests in flight");
+        }
+        m.load_requested = false;
+        match m.residency {
+            Residency::Cold | Residency::Evicting => Ok(()),
+            Residency::Loading => busy("the model is loading"),
+            Residency::Resident => {
+                m.unload_requested = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn model_index(&self, model: &ModelId) -> Result<usize, PoolError> {
+        self.index
+            .get(model)
+            .copied()
+            .ok_or_else(|| PoolError::ModelNotFound {
+                model: model.clone(),
+            })
+    }
+
+    /// Whether the pool still tracks `seq` (admitted and neither finished nor cancelled). A
+    /// driver uses it after `Cancelled` to free engine-side state the pool never asked for.
+    pub fn contains_seq(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
     fn cancel(&mut self, seq: SeqId, actions: &mut Vec<Action>) {
         let Some(state) = self.seqs.get_mut(&seq) else {
             return;
@@ -512,6 +583,20 @@ impl Pool {
         Ok(done)
     }
 
+    fn finish_load(&mut self, model: usize, duration_ns: u64) {
+        let now_ns = self.now_ns;
+        let m = &mut self.models[model];
+        assert_eq!(
+            m.residency,
+            Residency::Loading,
+            "load finished for a non-loading model"
+        );
+        m.residency = Residency::Resident;
+        m.last_used_ns = now_ns;
+        m.load_requested = false;
+        m.load_ns = ewma(m.load_ns, duration_ns);
+    }
+
     fn finish_evict(&mut self, model: usize) {
         let m = &mut self.models[model];
         assert_eq!(
@@ -524,6 +609,7 @@ impl Pool {
             "a model was evicted with sequences in its context"
         );
         m.residency = Residency::Cold;
+        m.unload_requested = false;
         let bytes = self.cfg.models[model].resident_bytes();
         assert!(
             self.ledger.resident_bytes >= bytes,

@@ -400,17 +400,63 @@ impl Pool {
         if let Some(model) = self.keep_alive_victim() {
             return Some((model, Work::Evict));
         }
-        match self.cfg.policy {
+        if let Some(model) = self.unload_victim() {
+            return Some((model, Work::Evict));
+        }
+        let needed = match self.cfg.policy {
             PoolPolicy::Dedicated => {
                 let cold = self
                     .models
                     .iter()
-                    .position(|m| m.residency == Residency::Cold)?;
-                Some((cold, Work::Load))
+                    .position(|m| m.residency == Residency::Cold);
+                cold.map(|cold| (cold, Work::Load))
             }
             PoolPolicy::SwapLru => self.swap_transfer(),
             PoolPolicy::Token => self.token_transfer(),
+        };
+        needed.or_else(|| self.requested_load())
+    }
+
+    /// A model an operator asked to unload, still idle (a request that arrived since cancels
+    /// nothing: the model simply stays).
+    fn unload_victim(&self) -> Option<usize> {
+        (0..self.models.len()).find(|&i| {
+            let m = &self.models[i];
+            m.unload_requested
+                && m.residency == Residency::Resident
+                && m.busy == 0
+                && m.in_ctx == 0
+                && m.decoding.is_empty()
+                && m.prefill_q.is_empty()
+                && m.pending == 0
+                && m.saved_bytes == 0
+        })
+    }
+
+    /// A model an operator asked to load, when nothing more urgent needs the transfer lane:
+    /// loaded into free memory, else after evicting the least recently used idle model.
+    fn requested_load(&self) -> Option<(usize, Work)> {
+        let model = (0..self.models.len()).find(|&i| {
+            self.models[i].load_requested && self.models[i].residency == Residency::Cold
+        })?;
+        if self.cfg.models[model].resident_bytes() <= self.memory_bytes_free() {
+            return Some((model, Work::Load));
         }
+        let victim = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                m.residency == Residency::Resident
+                    && !self.cfg.models[i].pin
+                    && !m.load_requested
+                    && m.busy == 0
+                    && m.in_ctx == 0
+                    && m.decoding.is_empty()
+                    && m.prefill_q.is_empty()
+                    && m.pending == 0
+                    && m.saved_bytes == 0
+            })
+            .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
+        Some((victim, Work::Evict))
     }
 
     /// An idle, unpinned model past its keep-alive (scale to zero).

@@ -491,6 +491,17 @@ fn run(
                 },
             );
         }
+        if rng.random_bool(0.05) {
+            // An operator's load or unload of a random model at a random time.
+            let at = req.at_ns + rng.random_range(0..3000) * 1_000_000;
+            let model = cfg.models[rng.random_range(0..cfg.models.len())].id.clone();
+            let event = if rng.random_bool(0.5) {
+                Event::LoadRequested { now_ns: at, model }
+            } else {
+                Event::UnloadRequested { now_ns: at, model }
+            };
+            r.push(at, event);
+        }
     }
     let mut events_max = 200_000;
     while let Some(((_, _), event)) = r.queue.pop_first() {
@@ -510,7 +521,8 @@ fn run(
             (Ok(()), Some(seq)) if !arrival => {
                 r.cancelled.insert(seq);
             }
-            (Ok(()), _) => {}
+            (Ok(()), _)
+            | (Err(PoolError::ModelBusy { .. } | PoolError::ModelTooLarge { .. }), None) => {}
             (Err(PoolError::QueueFull { .. } | PoolError::ModelTooLarge { .. }), Some(seq))
                 if arrival =>
             {

@@ -37,6 +37,10 @@ pub(crate) enum BenchCommand {
     /// Ledger: settles per second on SQLite and PostgreSQL, and the request latency metering +
     /// quotas add (with vs without, same run).
     Ledger(crate::bench_ledger::LedgerBenchArgs),
+    /// Model pool on the real engine: 8 models in a budget that fits 3, Zipf(1) popularity,
+    /// Azure conversation lengths scaled down, Poisson rates swept; token-SLO attainment,
+    /// goodput, p99 TTFT, switches/s and the sustainable rate of `dedicated`, `swap-lru`, `token`.
+    Pool(crate::bench_pool::PoolBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +96,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::RawGenerate(args) => raw_generate(&args),
         BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
+        BenchCommand::Pool(args) => crate::bench_pool::run(args).await,
     }
 }
 
@@ -176,7 +181,7 @@ fn default_model_path() -> PathBuf {
 
 /// A deterministic prose prompt of roughly `tokens` tokens (about 1.3 tokens per word here),
 /// made unique per request so neither server can serve it from a prompt cache.
-fn prompt_for(request: u32, tokens: u32) -> String {
+pub(crate) fn prompt_for(request: u32, tokens: u32) -> String {
     const WORDS: [&str; 16] = [
         "river", "lantern", "harbour", "quiet", "morning", "stone", "bridge", "garden", "winter",
         "letter", "window", "market", "thunder", "orchard", "voyage", "compass",
@@ -479,16 +484,19 @@ async fn one_stream(
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds.
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free right now (a race with other processes is possible but harmless here).
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
-async fn wait_healthy(
+/// Polls `base` + `path` until it answers 2xx, the child exits, or `timeout_s` seconds pass.
+pub(crate) async fn wait_healthy(
     base: &str,
     path: &str,
     child: &mut Child,

@@ -5,6 +5,7 @@
 mod admin;
 mod bench;
 mod bench_ledger;
+mod bench_pool;
 mod sim_cmd;
 
 use std::path::PathBuf;

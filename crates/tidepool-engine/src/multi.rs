@@ -1,0 +1,1064 @@
+//! Many llama.cpp models on one owning thread, driven one action at a time — load, evict, save
+//! or restore one sequence's KV, prefill a group of prompts, run N decode steps of a batch — by a
+//! scheduler outside this crate (`tidepool-runtime` feeds it the actions of a `tidepool-pool`
+//! `Pool`). This is the engine half of the model pool; it decides nothing.
+//!
+//! A model has two halves:
+//! * [`ModelFrontEnd`] (`Send + Sync`): a *vocabulary-only* llama.cpp model (no weights, a few MB)
+//!   for tokenizing, chat templates and building samplers, so a request is validated, counted and
+//!   prepared while the model's weights are cold.
+//! * [`Accelerator`] (not `Send`: create it on the thread that drives it): the weights and one
+//!   context per resident model, and every sequence's generation state (prompt, sampler, emitted
+//!   text, KV location). A sequence's sampler and output live here, not in the context, so a
+//!   saved and restored sequence continues exactly where it stopped.
+//!
+//! Sequence state leaves the context with `llama_state_seq_get` and comes back with
+//! `llama_state_seq_set` into whichever slot is free (cross-slot restore is supported). For a
+//! model with sliding-window attention a sequence longer than the window cannot be restored that
+//! way (llama.cpp #25295): it is saved as its tokens and *recomputed* on restore.
+//!
+//! The engine never blocks on a client: text that does not fit a full client channel is merged
+//! into the next chunk (bounded by `max_tokens`), and a finished sequence whose `Done` could not
+//! be sent waits in a drain list that [`Accelerator::flush`] retries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
+use tidepool_core::ModelId;
+use tokio::sync::mpsc;
+
+use crate::llama::{
+    SEQS_MAX_LIMIT, backend, build_sampler, context_params, decode_error_code, render_chat,
+    sliding_window_tokens, tokenize_checked,
+};
+use crate::output::{Delivery, SeqOutput};
+use crate::params::validate_request;
+use crate::{ChatMessage, EngineError, GenerateRequest, Generation, TokenCount, TokenId};
+
+/// How to run one model on an [`Accelerator`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiModelConfig {
+    pub model_id: ModelId,
+    /// The GGUF file. Several model ids may share a file: each is its own instance.
+    pub path: PathBuf,
+    /// Longest prompt + completion of one sequence, in tokens.
+    pub context_tokens: TokenCount,
+    /// Sequences the model's context holds at once (slots).
+    pub seqs_max: u32,
+    /// Threads for decode and prompt processing; 0 means every available core.
+    pub threads: u32,
+    /// Tokens in one `llama_decode`; at least `seqs_max`.
+    pub batch_tokens_max: u32,
+    /// Events buffered per request channel.
+    pub chunks_buffered_max: u32,
+}
+
+impl MultiModelConfig {
+    pub fn new(model_id: ModelId, path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_id,
+            path: path.into(),
+            context_tokens: 2048,
+            seqs_max: 8,
+            threads: 0,
+            batch_tokens_max: 512,
+            chunks_buffered_max: 64,
+        }
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        let fail = |reason: &str| {
+            Err(EngineError::Load {
+                path: self.path.clone(),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.context_tokens < 2 {
+            return fail("context_tokens must be at least 2");
+        }
+        if self.seqs_max == 0 || self.seqs_max > SEQS_MAX_LIMIT {
+            return fail("seqs_max must be between 1 and 256");
+        }
+        if self.batch_tokens_max < self.seqs_max {
+            return fail("batch_tokens_max must be at least seqs_max");
+        }
+        if self.chunks_buffered_max == 0 {
+            return fail("chunks_buffered_max must be at least 1");
+        }
+        if self.context_tokens.checked_mul(self.seqs_max).is_none() {
+            return fail("context_tokens * seqs_max overflows");
+        }
+        Ok(())
+    }
+
+    fn context_params(&self) -> LlamaContextParams {
+        context_params(
+            self.context_tokens,
+            self.seqs_max,
+            self.threads,
+            self.batch_tokens_max,
+        )
+    }
+
+    fn batch_tokens(&self) -> usize {
+        usize::try_from(self.batch_tokens_max).unwrap_or(1)
+    }
+}
+
+/// The thread-safe half of a pooled model: tokenizer, chat template and request preparation from
+/// a vocabulary-only load of the GGUF (the weights stay on disk until the pool loads them).
+pub struct ModelFrontEnd {
+    config: MultiModelConfig,
+    vocab: LlamaModel,
+    chat_template: Option<LlamaChatTemplate>,
+    vocab_tokens: TokenId,
+}
+
+impl std::fmt::Debug for ModelFrontEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFrontEnd")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelFrontEnd {
+    /// Reads the vocabulary and metadata of the GGUF (no weights).
+    pub fn open(config: MultiModelConfig) -> Result<Self, EngineError> {
+        config.check()?;
+        let backend = backend()?;
+        if !config.path.is_file() {
+            return Err(EngineError::Load {
+                path: config.path.clone(),
+                reason: "no such file".to_owned(),
+            });
+        }
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let vocab = LlamaModel::load_from_file(backend, &config.path, &params).map_err(|e| {
+            EngineError::Load {
+                path: config.path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            chat_template: vocab.chat_template(None).ok(),
+            vocab_tokens: vocab.n_vocab(),
+            vocab,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &MultiModelConfig {
+        &self.config
+    }
+
+    pub fn model_id(&self) -> &ModelId {
+        &self.config.model_id
+    }
+
+    pub fn context_tokens(&self) -> TokenCount {
+        self.config.context_tokens
+    }
+
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        render_chat(
+            &self.vocab,
+            self.chat_template.as_ref(),
+            &self.config.model_id,
+            messages,
+        )
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
+        tokenize_checked(&self.vocab, text)
+    }
+
+    /// Validates a request against the model and builds its sampler and output channel. The
+    /// returned [`PreparedSeq`] goes to the accelerator thread; dropping it instead (admission
+    /// refused) closes the [`Generation`] without an event.
+    pub fn prepare(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(PreparedSeq, Generation), EngineError> {
+        let prompt_tokens =
+            validate_request(&request, self.vocab_tokens, self.config.context_tokens)?;
+        let sampler = build_sampler(&self.vocab, &request.params, request.request_id);
+        let buffered = usize::try_from(self.config.chunks_buffered_max).unwrap_or(1);
+        let (tx, events) = mpsc::channel(buffered);
+        let max_tokens = request.params.max_tokens;
+        let output = SeqOutput::new(tx, request.params.stop, max_tokens, prompt_tokens);
+        let prompt = request.prompt.into_iter().map(LlamaToken).collect();
+        Ok((
+            PreparedSeq {
+                prompt,
+                sampler,
+                output,
+                prompt_tokens,
+                max_tokens,
+            },
+            Generation { events },
+        ))
+    }
+}
+
+/// A validated request on its way to the accelerator thread.
+pub struct PreparedSeq {
+    prompt: Vec<LlamaToken>,
+    sampler: LlamaSampler,
+    output: SeqOutput,
+    prompt_tokens: TokenCount,
+    max_tokens: TokenCount,
+}
+
+impl std::fmt::Debug for PreparedSeq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedSeq")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("max_tokens", &self.max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedSeq {
+    pub fn prompt_tokens(&self) -> TokenCount {
+        self.prompt_tokens
+    }
+
+    pub fn max_tokens(&self) -> TokenCount {
+        self.max_tokens
+    }
+}
+
+/// When each token of a sequence is due: token `k` (0-based) is on time if emitted by
+/// `arrived + ttft + k · tbt` (the token-deadline SLO of `docs/pool.md`).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenDeadlines {
+    pub arrived: Instant,
+    pub ttft: Duration,
+    pub tbt: Duration,
+}
+
+/// A sequence that left the accelerator during an action (finished, failed or its client left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinishedSeq {
+    pub seq: u64,
+    /// Completion tokens generated in total.
+    pub tokens_emitted: u32,
+    /// Of those, emitted by their deadline.
+    pub tokens_on_time: u32,
+}
+
+/// What a prefill or decode action did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Decode steps run (1 for a prefill); every listed sequence not in `finished` emitted
+    /// exactly this many tokens.
+    pub steps: u32,
+    pub finished: Vec<FinishedSeq>,
+}
+
+/// What [`Accelerator::calibrate`] measured for one model on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Calibration {
+    /// Bytes of the loaded weights (`llama_model_size`).
+    pub weights_bytes: u64,
+    /// KV bytes of one token of one sequence (slope of the saved state size).
+    pub kv_bytes_per_token: u64,
+    /// Saved-state bytes of a sequence besides its tokens.
+    pub kv_state_header_bytes: u64,
+    /// Bytes of the context: KV cells of every slot plus the logits buffer (an estimate; the
+    /// compute graph's scratch is not visible through the API).
+    pub ctx_bytes: u64,
+    /// Weights in plus context creation.
+    pub load_ns: u64,
+    /// Context and weights freed.
+    pub unload_ns: u64,
+    /// Prefill time per prompt token (a 128-token prompt).
+    pub prefill_ns_per_token: u64,
+    /// One decode step of `decode_batch` sequences.
+    pub decode_step_ns: u64,
+    pub decode_batch: u32,
+    /// Saving plus restoring one byte of sequence state, in picoseconds.
+    pub kv_transfer_ps_per_byte: u64,
+}
+
+type Ctx<'a> = LlamaContext<'a>;
+
+self_cell::self_cell!(
+    /// Weights and the context that borrows them, freed together (context first).
+    struct LoadedModel {
+        owner: LlamaModel,
+        #[not_covariant]
+        dependent: Ctx,
+    }
+);
+
+struct ModelSlotState {
+    config: MultiModelConfig,
+    loaded: Option<LoadedModel>,
+    /// Why the last load failed; the pool believes the model resident, so its sequences fail.
+    broken: Option<EngineError>,
+    free_slots: BTreeSet<i32>,
+    batch: Option<LlamaBatch<'static>>,
+}
+
+enum Saved {
+    /// `llama_state_seq_get` bytes.
+    State(SeqState),
+    /// Too long for a sliding-window model's state: recompute from `kv_tokens`.
+    Recompute,
+}
+
+struct Seq {
+    model: usize,
+    prompt: Vec<LlamaToken>,
+    sampler: LlamaSampler,
+    output: SeqOutput,
+    /// Tokens whose KV this sequence holds (in a slot or a saved state), positions `0..len`.
+    kv_tokens: Vec<LlamaToken>,
+    /// Sampled, not yet decoded.
+    next_token: Option<LlamaToken>,
+    slot: Option<i32>,
+    saved: Option<Saved>,
+    /// The sequence ended (finished, failed or its client left) but the scheduler has not been
+    /// told yet; the next action that lists it reports it.
+    ended: bool,
+    cancel_reported: bool,
+    deadlines: Option<TokenDeadlines>,
+    tokens_on_time: u32,
+}
+
+impl Seq {
+    fn report(&self, seq: u64) -> FinishedSeq {
+        FinishedSeq {
+            seq,
+            tokens_emitted: self.output.completion_tokens(),
+            tokens_on_time: self.tokens_on_time,
+        }
+    }
+}
+
+/// The models and sequences of one accelerator. Create it on the thread that drives it.
+pub struct Accelerator {
+    models: Vec<ModelSlotState>,
+    seqs: BTreeMap<u64, Seq>,
+    /// Finished sequences whose last events did not fit their client channel yet.
+    draining: Vec<SeqOutput>,
+    piece: Vec<u8>,
+}
+
+impl std::fmt::Debug for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accelerator")
+            .field("models", &self.models.len())
+            .field("seqs", &self.seqs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sequence ids a decode or prefill batch is built from, with their slots.
+struct Member {
+    seq: u64,
+    slot: i32,
+}
+
+impl Accelerator {
+    /// Models are addressed by their index in `configs`; nothing is loaded yet.
+    pub fn new(configs: Vec<MultiModelConfig>) -> Result<Self, EngineError> {
+        for config in &configs {
+            config.check()?;
+        }
+        Ok(Self {
+            models: configs
+                .into_iter()
+                .map(|config| ModelSlotState {
+                    config,
+                    loaded: None,
+                    broken: None,
+                    free_slots: BTreeSet::new(),
+                    batch: None,
+                })
+                .collect(),
+            seqs: BTreeMap::new(),
+            draining: Vec::new(),
+            piece: Vec::with_capacity(64),
+        })
+    }
+
+    pub fn is_loaded(&self, model: usize) -> bool {
+        self.models.get(model).is_some_and(|m| m.loaded.is_some())
+    }
+
+    /// Sequences known to the accelerator (registered and not yet released or finished).
+    pub fn seqs_len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Hands a prepared request to the accelerator; it runs when the scheduler says so.
+    pub fn register(
+        &mut self,
+        seq: u64,
+        model: usize,
+        prepared: PreparedSeq,
+        deadlines: Option<TokenDeadlines>,
+    ) {
+        let PreparedSeq {
+            prompt,
+            sampler,
+            output,
+            ..
+        } = prepared;
+        let previous = self.seqs.insert(
+            seq,
+            Seq {
+                model,
+                prompt,
+                sampler,
+                output,
+                kv_tokens: Vec::new(),
+                next_token: None,
+                slot: None,
+                saved: None,
+                ended: false,
+                cancel_reported: false,
+                deadlines,
+                tokens_on_time: 0,
+            },
+        );
+        assert!(previous.is_none(), "sequence ids are unique");
+    }
+
+    /// Loads weights and creates the context. On failure the model is marked broken: the
+    /// scheduler still counts it resident, and its sequences fail at their next action.
+    pub fn load(&mut self, model: usize) -> Result<(), EngineError> {
+        let Some(state) = self.models.get_mut(model) else {
+            return Err(unknown_model(model));
+        };
+        if state.loaded.is_some() {
+            return Ok(());
+        }
+        match load_with_context(&state.config) {
+            Ok(loaded) => {
+                state.loaded = Some(loaded);
+                state.broken = None;
+                state.free_slots = (0..state.config.seqs_max)
+                    .filter_map(|s| i32::try_from(s).ok())
+                    .collect();
+                state.batch = Some(LlamaBatch::new(state.config.batch_tokens(), 1));
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(model = %state.config.model_id, %error, "model load failed");
+                state.broken = Some(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    /// Frees the context and the weights. Sequences of the model still in its context (the
+    /// scheduler never evicts such a model) lose their KV and fail.
+    pub fn evict(&mut self, model: usize) {
+        for (id, seq) in &mut self.seqs {
+            if seq.model == model && seq.slot.take().is_some() {
+                tracing::error!(seq = id, "evicted a model with a sequence in its context");
+                seq.output.fail(EngineError::Decode { code: -2 });
+                seq.ended = true;
+            }
+        }
+        if let Some(state) = self.models.get_mut(model) {
+            state.loaded = None;
+            state.broken = None;
+            state.free_slots.clear();
+            state.batch = None;
+        }
+    }
+
+    /// Moves a sequence's KV out of its context slot; returns the bytes it now occupies.
+    pub fn save(&mut self, seq_id: u64) -> u64 {
+        let Some(seq) = self.seqs.get_mut(&seq_id) else {
+            return 0;
+        };
+        let Some(slot) = seq.slot.take() else {
+            return 0;
+        };
+        let tokens = u64::try_from(seq.kv_tokens.len()).unwrap_or(u64::MAX);
+        let Some(state) = self.models.get_mut(seq.model) else {
+            return 0;
+        };
+        let window = state
+            .loaded
+            .as_ref()
+            .and_then(|l| sliding_window_tokens(l.borrow_owner()));
+        let beyond_window = window.is_some_and(|w| seq.kv_tokens.len() > w);
+        let mut saved = Saved::Recompute;
+        if let Some(loaded) = state.loaded.as_mut() {
+            loaded.with_dependent_mut(|_, ctx| {
+                if !beyond_window {
+                    match ctx.state_seq_get(slot, LlamaStateSeqFlags::empty()) {
+                        Ok(state) => saved = Saved::State(state),
+                        Err(error) => {
+                            tracing::warn!(%error, "state_seq_get failed; will recompute");
+                        }
+                    }
+                }
+                clear_slot(ctx, slot);
+            });
+        }
+        state.free_slots.insert(slot);
+        let bytes = match &saved {
+            Saved::State(state) => u64::try_from(state.byte_len()).unwrap_or(u64::MAX),
+            Saved::Recompute => tokens.saturating_mul(4),
+        };
+        seq.saved = Some(saved);
+        bytes
+    }
+
+    /// Brings a saved sequence back into a free slot of its (resident) model: its state bytes,
+    /// or a recompute of its tokens when those cannot be restored.
+    pub fn restore(&mut self, seq_id: u64) {
+        let Some(seq) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(saved) = seq.saved.take() else {
+            return;
+        };
+        let Some(state) = self.models.get_mut(seq.model) else {
+            return;
+        };
+        let capacity = state.config.batch_tokens();
+        let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
+            seq.output
+                .fail(state.broken.clone().unwrap_or(EngineError::ShutDown));
+            seq.ended = true;
+            return;
+        };
+        let Some(slot) = state.free_slots.pop_first() else {
+            tracing::error!(seq = seq_id, "restore with no free slot");
+            seq.output.fail(EngineError::Decode { code: -3 });
+            seq.ended = true;
+            return;
+        };
+        let tokens = &seq.kv_tokens;
+        let restored = loaded.with_dependent_mut(|_, ctx| {
+            clear_slot(ctx, slot);
+            if let Saved::State(bytes) = &saved
+                && ctx.state_seq_set(bytes, slot).is_ok()
+                && usize::try_from(ctx.kv_cache_seq_pos_max(slot) + 1).ok() == Some(tokens.len())
+            {
+                return Ok(());
+            }
+            clear_slot(ctx, slot);
+            recompute(ctx, batch, capacity, slot, tokens)
+        });
+        seq.slot = Some(slot);
+        if let Err(error) = restored {
+            seq.output.fail(error);
+            seq.ended = true;
+        }
+    }
+
+    /// Forgets a sequence (its client left): frees its slot or saved state.
+    pub fn release(&mut self, seq_id: u64) {
+        let Some(seq) = self.seqs.remove(&seq_id) else {
+            return;
+        };
+        if let Some(slot) = seq.slot {
+            self.free_slot(seq.model, slot);
+        }
+    }
+
+    /// Prefills the prompts of `seqs` (each into a free slot of `model`) and samples each one's
+    /// first token.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one pass: slot assignment, batched prompt feeding, first-token sampling"
+    )]
+    pub fn prefill(&mut self, model: usize, seqs: &[u64]) -> StepOutcome {
+        let mut outcome = StepOutcome {
+            steps: 1,
+            finished: Vec::new(),
+        };
+        let mut members: Vec<Member> = Vec::with_capacity(seqs.len());
+        for &id in seqs {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if seq.ended || seq.output.is_closed() {
+                outcome.finished.push(self.finish(id));
+                continue;
+            }
+            let Some(state) = self.models.get_mut(model) else {
+                continue;
+            };
+            if state.loaded.is_none() {
+                seq.output
+                    .fail(state.broken.clone().unwrap_or(EngineError::ShutDown));
+                outcome.finished.push(self.finish(id));
+                continue;
+            }
+            let Some(slot) = state.free_slots.pop_first() else {
+                tracing::error!(seq = id, "prefill with no free slot");
+                seq.output.fail(EngineError::Decode { code: -3 });
+                outcome.finished.push(self.finish(id));
+                continue;
+            };
+            seq.slot = Some(slot);
+            seq.kv_tokens.clear();
+            if let Some(loaded) = state.loaded.as_mut() {
+                loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
+            }
+            members.push(Member { seq: id, slot });
+        }
+        // Feed the prompts in batches of at most `batch_tokens_max` tokens, first come first.
+        let mut cursor = 0;
+        let mut offset = 0;
+        while cursor < members.len() {
+            let Some(state) = self.models.get_mut(model) else {
+                break;
+            };
+            let limit = state.config.batch_tokens();
+            let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
+                break;
+            };
+            batch.clear();
+            let mut rows: Vec<(u64, i32)> = Vec::new();
+            let mut add_failed = false;
+            while cursor < members.len() && usize::try_from(batch.n_tokens()).unwrap_or(0) < limit {
+                let Some(member) = members.get(cursor) else {
+                    break;
+                };
+                let Some(seq) = self.seqs.get_mut(&member.seq) else {
+                    cursor += 1;
+                    offset = 0;
+                    continue;
+                };
+                let room = limit - usize::try_from(batch.n_tokens()).unwrap_or(0);
+                let end = (offset + room).min(seq.prompt.len());
+                for index in offset..end {
+                    let Some(&token) = seq.prompt.get(index) else {
+                        break;
+                    };
+                    let last = index + 1 == seq.prompt.len();
+                    if last {
+                        rows.push((member.seq, batch.n_tokens()));
+                    }
+                    let pos = i32::try_from(index).unwrap_or(i32::MAX);
+                    if batch.add(token, pos, &[member.slot], last).is_err() {
+                        add_failed = true;
+                        break;
+                    }
+                    seq.kv_tokens.push(token);
+                }
+                if end == seq.prompt.len() {
+                    cursor += 1;
+                    offset = 0;
+                } else {
+                    offset = end;
+                }
+                if add_failed {
+                    break;
+                }
+            }
+            let decoded = if add_failed {
+                Err(EngineError::Decode { code: -1 })
+            } else {
+                loaded.with_dependent_mut(|_, ctx| {
+                    ctx.decode(batch).map_err(|e| EngineError::Decode {
+                        code: decode_error_code(&e),
+                    })
+                })
+            };
+            if let Err(error) = decoded {
+                tracing::error!(%error, "prefill decode failed");
+                for member in &members {
+                    if let Some(seq) = self.seqs.get_mut(&member.seq) {
+                        seq.output.fail(error.clone());
+                        seq.ended = true;
+                    }
+                }
+                break;
+            }
+            for (id, row) in rows {
+                self.sample(model, id, row);
+            }
+        }
+        for member in &members {
+            let ended = self.seqs.get(&member.seq).is_some_and(|s| s.ended);
+            if ended {
+                outcome.finished.push(self.finish(member.seq));
+            }
+        }
+        outcome
+    }
+
+    /// Runs up to `steps` decode steps of `seqs` (all in `model`'s context), one token each per
+    /// step; a sequence that ends leaves the batch and is reported.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one pass over the steps of a turn, read top to bottom"
+    )]
+    pub fn decode(&mut self, model: usize, seqs: &[u64], steps: u32) -> StepOutcome {
+        let mut outcome = StepOutcome::default();
+        let mut live: Vec<Member> = Vec::with_capacity(seqs.len());
+        for &id in seqs {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            match (seq.slot, seq.next_token) {
+                (Some(slot), Some(_)) if !seq.ended && !seq.output.is_closed() => {
+                    live.push(Member { seq: id, slot });
+                }
+                _ => {
+                    if !seq.ended && !seq.output.is_closed() {
+                        tracing::error!(seq = id, "decode of a sequence not in its context");
+                        seq.output.fail(EngineError::Decode { code: -3 });
+                    }
+                    outcome.finished.push(self.finish(id));
+                }
+            }
+        }
+        while outcome.steps < steps && !live.is_empty() {
+            let Some(state) = self.models.get_mut(model) else {
+                break;
+            };
+            let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
+                let error = state.broken.clone().unwrap_or(EngineError::ShutDown);
+                for member in live.drain(..) {
+                    if let Some(seq) = self.seqs.get_mut(&member.seq) {
+                        seq.output.fail(error.clone());
+                    }
+                    outcome.finished.push(self.finish(member.seq));
+                }
+                break;
+            };
+            batch.clear();
+            let mut rows = Vec::with_capacity(live.len());
+            let mut add_failed = false;
+            for member in &live {
+                let Some(seq) = self.seqs.get_mut(&member.seq) else {
+                    continue;
+                };
+                let Some(token) = seq.next_token.take() else {
+                    continue;
+                };
+                let pos = i32::try_from(seq.kv_tokens.len()).unwrap_or(i32::MAX);
+                rows.push((member.seq, batch.n_tokens()));
+                if batch.add(token, pos, &[member.slot], true).is_err() {
+                    add_failed = true;
+                    break;
+                }
+                seq.kv_tokens.push(token);
+            }
+            let decoded = if add_failed {
+                Err(EngineError::Decode { code: -1 })
+            } else {
+                loaded.with_dependent_mut(|_, ctx| {
+                    ctx.decode(batch).map_err(|e| EngineError::Decode {
+                        code: decode_error_code(&e),
+                    })
+                })
+            };
+            outcome.steps += 1;
+            if let Err(error) = decoded {
+                tracing::error!(%error, "decode failed");
+                for member in live.drain(..) {
+                    if let Some(seq) = self.seqs.get_mut(&member.seq) {
+                        seq.output.fail(error.clone());
+                    }
+                    outcome.finished.push(self.finish(member.seq));
+                }
+                break;
+            }
+            for (id, row) in rows {
+                self.sample(model, id, row);
+            }
+            let mut still = Vec::with_capacity(live.len());
+            for member in live {
+                let ended = self.seqs.get(&member.seq).is_none_or(|s| s.ended);
+                if ended {
+                    outcome.finished.push(self.finish(member.seq));
+                } else {
+                    still.push(member);
+                }
+            }
+            live = still;
+        }
+        outcome
+    }
+
+    /// Sequences whose client went away since the last call (each reported once): the driver
+    /// tells the scheduler, which releases them.
+    pub fn cancelled(&mut self) -> Vec<u64> {
+        let mut gone = Vec::new();
+        for (id, seq) in &mut self.seqs {
+            if !seq.cancel_reported && seq.output.is_closed() {
+                seq.cancel_reported = true;
+                gone.push(*id);
+            }
+        }
+        gone
+    }
+
+    /// Retries delivery of held text and of finished sequences' last events. Returns true while
+    /// something is still waiting for a client to read.
+    pub fn flush(&mut self) -> bool {
+        let mut waiting = false;
+        for seq in self.seqs.values_mut() {
+            if seq.output.deliver() == Delivery::Held {
+                waiting = true;
+            }
+        }
+        self.draining
+            .retain_mut(|output| output.deliver() == Delivery::Held);
+        waiting || !self.draining.is_empty()
+    }
+
+    /// Loads the model, measures what the scheduler's estimates need, and unloads it again.
+    /// The model must not be loaded and no sequence of it may exist.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one measurement after the other, read top to bottom"
+    )]
+    pub fn calibrate(&mut self, model: usize) -> Result<Calibration, EngineError> {
+        let Some(config) = self.models.get(model).map(|m| m.config.clone()) else {
+            return Err(unknown_model(model));
+        };
+        let started = Instant::now();
+        let mut loaded = load_with_context(&config)?;
+        let load_ns = elapsed_ns(started);
+        let (weights_bytes, vocab_tokens) = {
+            let m = loaded.borrow_owner();
+            (m.size(), u64::try_from(m.n_vocab()).unwrap_or(0))
+        };
+        let capacity = config.batch_tokens();
+        let mut batch = LlamaBatch::new(capacity, 1);
+        // A deterministic synthetic prompt: token ids spread over the vocabulary.
+        let prompt_len: usize = 128.min(usize::try_from(config.context_tokens).unwrap_or(128) / 2);
+        let prompt: Vec<LlamaToken> = (0..prompt_len)
+            .map(|i| {
+                let id = (i * 7919 + 11) % usize::try_from(vocab_tokens.max(1)).unwrap_or(1);
+                LlamaToken(i32::try_from(id).unwrap_or(0))
+            })
+            .collect();
+        let half = prompt_len / 2;
+        let measured = loaded.with_dependent_mut(|_, ctx| -> Result<_, EngineError> {
+            let short = prompt.get(..half).unwrap_or(&[]);
+            recompute(ctx, &mut batch, capacity, 0, short)?;
+            let short_bytes = ctx.state_seq_get_size_ext(0, LlamaStateSeqFlags::empty());
+            clear_slot(ctx, 0);
+            let started = Instant::now();
+            recompute(ctx, &mut batch, capacity, 0, &prompt)?;
+            let prefill_ns = elapsed_ns(started);
+            let started = Instant::now();
+            let state = ctx
+                .state_seq_get(0, LlamaStateSeqFlags::empty())
+                .map_err(|e| EngineError::Load {
+                    path: config.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            clear_slot(ctx, 0);
+            let restored = ctx.state_seq_set(&state, 0);
+            let transfer_ns = elapsed_ns(started);
+            restored.map_err(|e| EngineError::Load {
+                path: config.path.clone(),
+                reason: e.to_string(),
+            })?;
+            let long_bytes = state.byte_len();
+            // Decode steps of a batch of sequences, each one token at a time.
+            let batch_seqs = config.seqs_max.min(4);
+            for s in 1..batch_seqs {
+                let slot = i32::try_from(s).unwrap_or(0);
+                recompute(
+                    ctx,
+                    &mut batch,
+                    capacity,
+                    slot,
+                    prompt.get(..8).unwrap_or(&[]),
+                )?;
+            }
+            let steps = 8_u32;
+            let started = Instant::now();
+            for step in 0..steps {
+                batch.clear();
+                for s in 0..batch_seqs {
+                    let slot = i32::try_from(s).unwrap_or(0);
+                    let base = if s == 0 { prompt_len } else { 8 };
+                    let pos = i32::try_from(base).unwrap_or(0) + i32::try_from(step).unwrap_or(0);
+                    let token = prompt.get(usize::try_from(step).unwrap_or(0)).copied();
+                    let token = token.unwrap_or(LlamaToken(0));
+                    batch
+                        .add(token, pos, &[slot], true)
+                        .map_err(|_| EngineError::Decode { code: -1 })?;
+                }
+                ctx.decode(&mut batch).map_err(|e| EngineError::Decode {
+                    code: decode_error_code(&e),
+                })?;
+            }
+            let decode_ns = elapsed_ns(started) / u64::from(steps);
+            Ok((
+                short_bytes,
+                long_bytes,
+                prefill_ns,
+                transfer_ns,
+                decode_ns,
+                batch_seqs,
+            ))
+        })?;
+        let (short_bytes, long_bytes, prefill_ns, transfer_ns, decode_ns, decode_batch) = measured;
+        let started = Instant::now();
+        drop(loaded);
+        let unload_ns = elapsed_ns(started);
+        let to_u64 = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let grown = to_u64(long_bytes.saturating_sub(short_bytes));
+        let kv_bytes_per_token = (grown / to_u64(prompt_len - half).max(1)).max(1);
+        let kv_state_header_bytes =
+            to_u64(long_bytes).saturating_sub(kv_bytes_per_token * to_u64(prompt_len));
+        let cells = u64::from(config.seqs_max) * u64::from(config.context_tokens);
+        let logits = vocab_tokens * 4 * u64::from(config.seqs_max);
+        Ok(Calibration {
+            weights_bytes,
+            kv_bytes_per_token,
+            kv_state_header_bytes,
+            ctx_bytes: cells * kv_bytes_per_token + logits,
+            load_ns,
+            unload_ns,
+            prefill_ns_per_token: prefill_ns / to_u64(prompt_len).max(1),
+            decode_step_ns: decode_ns.max(1),
+            decode_batch,
+            kv_transfer_ps_per_byte: transfer_ns.saturating_mul(1000) / to_u64(long_bytes).max(1),
+        })
+    }
+
+    /// Samples one sequence's next token from `row` of the last batch and delivers its text.
+    fn sample(&mut self, model: usize, id: u64, row: i32) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let Some(loaded) = self.models.get_mut(model).and_then(|m| m.loaded.as_mut()) else {
+            return;
+        };
+        let piece = &mut self.piece;
+        loaded.with_dependent_mut(|model, ctx| {
+            let vocab = model.vocab();
+            let token = seq.sampler.sample(ctx, row);
+            if vocab.is_eog(token) {
+                seq.output.on_end_of_generation();
+                seq.ended = true;
+            } else {
+                let index = seq.output.completion_tokens();
+                if let Some(deadlines) = seq.deadlines {
+                    let due =
+                        deadlines.arrived + deadlines.ttft + deadlines.tbt.saturating_mul(index);
+                    if Instant::now() <= due {
+                        seq.tokens_on_time += 1;
+                    }
+                }
+                piece.clear();
+                vocab.token_to_piece_into(token, piece, false, None);
+                if seq.output.on_token(piece) {
+                    seq.next_token = Some(token);
+                } else {
+                    seq.ended = true;
+                }
+            }
+        });
+        if seq.output.deliver() == Delivery::Closed {
+            seq.ended = true;
+        }
+    }
+
+    /// Removes an ended sequence, frees its slot and reports it; its last events go to the
+    /// drain list when the client's channel is full.
+    fn finish(&mut self, id: u64) -> FinishedSeq {
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return FinishedSeq {
+                seq: id,
+                tokens_emitted: 0,
+                tokens_on_time: 0,
+            };
+        };
+        let report = seq.report(id);
+        if let Some(slot) = seq.slot.take() {
+            self.free_slot(seq.model, slot);
+        }
+        if seq.output.deliver() == Delivery::Held {
+            self.draining.push(seq.output);
+        }
+        report
+    }
+
+    fn free_slot(&mut self, model: usize, slot: i32) {
+        let Some(state) = self.models.get_mut(model) else {
+            return;
+        };
+        if let Some(loaded) = state.loaded.as_mut() {
+            loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
+            state.free_slots.insert(slot);
+        }
+    }
+}
+
+fn unknown_model(model: usize) -> EngineError {
+    EngineError::Load {
+        path: PathBuf::new(),
+        reason: format!("no model with index {model} on this accelerator"),
+    }
+}
+
+fn load_with_context(config: &MultiModelConfig) -> Result<LoadedModel, EngineError> {
+    let backend = backend()?;
+    let model = crate::llama::load_model(&config.path)?;
+    LoadedModel::try_new(model, |model| {
+        model
+            .new_context(backend, config.context_params())
+            .map_err(|e| EngineError::Load {
+                path: config.path.clone(),
+                reason: e.to_string(),
+            })
+    })
+}
+
+fn clear_slot(ctx: &mut LlamaContext<'_>, slot: i32) {
+    let seq = u32::try_from(slot).ok();
+    if ctx.clear_kv_cache_seq(seq, None, None).is_err() {
+        tracing::error!(slot, "could not clear a sequence's KV");
+    }
+}
+
+/// Decodes `tokens` into `slot` at positions `0..len` without logits (a restore by recompute,
+/// or calibration's prefill).
+fn recompute(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'static>,
+    capacity: usize,
+    slot: i32,
+    tokens: &[LlamaToken],
+) -> Result<(), EngineError> {
+    for (chunk_index, chunk) in tokens.chunks(capacity.max(1)).enumerate() {
+        batch.clear();
+        for (i, &token) in chunk.iter().enumerate() {
+            let pos = chunk_index * capacity + i;
+            let pos = i32::try_from(pos).unwrap_or(i32::MAX);
+            batch
+                .add(token, pos, &[slot], false)
+                .map_err(|_| EngineError::Decode { code: -1 })?;
+        }
+        ctx.decode(batch).map_err(|e| EngineError::Decode {
+            code: decode_error_code(&e),
+        })?;
+    }
+    Ok(())
+}
+
+fn elapsed_ns(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,195 @@
+//! Real-model tests of the pooled engine (`tidepool_engine::multi`) on SmolLM2-135M-Instruct
+//! and Gemma-3-270M from `~/.cache/tidepool/models`.
+//!
+//! Method: greedy decoding is deterministic, so a sequence that is saved out of its context
+//! (and restored into another slot, or after its model was evicted and loaded again) must
+//! produce exactly the text of the same sequence run straight through.
+
+use std::path::PathBuf;
+
+use tidepool_core::{ModelId, RequestId};
+use tidepool_engine::multi::{Accelerator, ModelFrontEnd, MultiModelConfig};
+use tidepool_engine::{ChatMessage, GenerateRequest, Generation, GenerationEvent, SamplingParams};
+
+fn models_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/tidepool/models")
+}
+
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn config(id: &str, file: &str) -> MultiModelConfig {
+    let mut config = MultiModelConfig::new(ModelId::new(id).unwrap(), models_dir().join(file));
+    config.context_tokens = 512;
+    config.seqs_max = 4;
+    config.threads = 2;
+    config.batch_tokens_max = 256;
+    config
+}
+
+fn smollm2() -> MultiModelConfig {
+    config("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn gemma() -> MultiModelConfig {
+    config("gemma", "gemma-3-270m-q4_k_m.gguf")
+}
+
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn request(front: &ModelFrontEnd, user: &str, max_tokens: u32) -> GenerateRequest {
+    let text = if front.model_id().as_str() == "gemma" {
+        user.to_owned()
+    } else {
+        front
+            .apply_chat_template(&[ChatMessage {
+                role: "user".to_owned(),
+                content: user.to_owned(),
+            }])
+            .unwrap()
+    };
+    GenerateRequest {
+        request_id: RequestId::new(),
+        prompt: front.tokenize(&text).unwrap(),
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+/// Everything the sequence sent: its text and its completion token count.
+#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
+fn collect(mut generation: Generation) -> (String, u32) {
+    let mut text = String::new();
+    loop {
+        match generation.events.try_recv() {
+            Ok(GenerationEvent::Chunk { text: piece, .. }) => text.push_str(&piece),
+            Ok(GenerationEvent::Done {
+                completion_tokens, ..
+            }) => return (text, completion_tokens),
+            Ok(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
+            Err(error) => panic!("generation did not finish: {error}"),
+        }
+    }
+}
+
+/// Runs sequence `seq` straight through: prefill, then decode until it finishes.
+fn run_straight(accelerator: &mut Accelerator, model: usize, seq: u64) {
+    let outcome = accelerator.prefill(model, &[seq]);
+    if outcome.finished.is_empty() {
+        let outcome = accelerator.decode(model, &[seq], 1000);
+        assert_eq!(outcome.finished.len(), 1, "the sequence finishes");
+    }
+}
+
+#[test]
+fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload() {
+    for config in [smollm2(), gemma()] {
+        let front = ModelFrontEnd::open(config.clone()).unwrap();
+        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+        accelerator.load(0).unwrap();
+        let prompt = "Write three sentences about the sea.";
+
+        let (prepared, reference) = front.prepare(request(&front, prompt, 48)).unwrap();
+        accelerator.register(1, 0, prepared, None);
+        run_straight(&mut accelerator, 0, 1);
+        let (expected, expected_tokens) = collect(reference);
+        assert!(
+            expected_tokens > 12,
+            "{}: a long enough answer",
+            config.model_id
+        );
+
+        // Preempted twice: saved and restored into another slot while a second sequence holds
+        // the first slot, then saved, the model evicted and loaded again, and restored.
+        let (prepared, preempted) = front.prepare(request(&front, prompt, 48)).unwrap();
+        accelerator.register(2, 0, prepared, None);
+        let outcome = accelerator.prefill(0, &[2]);
+        assert!(outcome.finished.is_empty());
+        let outcome = accelerator.decode(0, &[2], 5);
+        assert_eq!((outcome.steps, outcome.finished.len()), (5, 0));
+        let bytes = accelerator.save(2);
+        assert!(
+            bytes > 1000,
+            "a saved state holds the KV of its tokens ({bytes} bytes)"
+        );
+
+        let (prepared, other) = front.prepare(request(&front, "Name a colour.", 4)).unwrap();
+        accelerator.register(3, 0, prepared, None);
+        let outcome = accelerator.prefill(0, &[3]);
+        assert!(
+            outcome.finished.is_empty(),
+            "the other sequence holds a slot"
+        );
+        accelerator.restore(2);
+        let outcome = accelerator.decode(0, &[2], 5);
+        assert_eq!((outcome.steps, outcome.finished.len()), (5, 0));
+        accelerator.save(2);
+        accelerator.evict(0);
+        assert!(!accelerator.is_loaded(0));
+        accelerator.load(0).unwrap();
+        accelerator.restore(2);
+        let outcome = accelerator.decode(0, &[2], 1000);
+        assert_eq!(outcome.finished.len(), 1);
+        assert_eq!(outcome.finished.first().map(|f| f.seq), Some(2));
+        let (text, tokens) = collect(preempted);
+        assert_eq!(
+            text, expected,
+            "{}: output changed by preemption",
+            config.model_id
+        );
+        assert_eq!(tokens, expected_tokens);
+        drop(other);
+        accelerator.release(3);
+        assert_eq!(accelerator.seqs_len(), 0);
+    }
+}
+
+#[test]
+fn real_model_calibration_measures_sizes_and_costs() {
+    let mut accelerator = Accelerator::new(vec![smollm2(), gemma()]).unwrap();
+    for model in 0..2 {
+        let calibration = accelerator.calibrate(model).unwrap();
+        assert!(!accelerator.is_loaded(model), "calibration unloads again");
+        // Q4 weights of 135M / 270M parameters: tens to hundreds of MB.
+        assert!(
+            (20_000_000..1_000_000_000).contains(&calibration.weights_bytes),
+            "{calibration:?}"
+        );
+        // F16 K and V of a few hundred KV channels per layer: KB per token.
+        assert!(
+            (1_000..200_000).contains(&calibration.kv_bytes_per_token),
+            "{calibration:?}"
+        );
+        assert!(calibration.ctx_bytes > 512 * 4 * calibration.kv_bytes_per_token);
+        assert!(calibration.load_ns > 0 && calibration.decode_step_ns > 0);
+        assert!(calibration.prefill_ns_per_token > 0);
+    }
+}
+
+#[test]
+fn real_model_client_gone_is_reported_once_and_released() {
+    let config = smollm2();
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let mut accelerator = Accelerator::new(vec![config]).unwrap();
+    accelerator.load(0).unwrap();
+    let (prepared, generation) = front.prepare(request(&front, "Count to ten.", 64)).unwrap();
+    accelerator.register(7, 0, prepared, None);
+    accelerator.prefill(0, &[7]);
+    drop(generation);
+    assert_eq!(accelerator.cancelled(), vec![7]);
+    assert!(accelerator.cancelled().is_empty(), "reported once");
+    // A decode that still lists it reports it finished instead of decoding it.
+    let outcome = accelerator.decode(0, &[7], 8);
+    assert_eq!(outcome.steps, 0);
+    assert_eq!(outcome.finished.len(), 1);
+    assert_eq!(accelerator.seqs_len(), 0);
+}

@@ -1,0 +1,260 @@
+//! The model pool over HTTP: `GET /v1/pool` (what is resident, queued and in flight, what each
+//! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Serialize;
+use tidepool_core::{ModelId, RequestId};
+use tidepool_pool::{PoolError, PoolStatus};
+use tidepool_runtime::PoolRuntime;
+use utoipa::ToSchema;
+
+use crate::accounts::admin;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::authenticate;
+use crate::state::AppState;
+
+/// `GET /v1/pool`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolOut {
+    /// Always `pool`.
+    pub object: &'static str,
+    /// `dedicated`, `swap-lru` or `token`.
+    pub policy: String,
+    pub memory_bytes_max: u64,
+    pub memory_bytes_used: u64,
+    pub kv_saved_bytes: u64,
+    pub kv_saved_bytes_max: u64,
+    /// Requests waiting for their prefill, all models together.
+    pub queued: u32,
+    pub models: Vec<PoolModelOut>,
+    pub counters: PoolCountersOut,
+}
+
+/// One pooled model.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolModelOut {
+    pub id: String,
+    /// `cold`, `loading`, `resident` or `evicting`.
+    pub state: String,
+    pub pinned: bool,
+    pub queued: u32,
+    pub in_flight: u32,
+    /// Weights + context while not cold, plus its saved sequence states.
+    pub memory_bytes: u64,
+    pub saved_kv_bytes: u64,
+    /// Milliseconds since the model last started loading; absent if it never did.
+    pub last_switch_ms_ago: Option<u64>,
+    /// Measured at start-up: weights, context (KV cells of every slot + logits), KV per token.
+    pub weights_bytes: u64,
+    pub ctx_bytes: u64,
+    pub kv_bytes_per_token: u64,
+    /// Measured at start-up: load time and one decode step, in microseconds.
+    pub load_us: u64,
+    pub decode_step_us: u64,
+}
+
+/// Cumulative counts since start.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolCountersOut {
+    pub loads: u64,
+    pub evictions: u64,
+    pub kv_saves: u64,
+    pub kv_restores: u64,
+    pub prefills: u64,
+    pub decode_steps: u64,
+    pub requests_admitted: u64,
+    pub requests_finished: u64,
+    pub requests_cancelled: u64,
+    pub requests_rejected: u64,
+}
+
+/// What an operator's load or unload did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelRequestOut {
+    pub id: String,
+    /// `load` or `unload`.
+    pub requested: &'static str,
+    /// The model's state right after the request (a load completes asynchronously).
+    pub state: String,
+}
+
+fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
+    let models = status
+        .models
+        .iter()
+        .map(|m| {
+            let calibration = runtime
+                .calibrations()
+                .find(|(id, _)| **id == m.model)
+                .map(|(_, c)| *c);
+            PoolModelOut {
+                id: m.model.to_string(),
+                state: serde_plain(&m.state),
+                pinned: m.pinned,
+                queued: m.queued,
+                in_flight: m.in_flight,
+                memory_bytes: m.memory_bytes,
+                saved_kv_bytes: m.saved_kv_bytes,
+                last_switch_ms_ago: m
+                    .last_switch_ns
+                    .map(|at| status.now_ns.saturating_sub(at) / 1_000_000),
+                weights_bytes: calibration.map_or(0, |c| c.weights_bytes),
+                ctx_bytes: calibration.map_or(0, |c| c.ctx_bytes),
+                kv_bytes_per_token: calibration.map_or(0, |c| c.kv_bytes_per_token),
+                load_us: calibration.map_or(0, |c| c.load_ns / 1000),
+                decode_step_us: calibration.map_or(0, |c| c.decode_step_ns / 1000),
+            }
+        })
+        .collect();
+    let c = &status.counters;
+    PoolOut {
+        object: "pool",
+        policy: serde_plain(&status.policy),
+        memory_bytes_max: status.memory_bytes_max,
+        memory_bytes_used: status.memory_bytes_used,
+        kv_saved_bytes: status.kv_saved_bytes,
+        kv_saved_bytes_max: status.kv_saved_bytes_max,
+        queued: status.queued,
+        models,
+        counters: PoolCountersOut {
+            loads: c.loads,
+            evictions: c.evictions,
+            kv_saves: c.kv_saves,
+            kv_restores: c.kv_restores,
+            prefills: c.prefills,
+            decode_steps: c.decode_steps,
+            requests_admitted: c.requests_admitted,
+            requests_finished: c.requests_finished,
+            requests_cancelled: c.requests_cancelled,
+            requests_rejected: c.requests_rejected,
+        },
+    }
+}
+
+/// The `snake_case`/`kebab-case` name serde gives a unit variant.
+fn serde_plain<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        _ => String::new(),
+    }
+}
+
+fn no_pool() -> ApiError {
+    ApiError::ResourceNotFound {
+        what: "pool",
+        id: "default".to_owned(),
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/pool",
+    tag = "pool",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The model pool: per model state, queue, in-flight, memory, last switch", body = PoolOut),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`resource_not_found`: no pooled model is served", body = ErrorBody),
+    )
+)]
+pub(crate) async fn pool_status(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Response {
+    let mut guard = match authenticate(&state, &headers, request_id, "pool").await {
+        Ok(guard) => guard,
+        Err(error) => return error.into_response(),
+    };
+    let Some(runtime) = state.pool() else {
+        let error = no_pool();
+        guard.fail(&error);
+        return error.into_response();
+    };
+    let status = runtime.status();
+    guard.succeed(0, 0, 0);
+    Json(pool_out(runtime, &status)).into_response()
+}
+
+#[utoipa::path(post, path = "/admin/models/{id}/load", tag = "admin",
+    params(("id" = String, Path)), security(("admin" = [])),
+    responses((status = 202, body = ModelRequestOut), (status = 400, description = "`model_exceeds_memory_budget`", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn load_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    model_request(&state, &headers, &id, "load").unwrap_or_else(IntoResponse::into_response)
+}
+
+#[utoipa::path(post, path = "/admin/models/{id}/unload", tag = "admin",
+    params(("id" = String, Path)), security(("admin" = [])),
+    responses((status = 202, body = ModelRequestOut), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "`model_busy`", body = ErrorBody)))]
+pub(crate) async fn unload_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    model_request(&state, &headers, &id, "unload").unwrap_or_else(IntoResponse::into_response)
+}
+
+fn model_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    requested: &'static str,
+) -> Result<Response, ApiError> {
+    admin(state, headers)?;
+    let runtime = state.pool().ok_or_else(no_pool)?;
+    let not_found = || ApiError::ResourceNotFound {
+        what: "pooled model",
+        id: id.chars().take(128).collect(),
+    };
+    let model = ModelId::new(id).map_err(|_| not_found())?;
+    let result = if requested == "load" {
+        runtime.request_load(&model)
+    } else {
+        runtime.request_unload(&model)
+    };
+    result.map_err(|error| match error {
+        PoolError::ModelNotFound { .. } => not_found(),
+        PoolError::ModelBusy { model, reason } => ApiError::ModelBusy {
+            model: model.to_string(),
+            reason,
+        },
+        PoolError::ModelTooLarge {
+            bytes_needed,
+            memory_bytes_max,
+            ..
+        } => tidepool_engine::EngineError::ExceedsMemoryBudget {
+            bytes_needed,
+            memory_bytes_max,
+        }
+        .into(),
+        other => tidepool_engine::EngineError::Scheduler {
+            reason: other.to_string(),
+        }
+        .into(),
+    })?;
+    let status = runtime.status();
+    let state_now = status
+        .models
+        .iter()
+        .find(|m| m.model == model)
+        .map(|m| serde_plain(&m.state))
+        .unwrap_or_default();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ModelRequestOut {
+            id: model.to_string(),
+            requested,
+            state: state_now,
+        }),
+    )
+        .into_response())
+}

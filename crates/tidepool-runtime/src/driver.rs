@@ -1,0 +1,351 @@
+//! The accelerator thread. It owns the [`Accelerator`] and loops: take the admitted requests
+//! and the pool's actions (under the lock), register the requests, carry out each action on the
+//! engine (outside the lock), report its completion to the pool (under the lock, which may emit
+//! the next actions), then sweep for clients that left and retry held deliveries.
+//!
+//! With `overlap_transfers = false` the pool emits at most one engine action at a time, so the
+//! engine runs actions strictly one after another, in the order the pool chose.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::{Duration, Instant};
+
+use parking_lot::MutexGuard;
+use tidepool_core::ModelId;
+use tidepool_engine::EngineError;
+use tidepool_engine::multi::{Accelerator, Calibration, MultiModelConfig, StepOutcome};
+use tidepool_pool::{Action, Event, PoolCounters, SeqFinished, SeqId};
+
+use crate::{Core, Shared, metrics};
+
+/// Wait between sweeps while sequences exist (a client leaving is noticed within this).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+/// Wait between delivery retries while a client's channel is full.
+const HELD_RETRY_INTERVAL: Duration = Duration::from_millis(2);
+/// Longest sleep of an idle accelerator.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Thread entry: calibrate, hand the measurements to [`crate::PoolRuntime::start`], wait for the
+/// shared state, then drive the pool until shutdown.
+pub(crate) fn run(
+    configs: &[MultiModelConfig],
+    calibrated: &SyncSender<Result<Vec<Calibration>, EngineError>>,
+    shared: &Receiver<Arc<Shared>>,
+) {
+    let mut accelerator = match Accelerator::new(configs.to_vec()) {
+        Ok(accelerator) => accelerator,
+        Err(error) => {
+            if calibrated.send(Err(error)).is_err() {
+                tracing::error!("accelerator start-up failed and nobody is waiting for it");
+            }
+            return;
+        }
+    };
+    match calibrate_all(&mut accelerator, configs) {
+        Ok(calibrations) => {
+            if calibrated.send(Ok(calibrations)).is_err() {
+                return;
+            }
+        }
+        Err(error) => {
+            if calibrated.send(Err(error)).is_err() {
+                tracing::error!("calibration failed and nobody is waiting for it");
+            }
+            return;
+        }
+    }
+    let Ok(shared) = shared.recv() else {
+        return;
+    };
+    metrics::describe();
+    let mut driver = Driver {
+        shared,
+        accelerator,
+        counters: PoolCounters::default(),
+        last_compute: None,
+        flush_pending: false,
+    };
+    driver.run();
+    tracing::info!("accelerator thread stopped");
+}
+
+/// Measures each distinct model configuration once (several ids may share a file).
+fn calibrate_all(
+    accelerator: &mut Accelerator,
+    configs: &[MultiModelConfig],
+) -> Result<Vec<Calibration>, EngineError> {
+    let mut done: Vec<(usize, Calibration)> = Vec::new();
+    let mut out = Vec::with_capacity(configs.len());
+    for (index, config) in configs.iter().enumerate() {
+        let same = done.iter().find(|(other, _)| {
+            configs.get(*other).is_some_and(|o| {
+                o.path == config.path
+                    && o.context_tokens == config.context_tokens
+                    && o.seqs_max == config.seqs_max
+                    && o.batch_tokens_max == config.batch_tokens_max
+                    && o.threads == config.threads
+            })
+        });
+        let calibration = if let Some((_, calibration)) = same {
+            *calibration
+        } else {
+            let calibration = accelerator.calibrate(index)?;
+            done.push((index, calibration));
+            calibration
+        };
+        out.push(calibration);
+    }
+    Ok(out)
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    accelerator: Accelerator,
+    /// Pool counters already exported to metrics.
+    counters: PoolCounters,
+    /// Model of the last compute action (a different one next is a switch).
+    last_compute: Option<ModelId>,
+    flush_pending: bool,
+}
+
+impl Driver {
+    fn run(&mut self) {
+        loop {
+            let Some((arrivals, actions)) = self.next_work() else {
+                return;
+            };
+            for arrival in arrivals {
+                self.accelerator.register(
+                    arrival.seq.0,
+                    arrival.model,
+                    arrival.prepared,
+                    Some(arrival.deadlines),
+                );
+            }
+            for action in actions {
+                self.execute(action);
+            }
+            self.sweep();
+        }
+    }
+
+    /// Waits for admitted requests or actions; returns them, or nothing on shutdown. Also
+    /// returns (empty-handed) when a sweep is due.
+    fn next_work(&mut self) -> Option<(Vec<crate::Arrival>, Vec<Action>)> {
+        let shared = Arc::clone(&self.shared);
+        let mut core = shared.core.lock();
+        loop {
+            if core.shutdown {
+                return None;
+            }
+            if !core.arrivals.is_empty() || !core.actions.is_empty() {
+                break;
+            }
+            let now_ns = shared.now_ns();
+            let timer = core.pool.next_timer_ns();
+            if timer.is_some_and(|at| at <= now_ns) {
+                self.handle(&mut core, Event::Tick { now_ns });
+                continue;
+            }
+            let wait = if self.flush_pending {
+                HELD_RETRY_INTERVAL
+            } else if self.accelerator.seqs_len() > 0 {
+                SWEEP_INTERVAL
+            } else {
+                timer.map_or(IDLE_WAIT, |at| {
+                    Duration::from_nanos(at.saturating_sub(now_ns)).min(IDLE_WAIT)
+                })
+            };
+            if shared.wake.wait_for(&mut core, wait).timed_out() {
+                break;
+            }
+        }
+        Some((
+            std::mem::take(&mut core.arrivals),
+            std::mem::take(&mut core.actions),
+        ))
+    }
+
+    fn model_index(&self, model: &ModelId) -> usize {
+        self.shared.index.get(model).copied().unwrap_or(usize::MAX)
+    }
+
+    /// Carries out one action on the engine and reports its completion to the pool.
+    fn execute(&mut self, action: Action) {
+        let started = Instant::now();
+        let event = match action {
+            Action::Release { seq, .. } => {
+                self.accelerator.release(seq.0);
+                return;
+            }
+            Action::Load { id, model } => {
+                let loaded = self.accelerator.load(self.model_index(&model));
+                let duration_ns = elapsed_ns(started);
+                metrics::loaded(&model, started.elapsed(), loaded.is_ok());
+                Completion::Load { id, duration_ns }
+            }
+            Action::Evict { id, model } => {
+                self.accelerator.evict(self.model_index(&model));
+                Completion::Unload { id }
+            }
+            Action::SaveKv { id, seq, .. } => {
+                let bytes = self.accelerator.save(seq.0);
+                Completion::Saved { id, bytes }
+            }
+            Action::RestoreKv { id, seq, .. } => {
+                self.accelerator.restore(seq.0);
+                Completion::Restored { id }
+            }
+            Action::Prefill { id, model, seqs } => {
+                self.note_compute(&model);
+                let ids: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+                let outcome = self.accelerator.prefill(self.model_index(&model), &ids);
+                metrics::finished(&model, &outcome);
+                Completion::Step {
+                    id,
+                    outcome,
+                    duration_ns: elapsed_ns(started),
+                    prefill: true,
+                }
+            }
+            Action::Decode {
+                id,
+                model,
+                seqs,
+                steps,
+            } => {
+                self.note_compute(&model);
+                let ids: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+                let outcome = self
+                    .accelerator
+                    .decode(self.model_index(&model), &ids, steps);
+                metrics::finished(&model, &outcome);
+                Completion::Step {
+                    id,
+                    outcome,
+                    duration_ns: elapsed_ns(started),
+                    prefill: false,
+                }
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let mut core = shared.core.lock();
+        let now_ns = shared.now_ns();
+        let event = event.into_event(now_ns);
+        self.handle(&mut core, event);
+    }
+
+    fn note_compute(&mut self, model: &ModelId) {
+        if self.last_compute.as_ref() != Some(model) {
+            if self.last_compute.is_some() {
+                metrics::switched();
+            }
+            self.last_compute = Some(model.clone());
+        }
+    }
+
+    /// Feeds one event to the pool under the lock and queues what it emits.
+    fn handle(&mut self, core: &mut MutexGuard<'_, Core>, event: Event) {
+        let mut actions = Vec::new();
+        if let Err(error) = core.pool.handle(event, &mut actions) {
+            // Only a driver bug gets here (unknown action, wrong kind, clock).
+            tracing::error!(%error, "the pool refused an event from its driver");
+        }
+        core.actions.extend(actions);
+        let counters = core.pool.counters();
+        metrics::counters(&self.counters, &counters);
+        metrics::memory(core.pool.memory_bytes_used(), &core.pool.status());
+        self.counters = counters;
+    }
+
+    /// Tells the pool about clients that left, frees what only the engine knew about, and
+    /// retries held deliveries.
+    fn sweep(&mut self) {
+        let gone = self.accelerator.cancelled();
+        if !gone.is_empty() {
+            let mut forget = Vec::new();
+            {
+                let shared = Arc::clone(&self.shared);
+                let mut core = shared.core.lock();
+                for seq in gone {
+                    let now_ns = shared.now_ns();
+                    let seq = SeqId(seq);
+                    self.handle(&mut core, Event::Cancelled { now_ns, seq });
+                    if !core.pool.contains_seq(seq) {
+                        forget.push(seq);
+                    }
+                }
+            }
+            for seq in forget {
+                self.accelerator.release(seq.0);
+            }
+        }
+        self.flush_pending = self.accelerator.flush();
+    }
+}
+
+/// An engine action's completion, timed before the lock is taken.
+enum Completion {
+    Load {
+        id: tidepool_pool::ActionId,
+        duration_ns: u64,
+    },
+    Unload {
+        id: tidepool_pool::ActionId,
+    },
+    Saved {
+        id: tidepool_pool::ActionId,
+        bytes: u64,
+    },
+    Restored {
+        id: tidepool_pool::ActionId,
+    },
+    Step {
+        id: tidepool_pool::ActionId,
+        outcome: StepOutcome,
+        duration_ns: u64,
+        prefill: bool,
+    },
+}
+
+impl Completion {
+    fn into_event(self, now_ns: u64) -> Event {
+        match self {
+            Self::Load { id, duration_ns } => Event::LoadFinished {
+                now_ns,
+                action: id,
+                duration_ns,
+            },
+            Self::Unload { id } => Event::UnloadFinished { now_ns, action: id },
+            Self::Saved { id, bytes } => Event::KvSaved {
+                now_ns,
+                action: id,
+                bytes,
+            },
+            Self::Restored { id } => Event::KvRestored { now_ns, action: id },
+            Self::Step {
+                id,
+                outcome,
+                duration_ns,
+                prefill,
+            } => Event::StepFinished {
+                now_ns,
+                action: id,
+                steps: if prefill { 1 } else { outcome.steps },
+                duration_ns,
+                finished: outcome
+                    .finished
+                    .iter()
+                    .map(|f| SeqFinished {
+                        seq: SeqId(f.seq),
+                        tokens_emitted: f.tokens_emitted,
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+fn elapsed_ns(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

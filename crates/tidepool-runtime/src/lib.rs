@@ -1,0 +1,442 @@
+//! `tidepool-runtime` runs the model pool on a real engine. One OS thread per accelerator owns a
+//! `tidepool-engine` [`Accelerator`] (llama.cpp weights and contexts, which are not `Send`) and
+//! carries out the actions of a `tidepool-pool` [`Pool`]; request threads admit into the same
+//! pool under a short lock, so admission errors (queue full, model over the budget) are
+//! synchronous. Every pooled model is a [`TextEngine`] the gateway serves like any other.
+//!
+//! It depends on the pool and the engine, never on the gateway or the ledger. Read
+//! [`PoolRuntime::start`] first, then the thread loop in [`driver`](crate::driver).
+#![forbid(unsafe_code)]
+
+mod driver;
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tidepool_core::{ModelId, PoolPolicy, TokenCount};
+use tidepool_engine::multi::{
+    Calibration, ModelFrontEnd, MultiModelConfig, PreparedSeq, TokenDeadlines,
+};
+use tidepool_engine::{
+    ChatMessage, EngineError, EngineStats, GenerateRequest, Generation, TextEngine, TokenId,
+};
+use tidepool_pool::{
+    Action, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolStatus, SeqId,
+};
+
+/// One model of the pool.
+#[derive(Debug, Clone)]
+pub struct PooledModelConfig {
+    pub engine: MultiModelConfig,
+    /// Never evicted once loaded.
+    pub pin: bool,
+    /// Unloaded after this long without work (scale to zero); `None` = until memory is needed.
+    pub keep_alive_ms: Option<u64>,
+}
+
+/// How the pool runs: the policy, the budget, the SLO the `token` policy plans for.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub policy: PoolPolicy,
+    /// Cap on weights + contexts + saved sequence states; `None`: see `memory_models_max`.
+    pub memory_bytes_max: Option<u64>,
+    /// Without `memory_bytes_max`: a budget that fits this many of the largest models at once
+    /// (plus the saved-state pool); `None` with neither: everything fits.
+    pub memory_models_max: Option<u32>,
+    /// Cap on saved sequence states (part of `memory_bytes_max` on a CPU box).
+    pub kv_saved_bytes_max: u64,
+    pub ttft_slo_ms: u64,
+    pub tbt_slo_ms: u64,
+    /// Decode steps of one turn when switching is free, and the floor otherwise.
+    pub decode_steps_min: u32,
+    /// Requests waiting for their prefill, all models together.
+    pub admission_queue_len_max: u32,
+    /// `Retry-After` hint of a full queue.
+    pub overload_retry_after_ms: u32,
+    pub models: Vec<PooledModelConfig>,
+}
+
+impl RuntimeConfig {
+    pub fn new(policy: PoolPolicy, models: Vec<PooledModelConfig>) -> Self {
+        Self {
+            policy,
+            memory_bytes_max: None,
+            memory_models_max: None,
+            kv_saved_bytes_max: 1 << 30,
+            ttft_slo_ms: 5_000,
+            tbt_slo_ms: 250,
+            decode_steps_min: 16,
+            admission_queue_len_max: 256,
+            overload_retry_after_ms: 1000,
+            models,
+        }
+    }
+}
+
+/// The pooled models of one accelerator and the thread that runs them. Dropping the last
+/// handle stops the thread after its current action.
+#[derive(Debug)]
+pub struct PoolRuntime {
+    shared: Arc<Shared>,
+    fronts: Vec<Arc<ModelFrontEnd>>,
+    calibrations: Vec<Calibration>,
+}
+
+/// What the request threads and the accelerator thread share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) core: Mutex<Core>,
+    pub(crate) wake: Condvar,
+    epoch: Instant,
+    /// Model ids in accelerator order (the order of `RuntimeConfig::models`).
+    pub(crate) model_ids: Vec<ModelId>,
+    pub(crate) index: BTreeMap<ModelId, usize>,
+    slo: (Duration, Duration),
+    retry_after_ms: u32,
+}
+
+impl Shared {
+    /// Nanoseconds since the runtime started: the pool's clock. Read it under the core lock
+    /// so events reach the pool in clock order.
+    pub(crate) fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// State behind the lock.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) pool: Pool,
+    /// Actions the pool emitted that the accelerator thread has not taken yet.
+    pub(crate) actions: Vec<Action>,
+    /// Admitted requests the accelerator thread has not registered yet (always taken before
+    /// `actions`, which may refer to them).
+    pub(crate) arrivals: Vec<Arrival>,
+    next_seq: u64,
+    pub(crate) shutdown: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Arrival {
+    pub(crate) seq: SeqId,
+    pub(crate) model: usize,
+    pub(crate) prepared: PreparedSeq,
+    pub(crate) deadlines: TokenDeadlines,
+}
+
+impl PoolRuntime {
+    /// Opens every model's vocabulary, starts the accelerator thread, measures each model on it
+    /// (load time, sizes, step costs: the pool's estimates), builds the pool and returns the
+    /// runtime once the thread is ready. Blocks for the calibration (seconds): call it from a
+    /// blocking context.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the start-up handshake with the accelerator thread, in order"
+    )]
+    pub fn start(config: &RuntimeConfig) -> Result<Arc<Self>, EngineError> {
+        let fronts = config
+            .models
+            .iter()
+            .map(|m| ModelFrontEnd::open(m.engine.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let engine_configs: Vec<MultiModelConfig> =
+            config.models.iter().map(|m| m.engine.clone()).collect();
+        let (calibrated_tx, calibrated_rx) = sync_channel(1);
+        let (shared_tx, shared_rx) = sync_channel::<Arc<Shared>>(1);
+        std::thread::Builder::new()
+            .name("tidepool-accelerator".to_owned())
+            .spawn(move || driver::run(&engine_configs, &calibrated_tx, &shared_rx))
+            .map_err(|e| EngineError::Load {
+                path: std::path::PathBuf::new(),
+                reason: format!("cannot start the accelerator thread: {e}"),
+            })?;
+        let calibrations: Vec<Calibration> = calibrated_rx.recv().map_err(|_| thread_gone())??;
+        let pool_config = pool_config(config, &calibrations);
+        let pool = Pool::new(pool_config).map_err(|e| EngineError::Load {
+            path: std::path::PathBuf::new(),
+            reason: e.to_string(),
+        })?;
+        let model_ids: Vec<ModelId> = config
+            .models
+            .iter()
+            .map(|m| m.engine.model_id.clone())
+            .collect();
+        let index = model_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i))
+            .collect();
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                pool,
+                actions: Vec::new(),
+                arrivals: Vec::new(),
+                next_seq: 1,
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            epoch: Instant::now(),
+            model_ids,
+            index,
+            slo: (
+                Duration::from_millis(config.ttft_slo_ms),
+                Duration::from_millis(config.tbt_slo_ms),
+            ),
+            retry_after_ms: config.overload_retry_after_ms,
+        });
+        shared_tx
+            .send(Arc::clone(&shared))
+            .map_err(|_| thread_gone())?;
+        {
+            // The first event: dedicated loads everything, the others nothing yet.
+            let mut core = shared.core.lock();
+            let now_ns = shared.now_ns();
+            let mut actions = Vec::new();
+            core.pool
+                .handle(Event::Tick { now_ns }, &mut actions)
+                .map_err(|e| scheduler_error(&e))?;
+            core.actions.extend(actions);
+        }
+        shared.wake.notify_one();
+        for (model, calibration) in config.models.iter().zip(&calibrations) {
+            tracing::info!(model = %model.engine.model_id, ?calibration, "pooled model calibrated");
+        }
+        Ok(Arc::new(Self {
+            shared,
+            fronts,
+            calibrations,
+        }))
+    }
+
+    /// One [`TextEngine`] per pooled model, in configuration order.
+    pub fn engines(self: &Arc<Self>) -> Vec<Arc<dyn TextEngine>> {
+        (0..self.fronts.len())
+            .filter_map(|model| {
+                let front = Arc::clone(self.fronts.get(model)?);
+                let engine: Arc<dyn TextEngine> = Arc::new(PooledEngine {
+                    runtime: Arc::clone(self),
+                    front,
+                    model,
+                });
+                Some(engine)
+            })
+            .collect()
+    }
+
+    /// The pool's state (`GET /v1/pool`).
+    pub fn status(&self) -> PoolStatus {
+        self.shared.core.lock().pool.status()
+    }
+
+    /// What was measured for each model at start-up, in configuration order.
+    pub fn calibrations(&self) -> impl Iterator<Item = (&ModelId, &Calibration)> {
+        self.shared.model_ids.iter().zip(&self.calibrations)
+    }
+
+    /// An operator's load (a hint: the model loads when nothing more urgent needs the engine).
+    pub fn request_load(&self, model: &ModelId) -> Result<(), PoolError> {
+        self.admin(|now_ns| Event::LoadRequested {
+            now_ns,
+            model: model.clone(),
+        })
+    }
+
+    /// An operator's unload; `PoolError::ModelBusy` unless the model is idle.
+    pub fn request_unload(&self, model: &ModelId) -> Result<(), PoolError> {
+        self.admin(|now_ns| Event::UnloadRequested {
+            now_ns,
+            model: model.clone(),
+        })
+    }
+
+    fn admin(&self, event: impl FnOnce(u64) -> Event) -> Result<(), PoolError> {
+        let mut core = self.shared.core.lock();
+        let now_ns = self.shared.now_ns();
+        let mut actions = Vec::new();
+        core.pool.handle(event(now_ns), &mut actions)?;
+        core.actions.extend(actions);
+        drop(core);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        model: usize,
+        front: &ModelFrontEnd,
+        request: GenerateRequest,
+    ) -> Result<Generation, EngineError> {
+        let arrived = Instant::now();
+        let (prepared, generation) = front.prepare(request)?;
+        let (ttft, tbt) = self.shared.slo;
+        let mut core = self.shared.core.lock();
+        if core.shutdown {
+            return Err(EngineError::ShutDown);
+        }
+        let seq = SeqId(core.next_seq);
+        core.next_seq += 1;
+        let now_ns = self.shared.now_ns();
+        let mut actions = Vec::new();
+        let event = Event::RequestArrived {
+            now_ns,
+            seq,
+            model: front.model_id().clone(),
+            prompt_tokens: prepared.prompt_tokens(),
+            max_tokens: prepared.max_tokens(),
+        };
+        if let Err(error) = core.pool.handle(event, &mut actions) {
+            metrics::rejected(front.model_id(), &error);
+            return Err(self.admission_error(error, &prepared));
+        }
+        core.arrivals.push(Arrival {
+            seq,
+            model,
+            prepared,
+            deadlines: TokenDeadlines { arrived, ttft, tbt },
+        });
+        core.actions.extend(actions);
+        drop(core);
+        self.shared.wake.notify_one();
+        Ok(generation)
+    }
+
+    fn admission_error(&self, error: PoolError, prepared: &PreparedSeq) -> EngineError {
+        match error {
+            PoolError::QueueFull { .. } => EngineError::Overloaded {
+                retry_after_ms: self.shared.retry_after_ms,
+            },
+            PoolError::ModelTooLarge {
+                bytes_needed,
+                memory_bytes_max,
+                ..
+            } => EngineError::ExceedsMemoryBudget {
+                bytes_needed,
+                memory_bytes_max,
+            },
+            PoolError::RequestTooLong { seq_tokens_max, .. } => {
+                EngineError::ContextLengthExceeded {
+                    prompt_tokens: prepared.prompt_tokens(),
+                    max_tokens: prepared.max_tokens(),
+                    context_tokens: seq_tokens_max,
+                }
+            }
+            other => scheduler_error(&other),
+        }
+    }
+
+    fn model_stats(&self, model: &ModelId) -> EngineStats {
+        let status = self.status();
+        status
+            .models
+            .iter()
+            .find(|m| &m.model == model)
+            .map_or_else(EngineStats::default, |m| EngineStats {
+                queued: m.queued,
+                active: m.in_flight,
+            })
+    }
+}
+
+impl Drop for PoolRuntime {
+    fn drop(&mut self) {
+        self.shared.core.lock().shutdown = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// One pooled model as the gateway sees it.
+#[derive(Debug)]
+struct PooledEngine {
+    runtime: Arc<PoolRuntime>,
+    front: Arc<ModelFrontEnd>,
+    model: usize,
+}
+
+impl TextEngine for PooledEngine {
+    fn model_id(&self) -> &ModelId {
+        self.front.model_id()
+    }
+
+    fn context_tokens(&self) -> TokenCount {
+        self.front.context_tokens()
+    }
+
+    fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.front.apply_chat_template(messages)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
+        self.front.tokenize(text)
+    }
+
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        self.runtime.submit(self.model, &self.front, request)
+    }
+
+    fn stats(&self) -> EngineStats {
+        self.runtime.model_stats(self.front.model_id())
+    }
+}
+
+/// The pool's configuration from the runtime's and the measured sizes and costs.
+fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConfig {
+    let models: Vec<ModelSpec> = config
+        .models
+        .iter()
+        .zip(calibrations)
+        .map(|(model, cal)| ModelSpec {
+            id: model.engine.model_id.clone(),
+            weights_bytes: cal.weights_bytes,
+            ctx_bytes: cal.ctx_bytes,
+            kv_bytes_per_token: cal.kv_bytes_per_token,
+            seqs_max: model.engine.seqs_max,
+            seq_tokens_max: model.engine.context_tokens,
+            pin: model.pin,
+            keep_alive_ms: model.keep_alive_ms,
+            estimate: CostEstimate {
+                load_ns: cal.load_ns,
+                decode_step_ns: cal.decode_step_ns,
+                prefill_ns_per_token: cal.prefill_ns_per_token,
+                kv_transfer_ps_per_byte: cal.kv_transfer_ps_per_byte,
+            },
+        })
+        .collect();
+    let mut sizes: Vec<u64> = models.iter().map(ModelSpec::resident_bytes).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let fitting = config
+        .memory_models_max
+        .map_or(sizes.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let largest: u64 = sizes.iter().take(fitting).sum();
+    let memory_bytes_max = config
+        .memory_bytes_max
+        .unwrap_or_else(|| largest.saturating_add(config.kv_saved_bytes_max));
+    let mut pool = PoolConfig::new(config.policy, memory_bytes_max, models);
+    pool.kv_saved_bytes_max = config.kv_saved_bytes_max;
+    // CPU: saved states live in the same RAM, and loading competes with decoding for the cores.
+    pool.saved_kv_in_memory_budget = true;
+    pool.overlap_transfers = false;
+    pool.ttft_slo_ms = config.ttft_slo_ms;
+    pool.tbt_slo_ms = config.tbt_slo_ms;
+    pool.decode_steps_min = config.decode_steps_min;
+    pool.decode_steps_max = pool.decode_steps_max.max(config.decode_steps_min);
+    pool.admission_queue_len_max = config.admission_queue_len_max;
+    pool
+}
+
+fn thread_gone() -> EngineError {
+    EngineError::Load {
+        path: std::path::PathBuf::new(),
+        reason: "the accelerator thread exited during start-up".to_owned(),
+    }
+}
+
+fn scheduler_error(error: &PoolError) -> EngineError {
+    tracing::error!(%error, "pool scheduler error");
+    EngineError::Scheduler {
+        reason: error.to_string(),
+    }
+}
