@@ -100,20 +100,15 @@ impl LlamaEngineConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.context_tokens == 0 {
-            return fail("context_tokens must be at least 1");
-        }
-        if self.seqs_max == 0 || self.seqs_max > SEQS_MAX_LIMIT {
-            return fail("seqs_max must be between 1 and 256");
-        }
-        if self.batch_tokens_max < self.seqs_max {
-            return fail("batch_tokens_max must be at least seqs_max");
-        }
+        check_context_shape(
+            &self.path,
+            self.context_tokens,
+            1,
+            self.seqs_max,
+            self.batch_tokens_max,
+        )?;
         if self.queue_len_max == 0 || self.chunks_buffered_max == 0 {
             return fail("queue_len_max and chunks_buffered_max must be at least 1");
-        }
-        if self.context_tokens.checked_mul(self.seqs_max).is_none() {
-            return fail("context_tokens * seqs_max overflows");
         }
         Ok(())
     }
@@ -127,6 +122,38 @@ impl LlamaEngineConfig {
             self.batch_tokens_max,
         )
     }
+}
+
+/// Checks the context shape shared by the per-model engine and the pooled one: slots within
+/// llama.cpp's limit, a batch that holds one token per slot, a cell count that fits `u32`.
+pub(crate) fn check_context_shape(
+    path: &Path,
+    context_tokens: TokenCount,
+    context_tokens_min: TokenCount,
+    seqs_max: u32,
+    batch_tokens_max: u32,
+) -> Result<(), EngineError> {
+    let fail = |reason: String| {
+        Err(EngineError::Load {
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    if context_tokens < context_tokens_min {
+        return fail(format!(
+            "context_tokens must be at least {context_tokens_min}"
+        ));
+    }
+    if seqs_max == 0 || seqs_max > SEQS_MAX_LIMIT {
+        return fail("seqs_max must be between 1 and 256".to_owned());
+    }
+    if batch_tokens_max < seqs_max {
+        return fail("batch_tokens_max must be at least seqs_max".to_owned());
+    }
+    if context_tokens.checked_mul(seqs_max).is_none() {
+        return fail("context_tokens * seqs_max overflows".to_owned());
+    }
+    Ok(())
 }
 
 /// Threads llama.cpp should use: `threads`, or every available core for 0.

@@ -37,7 +37,7 @@ use tidepool_core::ModelId;
 use tokio::sync::mpsc;
 
 use crate::llama::{
-    SEQS_MAX_LIMIT, backend, build_sampler, context_params, decode_error_code, render_chat,
+    backend, build_sampler, check_context_shape, context_params, decode_error_code, render_chat,
     sliding_window_tokens, tokenize_checked,
 };
 use crate::output::{Delivery, SeqOutput};
@@ -76,26 +76,19 @@ impl MultiModelConfig {
     }
 
     fn check(&self) -> Result<(), EngineError> {
-        let fail = |reason: &str| {
-            Err(EngineError::Load {
-                path: self.path.clone(),
-                reason: reason.to_owned(),
-            })
-        };
-        if self.context_tokens < 2 {
-            return fail("context_tokens must be at least 2");
-        }
-        if self.seqs_max == 0 || self.seqs_max > SEQS_MAX_LIMIT {
-            return fail("seqs_max must be between 1 and 256");
-        }
-        if self.batch_tokens_max < self.seqs_max {
-            return fail("batch_tokens_max must be at least seqs_max");
-        }
+        // A pooled sequence needs room for its prompt and at least one generated token.
+        check_context_shape(
+            &self.path,
+            self.context_tokens,
+            2,
+            self.seqs_max,
+            self.batch_tokens_max,
+        )?;
         if self.chunks_buffered_max == 0 {
-            return fail("chunks_buffered_max must be at least 1");
-        }
-        if self.context_tokens.checked_mul(self.seqs_max).is_none() {
-            return fail("context_tokens * seqs_max overflows");
+            return Err(EngineError::Load {
+                path: self.path.clone(),
+                reason: "chunks_buffered_max must be at least 1".to_owned(),
+            });
         }
         Ok(())
     }

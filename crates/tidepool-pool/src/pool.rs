@@ -79,6 +79,17 @@ pub(crate) struct ModelState {
 }
 
 impl ModelState {
+    /// Nothing queued, decoding, saved, in the context or in flight: the model can go without
+    /// any work being saved or lost.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.busy == 0
+            && self.in_ctx == 0
+            && self.decoding.is_empty()
+            && self.prefill_q.is_empty()
+            && self.pending == 0
+            && self.saved_bytes == 0
+    }
+
     fn new(spec: &ModelSpec) -> Self {
         Self {
             residency: Residency::Cold,
@@ -436,13 +447,7 @@ impl Pool {
             return busy("the model is pinned");
         }
         let m = &mut self.models[index];
-        let idle = m.busy == 0
-            && m.in_ctx == 0
-            && m.decoding.is_empty()
-            && m.prefill_q.is_empty()
-            && m.pending == 0
-            && m.saved_bytes == 0;
-        if !idle {
+        if !m.is_idle() {
             return busy("the model has requests in flight");
         }
         m.load_requested = false;

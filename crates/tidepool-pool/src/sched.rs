@@ -422,14 +422,7 @@ impl Pool {
     fn unload_victim(&self) -> Option<usize> {
         (0..self.models.len()).find(|&i| {
             let m = &self.models[i];
-            m.unload_requested
-                && m.residency == Residency::Resident
-                && m.busy == 0
-                && m.in_ctx == 0
-                && m.decoding.is_empty()
-                && m.prefill_q.is_empty()
-                && m.pending == 0
-                && m.saved_bytes == 0
+            m.unload_requested && m.residency == Residency::Resident && m.is_idle()
         })
     }
 
@@ -448,12 +441,7 @@ impl Pool {
                 m.residency == Residency::Resident
                     && !self.cfg.models[i].pin
                     && !m.load_requested
-                    && m.busy == 0
-                    && m.in_ctx == 0
-                    && m.decoding.is_empty()
-                    && m.prefill_q.is_empty()
-                    && m.pending == 0
-                    && m.saved_bytes == 0
+                    && m.is_idle()
             })
             .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
         Some((victim, Work::Evict))
@@ -474,14 +462,7 @@ impl Pool {
     fn keep_alive_expiry(&self, i: usize) -> Option<u64> {
         let spec = &self.cfg.models[i];
         let m = &self.models[i];
-        let idle = m.residency == Residency::Resident
-            && !spec.pin
-            && m.busy == 0
-            && m.in_ctx == 0
-            && m.decoding.is_empty()
-            && m.prefill_q.is_empty()
-            && m.pending == 0
-            && m.saved_bytes == 0;
+        let idle = m.residency == Residency::Resident && !spec.pin && m.is_idle();
         let keep_alive_ms = spec.keep_alive_ms?;
         idle.then(|| {
             m.last_used_ns

@@ -254,7 +254,7 @@ impl Driver {
         core.actions.extend(actions);
         let counters = core.pool.counters();
         metrics::counters(&self.counters, &counters);
-        metrics::memory(core.pool.memory_bytes_used(), &core.pool.status());
+        metrics::memory(core.pool.memory_bytes_used(), &counters);
         self.counters = counters;
     }
 

@@ -8,7 +8,7 @@ use metrics::{
 };
 use tidepool_core::ModelId;
 use tidepool_engine::multi::StepOutcome;
-use tidepool_pool::{PoolCounters, PoolError, PoolStatus, Residency};
+use tidepool_pool::{PoolCounters, PoolError};
 
 pub(crate) fn describe() {
     describe_counter!(
@@ -106,16 +106,14 @@ pub(crate) fn counters(before: &PoolCounters, after: &PoolCounters) {
         .increment(delta(before.decode_steps, after.decode_steps));
 }
 
+/// Memory used and models not cold. A load is counted when it starts and an eviction when it
+/// ends, so loads − evictions is exactly the models loading, resident or evicting.
 #[expect(
     clippy::cast_precision_loss,
-    reason = "a gauge of bytes far below 2^52"
+    reason = "gauges of bytes and model counts far below 2^52"
 )]
-pub(crate) fn memory(used: u64, status: &PoolStatus) {
+pub(crate) fn memory(used: u64, counters: &PoolCounters) {
     gauge!("tidepool_pool_memory_bytes_used").set(used as f64);
-    let resident = status
-        .models
-        .iter()
-        .filter(|m| m.state != Residency::Cold)
-        .count();
+    let resident = counters.loads.saturating_sub(counters.evictions);
     gauge!("tidepool_pool_resident_models").set(resident as f64);
 }
