@@ -185,6 +185,14 @@ pub struct PoolConfig {
     pub tbt_slo_ms: u64,
     /// Decode steps of one turn when switching is free, and the floor otherwise.
     pub decode_steps_min: u32,
+    /// `token`: the longest decode turn the quota formula hands out, in ms (Aegaeon's
+    /// `max_batch_quota`).
+    pub turn_quota_ms_max: u64,
+    /// `token`: a request whose model is not resident waits (behind decode turns and requests
+    /// of resident models) until its TTFT is at risk or nothing decodes.
+    pub prefill_cold_lazy: bool,
+    /// `token`: within a round, turns of resident models run before turns that need a load.
+    pub round_resident_first: bool,
 }
 
 impl PoolConfig {
@@ -201,6 +209,9 @@ impl PoolConfig {
         if self.decode_steps_min == 0 {
             return invalid("decode_steps_min", "must be at least 1");
         }
+        if self.turn_quota_ms_max == 0 {
+            return invalid("turn_quota_ms_max", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -216,6 +227,9 @@ impl Default for PoolConfig {
             ttft_slo_ms: 5_000,
             tbt_slo_ms: 250,
             decode_steps_min: 16,
+            turn_quota_ms_max: 4_000,
+            prefill_cold_lazy: false,
+            round_resident_first: false,
         }
     }
 }

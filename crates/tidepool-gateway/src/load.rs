@@ -112,6 +112,9 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
     runtime.ttft_slo_ms = config.pool.ttft_slo_ms;
     runtime.tbt_slo_ms = config.pool.tbt_slo_ms;
     runtime.decode_steps_min = config.pool.decode_steps_min;
+    runtime.turn_quota_ms_max = config.pool.turn_quota_ms_max;
+    runtime.prefill_cold_lazy = config.pool.prefill_cold_lazy;
+    runtime.round_resident_first = config.pool.round_resident_first;
     runtime.admission_queue_len_max = config.limits.admission_queue_len_max;
     tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
         "starting the model pool (measuring each model once)");

@@ -72,6 +72,10 @@ pub struct CostEstimate {
 /// The pool's configuration; validated by [`PoolConfig::validate`] when the pool is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent on/off knobs of the scheduler, each documented; no state machine"
+)]
 pub struct PoolConfig {
     pub policy: PoolPolicy,
     /// Cap on weights + contexts (+ saved KV when `saved_kv_in_memory_budget`) + reservations.
@@ -104,6 +108,15 @@ pub struct PoolConfig {
     pub alpha_admit_permille_max: u32,
     /// `swap-lru`: Ollama-faithful head-of-line blocking (the oldest request blocks the rest).
     pub hol_blocking: bool,
+    /// `token`: a queued request whose model is not resident is prefilled (so its model loaded)
+    /// only when its TTFT is at risk or nothing is decoding; until then decode turns and
+    /// requests of resident models go first. Where a load stalls compute (CPU), this stops one
+    /// new request from evicting models that are mid-generation.
+    #[serde(default)]
+    pub prefill_cold_lazy: bool,
+    /// `token`: within a round, turns of resident models run before turns that need a load.
+    #[serde(default)]
+    pub round_resident_first: bool,
     pub models: Vec<ModelSpec>,
 }
 
@@ -126,6 +139,8 @@ impl PoolConfig {
             turn_quota_ms_max: 4000,
             alpha_admit_permille_max: u32::MAX,
             hol_blocking: false,
+            prefill_cold_lazy: false,
+            round_resident_first: false,
             models,
         }
     }

@@ -173,8 +173,17 @@ impl Pool {
             }
             self.target = None;
         }
-        let prefill = self.prefill_candidate();
         let decode = self.decode_candidate();
+        let prefill = if self.cfg.policy == PoolPolicy::Token && self.cfg.prefill_cold_lazy {
+            // Resident models' requests and at-risk cold ones first; other cold ones wait for
+            // their deadline or for an idle compute lane.
+            self.oldest_queued(|m| {
+                self.models[m].residency == Residency::Resident || self.prefill_urgent(m)
+            })
+            .or_else(|| decode.is_none().then(|| self.prefill_candidate()).flatten())
+        } else {
+            self.prefill_candidate()
+        };
         let target = match (prefill, decode) {
             (Some(model), Some(turn)) => {
                 if self.prefill_credit || self.prefill_urgent(model) {
@@ -297,7 +306,13 @@ impl Pool {
     /// The next non-empty turn of the round, rebuilding the round when it is exhausted.
     fn decode_candidate(&mut self) -> Option<Turn> {
         for _ in 0..2 {
-            while let Some(&turn) = self.round.get(self.turn) {
+            loop {
+                if self.cfg.policy == PoolPolicy::Token && self.cfg.round_resident_first {
+                    self.resident_turn_first();
+                }
+                let Some(&turn) = self.round.get(self.turn) else {
+                    break;
+                };
                 if !self.turn_seqs(turn).is_empty() {
                     return Some(turn);
                 }
@@ -306,6 +321,21 @@ impl Pool {
             self.build_round();
         }
         None
+    }
+
+    /// Moves the round's next turn of a resident model (with sequences) to the current position,
+    /// so turns that need a load run last. Only reorders the rest of this round: every turn
+    /// still runs once before the round is rebuilt.
+    fn resident_turn_first(&mut self) {
+        let resident = (self.turn..self.round.len()).find(|&i| {
+            self.round.get(i).is_some_and(|&t| {
+                self.models[t.model].residency == Residency::Resident
+                    && !self.turn_seqs(t).is_empty()
+            })
+        });
+        if let Some(index) = resident {
+            self.round.swap(self.turn, index);
+        }
     }
 
     /// The sequences of one turn: chunk `chunk` of the model's decoding set in `SeqId` order.

@@ -111,6 +111,8 @@ fn config(seed: u64, rng: &mut ChaCha8Rng) -> PoolConfig {
     cfg.decode_steps_min = rng.random_range(1..8);
     cfg.decode_steps_max = cfg.decode_steps_min + rng.random_range(0..64);
     cfg.hol_blocking = rng.random_bool(0.3);
+    cfg.prefill_cold_lazy = rng.random_bool(0.5);
+    cfg.round_resident_first = rng.random_bool(0.5);
     cfg.ttft_slo_ms = rng.random_range(500..5000);
     cfg.tbt_slo_ms = rng.random_range(20..200);
     cfg.turn_quota_ms_max = rng.random_range(100..2000);

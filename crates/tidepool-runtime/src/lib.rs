@@ -53,6 +53,12 @@ pub struct RuntimeConfig {
     pub tbt_slo_ms: u64,
     /// Decode steps of one turn when switching is free, and the floor otherwise.
     pub decode_steps_min: u32,
+    /// `token`: the longest turn the quota formula hands out, in ms.
+    pub turn_quota_ms_max: u64,
+    /// `token`: cold models' requests wait until their TTFT is at risk (`PoolConfig`).
+    pub prefill_cold_lazy: bool,
+    /// `token`: resident models' turns first within a round (`PoolConfig`).
+    pub round_resident_first: bool,
     /// Requests waiting for their prefill, all models together.
     pub admission_queue_len_max: u32,
     /// `Retry-After` hint of a full queue.
@@ -70,6 +76,9 @@ impl RuntimeConfig {
             ttft_slo_ms: 5_000,
             tbt_slo_ms: 250,
             decode_steps_min: 16,
+            turn_quota_ms_max: 4_000,
+            prefill_cold_lazy: false,
+            round_resident_first: false,
             admission_queue_len_max: 256,
             overload_retry_after_ms: 1000,
             models,
@@ -423,6 +432,9 @@ fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConf
     pool.tbt_slo_ms = config.tbt_slo_ms;
     pool.decode_steps_min = config.decode_steps_min;
     pool.decode_steps_max = pool.decode_steps_max.max(config.decode_steps_min);
+    pool.turn_quota_ms_max = config.turn_quota_ms_max;
+    pool.prefill_cold_lazy = config.prefill_cold_lazy;
+    pool.round_resident_first = config.round_resident_first;
     pool.admission_queue_len_max = config.admission_queue_len_max;
     pool
 }

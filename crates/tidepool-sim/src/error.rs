@@ -18,6 +18,8 @@ pub enum SimError {
         #[source]
         source: Box<toml::de::Error>,
     },
+    #[error("cannot write the profile as TOML: {reason}")]
+    ProfileWrite { reason: String },
     #[error("invalid profile: {field}: {reason}")]
     ProfileInvalid { field: String, reason: &'static str },
     #[error("trace line {line}: {reason}")]

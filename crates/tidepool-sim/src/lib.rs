@@ -7,6 +7,7 @@
 //! [`plan()`] (fewest accelerators per policy).
 #![forbid(unsafe_code)]
 
+pub mod calibrate;
 pub mod error;
 pub mod plan;
 pub mod profile;

@@ -87,6 +87,13 @@ impl Profile {
         Ok(profile)
     }
 
+    /// The profile as TOML, in the format [`Profile::load`] reads.
+    pub fn to_toml(&self) -> Result<String, SimError> {
+        toml::to_string_pretty(self).map_err(|e| SimError::ProfileWrite {
+            reason: e.to_string(),
+        })
+    }
+
     fn validate(&self) -> Result<(), SimError> {
         let invalid = |field: &str, reason| {
             Err(SimError::ProfileInvalid {

@@ -26,6 +26,8 @@ pub struct PoolKnobs {
     pub decode_steps_max: u32,
     pub turn_quota_ms_max: u64,
     pub alpha_admit_permille_max: u32,
+    pub prefill_cold_lazy: bool,
+    pub round_resident_first: bool,
 }
 
 impl Default for PoolKnobs {
@@ -37,6 +39,8 @@ impl Default for PoolKnobs {
             decode_steps_max: 512,
             turn_quota_ms_max: 2000,
             alpha_admit_permille_max: u32::MAX,
+            prefill_cold_lazy: false,
+            round_resident_first: false,
         }
     }
 }
@@ -189,6 +193,8 @@ fn pool_config(
     cfg.decode_steps_max = k.decode_steps_max;
     cfg.turn_quota_ms_max = k.turn_quota_ms_max;
     cfg.alpha_admit_permille_max = k.alpha_admit_permille_max;
+    cfg.prefill_cold_lazy = k.prefill_cold_lazy;
+    cfg.round_resident_first = k.round_resident_first;
     Ok((cfg, costs, ids))
 }
 

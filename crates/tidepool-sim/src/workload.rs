@@ -242,6 +242,45 @@ fn family_pattern(profile: &Profile, models: usize) -> Vec<usize> {
 }
 
 impl Workload {
+    /// A workload replayed exactly (e.g. what `tidepool bench pool` sent): requests sorted by
+    /// arrival; every request must name one of `models` and fit its family's `seq_tokens_max`.
+    pub fn replay(
+        profile: &Profile,
+        models: Vec<MarketModel>,
+        mut requests: Vec<Request>,
+    ) -> Result<Self, SimError> {
+        if models.is_empty() || models.len() > usize::try_from(MARKET_MODELS_MAX).unwrap_or(0) {
+            return Err(SimError::WorkloadInvalid {
+                reason: "a replay needs 1..=MARKET_MODELS_MAX models",
+            });
+        }
+        if requests.len() > TRACE_ROWS_MAX {
+            return Err(SimError::WorkloadInvalid {
+                reason: "more requests than TRACE_ROWS_MAX",
+            });
+        }
+        for request in &requests {
+            let family = models
+                .get(usize::try_from(request.model).unwrap_or(usize::MAX))
+                .and_then(|m| profile.families.get(m.family))
+                .ok_or(SimError::WorkloadInvalid {
+                    reason: "a request names a model or family the replay does not have",
+                })?;
+            let tokens = u64::from(request.prompt_tokens) + u64::from(request.output_tokens);
+            if request.output_tokens == 0 || tokens > u64::from(family.seq_tokens_max) {
+                return Err(SimError::WorkloadInvalid {
+                    reason: "a request must ask for ≥ 1 token and fit seq_tokens_max",
+                });
+            }
+        }
+        requests.sort_by_key(|r| r.at_ns);
+        Ok(Self {
+            models,
+            requests,
+            prompts_capped: 0,
+        })
+    }
+
     fn push(&mut self, profile: &Profile, at_ns: u64, model: u32, prompt: u32, output: u32) {
         let family = &profile.families[self.models[usize::try_from(model).unwrap_or(0)].family];
         let output_tokens = output.clamp(1, family.seq_tokens_max / 2);

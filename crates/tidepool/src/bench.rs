@@ -41,6 +41,9 @@ pub(crate) enum BenchCommand {
     /// Azure conversation lengths scaled down, Poisson rates swept; token-SLO attainment,
     /// goodput, p99 TTFT, switches/s and the sustainable rate of `dedicated`, `swap-lru`, `token`.
     Pool(crate::bench_pool::PoolBenchArgs),
+    /// Measure the local models through the pool's engine path and write a simulator profile
+    /// (TOML) fitted from the samples.
+    Calibrate(crate::bench_calibrate::CalibrateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +100,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
         BenchCommand::Pool(args) => crate::bench_pool::run(args).await,
+        BenchCommand::Calibrate(args) => crate::bench_calibrate::run(&args),
     }
 }
 

@@ -54,6 +54,13 @@
 //! flight. A token is one SSE event with non-empty text (the server sends one per token).
 //! Output: a markdown table on stdout, JSON at `--out` and an SVG plot (attainment vs rate, one
 //! series per policy, 90 % line) next to it.
+//!
+//! **Simulator replay** (`--sim-profile`, issue 5's validation): every (policy, rate) is replayed
+//! in `tidepool-sim` with the same requests and arrival offsets, each with the prompt length the
+//! server counted (`usage.prompt_tokens` of the stream) and the output it actually delivered
+//! (a refused or cut request keeps its asked length), the budget the server reported, the same
+//! SLOs and the server's pool knobs; the table gains a "sim attainment" column and the plot a
+//! `… (sim)` series per policy. `--sim-only` simulates the planned schedule without servers.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,9 +73,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use tidepool_core::PoolPolicy;
 use tidepool_sim::svg::{Series, line_chart};
-use tidepool_sim::workload::{Arrivals, MarketSpec, Popularity, TraceRow, market};
-use tidepool_sim::{Profile, read_azure_trace};
+use tidepool_sim::workload::{
+    Arrivals, MarketModel, MarketSpec, Popularity, Request, TraceRow, Workload, market,
+};
+use tidepool_sim::{PoolKnobs, Profile, SimSpec, read_azure_trace, simulate};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -83,9 +93,9 @@ const MEMORY_MODELS_MAX: u32 = 3;
 /// The cost-model profile whose families name the market's models.
 const PROFILE: &str = "cpu-devvm";
 /// GGUF of the SmolLM2 family (in the models dir).
-const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// GGUF of the Gemma family (in the models dir).
-const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+pub(crate) const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 /// Trace prompt lengths are divided by this.
 const PROMPT_TOKENS_DIVISOR: u32 = 8;
 /// Shortest scaled prompt, in tokens.
@@ -113,6 +123,8 @@ const ATTAINMENT_SUSTAINABLE_MIN: f64 = 0.90;
 const TARGET_VS_SWAP_LRU_MIN: f64 = 2.5;
 /// `token` must sustain at least this fraction of `dedicated`'s rate (the issue's target).
 const TARGET_VS_DEDICATED_MIN: f64 = 0.9;
+/// Issue 5's validation target: simulated attainment within this many points of the real run.
+const SIM_GAP_POINTS_MAX: f64 = 5.0;
 /// After a rate's arrival window closes, how long its requests may still run, in seconds.
 const STRAGGLER_GRACE_S: u64 = 120;
 /// How long to wait for the pool to drain between rates, in seconds.
@@ -186,6 +198,37 @@ pub(crate) struct PoolBenchArgs {
     /// Seconds to wait for a server to become healthy (start-up measures all 8 models).
     #[arg(long, default_value_t = 300)]
     startup_timeout_s: u64,
+    /// Decode steps of one pool turn when switching is free, and the floor otherwise
+    /// (`[pool] decode_steps_min`; the server's default is 16).
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_POOL_DECODE_STEPS_MIN",
+        default_value_t = 16
+    )]
+    decode_steps_min: u32,
+    /// `token`: the longest decode turn, in ms (`[pool] turn_quota_ms_max`).
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_POOL_TURN_QUOTA_MS_MAX",
+        default_value_t = 4000
+    )]
+    turn_quota_ms_max: u64,
+    /// `token`: `[pool] prefill_cold_lazy` (a cold model's request waits until its TTFT is at risk).
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_PREFILL_COLD_LAZY")]
+    prefill_cold_lazy: bool,
+    /// `token`: `[pool] round_resident_first`.
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_ROUND_RESIDENT_FIRST")]
+    round_resident_first: bool,
+    /// A simulator profile (e.g. from `tidepool bench calibrate`): every (policy, rate) is then
+    /// also replayed in the simulator — the same requests, arrival times and delivered lengths,
+    /// the same budget, SLOs and pool knobs — and the table shows both attainments.
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_SIM_PROFILE")]
+    sim_profile: Option<PathBuf>,
+    /// With `--sim-profile`: no servers, only the simulator on the planned schedule (every
+    /// request asks for its full length; budgets from the profile's sizes). Seconds instead of
+    /// minutes, for exploring pool knobs before a real run.
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_SIM_ONLY", requires = "sim_profile")]
+    sim_only: bool,
 }
 
 /// One model of the market as served.
@@ -243,6 +286,8 @@ struct RequestOutcome {
     send_lag: Duration,
     /// Arrival of every token, from the send.
     tokens: Vec<Duration>,
+    /// Prompt tokens as the server counted them (the stream's usage chunk).
+    prompt_tokens: Option<u32>,
 }
 
 impl RequestOutcome {
@@ -253,6 +298,7 @@ impl RequestOutcome {
             status: None,
             send_lag: Duration::ZERO,
             tokens: Vec::new(),
+            prompt_tokens: None,
         }
     }
 }
@@ -353,12 +399,17 @@ fn server_config(
         "[server]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = {}\nmodels_dir = {}\n\n\
          [engine]\nthreads = 0\n\n[billing]\nenforce = false\n\n\
          [pool]\npolicy = \"{policy}\"\nmemory_models_max = {MEMORY_MODELS_MAX}\n\
-         kv_saved_bytes_max = {}\nttft_slo_ms = {}\ntbt_slo_ms = {}\n",
+         kv_saved_bytes_max = {}\nttft_slo_ms = {}\ntbt_slo_ms = {}\ndecode_steps_min = {}\n\
+         turn_quota_ms_max = {}\nprefill_cold_lazy = {}\nround_resident_first = {}\n",
         toml_string(database_url)?,
         toml_string(&models_dir.to_string_lossy())?,
         args.kv_saved_bytes_max,
         args.ttft_slo_ms,
         args.tbt_slo_ms,
+        args.decode_steps_min,
+        args.turn_quota_ms_max,
+        args.prefill_cold_lazy,
+        args.round_resident_first,
     );
     for model in models {
         write!(
@@ -425,7 +476,7 @@ fn build_workloads(
     Ok((models, schedules))
 }
 
-fn default_models_dir() -> PathBuf {
+pub(crate) fn default_models_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
     home.join(".cache/tidepool/models")
 }
@@ -463,6 +514,12 @@ struct PoolBenchReport {
     /// `prompt = clamp(trace / divisor, min, max)`, same for output.
     length_scaling: LengthScaling,
     attainment_sustainable_min: f64,
+    decode_steps_min: u32,
+    turn_quota_ms_max: u64,
+    prefill_cold_lazy: bool,
+    round_resident_first: bool,
+    /// The simulator profile every row was replayed with, if any.
+    sim_profile: Option<String>,
     policies: Vec<PolicySummary>,
     rows: Vec<RateRow>,
     /// `token` / `swap-lru` sustainable rate; absent when `swap-lru` sustained no rate.
@@ -512,6 +569,21 @@ struct RateRow {
     kv_saves: u64,
     /// Latest send against the schedule (load-generator health), in ms.
     send_lag_ms_max: f64,
+    /// The same requests replayed in the simulator (`--sim-profile`).
+    sim: Option<SimRow>,
+    /// What was actually served, for the replay.
+    #[serde(skip)]
+    replay: Vec<Request>,
+}
+
+/// The simulator's answer for one (policy, rate) of the real run.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct SimRow {
+    attainment: f64,
+    ttft_ms_p99: f64,
+    loads: u64,
+    kv_saves: u64,
+    requests_rejected: u64,
 }
 
 /// The part of `GET /v1/pool` the bench reads.
@@ -528,7 +600,7 @@ struct PoolModelView {
     in_flight: u32,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
 struct CountersView {
     loads: u64,
     evictions: u64,
@@ -537,6 +609,9 @@ struct CountersView {
 
 pub(crate) async fn run(args: PoolBenchArgs) -> anyhow::Result<()> {
     validate(&args)?;
+    if args.sim_only {
+        return sim_only(&args);
+    }
     let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
     for file in [SMOLLM2_FILE, GEMMA_FILE] {
         if !models_dir.join(file).exists() {
@@ -557,10 +632,105 @@ pub(crate) async fn run(args: PoolBenchArgs) -> anyhow::Result<()> {
         policies.push(summary);
         rows.extend(policy_rows);
     }
+    if let Some(path) = &args.sim_profile {
+        let profile = Profile::load(&path.to_string_lossy())
+            .with_context(|| format!("simulator profile {}", path.display()))?;
+        simulate_rows(&profile, &models, &policies, &mut rows, &args)?;
+    }
     let report = finish_report(models, policies, rows, &args);
     write_outputs(&report, &args.out)?;
     if let Err(error) = std::fs::remove_dir_all(&work) {
         tracing::warn!(%error, "could not remove the bench's temp dir");
+    }
+    Ok(())
+}
+
+/// `--sim-only`: the planned schedules in the simulator, a table on stdout.
+fn sim_only(args: &PoolBenchArgs) -> anyhow::Result<()> {
+    let path = args
+        .sim_profile
+        .as_ref()
+        .context("--sim-only needs --sim-profile")?;
+    let profile = Profile::load(&path.to_string_lossy())
+        .with_context(|| format!("simulator profile {}", path.display()))?;
+    let (models, schedules) = build_workloads(args)?;
+    let mut sizes: Vec<u64> = models
+        .iter()
+        .filter_map(|m| profile.families.iter().find(|f| f.name == m.family))
+        .map(tidepool_sim::profile::Family::resident_bytes)
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let fitting: u64 = sizes
+        .iter()
+        .take(usize::try_from(MEMORY_MODELS_MAX).unwrap_or(usize::MAX))
+        .sum();
+    let mut rows = Vec::new();
+    let mut policies = Vec::new();
+    for policy in &args.policies {
+        policies.push(PolicySummary {
+            policy: policy.clone(),
+            memory_bytes_max: fitting + args.kv_saved_bytes_max,
+            sustainable_rate_per_s: 0.0,
+        });
+        for (&rate_per_s, schedule) in args.rates.iter().zip(&schedules) {
+            let mut row = RateRun {
+                rate_per_s,
+                first_request: 0,
+                duration_s: args.duration_s,
+                slo: Slo {
+                    ttft_ms: args.ttft_slo_ms,
+                    tbt_ms: args.tbt_slo_ms,
+                },
+            }
+            .row(
+                policy,
+                &[],
+                Duration::ZERO,
+                CountersView::default(),
+                CountersView::default(),
+            );
+            row.replay = planned_requests(schedule);
+            rows.push(row);
+        }
+    }
+    simulate_rows(&profile, &models, &policies, &mut rows, args)?;
+    write_sim_table(&rows)
+}
+
+/// The schedule as simulator requests, every one asking for its full length.
+fn planned_requests(schedule: &[BenchRequest]) -> Vec<Request> {
+    schedule
+        .iter()
+        .map(|r| Request {
+            at_ns: u64::try_from(r.at.as_nanos()).unwrap_or(u64::MAX),
+            model: u32::try_from(r.model).unwrap_or(u32::MAX),
+            prompt_tokens: r.prompt_tokens,
+            output_tokens: r.output_tokens,
+        })
+        .collect()
+}
+
+fn write_sim_table(rows: &[RateRow]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "| policy | rate req/s | sim attainment % | sim p99 TTFT ms | loads | kv_saves | rejected |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    for row in rows {
+        if let Some(sim) = row.sim {
+            writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.0} | {} | {} | {} |",
+                row.policy,
+                row.rate_per_s,
+                sim.attainment * 100.0,
+                sim.ttft_ms_p99,
+                sim.loads,
+                sim.kv_saves,
+                sim.requests_rejected
+            )?;
+        }
     }
     Ok(())
 }
@@ -654,6 +824,7 @@ impl RateRun {
                 "max_tokens": request.output_tokens,
                 "temperature": 0,
                 "stream": true,
+                "stream_options": {"include_usage": true},
             });
             let target = Target {
                 client: server.client.clone(),
@@ -677,7 +848,9 @@ impl RateRun {
         }
         let wall = start.elapsed();
         let after = server.pool_view().await?;
-        Ok(self.row(policy, &outcomes, wall, before.counters, after.counters))
+        let mut row = self.row(policy, &outcomes, wall, before.counters, after.counters);
+        row.replay = replay_requests(schedule, &outcomes);
+        Ok(row)
     }
 
     fn row(
@@ -731,8 +904,109 @@ impl RateRun {
             evictions: after.evictions.saturating_sub(before.evictions),
             kv_saves: after.kv_saves.saturating_sub(before.kv_saves),
             send_lag_ms_max: ms(send_lag),
+            sim: None,
+            replay: Vec::new(),
         }
     }
+}
+
+/// What the server was asked for and delivered, as simulator requests: the prompt as the server
+/// counted it, and the delivered length of a stream that ended normally (EOS may end it before
+/// `max_tokens`); a failed or cut request keeps the length it asked for.
+fn replay_requests(schedule: &[BenchRequest], outcomes: &[RequestOutcome]) -> Vec<Request> {
+    schedule
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(request, outcome)| {
+            let delivered = u32::try_from(outcome.tokens.len()).unwrap_or(u32::MAX);
+            let output_tokens = match outcome.end {
+                End::Completed => delivered,
+                End::Failed | End::TimedOut => delivered.max(request.output_tokens),
+            };
+            (output_tokens > 0).then(|| Request {
+                at_ns: u64::try_from(request.at.as_nanos()).unwrap_or(u64::MAX),
+                model: u32::try_from(request.model).unwrap_or(u32::MAX),
+                prompt_tokens: outcome
+                    .prompt_tokens
+                    .unwrap_or(request.prompt_tokens)
+                    .max(1),
+                output_tokens,
+            })
+        })
+        .collect()
+}
+
+/// Replays every row in the simulator with `profile`: the same requests, the budget each
+/// server reported, the SLOs, and the pool knobs of the server's configuration.
+fn simulate_rows(
+    profile: &Profile,
+    models: &[BenchModel],
+    policies: &[PolicySummary],
+    rows: &mut [RateRow],
+    args: &PoolBenchArgs,
+) -> anyhow::Result<()> {
+    let market: Vec<MarketModel> = models
+        .iter()
+        .map(|m| {
+            let family = profile
+                .families
+                .iter()
+                .position(|f| f.name == m.family)
+                .with_context(|| format!("profile has no family `{}`", m.family))?;
+            Ok(MarketModel {
+                id: m.id.clone(),
+                family,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let knobs = PoolKnobs {
+        admission_queue_len_max: tidepool_core::Limits::default().admission_queue_len_max,
+        decode_steps_min: args.decode_steps_min,
+        decode_steps_max: PoolKnobs::default()
+            .decode_steps_max
+            .max(args.decode_steps_min),
+        turn_quota_ms_max: args.turn_quota_ms_max,
+        prefill_cold_lazy: args.prefill_cold_lazy,
+        round_resident_first: args.round_resident_first,
+        ..PoolKnobs::default()
+    };
+    for row in rows {
+        let policy = crate::sim_cmd::parse_policy(&row.policy)?;
+        let mut profile = profile.clone();
+        let needed: u64 = market
+            .iter()
+            .filter_map(|m| profile.families.get(m.family))
+            .map(tidepool_sim::profile::Family::resident_bytes)
+            .sum();
+        if let Some(summary) = policies.iter().find(|p| p.policy == row.policy) {
+            profile.accelerator.memory_bytes = summary.memory_bytes_max;
+        }
+        if policy == PoolPolicy::Dedicated {
+            profile.accelerator.memory_bytes = profile
+                .accelerator
+                .memory_bytes
+                .max(needed + args.kv_saved_bytes_max);
+        }
+        profile.accelerator.kv_saved_bytes_max = args.kv_saved_bytes_max;
+        let workload = Workload::replay(&profile, market.clone(), row.replay.clone())?;
+        let spec = SimSpec {
+            profile,
+            policy,
+            accelerators: 1,
+            ttft_slo_ms: args.ttft_slo_ms,
+            tbt_slo_ms: args.tbt_slo_ms,
+            knobs,
+        };
+        let report = simulate(&spec, &workload, &mut |_| {})?;
+        row.sim = Some(SimRow {
+            attainment: report.attainment,
+            ttft_ms_p99: report.ttft_ms_p99,
+            loads: report.loads,
+            kv_saves: report.kv_saves,
+            requests_rejected: report.requests_rejected,
+        });
+    }
+    Ok(())
 }
 
 /// Where a request goes.
@@ -811,6 +1085,12 @@ async fn stream_tokens(
                 .unwrap_or("");
             if !text.is_empty() {
                 outcome.tokens.push(sent.elapsed());
+            }
+            if let Some(prompt) = value
+                .pointer("/usage/prompt_tokens")
+                .and_then(serde_json::Value::as_u64)
+            {
+                outcome.prompt_tokens = u32::try_from(prompt).ok();
             }
         }
     }
@@ -1009,14 +1289,19 @@ fn finish_report(
             output_tokens_max: OUTPUT_TOKENS_MAX,
         },
         attainment_sustainable_min: ATTAINMENT_SUSTAINABLE_MIN,
+        decode_steps_min: args.decode_steps_min,
+        turn_quota_ms_max: args.turn_quota_ms_max,
+        prefill_cold_lazy: args.prefill_cold_lazy,
+        round_resident_first: args.round_resident_first,
+        sim_profile: args.sim_profile.as_ref().map(|p| p.display().to_string()),
         policies,
         rows,
     }
 }
 
-/// The attainment-vs-rate plot.
+/// The attainment-vs-rate plot (with the simulator's replay, when run, as `… (sim)` series).
 fn plot(report: &PoolBenchReport) -> String {
-    let series: Vec<Series> = report
+    let mut series: Vec<Series> = report
         .policies
         .iter()
         .map(|p| Series {
@@ -1029,6 +1314,20 @@ fn plot(report: &PoolBenchReport) -> String {
                 .collect(),
         })
         .collect();
+    for p in &report.policies {
+        let points: Vec<(f64, f64)> = report
+            .rows
+            .iter()
+            .filter(|r| r.policy == p.policy)
+            .filter_map(|r| r.sim.map(|sim| (r.rate_per_s, sim.attainment * 100.0)))
+            .collect();
+        if !points.is_empty() {
+            series.push(Series {
+                name: format!("{} (sim)", p.policy),
+                points,
+            });
+        }
+    }
     line_chart(
         &format!(
             "Token-SLO attainment, {MARKET_MODELS} models, budget fits {MEMORY_MODELS_MAX} (TTFT {} ms, TBT {} ms)",
@@ -1065,13 +1364,17 @@ fn write_outputs(report: &PoolBenchReport, out_path: &Path) -> anyhow::Result<()
 fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyhow::Result<()> {
     writeln!(
         out,
-        "\n| policy | rate req/s | attainment % | goodput tok/s | p99 TTFT ms | switches/s | loads | kv_saves | failed |"
+        "\n| policy | rate req/s | attainment % | sim attainment % | goodput tok/s | p99 TTFT ms | switches/s | loads | kv_saves | failed |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
     for r in &report.rows {
+        let sim = r.sim.map_or_else(
+            || "–".to_owned(),
+            |sim| format!("{:.1}", sim.attainment * 100.0),
+        );
         writeln!(
             out,
-            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {sim} | {:.1} | {:.0} | {:.2} | {} | {} | {} |",
             r.policy,
             r.rate_per_s,
             r.attainment * 100.0,
@@ -1092,6 +1395,22 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
             p.sustainable_rate_per_s,
             ATTAINMENT_SUSTAINABLE_MIN * 100.0,
             as_f64(p.memory_bytes_max) / 1_048_576.0
+        )?;
+    }
+    let gaps: Vec<f64> = report
+        .rows
+        .iter()
+        .filter_map(|r| {
+            r.sim
+                .map(|sim| (sim.attainment - r.attainment).abs() * 100.0)
+        })
+        .collect();
+    if let Some(worst) = gaps.iter().copied().reduce(f64::max) {
+        let within = gaps.iter().filter(|&&g| g <= SIM_GAP_POINTS_MAX).count();
+        writeln!(
+            out,
+            "simulator vs real: {within} of {} rows within {SIM_GAP_POINTS_MAX} points; largest gap {worst:.1} points",
+            gaps.len()
         )?;
     }
     let verdict = |ratio: Option<f64>, min: f64| match ratio {
@@ -1122,6 +1441,7 @@ mod tests {
                 .iter()
                 .map(|&t| Duration::from_millis(t))
                 .collect(),
+            prompt_tokens: None,
         }
     }
 
@@ -1231,6 +1551,121 @@ mod tests {
             assert_eq!(config.pool.ttft_slo_ms, args.ttft_slo_ms);
             assert_eq!(config.server.database_url, "sqlite:///tmp/x \"y\".db");
         }
+    }
+
+    #[test]
+    fn replay_keeps_what_was_served() {
+        let schedule = [
+            BenchRequest {
+                at: Duration::from_millis(10),
+                model: 1,
+                prompt_tokens: 40,
+                output_tokens: 16,
+            },
+            BenchRequest {
+                at: Duration::from_millis(20),
+                model: 0,
+                prompt_tokens: 50,
+                output_tokens: 12,
+            },
+            BenchRequest {
+                at: Duration::from_millis(30),
+                model: 2,
+                prompt_tokens: 60,
+                output_tokens: 9,
+            },
+        ];
+        // Stopped at EOS after 5 tokens; rejected with 429; finished with no token at all.
+        let mut eos = outcome(End::Completed, 16, &[1, 2, 3, 4, 5]);
+        eos.prompt_tokens = Some(43);
+        let rejected = outcome(End::Failed, 12, &[]);
+        let empty = outcome(End::Completed, 9, &[]);
+        let replay = replay_requests(&schedule, &[eos, rejected, empty]);
+        assert_eq!(
+            replay,
+            [
+                Request {
+                    at_ns: 10_000_000,
+                    model: 1,
+                    prompt_tokens: 43,
+                    output_tokens: 5
+                },
+                Request {
+                    at_ns: 20_000_000,
+                    model: 0,
+                    prompt_tokens: 50,
+                    output_tokens: 12
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn rows_replay_in_the_simulator_deterministically() {
+        let mut args = args();
+        args.trace = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/traces/azure-llm-2023-conv.csv"
+        ));
+        args.rates = vec![0.5];
+        args.duration_s = 20;
+        let (models, schedules) = build_workloads(&args).unwrap();
+        let profile = Profile::load("cpu-devvm").unwrap();
+        let served = planned_requests(&schedules[0]);
+        let rows = || -> Vec<RateRow> {
+            POLICIES
+                .iter()
+                .map(|policy| RateRow {
+                    policy: (*policy).to_owned(),
+                    rate_per_s: 0.5,
+                    requests: 0,
+                    requests_failed: 0,
+                    requests_timed_out: 0,
+                    statuses: BTreeMap::new(),
+                    tokens_expected: 0,
+                    tokens_on_time: 0,
+                    attainment: 0.0,
+                    goodput_tokens_per_s: 0.0,
+                    ttft_ms_p50: 0.0,
+                    ttft_ms_p99: 0.0,
+                    wall_s: 0.0,
+                    switches_per_s: 0.0,
+                    loads: 0,
+                    evictions: 0,
+                    kv_saves: 0,
+                    send_lag_ms_max: 0.0,
+                    sim: None,
+                    replay: served.clone(),
+                })
+                .collect()
+        };
+        let summaries: Vec<PolicySummary> = POLICIES
+            .iter()
+            .map(|policy| PolicySummary {
+                policy: (*policy).to_owned(),
+                memory_bytes_max: profile.accelerator.memory_bytes,
+                sustainable_rate_per_s: 0.0,
+            })
+            .collect();
+        let mut first = rows();
+        simulate_rows(&profile, &models, &summaries, &mut first, &args).unwrap();
+        let mut second = rows();
+        simulate_rows(&profile, &models, &summaries, &mut second, &args).unwrap();
+        for (a, b) in first.iter().zip(&second) {
+            let (sa, sb) = (a.sim.unwrap(), b.sim.unwrap());
+            assert!((0.0..=1.0).contains(&sa.attainment), "{sa:?}");
+            assert!(sa.attainment.to_bits() == sb.attainment.to_bits() && sa.loads == sb.loads);
+        }
+        // Dedicated holds every model: at most one load each, never a saved sequence.
+        let dedicated = first[0].sim.unwrap();
+        assert!((1..=8).contains(&dedicated.loads), "{dedicated:?}");
+        assert_eq!(dedicated.kv_saves, 0);
+        // A profile without the market's families is an error, not a silent mismatch.
+        let mut other = profile.clone();
+        for f in &mut other.families {
+            f.name = format!("x-{}", f.name);
+        }
+        assert!(simulate_rows(&other, &models, &summaries, &mut rows(), &args).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod bench;
+mod bench_calibrate;
 mod bench_ledger;
 mod bench_pool;
 mod sim_cmd;

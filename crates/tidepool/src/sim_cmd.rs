@@ -72,6 +72,12 @@ pub(crate) struct WorkloadArgs {
         default_value_t = u32::MAX
     )]
     alpha_admit_permille_max: u32,
+    /// `token`: a request of a cold model waits until its TTFT is at risk or nothing decodes.
+    #[arg(long, env = "TIDEPOOL_SIM_PREFILL_COLD_LAZY")]
+    prefill_cold_lazy: bool,
+    /// `token`: within a round, turns of resident models run before turns that need a load.
+    #[arg(long, env = "TIDEPOOL_SIM_ROUND_RESIDENT_FIRST")]
+    round_resident_first: bool,
 }
 
 /// Arguments of `tidepool sim`.
@@ -124,7 +130,7 @@ pub(crate) struct BenchSimArgs {
     trace: PathBuf,
 }
 
-fn parse_policy(text: &str) -> anyhow::Result<PoolPolicy> {
+pub(crate) fn parse_policy(text: &str) -> anyhow::Result<PoolPolicy> {
     match text {
         "token" => Ok(PoolPolicy::Token),
         "swap-lru" => Ok(PoolPolicy::SwapLru),
@@ -178,6 +184,8 @@ impl WorkloadArgs {
                 turn_quota_ms_max: self.turn_quota_ms_max,
                 decode_steps_min: self.decode_steps_min,
                 alpha_admit_permille_max: self.alpha_admit_permille_max,
+                prefill_cold_lazy: self.prefill_cold_lazy,
+                round_resident_first: self.round_resident_first,
                 ..PoolKnobs::default()
             },
         }

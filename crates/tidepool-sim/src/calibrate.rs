@@ -1,0 +1,368 @@
+//! Fitting engine measurements to a profile [`Family`]: `tidepool bench calibrate` times the real
+//! engine (prefills of several lengths, decode steps of several batch sizes and contexts, loads,
+//! KV saves and restores) and this module turns those samples into the cost curves the simulator
+//! uses, by non-negative least squares.
+//!
+//! The module knows nothing of the engine: samples are plain numbers, so the fit is tested with
+//! synthetic data of known coefficients.
+
+use serde::Serialize;
+
+use crate::SimError;
+use crate::profile::{Family, as_f64};
+
+/// Samples of one kind in a fit, at most this many.
+pub const SAMPLES_MAX: usize = 4096;
+
+/// One prefill action: prompts of `tokens` tokens in total and `tokens_sq` = Σ length².
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PrefillSample {
+    pub tokens: u64,
+    pub tokens_sq: u64,
+    pub ns: u64,
+}
+
+/// One decode step of `batch` sequences holding `ctx_tokens` tokens in total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DecodeSample {
+    pub batch: u32,
+    pub ctx_tokens: u64,
+    pub ns: u64,
+}
+
+/// Saving and restoring one sequence state of `bytes` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TransferSample {
+    pub bytes: u64,
+    pub save_ns: u64,
+    pub restore_ns: u64,
+}
+
+/// Everything measured of one model family.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FamilyMeasurements {
+    pub name: String,
+    pub weights_bytes: u64,
+    pub kv_bytes_per_token: u64,
+    pub seqs_max: u32,
+    pub seq_tokens_max: u32,
+    /// Context bytes besides the KV cells (logits, buffers the engine reports).
+    pub ctx_fixed_bytes: u64,
+    /// Weights in plus context creation, one sample per load.
+    pub load_ns: Vec<u64>,
+    pub unload_ns: Vec<u64>,
+    pub prefill: Vec<PrefillSample>,
+    pub decode: Vec<DecodeSample>,
+}
+
+/// A fitted family and how well the curves explain the samples.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FamilyFit {
+    pub family: Family,
+    /// Root-mean-square of (fitted − measured) / measured over the prefill samples.
+    pub prefill_error_rms: f64,
+    /// The same over the decode samples.
+    pub decode_error_rms: f64,
+}
+
+/// Fitted KV transfer costs: `kv_fixed_s + bytes / bytes_per_s`, each direction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TransferFit {
+    pub kv_fixed_s: f64,
+    pub d2h_bytes_per_s: f64,
+    pub h2d_bytes_per_s: f64,
+}
+
+fn invalid(reason: &'static str) -> SimError {
+    SimError::WorkloadInvalid { reason }
+}
+
+/// Fits prefill `fixed + a·Σt + b·Σt²` and decode `fixed + c·B + d·Σctx` (all ≥ 0), and takes
+/// medians of the load and unload times. Share 1; the caller sets it.
+pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
+    if m.prefill.len() < 3 || m.decode.len() < 3 || m.load_ns.is_empty() {
+        return Err(invalid(
+            "calibration needs ≥ 3 prefill and decode samples and a load",
+        ));
+    }
+    if m.prefill.len() > SAMPLES_MAX || m.decode.len() > SAMPLES_MAX {
+        return Err(invalid("more calibration samples than SAMPLES_MAX"));
+    }
+    let prefill_rows: Vec<([f64; 3], f64)> = m
+        .prefill
+        .iter()
+        .map(|s| ([1.0, as_f64(s.tokens), as_f64(s.tokens_sq)], as_f64(s.ns)))
+        .collect();
+    let decode_rows: Vec<([f64; 3], f64)> = m
+        .decode
+        .iter()
+        .map(|s| {
+            (
+                [1.0, f64::from(s.batch), as_f64(s.ctx_tokens)],
+                as_f64(s.ns),
+            )
+        })
+        .collect();
+    let prefill = nnls3(&prefill_rows).ok_or_else(|| invalid("prefill samples do not fit"))?;
+    let decode = nnls3(&decode_rows).ok_or_else(|| invalid("decode samples do not fit"))?;
+    if decode[0] + decode[1] <= 0.0 {
+        return Err(invalid("decode steps measured as free"));
+    }
+    let ms = |ns: f64| ns / 1e6;
+    let family = Family {
+        name: m.name.clone(),
+        share: 1,
+        weights_bytes: m.weights_bytes,
+        kv_bytes_per_token: m.kv_bytes_per_token,
+        seqs_max: m.seqs_max,
+        seq_tokens_max: m.seq_tokens_max,
+        ctx_fixed_bytes: m.ctx_fixed_bytes,
+        prefill_fixed_ms: ms(prefill[0]),
+        prefill_per_token_ms: ms(prefill[1]),
+        prefill_per_token_sq_ms: ms(prefill[2]),
+        decode_fixed_ms: ms(decode[0]),
+        decode_per_seq_ms: ms(decode[1]),
+        decode_per_1k_ctx_ms: ms(decode[2]) * 1000.0,
+        load_s: median(&m.load_ns) / 1e9,
+        ctx_create_s: 0.0,
+        unload_s: if m.unload_ns.is_empty() {
+            0.0
+        } else {
+            median(&m.unload_ns) / 1e9
+        },
+    };
+    Ok(FamilyFit {
+        family,
+        prefill_error_rms: relative_rms(&prefill_rows, prefill),
+        decode_error_rms: relative_rms(&decode_rows, decode),
+    })
+}
+
+/// Fits `fixed + bytes / bandwidth` for saves and restores (one shared fixed cost).
+pub fn fit_transfer(samples: &[TransferSample]) -> Result<TransferFit, SimError> {
+    if samples.len() < 2 || samples.len() > SAMPLES_MAX {
+        return Err(invalid("transfer fit needs 2..=SAMPLES_MAX samples"));
+    }
+    let rows = |pick: fn(&TransferSample) -> u64| -> Vec<([f64; 3], f64)> {
+        samples
+            .iter()
+            .map(|s| ([1.0, as_f64(s.bytes), 0.0], as_f64(pick(s))))
+            .collect()
+    };
+    let save = nnls3(&rows(|s| s.save_ns)).ok_or_else(|| invalid("save samples do not fit"))?;
+    let restore =
+        nnls3(&rows(|s| s.restore_ns)).ok_or_else(|| invalid("restore samples do not fit"))?;
+    // A slope of 0 (transfers too fast to see) becomes a very high bandwidth, not a division by 0.
+    let bandwidth = |ns_per_byte: f64| 1e9 / ns_per_byte.max(1e-6);
+    Ok(TransferFit {
+        kv_fixed_s: f64::midpoint(save[0], restore[0]) / 1e9,
+        d2h_bytes_per_s: bandwidth(save[1]),
+        h2d_bytes_per_s: bandwidth(restore[1]),
+    })
+}
+
+fn median(values: &[u64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let n = sorted.len();
+    match (
+        sorted.get(n / 2),
+        n.checked_sub(1).and_then(|i| sorted.get(i / 2)),
+    ) {
+        (Some(&hi), Some(&lo)) if n.is_multiple_of(2) => f64::midpoint(as_f64(lo), as_f64(hi)),
+        (Some(&mid), _) => as_f64(mid),
+        _ => 0.0,
+    }
+}
+
+fn relative_rms(rows: &[([f64; 3], f64)], coef: [f64; 3]) -> f64 {
+    let mut sum = 0.0;
+    let mut n = 0.0;
+    for (x, y) in rows {
+        if *y > 0.0 {
+            let fitted = x[0] * coef[0] + x[1] * coef[1] + x[2] * coef[2];
+            sum += ((fitted - y) / y).powi(2);
+            n += 1.0;
+        }
+    }
+    if n > 0.0 { (sum / n).sqrt() } else { 0.0 }
+}
+
+/// Non-negative least squares over three columns: the best of the unconstrained solutions on
+/// every subset of columns whose coefficients are all ≥ 0 (exact for three unknowns, where the
+/// active-set search would visit the same subsets). `None` if no subset solves.
+fn nnls3(rows: &[([f64; 3], f64)]) -> Option<[f64; 3]> {
+    let mut best: Option<([f64; 3], f64)> = None;
+    for mask in 1_u8..8 {
+        let cols: Vec<usize> = (0..3).filter(|&c| mask & (1 << c) != 0).collect();
+        let Some(solution) = least_squares(rows, &cols) else {
+            continue;
+        };
+        if solution.iter().any(|&c| c < 0.0 || !c.is_finite()) {
+            continue;
+        }
+        let residual: f64 = rows
+            .iter()
+            .map(|(x, y)| {
+                (x[0] * solution[0] + x[1] * solution[1] + x[2] * solution[2] - y).powi(2)
+            })
+            .sum();
+        if best.is_none_or(|(_, r)| residual < r * (1.0 - 1e-12)) {
+            best = Some((solution, residual));
+        }
+    }
+    best.map(|(solution, _)| solution)
+}
+
+/// Least squares on the columns `cols` (normal equations, Gaussian elimination with pivoting);
+/// the other coefficients are 0. `None` when the system is singular.
+fn least_squares(rows: &[([f64; 3], f64)], cols: &[usize]) -> Option<[f64; 3]> {
+    let k = cols.len();
+    // Scale each column to unit RMS so Σt and Σt² of very different sizes stay well conditioned.
+    let scale: Vec<f64> = cols
+        .iter()
+        .map(|&c| {
+            let ss: f64 = rows.iter().map(|(x, _)| x[c] * x[c]).sum();
+            (ss / as_f64(u64::try_from(rows.len()).unwrap_or(1))).sqrt()
+        })
+        .collect();
+    if scale.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
+        return None;
+    }
+    let mut a = vec![vec![0.0_f64; k + 1]; k];
+    for (x, y) in rows {
+        for i in 0..k {
+            let xi = x[cols[i]] / scale[i];
+            for j in 0..k {
+                a[i][j] += xi * x[cols[j]] / scale[j];
+            }
+            a[i][k] += xi * y;
+        }
+    }
+    for col in 0..k {
+        let pivot = (col..k).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
+        if a[pivot][col].abs() < 1e-9 {
+            return None;
+        }
+        a.swap(col, pivot);
+        let pivot_row = a[col].clone();
+        for (row, values) in a.iter_mut().enumerate() {
+            if row != col {
+                let factor = values[col] / pivot_row[col];
+                for (v, p) in values.iter_mut().zip(&pivot_row).skip(col) {
+                    *v -= factor * p;
+                }
+            }
+        }
+    }
+    let mut out = [0.0; 3];
+    for (i, &c) in cols.iter().enumerate() {
+        out[c] = a[i][k] / a[i][i] / scale[i];
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measurements(prefill: [f64; 3], decode: [f64; 3]) -> FamilyMeasurements {
+        let mut m = FamilyMeasurements {
+            name: "toy".into(),
+            weights_bytes: 100,
+            kv_bytes_per_token: 10,
+            seqs_max: 4,
+            seq_tokens_max: 512,
+            ctx_fixed_bytes: 7,
+            load_ns: vec![300, 100, 200],
+            unload_ns: vec![10, 30],
+            prefill: Vec::new(),
+            decode: Vec::new(),
+        };
+        for t in [8_u64, 32, 64, 128, 192, 256] {
+            let ns = prefill[0] + prefill[1] * as_f64(t) + prefill[2] * as_f64(t * t);
+            m.prefill.push(PrefillSample {
+                tokens: t,
+                tokens_sq: t * t,
+                ns: crate::profile::f64_ns(ns),
+            });
+        }
+        for batch in 1..=4_u32 {
+            for ctx in [32_u64, 224] {
+                let total = ctx * u64::from(batch);
+                let ns = decode[0] + decode[1] * f64::from(batch) + decode[2] * as_f64(total);
+                m.decode.push(DecodeSample {
+                    batch,
+                    ctx_tokens: total,
+                    ns: crate::profile::f64_ns(ns),
+                });
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn known_coefficients_are_recovered() {
+        let fit = fit_family(&measurements([2e6, 5e6, 300.0], [4e6, 10e6, 2000.0])).unwrap();
+        let f = &fit.family;
+        assert!((f.prefill_fixed_ms - 2.0).abs() < 1e-3, "{f:?}");
+        assert!((f.prefill_per_token_ms - 5.0).abs() < 1e-4, "{f:?}");
+        assert!((f.prefill_per_token_sq_ms - 3e-4).abs() < 1e-6, "{f:?}");
+        assert!((f.decode_fixed_ms - 4.0).abs() < 1e-3, "{f:?}");
+        assert!((f.decode_per_seq_ms - 10.0).abs() < 1e-3, "{f:?}");
+        assert!((f.decode_per_1k_ctx_ms - 2.0).abs() < 1e-3, "{f:?}");
+        assert!((f.load_s - 200e-9).abs() < 1e-15);
+        assert!((f.unload_s - 20e-9).abs() < 1e-15);
+        assert!(fit.prefill_error_rms < 1e-6 && fit.decode_error_rms < 1e-6);
+    }
+
+    #[test]
+    fn negative_coefficients_are_clamped_to_zero() {
+        // A decode that gets *faster* with context would fit a negative slope: the fit drops the
+        // term instead and explains the samples with the others.
+        let mut m = measurements([0.0, 5e6, 0.0], [4e6, 10e6, 0.0]);
+        for s in &mut m.decode {
+            s.ns = s.ns.saturating_sub(s.ctx_tokens * 100);
+        }
+        let fit = fit_family(&m).unwrap();
+        let f = &fit.family;
+        assert!(f.decode_per_1k_ctx_ms.abs() < f64::EPSILON, "{f:?}");
+        assert!(f.decode_fixed_ms >= 0.0 && f.decode_per_seq_ms > 0.0);
+        assert!(f.prefill_fixed_ms >= 0.0 && f.prefill_per_token_sq_ms >= 0.0);
+        assert!(fit.decode_error_rms > 0.0);
+    }
+
+    #[test]
+    fn too_few_samples_are_an_error() {
+        let mut m = measurements([0.0, 5e6, 0.0], [4e6, 10e6, 0.0]);
+        m.prefill.truncate(2);
+        assert!(fit_family(&m).is_err());
+        let mut m = measurements([0.0, 5e6, 0.0], [4e6, 10e6, 0.0]);
+        m.load_ns.clear();
+        assert!(fit_family(&m).is_err());
+    }
+
+    #[test]
+    fn transfers_fit_fixed_plus_bandwidth() {
+        let samples: Vec<TransferSample> = [1_000_000_u64, 4_000_000, 16_000_000]
+            .iter()
+            .map(|&bytes| TransferSample {
+                bytes,
+                save_ns: 500_000 + bytes / 5,    // 5 GB/s
+                restore_ns: 500_000 + bytes / 2, // 2 GB/s
+            })
+            .collect();
+        let fit = fit_transfer(&samples).unwrap();
+        assert!((fit.kv_fixed_s - 5e-4).abs() < 1e-7, "{fit:?}");
+        assert!((fit.d2h_bytes_per_s / 5e9 - 1.0).abs() < 1e-3, "{fit:?}");
+        assert!((fit.h2d_bytes_per_s / 2e9 - 1.0).abs() < 1e-3, "{fit:?}");
+        assert!(fit_transfer(&samples[..1]).is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert!((median(&[3, 1, 2]) - 2.0).abs() < f64::EPSILON);
+        assert!((median(&[4, 1, 2, 3]) - 2.5).abs() < f64::EPSILON);
+        assert!(median(&[]).abs() < f64::EPSILON);
+    }
+}

@@ -1,0 +1,535 @@
+//! `tidepool bench calibrate`: measures the local models on this machine through the pool's own
+//! engine path (`tidepool_engine::multi::Accelerator`: the same prefill, decode-with-sampling,
+//! load, evict, KV save and restore calls the server's accelerator thread makes) and writes a
+//! simulator profile (`tidepool_sim::Profile` TOML) fitted from the samples by
+//! `tidepool_sim::calibrate`.
+//!
+//! **What is measured, per model family** (SmolLM2 → `smollm2-135m`, Gemma-3 → `gemma-3-270m`,
+//! the family names of the built-in `cpu-devvm` profile so markets assign the same families):
+//! sizes (weights, KV bytes per token, context) from `Accelerator::calibrate`; `--repeats` loads
+//! and evictions; prefills of one prompt of 16…256 tokens and of groups of `seqs_max` prompts;
+//! 16-step decode turns at every batch size 1…`seqs_max` and two context lengths (greedy
+//! sampling included, as served); saves and restores of 32…256-token sequences. Prompts are
+//! [`crate::bench::prompt_for`] text, cut to the exact token count.
+//! `--quick` takes a small subset (a smoke run for tests; the fit is coarser).
+//!
+//! **The fit**: prefill `fixed + a·Σt + b·Σt²`, decode step `fixed + c·B + d·Σctx` (non-negative
+//! least squares), load and unload medians, transfers `fixed + bytes / bandwidth`. The TOML's
+//! header records the relative RMS error of each fit; the raw samples go to a JSON file next to
+//! it. Machine facts: the CPU model from `/proc/cpuinfo` and the thread count.
+//!
+//! **The accelerator section** mirrors the server's CPU pool: saved KV inside the budget, no
+//! overlap of transfers and compute, `engine_overhead = 1` (measured through the engine).
+//! `memory_bytes` defaults to what `tidepool bench pool` gives `swap-lru` and `token`
+//! (`--memory-models-max` of the largest family plus `--kv-saved-bytes-max`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use tidepool_core::{ModelId, RequestId};
+use tidepool_engine::multi::{Accelerator, Calibration, ModelFrontEnd, MultiModelConfig};
+use tidepool_engine::{GenerateRequest, Generation, SamplingParams};
+use tidepool_sim::calibrate::{
+    DecodeSample, FamilyFit, FamilyMeasurements, PrefillSample, TransferFit, TransferSample,
+    fit_family, fit_transfer,
+};
+use tidepool_sim::profile::{Accelerator as AcceleratorProfile, Profile};
+
+use crate::bench::prompt_for;
+use crate::bench_pool::{GEMMA_FILE, SMOLLM2_FILE};
+
+/// Single-prompt prefill lengths, in tokens.
+const PREFILL_LENGTHS: [u32; 6] = [16, 32, 64, 128, 192, 256];
+/// Per-prompt lengths of the grouped prefills (`seqs_max` prompts at once).
+const GROUP_PREFILL_LENGTHS: [u32; 2] = [32, 128];
+/// Prompt lengths of the decode measurements (the context each sequence starts from).
+const DECODE_CONTEXTS: [u32; 2] = [32, 256];
+/// Decode steps timed per sample (one pool turn's worth at the server's `decode_steps_min`).
+const DECODE_STEPS: u32 = 16;
+/// Lengths of the sequences saved and restored.
+const TRANSFER_LENGTHS: [u32; 3] = [32, 128, 256];
+/// `--quick`: fewer and shorter samples (a smoke run for tests; the fit is coarser).
+const QUICK_PREFILL_LENGTHS: [u32; 3] = [16, 64, 128];
+const QUICK_GROUP_PREFILL_LENGTHS: [u32; 1] = [32];
+const QUICK_DECODE_CONTEXTS: [u32; 2] = [32, 96];
+const QUICK_DECODE_BATCHES: [u32; 2] = [1, 4];
+/// Attempts at one decode sample when a sequence ends early (EOS) and spoils it.
+const DECODE_ATTEMPTS_MAX: u32 = 3;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CalibrateArgs {
+    /// Directory holding the GGUFs (default: `~/.cache/tidepool/models`).
+    #[arg(long, env = "TIDEPOOL_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Context of one sequence, in tokens (as `tidepool bench pool` serves them).
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_CONTEXT_TOKENS", default_value_t = 512)]
+    context_tokens: u32,
+    /// Sequences per model context (the decode batch limit).
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_SEQS_MAX", default_value_t = 4)]
+    seqs_max: u32,
+    /// Engine threads; 0 = every core (the server's `[engine] threads = 0`).
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_THREADS", default_value_t = 0)]
+    threads: u32,
+    /// Repeats of each measurement (loads, prefills, decode samples).
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_REPEATS", default_value_t = 3)]
+    repeats: u32,
+    /// The profile's memory budget in bytes (default: `--memory-models-max` × the largest family
+    /// + `--kv-saved-bytes-max`).
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_MEMORY_BYTES")]
+    memory_bytes: Option<u64>,
+    #[arg(
+        long,
+        env = "TIDEPOOL_CALIBRATE_MEMORY_MODELS_MAX",
+        default_value_t = 3
+    )]
+    memory_models_max: u32,
+    /// Cap on saved sequence states, in bytes (inside the budget, as on the server's CPU pool).
+    #[arg(
+        long,
+        env = "TIDEPOOL_CALIBRATE_KV_SAVED_BYTES_MAX",
+        default_value_t = 128 * 1024 * 1024
+    )]
+    kv_saved_bytes_max: u64,
+    /// Fewer, shorter samples (3 prefill lengths, one group, batch 1 and 4 at two short
+    /// contexts): a smoke run in seconds, with a coarser fit.
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_QUICK")]
+    quick: bool,
+    /// Where the profile goes; the raw samples go next to it (same name, `.json`).
+    #[arg(
+        long,
+        env = "TIDEPOOL_CALIBRATE_OUT",
+        default_value = "bench/out/calibrated.toml"
+    )]
+    out: PathBuf,
+}
+
+/// The raw samples, written beside the profile.
+#[derive(Debug, Serialize)]
+struct Samples {
+    cpu: String,
+    threads: u32,
+    families: Vec<FamilyMeasurements>,
+    transfers: Vec<TransferSample>,
+}
+
+pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+    if args.repeats == 0 || args.seqs_max == 0 || args.memory_models_max == 0 {
+        bail!("--repeats, --seqs-max and --memory-models-max must be at least 1");
+    }
+    let longest = PREFILL_LENGTHS.iter().chain(&DECODE_CONTEXTS).max();
+    if longest.is_some_and(|&l| l + DECODE_STEPS + 1 >= args.context_tokens) {
+        bail!("--context-tokens must exceed 256 + {DECODE_STEPS} (the longest measured sequence)");
+    }
+    let models_dir = args
+        .models_dir
+        .clone()
+        .unwrap_or_else(crate::bench_pool::default_models_dir);
+    let families = [("smollm2-135m", SMOLLM2_FILE), ("gemma-3-270m", GEMMA_FILE)];
+    let mut configs = Vec::new();
+    for (name, file) in families {
+        let path = models_dir.join(file);
+        if !path.exists() {
+            bail!("model file {} not found: run `make models`", path.display());
+        }
+        let mut config = MultiModelConfig::new(ModelId::new(format!("cal-{name}"))?, path);
+        config.context_tokens = args.context_tokens;
+        config.seqs_max = args.seqs_max;
+        config.threads = args.threads;
+        configs.push(config);
+    }
+    let mut accelerator = Accelerator::new(configs.clone())?;
+    let mut measured = Vec::new();
+    let mut transfers = Vec::new();
+    let mut next_seq = 0_u64;
+    for (index, ((name, _), config)) in families.iter().zip(&configs).enumerate() {
+        tracing::info!(family = name, "measuring");
+        let front = ModelFrontEnd::open(config.clone())?;
+        let mut run = Measure {
+            accelerator: &mut accelerator,
+            front: &front,
+            model: index,
+            next_seq: &mut next_seq,
+            repeats: args.repeats,
+            seqs_max: args.seqs_max,
+            plan: Plan::new(args.quick, args.seqs_max),
+        };
+        let (m, t) = run.family(name, args)?;
+        measured.push(m);
+        transfers.extend(t);
+    }
+    let fits: Vec<FamilyFit> = measured.iter().map(fit_family).collect::<Result<_, _>>()?;
+    let transfer = fit_transfer(&transfers)?;
+    let cpu = cpu_model();
+    let profile = build_profile(args, &fits, transfer, &cpu);
+    write(
+        args,
+        &profile,
+        &fits,
+        transfer,
+        &Samples {
+            cpu,
+            threads: args.threads,
+            families: measured,
+            transfers,
+        },
+    )
+}
+
+fn build_profile(
+    args: &CalibrateArgs,
+    fits: &[FamilyFit],
+    transfer: TransferFit,
+    cpu: &str,
+) -> Profile {
+    let largest = fits
+        .iter()
+        .map(|f| f.family.resident_bytes())
+        .max()
+        .unwrap_or(0);
+    let memory_bytes = args.memory_bytes.unwrap_or_else(|| {
+        largest
+            .saturating_mul(u64::from(args.memory_models_max))
+            .saturating_add(args.kv_saved_bytes_max)
+    });
+    Profile {
+        name: "calibrated".to_owned(),
+        description: format!(
+            "measured by `tidepool bench calibrate` {} on {cpu}, threads = {} (0 = all cores), \
+             {}-token contexts × {} sequences",
+            env!("CARGO_PKG_VERSION"),
+            args.threads,
+            args.context_tokens,
+            args.seqs_max
+        ),
+        accelerator: AcceleratorProfile {
+            memory_bytes,
+            kv_saved_bytes_max: args.kv_saved_bytes_max,
+            saved_kv_in_memory_budget: true,
+            overlap_transfers: false,
+            h2d_bytes_per_s: transfer.h2d_bytes_per_s,
+            d2h_bytes_per_s: transfer.d2h_bytes_per_s,
+            kv_fixed_s: transfer.kv_fixed_s,
+            engine_overhead: 1.0,
+        },
+        families: fits.iter().map(|f| f.family.clone()).collect(),
+    }
+}
+
+fn write(
+    args: &CalibrateArgs,
+    profile: &Profile,
+    fits: &[FamilyFit],
+    transfer: TransferFit,
+    samples: &Samples,
+) -> anyhow::Result<()> {
+    let mut text = String::from(
+        "# Written by `tidepool bench calibrate` (crates/tidepool/src/bench_calibrate.rs): every\n\
+         # number below was measured on this machine through the pool's engine path and fitted by\n\
+         # tidepool_sim::calibrate. Fit quality (relative RMS error of the fitted curve):\n",
+    );
+    for fit in fits {
+        writeln!(
+            text,
+            "#  - {}: prefill {:.1} %, decode {:.1} %",
+            fit.family.name,
+            fit.prefill_error_rms * 100.0,
+            fit.decode_error_rms * 100.0
+        )?;
+    }
+    write!(
+        text,
+        "# KV transfer: {:.2} ms fixed, save {:.2} GB/s, restore {:.2} GB/s.\n\
+         # memory_bytes: {} (see --memory-bytes).\n\n",
+        transfer.kv_fixed_s * 1e3,
+        transfer.d2h_bytes_per_s / 1e9,
+        transfer.h2d_bytes_per_s / 1e9,
+        if args.memory_bytes.is_some() {
+            "given"
+        } else {
+            "memory_models_max × the largest family + kv_saved_bytes_max"
+        }
+    )?;
+    text.push_str(&profile.to_toml()?);
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    std::fs::write(&args.out, &text).with_context(|| format!("write {}", args.out.display()))?;
+    // The written file must load as a profile (validation included).
+    Profile::load(&args.out.to_string_lossy()).context("re-reading the written profile")?;
+    let samples_path = args.out.with_extension("json");
+    std::fs::write(&samples_path, serde_json::to_vec_pretty(samples)?)
+        .with_context(|| format!("write {}", samples_path.display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "| family | load s | prefill ms/token | decode ms (B=1) | decode ms (B={}) | fit error prefill / decode |",
+        args.seqs_max
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for fit in fits {
+        let f = &fit.family;
+        let step = |b: u32| {
+            f.decode_fixed_ms
+                + f.decode_per_seq_ms * f64::from(b)
+                + f.decode_per_1k_ctx_ms * f64::from(b) * 0.128
+        };
+        writeln!(
+            out,
+            "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} % / {:.1} % |",
+            f.name,
+            f.load_s,
+            f.prefill_per_token_ms,
+            step(1),
+            step(args.seqs_max),
+            fit.prefill_error_rms * 100.0,
+            fit.decode_error_rms * 100.0
+        )?;
+    }
+    writeln!(
+        out,
+        "profile: {}  samples: {}",
+        args.out.display(),
+        samples_path.display()
+    )?;
+    Ok(())
+}
+
+/// The CPU model name, for the profile's description.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "an unknown CPU".to_owned())
+}
+
+/// Which samples to take.
+struct Plan {
+    prefill: Vec<u32>,
+    group_prefill: Vec<u32>,
+    decode_contexts: Vec<u32>,
+    decode_batches: Vec<u32>,
+    transfers: Vec<u32>,
+}
+
+impl Plan {
+    fn new(quick: bool, seqs_max: u32) -> Self {
+        if quick {
+            Self {
+                prefill: QUICK_PREFILL_LENGTHS.to_vec(),
+                group_prefill: QUICK_GROUP_PREFILL_LENGTHS.to_vec(),
+                decode_contexts: QUICK_DECODE_CONTEXTS.to_vec(),
+                decode_batches: QUICK_DECODE_BATCHES
+                    .iter()
+                    .map(|&b| b.min(seqs_max))
+                    .collect(),
+                transfers: TRANSFER_LENGTHS[..2].to_vec(),
+            }
+        } else {
+            Self {
+                prefill: PREFILL_LENGTHS.to_vec(),
+                group_prefill: GROUP_PREFILL_LENGTHS.to_vec(),
+                decode_contexts: DECODE_CONTEXTS.to_vec(),
+                decode_batches: (1..=seqs_max).collect(),
+                transfers: TRANSFER_LENGTHS.to_vec(),
+            }
+        }
+    }
+}
+
+/// One family's measurements on a shared accelerator.
+struct Measure<'a> {
+    accelerator: &'a mut Accelerator,
+    front: &'a ModelFrontEnd,
+    model: usize,
+    next_seq: &'a mut u64,
+    repeats: u32,
+    seqs_max: u32,
+    plan: Plan,
+}
+
+/// Live sequences of one sample: ids and their event receivers (kept open, drained).
+struct Live {
+    ids: Vec<u64>,
+    generations: Vec<Generation>,
+}
+
+impl Live {
+    fn drain(&mut self) {
+        for generation in &mut self.generations {
+            while generation.events.try_recv().is_ok() {}
+        }
+    }
+}
+
+fn ns_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Measure<'_> {
+    fn family(
+        &mut self,
+        name: &str,
+        args: &CalibrateArgs,
+    ) -> anyhow::Result<(FamilyMeasurements, Vec<TransferSample>)> {
+        let sizes: Calibration = self.accelerator.calibrate(self.model)?;
+        let mut m = FamilyMeasurements {
+            name: name.to_owned(),
+            weights_bytes: sizes.weights_bytes,
+            kv_bytes_per_token: sizes.kv_bytes_per_token,
+            seqs_max: args.seqs_max,
+            seq_tokens_max: args.context_tokens,
+            ctx_fixed_bytes: sizes.ctx_bytes.saturating_sub(
+                u64::from(args.seqs_max)
+                    * u64::from(args.context_tokens)
+                    * sizes.kv_bytes_per_token,
+            ),
+            load_ns: Vec::new(),
+            unload_ns: Vec::new(),
+            prefill: Vec::new(),
+            decode: Vec::new(),
+        };
+        for _ in 0..self.repeats {
+            let started = Instant::now();
+            self.accelerator.load(self.model)?;
+            m.load_ns.push(ns_since(started));
+            let started = Instant::now();
+            self.accelerator.evict(self.model);
+            m.unload_ns.push(ns_since(started));
+        }
+        self.accelerator.load(self.model)?;
+        for _ in 0..self.repeats {
+            for len in self.plan.prefill.clone() {
+                m.prefill.push(self.prefill_sample(&[len])?);
+            }
+            for len in self.plan.group_prefill.clone() {
+                let lens = vec![len; usize::try_from(self.seqs_max).unwrap_or(1)];
+                m.prefill.push(self.prefill_sample(&lens)?);
+            }
+            for batch in self.plan.decode_batches.clone() {
+                for ctx in self.plan.decode_contexts.clone() {
+                    if let Some(sample) = self.decode_sample(batch, ctx)? {
+                        m.decode.push(sample);
+                    }
+                }
+            }
+        }
+        let mut transfers = Vec::new();
+        for len in self.plan.transfers.clone() {
+            transfers.push(self.transfer_sample(len)?);
+        }
+        self.accelerator.evict(self.model);
+        Ok((m, transfers))
+    }
+
+    /// Registers one greedy sequence per prompt length.
+    fn start(&mut self, lengths: &[u32], max_tokens: u32) -> anyhow::Result<Live> {
+        let mut live = Live {
+            ids: Vec::new(),
+            generations: Vec::new(),
+        };
+        for &len in lengths {
+            *self.next_seq += 1;
+            let id = *self.next_seq;
+            let request = u32::try_from(id).unwrap_or(u32::MAX);
+            let mut prompt = self.front.tokenize(&prompt_for(request, len + 32))?;
+            while prompt.len() < usize::try_from(len).unwrap_or(0) {
+                prompt.extend_from_within(..);
+            }
+            prompt.truncate(usize::try_from(len).unwrap_or(0));
+            let (prepared, generation) = self.front.prepare(GenerateRequest {
+                request_id: RequestId::new(),
+                prompt,
+                params: SamplingParams {
+                    temperature: 0.0,
+                    max_tokens,
+                    ..SamplingParams::default()
+                },
+            })?;
+            self.accelerator.register(id, self.model, prepared, None);
+            live.ids.push(id);
+            live.generations.push(generation);
+        }
+        Ok(live)
+    }
+
+    fn finish(&mut self, mut live: Live) {
+        for &id in &live.ids {
+            self.accelerator.release(id);
+        }
+        live.drain();
+        self.accelerator.flush();
+    }
+
+    fn prefill_sample(&mut self, lengths: &[u32]) -> anyhow::Result<PrefillSample> {
+        let mut live = self.start(lengths, 8)?;
+        let started = Instant::now();
+        self.accelerator.prefill(self.model, &live.ids);
+        let ns = ns_since(started);
+        live.drain();
+        self.finish(live);
+        Ok(PrefillSample {
+            tokens: lengths.iter().map(|&l| u64::from(l)).sum(),
+            tokens_sq: lengths.iter().map(|&l| u64::from(l) * u64::from(l)).sum(),
+            ns,
+        })
+    }
+
+    /// A decode turn of `batch` sequences that start at `ctx` tokens; `None` if a sequence
+    /// ended early in every attempt (the sample would not be of `batch` sequences).
+    fn decode_sample(&mut self, batch: u32, ctx: u32) -> anyhow::Result<Option<DecodeSample>> {
+        for _ in 0..DECODE_ATTEMPTS_MAX {
+            let lengths = vec![ctx; usize::try_from(batch).unwrap_or(1)];
+            let mut live = self.start(&lengths, DECODE_STEPS * 4)?;
+            let prefilled = self.accelerator.prefill(self.model, &live.ids);
+            live.drain();
+            if !prefilled.finished.is_empty() {
+                self.finish(live);
+                continue;
+            }
+            let started = Instant::now();
+            let outcome = self.accelerator.decode(self.model, &live.ids, DECODE_STEPS);
+            let ns = ns_since(started);
+            live.drain();
+            self.finish(live);
+            if outcome.finished.is_empty() && outcome.steps == DECODE_STEPS {
+                // Context grows by one token per step: the turn's mean is ctx + (steps + 1) / 2.
+                let mean_ctx = u64::from(ctx) + u64::from(DECODE_STEPS).div_ceil(2);
+                return Ok(Some(DecodeSample {
+                    batch,
+                    ctx_tokens: u64::from(batch) * mean_ctx,
+                    ns: ns / u64::from(DECODE_STEPS),
+                }));
+            }
+        }
+        tracing::warn!(batch, ctx, "every attempt ended early; sample skipped");
+        Ok(None)
+    }
+
+    fn transfer_sample(&mut self, len: u32) -> anyhow::Result<TransferSample> {
+        let mut live = self.start(&[len], 8)?;
+        self.accelerator.prefill(self.model, &live.ids);
+        live.drain();
+        let id = live.ids.first().copied().unwrap_or(0);
+        let started = Instant::now();
+        let bytes = self.accelerator.save(id);
+        let save_ns = ns_since(started);
+        let started = Instant::now();
+        self.accelerator.restore(id);
+        let restore_ns = ns_since(started);
+        self.finish(live);
+        Ok(TransferSample {
+            bytes,
+            save_ns,
+            restore_ns,
+        })
+    }
+}
