@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod backends;
 mod error;
 mod extract;
 mod generate;
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(accounts::usage))
         .route("/v1/pool", get(pool::pool_status))
+        .route("/v1/backends", get(pool::backends_status))
         .route("/admin/models/{id}/load", post(pool::load_model))
         .route("/admin/models/{id}/unload", post(pool::unload_model))
         .route("/admin/tenants", post(accounts::create_tenant))
@@ -105,7 +107,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let ledger = open_ledger(config, options).await?;
-    let LoadedModels { models, pool } = load_models(config).await?;
+    let LoadedModels {
+        models,
+        pool,
+        backends,
+    } = load_models(config).await?;
     let state = AppState::with_options(
         models,
         ledger.clone(),
@@ -115,24 +121,13 @@ pub async fn serve(
             admin_token: options.admin_token.clone(),
             clock: std::sync::Arc::new(tidepool_ledger::SystemClock),
             pool,
+            backends: backends.clone(),
+            region: config.server.region.clone(),
+            residency: config.residency.tenants.clone(),
         },
     );
-    let stale_after = Duration::from_millis(config.billing.stale_reservation_ms);
-    let sweeper = state.tasks().spawn(async move {
-        let mut interval = tokio::time::interval(STALE_SWEEP_INTERVAL);
-        loop {
-            interval.tick().await;
-            match ledger.recover_stale(stale_after).await {
-                Ok(report) if report.settled + report.voided > 0 => tracing::warn!(
-                    settled = report.settled,
-                    voided = report.voided,
-                    "resolved stale reservations of a replica that did not come back"
-                ),
-                Ok(_) => {}
-                Err(error) => tracing::error!(%error, "stale reservation sweep failed"),
-            }
-        }
-    });
+    let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
+    let sweeper = spawn_sweeper(&state, ledger, config);
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -150,6 +145,9 @@ pub async fn serve(
         .await
         .map_err(ServeError::Serve)?;
     sweeper.abort();
+    if let Some(prober) = prober {
+        prober.abort();
+    }
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, tasks.wait())
         .await
@@ -162,6 +160,26 @@ pub async fn serve(
     }
     tracing::info!("tidepool stopped");
     Ok(())
+}
+
+/// The periodic sweep for reservations that dead replicas left open.
+fn spawn_sweeper(state: &AppState, ledger: Ledger, config: &Config) -> tokio::task::JoinHandle<()> {
+    let stale_after = Duration::from_millis(config.billing.stale_reservation_ms);
+    state.tasks().spawn(async move {
+        let mut interval = tokio::time::interval(STALE_SWEEP_INTERVAL);
+        loop {
+            interval.tick().await;
+            match ledger.recover_stale(stale_after).await {
+                Ok(report) if report.settled + report.voided > 0 => tracing::warn!(
+                    settled = report.settled,
+                    voided = report.voided,
+                    "resolved stale reservations of a replica that did not come back"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "stale reservation sweep failed"),
+            }
+        }
+    })
 }
 
 /// Connects the ledger as this replica, resolves what its previous life left open (before

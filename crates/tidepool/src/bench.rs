@@ -41,6 +41,9 @@ pub(crate) enum BenchCommand {
     /// Azure conversation lengths scaled down, Poisson rates swept; token-SLO attainment,
     /// goodput, p99 TTFT, switches/s and the sustainable rate of `dedicated`, `swap-lru`, `token`.
     Pool(crate::bench_pool::PoolBenchArgs),
+    /// Remote backends: time from a worker's death to the first successful retried request and
+    /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
+    Failover(crate::bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +100,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
         BenchCommand::Pool(args) => crate::bench_pool::run(args).await,
+        BenchCommand::Failover(args) => crate::bench_failover::run(args).await,
     }
 }
 
