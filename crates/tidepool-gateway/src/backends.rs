@@ -272,6 +272,8 @@ impl Backend {
         let api_key = read_api_key(config)?;
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(routing.connect_timeout_ms))
+            // Small requests on keep-alive connections: never wait for Nagle.
+            .tcp_nodelay(true)
             .pool_max_idle_per_host(usize::try_from(config.concurrency_max).unwrap_or(usize::MAX))
             .build()
             .map_err(|source| BackendSetupError::Client {
