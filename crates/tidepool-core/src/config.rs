@@ -23,6 +23,14 @@ pub struct Config {
     pub billing: BillingConfig,
     #[serde(default, rename = "models")]
     pub models: Vec<ModelConfig>,
+    /// Remote backends (`tidepool worker`s and external OpenAI-compatible servers) that serve the
+    /// `backend = "remote"` models (docs/regions.md).
+    #[serde(default, rename = "backends")]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub residency: ResidencyConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +42,11 @@ pub struct ServerConfig {
     pub database_url: String,
     /// Where model files named by relative `file` paths live.
     pub models_dir: Option<PathBuf>,
+    /// The region this process runs in: local models serve only tenants whose residency allows
+    /// it, and remote backends in this region are preferred.
+    pub region: String,
+    /// The zone within `region` (a label on `/v1/backends` and metrics).
+    pub zone: String,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +55,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".to_owned(),
             database_url: "sqlite://tidepool.db".to_owned(),
             models_dir: None,
+            region: REGION_DEFAULT.to_owned(),
+            zone: REGION_DEFAULT.to_owned(),
         }
     }
 }
@@ -148,6 +163,137 @@ pub enum Backend {
     Auto,
     /// The deterministic fake text engine (no model file): load tests and benches only.
     Fake,
+    /// Served by the `[[backends]]` that list it (workers or upstream OpenAI-compatible
+    /// servers); no model file here.
+    Remote,
+}
+
+/// The region of a server that names none.
+pub const REGION_DEFAULT: &str = "local";
+/// Most `[[backends]]`.
+pub const BACKENDS_MAX: usize = 64;
+
+/// What sits behind a `[[backends]]` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// A `tidepool worker` (or `tidepool serve`): health-checked on `/healthz`.
+    Worker,
+    /// Any OpenAI-compatible server: health-checked on `/v1/models`.
+    Upstream,
+}
+
+/// One remote backend (`[[backends]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique among backends; a label on metrics and `/v1/backends`.
+    pub id: String,
+    pub kind: BackendKind,
+    /// Base URL up to and including `/v1`'s parent, e.g. `http://10.0.0.7:8080`.
+    pub url: String,
+    pub region: String,
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Environment variable holding the bearer token sent to the backend (never logged).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding the bearer token (trailing whitespace ignored; never logged).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// The `backend = "remote"` models this backend serves.
+    pub models: Vec<ModelId>,
+    /// The backend's own name of a model, where it differs (`{ "local-id" = "upstream-name" }`).
+    #[serde(default)]
+    pub aliases: std::collections::BTreeMap<String, String>,
+    /// Limit of one attempt on this backend, from sending to the last byte.
+    #[serde(default = "default_backend_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests in flight to this backend at once; beyond it the router tries another backend
+    /// or answers 429 `overloaded`.
+    #[serde(default = "default_backend_concurrency_max")]
+    pub concurrency_max: u32,
+}
+
+fn default_zone() -> String {
+    REGION_DEFAULT.to_owned()
+}
+fn default_backend_timeout_ms() -> u64 {
+    60_000
+}
+fn default_backend_concurrency_max() -> u32 {
+    64
+}
+
+/// How the gateway routes to and fails over between backends (`[routing]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Backends one request tries before it fails (first attempt included).
+    pub retry_attempts_max: u32,
+    /// Consecutive failures that open a backend's circuit breaker.
+    pub breaker_failures_max: u32,
+    /// How long an open breaker stays open before one trial request (half-open), in ms.
+    pub breaker_open_ms: u64,
+    /// Interval between health probes of each backend, in ms.
+    pub health_interval_ms: u64,
+    /// Limit of one health probe, in ms; a probe that takes longer is a failure.
+    pub health_timeout_ms: u64,
+    /// Limit of connecting to a backend, in ms (a dead host fails fast, not at `timeout_ms`).
+    pub connect_timeout_ms: u64,
+    /// `true` (default): every backend must answer its health probe at start-up, or the
+    /// gateway does not start.
+    pub probe_at_start: bool,
+}
+
+impl RoutingConfig {
+    fn validate(&self) -> Result<(), CoreError> {
+        let invalid = |field: &str, reason: &str| {
+            Err(CoreError::ConfigInvalid {
+                field: format!("routing.{field}"),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.retry_attempts_max == 0 || self.breaker_failures_max == 0 {
+            return invalid(
+                "retry_attempts_max",
+                "retry_attempts_max and breaker_failures_max must be at least 1",
+            );
+        }
+        if self.health_interval_ms == 0
+            || self.health_timeout_ms == 0
+            || self.connect_timeout_ms == 0
+        {
+            return invalid(
+                "health_interval_ms",
+                "intervals and timeouts must be positive",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            retry_attempts_max: 3,
+            breaker_failures_max: 3,
+            breaker_open_ms: 2_000,
+            health_interval_ms: 250,
+            health_timeout_ms: 200,
+            connect_timeout_ms: 200,
+            probe_at_start: true,
+        }
+    }
+}
+
+/// Data residency (`[residency]`): which regions a tenant's requests may run in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResidencyConfig {
+    /// Tenant id → the only regions its requests may be sent to. Unlisted tenants may run
+    /// anywhere (and fail over across regions).
+    pub tenants: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Which scheduling policy the model pool uses.
@@ -253,6 +399,8 @@ pub struct ModelConfig {
     pub id: ModelId,
     pub kind: ModelKind,
     /// GGUF file (chat/completion) or model directory (embedding); relative to `models_dir`.
+    /// Not used by `backend = "remote"` models.
+    #[serde(default)]
     pub file: PathBuf,
     /// Longest sequence (prompt + completion) one request may use.
     #[serde(default = "default_context_tokens")]
@@ -359,6 +507,7 @@ impl Config {
             }
         }
         self.pool.validate()?;
+        self.validate_backends()?;
         if self.limits.admission_queue_len_max == 0 {
             return invalid(
                 "limits.admission_queue_len_max".into(),
@@ -393,6 +542,128 @@ impl Config {
             return invalid("engine.batch_tokens_max".into(), "must be at least 1");
         }
         Ok(())
+    }
+
+    /// The backends, routing limits and residency pins: unique ids, known models and regions.
+    fn validate_backends(&self) -> Result<(), CoreError> {
+        let invalid =
+            |field: String, reason: String| Err(CoreError::ConfigInvalid { field, reason });
+        if self.server.region.is_empty() || self.server.zone.is_empty() {
+            return invalid("server.region".into(), "must not be empty".into());
+        }
+        if self.backends.len() > BACKENDS_MAX {
+            return invalid("backends".into(), format!("at most {BACKENDS_MAX}"));
+        }
+        let mut regions = std::collections::BTreeSet::from([self.server.region.as_str()]);
+        let mut ids = std::collections::BTreeSet::new();
+        for (index, backend) in self.backends.iter().enumerate() {
+            if !ids.insert(backend.id.as_str()) {
+                return invalid(
+                    format!("backends[{index}].id"),
+                    format!("duplicate backend id `{}`", backend.id),
+                );
+            }
+            self.validate_backend(index, backend)?;
+            regions.insert(backend.region.as_str());
+        }
+        for (index, model) in self.models.iter().enumerate() {
+            if model.backend != Backend::Remote {
+                continue;
+            }
+            if model.kind == ModelKind::Embedding {
+                return invalid(
+                    format!("models[{index}].backend"),
+                    "remote backends serve text models only".into(),
+                );
+            }
+            if !self.backends.iter().any(|b| b.models.contains(&model.id)) {
+                return invalid(
+                    format!("models[{index}].backend"),
+                    format!(
+                        "no [[backends]] entry serves the remote model `{}`",
+                        model.id
+                    ),
+                );
+            }
+        }
+        for (tenant, pinned) in &self.residency.tenants {
+            let field = format!("residency.tenants.{tenant}");
+            if pinned.is_empty() {
+                return invalid(field, "pin at least one region".into());
+            }
+            if let Some(unknown) = pinned.iter().find(|r| !regions.contains(r.as_str())) {
+                return invalid(
+                    field,
+                    format!(
+                        "unknown region `{unknown}` (known: {})",
+                        regions.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+        self.routing.validate()
+    }
+
+    /// One `[[backends]]` entry on its own.
+    fn validate_backend(&self, index: usize, backend: &BackendConfig) -> Result<(), CoreError> {
+        let invalid = |name: &str, reason: String| {
+            Err(CoreError::ConfigInvalid {
+                field: format!("backends[{index}].{name}"),
+                reason,
+            })
+        };
+        if backend.id.is_empty() || backend.id.len() > 64 {
+            return invalid("id", "must be 1 to 64 bytes".into());
+        }
+        if !(backend.url.starts_with("http://") || backend.url.starts_with("https://")) {
+            return invalid("url", "must start with http:// or https://".into());
+        }
+        if backend.region.is_empty() || backend.zone.is_empty() {
+            return invalid("region", "region and zone must not be empty".into());
+        }
+        if backend.api_key_env.is_some() && backend.api_key_file.is_some() {
+            return invalid(
+                "api_key_env",
+                "give api_key_env or api_key_file, not both".into(),
+            );
+        }
+        if backend.timeout_ms == 0 || backend.concurrency_max == 0 {
+            return invalid(
+                "timeout_ms",
+                "timeout_ms and concurrency_max must be positive".into(),
+            );
+        }
+        if backend.models.is_empty() {
+            return invalid("models", "a backend serves at least one model".into());
+        }
+        for model in &backend.models {
+            match self.model(model.as_str()) {
+                Some(m) if m.backend == Backend::Remote => {}
+                Some(_) => {
+                    return invalid(
+                        "models",
+                        format!("model `{model}` is not a `backend = \"remote\"` model"),
+                    );
+                }
+                None => return invalid("models", format!("unknown model `{model}`")),
+            }
+        }
+        if let Some(alias) = backend
+            .aliases
+            .keys()
+            .find(|a| !backend.models.iter().any(|m| m.as_str() == a.as_str()))
+        {
+            return invalid(
+                "aliases",
+                format!("`{alias}` is not one of this backend's models"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The regions a tenant's requests may run in; `None`: anywhere.
+    pub fn residency_of(&self, tenant: &str) -> Option<&[String]> {
+        self.residency.tenants.get(tenant).map(Vec::as_slice)
     }
 
     /// The model directory: config, else `$TIDEPOOL_MODELS_DIR`, else `~/.cache/tidepool/models`.
@@ -461,6 +732,75 @@ price_output_per_mtok = 600000000
             Config::parse(&dup, Path::new("t.toml")),
             Err(CoreError::ConfigInvalid { .. })
         ));
+    }
+
+    const REMOTE: &str = r#"
+[server]
+region = "eu"
+
+[[models]]
+id = "smol"
+kind = "chat"
+backend = "remote"
+
+[[backends]]
+id = "w1"
+kind = "worker"
+url = "http://127.0.0.1:9001"
+region = "eu"
+models = ["smol"]
+
+[[backends]]
+id = "u1"
+kind = "upstream"
+url = "http://127.0.0.1:9002"
+region = "us"
+zone = "us-1"
+api_key_env = "UPSTREAM_KEY"
+models = ["smol"]
+aliases = { smol = "smollm2-135m-instruct" }
+
+[residency.tenants]
+acme = ["eu"]
+"#;
+
+    fn config_error(text: &str) -> String {
+        match Config::parse(text, Path::new("t.toml")) {
+            Err(CoreError::ConfigInvalid { field, reason }) => format!("{field}: {reason}"),
+            other => panic!("expected ConfigInvalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_backends_and_residency() {
+        let config = Config::parse(REMOTE, Path::new("t.toml")).unwrap();
+        assert_eq!(config.backends.len(), 2);
+        assert_eq!(config.backends[0].zone, REGION_DEFAULT);
+        assert_eq!(config.backends[1].aliases["smol"], "smollm2-135m-instruct");
+        assert_eq!(config.residency_of("acme"), Some(&["eu".to_owned()][..]));
+        assert_eq!(config.residency_of("other"), None);
+        assert_eq!(config.routing.retry_attempts_max, 3);
+    }
+
+    #[test]
+    fn rejects_bad_backend_config() {
+        let unknown_region = REMOTE.replace(r#"acme = ["eu"]"#, r#"acme = ["mars"]"#);
+        assert!(config_error(&unknown_region).contains("unknown region `mars`"));
+        let duplicate = REMOTE.replace(r#"id = "u1""#, r#"id = "w1""#);
+        assert!(config_error(&duplicate).contains("duplicate backend id `w1`"));
+        let unknown_model = REMOTE.replace(r#"models = ["smol"]"#, r#"models = ["nope"]"#);
+        assert!(config_error(&unknown_model).contains("unknown model `nope`"));
+        let orphan = format!(
+            "{REMOTE}\n[[models]]\nid = \"lonely\"\nkind = \"chat\"\nbackend = \"remote\"\n"
+        );
+        assert!(config_error(&orphan).contains("no [[backends]] entry serves"));
+        let both_keys = REMOTE.replace(
+            r#"api_key_env = "UPSTREAM_KEY""#,
+            "api_key_env = \"K\"\napi_key_file = \"/k\"",
+        );
+        assert!(config_error(&both_keys).contains("not both"));
+        let bad_url = REMOTE.replace("http://127.0.0.1:9001", "127.0.0.1:9001");
+        assert!(config_error(&bad_url).contains("http://"));
     }
 
     #[test]

@@ -12,7 +12,10 @@ pub mod error;
 pub mod ids;
 pub mod money;
 
-pub use config::{Backend, BillingConfig, Config, Limits, ModelConfig, ModelKind, PoolPolicy};
+pub use config::{
+    Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, ModelConfig, ModelKind,
+    PoolPolicy, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+};
 pub use error::CoreError;
 pub use ids::{KeyId, ModelId, RequestId, TenantId};
 pub use money::{Currency, Nanos};

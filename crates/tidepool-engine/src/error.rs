@@ -41,4 +41,15 @@ pub enum EngineError {
     Scheduler { reason: String },
     #[error("the engine has shut down")]
     ShutDown,
+    /// Residency: no healthy backend of the model runs in the regions the tenant is pinned to.
+    /// Never answered by a backend outside them.
+    #[error("no backend of this model is available in the allowed regions {regions:?}")]
+    NoBackendInRegion { regions: Vec<String> },
+    /// Every eligible remote backend failed (or the one streaming failed after its first token).
+    #[error("backend `{backend}` failed (HTTP status {status:?})")]
+    Backend {
+        backend: String,
+        /// The backend's HTTP status, if it answered at all.
+        status: Option<u16>,
+    },
 }

@@ -357,6 +357,7 @@ mod tests {
 
     fn request(prompt: Vec<TokenId>, max_tokens: TokenCount, seed: u64) -> GenerateRequest {
         GenerateRequest {
+            remote: None,
             request_id: RequestId::new(),
             prompt,
             params: SamplingParams {

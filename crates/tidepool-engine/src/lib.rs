@@ -72,8 +72,31 @@ impl Default for SamplingParams {
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub request_id: RequestId,
+    /// Empty for remote engines ([`TextEngine::is_remote`]), which take [`Self::remote`].
     pub prompt: Vec<TokenId>,
     pub params: SamplingParams,
+    /// What a remote engine sends instead of tokens; local engines ignore it.
+    pub remote: Option<RemoteInput>,
+}
+
+/// The prompt as the client gave it, for an engine that forwards it over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemotePrompt {
+    /// `/v1/completions`.
+    Text(String),
+    /// `/v1/chat/completions`: the backend applies its own chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A request for a remote engine: the prompt before tokenization, where it may run, and whether
+/// the client sees tokens as they come (a buffered request may be retried after partial output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteInput {
+    pub prompt: RemotePrompt,
+    /// Residency: the only regions the request may be sent to; `None`: anywhere.
+    pub regions: Option<Vec<String>>,
+    /// `true` for non-streamed requests: nothing reaches the client before `Done`.
+    pub buffered: bool,
 }
 
 /// Why a generation ended.
@@ -135,6 +158,12 @@ pub trait TextEngine: Send + Sync + std::fmt::Debug {
     /// Queues a request without waiting. A full queue is `EngineError::Overloaded`.
     fn submit(&self, request: GenerateRequest) -> Result<Generation, EngineError>;
     fn stats(&self) -> EngineStats;
+    /// Whether the model runs elsewhere: it counts tokens itself (the `Done` counts come from the
+    /// backend), `tokenize` only estimates an upper bound, and `submit` needs
+    /// [`GenerateRequest::remote`].
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Embedding vectors for a batch of inputs.

@@ -134,6 +134,7 @@ mod tests {
     #[test]
     fn context_and_vocab_are_checked() {
         let request = GenerateRequest {
+            remote: None,
             request_id: RequestId::new(),
             prompt: vec![1, 2, 3],
             params: SamplingParams {

@@ -55,6 +55,7 @@ fn request(front: &ModelFrontEnd, user: &str, max_tokens: u32) -> GenerateReques
             .unwrap()
     };
     GenerateRequest {
+        remote: None,
         request_id: RequestId::new(),
         prompt: front.tokenize(&text).unwrap(),
         params: SamplingParams {

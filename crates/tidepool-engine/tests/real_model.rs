@@ -77,6 +77,7 @@ fn greedy(max_tokens: TokenCount) -> SamplingParams {
 fn submit(engine: &LlamaEngine, prompt: &[TokenId], params: SamplingParams) -> Generation {
     engine
         .submit(GenerateRequest {
+            remote: None,
             request_id: RequestId::new(),
             prompt: prompt.to_vec(),
             params,
@@ -332,6 +333,7 @@ fn real_model_full_queue_is_overloaded() {
     ));
     let _queued = submit(&engine, &prompt, greedy(4));
     let refused = engine.submit(GenerateRequest {
+        remote: None,
         request_id: RequestId::new(),
         prompt: prompt.clone(),
         params: greedy(4),
@@ -347,6 +349,7 @@ fn real_model_context_too_long_is_rejected_at_submit() {
     let engine = LlamaEngine::load(config(1)).unwrap();
     let prompt = engine.tokenize(&"word ".repeat(500)).unwrap();
     let refused = engine.submit(GenerateRequest {
+        remote: None,
         request_id: RequestId::new(),
         prompt,
         params: greedy(100),
@@ -362,6 +365,7 @@ fn real_model_context_too_long_is_rejected_at_submit() {
         "{refused:?}"
     );
     let bad_token = engine.submit(GenerateRequest {
+        remote: None,
         request_id: RequestId::new(),
         prompt: vec![-1],
         params: greedy(1),

@@ -40,6 +40,8 @@ pub const ERROR_CODES: &[&str] = &[
     "stream_stalled",
     "internal_error",
     "unavailable",
+    "no_backend_in_region",
+    "backend_failed",
 ];
 
 /// Everything a request can fail with.
@@ -159,7 +161,10 @@ impl ApiError {
                 | EngineError::Template { .. }
                 | EngineError::Decode { .. }
                 | EngineError::Embedding { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-                EngineError::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::ShutDown | EngineError::NoBackendInRegion { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                EngineError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
             Self::Ledger(error) => match error {
                 LedgerError::Database(_) | LedgerError::WriterFailed => {
@@ -226,6 +231,8 @@ impl ApiError {
                 | EngineError::Decode { .. }
                 | EngineError::Embedding { .. } => "internal_error",
                 EngineError::ShutDown => "unavailable",
+                EngineError::NoBackendInRegion { .. } => "no_backend_in_region",
+                EngineError::Backend { .. } => "backend_failed",
             },
             Self::Ledger(error) => match error {
                 LedgerError::Database(_) | LedgerError::WriterFailed => "unavailable",
@@ -312,7 +319,9 @@ impl ApiError {
     pub fn public_message(&self, request_id: Option<RequestId>) -> String {
         if self.status().is_server_error() {
             let what = match self {
-                Self::Timeout { .. } | Self::Stalled { .. } => self.to_string(),
+                Self::Timeout { .. }
+                | Self::Stalled { .. }
+                | Self::Engine(EngineError::NoBackendInRegion { .. }) => self.to_string(),
                 _ => "internal server error".to_owned(),
             };
             match request_id {
@@ -475,6 +484,15 @@ mod tests {
             }
             .into(),
             EngineError::Scheduler { reason: "x".into() }.into(),
+            EngineError::NoBackendInRegion {
+                regions: vec!["eu".into()],
+            }
+            .into(),
+            EngineError::Backend {
+                backend: "w1".into(),
+                status: Some(500),
+            }
+            .into(),
         ]
     }
 

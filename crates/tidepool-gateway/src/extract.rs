@@ -27,6 +27,7 @@ const ROUTES: &[&str] = &[
     "/v1/embeddings",
     "/v1/models",
     "/v1/usage",
+    "/v1/backends",
     "/healthz",
     "/metrics",
     "/openapi.json",

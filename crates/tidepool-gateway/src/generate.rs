@@ -15,7 +15,8 @@ use futures::Stream;
 use serde::Serialize;
 use tidepool_core::{ModelId, RequestId};
 use tidepool_engine::{
-    EngineError, FinishReason, GenerateRequest, GenerationEvent, SamplingParams, TextEngine,
+    ChatMessage, EngineError, FinishReason, GenerateRequest, GenerationEvent, RemoteInput,
+    RemotePrompt, SamplingParams, TextEngine,
 };
 use tokio::time::Instant;
 
@@ -42,6 +43,8 @@ pub(crate) struct TextJob {
     pub(crate) engine: Arc<dyn TextEngine>,
     pub(crate) model: ModelId,
     pub(crate) prompt_text: String,
+    /// The chat messages (chat only), for remote engines that apply their own template.
+    pub(crate) messages: Option<Vec<ChatMessage>>,
     pub(crate) params: SamplingParams,
     /// `None`: as many as the context allows (chat), or the completions default.
     pub(crate) max_tokens: Option<u32>,
@@ -69,6 +72,48 @@ fn tokens_of(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
+/// Residency for models this process runs itself: they run in `[server] region`.
+fn check_local_residency(state: &AppState, guard: &UsageGuard) -> Result<(), ApiError> {
+    match state.residency_of(guard.tenant().as_str()) {
+        Some(regions) if !regions.iter().any(|r| r == state.region()) => {
+            tracing::warn!(target: "audit", tenant = %guard.tenant(), region = state.region(),
+                regions = ?regions, "residency: refused a request, this region is not allowed");
+            Err(EngineError::NoBackendInRegion {
+                regions: regions.clone(),
+            }
+            .into())
+        }
+        Some(_) | None => Ok(()),
+    }
+}
+
+/// The prompt and its token count: tokenized here for local engines; for remote ones the text
+/// or messages travel as they are and the count is an upper bound (the backend's `usage`
+/// settles the exact count).
+fn prepare_prompt(
+    state: &AppState,
+    guard: &UsageGuard,
+    job: &mut TextJob,
+) -> Result<(Vec<tidepool_engine::TokenId>, u32, Option<RemoteInput>), ApiError> {
+    if !job.engine.is_remote() {
+        check_local_residency(state, guard)?;
+        let prompt = job.engine.tokenize(&job.prompt_text)?;
+        let prompt_tokens = tokens_of(prompt.len());
+        return Ok((prompt, prompt_tokens, None));
+    }
+    let prompt = match job.messages.take() {
+        Some(messages) => RemotePrompt::Chat(messages),
+        None => RemotePrompt::Text(std::mem::take(&mut job.prompt_text)),
+    };
+    let prompt_tokens = crate::backends::prompt_tokens_bound(&prompt);
+    let input = RemoteInput {
+        prompt,
+        regions: state.residency_of(guard.tenant().as_str()).cloned(),
+        buffered: !job.stream,
+    };
+    Ok((Vec::new(), prompt_tokens, Some(input)))
+}
+
 /// Tokenizes, checks the context, reserves the most the request can cost and submits. Errors
 /// here happen before any response byte.
 async fn submit(
@@ -76,8 +121,7 @@ async fn submit(
     guard: &mut UsageGuard,
     mut job: TextJob,
 ) -> Result<(TextJob, u32), ApiError> {
-    let prompt = job.engine.tokenize(&job.prompt_text)?;
-    let prompt_tokens = tokens_of(prompt.len());
+    let (prompt, prompt_tokens, remote) = prepare_prompt(state, guard, &mut job)?;
     let context_tokens = job.engine.context_tokens();
     let max_tokens = match job.max_tokens {
         Some(tokens) => tokens,
@@ -89,7 +133,8 @@ async fn submit(
                 .max(1),
         },
     };
-    if prompt_tokens.saturating_add(max_tokens) > context_tokens {
+    // A remote count is only a bound: the backend checks its own context.
+    if remote.is_none() && prompt_tokens.saturating_add(max_tokens) > context_tokens {
         return Err(EngineError::ContextLengthExceeded {
             prompt_tokens,
             max_tokens,
@@ -103,6 +148,7 @@ async fn submit(
         .reserve(prompt_tokens, max_tokens, job.idempotency_key.take())
         .await?;
     let request = GenerateRequest {
+        remote,
         request_id: guard.request_id(),
         prompt,
         params: job.params.clone(),
@@ -172,6 +218,20 @@ fn limits_of(state: &AppState) -> (Duration, Duration, (u64, u64)) {
     )
 }
 
+/// A remote stream waits for its first event before the SSE headers go out, so that routing
+/// failures (retries exhausted, residency) are an HTTP status, not an event.
+async fn first_remote_event(
+    state: &AppState,
+    guard: &mut UsageGuard,
+) -> Result<GenerationEvent, ApiError> {
+    let (timeout, _, limits) = limits_of(state);
+    let deadline = guard.started() + timeout;
+    match next_event(guard, deadline, None, limits).await? {
+        GenerationEvent::Failed(error) => Err(error.into()),
+        event => Ok(event),
+    }
+}
+
 /// Runs a validated job to a response. Every outcome is recorded on the guard.
 pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob) -> Response {
     tracing::Span::current().record("stream", job.stream);
@@ -183,8 +243,19 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
         }
     };
     let rate_limits = guard.rate_limits();
+    let first = if job.stream && job.engine.is_remote() {
+        match first_remote_event(&state, &mut guard).await {
+            Ok(event) => Some(event),
+            Err(error) => {
+                guard.fail(&error);
+                return error.into_response();
+            }
+        }
+    } else {
+        None
+    };
     let mut response = if job.stream {
-        let stream = sse_stream(&state, guard, &job, prompt_tokens);
+        let stream = sse_stream(&state, guard, &job, prompt_tokens, first);
         Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response()
@@ -429,6 +500,7 @@ fn sse_stream(
     mut guard: UsageGuard,
     job: &TextJob,
     prompt_tokens: u32,
+    first: Option<GenerationEvent>,
 ) -> impl Stream<Item = Result<Event, Infallible>> + use<> {
     let chunker = Chunker {
         flavor: job.flavor,
@@ -448,8 +520,13 @@ fn sse_stream(
         if let Some(opening) = chunker.opening() {
             yield Ok(opening);
         }
+        let mut first = first;
         loop {
-            match next_event(&mut guard, deadline, timing.stall(stall), limits).await {
+            let next = match first.take() {
+                Some(event) => Ok(event),
+                None => next_event(&mut guard, deadline, timing.stall(stall), limits).await,
+            };
+            match next {
                 Ok(GenerationEvent::Chunk { text, tokens }) => {
                     timing.chunk();
                     // Counted as delivered when handed to the connection.

@@ -14,7 +14,9 @@ use tidepool_engine::llama::{LlamaEngine, LlamaEngineConfig};
 use tidepool_engine::multi::MultiModelConfig;
 use tidepool_ledger::{Ledger, LedgerError, PriceVersion};
 use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
+use tokio_util::task::TaskTracker;
 
+use crate::backends::{BackendSetupError, Backends};
 use crate::state::ServedModel;
 
 /// Why `serve` could not start or stopped with an error.
@@ -38,6 +40,8 @@ pub enum ServeError {
     },
     #[error("the server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendSetupError),
 }
 
 /// The served models, and the pool that runs the llama.cpp ones when `[pool] enabled`.
@@ -45,6 +49,8 @@ pub enum ServeError {
 pub struct LoadedModels {
     pub models: Vec<ServedModel>,
     pub pool: Option<Arc<PoolRuntime>>,
+    /// The remote backends, when `[[backends]]` are configured.
+    pub backends: Option<Arc<Backends>>,
 }
 
 /// Whether a model runs in the pool: a llama.cpp text model while `[pool] enabled`.
@@ -58,6 +64,7 @@ fn pooled(config: &Config, model: &ModelConfig) -> bool {
 /// contexts: seconds of blocking work). Pooled models only open their vocabulary here; the
 /// pool loads their weights when it schedules them (after measuring each once).
 pub async fn load_models(config: &Config) -> Result<LoadedModels, ServeError> {
+    let backends = start_backends(config).await?;
     let pool = start_pool(config).await?;
     let mut pooled_engines = pool
         .as_ref()
@@ -73,12 +80,41 @@ pub async fn load_models(config: &Config) -> Result<LoadedModels, ServeError> {
             }
             continue;
         }
+        if let (Backend::Remote, Some(backends)) = (model.backend, &backends) {
+            let engine = backends.engine(
+                model.id.clone(),
+                model.context_tokens,
+                config.limits.stream_chunks_buffered_max,
+                TaskTracker::new(),
+            );
+            served.push(ServedModel::text(model.kind, Arc::new(engine)));
+            continue;
+        }
         served.push(load_one(config, model).await?);
     }
     Ok(LoadedModels {
         models: served,
         pool,
+        backends,
     })
+}
+
+/// Builds the remote backends (reading their API keys) and, with `routing.probe_at_start`,
+/// probes each once: a backend that does not answer stops the start-up.
+async fn start_backends(config: &Config) -> Result<Option<Arc<Backends>>, ServeError> {
+    let backends = Backends::new(&config.backends, &config.routing, &config.server.region)?;
+    if backends.is_empty() {
+        return Ok(None);
+    }
+    if config.routing.probe_at_start {
+        backends.probe_all_at_start().await?;
+    }
+    tracing::info!(
+        backends = backends.list.len(),
+        region = %config.server.region,
+        "remote backends ready"
+    );
+    Ok(Some(Arc::new(backends)))
 }
 
 /// Starts the pool's accelerator thread with every pooled model (none: no pool).
@@ -156,6 +192,15 @@ async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, S
                 LlamaEngine::load(engine_config).map(|engine| ServedModel::text(kind, engine))
             })
             .await
+        }
+        (Backend::Remote, _) => {
+            return Err(ServeError::Engine {
+                model: id.to_string(),
+                source: EngineError::Load {
+                    path,
+                    reason: "a remote model needs [[backends]]".to_owned(),
+                },
+            });
         }
         (Backend::Auto | Backend::Fake, ModelKind::Embedding) => {
             let mut engine_config = CandleEmbeddingConfig::new(id.clone(), path);

@@ -5,7 +5,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub(crate) const REQUESTS_TOTAL: &str = "tidepool_requests_total";
@@ -15,6 +17,11 @@ pub(crate) const INTER_TOKEN_LATENCY_SECONDS: &str = "tidepool_inter_token_laten
 pub(crate) const REQUEST_DURATION_SECONDS: &str = "tidepool_request_duration_seconds";
 pub(crate) const USAGE_WRITE_FAILURES_TOTAL: &str = "tidepool_usage_write_failures_total";
 pub(crate) const CLIENT_DISCONNECTS_TOTAL: &str = "tidepool_client_disconnects_total";
+pub(crate) const BACKEND_UP: &str = "tidepool_backend_up";
+pub(crate) const BACKEND_BREAKER_OPEN: &str = "tidepool_backend_breaker_open";
+pub(crate) const BACKEND_ATTEMPTS_TOTAL: &str = "tidepool_backend_attempts_total";
+pub(crate) const BACKEND_ATTEMPT_DURATION_SECONDS: &str =
+    "tidepool_backend_attempt_duration_seconds";
 
 /// The `model` label of a request that never resolved a model.
 pub(crate) const NO_MODEL_LABEL: &str = "none";
@@ -85,6 +92,26 @@ fn describe() {
         Unit::Count,
         "Requests whose client went away before the response was complete, per model"
     );
+    describe_gauge!(
+        BACKEND_UP,
+        Unit::Count,
+        "1 when a remote backend's last health probe succeeded, by backend, region and zone"
+    );
+    describe_gauge!(
+        BACKEND_BREAKER_OPEN,
+        Unit::Count,
+        "1 while a remote backend's circuit breaker is open or half-open, by backend"
+    );
+    describe_counter!(
+        BACKEND_ATTEMPTS_TOTAL,
+        Unit::Count,
+        "Attempts sent to remote backends, by backend and outcome (ok|failed)"
+    );
+    describe_histogram!(
+        BACKEND_ATTEMPT_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of successful attempts on a remote backend, by backend"
+    );
 }
 
 /// The Prometheus text exposition, or an empty body if no recorder could be installed.
@@ -130,4 +157,26 @@ pub(crate) fn usage_write_failure() {
 
 pub(crate) fn client_disconnect(model: &str) {
     counter!(CLIENT_DISCONNECTS_TOTAL, "model" => model.to_owned()).increment(1);
+}
+
+/// A backend's health and breaker gauges (backend ids are configured: a closed set).
+pub(crate) fn backend_state(
+    backend: &crate::backends::Backend,
+    breaker: crate::backends::BreakerState,
+) {
+    let up = backend.status_healthy();
+    gauge!(BACKEND_UP, "backend" => backend.id.clone(), "region" => backend.region.clone(),
+        "zone" => backend.zone.clone())
+    .set(if up { 1.0 } else { 0.0 });
+    let open = breaker != crate::backends::BreakerState::Closed;
+    gauge!(BACKEND_BREAKER_OPEN, "backend" => backend.id.clone()).set(if open { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn backend_attempt(backend: &str, outcome: &'static str, elapsed: Option<Duration>) {
+    counter!(BACKEND_ATTEMPTS_TOTAL, "backend" => backend.to_owned(), "outcome" => outcome)
+        .increment(1);
+    if let Some(elapsed) = elapsed {
+        histogram!(BACKEND_ATTEMPT_DURATION_SECONDS, "backend" => backend.to_owned())
+            .record(elapsed.as_secs_f64());
+    }
 }

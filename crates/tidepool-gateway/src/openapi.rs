@@ -35,6 +35,7 @@ use crate::routes;
         accounts::set_budget,
         accounts::set_rate_limits,
         pool::pool_status,
+        pool::backends_status,
         pool::load_model,
         pool::unload_model,
         routes::healthz,

@@ -142,6 +142,45 @@ fn serde_plain<T: Serialize>(value: &T) -> String {
     }
 }
 
+/// `GET /v1/backends`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackendsOut {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The region this gateway runs in (its local models, and the preferred backends).
+    pub region: String,
+    pub data: Vec<crate::backends::BackendStatus>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/backends",
+    tag = "pool",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every remote backend: region, zone, health, breaker, latency (never its API key)", body = BackendsOut),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn backends_status(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Response {
+    let mut guard = match authenticate(&state, &headers, request_id, "backends").await {
+        Ok(guard) => guard,
+        Err(error) => return error.into_response(),
+    };
+    let data = state.backends().map(|b| b.status()).unwrap_or_default();
+    guard.succeed(0, 0, 0);
+    Json(BackendsOut {
+        object: "list",
+        region: state.region().to_owned(),
+        data,
+    })
+    .into_response()
+}
+
 fn no_pool() -> ApiError {
     ApiError::ResourceNotFound {
         what: "pool",

@@ -150,6 +150,7 @@ pub(crate) async fn chat_completions(
         let prompt_text = render_chat(engine.as_ref(), &messages)?;
         Ok::<_, ApiError>(TextJob {
             flavor: Flavor::Chat,
+            messages: engine.is_remote().then_some(messages),
             engine,
             model,
             prompt_text,
@@ -205,6 +206,7 @@ pub(crate) async fn completions(
         let prompt_text = validate::prompt(&request.prompt)?;
         Ok::<_, ApiError>(TextJob {
             flavor: Flavor::Completion,
+            messages: None,
             engine,
             model,
             prompt_text,

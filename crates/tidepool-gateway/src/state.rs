@@ -11,6 +11,8 @@ use tidepool_ledger::{Clock, Ledger, SystemClock};
 use tidepool_runtime::PoolRuntime;
 use tokio_util::task::TaskTracker;
 
+use crate::backends::Backends;
+
 /// The engine behind one served model.
 #[derive(Debug, Clone)]
 pub enum ModelEngine {
@@ -72,6 +74,9 @@ struct Inner {
     tasks: TaskTracker,
     clock: Arc<dyn Clock>,
     pool: Option<Arc<PoolRuntime>>,
+    backends: Option<Arc<Backends>>,
+    region: String,
+    residency: BTreeMap<String, Vec<String>>,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -85,6 +90,12 @@ pub struct StateOptions {
     pub clock: Arc<dyn Clock>,
     /// The model pool behind the pooled models (`GET /v1/pool`, admin load/unload).
     pub pool: Option<Arc<PoolRuntime>>,
+    /// The remote backends behind the `backend = "remote"` models (`GET /v1/backends`).
+    pub backends: Option<Arc<Backends>>,
+    /// The region this process runs in (`[server] region`): where its local models run.
+    pub region: String,
+    /// Residency pins: tenant id → the only regions its requests may run in.
+    pub residency: BTreeMap<String, Vec<String>>,
 }
 
 impl StateOptions {
@@ -95,6 +106,9 @@ impl StateOptions {
             admin_token: None,
             clock: Arc::new(SystemClock),
             pool: None,
+            backends: None,
+            region: tidepool_core::REGION_DEFAULT.to_owned(),
+            residency: BTreeMap::new(),
         }
     }
 }
@@ -114,6 +128,9 @@ impl AppState {
             admin_token,
             clock,
             pool,
+            backends,
+            region,
+            residency,
         } = options;
         let admin_token_sha256 = admin_token.map(|token| {
             use sha2::Digest as _;
@@ -134,6 +151,9 @@ impl AppState {
                 tasks: TaskTracker::new(),
                 clock,
                 pool,
+                backends,
+                region,
+                residency,
             }),
         }
     }
@@ -150,6 +170,21 @@ impl AppState {
     /// The model pool, when pooled models are served.
     pub fn pool(&self) -> Option<&Arc<PoolRuntime>> {
         self.inner.pool.as_ref()
+    }
+
+    /// The remote backends, when any are configured.
+    pub(crate) fn backends(&self) -> Option<&Arc<Backends>> {
+        self.inner.backends.as_ref()
+    }
+
+    /// The regions a tenant's requests may run in; `None`: anywhere.
+    pub(crate) fn residency_of(&self, tenant: &str) -> Option<&Vec<String>> {
+        self.inner.residency.get(tenant)
+    }
+
+    /// The region local models run in.
+    pub(crate) fn region(&self) -> &str {
+        &self.inner.region
     }
 
     pub fn ledger(&self) -> &Ledger {

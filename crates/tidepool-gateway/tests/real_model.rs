@@ -318,10 +318,22 @@ async fn real_model_pool_status_and_operator_load_unload_over_http() {
         "temperature": 0});
     assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
 
-    let pool = json_of(app.call("GET", "/v1/pool", &app.key).await).await;
+    // The response ends when the client has its last token; the accelerator thread reports the
+    // finished sequence to the pool right after, so wait for the counter (a state, not a time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    let pool = loop {
+        let pool = json_of(app.call("GET", "/v1/pool", &app.key).await).await;
+        if pool["counters"]["requests_finished"] == 1 {
+            break pool;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished request never reached the pool's counters: {pool}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(pool["object"], "pool");
     assert_eq!(pool["policy"], "token");
-    assert_eq!(pool["counters"]["requests_finished"], 1);
     let model = &pool["models"][0];
     assert_eq!(model["id"], "smollm2-135m-instruct");
     assert_eq!(model["state"], "resident");

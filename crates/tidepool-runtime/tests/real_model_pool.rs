@@ -82,6 +82,7 @@ fn request(engine: &dyn TextEngine, gemma: bool, user: &str) -> GenerateRequest 
             .unwrap()
     };
     GenerateRequest {
+        remote: None,
         request_id: RequestId::new(),
         prompt: engine.tokenize(&text).unwrap(),
         params: SamplingParams {

@@ -44,6 +44,9 @@ pub(crate) enum BenchCommand {
     /// Measure the local models through the pool's engine path and write a simulator profile
     /// (TOML) fitted from the samples.
     Calibrate(crate::bench_calibrate::CalibrateArgs),
+    /// Remote backends: time from a worker's death to the first successful retried request and
+    /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
+    Failover(crate::bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +104,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
         BenchCommand::Pool(args) => crate::bench_pool::run(args).await,
         BenchCommand::Calibrate(args) => crate::bench_calibrate::run(&args),
+        BenchCommand::Failover(args) => crate::bench_failover::run(args).await,
     }
 }
 

@@ -453,6 +453,7 @@ impl Measure<'_> {
                     max_tokens,
                     ..SamplingParams::default()
                 },
+                remote: None,
             })?;
             self.accelerator.register(id, self.model, prepared, None);
             live.ids.push(id);

@@ -5,6 +5,7 @@
 mod admin;
 mod bench;
 mod bench_calibrate;
+mod bench_failover;
 mod bench_ledger;
 mod bench_pool;
 mod sim_cmd;
@@ -40,6 +41,11 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Serve this machine's models as a worker of a gateway in another process (`tidepool serve`
+    /// labelled with a region and zone; the gateway lists it under `[[backends]]`).
+    Worker(WorkerArgs),
+    /// List a running gateway's remote backends: region, zone, health, breaker, latency.
+    Backends(BackendsArgs),
     /// Create, list and revoke API keys.
     Keys(admin::KeysArgs),
     /// List the configured models.
@@ -78,6 +84,71 @@ struct ServeArgs {
     /// `[billing].replica_id`); stable across restarts.
     #[arg(long, env = "TIDEPOOL_REPLICA_ID")]
     replica_id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// The region this worker runs in (overrides `[server] region`).
+    #[arg(long, env = "TIDEPOOL_REGION")]
+    region: String,
+    /// The zone within the region (overrides `[server] zone`).
+    #[arg(long, env = "TIDEPOOL_ZONE")]
+    zone: String,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct BackendsArgs {
+    /// The gateway's base URL.
+    #[arg(long, env = "TIDEPOOL_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An API key of the gateway.
+    #[arg(long, env = "TIDEPOOL_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Limit of the request, in ms.
+    #[arg(long, env = "TIDEPOOL_TIMEOUT_MS", default_value_t = 5_000)]
+    timeout_ms: u64,
+}
+
+/// `tidepool backends`: one line per backend of a running gateway.
+async fn backends(args: &BackendsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let url = format!("{}/v1/backends", args.url.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&args.api_key)
+        .timeout(std::time::Duration::from_millis(args.timeout_ms))
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("reading /v1/backends")?;
+    anyhow::ensure!(status.is_success(), "GET {url}: {status}: {body}");
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<16} {:<9} {:<10} {:<10} {:<8} {:<10} {:>10} {:>9}  url",
+        "id", "kind", "region", "zone", "healthy", "breaker", "latency_ms", "in_flight"
+    )?;
+    let empty = Vec::new();
+    for backend in body["data"].as_array().unwrap_or(&empty) {
+        let text = |key: &str| backend[key].as_str().unwrap_or("-").to_owned();
+        writeln!(
+            out,
+            "{:<16} {:<9} {:<10} {:<10} {:<8} {:<10} {:>10} {:>9}  {}",
+            text("id"),
+            text("kind"),
+            text("region"),
+            text("zone"),
+            backend["healthy"].as_bool().unwrap_or(false),
+            text("breaker"),
+            backend["latency_ms_ewma"].as_u64().unwrap_or(0),
+            backend["in_flight"].as_u64().unwrap_or(0),
+            text("url"),
+        )?;
+    }
+    Ok(())
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -158,6 +229,15 @@ async fn main() -> anyhow::Result<()> {
             let url = database_url(&config);
             serve(&config, url, args).await
         }
+        Command::Worker(args) => {
+            let mut config = config()?;
+            config.server.region = args.region;
+            config.server.zone = args.zone;
+            config.validate()?;
+            let url = database_url(&config);
+            serve(&config, url, args.serve).await
+        }
+        Command::Backends(args) => backends(&args).await,
         Command::Keys(args) => admin::keys(&database_url(&config()?), args).await,
         Command::Models => admin::models(&config()?),
         Command::Tenants(args) => admin::tenants(&database_url(&config()?), args).await,
