@@ -287,13 +287,36 @@ impl Default for RoutingConfig {
     }
 }
 
-/// Data residency (`[residency]`): which regions a tenant's requests may run in.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Data residency (`[residency]`): which regions a tenant's or a project's requests may run in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResidencyConfig {
     /// Tenant id → the only regions its requests may be sent to. Unlisted tenants may run
     /// anywhere (and fail over across regions).
     pub tenants: std::collections::BTreeMap<String, Vec<String>>,
+    /// `"tenant/project"` → the only regions that project's requests may be sent to. With a
+    /// tenant pin too, both apply (the intersection).
+    pub projects: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl ResidencyConfig {
+    /// The regions a request of `tenant`'s `project` may run in; `None`: anywhere. An empty
+    /// list (tenant and project pins that do not overlap) allows nowhere.
+    pub fn regions_for(&self, tenant: &str, project: &str) -> Option<Vec<String>> {
+        let by_tenant = self.tenants.get(tenant);
+        let by_project = self.projects.get(&format!("{tenant}/{project}"));
+        match (by_tenant, by_project) {
+            (None, None) => None,
+            (Some(only), None) | (None, Some(only)) => Some(only.clone()),
+            (Some(tenant_pin), Some(project_pin)) => Some(
+                project_pin
+                    .iter()
+                    .filter(|r| tenant_pin.contains(r))
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Which scheduling policy the model pool uses.
@@ -586,8 +609,38 @@ impl Config {
                 );
             }
         }
-        for (tenant, pinned) in &self.residency.tenants {
-            let field = format!("residency.tenants.{tenant}");
+        self.validate_residency(&regions)?;
+        self.routing.validate()
+    }
+
+    /// Residency pins: `tenant/project` keys, at least one region each, every region known.
+    fn validate_residency(
+        &self,
+        regions: &std::collections::BTreeSet<&str>,
+    ) -> Result<(), CoreError> {
+        let invalid =
+            |field: String, reason: String| Err(CoreError::ConfigInvalid { field, reason });
+        let pins = self
+            .residency
+            .tenants
+            .iter()
+            .map(|(tenant, pinned)| (format!("residency.tenants.{tenant}"), pinned))
+            .chain(
+                self.residency
+                    .projects
+                    .iter()
+                    .map(|(key, pinned)| (format!("residency.projects.{key}"), pinned)),
+            );
+        for key in self.residency.projects.keys() {
+            let parts: Vec<&str> = key.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                return invalid(
+                    format!("residency.projects.{key}"),
+                    "keys are \"tenant/project\"".into(),
+                );
+            }
+        }
+        for (field, pinned) in pins {
             if pinned.is_empty() {
                 return invalid(field, "pin at least one region".into());
             }
@@ -601,7 +654,7 @@ impl Config {
                 );
             }
         }
-        self.routing.validate()
+        Ok(())
     }
 
     /// One `[[backends]]` entry on its own.
@@ -779,6 +832,21 @@ acme = ["eu"]
         assert_eq!(config.backends[1].aliases["smol"], "smollm2-135m-instruct");
         assert_eq!(config.residency_of("acme"), Some(&["eu".to_owned()][..]));
         assert_eq!(config.residency_of("other"), None);
+        let pins = ResidencyConfig {
+            tenants: [("t".to_owned(), vec!["eu".to_owned(), "us".to_owned()])].into(),
+            projects: [
+                ("t/p".to_owned(), vec!["us".to_owned(), "apac".to_owned()]),
+                ("u/q".to_owned(), vec!["eu".to_owned()]),
+            ]
+            .into(),
+        };
+        assert_eq!(pins.regions_for("t", "p"), Some(vec!["us".to_owned()]));
+        assert_eq!(
+            pins.regions_for("t", "other"),
+            Some(vec!["eu".to_owned(), "us".to_owned()])
+        );
+        assert_eq!(pins.regions_for("u", "q"), Some(vec!["eu".to_owned()]));
+        assert_eq!(pins.regions_for("u", "r"), None);
         assert_eq!(config.routing.retry_attempts_max, 3);
     }
 
@@ -786,6 +854,12 @@ acme = ["eu"]
     fn rejects_bad_backend_config() {
         let unknown_region = REMOTE.replace(r#"acme = ["eu"]"#, r#"acme = ["mars"]"#);
         assert!(config_error(&unknown_region).contains("unknown region `mars`"));
+        let project_pin = format!("{REMOTE}\n[residency.projects]\n\"acme/prod\" = [\"mars\"]\n");
+        assert!(config_error(&project_pin).contains("residency.projects.acme/prod"));
+        let bad_key = format!("{REMOTE}\n[residency.projects]\nprod = [\"eu\"]\n");
+        assert!(config_error(&bad_key).contains("tenant/project"));
+        let good = format!("{REMOTE}\n[residency.projects]\n\"acme/prod\" = [\"eu\"]\n");
+        assert!(Config::parse(&good, Path::new("t.toml")).is_ok());
         let duplicate = REMOTE.replace(r#"id = "u1""#, r#"id = "w1""#);
         assert!(config_error(&duplicate).contains("duplicate backend id `w1`"));
         let unknown_model = REMOTE.replace(r#"models = ["smol"]"#, r#"models = ["nope"]"#);

@@ -74,14 +74,12 @@ fn tokens_of(len: usize) -> u32 {
 
 /// Residency for models this process runs itself: they run in `[server] region`.
 fn check_local_residency(state: &AppState, guard: &UsageGuard) -> Result<(), ApiError> {
-    match state.residency_of(guard.tenant().as_str()) {
+    match state.residency_for(guard.tenant().as_str(), guard.project().as_str()) {
         Some(regions) if !regions.iter().any(|r| r == state.region()) => {
-            tracing::warn!(target: "audit", tenant = %guard.tenant(), region = state.region(),
-                regions = ?regions, "residency: refused a request, this region is not allowed");
-            Err(EngineError::NoBackendInRegion {
-                regions: regions.clone(),
-            }
-            .into())
+            tracing::warn!(target: "audit", tenant = %guard.tenant(), project = %guard.project(),
+                region = state.region(), regions = ?regions,
+                "residency: refused a request, this region is not allowed");
+            Err(EngineError::NoBackendInRegion { regions }.into())
         }
         Some(_) | None => Ok(()),
     }
@@ -108,7 +106,7 @@ fn prepare_prompt(
     let prompt_tokens = crate::backends::prompt_tokens_bound(&prompt);
     let input = RemoteInput {
         prompt,
-        regions: state.residency_of(guard.tenant().as_str()).cloned(),
+        regions: state.residency_for(guard.tenant().as_str(), guard.project().as_str()),
         buffered: !job.stream,
     };
     Ok((Vec::new(), prompt_tokens, Some(input)))

@@ -123,7 +123,7 @@ pub async fn serve(
             pool,
             backends: backends.clone(),
             region: config.server.region.clone(),
-            residency: config.residency.tenants.clone(),
+            residency: config.residency.clone(),
         },
     );
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use tidepool_core::config::ResidencyConfig;
 use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
@@ -76,7 +77,7 @@ struct Inner {
     pool: Option<Arc<PoolRuntime>>,
     backends: Option<Arc<Backends>>,
     region: String,
-    residency: BTreeMap<String, Vec<String>>,
+    residency: ResidencyConfig,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -94,8 +95,8 @@ pub struct StateOptions {
     pub backends: Option<Arc<Backends>>,
     /// The region this process runs in (`[server] region`): where its local models run.
     pub region: String,
-    /// Residency pins: tenant id → the only regions its requests may run in.
-    pub residency: BTreeMap<String, Vec<String>>,
+    /// Residency pins per tenant and per project (`[residency]`).
+    pub residency: ResidencyConfig,
 }
 
 impl StateOptions {
@@ -108,7 +109,7 @@ impl StateOptions {
             pool: None,
             backends: None,
             region: tidepool_core::REGION_DEFAULT.to_owned(),
-            residency: BTreeMap::new(),
+            residency: ResidencyConfig::default(),
         }
     }
 }
@@ -177,9 +178,10 @@ impl AppState {
         self.inner.backends.as_ref()
     }
 
-    /// The regions a tenant's requests may run in; `None`: anywhere.
-    pub(crate) fn residency_of(&self, tenant: &str) -> Option<&Vec<String>> {
-        self.inner.residency.get(tenant)
+    /// The regions a request of `tenant`'s `project` may run in (tenant and project pins both
+    /// apply); `None`: anywhere.
+    pub(crate) fn residency_for(&self, tenant: &str, project: &str) -> Option<Vec<String>> {
+        self.inner.residency.regions_for(tenant, project)
     }
 
     /// The region local models run in.

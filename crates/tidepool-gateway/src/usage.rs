@@ -149,6 +149,10 @@ impl UsageGuard {
         }
     }
 
+    pub(crate) fn project(&self) -> &ProjectId {
+        &self.project
+    }
+
     pub(crate) fn tenant(&self) -> &TenantId {
         &self.tenant
     }

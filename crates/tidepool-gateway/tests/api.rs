@@ -862,3 +862,76 @@ fn errors_md_lists_exactly_the_error_codes() {
         .collect();
     assert_eq!(documented, ERROR_CODES);
 }
+
+/// Residency on local models: this gateway runs in region `eu`; a project pinned to `us` is
+/// refused with 503 `no_backend_in_region` (never served here), a project pinned to `eu` and an
+/// unpinned project are served, and a tenant pin intersects with a project pin.
+#[tokio::test]
+async fn residency_pins_projects_and_tenants_to_regions() {
+    use tidepool_core::TenantId;
+    use tidepool_ledger::ProjectId;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let ledger = tidepool_ledger::Ledger::connect(&url).await.unwrap();
+    let mut options = tidepool_gateway::StateOptions::new(tidepool_core::Limits::default());
+    options.region = "eu".to_owned();
+    let pins = &mut options.residency;
+    pins.projects
+        .insert("acme/eu-only".to_owned(), vec!["eu".to_owned()]);
+    pins.projects
+        .insert("acme/us-only".to_owned(), vec!["us".to_owned()]);
+    pins.tenants
+        .insert("globex".to_owned(), vec!["us".to_owned(), "eu".to_owned()]);
+    pins.projects
+        .insert("globex/apac".to_owned(), vec!["apac".to_owned()]);
+    let app = App::on(ledger, Some(dir), options, |config| config).await;
+    let body = json!({"model": FAKE_CHAT, "messages": [{"role": "user", "content": "hi"}]});
+    let key_in = |tenant: &str, project: &str| {
+        let ledger = app.ledger.clone();
+        let (tenant, project) = (tenant.to_owned(), project.to_owned());
+        async move {
+            let tenant = TenantId::new(tenant).unwrap();
+            let project = ProjectId::new(project).unwrap();
+            ledger
+                .create_key_in_project(&tenant, &project, "pinned")
+                .await
+                .unwrap()
+                .secret
+        }
+    };
+    let send = |key: String| {
+        let request = post("/v1/chat/completions", &key, body.to_string());
+        app.send(request)
+    };
+
+    // The app's own key is in acme's default project: not pinned.
+    assert_eq!(app.post("/v1/chat/completions", &body).await.status(), 200);
+    assert_eq!(send(key_in("acme", "eu-only").await).await.status(), 200);
+    let refused = send(key_in("acme", "us-only").await).await;
+    let error = expect_error(
+        refused,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_backend_in_region",
+    )
+    .await;
+    assert!(error["message"].as_str().unwrap().contains("us"), "{error}");
+    // Tenant pin {us, eu} ∩ project pin {apac} = nowhere: refused, even though eu is allowed to
+    // the tenant.
+    let (apac_key, web_key) = (
+        key_in("globex", "apac").await,
+        key_in("globex", "web").await,
+    );
+    let globex = TenantId::new("globex").unwrap();
+    app.ledger
+        .credit(&globex, tidepool_core::Nanos(CREDIT_NANOS), "tests")
+        .await
+        .unwrap();
+    let nowhere = send(apac_key).await;
+    expect_error(
+        nowhere,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_backend_in_region",
+    )
+    .await;
+    assert_eq!(send(web_key).await.status(), 200);
+}
