@@ -8,13 +8,17 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 export TIDEPOOL_MODELS_DIR ?= $(CACHE)/models
 VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
+# llama-cpp-python's OpenAI-compatible server: an outside engine for the upstream-backend test.
+# PyPI has only its source, so the first install compiles llama.cpp (x86-64-v3, like ours).
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+VENV_LCP := $(CACHE)/venv-llamacpp
 LISTEN ?= 127.0.0.1:8080
 CONFIG ?= tidepool.toml
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
 APT_PACKAGES := cmake clang libclang-dev unzip python3-venv
 
-.PHONY: run test deps apt venv models build build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
+.PHONY: run test deps apt venv venv-llamacpp models build build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
 
 run: deps models build
 	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
@@ -38,6 +42,14 @@ $(VENV)/.installed: tests/python/requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 	touch $@
 
+venv-llamacpp: $(VENV_LCP)/.installed-$(LLAMA_CPP_PYTHON_VERSION)
+$(VENV_LCP)/.installed-$(LLAMA_CPP_PYTHON_VERSION):
+	python3 -m venv $(VENV_LCP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(VENV_LCP)/bin/pip install -q --disable-pip-version-check "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
+	touch $@
+
 models:
 	@scripts/fetch-models.sh
 
@@ -58,8 +70,9 @@ rust-test:
 # Black-box tests with the official openai SDK against a real `tidepool serve` (debug build, same
 # workspace-wide feature set as clippy and nextest so llama.cpp is compiled once;
 # dependencies are optimised in the dev profile, so it runs at full speed).
-python-test: build-debug venv
-	TIDEPOOL_BIN=$(DEBUG_BIN) $(PY) -m pytest -q tests/python
+python-test: build-debug venv venv-llamacpp
+	TIDEPOOL_BIN=$(DEBUG_BIN) TIDEPOOL_LLAMA_CPP_PYTHON=$(VENV_LCP)/bin/python \
+	  $(PY) -m pytest -q tests/python
 
 bench: build peers
 	$(RELEASE_BIN) bench engine --llama-server $(HOME)/.cache/tidepool-peers-v3/bin/llama-server

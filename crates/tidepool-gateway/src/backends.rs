@@ -40,6 +40,10 @@ pub(crate) const OUTCOMES_WINDOW_LEN: usize = 20;
 const OUTCOMES_RATE_MIN: usize = 10;
 /// Bytes of one SSE line from a backend; a longer line fails the attempt.
 const SSE_LINE_BYTES_MAX: usize = 1 << 20;
+/// Health probes that must time out in a row (backend idle) before one counts as a failure.
+const PROBE_TIMEOUTS_IN_A_ROW_MAX: u32 = 2;
+/// Longest non-stream answer body read from a backend, in bytes.
+const RESPONSE_BYTES_MAX: usize = 16 << 20;
 /// Tokens added to a remote prompt's byte count for the reservation's upper bound (special
 /// tokens of a chat template the backend applies).
 const PROMPT_TEMPLATE_TOKENS_MAX: u32 = 64;
@@ -227,6 +231,8 @@ pub(crate) struct Backend {
     client: reqwest::Client,
     breaker: Mutex<Breaker>,
     healthy: AtomicBool,
+    /// Health probes in a row that timed out (a refused connection fails at once).
+    probe_timeouts: AtomicU32,
     latency: Latency,
     attempts_ok: AtomicU64,
     attempts_failed: AtomicU64,
@@ -300,6 +306,7 @@ impl Backend {
                 Duration::from_millis(routing.breaker_open_ms),
             )),
             healthy: AtomicBool::new(true),
+            probe_timeouts: AtomicU32::new(0),
             latency: Latency::default(),
             attempts_ok: AtomicU64::new(0),
             attempts_failed: AtomicU64::new(0),
@@ -334,7 +341,26 @@ impl Backend {
         if let Some(Secret(key)) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        let ok = matches!(request.send().await, Ok(response) if response.status().is_success());
+        let outcome = request.send().await;
+        // A probe that only timed out is no verdict while this backend serves our requests, and
+        // counts only from the second in a row otherwise: some servers (llama-cpp-python) answer
+        // `/v1/models` only between generations. A refused connection or an error status counts
+        // at once, so a dead process is still caught within one probe.
+        if matches!(&outcome, Err(error) if error.is_timeout()) {
+            let busy = self.in_flight() > 0;
+            let in_a_row = if busy {
+                0
+            } else {
+                self.probe_timeouts.fetch_add(1, Ordering::Relaxed) + 1
+            };
+            if busy || in_a_row < PROBE_TIMEOUTS_IN_A_ROW_MAX {
+                tracing::debug!(backend = %self.id, busy, "health probe timed out; no verdict yet");
+                return self.healthy.load(Ordering::Relaxed);
+            }
+        } else {
+            self.probe_timeouts.store(0, Ordering::Relaxed);
+        }
+        let ok = matches!(outcome, Ok(response) if response.status().is_success());
         self.healthy.store(ok, Ordering::Relaxed);
         let state = {
             let mut breaker = self.breaker.lock();
@@ -720,16 +746,21 @@ impl Job {
     fn body(&self, backend: &Backend) -> (&'static str, Value) {
         let params = &self.request.params;
         let model = backend.upstream_model(&self.model);
+        // A client that does not stream gets a non-stream call: every OpenAI-compatible server
+        // reports `usage` there (some, like llama-cpp-python, never do in a stream).
+        let stream = !self.input.buffered;
         let mut body = json!({
             "model": model,
-            "stream": true,
-            "stream_options": {"include_usage": true},
+            "stream": stream,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
         });
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         if let Some(seed) = params.seed {
             body["seed"] = json!(seed);
         }
@@ -774,11 +805,8 @@ impl Job {
         result
     }
 
-    async fn stream_from(
-        &self,
-        backend: &Backend,
-        delivered: &mut bool,
-    ) -> Result<(), AttemptError> {
+    /// Sends the request; a 2xx response, or the attempt's error by status.
+    async fn open(&self, backend: &Backend) -> Result<reqwest::Response, AttemptError> {
         let (path, body) = self.body(backend);
         let mut request = backend
             .client
@@ -787,10 +815,23 @@ impl Job {
         if let Some(Secret(key)) = &backend.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|_| AttemptError::Failed { status: None })?;
+        // A pooled keep-alive connection the backend has just closed fails the send before the
+        // backend saw anything (uvicorn-based servers do this): one more try, on another
+        // connection, before the attempt counts as failed.
+        let again = request.try_clone();
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(backend = %backend.id, %error, "backend send failed; trying once more");
+                let Some(again) = again else {
+                    return Err(AttemptError::Failed { status: None });
+                };
+                again.send().await.map_err(|error| {
+                    tracing::debug!(backend = %backend.id, %error, "backend send failed");
+                    AttemptError::Failed { status: None }
+                })?
+            }
+        };
         let status = response.status();
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(AttemptError::Busy);
@@ -805,15 +846,31 @@ impl Job {
                 status: status.as_u16(),
             });
         }
+        Ok(response)
+    }
+
+    async fn stream_from(
+        &self,
+        backend: &Backend,
+        delivered: &mut bool,
+    ) -> Result<(), AttemptError> {
+        let response = self.open(backend).await?;
+        if self.input.buffered {
+            return self.finish(whole_answer(backend, response).await?).await;
+        }
         let mut reader = SseReader::default();
         let mut buffered = Buffered::default();
         let mut bytes = response.bytes_stream();
         while let Some(next) = bytes.next().await {
-            let chunk = next.map_err(|_| AttemptError::Failed { status: None })?;
+            let chunk = next.map_err(|error| {
+                tracing::debug!(backend = %backend.id, %error, "backend stream broke");
+                AttemptError::Failed { status: None }
+            })?;
             for data in reader
                 .push(&chunk)
                 .ok_or(AttemptError::Failed { status: None })?
             {
+                tracing::trace!(backend = %backend.id, %data, "backend event");
                 match parse_data(&data) {
                     Parsed::Text(text, finish) => {
                         if finish.is_some() {
@@ -833,6 +890,8 @@ impl Job {
                     Parsed::Usage(usage) => buffered.usage = Some(usage),
                     Parsed::Done => return self.finish(buffered).await,
                     Parsed::Error | Parsed::Malformed => {
+                        tracing::debug!(backend = %backend.id, data = %data.chars().take(200).collect::<String>(),
+                            "backend sent an error or a malformed event");
                         return Err(AttemptError::Failed { status: None });
                     }
                     Parsed::Nothing => {}
@@ -840,15 +899,25 @@ impl Job {
             }
         }
         // The connection closed without `[DONE]`: the backend died mid-answer.
+        tracing::debug!(backend = %backend.id, "backend stream ended without [DONE]");
         Err(AttemptError::Failed { status: None })
     }
 
     async fn finish(&self, buffered: Buffered) -> Result<(), AttemptError> {
+        let (prompt_tokens, cached_prompt_tokens, completion_tokens) =
+            buffered.usage.unwrap_or_else(|| {
+                // No `usage` from the backend: completion = the tokens delivered; the prompt is
+                // billed at the upper bound it was reserved at (docs/regions.md).
+                tracing::warn!(model = %self.model,
+                    "backend reported no usage; prompt billed at its reserved upper bound");
+                (prompt_tokens_bound(&self.input.prompt), 0, buffered.chunks)
+            });
+        // `[DONE]` without a finish reason is a cut answer, not a complete one (llama-cpp-python
+        // ends a stream that way when another request wants its lock): a failed attempt.
         let Some(finish_reason) = buffered.finish else {
+            tracing::debug!(model = %self.model, "backend answer ended without a finish reason");
             return Err(AttemptError::Failed { status: None });
         };
-        let (prompt_tokens, cached_prompt_tokens, completion_tokens) =
-            buffered.usage.unwrap_or((0, 0, buffered.chunks));
         if self.input.buffered && !buffered.text.is_empty() {
             self.send(GenerationEvent::Chunk {
                 text: buffered.text,
@@ -882,6 +951,60 @@ struct Buffered {
     finish: Option<FinishReason>,
     /// prompt, cached prompt, completion tokens.
     usage: Option<(TokenCount, TokenCount, TokenCount)>,
+}
+
+/// A non-stream answer (`chat.completion` or `text_completion` JSON) as one buffered result.
+async fn whole_answer(
+    backend: &Backend,
+    response: reqwest::Response,
+) -> Result<Buffered, AttemptError> {
+    let failed = |why: &str| {
+        tracing::debug!(backend = %backend.id, why, "backend answer unusable");
+        AttemptError::Failed { status: None }
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(RESPONSE_BYTES_MAX).unwrap_or(u64::MAX))
+    {
+        return Err(failed("answer larger than RESPONSE_BYTES_MAX"));
+    }
+    let bytes = response.bytes().await.map_err(|_| failed("body broke"))?;
+    if bytes.len() > RESPONSE_BYTES_MAX {
+        return Err(failed("answer larger than RESPONSE_BYTES_MAX"));
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| failed("not JSON"))?;
+    if value.get("error").is_some_and(|e| !e.is_null()) {
+        return Err(failed("error body"));
+    }
+    let choice = value
+        .pointer("/choices/0")
+        .ok_or_else(|| failed("no choices"))?;
+    let text = choice
+        .pointer("/message/content")
+        .or_else(|| choice.get("text"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
+        Some("length") => Some(FinishReason::Length),
+        Some(_) => Some(FinishReason::Stop),
+        None => None,
+    };
+    let usage = value.get("usage").filter(|u| u.is_object()).map(|usage| {
+        (
+            token_field(usage, "/prompt_tokens"),
+            token_field(usage, "/prompt_tokens_details/cached_tokens"),
+            token_field(usage, "/completion_tokens"),
+        )
+    });
+    let completion = usage.map_or(1, |(_, _, completion)| completion);
+    Ok(Buffered {
+        tokens: completion,
+        chunks: completion,
+        text,
+        finish,
+        usage,
+    })
 }
 
 /// Splits a byte stream into SSE `data:` payloads.
