@@ -76,6 +76,11 @@ pub(crate) struct AccRun<'a> {
     slo: Slo,
     compute_busy_ns: u64,
     actions: Vec<Action>,
+    /// Models loaded before the first request (local indices), at no cost and not counted.
+    warm: Vec<usize>,
+    warming: bool,
+    warm_loads: u64,
+    warm_evictions: u64,
 }
 
 impl<'a> AccRun<'a> {
@@ -86,6 +91,7 @@ impl<'a> AccRun<'a> {
         ids: Vec<ModelId>,
         requests: &'a [(usize, Request)],
         slo: Slo,
+        warm: Vec<usize>,
     ) -> Result<Self, SimError> {
         let pool = Pool::new(cfg)?;
         let by_id = ids
@@ -116,6 +122,10 @@ impl<'a> AccRun<'a> {
             slo,
             compute_busy_ns: 0,
             actions: Vec::with_capacity(8),
+            warm,
+            warming: false,
+            warm_loads: 0,
+            warm_evictions: 0,
         })
     }
 
@@ -123,6 +133,7 @@ impl<'a> AccRun<'a> {
     pub(crate) fn run(mut self, tick: &mut dyn FnMut()) -> Result<AccOutcome, SimError> {
         let mut next_arrival = 0_usize;
         let mut now_ns = 0_u64;
+        self.warm_up()?;
         // Dedicated loads its models before traffic starts.
         self.feed(Event::Tick { now_ns: 0 })?;
         loop {
@@ -168,12 +179,35 @@ impl<'a> AccRun<'a> {
             });
         }
         let end_ns = self.seqs.iter().map(|s| s.last_token_ns).max().unwrap_or(0);
+        let mut counters = self.pool.counters();
+        counters.loads = counters.loads.saturating_sub(self.warm_loads);
+        counters.evictions = counters.evictions.saturating_sub(self.warm_evictions);
         Ok(AccOutcome {
             seqs: self.seqs,
             compute_busy_ns: self.compute_busy_ns,
             end_ns,
-            counters: self.pool.counters(),
+            counters,
         })
+    }
+
+    /// Brings the warm models in before time starts (an operator load hint each, completed at
+    /// t = 0), as a server that has been running holds its popular models.
+    fn warm_up(&mut self) -> Result<(), SimError> {
+        self.warming = true;
+        for model in self.warm.clone() {
+            let Some(id) = self.ids.get(model).cloned() else {
+                continue;
+            };
+            self.feed(Event::LoadRequested {
+                now_ns: 0,
+                model: id,
+            })?;
+            while let Some(done) = self.transfer.take() {
+                self.feed(done.event)?;
+            }
+        }
+        self.warming = false;
+        Ok(())
     }
 
     fn arrive(&mut self, index: usize, now_ns: u64) -> Result<(), SimError> {
@@ -220,14 +254,29 @@ impl<'a> AccRun<'a> {
         usize::try_from(seq.0).unwrap_or(usize::MAX)
     }
 
+    /// When a load (`load`) or an eviction of `d` ns started at `now_ns` ends: at once while
+    /// warming up (counted apart; a load's event still carries `d` for the estimates).
+    fn transfer_end(&mut self, now_ns: u64, d: u64, load: bool) -> u64 {
+        if !self.warming {
+            return now_ns + d;
+        }
+        if load {
+            self.warm_loads += 1;
+        } else {
+            self.warm_evictions += 1;
+        }
+        now_ns
+    }
+
     fn execute(&mut self, action: &Action, now_ns: u64) {
         match action {
             Action::Load { id, model } => {
                 let d = self.costs[self.model(model)].load_ns;
+                let at = self.transfer_end(now_ns, d, true);
                 self.set_transfer(
-                    now_ns + d,
+                    at,
                     Event::LoadFinished {
-                        now_ns: now_ns + d,
+                        now_ns: at,
                         action: *id,
                         duration_ns: d,
                     },
@@ -235,6 +284,7 @@ impl<'a> AccRun<'a> {
             }
             Action::Evict { id, model } => {
                 let d = self.costs[self.model(model)].unload_ns;
+                let d = self.transfer_end(now_ns, d, false) - now_ns;
                 self.set_transfer(
                     now_ns + d,
                     Event::UnloadFinished {

@@ -246,7 +246,16 @@ pub fn simulate(
                 });
             }
         };
-        let outcome = AccRun::new(cfg, costs, ids, &requests, slo)?.run(&mut tick)?;
+        let warm: Vec<usize> = workload
+            .warm
+            .iter()
+            .filter_map(|m| {
+                local
+                    .get(&usize::try_from(*m).unwrap_or(usize::MAX))
+                    .copied()
+            })
+            .collect();
+        let outcome = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(&mut tick)?;
         outcomes.push(Outcome {
             acc,
             models,

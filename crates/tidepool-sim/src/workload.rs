@@ -40,6 +40,9 @@ pub struct Workload {
     pub requests: Vec<Request>,
     /// Requests whose prompt was cut so prompt + output fits `seq_tokens_max`.
     pub prompts_capped: u64,
+    /// Models (indices into `models`) resident before the first request, loaded in this order
+    /// at no cost: a replay of a server that was already running. Empty: everything starts cold.
+    pub warm: Vec<u32>,
 }
 
 /// One row of an Azure trace: arrival offset and lengths.
@@ -209,6 +212,7 @@ pub fn read_model_trace(path: &Path, profile: &Profile) -> Result<Workload, SimE
         models,
         requests: Vec::with_capacity(raw.len()),
         prompts_capped: 0,
+        warm: Vec::new(),
     };
     for (at_ns, model, prompt, output) in raw {
         let index = order.get(&model).copied().unwrap_or(0);
@@ -278,6 +282,7 @@ impl Workload {
             models,
             requests,
             prompts_capped: 0,
+            warm: Vec::new(),
         })
     }
 
@@ -334,6 +339,7 @@ pub fn market(
         models,
         requests: Vec::new(),
         prompts_capped: 0,
+        warm: Vec::new(),
     };
     let pick = |rng: &mut ChaCha8Rng| {
         let u: f64 = rng.random();

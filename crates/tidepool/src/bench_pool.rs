@@ -936,6 +936,19 @@ fn replay_requests(schedule: &[BenchRequest], outcomes: &[RequestOutcome]) -> Ve
         .collect()
 }
 
+/// The models a real server holds after its warm-up, in load order: the warm-up loads every
+/// model once, least popular first, so `dedicated` holds all of them and the other policies the
+/// most popular that fit.
+fn warm_models(policy: PoolPolicy, models: usize) -> Vec<u32> {
+    let warm_up: Vec<u32> = (0..u32::try_from(models).unwrap_or(0)).rev().collect();
+    let fitting = if policy == PoolPolicy::Dedicated {
+        warm_up.len()
+    } else {
+        usize::try_from(MEMORY_MODELS_MAX).unwrap_or(0)
+    };
+    warm_up[warm_up.len().saturating_sub(fitting)..].to_vec()
+}
+
 /// Replays every row in the simulator with `profile`: the same requests, the budget each
 /// server reported, the SLOs, and the pool knobs of the server's configuration.
 fn simulate_rows(
@@ -988,7 +1001,8 @@ fn simulate_rows(
                 .max(needed + args.kv_saved_bytes_max);
         }
         profile.accelerator.kv_saved_bytes_max = args.kv_saved_bytes_max;
-        let workload = Workload::replay(&profile, market.clone(), row.replay.clone())?;
+        let mut workload = Workload::replay(&profile, market.clone(), row.replay.clone())?;
+        workload.warm = warm_models(policy, market.len());
         let spec = SimSpec {
             profile,
             policy,
@@ -1656,9 +1670,12 @@ mod tests {
             assert!((0.0..=1.0).contains(&sa.attainment), "{sa:?}");
             assert!(sa.attainment.to_bits() == sb.attainment.to_bits() && sa.loads == sb.loads);
         }
-        // Dedicated holds every model: at most one load each, never a saved sequence.
+        // Dedicated starts warm with every model (as the real server after its warm-up): no load
+        // during the replay, never a saved sequence.
         let dedicated = first[0].sim.unwrap();
-        assert!((1..=8).contains(&dedicated.loads), "{dedicated:?}");
+        assert_eq!(dedicated.loads, 0, "{dedicated:?}");
+        assert_eq!(warm_models(PoolPolicy::SwapLru, 8), [2, 1, 0]);
+        assert_eq!(warm_models(PoolPolicy::Dedicated, 3), [2, 1, 0]);
         assert_eq!(dedicated.kv_saves, 0);
         // A profile without the market's families is an error, not a silent mismatch.
         let mut other = profile.clone();
