@@ -714,11 +714,6 @@ impl Config {
         Ok(())
     }
 
-    /// The regions a tenant's requests may run in; `None`: anywhere.
-    pub fn residency_of(&self, tenant: &str) -> Option<&[String]> {
-        self.residency.tenants.get(tenant).map(Vec::as_slice)
-    }
-
     /// The model directory: config, else `$TIDEPOOL_MODELS_DIR`, else `~/.cache/tidepool/models`.
     pub fn models_dir(&self) -> PathBuf {
         if let Some(dir) = &self.server.models_dir {
@@ -830,8 +825,11 @@ acme = ["eu"]
         assert_eq!(config.backends.len(), 2);
         assert_eq!(config.backends[0].zone, REGION_DEFAULT);
         assert_eq!(config.backends[1].aliases["smol"], "smollm2-135m-instruct");
-        assert_eq!(config.residency_of("acme"), Some(&["eu".to_owned()][..]));
-        assert_eq!(config.residency_of("other"), None);
+        assert_eq!(
+            config.residency.regions_for("acme", "default"),
+            Some(vec!["eu".to_owned()])
+        );
+        assert_eq!(config.residency.regions_for("other", "default"), None);
         let pins = ResidencyConfig {
             tenants: [("t".to_owned(), vec!["eu".to_owned(), "us".to_owned()])].into(),
             projects: [

@@ -985,18 +985,8 @@ async fn whole_answer(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
-        Some("length") => Some(FinishReason::Length),
-        Some(_) => Some(FinishReason::Stop),
-        None => None,
-    };
-    let usage = value.get("usage").filter(|u| u.is_object()).map(|usage| {
-        (
-            token_field(usage, "/prompt_tokens"),
-            token_field(usage, "/prompt_tokens_details/cached_tokens"),
-            token_field(usage, "/completion_tokens"),
-        )
-    });
+    let finish = finish_reason_of(choice);
+    let usage = usage_of(&value);
     let completion = usage.map_or(1, |(_, _, completion)| completion);
     Ok(Buffered {
         tokens: completion,
@@ -1058,6 +1048,26 @@ fn token_field(value: &Value, pointer: &str) -> TokenCount {
         .unwrap_or(0)
 }
 
+/// An answer's (or a chunk's) `usage`: prompt, cached prompt and completion tokens.
+fn usage_of(value: &Value) -> Option<(TokenCount, TokenCount, TokenCount)> {
+    value.get("usage").filter(|u| u.is_object()).map(|usage| {
+        (
+            token_field(usage, "/prompt_tokens"),
+            token_field(usage, "/prompt_tokens_details/cached_tokens"),
+            token_field(usage, "/completion_tokens"),
+        )
+    })
+}
+
+/// A choice's `finish_reason`: `length`, any other reason as `stop`, or none yet.
+fn finish_reason_of(choice: &Value) -> Option<FinishReason> {
+    match choice.get("finish_reason").and_then(Value::as_str) {
+        Some("length") => Some(FinishReason::Length),
+        Some(_) => Some(FinishReason::Stop),
+        None => None,
+    }
+}
+
 /// Parses one payload of a chat or completion stream.
 pub(crate) fn parse_data(data: &str) -> Parsed {
     if data == "[DONE]" {
@@ -1069,12 +1079,8 @@ pub(crate) fn parse_data(data: &str) -> Parsed {
     if value.get("error").is_some() {
         return Parsed::Error;
     }
-    if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        return Parsed::Usage((
-            token_field(usage, "/prompt_tokens"),
-            token_field(usage, "/prompt_tokens_details/cached_tokens"),
-            token_field(usage, "/completion_tokens"),
-        ));
+    if let Some(usage) = usage_of(&value) {
+        return Parsed::Usage(usage);
     }
     let Some(choice) = value.pointer("/choices/0") else {
         return Parsed::Nothing;
@@ -1084,12 +1090,7 @@ pub(crate) fn parse_data(data: &str) -> Parsed {
         .or_else(|| choice.get("text"))
         .and_then(Value::as_str)
         .unwrap_or("");
-    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
-        Some("length") => Some(FinishReason::Length),
-        Some(_) => Some(FinishReason::Stop),
-        None => None,
-    };
-    match (text.is_empty(), finish) {
+    match (text.is_empty(), finish_reason_of(choice)) {
         (false, finish) => Parsed::Text(text.to_owned(), finish),
         (true, Some(finish)) => Parsed::Finish(finish),
         (true, None) => Parsed::Nothing,

@@ -5,7 +5,7 @@
 use tidepool_core::PoolPolicy;
 
 use crate::event::{Action, SeqId};
-use crate::pool::{Kv, Phase, Pool, Target, Turn, Work};
+use crate::pool::{Kv, ModelState, Phase, Pool, Target, Turn, Work};
 use crate::status::Residency;
 
 /// Distance of a model that is not needed by anything known.
@@ -462,16 +462,23 @@ impl Pool {
         let model = (0..self.models.len()).find(|&i| {
             self.models[i].load_requested && self.models[i].residency == Residency::Cold
         })?;
+        self.load_or_evict_lru(model, |m| !m.load_requested && m.is_idle())
+    }
+
+    /// Loads `model` into free memory, else evicts the least recently used resident, unpinned
+    /// model that `evictable` allows (ties by index).
+    fn load_or_evict_lru(
+        &self,
+        model: usize,
+        evictable: impl Fn(&ModelState) -> bool,
+    ) -> Option<(usize, Work)> {
         if self.cfg.models[model].resident_bytes() <= self.memory_bytes_free() {
             return Some((model, Work::Load));
         }
         let victim = (0..self.models.len())
             .filter(|&i| {
                 let m = &self.models[i];
-                m.residency == Residency::Resident
-                    && !self.cfg.models[i].pin
-                    && !m.load_requested
-                    && m.is_idle()
+                m.residency == Residency::Resident && !self.cfg.models[i].pin && evictable(m)
             })
             .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
         Some((victim, Work::Evict))
@@ -522,20 +529,9 @@ impl Pool {
         if self.models[model].residency != Residency::Cold {
             return None;
         }
-        if self.cfg.models[model].resident_bytes() <= self.memory_bytes_free() {
-            return Some((model, Work::Load));
-        }
-        let victim = (0..self.models.len())
-            .filter(|&i| {
-                let m = &self.models[i];
-                m.residency == Residency::Resident
-                    && !self.cfg.models[i].pin
-                    && m.busy == 0
-                    && m.in_ctx == 0
-                    && m.decoding.is_empty()
-            })
-            .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
-        Some((victim, Work::Evict))
+        self.load_or_evict_lru(model, |m| {
+            m.busy == 0 && m.in_ctx == 0 && m.decoding.is_empty()
+        })
     }
 
     /// `token`: prepare the current target, then prefetch for the next turn and the oldest

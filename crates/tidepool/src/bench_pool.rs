@@ -983,14 +983,15 @@ fn simulate_rows(
         round_resident_first: args.round_resident_first,
         ..PoolKnobs::default()
     };
+    // Every model of the market at once: what `dedicated` must fit.
+    let needed: u64 = market
+        .iter()
+        .filter_map(|m| profile.families.get(m.family))
+        .map(tidepool_sim::profile::Family::resident_bytes)
+        .sum();
     for row in rows {
         let policy = crate::sim_cmd::parse_policy(&row.policy)?;
         let mut profile = profile.clone();
-        let needed: u64 = market
-            .iter()
-            .filter_map(|m| profile.families.get(m.family))
-            .map(tidepool_sim::profile::Family::resident_bytes)
-            .sum();
         if let Some(summary) = policies.iter().find(|p| p.policy == row.policy) {
             profile.accelerator.memory_bytes = summary.memory_bytes_max;
         }

@@ -426,16 +426,7 @@ async fn multi_process_failover_two_regions_kill_worker_then_region_loses_nothin
 
 impl Server {
     fn cli_backends(&self, key: &str) -> String {
-        let out = Command::new(BIN)
-            .args(["backends", "--url", &self.base(), "--api-key", key])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.cli(&["backends", "--url", &self.base(), "--api-key", key])
     }
 }
 
