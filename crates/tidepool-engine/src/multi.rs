@@ -695,11 +695,23 @@ impl Accelerator {
 
     /// Runs up to `steps` decode steps of `seqs` (all in `model`'s context), one token each per
     /// step; a sequence that ends leaves the batch and is reported.
+    pub fn decode(&mut self, model: usize, seqs: &[u64], steps: u32) -> StepOutcome {
+        self.decode_until(model, seqs, steps, &mut || false)
+    }
+
+    /// [`Self::decode`], asking `stop` between steps (never before the first): `true` ends the
+    /// turn early, and `StepOutcome::steps` says how many ran.
     #[expect(
         clippy::too_many_lines,
         reason = "one pass over the steps of a turn, read top to bottom"
     )]
-    pub fn decode(&mut self, model: usize, seqs: &[u64], steps: u32) -> StepOutcome {
+    pub fn decode_until(
+        &mut self,
+        model: usize,
+        seqs: &[u64],
+        steps: u32,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> StepOutcome {
         let mut outcome = StepOutcome::default();
         let mut live: Vec<Member> = Vec::with_capacity(seqs.len());
         for &id in seqs {
@@ -720,6 +732,9 @@ impl Accelerator {
             }
         }
         while outcome.steps < steps && !live.is_empty() {
+            if outcome.steps > 0 && stop() {
+                break;
+            }
             let Some(state) = self.models.get_mut(model) else {
                 break;
             };

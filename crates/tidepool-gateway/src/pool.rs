@@ -54,6 +54,32 @@ pub struct PoolModelOut {
     /// Measured at start-up: load time and one decode step, in microseconds.
     pub load_us: u64,
     pub decode_step_us: u64,
+    /// Milliseconds since an action on the model last finished (the order `swap-lru` evicts in).
+    pub last_used_ms_ago: u64,
+    /// What the scheduler believes the model costs now (start-up measures, with load and
+    /// decode-step times refined by every finished action).
+    pub estimate: CostEstimateOut,
+}
+
+/// The scheduler's cost beliefs for one model, in nanoseconds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CostEstimateOut {
+    pub load_ns: u64,
+    pub decode_step_ns: u64,
+    pub prefill_ns_per_token: u64,
+    /// Saving or restoring one KV byte, in picoseconds.
+    pub kv_transfer_ps_per_byte: u64,
+}
+
+/// Time engine actions were in flight, by kind, in nanoseconds (one at a time on a CPU box).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionNsOut {
+    pub load: u64,
+    pub evict: u64,
+    pub kv_save: u64,
+    pub kv_restore: u64,
+    pub prefill: u64,
+    pub decode: u64,
 }
 
 /// Cumulative counts since start.
@@ -69,6 +95,7 @@ pub struct PoolCountersOut {
     pub requests_finished: u64,
     pub requests_cancelled: u64,
     pub requests_rejected: u64,
+    pub in_flight_ns: ActionNsOut,
 }
 
 /// What an operator's load or unload did.
@@ -106,6 +133,13 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                 kv_bytes_per_token: calibration.map_or(0, |c| c.kv_bytes_per_token),
                 load_us: calibration.map_or(0, |c| c.load_ns / 1000),
                 decode_step_us: calibration.map_or(0, |c| c.decode_step_ns / 1000),
+                last_used_ms_ago: status.now_ns.saturating_sub(m.last_used_ns) / 1_000_000,
+                estimate: CostEstimateOut {
+                    load_ns: m.estimate.load_ns,
+                    decode_step_ns: m.estimate.decode_step_ns,
+                    prefill_ns_per_token: m.estimate.prefill_ns_per_token,
+                    kv_transfer_ps_per_byte: m.estimate.kv_transfer_ps_per_byte,
+                },
             }
         })
         .collect();
@@ -130,6 +164,14 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
             requests_finished: c.requests_finished,
             requests_cancelled: c.requests_cancelled,
             requests_rejected: c.requests_rejected,
+            in_flight_ns: ActionNsOut {
+                load: c.in_flight_ns.load,
+                evict: c.in_flight_ns.evict,
+                kv_save: c.in_flight_ns.kv_save,
+                kv_restore: c.in_flight_ns.kv_restore,
+                prefill: c.in_flight_ns.prefill,
+                decode: c.in_flight_ns.decode,
+            },
         },
     }
 }

@@ -17,5 +17,5 @@ pub use config::{CostEstimate, ModelSpec, PoolConfig};
 pub use error::PoolError;
 pub use event::{Action, ActionId, Event, SeqFinished, SeqId};
 pub use pool::Pool;
-pub use status::{ModelStatus, PoolCounters, PoolStatus, Residency};
+pub use status::{ActionNs, ModelStatus, PoolCounters, PoolStatus, Residency};
 pub use tidepool_core::PoolPolicy;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use tidepool_core::{ModelId, PoolPolicy};
 
 use crate::PoolError;
-use crate::config::{ModelSpec, PoolConfig};
+use crate::config::{CostEstimate, ModelSpec, PoolConfig};
 use crate::event::{Action, ActionId, Event, SeqFinished, SeqId};
 use crate::status::{ModelStatus, PoolCounters, PoolStatus, Residency};
 
@@ -129,6 +129,8 @@ pub(crate) enum Work {
 pub(crate) struct InFlight {
     pub(crate) model: usize,
     pub(crate) work: Work,
+    /// When the pool handed the action out.
+    pub(crate) issued_ns: u64,
 }
 
 /// One decode turn of the round: a chunk of a model's decoding sequences and its step count.
@@ -572,6 +574,17 @@ impl Pool {
             Lane::Compute => self.compute_busy = false,
             Lane::Transfer => self.transfer_busy = false,
         }
+        let took_ns = self.now_ns.saturating_sub(done.issued_ns);
+        let times = &mut self.counters.in_flight_ns;
+        let kind = match &done.work {
+            Work::Load => &mut times.load,
+            Work::Evict => &mut times.evict,
+            Work::Save(_) => &mut times.kv_save,
+            Work::Restore(_) => &mut times.kv_restore,
+            Work::Prefill(_) => &mut times.prefill,
+            Work::Decode(..) => &mut times.decode,
+        };
+        *kind = kind.saturating_add(took_ns);
         let model = &mut self.models[done.model];
         model.busy -= 1;
         model.last_used_ns = self.now_ns;
@@ -735,7 +748,15 @@ impl Pool {
             "overlap without overlap_transfers"
         );
         self.models[model].busy += 1;
-        self.in_flight.insert(id, InFlight { model, work });
+        let issued_ns = self.now_ns;
+        self.in_flight.insert(
+            id,
+            InFlight {
+                model,
+                work,
+                issued_ns,
+            },
+        );
         actions.push(action);
     }
 
@@ -1067,6 +1088,12 @@ impl Pool {
                     memory_bytes: resident + m.saved_bytes,
                     saved_kv_bytes: m.saved_bytes,
                     last_switch_ns: m.last_switch_ns,
+                    last_used_ns: m.last_used_ns,
+                    estimate: CostEstimate {
+                        decode_step_ns: m.decode_step_ns,
+                        load_ns: m.load_ns,
+                        ..spec.estimate
+                    },
                 }
             })
             .collect();

@@ -34,6 +34,30 @@ impl Pool {
         }
     }
 
+    /// Whether the decode turn in flight should stop at its next step boundary: a request of
+    /// the turn's own model waits for its prefill, the model has a free slot, and no other model
+    /// has sequences decoding, so a shorter turn delays nobody. This is continuous batching
+    /// within one model: a new request waits one step, not a whole turn. The server's driver
+    /// asks between steps; the simulator asks when a request arrives during a turn. The
+    /// completion event then reports the steps actually run, and the prefill credit the turn
+    /// earned starts the waiting request next.
+    pub fn decode_yield_wanted(&self) -> bool {
+        let Some(model) = self.in_flight.values().find_map(|f| match f.work {
+            Work::Decode(..) => Some(f.model),
+            _ => None,
+        }) else {
+            return false;
+        };
+        let m = &self.models[model];
+        !m.prefill_q.is_empty()
+            && m.in_ctx < self.cfg.models[model].seqs_max
+            && self
+                .models
+                .iter()
+                .enumerate()
+                .all(|(i, other)| i == model || other.decoding.is_empty())
+    }
+
     fn compute_free(&self) -> bool {
         !self.compute_busy && (self.cfg.overlap_transfers || !self.transfer_busy)
     }

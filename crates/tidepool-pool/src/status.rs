@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use tidepool_core::{ModelId, PoolPolicy};
 
+use crate::config::CostEstimate;
+
 /// A model's residency. Transitions: `Cold → Loading → Resident → Evicting → Cold`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,6 +30,54 @@ pub struct ModelStatus {
     pub saved_kv_bytes: u64,
     /// When the model last started loading, on the driver's clock.
     pub last_switch_ns: Option<u64>,
+    /// When an action on the model last finished (or it was last loaded), on the driver's
+    /// clock: the order `swap-lru` evicts in.
+    pub last_used_ns: u64,
+    /// What the scheduler believes the model costs now: the spec's estimate with
+    /// `decode_step_ns` and `load_ns` refined by the timings of finished actions.
+    pub estimate: CostEstimate,
+}
+
+/// Time engine actions were in flight, by kind, in nanoseconds: from the pool handing the
+/// action out to its completion event. With `overlap_transfers = false` one action runs at a
+/// time, so this is the engine's time per kind; the simulator charges its cost model here, so
+/// the two can be compared kind by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionNs {
+    pub load: u64,
+    pub evict: u64,
+    pub kv_save: u64,
+    pub kv_restore: u64,
+    pub prefill: u64,
+    pub decode: u64,
+}
+
+impl ActionNs {
+    /// Kind by kind sum (e.g. over the accelerators of a simulation).
+    #[must_use]
+    pub fn saturating_add(&self, other: &Self) -> Self {
+        Self {
+            load: self.load.saturating_add(other.load),
+            evict: self.evict.saturating_add(other.evict),
+            kv_save: self.kv_save.saturating_add(other.kv_save),
+            kv_restore: self.kv_restore.saturating_add(other.kv_restore),
+            prefill: self.prefill.saturating_add(other.prefill),
+            decode: self.decode.saturating_add(other.decode),
+        }
+    }
+
+    /// Kind by kind difference of two cumulative readings (`self` the later one).
+    #[must_use]
+    pub fn saturating_sub(&self, earlier: &Self) -> Self {
+        Self {
+            load: self.load.saturating_sub(earlier.load),
+            evict: self.evict.saturating_sub(earlier.evict),
+            kv_save: self.kv_save.saturating_sub(earlier.kv_save),
+            kv_restore: self.kv_restore.saturating_sub(earlier.kv_restore),
+            prefill: self.prefill.saturating_sub(earlier.prefill),
+            decode: self.decode.saturating_sub(earlier.decode),
+        }
+    }
 }
 
 /// Cumulative counts since the pool was built.
@@ -44,6 +94,7 @@ pub struct PoolCounters {
     pub requests_finished: u64,
     pub requests_cancelled: u64,
     pub requests_rejected: u64,
+    pub in_flight_ns: ActionNs,
 }
 
 /// A snapshot of the whole pool.

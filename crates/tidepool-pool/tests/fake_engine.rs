@@ -359,6 +359,13 @@ impl Run {
             "decode on a model not loaded"
         );
         assert!(steps > 0 && !seqs.is_empty(), "empty decode");
+        // A driver may cut a turn short at a step boundary (`Pool::decode_yield_wanted`): the
+        // completion then reports the steps that ran. Do it at random, whatever the pool says.
+        let steps = if rng.random_bool(0.2) {
+            rng.random_range(1..=steps)
+        } else {
+            steps
+        };
         let mut finished = Vec::new();
         for seq in seqs {
             let max = self.engine.max_tokens[seq];

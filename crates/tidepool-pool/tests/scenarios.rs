@@ -9,8 +9,8 @@
 
 use tidepool_core::ModelId;
 use tidepool_pool::{
-    Action, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolPolicy, Residency,
-    SeqFinished, SeqId,
+    Action, ActionId, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolPolicy,
+    Residency, SeqFinished, SeqId,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -113,13 +113,42 @@ fn status_reports_state_queue_and_memory() {
             duration_ns: 5,
         },
     );
-    assert!(matches!(out.as_slice(), [Action::Prefill { seqs, .. }] if seqs == &[SeqId(1)]));
+    let [
+        Action::Prefill {
+            id: prefill, seqs, ..
+        },
+    ] = out.as_slice()
+    else {
+        panic!("expected the prefill, got {out:?}")
+    };
+    assert_eq!(seqs, &[SeqId(1)]);
     let status = pool.status();
     assert_eq!(status.models[0].state, Residency::Resident);
     assert_eq!(
         (status.models[0].queued, status.models[0].in_flight),
         (0, 1)
     );
+    // The load was in flight 5..10 ns; its 5 ns timing moved the load estimate 1/8 of the way.
+    assert_eq!(status.counters.in_flight_ns.load, 5);
+    assert_eq!(status.models[0].last_used_ns, 10);
+    let load_estimate = status.models[0].estimate.load_ns;
+    assert!(
+        load_estimate < 100_000_000 && load_estimate > 80_000_000,
+        "{load_estimate}"
+    );
+    assert_eq!(status.models[0].estimate.prefill_ns_per_token, 100_000);
+    feed(
+        &mut pool,
+        Event::StepFinished {
+            now_ns: 40,
+            action: *prefill,
+            steps: 1,
+            duration_ns: 30,
+            finished: Vec::new(),
+        },
+    );
+    let times = pool.status().counters.in_flight_ns;
+    assert_eq!((times.prefill, times.decode, times.load), (30, 0, 5));
 }
 
 /// swap-lru evicts the least recently used idle model, never a busy one, and never saves KV.
@@ -316,4 +345,86 @@ fn keep_alive_scales_idle_models_to_zero_but_not_pinned_ones() {
     assert_eq!(pool.next_timer_ns(), None, "the pinned model never expires");
     let states: Vec<Residency> = pool.status().models.iter().map(|m| m.state).collect();
     assert_eq!(states, [Residency::Cold, Residency::Resident]);
+}
+
+/// Reports a prefill or decode action done, with no sequence finished.
+fn step_done(pool: &mut Pool, now_ns: u64, action: ActionId, steps: u32) -> Vec<Action> {
+    let event = Event::StepFinished {
+        now_ns,
+        action,
+        steps,
+        duration_ns: 10,
+        finished: Vec::new(),
+    };
+    feed(pool, event)
+}
+
+/// A request of the model whose turn is running asks the driver to cut the turn at the next
+/// step (continuous batching within a model); not when the model has no free slot, and not
+/// while another model has sequences decoding (its turn would be delayed).
+#[test]
+fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
+    let cfg = PoolConfig::new(
+        PoolPolicy::Dedicated,
+        100 * MIB,
+        vec![model("a", 10), model("b", 10)],
+    );
+    let mut pool = Pool::new(cfg).unwrap();
+    // Dedicated loads both models, one transfer at a time.
+    let mut out = feed(&mut pool, Event::Tick { now_ns: 0 });
+    let mut now_ns = 0;
+    while let [Action::Load { id, .. }] = out.as_slice() {
+        now_ns += 1;
+        out = feed(
+            &mut pool,
+            Event::LoadFinished {
+                now_ns,
+                action: *id,
+                duration_ns: 1,
+            },
+        );
+    }
+    assert!(out.is_empty(), "{out:?}");
+    assert!(
+        pool.status()
+            .models
+            .iter()
+            .all(|m| m.state == Residency::Resident)
+    );
+    let out = arrive(&mut pool, 20, 1, "a", 100).unwrap();
+    let [Action::Prefill { id, .. }] = out.as_slice() else {
+        panic!("expected a prefill, got {out:?}")
+    };
+    assert!(!pool.decode_yield_wanted(), "nothing decodes yet");
+    let out = step_done(&mut pool, 30, *id, 1);
+    let [Action::Decode { id, steps, .. }] = out.as_slice() else {
+        panic!("expected a decode turn, got {out:?}")
+    };
+    assert!(*steps > 1);
+    assert!(!pool.decode_yield_wanted(), "nothing waits");
+    assert!(arrive(&mut pool, 35, 2, "a", 100).unwrap().is_empty());
+    assert!(
+        pool.decode_yield_wanted(),
+        "a request of `a` waits, `a` has a free slot"
+    );
+    // The driver cuts the turn after 2 steps; the waiting request is prefilled next.
+    let out = step_done(&mut pool, 40, *id, 2);
+    let [Action::Prefill { id, seqs, .. }] = out.as_slice() else {
+        panic!("expected the waiting request's prefill, got {out:?}")
+    };
+    assert_eq!(seqs, &[SeqId(2)]);
+    let out = step_done(&mut pool, 50, *id, 1);
+    let [Action::Decode { seqs, .. }] = out.as_slice() else {
+        panic!("expected one turn of both sequences, got {out:?}")
+    };
+    assert_eq!(seqs, &[SeqId(1), SeqId(2)]);
+    // Both slots of `a` are taken now: a third request must wait for the turn to end.
+    assert!(arrive(&mut pool, 55, 3, "a", 100).unwrap().is_empty());
+    assert!(!pool.decode_yield_wanted(), "`a` has no free slot");
+    // Yielding is for the turn's own model: a request of `b` waits for the turn's end.
+    assert!(arrive(&mut pool, 56, 4, "b", 100).unwrap().is_empty());
+    assert!(
+        !pool.decode_yield_wanted(),
+        "`b`'s request waits for the turn"
+    );
 }

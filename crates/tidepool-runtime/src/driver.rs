@@ -216,9 +216,13 @@ impl Driver {
             } => {
                 self.note_compute(&model);
                 let ids: Vec<u64> = seqs.iter().map(|s| s.0).collect();
-                let outcome = self
-                    .accelerator
-                    .decode(self.model_index(&model), &ids, steps);
+                // Between steps, the pool may want the turn cut short (a request of this model
+                // waits and nothing else decodes): a short lock per step, ≪ one step's time.
+                let shared = Arc::clone(&self.shared);
+                let mut stop = || shared.core.lock().pool.decode_yield_wanted();
+                let outcome =
+                    self.accelerator
+                        .decode_until(self.model_index(&model), &ids, steps, &mut stop);
                 metrics::finished(&model, &outcome);
                 Completion::Step {
                     id,

@@ -64,6 +64,33 @@ struct Pending {
     event: Event,
 }
 
+/// A decode turn in flight. Its tokens are booked when it completes, so a request arriving
+/// during it can still cut it short (`Pool::decode_yield_wanted`), as the server's driver does
+/// between steps.
+struct DecodeTurn {
+    id: tidepool_pool::ActionId,
+    model: usize,
+    seqs: Vec<usize>,
+    start_ns: u64,
+    steps: u32,
+    end_ns: u64,
+}
+
+/// What the compute lane is doing.
+enum Compute {
+    Done(Pending),
+    Decode(DecodeTurn),
+}
+
+impl Compute {
+    fn at_ns(&self) -> u64 {
+        match self {
+            Self::Done(p) => p.at_ns,
+            Self::Decode(turn) => turn.end_ns,
+        }
+    }
+}
+
 pub(crate) struct AccRun<'a> {
     pool: Pool,
     costs: Vec<Costs>,
@@ -71,7 +98,7 @@ pub(crate) struct AccRun<'a> {
     by_id: BTreeMap<ModelId, usize>,
     requests: &'a [(usize, Request)],
     seqs: Vec<SeqSim>,
-    compute: Option<Pending>,
+    compute: Option<Compute>,
     transfer: Option<Pending>,
     slo: Slo,
     compute_busy_ns: u64,
@@ -139,7 +166,7 @@ impl<'a> AccRun<'a> {
         loop {
             let arrival_at = self.requests.get(next_arrival).map(|(_, r)| r.at_ns);
             let timer_at = self.pool.next_timer_ns().filter(|&t| t > now_ns);
-            let compute_at = self.compute.as_ref().map(|p| p.at_ns);
+            let compute_at = self.compute.as_ref().map(Compute::at_ns);
             let transfer_at = self.transfer.as_ref().map(|p| p.at_ns);
             let candidates = [compute_at, transfer_at, arrival_at, timer_at];
             let Some((kind, at)) = candidates
@@ -153,7 +180,10 @@ impl<'a> AccRun<'a> {
             now_ns = at;
             match kind {
                 0 => {
-                    let done = self.compute.take().map(|p| p.event);
+                    let done = self.compute.take().map(|c| match c {
+                        Compute::Done(p) => p.event,
+                        Compute::Decode(turn) => self.finish_decode(&turn),
+                    });
                     if let Some(event) = done {
                         self.feed(event)?;
                     }
@@ -220,7 +250,10 @@ impl<'a> AccRun<'a> {
             max_tokens: request.output_tokens,
         };
         match self.feed(event) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.cut_decode(now_ns);
+                Ok(())
+            }
             Err(SimError::Pool(
                 PoolError::QueueFull { .. }
                 | PoolError::RequestTooLong { .. }
@@ -341,12 +374,12 @@ impl<'a> AccRun<'a> {
         self.transfer = Some(Pending { at_ns, event });
     }
 
-    fn set_compute(&mut self, at_ns: u64, event: Event) {
+    fn set_compute(&mut self, compute: Compute) {
         assert!(
             self.compute.is_none(),
             "the pool emitted two compute actions at once"
         );
-        self.compute = Some(Pending { at_ns, event });
+        self.compute = Some(compute);
     }
 
     fn prefill(&mut self, id: tidepool_pool::ActionId, model: usize, seqs: &[SeqId], now_ns: u64) {
@@ -370,16 +403,16 @@ impl<'a> AccRun<'a> {
             }
         }
         self.compute_busy_ns += d;
-        self.set_compute(
-            end,
-            Event::StepFinished {
+        self.set_compute(Compute::Done(Pending {
+            at_ns: end,
+            event: Event::StepFinished {
                 now_ns: end,
                 action: id,
                 steps: 1,
                 duration_ns: d,
                 finished,
             },
-        );
+        }));
     }
 
     fn decode(
@@ -390,16 +423,96 @@ impl<'a> AccRun<'a> {
         steps: u32,
         now_ns: u64,
     ) {
-        let mut active: Vec<usize> = seqs.iter().map(|s| Self::seq_index(*s)).collect();
-        let mut ctx: u64 = active
+        let seqs: Vec<usize> = seqs.iter().map(|s| Self::seq_index(*s)).collect();
+        let (steps, end_ns) = self.plan_decode(model, &seqs, now_ns, steps, None);
+        self.set_compute(Compute::Decode(DecodeTurn {
+            id,
+            model,
+            seqs,
+            start_ns: now_ns,
+            steps,
+            end_ns,
+        }));
+    }
+
+    /// Steps of a turn from `start_ns` and when they end, without booking any token: at most
+    /// `steps`, fewer when every sequence finishes, and with `cut_ns` the turn ends at the
+    /// first step boundary at or after it (after one step at least).
+    fn plan_decode(
+        &self,
+        model: usize,
+        seqs: &[usize],
+        start_ns: u64,
+        steps: u32,
+        cut_ns: Option<u64>,
+    ) -> (u32, u64) {
+        let mut left: Vec<u32> = seqs
+            .iter()
+            .map(|&i| {
+                self.seqs[i]
+                    .output_tokens
+                    .saturating_sub(self.seqs[i].emitted)
+            })
+            .filter(|&n| n > 0)
+            .collect();
+        let mut ctx: u64 = seqs
             .iter()
             .map(|&i| u64::from(self.seqs[i].prompt_tokens) + u64::from(self.seqs[i].emitted))
             .sum();
-        let mut t = now_ns;
+        let costs = self.costs[model];
+        let (mut t, mut done) = (start_ns, 0_u32);
+        while done < steps && !left.is_empty() {
+            if done > 0 && cut_ns.is_some_and(|cut| t >= cut) {
+                break;
+            }
+            let active = u64::try_from(left.len()).unwrap_or(0);
+            t += costs.decode_ns(as_f64(active), as_f64(ctx)).max(1);
+            done += 1;
+            ctx += active;
+            left.retain_mut(|n| {
+                *n -= 1;
+                *n > 0
+            });
+        }
+        (done, t)
+    }
+
+    /// A request arrived during a decode turn: if the pool wants the turn cut short, it ends
+    /// at the next step boundary instead.
+    fn cut_decode(&mut self, now_ns: u64) {
+        let Some(Compute::Decode(turn)) = &self.compute else {
+            return;
+        };
+        if turn.end_ns <= now_ns || !self.pool.decode_yield_wanted() {
+            return;
+        }
+        let (steps, end_ns) = self.plan_decode(
+            turn.model,
+            &turn.seqs,
+            turn.start_ns,
+            turn.steps,
+            Some(now_ns),
+        );
+        if let Some(Compute::Decode(turn)) = &mut self.compute {
+            turn.steps = steps;
+            turn.end_ns = end_ns;
+        }
+    }
+
+    /// Books the tokens of a completed turn and builds its completion event.
+    fn finish_decode(&mut self, turn: &DecodeTurn) -> Event {
+        let mut active = turn.seqs.clone();
+        active.retain(|&i| self.seqs[i].emitted < self.seqs[i].output_tokens);
+        let mut ctx: u64 = turn
+            .seqs
+            .iter()
+            .map(|&i| u64::from(self.seqs[i].prompt_tokens) + u64::from(self.seqs[i].emitted))
+            .sum();
+        let mut t = turn.start_ns;
         let mut done_steps = 0;
         let mut finished = Vec::new();
-        let costs = self.costs[model];
-        while done_steps < steps && !active.is_empty() {
+        let costs = self.costs[turn.model];
+        while done_steps < turn.steps && !active.is_empty() {
             t += costs
                 .decode_ns(
                     as_f64(u64::try_from(active.len()).unwrap_or(0)),
@@ -423,18 +536,19 @@ impl<'a> AccRun<'a> {
                 !done
             });
         }
-        let d = t - now_ns;
-        self.compute_busy_ns += d;
-        self.set_compute(
-            t,
-            Event::StepFinished {
-                now_ns: t,
-                action: id,
-                steps: done_steps,
-                duration_ns: d,
-                finished,
-            },
+        assert_eq!(
+            t, turn.end_ns,
+            "a decode turn booked other times than planned"
         );
+        let d = t - turn.start_ns;
+        self.compute_busy_ns += d;
+        Event::StepFinished {
+            now_ns: t,
+            action: turn.id,
+            steps: done_steps,
+            duration_ns: d,
+            finished,
+        }
     }
 }
 

@@ -104,6 +104,10 @@ pub struct Report {
     pub evictions: u64,
     pub kv_saves: u64,
     pub kv_restores: u64,
+    pub prefills: u64,
+    pub decode_steps: u64,
+    /// Modelled time per action kind (the pool's own accounting, as on a real server).
+    pub in_flight_ns: tidepool_pool::ActionNs,
     pub switches_per_s: f64,
     pub per_model: Vec<ModelReport>,
 }
@@ -176,7 +180,11 @@ fn pool_config(
         let id = ModelId::new(model.id.clone()).map_err(|_| SimError::WorkloadInvalid {
             reason: "model ids must be slugs",
         })?;
-        specs.push(model_spec(id.clone(), family, &c));
+        let mut model_spec = model_spec(id.clone(), family, &c);
+        if let Some(estimate) = model.estimate {
+            model_spec.estimate = estimate;
+        }
+        specs.push(model_spec);
         costs.push(c);
         ids.push(id);
     }
@@ -337,11 +345,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
             t.lenient_sum / as_f64(requests)
         },
         requests_all_on_time: ratio(t.all_on_time, requests),
-        goodput_tokens_per_s: if makespan_s > 0.0 {
-            as_f64(on_time) / makespan_s
-        } else {
-            0.0
-        },
+        goodput_tokens_per_s: per_s(as_f64(on_time), makespan_s),
         ttft_ms_p50: percentile_ms(ttft_ns, 50),
         ttft_ms_p99: percentile_ms(ttft_ns, 99),
         makespan_s,
@@ -354,11 +358,10 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         evictions: counters.evictions,
         kv_saves: counters.kv_saves,
         kv_restores: counters.kv_restores,
-        switches_per_s: if makespan_s > 0.0 {
-            as_f64(counters.loads) / makespan_s
-        } else {
-            0.0
-        },
+        prefills: counters.prefills,
+        decode_steps: counters.decode_steps,
+        in_flight_ns: counters.in_flight_ns,
+        switches_per_s: per_s(as_f64(counters.loads), makespan_s),
         per_model,
     }
 }
@@ -383,12 +386,20 @@ fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
     t.counters.evictions += c.evictions;
     t.counters.kv_saves += c.kv_saves;
     t.counters.kv_restores += c.kv_restores;
+    t.counters.prefills += c.prefills;
+    t.counters.decode_steps += c.decode_steps;
+    t.counters.in_flight_ns = t.counters.in_flight_ns.saturating_add(&c.in_flight_ns);
 }
 
 fn book(report: &mut ModelReport, s: &SeqSim) {
     report.requests += 1;
     report.tokens_owed += u64::from(s.output_tokens);
     report.tokens_on_time += u64::from(s.on_time);
+}
+
+/// `amount` per second of `seconds` (0 over no time).
+fn per_s(amount: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 { amount / seconds } else { 0.0 }
 }
 
 fn ratio(a: u64, b: u64) -> f64 {

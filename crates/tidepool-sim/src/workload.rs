@@ -31,6 +31,10 @@ pub struct Request {
 pub struct MarketModel {
     pub id: String,
     pub family: usize,
+    /// What the scheduler believes the model costs when the run starts; `None`: derived from
+    /// the profile. A replay of a real server passes the server's own beliefs, so both pools
+    /// plan their turns from the same numbers.
+    pub estimate: Option<tidepool_pool::CostEstimate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +210,7 @@ pub fn read_model_trace(path: &Path, profile: &Profile) -> Result<Workload, SimE
         .map(|(id, &family)| MarketModel {
             id: id.clone(),
             family,
+            estimate: None,
         })
         .collect();
     let mut workload = Workload {
@@ -331,6 +336,7 @@ pub fn market(
         .map(|(k, &family)| MarketModel {
             id: format!("m{k:03}-{}", profile.families[family].name),
             family,
+            estimate: None,
         })
         .collect();
     let cumulative = popularity_cdf(spec)?;

@@ -208,10 +208,12 @@ fn warm_models_are_resident_before_the_first_request() {
         tidepool_sim::workload::MarketModel {
             id: "a".to_owned(),
             family: 1,
+            estimate: None,
         },
         tidepool_sim::workload::MarketModel {
             id: "b".to_owned(),
             family: 1,
+            estimate: None,
         },
     ];
     let requests = vec![tidepool_sim::Request {
@@ -243,4 +245,56 @@ fn warm_models_are_resident_before_the_first_request() {
     );
     // Warming the wrong model does not help: `a` still has to be loaded (after `b` leaves).
     assert!(other.ttft_ms_p50 >= cold.ttft_ms_p50 - 1.0e-6);
+}
+
+/// A request arriving while its model's only turn is decoding cuts that turn at the next step
+/// (as the server's driver does): it waits about one step plus its prefill, not a whole turn;
+/// the turn's tokens before the cut are booked at their step times, and every token is
+/// delivered. Against a turn long enough that waiting it out would cost seconds.
+#[test]
+fn a_request_arriving_mid_turn_cuts_the_turn_at_the_next_step() {
+    let profile = Profile::load("cpu-devvm").unwrap();
+    let models = vec![tidepool_sim::workload::MarketModel {
+        id: "a".to_owned(),
+        family: 0,
+        estimate: None,
+    }];
+    let requests = vec![
+        tidepool_sim::Request {
+            at_ns: 0,
+            model: 0,
+            prompt_tokens: 16,
+            output_tokens: 400,
+        },
+        tidepool_sim::Request {
+            at_ns: 500_000_000,
+            model: 0,
+            prompt_tokens: 16,
+            output_tokens: 4,
+        },
+    ];
+    let mut workload = Workload::replay(&profile, models, requests).unwrap();
+    workload.warm = vec![0];
+    let mut spec = SimSpec {
+        ttft_slo_ms: 60_000,
+        tbt_slo_ms: 1000,
+        ..spec(profile, PoolPolicy::Dedicated, 1)
+    };
+    // Turns of 400 steps: without the cut the second request would wait for the first to end.
+    spec.knobs.decode_steps_min = 400;
+    spec.knobs.decode_steps_max = 400;
+    let report = simulate(&spec, &workload, &mut |_| {}).unwrap();
+    assert_eq!(report.tokens_owed, 404);
+    assert_eq!(report.tokens_on_time, 404);
+    // p50 of two TTFTs is the smaller (the first request's); p99 the second's: a step (tens of
+    // ms in cpu-devvm) plus a 16-token prefill, far below the ≈ 400 steps of the first request.
+    let whole_turn_ms = report.makespan_s * 1000.0 - 500.0;
+    assert!(
+        report.ttft_ms_p99 < whole_turn_ms / 4.0,
+        "second TTFT {} ms vs the rest of the first request {} ms",
+        report.ttft_ms_p99,
+        whole_turn_ms
+    );
+    // The second request's 3 decode steps ran inside the first's batch, not after it.
+    assert_eq!(report.decode_steps, 399);
 }

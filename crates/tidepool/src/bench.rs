@@ -84,6 +84,11 @@ pub(crate) struct EngineBenchArgs {
     /// Seconds to wait for a server to become healthy.
     #[arg(long, default_value_t = 300)]
     startup_timeout_s: u64,
+    /// Measurement passes. Each pass runs every level on every system, the systems in a
+    /// rotating order, and a system's figures sum its passes: slow drift of a noisy machine
+    /// falls on all three alike instead of on whichever ran last.
+    #[arg(long, env = "TIDEPOOL_BENCH_REPEATS", default_value_t = 3)]
+    repeats: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +118,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
 struct LevelReport {
     concurrency: u32,
     requests: u32,
+    /// Sends retried after a connection closed before any answer (see `one_stream`).
+    retries: u32,
     tokens: u64,
     wall_s: f64,
     tokens_per_s: f64,
@@ -127,14 +134,20 @@ struct EngineReport {
     model: String,
     prompt_tokens: u32,
     output_tokens: u32,
+    repeats: u32,
     raw: Vec<LevelReport>,
     tidepool: Vec<LevelReport>,
     llama_server: Vec<LevelReport>,
 }
 
+/// Sends of one request retried after the server closed the connection before answering.
+const SEND_RETRIES_MAX: u32 = 2;
+const SEND_RETRY_DELAY_MS: u64 = 50;
+
 /// Raw samples of one level, whatever produced them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Samples {
+    retries: u32,
     ttft_ms: Vec<f64>,
     itl_ms: Vec<f64>,
     tokens: u64,
@@ -143,21 +156,31 @@ struct Samples {
 
 impl Samples {
     fn merge(&mut self, other: Self) {
+        self.retries += other.retries;
         self.requests += other.requests;
         self.tokens += other.tokens;
         self.ttft_ms.extend(other.ttft_ms);
         self.itl_ms.extend(other.itl_ms);
     }
 
+    fn tokens_per_s(&self, wall: Duration) -> f64 {
+        let wall_s = wall.as_secs_f64();
+        if wall_s > 0.0 {
+            f64::from(u32::try_from(self.tokens).unwrap_or(u32::MAX)) / wall_s
+        } else {
+            0.0
+        }
+    }
+
     fn report(mut self, concurrency: u32, wall: Duration) -> LevelReport {
         let wall_s = wall.as_secs_f64();
-        let tokens_f = f64::from(u32::try_from(self.tokens).unwrap_or(u32::MAX));
         LevelReport {
             concurrency,
             requests: self.requests,
+            retries: self.retries,
             tokens: self.tokens,
             wall_s,
-            tokens_per_s: if wall_s > 0.0 { tokens_f / wall_s } else { 0.0 },
+            tokens_per_s: self.tokens_per_s(wall),
             ttft_ms_p50: percentile(&mut self.ttft_ms, 50),
             ttft_ms_p99: percentile(&mut self.ttft_ms, 99),
             itl_ms_p50: percentile(&mut self.itl_ms, 50),
@@ -186,6 +209,28 @@ fn default_model_path() -> PathBuf {
     );
     dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+
+/// The prompt number of one request: unique per (pass, concurrency level, round, stream), so no
+/// request repeats an earlier level's prompt and no server can answer it from a prompt cache
+/// (llama-server reuses a slot whose cached prompt matches; Tidepool does not).
+fn request_number(numbers: RequestNumbers, round: u32, stream: u32) -> u32 {
+    numbers
+        .pass
+        .saturating_mul(10_000_000)
+        .saturating_add(numbers.concurrency.saturating_mul(100_000))
+        .saturating_add(round.saturating_mul(1000))
+        .saturating_add(stream)
+}
+
+/// Which level of which pass a request belongs to (its prompt number's prefix).
+#[derive(Debug, Clone, Copy)]
+struct RequestNumbers {
+    concurrency: u32,
+    pass: u32,
+}
+
+/// Prompt number of the untimed warm-up request each server gets before its first level.
+const WARM_UP_REQUEST: u32 = u32::MAX;
 
 /// A deterministic prose prompt of roughly `tokens` tokens (about 1.3 tokens per word here),
 /// made unique per request so neither server can serve it from a prompt cache.
@@ -227,56 +272,72 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         ..EngineReport::default()
     };
     let mut out = std::io::stdout().lock();
-
-    // (a) the raw loop, in this process, before any server runs.
-    for &concurrency in &args.concurrency {
-        let level = raw_level(&model_path, concurrency, &args)?;
-        writeln!(
-            out,
-            "raw         c={concurrency:<3} {:>8.1} tok/s",
-            level.tokens_per_s
-        )?;
-        report.raw.push(level);
-    }
-
-    // (b) Tidepool over HTTP.
     let work = tempfile_dir()?;
     let tidepool =
         TidepoolServer::start(&model_path, seqs_max, &work, args.startup_timeout_s).await?;
-    for &concurrency in &args.concurrency {
-        let level = http_level(
-            &tidepool.base,
-            Some(&tidepool.key),
-            "smollm2",
-            concurrency,
-            &args,
-        )
-        .await?;
-        writeln!(
-            out,
-            "tidepool    c={concurrency:<3} {:>8.1} tok/s",
-            level.tokens_per_s
-        )?;
-        report.tidepool.push(level);
-    }
-    tidepool.stop().await;
-
-    // (c) llama-server, same model, same slots, same load generator.
-    if let Some(binary) = &args.llama_server {
+    warm_up(&tidepool.base, Some(&tidepool.key), "smollm2", &args).await?;
+    let peer = if let Some(binary) = &args.llama_server {
         let server =
             LlamaServer::start(binary, &model_path, seqs_max, args.startup_timeout_s).await?;
-        for &concurrency in &args.concurrency {
-            let level = http_level(&server.base, None, "model", concurrency, &args).await?;
-            writeln!(
-                out,
-                "llama-server c={concurrency:<3} {:>8.1} tok/s",
-                level.tokens_per_s
-            )?;
-            report.llama_server.push(level);
-        }
-        server.stop().await;
+        warm_up(&server.base, None, "model", &args).await?;
+        Some(server)
     } else {
         writeln!(out, "llama-server: skipped (no --llama-server)")?;
+        None
+    };
+    // Both servers stay up (an idle one takes no CPU); every pass measures (a) the raw loop,
+    // (b) Tidepool over HTTP and (c) llama-server at each level, rotating which goes first.
+    let levels = args.concurrency.len();
+    let mut sums: Vec<[(Samples, Duration); 3]> = vec![Default::default(); levels];
+    for pass in 0..args.repeats.max(1) {
+        for (level, &concurrency) in args.concurrency.iter().enumerate() {
+            let numbers = RequestNumbers { concurrency, pass };
+            for turn in 0..3_u32 {
+                let system = usize::try_from((turn + pass) % 3).unwrap_or(0);
+                let measured = match system {
+                    0 => Some(raw_level(&model_path, numbers, &args)?),
+                    1 => Some(
+                        http_level(
+                            &tidepool.base,
+                            Some(&tidepool.key),
+                            "smollm2",
+                            numbers,
+                            &args,
+                        )
+                        .await?,
+                    ),
+                    _ => match &peer {
+                        Some(server) => {
+                            Some(http_level(&server.base, None, "model", numbers, &args).await?)
+                        }
+                        None => None,
+                    },
+                };
+                if let Some((samples, wall)) = measured {
+                    let tokens_per_s = samples.tokens_per_s(wall);
+                    let name = ["raw", "tidepool", "llama-server"][system];
+                    writeln!(
+                        out,
+                        "pass {pass} {name:<12} c={concurrency:<3} {tokens_per_s:>8.1} tok/s"
+                    )?;
+                    let sum = &mut sums[level][system];
+                    sum.0.merge(samples);
+                    sum.1 += wall;
+                }
+            }
+        }
+    }
+    tidepool.stop().await;
+    if let Some(server) = peer {
+        server.stop().await;
+    }
+    report.repeats = args.repeats.max(1);
+    for (&concurrency, [raw, tp, peer]) in args.concurrency.iter().zip(sums) {
+        report.raw.push(raw.0.report(concurrency, raw.1));
+        report.tidepool.push(tp.0.report(concurrency, tp.1));
+        if args.llama_server.is_some() {
+            report.llama_server.push(peer.0.report(concurrency, peer.1));
+        }
     }
 
     write_table(&mut out, &report)?;
@@ -330,6 +391,14 @@ fn write_table(out: &mut impl std::io::Write, report: &EngineReport) -> anyhow::
             lat(ls, false),
         )?;
     }
+    let retries = |levels: &[LevelReport]| levels.iter().map(|l| l.retries).sum::<u32>();
+    writeln!(
+        out,
+        "\n{} passes, systems interleaved; sends retried after a closed connection: tidepool {}, llama-server {}",
+        report.repeats,
+        retries(&report.tidepool),
+        retries(&report.llama_server)
+    )?;
     Ok(())
 }
 
@@ -342,22 +411,22 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 /// One level of the raw loop: `rounds` batches of `concurrency` streams decoded together.
 fn raw_level(
     model_path: &Path,
-    concurrency: u32,
+    numbers: RequestNumbers,
     args: &EngineBenchArgs,
-) -> anyhow::Result<LevelReport> {
+) -> anyhow::Result<(Samples, Duration)> {
     let mut samples = Samples::default();
     // Only generation counts: the loop reports its time from after model load and context
     // creation, as the servers' clocks start after their start-up.
     let mut generating = Duration::ZERO;
     for round in 0..args.rounds {
-        let prompts: Vec<String> = (0..concurrency)
-            .map(|i| prompt_for(round * 1000 + i, args.prompt_tokens))
+        let prompts: Vec<String> = (0..numbers.concurrency)
+            .map(|i| prompt_for(request_number(numbers, round, i), args.prompt_tokens))
             .collect();
         let (batch, elapsed) = raw_batch(model_path, &prompts, args.output_tokens)?;
         samples.merge(batch);
         generating += elapsed;
     }
-    Ok(samples.report(concurrency, generating))
+    Ok((samples, generating))
 }
 
 /// One raw batch: its samples and the time it spent generating (after load).
@@ -399,14 +468,14 @@ async fn http_level(
     base: &str,
     key: Option<&str>,
     model: &str,
-    concurrency: u32,
+    numbers: RequestNumbers,
     args: &EngineBenchArgs,
-) -> anyhow::Result<LevelReport> {
+) -> anyhow::Result<(Samples, Duration)> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
     let start = Instant::now();
-    let streams = (0..concurrency).map(|stream| {
+    let streams = (0..numbers.concurrency).map(|stream| {
         let client = client.clone();
         let url = format!("{base}/v1/completions");
         let key = key.map(str::to_owned);
@@ -418,7 +487,7 @@ async fn http_level(
             for round in 0..rounds {
                 let body = serde_json::json!({
                     "model": model,
-                    "prompt": prompt_for(round * 1000 + stream, prompt_tokens),
+                    "prompt": prompt_for(request_number(numbers, round, stream), prompt_tokens),
                     "max_tokens": output_tokens,
                     "temperature": 0,
                     "stream": true,
@@ -434,7 +503,28 @@ async fn http_level(
     for result in results {
         total.merge(result?);
     }
-    Ok(total.report(concurrency, wall))
+    Ok((total, wall))
+}
+
+/// One untimed request before a server's first level: whatever a server does lazily on its
+/// first request (Tidepool's pool loads the model then; llama-server allocates up front) is
+/// not charged to the first level. Both servers get the same request.
+async fn warm_up(
+    base: &str,
+    key: Option<&str>,
+    model: &str,
+    args: &EngineBenchArgs,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({
+        "model": model,
+        "prompt": prompt_for(WARM_UP_REQUEST, args.prompt_tokens),
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": true,
+    });
+    let url = format!("{base}/v1/completions");
+    one_stream(&client, &url, key, &body, &mut Samples::default()).await
 }
 
 /// Sends one streaming completion and records TTFT and inter-token gaps; every SSE event with
@@ -446,12 +536,30 @@ async fn one_stream(
     body: &serde_json::Value,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
-    let mut request = client.post(url).json(body);
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
+    let build = || {
+        let request = client.post(url).json(body);
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    };
+    let mut sent = Instant::now();
+    let mut response = build().send().await;
+    // A connection the server closed before answering (seen from llama-server between levels:
+    // "connection closed before message completed", nothing in its log) is retried, as an
+    // HTTP client would; TTFT counts from the retry's send and the report counts retries.
+    for _ in 0..SEND_RETRIES_MAX {
+        match &response {
+            Err(error) if error.is_request() || error.is_connect() => {
+                samples.retries += 1;
+                tokio::time::sleep(Duration::from_millis(SEND_RETRY_DELAY_MS)).await;
+                sent = Instant::now();
+                response = build().send().await;
+            }
+            _ => break,
+        }
     }
-    let sent = Instant::now();
-    let response = request.send().await?;
+    let response = response?;
     if !response.status().is_success() {
         bail!(
             "{url}: HTTP {}: {}",
@@ -657,6 +765,18 @@ mod tests {
     #[test]
     fn prompts_differ_per_request_and_scale_with_length() {
         assert_ne!(prompt_for(1, 128), prompt_for(2, 128));
+        // No level repeats another level's prompts.
+        let mut numbers = std::collections::BTreeSet::new();
+        for pass in 0..3 {
+            for concurrency in [1, 4, 16] {
+                let level = RequestNumbers { concurrency, pass };
+                for round in 0..2 {
+                    numbers.extend((0..concurrency).map(|s| request_number(level, round, s)));
+                }
+            }
+        }
+        assert_eq!(numbers.len(), 3 * 2 * (1 + 4 + 16));
+        assert!(!numbers.contains(&WARM_UP_REQUEST));
         assert!(prompt_for(1, 256).len() > prompt_for(1, 128).len());
     }
 }

@@ -74,6 +74,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tidepool_core::PoolPolicy;
+use tidepool_pool::{ActionNs, CostEstimate};
 use tidepool_sim::svg::{Series, line_chart};
 use tidepool_sim::workload::{
     Arrivals, MarketModel, MarketSpec, Popularity, Request, TraceRow, Workload, market,
@@ -83,6 +84,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::bench::{free_port, ms, percentile, prompt_for, wait_healthy};
+use crate::sim_cmd::parse_policy;
 
 /// Models in the market.
 const MARKET_MODELS: u32 = 8;
@@ -569,11 +571,19 @@ struct RateRow {
     kv_saves: u64,
     /// Latest send against the schedule (load-generator health), in ms.
     send_lag_ms_max: f64,
+    /// Where the engine's time went during the rate (the server's pool counters).
+    actions: ActionTimes,
     /// The same requests replayed in the simulator (`--sim-profile`).
     sim: Option<SimRow>,
+    /// What the server held when the rate started (model indices, least recently used first):
+    /// the replay starts from the same residents.
+    resident_at_start: Vec<u32>,
     /// What was actually served, for the replay.
     #[serde(skip)]
     replay: Vec<Request>,
+    /// The scheduler's cost beliefs per model when the rate started, for the replay.
+    #[serde(skip)]
+    estimates: Vec<Option<CostEstimate>>,
 }
 
 /// The simulator's answer for one (policy, rate) of the real run.
@@ -584,6 +594,98 @@ struct SimRow {
     loads: u64,
     kv_saves: u64,
     requests_rejected: u64,
+    actions: ActionTimes,
+}
+
+impl SimRow {
+    fn of(report: &tidepool_sim::Report) -> Self {
+        let counts = [
+            report.prefills,
+            report.decode_steps,
+            report.loads,
+            report.kv_saves,
+            report.kv_restores,
+        ];
+        Self {
+            attainment: report.attainment,
+            ttft_ms_p99: report.ttft_ms_p99,
+            loads: report.loads,
+            kv_saves: report.kv_saves,
+            requests_rejected: report.requests_rejected,
+            actions: ActionTimes::new(counts, &report.in_flight_ns),
+        }
+    }
+}
+
+/// Engine actions by kind: how many, and their summed time in flight in ms. Real (the pool's
+/// counters on the server) and simulated (the same counters fed by the cost model) side by side
+/// say which cost the simulator gets wrong.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct ActionTimes {
+    prefills: u64,
+    prefill_ms: f64,
+    decode_steps: u64,
+    decode_ms: f64,
+    loads: u64,
+    load_ms: f64,
+    evict_ms: f64,
+    kv_saves: u64,
+    kv_save_ms: f64,
+    kv_restores: u64,
+    kv_restore_ms: f64,
+}
+
+impl ActionTimes {
+    fn new(counts: [u64; 5], ns: &ActionNs) -> Self {
+        let [prefills, decode_steps, loads, kv_saves, kv_restores] = counts;
+        let ms = |ns: u64| as_f64(ns) / 1e6;
+        Self {
+            prefills,
+            prefill_ms: ms(ns.prefill),
+            decode_steps,
+            decode_ms: ms(ns.decode),
+            loads,
+            load_ms: ms(ns.load),
+            evict_ms: ms(ns.evict),
+            kv_saves,
+            kv_save_ms: ms(ns.kv_save),
+            kv_restores,
+            kv_restore_ms: ms(ns.kv_restore),
+        }
+    }
+
+    /// The difference of two cumulative readings of the server's counters.
+    fn between(before: &CountersView, after: &CountersView) -> Self {
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        let ns = after.in_flight_ns.saturating_sub(&before.in_flight_ns);
+        let counts = [
+            d(before.prefills, after.prefills),
+            d(before.decode_steps, after.decode_steps),
+            d(before.loads, after.loads),
+            d(before.kv_saves, after.kv_saves),
+            d(before.kv_restores, after.kv_restores),
+        ];
+        Self::new(counts, &ns)
+    }
+
+    fn busy_s(&self) -> f64 {
+        (self.prefill_ms
+            + self.decode_ms
+            + self.load_ms
+            + self.evict_ms
+            + self.kv_save_ms
+            + self.kv_restore_ms)
+            / 1e3
+    }
+}
+
+/// Mean of `total_ms` over `count` operations, or `–`.
+fn per_op(total_ms: f64, count: u64) -> String {
+    if count == 0 {
+        "–".to_owned()
+    } else {
+        format!("{:.1}", total_ms / as_f64(count))
+    }
 }
 
 /// The part of `GET /v1/pool` the bench reads.
@@ -597,7 +699,11 @@ struct PoolView {
 
 #[derive(Debug, Clone, Deserialize)]
 struct PoolModelView {
+    id: String,
+    state: String,
     in_flight: u32,
+    last_used_ms_ago: u64,
+    estimate: CostEstimate,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -605,6 +711,40 @@ struct CountersView {
     loads: u64,
     evictions: u64,
     kv_saves: u64,
+    kv_restores: u64,
+    prefills: u64,
+    decode_steps: u64,
+    in_flight_ns: ActionNs,
+}
+
+impl PoolView {
+    /// The resident models (indices into `models`), least recently used first.
+    fn residents(&self, models: &[BenchModel]) -> Vec<u32> {
+        let mut resident: Vec<(u64, u32)> = self
+            .models
+            .iter()
+            .filter(|m| m.state == "resident")
+            .filter_map(|m| {
+                let index = models.iter().position(|b| b.id == m.id)?;
+                Some((m.last_used_ms_ago, u32::try_from(index).ok()?))
+            })
+            .collect();
+        resident.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        resident.into_iter().map(|(_, index)| index).collect()
+    }
+
+    /// Each model's cost estimate, in `models` order.
+    fn estimates(&self, models: &[BenchModel]) -> Vec<Option<CostEstimate>> {
+        models
+            .iter()
+            .map(|b| {
+                self.models
+                    .iter()
+                    .find(|m| m.id == b.id)
+                    .map(|m| m.estimate)
+            })
+            .collect()
+    }
 }
 
 pub(crate) async fn run(args: PoolBenchArgs) -> anyhow::Result<()> {
@@ -686,10 +826,11 @@ fn sim_only(args: &PoolBenchArgs) -> anyhow::Result<()> {
                 policy,
                 &[],
                 Duration::ZERO,
-                CountersView::default(),
-                CountersView::default(),
+                &CountersView::default(),
+                &CountersView::default(),
             );
             row.replay = planned_requests(schedule);
+            row.resident_at_start = warm_models(parse_policy(policy)?, models.len());
             rows.push(row);
         }
     }
@@ -848,8 +989,10 @@ impl RateRun {
         }
         let wall = start.elapsed();
         let after = server.pool_view().await?;
-        let mut row = self.row(policy, &outcomes, wall, before.counters, after.counters);
+        let mut row = self.row(policy, &outcomes, wall, &before.counters, &after.counters);
         row.replay = replay_requests(schedule, &outcomes);
+        row.resident_at_start = before.residents(models);
+        row.estimates = before.estimates(models);
         Ok(row)
     }
 
@@ -858,8 +1001,8 @@ impl RateRun {
         policy: &str,
         outcomes: &[RequestOutcome],
         wall: Duration,
-        before: CountersView,
-        after: CountersView,
+        before: &CountersView,
+        after: &CountersView,
     ) -> RateRow {
         let mut total = Score::default();
         let mut ttft_ms = Vec::new();
@@ -904,8 +1047,11 @@ impl RateRun {
             evictions: after.evictions.saturating_sub(before.evictions),
             kv_saves: after.kv_saves.saturating_sub(before.kv_saves),
             send_lag_ms_max: ms(send_lag),
+            actions: ActionTimes::between(before, after),
             sim: None,
+            resident_at_start: Vec::new(),
             replay: Vec::new(),
+            estimates: Vec::new(),
         }
     }
 }
@@ -969,6 +1115,7 @@ fn simulate_rows(
             Ok(MarketModel {
                 id: m.id.clone(),
                 family,
+                estimate: None,
             })
         })
         .collect::<anyhow::Result<_>>()?;
@@ -990,7 +1137,7 @@ fn simulate_rows(
         .map(tidepool_sim::profile::Family::resident_bytes)
         .sum();
     for row in rows {
-        let policy = crate::sim_cmd::parse_policy(&row.policy)?;
+        let policy = parse_policy(&row.policy)?;
         let mut profile = profile.clone();
         if let Some(summary) = policies.iter().find(|p| p.policy == row.policy) {
             profile.accelerator.memory_bytes = summary.memory_bytes_max;
@@ -1002,8 +1149,14 @@ fn simulate_rows(
                 .max(needed + args.kv_saved_bytes_max);
         }
         profile.accelerator.kv_saved_bytes_max = args.kv_saved_bytes_max;
-        let mut workload = Workload::replay(&profile, market.clone(), row.replay.clone())?;
-        workload.warm = warm_models(policy, market.len());
+        // The server's own cost beliefs and residents at the rate's start (the rates run one
+        // after another on one server, so a later rate starts from what the earlier left).
+        let mut market = market.clone();
+        for (model, estimate) in market.iter_mut().zip(&row.estimates) {
+            model.estimate = *estimate;
+        }
+        let mut workload = Workload::replay(&profile, market, row.replay.clone())?;
+        workload.warm.clone_from(&row.resident_at_start);
         let spec = SimSpec {
             profile,
             policy,
@@ -1013,13 +1166,7 @@ fn simulate_rows(
             knobs,
         };
         let report = simulate(&spec, &workload, &mut |_| {})?;
-        row.sim = Some(SimRow {
-            attainment: report.attainment,
-            ttft_ms_p99: report.ttft_ms_p99,
-            loads: report.loads,
-            kv_saves: report.kv_saves,
-            requests_rejected: report.requests_rejected,
-        });
+        row.sim = Some(SimRow::of(&report));
     }
     Ok(())
 }
@@ -1427,6 +1574,7 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
             "simulator vs real: {within} of {} rows within {SIM_GAP_POINTS_MAX} points; largest gap {worst:.1} points",
             gaps.len()
         )?;
+        write_cost_table(out, &report.rows)?;
     }
     let verdict = |ratio: Option<f64>, min: f64| match ratio {
         Some(r) if r >= min => format!("{r:.2}× (target ≥ {min}×: met)"),
@@ -1439,6 +1587,42 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
         verdict(report.token_vs_swap_lru, TARGET_VS_SWAP_LRU_MIN),
         verdict(report.token_vs_dedicated, TARGET_VS_DEDICATED_MIN)
     )?;
+    Ok(())
+}
+
+/// Where the engine's time went, real / simulated: mean ms per action of each kind and the
+/// summed busy seconds. A kind whose means disagree is the cost the simulator mis-models.
+fn write_cost_table(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "\nengine time per action, real / sim (ms; busy s = all kinds summed):\n\n\
+         | policy | rate req/s | prefill | decode step | load | kv save | kv restore | decode steps | busy s |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    for r in rows {
+        let Some(sim) = r.sim else { continue };
+        let (a, b) = (&r.actions, &sim.actions);
+        writeln!(
+            out,
+            "| {} | {} | {} / {} | {} / {} | {} / {} | {} / {} | {} / {} | {} / {} | {:.1} / {:.1} |",
+            r.policy,
+            r.rate_per_s,
+            per_op(a.prefill_ms, a.prefills),
+            per_op(b.prefill_ms, b.prefills),
+            per_op(a.decode_ms, a.decode_steps),
+            per_op(b.decode_ms, b.decode_steps),
+            per_op(a.load_ms, a.loads),
+            per_op(b.load_ms, b.loads),
+            per_op(a.kv_save_ms, a.kv_saves),
+            per_op(b.kv_save_ms, b.kv_saves),
+            per_op(a.kv_restore_ms, a.kv_restores),
+            per_op(b.kv_restore_ms, b.kv_restores),
+            a.decode_steps,
+            b.decode_steps,
+            a.busy_s(),
+            b.busy_s(),
+        )?;
+    }
     Ok(())
 }
 
@@ -1615,6 +1799,35 @@ mod tests {
         );
     }
 
+    /// A row as `--sim-only` builds it: nothing measured, `replay` planned.
+    fn planned_row(policy: &str, replay: Vec<Request>) -> RateRow {
+        RateRow {
+            policy: policy.to_owned(),
+            rate_per_s: 0.5,
+            requests: 0,
+            requests_failed: 0,
+            requests_timed_out: 0,
+            statuses: BTreeMap::new(),
+            tokens_expected: 0,
+            tokens_on_time: 0,
+            attainment: 0.0,
+            goodput_tokens_per_s: 0.0,
+            ttft_ms_p50: 0.0,
+            ttft_ms_p99: 0.0,
+            wall_s: 0.0,
+            switches_per_s: 0.0,
+            loads: 0,
+            evictions: 0,
+            kv_saves: 0,
+            send_lag_ms_max: 0.0,
+            actions: ActionTimes::default(),
+            sim: None,
+            resident_at_start: warm_models(parse_policy(policy).unwrap(), 8),
+            replay,
+            estimates: Vec::new(),
+        }
+    }
+
     #[test]
     fn rows_replay_in_the_simulator_deterministically() {
         let mut args = args();
@@ -1630,28 +1843,7 @@ mod tests {
         let rows = || -> Vec<RateRow> {
             POLICIES
                 .iter()
-                .map(|policy| RateRow {
-                    policy: (*policy).to_owned(),
-                    rate_per_s: 0.5,
-                    requests: 0,
-                    requests_failed: 0,
-                    requests_timed_out: 0,
-                    statuses: BTreeMap::new(),
-                    tokens_expected: 0,
-                    tokens_on_time: 0,
-                    attainment: 0.0,
-                    goodput_tokens_per_s: 0.0,
-                    ttft_ms_p50: 0.0,
-                    ttft_ms_p99: 0.0,
-                    wall_s: 0.0,
-                    switches_per_s: 0.0,
-                    loads: 0,
-                    evictions: 0,
-                    kv_saves: 0,
-                    send_lag_ms_max: 0.0,
-                    sim: None,
-                    replay: served.clone(),
-                })
+                .map(|policy| planned_row(policy, served.clone()))
                 .collect()
         };
         let summaries: Vec<PolicySummary> = POLICIES
@@ -1670,6 +1862,15 @@ mod tests {
             let (sa, sb) = (a.sim.unwrap(), b.sim.unwrap());
             assert!((0.0..=1.0).contains(&sa.attainment), "{sa:?}");
             assert!(sa.attainment.to_bits() == sb.attainment.to_bits() && sa.loads == sb.loads);
+            // The pool's own accounting of the modelled time: work was done and charged.
+            assert!(
+                sa.actions.prefills > 0 && sa.actions.prefill_ms > 0.0,
+                "{sa:?}"
+            );
+            assert!(
+                sa.actions.decode_steps > 0 && sa.actions.decode_ms > 0.0,
+                "{sa:?}"
+            );
         }
         // Dedicated starts warm with every model (as the real server after its warm-up): no load
         // during the replay, never a saved sequence.
