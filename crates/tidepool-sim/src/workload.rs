@@ -18,7 +18,7 @@ pub const TRACE_ROWS_MAX: usize = 10_000_000;
 pub const MARKET_MODELS_MAX: u32 = 4096;
 
 /// One request of the workload; `model` indexes [`Workload::models`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub at_ns: u64,
     pub model: u32,

@@ -143,7 +143,7 @@ const REQUESTS_PER_RATE_MAX: u32 = 1_000_000;
 const POLICIES: [&str; 3] = ["dedicated", "swap-lru", "token"];
 
 /// Arguments of `tidepool bench pool`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct PoolBenchArgs {
     /// Total arrival rates to sweep (requests per second over all models), comma-separated.
     #[arg(
@@ -231,14 +231,24 @@ pub(crate) struct PoolBenchArgs {
     /// minutes, for exploring pool knobs before a real run.
     #[arg(long, env = "TIDEPOOL_BENCH_POOL_SIM_ONLY", requires = "sim_profile")]
     sim_only: bool,
+    /// With `--sim-profile`: no servers; re-simulate the rows of a report an earlier real run
+    /// wrote (its requests, residents, cost estimates, budgets and knobs are in it), so a cost
+    /// model can be compared against one fixed real run in seconds.
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_POOL_REPLAY",
+        requires = "sim_profile",
+        conflicts_with = "sim_only"
+    )]
+    replay: Option<PathBuf>,
 }
 
 /// One model of the market as served.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct BenchModel {
     id: String,
     family: String,
-    file: &'static str,
+    file: String,
 }
 
 /// One request of the schedule.
@@ -253,7 +263,7 @@ struct BenchRequest {
 }
 
 /// The token SLOs, in ms.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Slo {
     ttft_ms: u64,
     tbt_ms: u64,
@@ -451,7 +461,7 @@ fn build_workloads(
                     .families
                     .get(m.family)
                     .map_or_else(String::new, |f| f.name.clone());
-                let file = gguf_for_family(&family, m.family);
+                let file = gguf_for_family(&family, m.family).to_owned();
                 BenchModel {
                     id: format!("m{index}"),
                     family,
@@ -501,7 +511,7 @@ fn validate(args: &PoolBenchArgs) -> anyhow::Result<()> {
 }
 
 /// The run's results.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct PoolBenchReport {
     models: Vec<BenchModel>,
     memory_models_max: u32,
@@ -530,7 +540,7 @@ struct PoolBenchReport {
     token_vs_dedicated: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct LengthScaling {
     prompt_divisor: u32,
     prompt_tokens_min: u32,
@@ -540,7 +550,7 @@ struct LengthScaling {
     output_tokens_max: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct PolicySummary {
     policy: String,
     /// The budget the server reported (`GET /v1/pool`).
@@ -549,7 +559,7 @@ struct PolicySummary {
 }
 
 /// One policy at one rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RateRow {
     policy: String,
     rate_per_s: f64,
@@ -572,22 +582,24 @@ struct RateRow {
     /// Latest send against the schedule (load-generator health), in ms.
     send_lag_ms_max: f64,
     /// Where the engine's time went during the rate (the server's pool counters).
+    #[serde(default)]
     actions: ActionTimes,
     /// The same requests replayed in the simulator (`--sim-profile`).
     sim: Option<SimRow>,
     /// What the server held when the rate started (model indices, least recently used first):
     /// the replay starts from the same residents.
+    #[serde(default)]
     resident_at_start: Vec<u32>,
-    /// What was actually served, for the replay.
-    #[serde(skip)]
+    /// What was actually served, for the replay (and `--replay` later).
+    #[serde(default)]
     replay: Vec<Request>,
     /// The scheduler's cost beliefs per model when the rate started, for the replay.
-    #[serde(skip)]
+    #[serde(default)]
     estimates: Vec<Option<CostEstimate>>,
 }
 
 /// The simulator's answer for one (policy, rate) of the real run.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct SimRow {
     attainment: f64,
     ttft_ms_p99: f64,
@@ -620,7 +632,7 @@ impl SimRow {
 /// Engine actions by kind: how many, and their summed time in flight in ms. Real (the pool's
 /// counters on the server) and simulated (the same counters fed by the cost model) side by side
 /// say which cost the simulator gets wrong.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct ActionTimes {
     prefills: u64,
     prefill_ms: f64,
@@ -752,6 +764,9 @@ pub(crate) async fn run(args: PoolBenchArgs) -> anyhow::Result<()> {
     if args.sim_only {
         return sim_only(&args);
     }
+    if let Some(path) = &args.replay {
+        return replay_report(path, &args);
+    }
     let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
     for file in [SMOLLM2_FILE, GEMMA_FILE] {
         if !models_dir.join(file).exists() {
@@ -836,6 +851,47 @@ fn sim_only(args: &PoolBenchArgs) -> anyhow::Result<()> {
     }
     simulate_rows(&profile, &models, &policies, &mut rows, args)?;
     write_sim_table(&rows)
+}
+
+/// `--replay`: the rows of an earlier real run, simulated again with `--sim-profile` under the
+/// run's own SLOs and knobs; prints the comparison and the per-action cost table.
+fn replay_report(path: &Path, args: &PoolBenchArgs) -> anyhow::Result<()> {
+    let profile_path = args
+        .sim_profile
+        .as_ref()
+        .context("--replay needs --sim-profile")?;
+    let profile = Profile::load(&profile_path.to_string_lossy())
+        .with_context(|| format!("simulator profile {}", profile_path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut report: PoolBenchReport =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    if report.rows.iter().any(|r| r.replay.is_empty()) {
+        bail!(
+            "{} holds no requests to replay (written before `--replay` existed): run the bench again",
+            path.display()
+        );
+    }
+    let knobs = PoolBenchArgs {
+        ttft_slo_ms: report.slo.ttft_ms,
+        tbt_slo_ms: report.slo.tbt_ms,
+        kv_saved_bytes_max: report.kv_saved_bytes_max,
+        decode_steps_min: report.decode_steps_min,
+        turn_quota_ms_max: report.turn_quota_ms_max,
+        prefill_cold_lazy: report.prefill_cold_lazy,
+        round_resident_first: report.round_resident_first,
+        ..args.clone()
+    };
+    simulate_rows(
+        &profile,
+        &report.models,
+        &report.policies,
+        &mut report.rows,
+        &knobs,
+    )?;
+    report.sim_profile = Some(profile_path.display().to_string());
+    let mut out = std::io::stdout().lock();
+    write_table(&mut out, &report)?;
+    Ok(())
 }
 
 /// The schedule as simulator requests, every one asking for its full length.
@@ -1730,7 +1786,7 @@ mod tests {
             .map(|i| BenchModel {
                 id: format!("m{i}"),
                 family: "gemma-3-270m".to_owned(),
-                file: GEMMA_FILE,
+                file: GEMMA_FILE.to_owned(),
             })
             .collect();
         for policy in POLICIES {
@@ -1909,5 +1965,58 @@ mod tests {
         }
         let (_, again) = build_workloads(&args).unwrap();
         assert_eq!(again, schedules);
+    }
+
+    /// A report written by a run holds what `--replay` needs: it reads back with every row's
+    /// requests, residents and estimates, and re-simulates without servers.
+    #[test]
+    fn a_written_report_replays_without_servers() {
+        let mut args = args();
+        args.trace = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/traces/azure-llm-2023-conv.csv"
+        ));
+        args.rates = vec![0.5];
+        args.duration_s = 10;
+        let (models, schedules) = build_workloads(&args).unwrap();
+        let served = planned_requests(&schedules[0]);
+        let mut rows: Vec<RateRow> = POLICIES
+            .iter()
+            .map(|policy| planned_row(policy, served.clone()))
+            .collect();
+        rows[0].estimates = vec![None; models.len()];
+        let memory_bytes_max = Profile::load("cpu-devvm").unwrap().accelerator.memory_bytes;
+        let policies: Vec<PolicySummary> = POLICIES
+            .iter()
+            .map(|policy| PolicySummary {
+                policy: (*policy).to_owned(),
+                memory_bytes_max,
+                sustainable_rate_per_s: 0.0,
+            })
+            .collect();
+        let report = finish_report(models, policies, rows, &args);
+        let dir = std::env::temp_dir().join(format!("tidepool-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pool.json");
+        std::fs::write(&path, serde_json::to_vec(&report).unwrap()).unwrap();
+        let back: PoolBenchReport = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back.rows.len(), report.rows.len());
+        assert_eq!(back.rows[0].replay, served);
+        assert_eq!(back.rows[0].estimates.len(), report.models.len());
+        assert_eq!(
+            back.rows[1].resident_at_start,
+            report.rows[1].resident_at_start
+        );
+        args.sim_profile = Some(PathBuf::from("cpu-devvm"));
+        replay_report(&path, &args).unwrap();
+        // A report without requests (older runs) is refused with a clear error.
+        let mut empty = serde_json::to_value(&report).unwrap();
+        for row in empty["rows"].as_array_mut().unwrap() {
+            row.as_object_mut().unwrap().remove("replay");
+        }
+        std::fs::write(&path, serde_json::to_vec(&empty).unwrap()).unwrap();
+        let error = replay_report(&path, &args).unwrap_err().to_string();
+        assert!(error.contains("no requests to replay"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
