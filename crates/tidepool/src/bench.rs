@@ -5,7 +5,10 @@
 //! (a) the raw llama-cpp-2 batched loop with no server (the engine's limit on this machine),
 //! (b) Tidepool over HTTP, (c) llama.cpp's own `llama-server` with continuous batching. (b) and
 //! (c) are driven by the same load generator: one async task per stream in this process, which
-//! costs a few percent of one core, so the servers keep the machine.
+//! costs a few percent of one core, so the servers keep the machine. Both servers stay up and
+//! `--repeats` passes run every level on every system in a rotating order, each system's
+//! figures summing its passes, so the machine's drift falls on all three alike; every prompt is
+//! unique (no prompt cache can answer it) and each server gets one untimed warm-up request.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
