@@ -36,7 +36,8 @@ impl Pool {
 
     /// Whether the decode turn in flight should stop at its next step boundary: a request of
     /// the turn's own model waits for its prefill, the model has a free slot, and no other model
-    /// has sequences decoding, so a shorter turn delays nobody. This is continuous batching
+    /// has sequences decoding, so a shorter turn delays nobody, and that request's prefill is the
+    /// one the pool would run next. This is continuous batching
     /// within one model: a new request waits one step, not a whole turn. The server's driver
     /// asks between steps; the simulator asks when a request arrives during a turn. The
     /// completion event then reports the steps actually run, and the prefill credit the turn
@@ -56,6 +57,9 @@ impl Pool {
                 .iter()
                 .enumerate()
                 .all(|(i, other)| i == model || other.decoding.is_empty())
+            // The prefill that would run next is this model's (not an older request of another
+            // model, nor one swap-lru holds back): otherwise cutting the turn gains nothing.
+            && self.prefill_candidate() == Some(model)
     }
 
     fn compute_free(&self) -> bool {

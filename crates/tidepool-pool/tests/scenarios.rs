@@ -428,3 +428,39 @@ fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
         "`b`'s request waits for the turn"
     );
 }
+
+/// A turn is not cut for a request whose prefill would not run next: under swap-lru with
+/// head-of-line blocking, an older request of a cold model holds the queue, so cutting the
+/// running model's turn for its own newer request would only shorten the turn.
+#[test]
+fn decode_does_not_yield_when_another_prefill_comes_first() {
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::SwapLru,
+        100 * MIB,
+        vec![model("a", 50), model("b", 50)],
+    );
+    cfg.hol_blocking = true;
+    let mut pool = Pool::new(cfg).unwrap();
+    let out = arrive(&mut pool, 0, 1, "a", 100).unwrap();
+    let [Action::Load { id, .. }] = out.as_slice() else {
+        panic!("expected a load, got {out:?}")
+    };
+    let load_done = Event::LoadFinished {
+        now_ns: 10,
+        action: *id,
+        duration_ns: 10,
+    };
+    let out = feed(&mut pool, load_done);
+    let [Action::Prefill { id, .. }] = out.as_slice() else {
+        panic!("expected a prefill, got {out:?}")
+    };
+    let out = step_done(&mut pool, 20, *id, 1);
+    assert!(matches!(out.as_slice(), [Action::Decode { .. }]), "{out:?}");
+    // `b` does not fit beside `a` (which is busy): its request waits at the head of the queue.
+    assert!(arrive(&mut pool, 25, 2, "b", 100).unwrap().is_empty());
+    assert!(arrive(&mut pool, 30, 3, "a", 100).unwrap().is_empty());
+    assert!(
+        !pool.decode_yield_wanted(),
+        "the next prefill is `b`'s, held by its load"
+    );
+}
