@@ -435,6 +435,27 @@ impl<'a> AccRun<'a> {
         }));
     }
 
+    /// The turn's sequences that still owe tokens, with how many, and their summed context.
+    fn turn_state(&self, seqs: &[usize]) -> (Vec<(usize, u32)>, u64) {
+        let owed = seqs
+            .iter()
+            .map(|&i| {
+                (
+                    i,
+                    self.seqs[i]
+                        .output_tokens
+                        .saturating_sub(self.seqs[i].emitted),
+                )
+            })
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        let ctx = seqs
+            .iter()
+            .map(|&i| u64::from(self.seqs[i].prompt_tokens) + u64::from(self.seqs[i].emitted))
+            .sum();
+        (owed, ctx)
+    }
+
     /// Steps of a turn from `start_ns` and when they end, without booking any token: at most
     /// `steps`, fewer when every sequence finishes, and with `cut_ns` the turn ends at the
     /// first step boundary at or after it (after one step at least).
@@ -446,35 +467,13 @@ impl<'a> AccRun<'a> {
         steps: u32,
         cut_ns: Option<u64>,
     ) -> (u32, u64) {
-        let mut left: Vec<u32> = seqs
-            .iter()
-            .map(|&i| {
-                self.seqs[i]
-                    .output_tokens
-                    .saturating_sub(self.seqs[i].emitted)
-            })
-            .filter(|&n| n > 0)
-            .collect();
-        let mut ctx: u64 = seqs
-            .iter()
-            .map(|&i| u64::from(self.seqs[i].prompt_tokens) + u64::from(self.seqs[i].emitted))
-            .sum();
-        let costs = self.costs[model];
-        let (mut t, mut done) = (start_ns, 0_u32);
-        while done < steps && !left.is_empty() {
-            if done > 0 && cut_ns.is_some_and(|cut| t >= cut) {
-                break;
-            }
-            let active = u64::try_from(left.len()).unwrap_or(0);
-            t += costs.decode_ns(as_f64(active), as_f64(ctx)).max(1);
-            done += 1;
-            ctx += active;
-            left.retain_mut(|n| {
-                *n -= 1;
-                *n > 0
-            });
-        }
-        (done, t)
+        let (owed, ctx) = self.turn_state(seqs);
+        let span = TurnSpan {
+            start_ns,
+            steps,
+            cut_ns,
+        };
+        walk_turn(self.costs[model], owed, ctx, span, |_, _| {})
     }
 
     /// A request arrived during a decode turn: if the pool wants the turn cut short, it ends
@@ -499,43 +498,28 @@ impl<'a> AccRun<'a> {
         }
     }
 
-    /// Books the tokens of a completed turn and builds its completion event.
+    /// Books the tokens of a completed turn (the same walk that planned it) and builds its
+    /// completion event.
     fn finish_decode(&mut self, turn: &DecodeTurn) -> Event {
-        let mut active = turn.seqs.clone();
-        active.retain(|&i| self.seqs[i].emitted < self.seqs[i].output_tokens);
-        let mut ctx: u64 = turn
-            .seqs
-            .iter()
-            .map(|&i| u64::from(self.seqs[i].prompt_tokens) + u64::from(self.seqs[i].emitted))
-            .sum();
-        let mut t = turn.start_ns;
-        let mut done_steps = 0;
+        let (owed, ctx) = self.turn_state(&turn.seqs);
+        let span = TurnSpan {
+            start_ns: turn.start_ns,
+            steps: turn.steps,
+            cut_ns: None,
+        };
+        let (costs, slo, seqs) = (self.costs[turn.model], self.slo, &mut self.seqs);
         let mut finished = Vec::new();
-        let costs = self.costs[turn.model];
-        while done_steps < turn.steps && !active.is_empty() {
-            t += costs
-                .decode_ns(
-                    as_f64(u64::try_from(active.len()).unwrap_or(0)),
-                    as_f64(ctx),
-                )
-                .max(1);
-            done_steps += 1;
-            for &i in &active {
-                record_token(&mut self.seqs[i], t, self.slo);
-            }
-            ctx += u64::try_from(active.len()).unwrap_or(0);
-            active.retain(|&i| {
-                let s = &self.seqs[i];
-                let done = s.emitted >= s.output_tokens;
-                if done {
+        let (done_steps, t) = walk_turn(costs, owed, ctx, span, |t, active| {
+            for &(i, owed) in active {
+                record_token(&mut seqs[i], t, slo);
+                if owed == 1 {
                     finished.push(SeqFinished {
                         seq: SeqId(u64::try_from(i).unwrap_or(u64::MAX)),
-                        tokens_emitted: s.emitted,
+                        tokens_emitted: seqs[i].emitted,
                     });
                 }
-                !done
-            });
-        }
+            }
+        });
         assert_eq!(
             t, turn.end_ns,
             "a decode turn booked other times than planned"
@@ -550,6 +534,43 @@ impl<'a> AccRun<'a> {
             finished,
         }
     }
+}
+
+/// Where a decode turn starts, its step budget and an optional cut time.
+#[derive(Debug, Clone, Copy)]
+struct TurnSpan {
+    start_ns: u64,
+    steps: u32,
+    cut_ns: Option<u64>,
+}
+
+/// The one walk over a decode turn's steps, shared by planning and booking: each step costs
+/// `decode_ns(active, ctx)`, every active sequence emits one token, a sequence leaves when it
+/// owes none. `on_step(end, active)` sees each step's end and the active `(seq, owed)` pairs
+/// before the step's token is counted. Returns the steps run and when the last one ended.
+fn walk_turn(
+    costs: Costs,
+    mut owed: Vec<(usize, u32)>,
+    mut ctx: u64,
+    span: TurnSpan,
+    mut on_step: impl FnMut(u64, &[(usize, u32)]),
+) -> (u32, u64) {
+    let (mut t, mut done) = (span.start_ns, 0_u32);
+    while done < span.steps && !owed.is_empty() {
+        if done > 0 && span.cut_ns.is_some_and(|cut| t >= cut) {
+            break;
+        }
+        let active = u64::try_from(owed.len()).unwrap_or(0);
+        t += costs.decode_ns(as_f64(active), as_f64(ctx)).max(1);
+        done += 1;
+        on_step(t, &owed);
+        ctx += active;
+        owed.retain_mut(|(_, n)| {
+            *n -= 1;
+            *n > 0
+        });
+    }
+    (done, t)
 }
 
 /// Books token `emitted` of `s` at `t`: the per-token deadline and the lenient score.
