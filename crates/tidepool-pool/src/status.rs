@@ -97,6 +97,35 @@ pub struct PoolCounters {
     pub in_flight_ns: ActionNs,
 }
 
+impl PoolCounters {
+    /// Field by field sum (e.g. over the accelerators of a simulation).
+    #[must_use]
+    pub fn saturating_add(&self, other: &Self) -> Self {
+        Self {
+            loads: self.loads.saturating_add(other.loads),
+            evictions: self.evictions.saturating_add(other.evictions),
+            kv_saves: self.kv_saves.saturating_add(other.kv_saves),
+            kv_restores: self.kv_restores.saturating_add(other.kv_restores),
+            prefills: self.prefills.saturating_add(other.prefills),
+            decode_turns: self.decode_turns.saturating_add(other.decode_turns),
+            decode_steps: self.decode_steps.saturating_add(other.decode_steps),
+            requests_admitted: self
+                .requests_admitted
+                .saturating_add(other.requests_admitted),
+            requests_finished: self
+                .requests_finished
+                .saturating_add(other.requests_finished),
+            requests_cancelled: self
+                .requests_cancelled
+                .saturating_add(other.requests_cancelled),
+            requests_rejected: self
+                .requests_rejected
+                .saturating_add(other.requests_rejected),
+            in_flight_ns: self.in_flight_ns.saturating_add(&other.in_flight_ns),
+        }
+    }
+}
+
 /// A snapshot of the whole pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStatus {

@@ -6,16 +6,16 @@
 //! The module knows nothing of the engine: samples are plain numbers, so the fit is tested with
 //! synthetic data of known coefficients.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::SimError;
-use crate::profile::{Family, as_f64};
+use crate::profile::{DECODE_TABLE_BATCH_MAX, Family, as_f64};
 
 /// Samples of one kind in a fit, at most this many.
 pub const SAMPLES_MAX: usize = 4096;
 
 /// One prefill action: prompts of `tokens` tokens in total and `tokens_sq` = Σ length².
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefillSample {
     pub tokens: u64,
     pub tokens_sq: u64,
@@ -23,7 +23,7 @@ pub struct PrefillSample {
 }
 
 /// One decode step of `batch` sequences holding `ctx_tokens` tokens in total.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecodeSample {
     pub batch: u32,
     pub ctx_tokens: u64,
@@ -31,7 +31,7 @@ pub struct DecodeSample {
 }
 
 /// Saving and restoring one sequence state of `bytes` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferSample {
     pub bytes: u64,
     pub save_ns: u64,
@@ -39,7 +39,7 @@ pub struct TransferSample {
 }
 
 /// Everything measured of one model family.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FamilyMeasurements {
     pub name: String,
     pub weights_bytes: u64,
@@ -79,6 +79,13 @@ fn invalid(reason: &'static str) -> SimError {
 
 /// Fits prefill `fixed + a·Σt + b·Σt²` and decode `fixed + c·B + d·Σctx` (all ≥ 0), and takes
 /// medians of the load and unload times. Share 1; the caller sets it.
+///
+/// When the decode samples cover every batch size from 1 up, the decode step is also fitted as a
+/// table, one value per batch size plus the shared `d·Σctx` ([`Family::decode_batch_ms`]): CPU
+/// steps are not linear in the batch, and the line through them misprices the batch sizes a
+/// lightly loaded server runs most (on the dev VM it made batch 1 a third dearer than measured).
+/// The line's `fixed + c·B` is kept for batches past the table. The decode error is then the
+/// table's.
 pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
     if m.prefill.len() < 3 || m.decode.len() < 3 || m.load_ns.is_empty() {
         return Err(invalid(
@@ -104,10 +111,18 @@ pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
         })
         .collect();
     let prefill = nnls3(&prefill_rows).ok_or_else(|| invalid("prefill samples do not fit"))?;
-    let decode = nnls3(&decode_rows).ok_or_else(|| invalid("decode samples do not fit"))?;
+    let mut decode = nnls3(&decode_rows).ok_or_else(|| invalid("decode samples do not fit"))?;
     if decode[0] + decode[1] <= 0.0 {
         return Err(invalid("decode steps measured as free"));
     }
+    let table = fit_decode_table(&m.decode, decode[2]);
+    let decode_error_rms = match &table {
+        Some(table) => {
+            decode[2] = table.per_ctx_token_ns;
+            table.relative_rms(&m.decode)
+        }
+        None => relative_rms(&decode_rows, decode),
+    };
     let ms = |ns: f64| ns / 1e6;
     let family = Family {
         name: m.name.clone(),
@@ -123,6 +138,9 @@ pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
         decode_fixed_ms: ms(decode[0]),
         decode_per_seq_ms: ms(decode[1]),
         decode_per_1k_ctx_ms: ms(decode[2]) * 1000.0,
+        decode_batch_ms: table
+            .map(|t| t.batch_ns.iter().map(|&ns| ms(ns)).collect())
+            .unwrap_or_default(),
         load_s: median(&m.load_ns) / 1e9,
         ctx_create_s: 0.0,
         unload_s: if m.unload_ns.is_empty() {
@@ -134,7 +152,81 @@ pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
     Ok(FamilyFit {
         family,
         prefill_error_rms: relative_rms(&prefill_rows, prefill),
-        decode_error_rms: relative_rms(&decode_rows, decode),
+        decode_error_rms,
+    })
+}
+
+/// A decode step as one value per batch size (no context) plus a shared slope per context token.
+#[derive(Debug, Clone, PartialEq)]
+struct DecodeTable {
+    /// Index 0 is batch 1.
+    batch_ns: Vec<f64>,
+    per_ctx_token_ns: f64,
+}
+
+impl DecodeTable {
+    fn predict(&self, s: &DecodeSample) -> Option<f64> {
+        let index = usize::try_from(s.batch).ok()?.checked_sub(1)?;
+        let base = self.batch_ns.get(index)?;
+        Some(base + self.per_ctx_token_ns * as_f64(s.ctx_tokens))
+    }
+
+    fn relative_rms(&self, samples: &[DecodeSample]) -> f64 {
+        let mut sum = 0.0;
+        let mut n = 0.0;
+        for s in samples.iter().filter(|s| s.ns > 0) {
+            if let Some(fitted) = self.predict(s) {
+                let y = as_f64(s.ns);
+                sum += ((fitted - y) / y).powi(2);
+                n += 1.0;
+            }
+        }
+        if n > 0.0 { (sum / n).sqrt() } else { 0.0 }
+    }
+}
+
+/// Least squares of `ns = a_B + d·ctx` with one intercept per batch size and `d ≥ 0`: `d` from
+/// the spread of context within each batch size (`fallback_d` when no batch size was measured at
+/// two contexts), each `a_B` the batch's mean less `d·` its mean context. `None` unless every
+/// batch size from 1 to the largest measured (at most [`DECODE_TABLE_BATCH_MAX`]) has samples.
+fn fit_decode_table(samples: &[DecodeSample], fallback_d: f64) -> Option<DecodeTable> {
+    let largest = usize::try_from(samples.iter().map(|s| s.batch).max()?).ok()?;
+    if largest == 0 || largest > DECODE_TABLE_BATCH_MAX {
+        return None;
+    }
+    // Per batch size: (n, Σctx, Σns).
+    let mut sums = vec![(0.0_f64, 0.0_f64, 0.0_f64); largest];
+    for s in samples {
+        let slot = sums.get_mut(usize::try_from(s.batch).ok()?.checked_sub(1)?)?;
+        slot.0 += 1.0;
+        slot.1 += as_f64(s.ctx_tokens);
+        slot.2 += as_f64(s.ns);
+    }
+    if sums.iter().any(|(n, _, _)| *n == 0.0) {
+        return None;
+    }
+    let means: Vec<(f64, f64)> = sums.iter().map(|(n, c, y)| (c / n, y / n)).collect();
+    let (mut covariance, mut variance) = (0.0, 0.0);
+    for s in samples {
+        let (c_mean, y_mean) = usize::try_from(s.batch)
+            .ok()
+            .and_then(|b| b.checked_sub(1))
+            .and_then(|i| means.get(i))
+            .copied()?;
+        let dc = as_f64(s.ctx_tokens) - c_mean;
+        covariance += dc * (as_f64(s.ns) - y_mean);
+        variance += dc * dc;
+    }
+    let d = if variance > 0.0 {
+        (covariance / variance).max(0.0)
+    } else {
+        fallback_d.max(0.0)
+    };
+    // A step is never free: an intercept the slope drove to ≤ 0 becomes 1 ns.
+    let batch_ns = means.iter().map(|(c, y)| (y - d * c).max(1.0)).collect();
+    Some(DecodeTable {
+        batch_ns,
+        per_ctx_token_ns: d,
     })
 }
 
@@ -314,6 +406,57 @@ mod tests {
         assert!((f.load_s - 200e-9).abs() < 1e-15);
         assert!((f.unload_s - 20e-9).abs() < 1e-15);
         assert!(fit.prefill_error_rms < 1e-6 && fit.decode_error_rms < 1e-6);
+        // Linear samples give a linear table.
+        for (batch, ms) in (1..=4_u32).zip(&f.decode_batch_ms) {
+            assert!((ms - (4.0 + 10.0 * f64::from(batch))).abs() < 1e-3, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn a_decode_table_holds_each_batch_size_and_the_shared_context_slope() {
+        // Batch 3 dearer than batch 4 (as Gemma-3 on the dev VM): no line fits, the table does.
+        let mut m = measurements([0.0, 5e6, 0.0], [4e6, 10e6, 2000.0]);
+        let step = [8e6, 15e6, 50e6, 40e6];
+        for s in &mut m.decode {
+            let base = step[usize::try_from(s.batch).unwrap() - 1];
+            s.ns = crate::profile::f64_ns(base + 3000.0 * as_f64(s.ctx_tokens));
+        }
+        let fit = fit_family(&m).unwrap();
+        let f = &fit.family;
+        assert_eq!(f.decode_batch_ms.len(), 4, "{f:?}");
+        for (fitted, want) in f.decode_batch_ms.iter().zip(step) {
+            assert!((fitted - want / 1e6).abs() < 1e-3, "{f:?}");
+        }
+        assert!((f.decode_per_1k_ctx_ms - 3.0).abs() < 1e-3, "{f:?}");
+        assert!(fit.decode_error_rms < 1e-6, "{fit:?}");
+        // The simulator's cost of a step now matches every measured sample.
+        let costs = crate::profile::Costs::new(&toy_accelerator(), f);
+        for s in &m.decode {
+            let simulated = costs.decode_ns(f64::from(s.batch), as_f64(s.ctx_tokens));
+            assert!(simulated.abs_diff(s.ns) <= 1000, "{s:?}: {simulated}");
+        }
+    }
+
+    #[test]
+    fn a_gap_in_the_measured_batch_sizes_leaves_the_line_alone() {
+        let mut m = measurements([0.0, 5e6, 0.0], [4e6, 10e6, 2000.0]);
+        m.decode.retain(|s| s.batch != 2);
+        let fit = fit_family(&m).unwrap();
+        assert!(fit.family.decode_batch_ms.is_empty());
+        assert!((fit.family.decode_per_seq_ms - 10.0).abs() < 1e-3);
+    }
+
+    fn toy_accelerator() -> crate::profile::Accelerator {
+        crate::profile::Accelerator {
+            memory_bytes: 1 << 30,
+            kv_saved_bytes_max: 0,
+            saved_kv_in_memory_budget: true,
+            overlap_transfers: false,
+            h2d_bytes_per_s: 1e9,
+            d2h_bytes_per_s: 1e9,
+            kv_fixed_s: 0.0,
+            engine_overhead: 1.0,
+        }
     }
 
     #[test]

@@ -10,6 +10,9 @@ use tidepool_pool::{CostEstimate, ModelSpec};
 
 use crate::SimError;
 
+/// Longest per-batch decode table a family may hold ([`Family::decode_batch_ms`]).
+pub const DECODE_TABLE_BATCH_MAX: usize = 32;
+
 /// The GPU family built from the H100 measurements (sources inside the file).
 pub const H100_TOML: &str = include_str!("../profiles/h100.toml");
 /// The hand-written CPU profile of the dev VM (design note §6.2).
@@ -56,6 +59,15 @@ pub struct Family {
     pub decode_fixed_ms: f64,
     pub decode_per_seq_ms: f64,
     pub decode_per_1k_ctx_ms: f64,
+    /// Measured decode step at batch 1, 2, … (index 0 is batch 1) with no context, in ms. Where
+    /// set it replaces `decode_fixed_ms + decode_per_seq_ms · B` up to its length (the context
+    /// term still adds); past its end the step grows by `decode_per_seq_ms` per sequence. CPU
+    /// kernels are not linear in the batch (on the dev VM Gemma-3 steps slower at batch 3 than
+    /// at 4, and a batch of 1 costs less than the line through batches 1–4 says), so `tidepool
+    /// bench calibrate` writes one value per measured batch size. At most
+    /// [`DECODE_TABLE_BATCH_MAX`] entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_batch_ms: Vec<f64>,
     pub load_s: f64,
     pub ctx_create_s: f64,
     pub unload_s: f64,
@@ -132,6 +144,16 @@ impl Profile {
             {
                 return invalid(&f.name, "costs must be finite, non-negative, decode > 0");
             }
+            if f.decode_batch_ms.len() > DECODE_TABLE_BATCH_MAX
+                || f.decode_batch_ms
+                    .iter()
+                    .any(|t| !(t.is_finite() && *t > 0.0))
+            {
+                return invalid(
+                    &f.name,
+                    "decode_batch_ms: at most DECODE_TABLE_BATCH_MAX (32) positive, finite steps",
+                );
+            }
         }
         Ok(())
     }
@@ -155,6 +177,9 @@ pub struct Costs {
     decode_fixed_ns: f64,
     decode_per_seq_ns: f64,
     decode_per_ctx_token_ns: f64,
+    /// `decode_batch_ms` in ns; only the first `decode_batch_len` entries are set.
+    decode_batch_ns: [f64; DECODE_TABLE_BATCH_MAX],
+    decode_batch_len: usize,
     pub load_ns: u64,
     pub unload_ns: u64,
     kv_fixed_ns: f64,
@@ -166,6 +191,10 @@ pub struct Costs {
 impl Costs {
     pub fn new(accelerator: &Accelerator, family: &Family) -> Self {
         let k = accelerator.engine_overhead * 1e6;
+        let mut decode_batch_ns = [0.0; DECODE_TABLE_BATCH_MAX];
+        for (slot, ms) in decode_batch_ns.iter_mut().zip(&family.decode_batch_ms) {
+            *slot = ms * k;
+        }
         Self {
             prefill_fixed_ns: family.prefill_fixed_ms * k,
             prefill_per_token_ns: family.prefill_per_token_ms * k,
@@ -173,6 +202,8 @@ impl Costs {
             decode_fixed_ns: family.decode_fixed_ms * k,
             decode_per_seq_ns: family.decode_per_seq_ms * k,
             decode_per_ctx_token_ns: family.decode_per_1k_ctx_ms * k / 1000.0,
+            decode_batch_ns,
+            decode_batch_len: family.decode_batch_ms.len().min(DECODE_TABLE_BATCH_MAX),
             load_ns: secs_to_ns(family.load_s + family.ctx_create_s),
             unload_ns: secs_to_ns(family.unload_s),
             kv_fixed_ns: accelerator.kv_fixed_s * 1e9,
@@ -192,12 +223,32 @@ impl Costs {
     }
 
     /// One decode step of `batch` sequences holding `ctx_tokens` tokens in total.
+    /// A fractional batch (a mean over steps) interpolates between the table's neighbours.
     pub fn decode_ns(&self, batch: f64, ctx_tokens: f64) -> u64 {
-        f64_ns(
-            self.decode_fixed_ns
-                + self.decode_per_seq_ns * batch
-                + self.decode_per_ctx_token_ns * ctx_tokens,
-        )
+        f64_ns(self.decode_batch_step_ns(batch) + self.decode_per_ctx_token_ns * ctx_tokens)
+    }
+
+    /// The batch-dependent part of a decode step (no context).
+    fn decode_batch_step_ns(&self, batch: f64) -> f64 {
+        let table = self
+            .decode_batch_ns
+            .get(..self.decode_batch_len)
+            .unwrap_or(&[]);
+        let Some(&last) = table.last() else {
+            return self.decode_fixed_ns + self.decode_per_seq_ns * batch;
+        };
+        let batch = batch.max(1.0);
+        let len = as_f64(u64::try_from(table.len()).unwrap_or(u64::MAX));
+        if batch >= len {
+            return last + self.decode_per_seq_ns * (batch - len);
+        }
+        let below = batch.floor();
+        let fraction = batch - below;
+        // `below` is in 1..len here, so both neighbours exist.
+        let index = table_index(below);
+        let lo = table.get(index.saturating_sub(1)).copied().unwrap_or(last);
+        let hi = table.get(index).copied().unwrap_or(last);
+        lo + (hi - lo) * fraction
     }
 
     pub fn save_ns(&self, tokens: u64) -> u64 {
@@ -253,10 +304,113 @@ pub(crate) fn f64_ns(ns: f64) -> u64 {
     }
 }
 
+/// A whole, positive batch size (a floored `f64` in `1..DECODE_TABLE_BATCH_MAX`) as an index.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the caller floors a value it bounded to 1..=DECODE_TABLE_BATCH_MAX"
+)]
+fn table_index(batch: f64) -> usize {
+    batch.clamp(0.0, 1e6) as usize
+}
+
 #[expect(
     clippy::cast_precision_loss,
     reason = "token and byte counts far below 2^52"
 )]
 pub(crate) fn as_f64(value: u64) -> f64 {
     value as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn family(table: Vec<f64>) -> Family {
+        Family {
+            name: "toy".into(),
+            share: 1,
+            weights_bytes: 100,
+            kv_bytes_per_token: 10,
+            seqs_max: 4,
+            seq_tokens_max: 512,
+            ctx_fixed_bytes: 0,
+            prefill_fixed_ms: 0.0,
+            prefill_per_token_ms: 1.0,
+            prefill_per_token_sq_ms: 0.0,
+            decode_fixed_ms: 4.0,
+            decode_per_seq_ms: 10.0,
+            decode_per_1k_ctx_ms: 2.0,
+            decode_batch_ms: table,
+            load_s: 0.1,
+            ctx_create_s: 0.0,
+            unload_s: 0.0,
+        }
+    }
+
+    fn accelerator() -> Accelerator {
+        Accelerator {
+            memory_bytes: 1 << 30,
+            kv_saved_bytes_max: 0,
+            saved_kv_in_memory_budget: true,
+            overlap_transfers: false,
+            h2d_bytes_per_s: 1e9,
+            d2h_bytes_per_s: 1e9,
+            kv_fixed_s: 0.0,
+            engine_overhead: 1.0,
+        }
+    }
+
+    #[test]
+    fn without_a_table_the_step_is_linear_in_the_batch() {
+        let costs = Costs::new(&accelerator(), &family(Vec::new()));
+        assert_eq!(costs.decode_ns(1.0, 0.0), 14_000_000);
+        assert_eq!(costs.decode_ns(3.0, 1000.0), 36_000_000);
+    }
+
+    #[test]
+    fn a_table_sets_each_measured_batch_and_interpolates_between() {
+        // Batch 3 slower than batch 4, as Gemma-3 measures on the dev VM.
+        let costs = Costs::new(&accelerator(), &family(vec![8.0, 15.0, 50.0, 40.0]));
+        assert_eq!(costs.decode_ns(1.0, 0.0), 8_000_000);
+        assert_eq!(costs.decode_ns(3.0, 0.0), 50_000_000);
+        assert_eq!(costs.decode_ns(4.0, 500.0), 41_000_000);
+        assert_eq!(costs.decode_ns(2.5, 0.0), 32_500_000);
+        // Below the table's first entry: batch 1; past its end: + decode_per_seq_ms each.
+        assert_eq!(costs.decode_ns(0.0, 0.0), 8_000_000);
+        assert_eq!(costs.decode_ns(6.0, 0.0), 60_000_000);
+        // The engine overhead scales the table like the linear terms.
+        let mut slow = accelerator();
+        slow.engine_overhead = 2.0;
+        let costs = Costs::new(&slow, &family(vec![8.0, 15.0]));
+        assert_eq!(costs.decode_ns(2.0, 0.0), 30_000_000);
+    }
+
+    #[test]
+    fn a_table_round_trips_and_bad_tables_are_refused() {
+        let profile = Profile {
+            name: "t".into(),
+            description: "t".into(),
+            accelerator: accelerator(),
+            families: vec![family(vec![8.0, 15.0])],
+        };
+        let text = profile.to_toml().unwrap();
+        let back: Profile = toml::from_str(&text).unwrap();
+        assert_eq!(back, profile);
+        back.validate().unwrap();
+        // Profiles written before the table existed still load (the field is optional).
+        let old = text.replace("decode_batch_ms = [\n    8.0,\n    15.0,\n]\n", "");
+        assert!(!old.contains("decode_batch_ms"), "{old}");
+        let old: Profile = toml::from_str(&old).unwrap();
+        assert!(old.families[0].decode_batch_ms.is_empty());
+        for bad in [
+            vec![8.0, 0.0],
+            vec![f64::NAN],
+            vec![1.0; DECODE_TABLE_BATCH_MAX + 1],
+        ] {
+            let mut p = profile.clone();
+            p.families[0].decode_batch_ms = bad;
+            assert!(p.validate().is_err());
+        }
+    }
 }

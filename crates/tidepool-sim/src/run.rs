@@ -473,7 +473,7 @@ impl<'a> AccRun<'a> {
             steps,
             cut_ns,
         };
-        walk_turn(self.costs[model], owed, ctx, span, |_, _| {})
+        walk_turn(&self.costs[model], owed, ctx, span, |_, _| {})
     }
 
     /// A request arrived during a decode turn: if the pool wants the turn cut short, it ends
@@ -507,7 +507,7 @@ impl<'a> AccRun<'a> {
             steps: turn.steps,
             cut_ns: None,
         };
-        let (costs, slo, seqs) = (self.costs[turn.model], self.slo, &mut self.seqs);
+        let (costs, slo, seqs) = (&self.costs[turn.model], self.slo, &mut self.seqs);
         let mut finished = Vec::new();
         let (done_steps, t) = walk_turn(costs, owed, ctx, span, |t, active| {
             for &(i, owed) in active {
@@ -549,7 +549,7 @@ struct TurnSpan {
 /// owes none. `on_step(end, active)` sees each step's end and the active `(seq, owed)` pairs
 /// before the step's token is counted. Returns the steps run and when the last one ended.
 fn walk_turn(
-    costs: Costs,
+    costs: &Costs,
     mut owed: Vec<(usize, u32)>,
     mut ctx: u64,
     span: TurnSpan,

@@ -381,14 +381,7 @@ fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
     }
     t.busy_ns += o.result.compute_busy_ns;
     t.end_ns = t.end_ns.max(o.result.end_ns);
-    let c = o.result.counters;
-    t.counters.loads += c.loads;
-    t.counters.evictions += c.evictions;
-    t.counters.kv_saves += c.kv_saves;
-    t.counters.kv_restores += c.kv_restores;
-    t.counters.prefills += c.prefills;
-    t.counters.decode_steps += c.decode_steps;
-    t.counters.in_flight_ns = t.counters.in_flight_ns.saturating_add(&c.in_flight_ns);
+    t.counters = t.counters.saturating_add(&o.result.counters);
 }
 
 fn book(report: &mut ModelReport, s: &SeqSim) {

@@ -71,9 +71,13 @@ pub(crate) struct EngineBenchArgs {
     /// Completion tokens asked of every request.
     #[arg(long, env = "TIDEPOOL_BENCH_OUTPUT_TOKENS", default_value_t = 128)]
     output_tokens: u32,
-    /// Sequential requests each stream sends per concurrency level.
+    /// Sequential requests each stream sends per concurrency level (at most 99).
     #[arg(long, env = "TIDEPOOL_BENCH_ROUNDS", default_value_t = 2)]
     rounds: u32,
+    /// Fewest requests per level and pass: a level of few streams runs more rounds (at 1 stream
+    /// and the defaults, 8 rounds instead of 2, so a TTFT p50 is not the middle of 6 samples).
+    #[arg(long, env = "TIDEPOOL_BENCH_REQUESTS_MIN", default_value_t = 8)]
+    requests_min: u32,
     /// llama.cpp's `llama-server` binary for baseline (c); skipped when absent.
     #[arg(long, env = "TIDEPOOL_BENCH_LLAMA_SERVER")]
     llama_server: Option<PathBuf>,
@@ -224,6 +228,16 @@ fn request_number(numbers: RequestNumbers, round: u32, stream: u32) -> u32 {
         .saturating_add(round.saturating_mul(1000))
         .saturating_add(stream)
 }
+
+/// Rounds of a level: `--rounds`, or more when that sends fewer than `--requests-min` requests.
+fn rounds_for(args: &EngineBenchArgs, concurrency: u32) -> u32 {
+    args.rounds
+        .max(args.requests_min.div_ceil(concurrency.max(1)))
+        .min(ROUNDS_MAX)
+}
+
+/// Rounds a level may run: a request's number keeps its round in three decimal digits.
+const ROUNDS_MAX: u32 = 99;
 
 /// Which level of which pass a request belongs to (its prompt number's prefix).
 #[derive(Debug, Clone, Copy)]
@@ -421,7 +435,7 @@ fn raw_level(
     // Only generation counts: the loop reports its time from after model load and context
     // creation, as the servers' clocks start after their start-up.
     let mut generating = Duration::ZERO;
-    for round in 0..args.rounds {
+    for round in 0..rounds_for(args, numbers.concurrency) {
         let prompts: Vec<String> = (0..numbers.concurrency)
             .map(|i| prompt_for(request_number(numbers, round, i), args.prompt_tokens))
             .collect();
@@ -483,8 +497,11 @@ async fn http_level(
         let url = format!("{base}/v1/completions");
         let key = key.map(str::to_owned);
         let model = model.to_owned();
-        let (prompt_tokens, output_tokens, rounds) =
-            (args.prompt_tokens, args.output_tokens, args.rounds);
+        let (prompt_tokens, output_tokens, rounds) = (
+            args.prompt_tokens,
+            args.output_tokens,
+            rounds_for(args, numbers.concurrency),
+        );
         async move {
             let mut samples = Samples::default();
             for round in 0..rounds {

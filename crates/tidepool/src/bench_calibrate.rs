@@ -13,10 +13,12 @@
 //! [`crate::bench::prompt_for`] text, cut to the exact token count.
 //! `--quick` takes a small subset (a smoke run for tests; the fit is coarser).
 //!
-//! **The fit**: prefill `fixed + a·Σt + b·Σt²`, decode step `fixed + c·B + d·Σctx` (non-negative
-//! least squares), load and unload medians, transfers `fixed + bytes / bandwidth`. The TOML's
-//! header records the relative RMS error of each fit; the raw samples go to a JSON file next to
-//! it. Machine facts: the CPU model from `/proc/cpuinfo` and the thread count.
+//! **The fit**: prefill `fixed + a·Σt + b·Σt²`, decode step one value per batch size plus
+//! `d·Σctx` (`decode_batch_ms`; the line `fixed + c·B` is kept for batches past the table), load
+//! and unload medians, transfers `fixed + bytes / bandwidth`. The TOML's header records the
+//! relative RMS error of each fit; the raw samples go to a JSON file next to it, and
+//! `--from-samples` refits them without measuring again. Machine facts: the CPU model from
+//! `/proc/cpuinfo` and the thread count.
 //!
 //! **The accelerator section** mirrors the server's CPU pool: saved KV inside the budget, no
 //! overlap of transfers and compute, `engine_overhead = 1` (measured through the engine).
@@ -29,7 +31,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidepool_core::{ModelId, RequestId};
 use tidepool_engine::multi::{Accelerator, Calibration, ModelFrontEnd, MultiModelConfig};
 use tidepool_engine::{GenerateRequest, Generation, SamplingParams};
@@ -37,7 +39,7 @@ use tidepool_sim::calibrate::{
     DecodeSample, FamilyFit, FamilyMeasurements, PrefillSample, TransferFit, TransferSample,
     fit_family, fit_transfer,
 };
-use tidepool_sim::profile::{Accelerator as AcceleratorProfile, Profile};
+use tidepool_sim::profile::{Accelerator as AcceleratorProfile, Costs, Profile};
 
 use crate::bench::prompt_for;
 use crate::bench_pool::{GEMMA_FILE, SMOLLM2_FILE};
@@ -105,10 +107,15 @@ pub(crate) struct CalibrateArgs {
         default_value = "bench/out/calibrated.toml"
     )]
     out: PathBuf,
+    /// Fit a profile from the raw samples an earlier run wrote (its `.json`) instead of measuring:
+    /// to refit old measurements after the fit changes. The sizes, CPU and thread count come from
+    /// the file; the memory flags apply as usual.
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_FROM_SAMPLES")]
+    from_samples: Option<PathBuf>,
 }
 
-/// The raw samples, written beside the profile.
-#[derive(Debug, Serialize)]
+/// The raw samples, written beside the profile (and read back by `--from-samples`).
+#[derive(Debug, Serialize, Deserialize)]
 struct Samples {
     cpu: String,
     threads: u32,
@@ -123,6 +130,13 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let longest = PREFILL_LENGTHS.iter().chain(&DECODE_CONTEXTS).max();
     if longest.is_some_and(|&l| l + DECODE_STEPS + 1 >= args.context_tokens) {
         bail!("--context-tokens must exceed 256 + {DECODE_STEPS} (the longest measured sequence)");
+    }
+    if let Some(path) = &args.from_samples {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let samples: Samples = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a calibration samples file", path.display()))?;
+        return fit_and_write(args, &samples);
     }
     let models_dir = args
         .models_dir
@@ -161,17 +175,10 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         measured.push(m);
         transfers.extend(t);
     }
-    let fits: Vec<FamilyFit> = measured.iter().map(fit_family).collect::<Result<_, _>>()?;
-    let transfer = fit_transfer(&transfers)?;
-    let cpu = cpu_model();
-    let profile = build_profile(args, &fits, transfer, &cpu);
-    write(
+    fit_and_write(
         args,
-        &profile,
-        &fits,
-        transfer,
         &Samples {
-            cpu,
+            cpu: cpu_model(),
             threads: args.threads,
             families: measured,
             transfers,
@@ -179,11 +186,22 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     )
 }
 
+fn fit_and_write(args: &CalibrateArgs, samples: &Samples) -> anyhow::Result<()> {
+    let fits: Vec<FamilyFit> = samples
+        .families
+        .iter()
+        .map(fit_family)
+        .collect::<Result<_, _>>()?;
+    let transfer = fit_transfer(&samples.transfers)?;
+    let profile = build_profile(args, &fits, transfer, samples);
+    write(args, &profile, &fits, transfer, samples)
+}
+
 fn build_profile(
     args: &CalibrateArgs,
     fits: &[FamilyFit],
     transfer: TransferFit,
-    cpu: &str,
+    samples: &Samples,
 ) -> Profile {
     let largest = fits
         .iter()
@@ -195,15 +213,25 @@ fn build_profile(
             .saturating_mul(u64::from(args.memory_models_max))
             .saturating_add(args.kv_saved_bytes_max)
     });
+    let (context_tokens, seqs_max) = samples
+        .families
+        .first()
+        .map_or((args.context_tokens, args.seqs_max), |f| {
+            (f.seq_tokens_max, f.seqs_max)
+        });
     Profile {
         name: "calibrated".to_owned(),
         description: format!(
-            "measured by `tidepool bench calibrate` {} on {cpu}, threads = {} (0 = all cores), \
-             {}-token contexts × {} sequences",
+            "measured by `tidepool bench calibrate` {} on {}, threads = {} (0 = all cores), \
+             {context_tokens}-token contexts × {seqs_max} sequences{}",
             env!("CARGO_PKG_VERSION"),
-            args.threads,
-            args.context_tokens,
-            args.seqs_max
+            samples.cpu,
+            samples.threads,
+            if args.from_samples.is_some() {
+                " (refitted from its samples)"
+            } else {
+                ""
+            }
         ),
         accelerator: AcceleratorProfile {
             memory_bytes,
@@ -264,18 +292,19 @@ fn write(
     std::fs::write(&samples_path, serde_json::to_vec_pretty(samples)?)
         .with_context(|| format!("write {}", samples_path.display()))?;
     let mut out = std::io::stdout().lock();
+    let seqs_max = fits.first().map_or(args.seqs_max, |f| f.family.seqs_max);
     writeln!(
         out,
-        "| family | load s | prefill ms/token | decode ms (B=1) | decode ms (B={}) | fit error prefill / decode |",
-        args.seqs_max
+        "| family | load s | prefill ms/token | decode ms (B=1) | decode ms (B={seqs_max}) | fit error prefill / decode |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|")?;
     for fit in fits {
         let f = &fit.family;
+        // The simulator's own cost of a step (table or line) at 128 context tokens a sequence.
+        let costs = Costs::new(&profile.accelerator, f);
         let step = |b: u32| {
-            f.decode_fixed_ms
-                + f.decode_per_seq_ms * f64::from(b)
-                + f.decode_per_1k_ctx_ms * f64::from(b) * 0.128
+            let batch = f64::from(b);
+            crate::bench_pool::as_f64(costs.decode_ns(batch, batch * 128.0)) / 1e6
         };
         writeln!(
             out,
@@ -284,7 +313,7 @@ fn write(
             f.load_s,
             f.prefill_per_token_ms,
             step(1),
-            step(args.seqs_max),
+            step(seqs_max),
             fit.prefill_error_rms * 100.0,
             fit.decode_error_rms * 100.0
         )?;

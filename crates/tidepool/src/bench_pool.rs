@@ -389,7 +389,7 @@ fn sustainable_rate(points: &[(f64, f64)], min: f64) -> f64 {
     clippy::cast_precision_loss,
     reason = "token and request counts far below 2^52"
 )]
-fn as_f64(value: u64) -> f64 {
+pub(crate) fn as_f64(value: u64) -> f64 {
     value as f64
 }
 

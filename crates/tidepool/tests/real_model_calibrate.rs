@@ -71,8 +71,47 @@ fn real_model_calibrate_writes_a_profile_the_simulator_runs() {
     }
     assert_eq!(samples["transfers"].as_array().unwrap().len(), 4);
 
+    refits_from_its_samples(exe, &out, &profile, &dir);
     sim_runs_on(exe, &out, &dir);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--from-samples`: the samples file alone gives back the same profile, without the models.
+#[expect(
+    clippy::unwrap_used,
+    reason = "test helper: a failure is the test failing"
+)]
+fn refits_from_its_samples(
+    exe: &str,
+    out: &std::path::Path,
+    profile: &Profile,
+    dir: &std::path::Path,
+) {
+    let refit = dir.join("refit.toml");
+    let run = Command::new(exe)
+        .args(["bench", "calibrate", "--models-dir", "/nonexistent"])
+        .arg("--from-samples")
+        .arg(out.with_extension("json"))
+        .arg("--out")
+        .arg(&refit)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "refit failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let again = Profile::load(&refit.to_string_lossy()).unwrap();
+    assert_eq!(again.families, profile.families, "refit families differ");
+    assert_eq!(
+        again.accelerator, profile.accelerator,
+        "refit accelerator differs"
+    );
+    assert!(
+        again.description.contains("refitted"),
+        "{}",
+        again.description
+    );
 }
 
 /// `tidepool sim` on the written profile: a small per-model trace, one accelerator.
