@@ -166,23 +166,22 @@ struct DecodeTable {
 
 impl DecodeTable {
     fn predict(&self, s: &DecodeSample) -> Option<f64> {
-        let index = usize::try_from(s.batch).ok()?.checked_sub(1)?;
-        let base = self.batch_ns.get(index)?;
+        let base = self.batch_ns.get(batch_index(s.batch)?)?;
         Some(base + self.per_ctx_token_ns * as_f64(s.ctx_tokens))
     }
 
     fn relative_rms(&self, samples: &[DecodeSample]) -> f64 {
-        let mut sum = 0.0;
-        let mut n = 0.0;
-        for s in samples.iter().filter(|s| s.ns > 0) {
-            if let Some(fitted) = self.predict(s) {
-                let y = as_f64(s.ns);
-                sum += ((fitted - y) / y).powi(2);
-                n += 1.0;
-            }
-        }
-        if n > 0.0 { (sum / n).sqrt() } else { 0.0 }
+        relative_rms_of(
+            samples
+                .iter()
+                .filter_map(|s| Some((self.predict(s)?, as_f64(s.ns)))),
+        )
     }
+}
+
+/// Index of a batch size in a per-batch table (batch 1 at 0); `None` for batch 0.
+fn batch_index(batch: u32) -> Option<usize> {
+    usize::try_from(batch).ok()?.checked_sub(1)
 }
 
 /// Least squares of `ns = a_B + d·ctx` with one intercept per batch size and `d ≥ 0`: `d` from
@@ -197,7 +196,7 @@ fn fit_decode_table(samples: &[DecodeSample], fallback_d: f64) -> Option<DecodeT
     // Per batch size: (n, Σctx, Σns).
     let mut sums = vec![(0.0_f64, 0.0_f64, 0.0_f64); largest];
     for s in samples {
-        let slot = sums.get_mut(usize::try_from(s.batch).ok()?.checked_sub(1)?)?;
+        let slot = sums.get_mut(batch_index(s.batch)?)?;
         slot.0 += 1.0;
         slot.1 += as_f64(s.ctx_tokens);
         slot.2 += as_f64(s.ns);
@@ -208,11 +207,7 @@ fn fit_decode_table(samples: &[DecodeSample], fallback_d: f64) -> Option<DecodeT
     let means: Vec<(f64, f64)> = sums.iter().map(|(n, c, y)| (c / n, y / n)).collect();
     let (mut covariance, mut variance) = (0.0, 0.0);
     for s in samples {
-        let (c_mean, y_mean) = usize::try_from(s.batch)
-            .ok()
-            .and_then(|b| b.checked_sub(1))
-            .and_then(|i| means.get(i))
-            .copied()?;
+        let (c_mean, y_mean) = means.get(batch_index(s.batch)?).copied()?;
         let dc = as_f64(s.ctx_tokens) - c_mean;
         covariance += dc * (as_f64(s.ns) - y_mean);
         variance += dc * dc;
@@ -268,14 +263,19 @@ fn median(values: &[u64]) -> f64 {
 }
 
 fn relative_rms(rows: &[([f64; 3], f64)], coef: [f64; 3]) -> f64 {
-    let mut sum = 0.0;
-    let mut n = 0.0;
-    for (x, y) in rows {
-        if *y > 0.0 {
-            let fitted = x[0] * coef[0] + x[1] * coef[1] + x[2] * coef[2];
-            sum += ((fitted - y) / y).powi(2);
-            n += 1.0;
-        }
+    relative_rms_of(
+        rows.iter()
+            .map(|(x, y)| (x[0] * coef[0] + x[1] * coef[1] + x[2] * coef[2], *y)),
+    )
+}
+
+/// Root-mean-square of (fitted − measured) / measured over `(fitted, measured)` pairs whose
+/// measurement is positive; 0 when there is none.
+fn relative_rms_of(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
+    let (mut sum, mut n) = (0.0, 0.0);
+    for (fitted, y) in pairs.filter(|(_, y)| *y > 0.0) {
+        sum += ((fitted - y) / y).powi(2);
+        n += 1.0;
     }
     if n > 0.0 { (sum / n).sqrt() } else { 0.0 }
 }
@@ -430,7 +430,7 @@ mod tests {
         assert!((f.decode_per_1k_ctx_ms - 3.0).abs() < 1e-3, "{f:?}");
         assert!(fit.decode_error_rms < 1e-6, "{fit:?}");
         // The simulator's cost of a step now matches every measured sample.
-        let costs = crate::profile::Costs::new(&toy_accelerator(), f);
+        let costs = crate::profile::Costs::new(&crate::profile::tests::accelerator(), f);
         for s in &m.decode {
             let simulated = costs.decode_ns(f64::from(s.batch), as_f64(s.ctx_tokens));
             assert!(simulated.abs_diff(s.ns) <= 1000, "{s:?}: {simulated}");
@@ -444,19 +444,6 @@ mod tests {
         let fit = fit_family(&m).unwrap();
         assert!(fit.family.decode_batch_ms.is_empty());
         assert!((fit.family.decode_per_seq_ms - 10.0).abs() < 1e-3);
-    }
-
-    fn toy_accelerator() -> crate::profile::Accelerator {
-        crate::profile::Accelerator {
-            memory_bytes: 1 << 30,
-            kv_saved_bytes_max: 0,
-            saved_kv_in_memory_budget: true,
-            overlap_transfers: false,
-            h2d_bytes_per_s: 1e9,
-            d2h_bytes_per_s: 1e9,
-            kv_fixed_s: 0.0,
-            engine_overhead: 1.0,
-        }
     }
 
     #[test]

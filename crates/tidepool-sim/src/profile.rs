@@ -323,7 +323,7 @@ pub(crate) fn as_f64(value: u64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn family(table: Vec<f64>) -> Family {
@@ -348,7 +348,9 @@ mod tests {
         }
     }
 
-    fn accelerator() -> Accelerator {
+    /// A 1 GiB accelerator with 1 GB/s transfers and no engine overhead (also used by the
+    /// calibration tests).
+    pub(crate) fn accelerator() -> Accelerator {
         Accelerator {
             memory_bytes: 1 << 30,
             kv_saved_bytes_max: 0,
