@@ -336,6 +336,10 @@ pub enum PoolPolicy {
 /// this policy and budget (docs/pool.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent on/off switches of the pool, each documented; no state machine"
+)]
 pub struct PoolConfig {
     /// `false`: each text model gets its own continuous-batching engine, all always loaded
     /// (the skeleton's engine, kept for `tidepool bench engine`).
@@ -362,6 +366,10 @@ pub struct PoolConfig {
     pub prefill_cold_lazy: bool,
     /// `token`: within a round, turns of resident models run before turns that need a load.
     pub round_resident_first: bool,
+    /// A prefill carries its model's decoding sequences, one token each, in the same batch
+    /// (they do not stall while a new request's prompt runs). Off by default: measured dearer
+    /// than a decode step on llama.cpp (docs/pool.md §3.1).
+    pub prefill_riders: bool,
 }
 
 impl PoolConfig {
@@ -399,6 +407,7 @@ impl Default for PoolConfig {
             turn_quota_ms_max: 4_000,
             prefill_cold_lazy: false,
             round_resident_first: false,
+            prefill_riders: false,
         }
     }
 }

@@ -570,16 +570,19 @@ impl Accelerator {
     }
 
     /// Prefills the prompts of `seqs` (each into a free slot of `model`) and samples each one's
-    /// first token.
+    /// first token. `riders`, sequences of `model` already decoding, each put their next token
+    /// into the first batch and sample one more, so they do not wait out the prefill.
     #[expect(
         clippy::too_many_lines,
         reason = "one pass: slot assignment, batched prompt feeding, first-token sampling"
     )]
-    pub fn prefill(&mut self, model: usize, seqs: &[u64]) -> StepOutcome {
+    pub fn prefill(&mut self, model: usize, seqs: &[u64], riders: &[u64]) -> StepOutcome {
         let mut outcome = StepOutcome {
             steps: 1,
             finished: Vec::new(),
         };
+        let live_riders = self.live_members(riders, &mut outcome);
+        let mut riders_pending = !live_riders.is_empty();
         let mut members: Vec<Member> = Vec::with_capacity(seqs.len());
         for &id in seqs {
             let Some(seq) = self.seqs.get_mut(&id) else {
@@ -614,18 +617,33 @@ impl Accelerator {
         // Feed the prompts in batches of at most `batch_tokens_max` tokens, first come first.
         let mut cursor = 0;
         let mut offset = 0;
-        while cursor < members.len() {
+        while cursor < members.len() || riders_pending {
             let Some(state) = self.models.get_mut(model) else {
                 break;
             };
             let limit = state.config.batch_tokens();
             let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
+                // Not loaded: the prompts failed above; riders cannot emit their token either.
+                let error = state.broken.clone().unwrap_or(EngineError::ShutDown);
+                for member in &live_riders {
+                    if let Some(seq) = self.seqs.get_mut(&member.seq) {
+                        seq.output.fail(error.clone());
+                        seq.ended = true;
+                    }
+                }
                 break;
             };
             batch.clear();
             let mut rows: Vec<(u64, i32)> = Vec::new();
             let mut add_failed = false;
-            while cursor < members.len() && usize::try_from(batch.n_tokens()).unwrap_or(0) < limit {
+            // Riders go first, one token each (`batch_tokens_max ≥ seqs_max` leaves room).
+            if std::mem::take(&mut riders_pending) {
+                add_failed = !add_next_tokens(&mut self.seqs, batch, &live_riders, &mut rows);
+            }
+            while !add_failed
+                && cursor < members.len()
+                && usize::try_from(batch.n_tokens()).unwrap_or(0) < limit
+            {
                 let Some(member) = members.get(cursor) else {
                     break;
                 };
@@ -672,7 +690,7 @@ impl Accelerator {
             };
             if let Err(error) = decoded {
                 tracing::error!(%error, "prefill decode failed");
-                for member in &members {
+                for member in members.iter().chain(&live_riders) {
                     if let Some(seq) = self.seqs.get_mut(&member.seq) {
                         seq.output.fail(error.clone());
                         seq.ended = true;
@@ -684,7 +702,7 @@ impl Accelerator {
                 self.sample(model, id, row);
             }
         }
-        for member in &members {
+        for member in members.iter().chain(&live_riders) {
             let ended = self.seqs.get(&member.seq).is_some_and(|s| s.ended);
             if ended {
                 outcome.finished.push(self.finish(member.seq));
@@ -693,27 +711,10 @@ impl Accelerator {
         outcome
     }
 
-    /// Runs up to `steps` decode steps of `seqs` (all in `model`'s context), one token each per
-    /// step; a sequence that ends leaves the batch and is reported.
-    pub fn decode(&mut self, model: usize, seqs: &[u64], steps: u32) -> StepOutcome {
-        self.decode_until(model, seqs, steps, &mut || false)
-    }
-
-    /// [`Self::decode`], asking `stop` between steps (never before the first): `true` ends the
-    /// turn early, and `StepOutcome::steps` says how many ran.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one pass over the steps of a turn, read top to bottom"
-    )]
-    pub fn decode_until(
-        &mut self,
-        model: usize,
-        seqs: &[u64],
-        steps: u32,
-        stop: &mut dyn FnMut() -> bool,
-    ) -> StepOutcome {
-        let mut outcome = StepOutcome::default();
-        let mut live: Vec<Member> = Vec::with_capacity(seqs.len());
+    /// The sequences of `seqs` that can decode their next token (in a slot, not ended); the
+    /// others end here and are reported in `outcome`.
+    fn live_members(&mut self, seqs: &[u64], outcome: &mut StepOutcome) -> Vec<Member> {
+        let mut live = Vec::with_capacity(seqs.len());
         for &id in seqs {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
@@ -731,6 +732,26 @@ impl Accelerator {
                 }
             }
         }
+        live
+    }
+
+    /// Runs up to `steps` decode steps of `seqs` (all in `model`'s context), one token each per
+    /// step; a sequence that ends leaves the batch and is reported.
+    pub fn decode(&mut self, model: usize, seqs: &[u64], steps: u32) -> StepOutcome {
+        self.decode_until(model, seqs, steps, &mut || false)
+    }
+
+    /// [`Self::decode`], asking `stop` between steps (never before the first): `true` ends the
+    /// turn early, and `StepOutcome::steps` says how many ran.
+    pub fn decode_until(
+        &mut self,
+        model: usize,
+        seqs: &[u64],
+        steps: u32,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> StepOutcome {
+        let mut outcome = StepOutcome::default();
+        let mut live = self.live_members(seqs, &mut outcome);
         while outcome.steps < steps && !live.is_empty() {
             if outcome.steps > 0 && stop() {
                 break;
@@ -750,22 +771,7 @@ impl Accelerator {
             };
             batch.clear();
             let mut rows = Vec::with_capacity(live.len());
-            let mut add_failed = false;
-            for member in &live {
-                let Some(seq) = self.seqs.get_mut(&member.seq) else {
-                    continue;
-                };
-                let Some(token) = seq.next_token.take() else {
-                    continue;
-                };
-                let pos = i32::try_from(seq.kv_tokens.len()).unwrap_or(i32::MAX);
-                rows.push((member.seq, batch.n_tokens()));
-                if batch.add(token, pos, &[member.slot], true).is_err() {
-                    add_failed = true;
-                    break;
-                }
-                seq.kv_tokens.push(token);
-            }
+            let add_failed = !add_next_tokens(&mut self.seqs, batch, &live, &mut rows);
             let decoded = if add_failed {
                 Err(EngineError::Decode { code: -1 })
             } else {
@@ -1013,6 +1019,31 @@ impl Accelerator {
             state.free_slots.insert(slot);
         }
     }
+}
+
+/// Adds each member's sampled, not yet decoded token to `batch` at its next position (with
+/// logits, its row recorded in `rows`). False if the batch is full.
+fn add_next_tokens(
+    seqs: &mut BTreeMap<u64, Seq>,
+    batch: &mut LlamaBatch<'static>,
+    members: &[Member],
+    rows: &mut Vec<(u64, i32)>,
+) -> bool {
+    for member in members {
+        let Some(seq) = seqs.get_mut(&member.seq) else {
+            continue;
+        };
+        let Some(token) = seq.next_token.take() else {
+            continue;
+        };
+        let pos = i32::try_from(seq.kv_tokens.len()).unwrap_or(i32::MAX);
+        rows.push((member.seq, batch.n_tokens()));
+        if batch.add(token, pos, &[member.slot], true).is_err() {
+            return false;
+        }
+        seq.kv_tokens.push(token);
+    }
+    true
 }
 
 fn unknown_model(model: usize) -> EngineError {

@@ -84,7 +84,7 @@ fn collect(mut generation: Generation) -> (String, u32) {
 
 /// Runs sequence `seq` straight through: prefill, then decode until it finishes.
 fn run_straight(accelerator: &mut Accelerator, model: usize, seq: u64) {
-    let outcome = accelerator.prefill(model, &[seq]);
+    let outcome = accelerator.prefill(model, &[seq], &[]);
     if outcome.finished.is_empty() {
         let outcome = accelerator.decode(model, &[seq], 1000);
         assert_eq!(outcome.finished.len(), 1, "the sequence finishes");
@@ -113,7 +113,7 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
         // the first slot, then saved, the model evicted and loaded again, and restored.
         let (prepared, preempted) = front.prepare(request(&front, prompt, 48)).unwrap();
         accelerator.register(2, 0, prepared, None);
-        let outcome = accelerator.prefill(0, &[2]);
+        let outcome = accelerator.prefill(0, &[2], &[]);
         assert!(outcome.finished.is_empty());
         let outcome = accelerator.decode(0, &[2], 5);
         assert_eq!((outcome.steps, outcome.finished.len()), (5, 0));
@@ -125,7 +125,7 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
 
         let (prepared, other) = front.prepare(request(&front, "Name a colour.", 4)).unwrap();
         accelerator.register(3, 0, prepared, None);
-        let outcome = accelerator.prefill(0, &[3]);
+        let outcome = accelerator.prefill(0, &[3], &[]);
         assert!(
             outcome.finished.is_empty(),
             "the other sequence holds a slot"
@@ -150,6 +150,73 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
         assert_eq!(tokens, expected_tokens);
         drop(other);
         accelerator.release(3);
+        assert_eq!(accelerator.seqs_len(), 0);
+    }
+}
+
+/// A decoding sequence that rides in other requests' prefill batches (one token each time)
+/// produces exactly the text it produces decoding alone, and a rider that reaches its
+/// `max_tokens` in a prefill is reported finished there.
+#[test]
+fn real_model_riders_in_prefill_batches_keep_their_output() {
+    for config in [smollm2(), gemma()] {
+        let front = ModelFrontEnd::open(config.clone()).unwrap();
+        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+        accelerator.load(0).unwrap();
+        let prompt = "Write three sentences about the sea.";
+        let (prepared, reference) = front.prepare(request(&front, prompt, 48)).unwrap();
+        accelerator.register(1, 0, prepared, None);
+        run_straight(&mut accelerator, 0, 1);
+        let (expected, expected_tokens) = collect(reference);
+
+        let (prepared, rider) = front.prepare(request(&front, prompt, 48)).unwrap();
+        accelerator.register(2, 0, prepared, None);
+        assert!(accelerator.prefill(0, &[2], &[]).finished.is_empty());
+        let mut others = Vec::new();
+        for (seq, user) in [(3, "Name a colour."), (4, "Count to five."), (5, "Say hi.")] {
+            let (prepared, other) = front.prepare(request(&front, user, 2)).unwrap();
+            accelerator.register(seq, 0, prepared, None);
+            let outcome = accelerator.prefill(0, &[seq], &[2]);
+            assert_eq!(outcome.steps, 1);
+            assert!(outcome.finished.is_empty(), "{outcome:?}");
+            // The newcomer decodes its second (last) token beside the rider, then rides in
+            // the next prefill... here it simply finishes with a one-step decode.
+            let outcome = accelerator.decode(0, &[seq, 2], 1);
+            assert_eq!(
+                outcome.finished.iter().map(|f| f.seq).collect::<Vec<_>>(),
+                vec![seq]
+            );
+            others.push(other);
+        }
+        // A rider at its last token finishes inside the prefill.
+        let (prepared, short) = front.prepare(request(&front, "Name a fruit.", 2)).unwrap();
+        accelerator.register(6, 0, prepared, None);
+        assert!(accelerator.prefill(0, &[6], &[]).finished.is_empty());
+        let (prepared, other) = front.prepare(request(&front, "Name a tree.", 2)).unwrap();
+        accelerator.register(7, 0, prepared, None);
+        let outcome = accelerator.prefill(0, &[7], &[6, 2]);
+        let finished: Vec<(u64, u32)> = outcome
+            .finished
+            .iter()
+            .map(|f| (f.seq, f.tokens_emitted))
+            .collect();
+        assert_eq!(finished, vec![(6, 2)], "the short rider ends at 2 tokens");
+        assert_eq!(collect(short).1, 2);
+        others.push(other);
+        accelerator.decode(0, &[7], 1);
+
+        let outcome = accelerator.decode(0, &[2], 1000);
+        assert_eq!(outcome.finished.first().map(|f| f.seq), Some(2));
+        let (text, tokens) = collect(rider);
+        assert_eq!(
+            text, expected,
+            "{}: riding changed the output",
+            config.model_id
+        );
+        assert_eq!(tokens, expected_tokens);
+        for other in others {
+            assert_eq!(collect(other).1, 2);
+        }
         assert_eq!(accelerator.seqs_len(), 0);
     }
 }
@@ -184,7 +251,7 @@ fn real_model_client_gone_is_reported_once_and_released() {
     accelerator.load(0).unwrap();
     let (prepared, generation) = front.prepare(request(&front, "Count to ten.", 64)).unwrap();
     accelerator.register(7, 0, prepared, None);
-    accelerator.prefill(0, &[7]);
+    accelerator.prefill(0, &[7], &[]);
     drop(generation);
     assert_eq!(accelerator.cancelled(), vec![7]);
     assert!(accelerator.cancelled().is_empty(), "reported once");

@@ -151,6 +151,7 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
     runtime.turn_quota_ms_max = config.pool.turn_quota_ms_max;
     runtime.prefill_cold_lazy = config.pool.prefill_cold_lazy;
     runtime.round_resident_first = config.pool.round_resident_first;
+    runtime.prefill_riders = config.pool.prefill_riders;
     runtime.admission_queue_len_max = config.limits.admission_queue_len_max;
     tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
         "starting the model pool (measuring each model once)");

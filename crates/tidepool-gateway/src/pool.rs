@@ -91,6 +91,8 @@ pub struct PoolCountersOut {
     pub kv_restores: u64,
     pub prefills: u64,
     pub decode_steps: u64,
+    /// Tokens decoding sequences emitted riding in another request's prefill batch.
+    pub rider_tokens: u64,
     pub requests_admitted: u64,
     pub requests_finished: u64,
     pub requests_cancelled: u64,
@@ -160,6 +162,7 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
             kv_restores: c.kv_restores,
             prefills: c.prefills,
             decode_steps: c.decode_steps,
+            rider_tokens: c.rider_tokens,
             requests_admitted: c.requests_admitted,
             requests_finished: c.requests_finished,
             requests_cancelled: c.requests_cancelled,

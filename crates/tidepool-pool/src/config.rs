@@ -117,6 +117,12 @@ pub struct PoolConfig {
     /// `token`: within a round, turns of resident models run before turns that need a load.
     #[serde(default)]
     pub round_resident_first: bool,
+    /// A prefill carries its model's decoding sequences as riders: one token each in the
+    /// prefill's batch, so they do not stall while a new request's prompt runs. Off by default:
+    /// on llama.cpp with a KV stream per sequence a mixed batch is split into equal-length
+    /// micro-batches, so a rider costs about a decode step of its own (docs/pool.md §3.1).
+    #[serde(default)]
+    pub prefill_riders: bool,
     pub models: Vec<ModelSpec>,
 }
 
@@ -141,6 +147,7 @@ impl PoolConfig {
             hol_blocking: false,
             prefill_cold_lazy: false,
             round_resident_first: false,
+            prefill_riders: false,
             models,
         }
     }

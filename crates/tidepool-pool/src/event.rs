@@ -65,8 +65,9 @@ pub enum Event {
     },
     /// An [`Action::RestoreKv`] finished; the sequence is back in the context.
     KvRestored { now_ns: u64, action: ActionId },
-    /// An [`Action::Prefill`] (`steps` = 1: the first token) or [`Action::Decode`] finished.
-    /// Every listed sequence not in `finished` emitted exactly `steps` tokens.
+    /// An [`Action::Prefill`] (`steps` = 1: the first token, and one token per rider) or
+    /// [`Action::Decode`] finished. Every listed sequence (riders included) not in `finished`
+    /// emitted exactly `steps` tokens.
     StepFinished {
         now_ns: u64,
         action: ActionId,
@@ -121,10 +122,14 @@ pub enum Action {
         seq: SeqId,
     },
     /// Prefill these prompts together and emit each first token → `StepFinished { steps: 1 }`.
+    /// `riders` are sequences of the model already decoding (cells in the context): each rides
+    /// in the prefill's batch with its next token, so it emits one token too instead of waiting
+    /// out the prefill (mixed batches; empty unless `PoolConfig::prefill_riders`).
     Prefill {
         id: ActionId,
         model: ModelId,
         seqs: Vec<SeqId>,
+        riders: Vec<SeqId>,
     },
     /// Run up to `steps` decode steps of this batch → `StepFinished`.
     Decode {

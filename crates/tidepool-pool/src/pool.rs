@@ -121,7 +121,8 @@ pub(crate) enum Work {
     Evict,
     Save(SeqId),
     Restore(SeqId),
-    Prefill(Vec<SeqId>),
+    /// Prompts to prefill, and the model's decoding sequences riding along (one token each).
+    Prefill(Vec<SeqId>, Vec<SeqId>),
     Decode(Vec<SeqId>, u32),
 }
 
@@ -316,7 +317,7 @@ impl Pool {
                 ..
             } => {
                 let done = self.take(action, "step", |w| {
-                    matches!(w, Work::Prefill(_) | Work::Decode(..))
+                    matches!(w, Work::Prefill(..) | Work::Decode(..))
                 })?;
                 self.finish_step(done, steps, duration_ns, &finished, actions);
             }
@@ -581,19 +582,20 @@ impl Pool {
             Work::Evict => &mut times.evict,
             Work::Save(_) => &mut times.kv_save,
             Work::Restore(_) => &mut times.kv_restore,
-            Work::Prefill(_) => &mut times.prefill,
+            Work::Prefill(..) => &mut times.prefill,
             Work::Decode(..) => &mut times.decode,
         };
         *kind = kind.saturating_add(took_ns);
         let model = &mut self.models[done.model];
         model.busy -= 1;
         model.last_used_ns = self.now_ns;
-        let seqs: &[SeqId] = match &done.work {
-            Work::Save(seq) | Work::Restore(seq) => std::slice::from_ref(seq),
-            Work::Prefill(seqs) | Work::Decode(seqs, _) => seqs,
-            Work::Load | Work::Evict => &[],
+        let (seqs, riders): (&[SeqId], &[SeqId]) = match &done.work {
+            Work::Save(seq) | Work::Restore(seq) => (std::slice::from_ref(seq), &[]),
+            Work::Prefill(seqs, riders) => (seqs, riders),
+            Work::Decode(seqs, _) => (seqs, &[]),
+            Work::Load | Work::Evict => (&[], &[]),
         };
-        for seq in seqs {
+        for seq in seqs.iter().chain(riders) {
             if let Some(state) = self.seqs.get_mut(seq) {
                 state.in_action = false;
             }
@@ -684,18 +686,21 @@ impl Pool {
         finished: &[SeqFinished],
         actions: &mut Vec<Action>,
     ) {
-        let (seqs, prefill) = match done.work {
-            Work::Prefill(seqs) => (seqs, true),
-            Work::Decode(seqs, _) => (seqs, false),
+        let (seqs, riders) = match done.work {
+            Work::Prefill(seqs, riders) => (seqs, Some(riders)),
+            Work::Decode(seqs, _) => (seqs, None),
             Work::Load | Work::Evict | Work::Save(_) | Work::Restore(_) => return,
         };
+        let prefill = riders.is_some();
         if !prefill && steps > 0 {
             let m = &mut self.models[done.model];
             m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
             self.counters.decode_steps += u64::from(steps);
         }
         let steps = if prefill { 1 } else { steps };
-        for seq in seqs {
+        let riders = riders.unwrap_or_default();
+        let prompts = seqs.len();
+        for (index, seq) in seqs.into_iter().chain(riders).enumerate() {
             let Some(state) = self.seqs.get_mut(&seq) else {
                 continue;
             };
@@ -709,8 +714,12 @@ impl Pool {
                 Some(f) => f.tokens_emitted,
                 None => state.emitted.saturating_add(steps),
             };
-            state.emitted = emitted.min(state.max_tokens);
-            if prefill {
+            let emitted = emitted.min(state.max_tokens);
+            if index >= prompts {
+                self.counters.rider_tokens += u64::from(emitted.saturating_sub(state.emitted));
+            }
+            state.emitted = emitted;
+            if index < prompts && prefill {
                 state.phase = Phase::Decoding;
                 self.models[done.model].decoding.insert(seq);
             }
@@ -730,7 +739,7 @@ impl Pool {
             Work::Evict => self.book_evict(id, model, model_id),
             Work::Save(seq) => self.book_save(id, model, model_id, *seq),
             Work::Restore(seq) => self.book_restore(id, model, model_id, *seq),
-            Work::Prefill(seqs) => self.book_prefill(id, model, model_id, seqs),
+            Work::Prefill(seqs, riders) => self.book_prefill(id, model, model_id, seqs, riders),
             Work::Decode(seqs, steps) => self.book_decode(id, model, model_id, seqs, *steps),
         };
         match lane_of(&work) {
@@ -906,7 +915,18 @@ impl Pool {
         model: usize,
         model_id: ModelId,
         seqs: &[SeqId],
+        riders: &[SeqId],
     ) -> Action {
+        for seq in riders {
+            let state = self.seqs.get_mut(seq);
+            let ready = state.as_ref().is_some_and(|s| {
+                s.model == model && s.phase == Phase::Decoding && s.kv == Kv::InCtx && !s.in_action
+            });
+            assert!(ready, "a rider must be decoding in the prefill's context");
+            if let Some(state) = state {
+                state.in_action = true;
+            }
+        }
         let m = &mut self.models[model];
         assert_eq!(
             m.residency,
@@ -944,6 +964,7 @@ impl Pool {
             id,
             model: model_id,
             seqs: seqs.to_vec(),
+            riders: riders.to_vec(),
         }
     }
 
@@ -1123,7 +1144,7 @@ impl Pool {
 
 pub(crate) fn lane_of(work: &Work) -> Lane {
     match work {
-        Work::Prefill(_) | Work::Decode(..) => Lane::Compute,
+        Work::Prefill(..) | Work::Decode(..) => Lane::Compute,
         Work::Load | Work::Evict | Work::Save(_) | Work::Restore(_) => Lane::Transfer,
     }
 }

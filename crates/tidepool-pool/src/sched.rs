@@ -160,7 +160,8 @@ impl Pool {
                 if !self.prefill_urgent(model) {
                     self.prefill_credit = false;
                 }
-                self.emit(model, Work::Prefill(seqs), actions);
+                let riders = self.riders(model);
+                self.emit(model, Work::Prefill(seqs, riders), actions);
                 true
             }
             Target::Decode(turn) => {
@@ -183,6 +184,24 @@ impl Pool {
                 true
             }
         }
+    }
+
+    /// The model's decoding sequences that can ride in its next prefill: cells in the context,
+    /// in no other action, client still there (`prefill_riders` on).
+    fn riders(&self, model: usize) -> Vec<SeqId> {
+        if !self.cfg.prefill_riders {
+            return Vec::new();
+        }
+        self.models[model]
+            .decoding
+            .iter()
+            .copied()
+            .filter(|seq| {
+                self.seqs
+                    .get(seq)
+                    .is_some_and(|s| s.kv == Kv::InCtx && !s.in_action && !s.cancelled)
+            })
+            .collect()
     }
 
     /// The cached target if still valid, else a fresh choice between the oldest prefill group

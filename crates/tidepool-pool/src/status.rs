@@ -90,6 +90,9 @@ pub struct PoolCounters {
     pub prefills: u64,
     pub decode_turns: u64,
     pub decode_steps: u64,
+    /// Tokens decoding sequences emitted riding in a prefill's batch (`Action::Prefill::riders`).
+    #[serde(default)]
+    pub rider_tokens: u64,
     pub requests_admitted: u64,
     pub requests_finished: u64,
     pub requests_cancelled: u64,
@@ -109,6 +112,7 @@ impl PoolCounters {
             prefills: self.prefills.saturating_add(other.prefills),
             decode_turns: self.decode_turns.saturating_add(other.decode_turns),
             decode_steps: self.decode_steps.saturating_add(other.decode_steps),
+            rider_tokens: self.rider_tokens.saturating_add(other.rider_tokens),
             requests_admitted: self
                 .requests_admitted
                 .saturating_add(other.requests_admitted),

@@ -113,6 +113,7 @@ fn config(seed: u64, rng: &mut ChaCha8Rng) -> PoolConfig {
     cfg.hol_blocking = rng.random_bool(0.3);
     cfg.prefill_cold_lazy = rng.random_bool(0.5);
     cfg.round_resident_first = rng.random_bool(0.5);
+    cfg.prefill_riders = rng.random_bool(0.7);
     cfg.ttft_slo_ms = rng.random_range(500..5000);
     cfg.tbt_slo_ms = rng.random_range(20..200);
     cfg.turn_quota_ms_max = rng.random_range(100..2000);
@@ -287,7 +288,12 @@ impl Run {
                     },
                 );
             }
-            Action::Prefill { id, model, seqs } => self.prefill(*id, model, seqs, now_ns, rng),
+            Action::Prefill {
+                id,
+                model,
+                seqs,
+                riders,
+            } => self.prefill(*id, model, seqs, riders, now_ns, rng),
             Action::Decode {
                 id,
                 model,
@@ -311,6 +317,7 @@ impl Run {
         id: ActionId,
         model: &ModelId,
         seqs: &[SeqId],
+        riders: &[SeqId],
         now_ns: u64,
         rng: &mut ChaCha8Rng,
     ) {
@@ -320,7 +327,31 @@ impl Run {
             "prefill on a model not loaded"
         );
         assert!(!seqs.is_empty(), "empty prefill");
+        assert!(
+            self.pool.config().prefill_riders || riders.is_empty(),
+            "riders with prefill_riders off"
+        );
         let mut finished = Vec::new();
+        // Riders: decoding sequences of this model, one token each (a decode step of one).
+        for seq in riders {
+            assert!(!seqs.contains(seq), "a rider is also prefilled");
+            let max = self.engine.max_tokens[seq];
+            let entry = self
+                .engine
+                .in_ctx
+                .get_mut(seq)
+                .expect("a rider not in a context");
+            assert_eq!(&entry.0, model, "a rider of another model");
+            assert!(entry.1 < max, "a rider that already finished");
+            self.engine.tokens.get_mut(seq).unwrap().push(entry.1);
+            entry.1 += 1;
+            if entry.1 >= max {
+                finished.push(SeqFinished {
+                    seq: *seq,
+                    tokens_emitted: entry.1,
+                });
+            }
+        }
         for seq in seqs {
             assert!(!self.engine.tokens.contains_key(seq), "prefill twice");
             self.engine.in_ctx.insert(*seq, (model.clone(), 1));

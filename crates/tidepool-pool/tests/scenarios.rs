@@ -359,18 +359,14 @@ fn step_done(pool: &mut Pool, now_ns: u64, action: ActionId, steps: u32) -> Vec<
     feed(pool, event)
 }
 
-/// A request of the model whose turn is running asks the driver to cut the turn at the next
-/// step (continuous batching within a model); not when the model has no free slot, and not
-/// while another model has sequences decoding (its turn would be delayed).
-#[test]
-fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
-    let cfg = PoolConfig::new(
+/// A `dedicated` pool with every model loaded (one transfer at a time, at t = 1, 2, … ns).
+fn loaded(cfg: PoolConfig) -> Pool {
+    assert_eq!(
+        cfg.policy,
         PoolPolicy::Dedicated,
-        100 * MIB,
-        vec![model("a", 10), model("b", 10)],
+        "only dedicated loads at once"
     );
     let mut pool = Pool::new(cfg).unwrap();
-    // Dedicated loads both models, one transfer at a time.
     let mut out = feed(&mut pool, Event::Tick { now_ns: 0 });
     let mut now_ns = 0;
     while let [Action::Load { id, .. }] = out.as_slice() {
@@ -385,12 +381,25 @@ fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
         );
     }
     assert!(out.is_empty(), "{out:?}");
+    let status = pool.status();
     assert!(
-        pool.status()
-            .models
-            .iter()
-            .all(|m| m.state == Residency::Resident)
+        status.models.iter().all(|m| m.state == Residency::Resident),
+        "{status:?}"
     );
+    pool
+}
+
+/// A request of the model whose turn is running asks the driver to cut the turn at the next
+/// step (continuous batching within a model); not when the model has no free slot, and not
+/// while another model has sequences decoding (its turn would be delayed).
+#[test]
+fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
+    let cfg = PoolConfig::new(
+        PoolPolicy::Dedicated,
+        100 * MIB,
+        vec![model("a", 10), model("b", 10)],
+    );
+    let mut pool = loaded(cfg);
     let out = arrive(&mut pool, 20, 1, "a", 100).unwrap();
     let [Action::Prefill { id, .. }] = out.as_slice() else {
         panic!("expected a prefill, got {out:?}")
@@ -409,10 +418,16 @@ fn decode_yields_to_a_waiting_request_of_the_same_model_only() {
     );
     // The driver cuts the turn after 2 steps; the waiting request is prefilled next.
     let out = step_done(&mut pool, 40, *id, 2);
-    let [Action::Prefill { id, seqs, .. }] = out.as_slice() else {
+    let [
+        Action::Prefill {
+            id, seqs, riders, ..
+        },
+    ] = out.as_slice()
+    else {
         panic!("expected the waiting request's prefill, got {out:?}")
     };
     assert_eq!(seqs, &[SeqId(2)]);
+    assert!(riders.is_empty(), "riders are off by default");
     let out = step_done(&mut pool, 50, *id, 1);
     let [Action::Decode { seqs, .. }] = out.as_slice() else {
         panic!("expected one turn of both sequences, got {out:?}")
@@ -463,4 +478,69 @@ fn decode_does_not_yield_when_another_prefill_comes_first() {
         !pool.decode_yield_wanted(),
         "the next prefill is `b`'s, held by its load"
     );
+}
+
+/// A prefill carries its model's decoding sequences as riders: each emits one token in the
+/// prefill's batch, counted towards its `max_tokens` (a rider can finish there) and in
+/// `rider_tokens`. Another model's sequences never ride, and with `prefill_riders` off nothing
+/// does.
+#[test]
+fn prefill_carries_the_models_decoding_sequences() {
+    for riders_on in [true, false] {
+        let mut cfg = PoolConfig::new(
+            PoolPolicy::Dedicated,
+            100 * MIB,
+            vec![model("a", 10), model("b", 10)],
+        );
+        cfg.prefill_riders = riders_on;
+        let mut pool = loaded(cfg);
+        // `a`'s request 1 (3 tokens) decodes; request 2 of `a` arrives and cuts the turn after
+        // one step (request 1: 2 of 3 tokens).
+        let out = arrive(&mut pool, 10, 1, "a", 3).unwrap();
+        let [Action::Prefill { id, riders, .. }] = out.as_slice() else {
+            panic!("expected a prefill, got {out:?}")
+        };
+        assert!(riders.is_empty(), "nothing decodes yet");
+        let out = step_done(&mut pool, 20, *id, 1);
+        let [Action::Decode { id, .. }] = out.as_slice() else {
+            panic!("expected `a`'s turn, got {out:?}")
+        };
+        assert!(arrive(&mut pool, 25, 2, "a", 100).unwrap().is_empty());
+        let out = step_done(&mut pool, 30, *id, 1);
+        let [
+            Action::Prefill {
+                id, seqs, riders, ..
+            },
+        ] = out.as_slice()
+        else {
+            panic!("expected request 2's prefill, got {out:?}")
+        };
+        assert_eq!(seqs, &[SeqId(2)]);
+        // With riders, request 1's third token rides in the prefill: it finishes there.
+        let rode = usize::from(riders_on);
+        assert_eq!(riders, &[SeqId(1)][..rode]);
+        let out = step_done(&mut pool, 40, *id, 1);
+        assert_eq!(pool.counters().rider_tokens, u64::from(riders_on));
+        assert_eq!(pool.counters().requests_finished, u64::from(riders_on));
+        let [Action::Decode { id, seqs, .. }] = out.as_slice() else {
+            panic!("expected `a`'s next turn, got {out:?}")
+        };
+        assert_eq!(
+            seqs,
+            &[SeqId(1), SeqId(2)][rode..],
+            "request 1 is done if it rode"
+        );
+        // `b`'s request does not cut `a`'s turn, and `a`'s sequences never ride in `b`'s batch.
+        assert!(arrive(&mut pool, 45, 3, "b", 100).unwrap().is_empty());
+        let out = step_done(&mut pool, 50, *id, 1);
+        let [Action::Prefill { seqs, riders, .. }] = out.as_slice() else {
+            panic!("expected `b`'s prefill, got {out:?}")
+        };
+        assert_eq!(seqs, &[SeqId(3)]);
+        assert!(
+            riders.is_empty(),
+            "`a`'s sequences cannot ride in `b`'s batch"
+        );
+        pool.check_invariants();
+    }
 }

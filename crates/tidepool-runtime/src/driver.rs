@@ -196,10 +196,17 @@ impl Driver {
                 self.accelerator.restore(seq.0);
                 Completion::Restored { id }
             }
-            Action::Prefill { id, model, seqs } => {
+            Action::Prefill {
+                id,
+                model,
+                seqs,
+                riders,
+            } => {
                 self.note_compute(&model);
-                let ids: Vec<u64> = seqs.iter().map(|s| s.0).collect();
-                let outcome = self.accelerator.prefill(self.model_index(&model), &ids);
+                let (ids, riders) = (engine_ids(&seqs), engine_ids(&riders));
+                let outcome = self
+                    .accelerator
+                    .prefill(self.model_index(&model), &ids, &riders);
                 metrics::finished(&model, &outcome);
                 Completion::Step {
                     id,
@@ -215,7 +222,7 @@ impl Driver {
                 steps,
             } => {
                 self.note_compute(&model);
-                let ids: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+                let ids = engine_ids(&seqs);
                 // Between steps, the pool may want the turn cut short (a request of this model
                 // waits and nothing else decodes): a short lock per step, ≪ one step's time.
                 let shared = Arc::clone(&self.shared);
@@ -286,6 +293,11 @@ impl Driver {
         }
         self.flush_pending = self.accelerator.flush();
     }
+}
+
+/// The engine's ids of pool sequences.
+fn engine_ids(seqs: &[SeqId]) -> Vec<u64> {
+    seqs.iter().map(|s| s.0).collect()
 }
 
 /// An engine action's completion, timed before the lock is taken.

@@ -59,6 +59,8 @@ pub struct RuntimeConfig {
     pub prefill_cold_lazy: bool,
     /// `token`: resident models' turns first within a round (`PoolConfig`).
     pub round_resident_first: bool,
+    /// Decoding sequences ride in their model's prefills (`PoolConfig`).
+    pub prefill_riders: bool,
     /// Requests waiting for their prefill, all models together.
     pub admission_queue_len_max: u32,
     /// `Retry-After` hint of a full queue.
@@ -79,6 +81,7 @@ impl RuntimeConfig {
             turn_quota_ms_max: 4_000,
             prefill_cold_lazy: false,
             round_resident_first: false,
+            prefill_riders: false,
             admission_queue_len_max: 256,
             overload_retry_after_ms: 1000,
             models,
@@ -435,6 +438,7 @@ fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConf
     pool.turn_quota_ms_max = config.turn_quota_ms_max;
     pool.prefill_cold_lazy = config.prefill_cold_lazy;
     pool.round_resident_first = config.round_resident_first;
+    pool.prefill_riders = config.prefill_riders;
     pool.admission_queue_len_max = config.admission_queue_len_max;
     pool
 }

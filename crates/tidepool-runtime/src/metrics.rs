@@ -26,6 +26,10 @@ pub(crate) fn describe() {
     );
     describe_counter!("tidepool_pool_decode_steps_total", "Decode steps run");
     describe_counter!(
+        "tidepool_pool_rider_tokens_total",
+        "Tokens decoding sequences emitted riding in a prefill's batch"
+    );
+    describe_counter!(
         "tidepool_pool_switches_total",
         "Compute actions on a different model than the previous one"
     );
@@ -104,6 +108,8 @@ pub(crate) fn counters(before: &PoolCounters, after: &PoolCounters) {
         .increment(delta(before.kv_restores, after.kv_restores));
     counter!("tidepool_pool_decode_steps_total")
         .increment(delta(before.decode_steps, after.decode_steps));
+    counter!("tidepool_pool_rider_tokens_total")
+        .increment(delta(before.rider_tokens, after.rider_tokens));
 }
 
 /// Memory used and models not cold. A load is counted when it starts and an eviction when it

@@ -38,6 +38,17 @@ pub struct TransferSample {
     pub restore_ns: u64,
 }
 
+/// One prompt's prefill timed alone and, right after, another prompt of the same length with
+/// `riders` decoding sequences (holding `ctx_tokens` in total) riding in its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RiderSample {
+    pub riders: u32,
+    pub ctx_tokens: u64,
+    pub prompt_tokens: u64,
+    pub alone_ns: u64,
+    pub with_riders_ns: u64,
+}
+
 /// Everything measured of one model family.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FamilyMeasurements {
@@ -53,6 +64,9 @@ pub struct FamilyMeasurements {
     pub unload_ns: Vec<u64>,
     pub prefill: Vec<PrefillSample>,
     pub decode: Vec<DecodeSample>,
+    /// Absent in samples written before riders existed.
+    #[serde(default)]
+    pub riders: Vec<RiderSample>,
 }
 
 /// A fitted family and how well the curves explain the samples.
@@ -141,6 +155,7 @@ pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
         decode_batch_ms: table
             .map(|t| t.batch_ns.iter().map(|&ns| ms(ns)).collect())
             .unwrap_or_default(),
+        prefill_rider_ms: fit_rider_ns(&m.riders, decode[2]).map(ms),
         load_s: median(&m.load_ns) / 1e9,
         ctx_create_s: 0.0,
         unload_s: if m.unload_ns.is_empty() {
@@ -223,6 +238,23 @@ fn fit_decode_table(samples: &[DecodeSample], fallback_d: f64) -> Option<DecodeT
         batch_ns,
         per_ctx_token_ns: d,
     })
+}
+
+/// One rider's cost besides its context term: the extra time of the prefills with riders over
+/// the same-length prefills alone, less `per_ctx_token_ns` of the riders' context, per rider
+/// (pooled over the samples, ≥ 0). `None` without samples that carried riders.
+fn fit_rider_ns(samples: &[RiderSample], per_ctx_token_ns: f64) -> Option<f64> {
+    let riders: u64 = samples.iter().map(|s| u64::from(s.riders)).sum();
+    if riders == 0 {
+        return None;
+    }
+    let extra: f64 = samples
+        .iter()
+        .map(|s| {
+            as_f64(s.with_riders_ns) - as_f64(s.alone_ns) - per_ctx_token_ns * as_f64(s.ctx_tokens)
+        })
+        .sum();
+    Some((extra / as_f64(riders)).max(0.0))
 }
 
 /// Fits `fixed + bytes / bandwidth` for saves and restores (one shared fixed cost).
@@ -370,6 +402,7 @@ mod tests {
             unload_ns: vec![10, 30],
             prefill: Vec::new(),
             decode: Vec::new(),
+            riders: Vec::new(),
         };
         for t in [8_u64, 32, 64, 128, 192, 256] {
             let ns = prefill[0] + prefill[1] * as_f64(t) + prefill[2] * as_f64(t * t);
@@ -410,6 +443,40 @@ mod tests {
         for (batch, ms) in (1..=4_u32).zip(&f.decode_batch_ms) {
             assert!((ms - (4.0 + 10.0 * f64::from(batch))).abs() < 1e-3, "{f:?}");
         }
+    }
+
+    #[test]
+    fn a_riders_cost_is_its_extra_prefill_time_less_its_context_term() {
+        // Decode context slope 2000 ns/token; a rider costs 1.5 ms besides its context.
+        let mut m = measurements([2e6, 5e6, 0.0], [4e6, 10e6, 2000.0]);
+        assert_eq!(fit_family(&m).unwrap().family.prefill_rider_ms, None);
+        for (riders, alone_ns) in [(1_u32, 640e6), (7, 655e6), (15, 630e6)] {
+            let ctx_tokens = u64::from(riders) * 129;
+            let extra = 1.5e6 * f64::from(riders) + 2000.0 * as_f64(ctx_tokens);
+            m.riders.push(RiderSample {
+                riders,
+                ctx_tokens,
+                prompt_tokens: 128,
+                alone_ns: crate::profile::f64_ns(alone_ns),
+                with_riders_ns: crate::profile::f64_ns(alone_ns + extra),
+            });
+        }
+        let f = fit_family(&m).unwrap().family;
+        let rider_ms = f.prefill_rider_ms.unwrap();
+        assert!((rider_ms - 1.5).abs() < 1e-3, "{f:?}");
+        // The simulator charges the riders of one sample exactly its measured extra time.
+        let costs = crate::profile::Costs::new(&crate::profile::tests::accelerator(), &f);
+        let s = m.riders[2];
+        let charged = costs.rider_ns(15, s.ctx_tokens);
+        assert!(
+            charged.abs_diff(s.with_riders_ns - s.alone_ns) <= 1000,
+            "{charged}"
+        );
+        // Riders measured as cheaper than nothing cost nothing (noise, not a rebate).
+        for s in &mut m.riders {
+            s.with_riders_ns = s.alone_ns;
+        }
+        assert_eq!(fit_family(&m).unwrap().family.prefill_rider_ms, Some(0.0));
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub struct Family {
     /// [`DECODE_TABLE_BATCH_MAX`] entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decode_batch_ms: Vec<f64>,
+    /// Measured cost of one rider — a decoding sequence's token in a prefill's batch
+    /// (docs/pool.md §3.1) — besides its context term, in ms. Unset: `decode_per_seq_ms`, the
+    /// line's marginal cost of one more sequence in a decode step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_rider_ms: Option<f64>,
     pub load_s: f64,
     pub ctx_create_s: f64,
     pub unload_s: f64,
@@ -144,6 +149,11 @@ impl Profile {
             {
                 return invalid(&f.name, "costs must be finite, non-negative, decode > 0");
             }
+            if f.prefill_rider_ms
+                .is_some_and(|t| !(t.is_finite() && t >= 0.0))
+            {
+                return invalid(&f.name, "prefill_rider_ms must be finite and non-negative");
+            }
             if f.decode_batch_ms.len() > DECODE_TABLE_BATCH_MAX
                 || f.decode_batch_ms
                     .iter()
@@ -177,6 +187,9 @@ pub struct Costs {
     decode_fixed_ns: f64,
     decode_per_seq_ns: f64,
     decode_per_ctx_token_ns: f64,
+    /// One rider's cost in a prefill besides its context (`prefill_rider_ms`, else the
+    /// decode line's per-sequence slope).
+    rider_ns: f64,
     /// `decode_batch_ms` in ns; only the first `decode_batch_len` entries are set.
     decode_batch_ns: [f64; DECODE_TABLE_BATCH_MAX],
     decode_batch_len: usize,
@@ -202,6 +215,7 @@ impl Costs {
             decode_fixed_ns: family.decode_fixed_ms * k,
             decode_per_seq_ns: family.decode_per_seq_ms * k,
             decode_per_ctx_token_ns: family.decode_per_1k_ctx_ms * k / 1000.0,
+            rider_ns: family.prefill_rider_ms.unwrap_or(family.decode_per_seq_ms) * k,
             decode_batch_ns,
             decode_batch_len: family.decode_batch_ms.len().min(DECODE_TABLE_BATCH_MAX),
             load_ns: secs_to_ns(family.load_s + family.ctx_create_s),
@@ -249,6 +263,17 @@ impl Costs {
         let lo = table.get(index.saturating_sub(1)).copied().unwrap_or(last);
         let hi = table.get(index).copied().unwrap_or(last);
         lo + (hi - lo) * fraction
+    }
+
+    /// What `riders` decoding sequences holding `ctx_tokens` in total add to a prefill they
+    /// ride in: a rider's own cost each (measured, or the decode line's per-sequence slope) plus
+    /// the context term — not a step's fixed part, which the prefill's pass over the weights pays.
+    pub fn rider_ns(&self, riders: usize, ctx_tokens: u64) -> u64 {
+        if riders == 0 {
+            return 0;
+        }
+        let riders = as_f64(u64::try_from(riders).unwrap_or(u64::MAX));
+        f64_ns(self.rider_ns * riders + self.decode_per_ctx_token_ns * as_f64(ctx_tokens))
     }
 
     pub fn save_ns(&self, tokens: u64) -> u64 {
@@ -342,6 +367,7 @@ pub(crate) mod tests {
             decode_per_seq_ms: 10.0,
             decode_per_1k_ctx_ms: 2.0,
             decode_batch_ms: table,
+            prefill_rider_ms: None,
             load_s: 0.1,
             ctx_create_s: 0.0,
             unload_s: 0.0,
@@ -414,5 +440,29 @@ pub(crate) mod tests {
             p.families[0].decode_batch_ms = bad;
             assert!(p.validate().is_err());
         }
+    }
+
+    #[test]
+    fn a_rider_costs_its_measured_share_or_the_lines_per_sequence_slope() {
+        // Unmeasured: decode_per_seq_ms (10 ms) each plus the context term (2 ms / 1k tokens).
+        let costs = Costs::new(&accelerator(), &family(Vec::new()));
+        assert_eq!(costs.rider_ns(0, 0), 0);
+        assert_eq!(costs.rider_ns(3, 1000), 32_000_000);
+        // Measured: 1.5 ms each.
+        let mut f = family(Vec::new());
+        f.prefill_rider_ms = Some(1.5);
+        let costs = Costs::new(&accelerator(), &f);
+        assert_eq!(costs.rider_ns(2, 500), 4_000_000);
+        let profile = Profile {
+            name: "t".into(),
+            description: "t".into(),
+            accelerator: accelerator(),
+            families: vec![f],
+        };
+        let back: Profile = toml::from_str(&profile.to_toml().unwrap()).unwrap();
+        assert_eq!(back, profile);
+        let mut bad = profile;
+        bad.families[0].prefill_rider_ms = Some(-1.0);
+        assert!(bad.validate().is_err());
     }
 }

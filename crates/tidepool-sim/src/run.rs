@@ -353,8 +353,13 @@ impl<'a> AccRun<'a> {
                     },
                 );
             }
-            Action::Prefill { id, model, seqs } => {
-                self.prefill(*id, self.model(model), seqs, now_ns);
+            Action::Prefill {
+                id,
+                model,
+                seqs,
+                riders,
+            } => {
+                self.prefill(*id, self.model(model), seqs, riders, now_ns);
             }
             Action::Decode {
                 id,
@@ -382,18 +387,36 @@ impl<'a> AccRun<'a> {
         self.compute = Some(compute);
     }
 
-    fn prefill(&mut self, id: tidepool_pool::ActionId, model: usize, seqs: &[SeqId], now_ns: u64) {
+    /// A prefill of `seqs`' prompts; each rider (a decoding sequence of the model) adds its
+    /// marginal decode cost and emits one token at the end too.
+    fn prefill(
+        &mut self,
+        id: tidepool_pool::ActionId,
+        model: usize,
+        seqs: &[SeqId],
+        riders: &[SeqId],
+        now_ns: u64,
+    ) {
         let (mut tokens, mut tokens_sq) = (0.0, 0.0);
         for seq in seqs {
             let t = f64::from(self.seqs[Self::seq_index(*seq)].prompt_tokens);
             tokens += t;
             tokens_sq += t * t;
         }
-        let d = self.costs[model].prefill_ns(tokens, tokens_sq).max(1);
+        let rider_indices: Vec<usize> = riders.iter().map(|s| Self::seq_index(*s)).collect();
+        let (owed, rider_ctx) = self.turn_state(&rider_indices);
+        let costs = &self.costs[model];
+        let d = costs
+            .prefill_ns(tokens, tokens_sq)
+            .saturating_add(costs.rider_ns(owed.len(), rider_ctx))
+            .max(1);
         let end = now_ns + d;
         let mut finished = Vec::new();
-        for seq in seqs {
+        for seq in seqs.iter().chain(riders) {
             let s = &mut self.seqs[Self::seq_index(*seq)];
+            if s.emitted >= s.output_tokens {
+                continue; // a rider owes nothing (the pool finishes a sequence at its last token)
+            }
             record_token(s, end, self.slo);
             if s.emitted >= s.output_tokens {
                 finished.push(SeqFinished {

@@ -28,6 +28,9 @@ pub struct PoolKnobs {
     pub alpha_admit_permille_max: u32,
     pub prefill_cold_lazy: bool,
     pub round_resident_first: bool,
+    /// Decoding sequences ride in their model's prefills (`PoolConfig::prefill_riders`).
+    #[serde(default)]
+    pub prefill_riders: bool,
 }
 
 impl Default for PoolKnobs {
@@ -41,6 +44,7 @@ impl Default for PoolKnobs {
             alpha_admit_permille_max: u32::MAX,
             prefill_cold_lazy: false,
             round_resident_first: false,
+            prefill_riders: false,
         }
     }
 }
@@ -203,6 +207,7 @@ fn pool_config(
     cfg.alpha_admit_permille_max = k.alpha_admit_permille_max;
     cfg.prefill_cold_lazy = k.prefill_cold_lazy;
     cfg.round_resident_first = k.round_resident_first;
+    cfg.prefill_riders = k.prefill_riders;
     Ok((cfg, costs, ids))
 }
 

@@ -283,6 +283,7 @@ fn a_request_arriving_mid_turn_cuts_the_turn_at_the_next_step() {
     // Turns of 400 steps: without the cut the second request would wait for the first to end.
     spec.knobs.decode_steps_min = 400;
     spec.knobs.decode_steps_max = 400;
+    spec.knobs.prefill_riders = true;
     let report = simulate(&spec, &workload, &mut |_| {}).unwrap();
     assert_eq!(report.tokens_owed, 404);
     assert_eq!(report.tokens_on_time, 404);
@@ -295,6 +296,13 @@ fn a_request_arriving_mid_turn_cuts_the_turn_at_the_next_step() {
         report.ttft_ms_p99,
         whole_turn_ms
     );
-    // The second request's 3 decode steps ran inside the first's batch, not after it.
+    // The second request's 3 decode steps ran inside the first's batch, not after it, and the
+    // first request's 400 tokens took 398 steps: one came with its own prefill and one rode
+    // in the second request's prefill.
+    assert_eq!(report.decode_steps, 398);
+    // Without riders the first request waits out that prefill: one step more.
+    spec.knobs.prefill_riders = false;
+    let report = simulate(&spec, &workload, &mut |_| {}).unwrap();
+    assert_eq!(report.tokens_on_time, 404);
     assert_eq!(report.decode_steps, 399);
 }

@@ -96,6 +96,9 @@ pub(crate) struct EngineBenchArgs {
     /// falls on all three alike instead of on whichever ran last.
     #[arg(long, env = "TIDEPOOL_BENCH_REPEATS", default_value_t = 3)]
     repeats: u32,
+    /// Tidepool with `[pool] prefill_riders = true` (decoding streams ride in prefills).
+    #[arg(long, env = "TIDEPOOL_BENCH_PREFILL_RIDERS")]
+    prefill_riders: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -290,8 +293,14 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let work = tempfile_dir()?;
-    let tidepool =
-        TidepoolServer::start(&model_path, seqs_max, &work, args.startup_timeout_s).await?;
+    let tidepool = TidepoolServer::start(
+        &model_path,
+        seqs_max,
+        args.prefill_riders,
+        &work,
+        args.startup_timeout_s,
+    )
+    .await?;
     warm_up(&tidepool.base, Some(&tidepool.key), "smollm2", &args).await?;
     let peer = if let Some(binary) = &args.llama_server {
         let server =
@@ -665,6 +674,7 @@ impl TidepoolServer {
     async fn start(
         model: &Path,
         seqs_max: u32,
+        prefill_riders: bool,
         work: &Path,
         timeout_s: u64,
     ) -> anyhow::Result<Self> {
@@ -674,6 +684,7 @@ impl TidepoolServer {
         let database_url = format!("sqlite://{}", db.display());
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = \"{database_url}\"\n\n\
+             [pool]\nprefill_riders = {prefill_riders}\n\n\
              [[models]]\nid = \"smollm2\"\nkind = \"chat\"\nfile = \"{}\"\ncontext_tokens = 2048\nseqs_max = {seqs_max}\n",
             model.display()
         );

@@ -9,13 +9,16 @@
 //! sizes (weights, KV bytes per token, context) from `Accelerator::calibrate`; `--repeats` loads
 //! and evictions; prefills of one prompt of 16…256 tokens and of groups of `seqs_max` prompts;
 //! 16-step decode turns at every batch size 1…`seqs_max` and two context lengths (greedy
-//! sampling included, as served); saves and restores of 32…256-token sequences. Prompts are
+//! sampling included, as served); a 128-token prefill alone and then with 1, `seqs_max / 2` and
+//! `seqs_max − 1` decoding sequences riding in its batch (docs/pool.md §3.1); saves and
+//! restores of 32…256-token sequences. Prompts are
 //! [`crate::bench::prompt_for`] text, cut to the exact token count.
 //! `--quick` takes a small subset (a smoke run for tests; the fit is coarser).
 //!
 //! **The fit**: prefill `fixed + a·Σt + b·Σt²`, decode step one value per batch size plus
 //! `d·Σctx` (`decode_batch_ms`; the line `fixed + c·B` is kept for batches past the table), load
-//! and unload medians, transfers `fixed + bytes / bandwidth`. The TOML's header records the
+//! and unload medians, a rider's cost (`prefill_rider_ms`: the extra prefill time per rider
+//! less its context term), transfers `fixed + bytes / bandwidth`. The TOML's header records the
 //! relative RMS error of each fit; the raw samples go to a JSON file next to it, and
 //! `--from-samples` refits them without measuring again. Machine facts: the CPU model from
 //! `/proc/cpuinfo` and the thread count.
@@ -36,8 +39,8 @@ use tidepool_core::{ModelId, RequestId};
 use tidepool_engine::multi::{Accelerator, Calibration, ModelFrontEnd, MultiModelConfig};
 use tidepool_engine::{GenerateRequest, Generation, SamplingParams};
 use tidepool_sim::calibrate::{
-    DecodeSample, FamilyFit, FamilyMeasurements, PrefillSample, TransferFit, TransferSample,
-    fit_family, fit_transfer,
+    DecodeSample, FamilyFit, FamilyMeasurements, PrefillSample, RiderSample, TransferFit,
+    TransferSample, fit_family, fit_transfer,
 };
 use tidepool_sim::profile::{Accelerator as AcceleratorProfile, Costs, Profile};
 
@@ -291,13 +294,23 @@ fn write(
     let samples_path = args.out.with_extension("json");
     std::fs::write(&samples_path, serde_json::to_vec_pretty(samples)?)
         .with_context(|| format!("write {}", samples_path.display()))?;
+    print_summary(args, profile, fits, &samples_path)
+}
+
+/// The fitted costs as the simulator will use them, as a Markdown table on stdout.
+fn print_summary(
+    args: &CalibrateArgs,
+    profile: &Profile,
+    fits: &[FamilyFit],
+    samples_path: &std::path::Path,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let seqs_max = fits.first().map_or(args.seqs_max, |f| f.family.seqs_max);
     writeln!(
         out,
-        "| family | load s | prefill ms/token | decode ms (B=1) | decode ms (B={seqs_max}) | fit error prefill / decode |"
+        "| family | load s | prefill ms/token | decode ms (B=1) | decode ms (B={seqs_max}) | rider ms | fit error prefill / decode |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
     for fit in fits {
         let f = &fit.family;
         // The simulator's own cost of a step (table or line) at 128 context tokens a sequence.
@@ -308,12 +321,14 @@ fn write(
         };
         writeln!(
             out,
-            "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} % / {:.1} % |",
+            "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {} | {:.1} % / {:.1} % |",
             f.name,
             f.load_s,
             f.prefill_per_token_ms,
             step(1),
             step(seqs_max),
+            f.prefill_rider_ms
+                .map_or_else(|| "—".to_owned(), |ms| format!("{ms:.2}")),
             fit.prefill_error_rms * 100.0,
             fit.decode_error_rms * 100.0
         )?;
@@ -346,11 +361,21 @@ struct Plan {
     group_prefill: Vec<u32>,
     decode_contexts: Vec<u32>,
     decode_batches: Vec<u32>,
+    /// Decoding sequences riding in a prefill (`RiderSample`), at most `seqs_max − 1`.
+    riders: Vec<u32>,
     transfers: Vec<u32>,
 }
 
 impl Plan {
     fn new(quick: bool, seqs_max: u32) -> Self {
+        let most_riders = seqs_max.saturating_sub(1);
+        let mut riders = if quick {
+            vec![most_riders]
+        } else {
+            vec![1, seqs_max / 2, most_riders]
+        };
+        riders.retain(|&r| r > 0);
+        riders.dedup();
         if quick {
             Self {
                 prefill: QUICK_PREFILL_LENGTHS.to_vec(),
@@ -360,6 +385,7 @@ impl Plan {
                     .iter()
                     .map(|&b| b.min(seqs_max))
                     .collect(),
+                riders,
                 transfers: TRANSFER_LENGTHS[..2].to_vec(),
             }
         } else {
@@ -368,6 +394,7 @@ impl Plan {
                 group_prefill: GROUP_PREFILL_LENGTHS.to_vec(),
                 decode_contexts: DECODE_CONTEXTS.to_vec(),
                 decode_batches: (1..=seqs_max).collect(),
+                riders,
                 transfers: TRANSFER_LENGTHS.to_vec(),
             }
         }
@@ -425,6 +452,7 @@ impl Measure<'_> {
             unload_ns: Vec::new(),
             prefill: Vec::new(),
             decode: Vec::new(),
+            riders: Vec::new(),
         };
         for _ in 0..self.repeats {
             let started = Instant::now();
@@ -448,6 +476,11 @@ impl Measure<'_> {
                     if let Some(sample) = self.decode_sample(batch, ctx)? {
                         m.decode.push(sample);
                     }
+                }
+            }
+            for riders in self.plan.riders.clone() {
+                if let Some(sample) = self.rider_sample(riders)? {
+                    m.riders.push(sample);
                 }
             }
         }
@@ -502,7 +535,7 @@ impl Measure<'_> {
     fn prefill_sample(&mut self, lengths: &[u32]) -> anyhow::Result<PrefillSample> {
         let mut live = self.start(lengths, 8)?;
         let started = Instant::now();
-        self.accelerator.prefill(self.model, &live.ids);
+        self.accelerator.prefill(self.model, &live.ids, &[]);
         let ns = ns_since(started);
         live.drain();
         self.finish(live);
@@ -519,7 +552,7 @@ impl Measure<'_> {
         for _ in 0..DECODE_ATTEMPTS_MAX {
             let lengths = vec![ctx; usize::try_from(batch).unwrap_or(1)];
             let mut live = self.start(&lengths, DECODE_STEPS * 4)?;
-            let prefilled = self.accelerator.prefill(self.model, &live.ids);
+            let prefilled = self.accelerator.prefill(self.model, &live.ids, &[]);
             live.drain();
             if !prefilled.finished.is_empty() {
                 self.finish(live);
@@ -544,9 +577,50 @@ impl Measure<'_> {
         Ok(None)
     }
 
+    /// A 128-token prompt prefilled alone, then another with `riders` sequences (decoding at
+    /// 128 context tokens) in its batch; `None` if a would-be rider ended at its first token in
+    /// every attempt. (A rider that ends *in* the timed prefill still had its token computed.)
+    fn rider_sample(&mut self, riders: u32) -> anyhow::Result<Option<RiderSample>> {
+        const LEN: u32 = 128;
+        for _ in 0..DECODE_ATTEMPTS_MAX {
+            let lengths = vec![LEN; usize::try_from(riders).unwrap_or(1)];
+            let mut decoding = self.start(&lengths, DECODE_STEPS * 4)?;
+            let prefilled = self.accelerator.prefill(self.model, &decoding.ids, &[]);
+            decoding.drain();
+            if !prefilled.finished.is_empty() {
+                self.finish(decoding);
+                continue;
+            }
+            let mut alone = self.start(&[LEN], 8)?;
+            let started = Instant::now();
+            self.accelerator.prefill(self.model, &alone.ids, &[]);
+            let alone_ns = ns_since(started);
+            alone.drain();
+            self.finish(alone);
+            let mut with = self.start(&[LEN], 8)?;
+            let started = Instant::now();
+            self.accelerator
+                .prefill(self.model, &with.ids, &decoding.ids);
+            let with_riders_ns = ns_since(started);
+            with.drain();
+            self.finish(with);
+            decoding.drain();
+            self.finish(decoding);
+            return Ok(Some(RiderSample {
+                riders,
+                ctx_tokens: u64::from(riders) * u64::from(LEN + 1),
+                prompt_tokens: u64::from(LEN),
+                alone_ns,
+                with_riders_ns,
+            }));
+        }
+        tracing::warn!(riders, "every attempt ended early; rider sample skipped");
+        Ok(None)
+    }
+
     fn transfer_sample(&mut self, len: u32) -> anyhow::Result<TransferSample> {
         let mut live = self.start(&[len], 8)?;
-        self.accelerator.prefill(self.model, &live.ids);
+        self.accelerator.prefill(self.model, &live.ids, &[]);
         live.drain();
         let id = live.ids.first().copied().unwrap_or(0);
         let started = Instant::now();

@@ -144,6 +144,10 @@ const POLICIES: [&str; 3] = ["dedicated", "swap-lru", "token"];
 
 /// Arguments of `tidepool bench pool`.
 #[derive(Debug, Clone, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches, each documented; no state machine"
+)]
 pub(crate) struct PoolBenchArgs {
     /// Total arrival rates to sweep (requests per second over all models), comma-separated.
     #[arg(
@@ -221,6 +225,9 @@ pub(crate) struct PoolBenchArgs {
     /// `token`: `[pool] round_resident_first`.
     #[arg(long, env = "TIDEPOOL_BENCH_POOL_ROUND_RESIDENT_FIRST")]
     round_resident_first: bool,
+    /// `[pool] prefill_riders = true`: decoding sequences ride in their model's prefills.
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_PREFILL_RIDERS")]
+    prefill_riders: bool,
     /// A simulator profile (e.g. from `tidepool bench calibrate`): every (policy, rate) is then
     /// also replayed in the simulator — the same requests, arrival times and delivered lengths,
     /// the same budget, SLOs and pool knobs — and the table shows both attainments.
@@ -412,7 +419,8 @@ fn server_config(
          [engine]\nthreads = 0\n\n[billing]\nenforce = false\n\n\
          [pool]\npolicy = \"{policy}\"\nmemory_models_max = {MEMORY_MODELS_MAX}\n\
          kv_saved_bytes_max = {}\nttft_slo_ms = {}\ntbt_slo_ms = {}\ndecode_steps_min = {}\n\
-         turn_quota_ms_max = {}\nprefill_cold_lazy = {}\nround_resident_first = {}\n",
+         turn_quota_ms_max = {}\nprefill_cold_lazy = {}\nround_resident_first = {}\n\
+         prefill_riders = {}\n",
         toml_string(database_url)?,
         toml_string(&models_dir.to_string_lossy())?,
         args.kv_saved_bytes_max,
@@ -422,6 +430,7 @@ fn server_config(
         args.turn_quota_ms_max,
         args.prefill_cold_lazy,
         args.round_resident_first,
+        args.prefill_riders,
     );
     for model in models {
         write!(
@@ -530,6 +539,9 @@ struct PoolBenchReport {
     turn_quota_ms_max: u64,
     prefill_cold_lazy: bool,
     round_resident_first: bool,
+    /// Decoding sequences rode in prefills; absent (false) in reports written before riders.
+    #[serde(default)]
+    prefill_riders: bool,
     /// The simulator profile every row was replayed with, if any.
     sim_profile: Option<String>,
     policies: Vec<PolicySummary>,
@@ -879,6 +891,7 @@ fn replay_report(path: &Path, args: &PoolBenchArgs) -> anyhow::Result<()> {
         turn_quota_ms_max: report.turn_quota_ms_max,
         prefill_cold_lazy: report.prefill_cold_lazy,
         round_resident_first: report.round_resident_first,
+        prefill_riders: report.prefill_riders,
         ..args.clone()
     };
     simulate_rows(
@@ -1184,6 +1197,7 @@ fn simulate_rows(
         turn_quota_ms_max: args.turn_quota_ms_max,
         prefill_cold_lazy: args.prefill_cold_lazy,
         round_resident_first: args.round_resident_first,
+        prefill_riders: args.prefill_riders,
         ..PoolKnobs::default()
     };
     // Every model of the market at once: what `dedicated` must fit.
@@ -1511,6 +1525,7 @@ fn finish_report(
         turn_quota_ms_max: args.turn_quota_ms_max,
         prefill_cold_lazy: args.prefill_cold_lazy,
         round_resident_first: args.round_resident_first,
+        prefill_riders: args.prefill_riders,
         sim_profile: args.sim_profile.as_ref().map(|p| p.display().to_string()),
         policies,
         rows,

@@ -78,6 +78,10 @@ pub(crate) struct WorkloadArgs {
     /// `token`: within a round, turns of resident models run before turns that need a load.
     #[arg(long, env = "TIDEPOOL_SIM_ROUND_RESIDENT_FIRST")]
     round_resident_first: bool,
+    /// A prefill carries its model's decoding sequences, one token each, at the profile's
+    /// rider cost (`[pool] prefill_riders`).
+    #[arg(long, env = "TIDEPOOL_SIM_PREFILL_RIDERS")]
+    prefill_riders: bool,
 }
 
 /// Arguments of `tidepool sim`.
@@ -186,6 +190,7 @@ impl WorkloadArgs {
                 alpha_admit_permille_max: self.alpha_admit_permille_max,
                 prefill_cold_lazy: self.prefill_cold_lazy,
                 round_resident_first: self.round_resident_first,
+                prefill_riders: self.prefill_riders,
                 ..PoolKnobs::default()
             },
         }
