@@ -91,18 +91,29 @@ fn run_straight(accelerator: &mut Accelerator, model: usize, seq: u64) {
     }
 }
 
+/// The sea prompt: a model with `config` loaded on a fresh accelerator, and its 48-token
+/// greedy answer run straight through (sequence 1) with its completion token count.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn reference(config: &MultiModelConfig) -> (ModelFrontEnd, Accelerator, String, u32) {
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+    accelerator.load(0).unwrap();
+    let (prepared, reference) = front.prepare(request(&front, PROMPT, 48)).unwrap();
+    accelerator.register(1, 0, prepared, None);
+    run_straight(&mut accelerator, 0, 1);
+    let (expected, expected_tokens) = collect(reference);
+    (front, accelerator, expected, expected_tokens)
+}
+
+const PROMPT: &str = "Write three sentences about the sea.";
+
 #[test]
 fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload() {
     for config in [smollm2(), gemma()] {
-        let front = ModelFrontEnd::open(config.clone()).unwrap();
-        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
-        accelerator.load(0).unwrap();
-        let prompt = "Write three sentences about the sea.";
-
-        let (prepared, reference) = front.prepare(request(&front, prompt, 48)).unwrap();
-        accelerator.register(1, 0, prepared, None);
-        run_straight(&mut accelerator, 0, 1);
-        let (expected, expected_tokens) = collect(reference);
+        let (front, mut accelerator, expected, expected_tokens) = reference(&config);
         assert!(
             expected_tokens > 12,
             "{}: a long enough answer",
@@ -111,7 +122,7 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
 
         // Preempted twice: saved and restored into another slot while a second sequence holds
         // the first slot, then saved, the model evicted and loaded again, and restored.
-        let (prepared, preempted) = front.prepare(request(&front, prompt, 48)).unwrap();
+        let (prepared, preempted) = front.prepare(request(&front, PROMPT, 48)).unwrap();
         accelerator.register(2, 0, prepared, None);
         let outcome = accelerator.prefill(0, &[2], &[]);
         assert!(outcome.finished.is_empty());
@@ -160,16 +171,9 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
 #[test]
 fn real_model_riders_in_prefill_batches_keep_their_output() {
     for config in [smollm2(), gemma()] {
-        let front = ModelFrontEnd::open(config.clone()).unwrap();
-        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
-        accelerator.load(0).unwrap();
-        let prompt = "Write three sentences about the sea.";
-        let (prepared, reference) = front.prepare(request(&front, prompt, 48)).unwrap();
-        accelerator.register(1, 0, prepared, None);
-        run_straight(&mut accelerator, 0, 1);
-        let (expected, expected_tokens) = collect(reference);
+        let (front, mut accelerator, expected, expected_tokens) = reference(&config);
 
-        let (prepared, rider) = front.prepare(request(&front, prompt, 48)).unwrap();
+        let (prepared, rider) = front.prepare(request(&front, PROMPT, 48)).unwrap();
         accelerator.register(2, 0, prepared, None);
         assert!(accelerator.prefill(0, &[2], &[]).finished.is_empty());
         let mut others = Vec::new();

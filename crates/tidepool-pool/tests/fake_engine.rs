@@ -335,22 +335,9 @@ impl Run {
         // Riders: decoding sequences of this model, one token each (a decode step of one).
         for seq in riders {
             assert!(!seqs.contains(seq), "a rider is also prefilled");
-            let max = self.engine.max_tokens[seq];
-            let entry = self
-                .engine
-                .in_ctx
-                .get_mut(seq)
-                .expect("a rider not in a context");
-            assert_eq!(&entry.0, model, "a rider of another model");
-            assert!(entry.1 < max, "a rider that already finished");
-            self.engine.tokens.get_mut(seq).unwrap().push(entry.1);
-            entry.1 += 1;
-            if entry.1 >= max {
-                finished.push(SeqFinished {
-                    seq: *seq,
-                    tokens_emitted: entry.1,
-                });
-            }
+            let owed = self.engine.in_ctx.get(seq).map(|e| e.1) < Some(self.engine.max_tokens[seq]);
+            assert!(owed, "a rider not in a context, or already finished");
+            finished.extend(self.emit(*seq, model, 1));
         }
         for seq in seqs {
             assert!(!self.engine.tokens.contains_key(seq), "prefill twice");
@@ -399,26 +386,7 @@ impl Run {
         };
         let mut finished = Vec::new();
         for seq in seqs {
-            let max = self.engine.max_tokens[seq];
-            let entry = self
-                .engine
-                .in_ctx
-                .get_mut(seq)
-                .expect("decode of a sequence not in a context");
-            assert_eq!(&entry.0, model, "decode of another model's sequence");
-            for _ in 0..steps {
-                if entry.1 >= max {
-                    break;
-                }
-                self.engine.tokens.get_mut(seq).unwrap().push(entry.1);
-                entry.1 += 1;
-            }
-            if entry.1 >= max {
-                finished.push(SeqFinished {
-                    seq: *seq,
-                    tokens_emitted: entry.1,
-                });
-            }
+            finished.extend(self.emit(*seq, model, steps));
         }
         self.retire(&finished);
         let step_ns = self
@@ -439,6 +407,29 @@ impl Run {
             finished,
         };
         self.push(now_ns + d, event);
+    }
+
+    /// Emits up to `steps` tokens of `seq` (in `model`'s context); its finish if it reached
+    /// its `max_tokens`.
+    fn emit(&mut self, seq: SeqId, model: &ModelId, steps: u32) -> Option<SeqFinished> {
+        let max = self.engine.max_tokens[&seq];
+        let entry = self
+            .engine
+            .in_ctx
+            .get_mut(&seq)
+            .expect("a step of a sequence not in a context");
+        assert_eq!(&entry.0, model, "a step of another model's sequence");
+        for _ in 0..steps {
+            if entry.1 >= max {
+                break;
+            }
+            self.engine.tokens.get_mut(&seq).unwrap().push(entry.1);
+            entry.1 += 1;
+        }
+        (entry.1 >= max).then_some(SeqFinished {
+            seq,
+            tokens_emitted: entry.1,
+        })
     }
 
     fn retire(&mut self, finished: &[SeqFinished]) {
