@@ -110,6 +110,26 @@ fn reference(config: &MultiModelConfig) -> (ModelFrontEnd, Accelerator, String, 
 
 const PROMPT: &str = "Write three sentences about the sea.";
 
+/// `generation` sent exactly the reference text and token count; `what` changed it otherwise.
+fn assert_same_output(
+    config: &MultiModelConfig,
+    generation: Generation,
+    (expected, expected_tokens): (&str, u32),
+    what: &str,
+) {
+    let (text, tokens) = collect(generation);
+    assert_eq!(
+        text, expected,
+        "{}: {what} changed the output",
+        config.model_id
+    );
+    assert_eq!(
+        tokens, expected_tokens,
+        "{}: {what} changed the length",
+        config.model_id
+    );
+}
+
 #[test]
 fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload() {
     for config in [smollm2(), gemma()] {
@@ -152,13 +172,12 @@ fn real_model_saved_sequence_continues_exactly_in_another_slot_and_after_reload(
         let outcome = accelerator.decode(0, &[2], 1000);
         assert_eq!(outcome.finished.len(), 1);
         assert_eq!(outcome.finished.first().map(|f| f.seq), Some(2));
-        let (text, tokens) = collect(preempted);
-        assert_eq!(
-            text, expected,
-            "{}: output changed by preemption",
-            config.model_id
+        assert_same_output(
+            &config,
+            preempted,
+            (&expected, expected_tokens),
+            "preemption",
         );
-        assert_eq!(tokens, expected_tokens);
         drop(other);
         accelerator.release(3);
         assert_eq!(accelerator.seqs_len(), 0);
@@ -211,13 +230,7 @@ fn real_model_riders_in_prefill_batches_keep_their_output() {
 
         let outcome = accelerator.decode(0, &[2], 1000);
         assert_eq!(outcome.finished.first().map(|f| f.seq), Some(2));
-        let (text, tokens) = collect(rider);
-        assert_eq!(
-            text, expected,
-            "{}: riding changed the output",
-            config.model_id
-        );
-        assert_eq!(tokens, expected_tokens);
+        assert_same_output(&config, rider, (&expected, expected_tokens), "riding");
         for other in others {
             assert_eq!(collect(other).1, 2);
         }

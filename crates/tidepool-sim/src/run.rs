@@ -387,8 +387,8 @@ impl<'a> AccRun<'a> {
         self.compute = Some(compute);
     }
 
-    /// A prefill of `seqs`' prompts; each rider (a decoding sequence of the model) adds its
-    /// marginal decode cost and emits one token at the end too.
+    /// A prefill of `seqs`' prompts; each rider (a decoding sequence of the model) adds the
+    /// profile's rider cost (`Costs::rider_ns`) and emits one token at the end too.
     fn prefill(
         &mut self,
         id: tidepool_pool::ActionId,

@@ -532,32 +532,48 @@ impl Measure<'_> {
         self.accelerator.flush();
     }
 
-    fn prefill_sample(&mut self, lengths: &[u32]) -> anyhow::Result<PrefillSample> {
+    /// Time of one prefill of new prompts of `lengths` tokens, with `riders` (sequences already
+    /// decoding) in its batch.
+    fn timed_prefill(&mut self, lengths: &[u32], riders: &[u64]) -> anyhow::Result<u64> {
         let mut live = self.start(lengths, 8)?;
         let started = Instant::now();
-        self.accelerator.prefill(self.model, &live.ids, &[]);
+        self.accelerator.prefill(self.model, &live.ids, riders);
         let ns = ns_since(started);
         live.drain();
         self.finish(live);
+        Ok(ns)
+    }
+
+    fn prefill_sample(&mut self, lengths: &[u32]) -> anyhow::Result<PrefillSample> {
         Ok(PrefillSample {
             tokens: lengths.iter().map(|&l| u64::from(l)).sum(),
             tokens_sq: lengths.iter().map(|&l| u64::from(l) * u64::from(l)).sum(),
-            ns,
+            ns: self.timed_prefill(lengths, &[])?,
         })
+    }
+
+    /// `count` sequences of `ctx` prompt tokens, prefilled and decoding; `None` if one ended at
+    /// its first token (the caller tries again).
+    fn decoding(&mut self, count: u32, ctx: u32) -> anyhow::Result<Option<Live>> {
+        let lengths = vec![ctx; usize::try_from(count).unwrap_or(1)];
+        let mut live = self.start(&lengths, DECODE_STEPS * 4)?;
+        let prefilled = self.accelerator.prefill(self.model, &live.ids, &[]);
+        live.drain();
+        if prefilled.finished.is_empty() {
+            Ok(Some(live))
+        } else {
+            self.finish(live);
+            Ok(None)
+        }
     }
 
     /// A decode turn of `batch` sequences that start at `ctx` tokens; `None` if a sequence
     /// ended early in every attempt (the sample would not be of `batch` sequences).
     fn decode_sample(&mut self, batch: u32, ctx: u32) -> anyhow::Result<Option<DecodeSample>> {
         for _ in 0..DECODE_ATTEMPTS_MAX {
-            let lengths = vec![ctx; usize::try_from(batch).unwrap_or(1)];
-            let mut live = self.start(&lengths, DECODE_STEPS * 4)?;
-            let prefilled = self.accelerator.prefill(self.model, &live.ids, &[]);
-            live.drain();
-            if !prefilled.finished.is_empty() {
-                self.finish(live);
+            let Some(mut live) = self.decoding(batch, ctx)? else {
                 continue;
-            }
+            };
             let started = Instant::now();
             let outcome = self.accelerator.decode(self.model, &live.ids, DECODE_STEPS);
             let ns = ns_since(started);
@@ -583,27 +599,11 @@ impl Measure<'_> {
     fn rider_sample(&mut self, riders: u32) -> anyhow::Result<Option<RiderSample>> {
         const LEN: u32 = 128;
         for _ in 0..DECODE_ATTEMPTS_MAX {
-            let lengths = vec![LEN; usize::try_from(riders).unwrap_or(1)];
-            let mut decoding = self.start(&lengths, DECODE_STEPS * 4)?;
-            let prefilled = self.accelerator.prefill(self.model, &decoding.ids, &[]);
-            decoding.drain();
-            if !prefilled.finished.is_empty() {
-                self.finish(decoding);
+            let Some(mut decoding) = self.decoding(riders, LEN)? else {
                 continue;
-            }
-            let mut alone = self.start(&[LEN], 8)?;
-            let started = Instant::now();
-            self.accelerator.prefill(self.model, &alone.ids, &[]);
-            let alone_ns = ns_since(started);
-            alone.drain();
-            self.finish(alone);
-            let mut with = self.start(&[LEN], 8)?;
-            let started = Instant::now();
-            self.accelerator
-                .prefill(self.model, &with.ids, &decoding.ids);
-            let with_riders_ns = ns_since(started);
-            with.drain();
-            self.finish(with);
+            };
+            let alone_ns = self.timed_prefill(&[LEN], &[])?;
+            let with_riders_ns = self.timed_prefill(&[LEN], &decoding.ids)?;
             decoding.drain();
             self.finish(decoding);
             return Ok(Some(RiderSample {
