@@ -725,14 +725,10 @@ impl Config {
 
     /// The model directory: config, else `$TIDEPOOL_MODELS_DIR`, else `~/.cache/tidepool/models`.
     pub fn models_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.server.models_dir {
-            return dir.clone();
-        }
-        if let Some(dir) = std::env::var_os("TIDEPOOL_MODELS_DIR") {
-            return PathBuf::from(dir);
-        }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".cache/tidepool/models")
+        self.server
+            .models_dir
+            .clone()
+            .unwrap_or_else(default_models_dir)
     }
 
     /// A model's file, resolved against [`Self::models_dir`].
@@ -747,6 +743,16 @@ impl Config {
     pub fn model(&self, id: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.id.as_str() == id)
     }
+}
+
+/// Where `make models` puts the models: `$TIDEPOOL_MODELS_DIR`, else `~/.cache/tidepool/models`
+/// (the default of `[server] models_dir`; tests and benches find the models here too).
+pub fn default_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TIDEPOOL_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/tidepool/models")
 }
 
 #[cfg(test)]

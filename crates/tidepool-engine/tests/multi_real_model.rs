@@ -12,10 +12,7 @@ use tidepool_engine::multi::{Accelerator, ModelFrontEnd, MultiModelConfig};
 use tidepool_engine::{ChatMessage, GenerateRequest, Generation, GenerationEvent, SamplingParams};
 
 fn models_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/tidepool/models")
+    tidepool_core::config::default_models_dir()
 }
 
 #[expect(

@@ -18,10 +18,7 @@ use tidepool_engine::{
 };
 
 fn models_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/tidepool/models")
+    tidepool_core::config::default_models_dir()
 }
 
 fn smollm2_path() -> PathBuf {

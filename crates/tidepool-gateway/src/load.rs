@@ -142,16 +142,7 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
     };
     let first = first.engine.model_id.to_string();
     let mut runtime = RuntimeConfig::new(config.pool.policy, models);
-    runtime.memory_bytes_max = config.pool.memory_bytes_max;
-    runtime.memory_models_max = config.pool.memory_models_max;
-    runtime.kv_saved_bytes_max = config.pool.kv_saved_bytes_max;
-    runtime.ttft_slo_ms = config.pool.ttft_slo_ms;
-    runtime.tbt_slo_ms = config.pool.tbt_slo_ms;
-    runtime.decode_steps_min = config.pool.decode_steps_min;
-    runtime.turn_quota_ms_max = config.pool.turn_quota_ms_max;
-    runtime.prefill_cold_lazy = config.pool.prefill_cold_lazy;
-    runtime.round_resident_first = config.pool.round_resident_first;
-    runtime.prefill_riders = config.pool.prefill_riders;
+    runtime.pool = config.pool.clone();
     runtime.admission_queue_len_max = config.limits.admission_queue_len_max;
     tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
         "starting the model pool (measuring each model once)");

@@ -32,10 +32,7 @@ struct RealApp {
 }
 
 fn models_dir() -> PathBuf {
-    std::env::var_os("TIDEPOOL_MODELS_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tidepool/models"),
-        PathBuf::from,
-    )
+    tidepool_core::config::default_models_dir()
 }
 
 async fn real_app(model: &str) -> RealApp {

@@ -38,29 +38,12 @@ pub struct PooledModelConfig {
     pub keep_alive_ms: Option<u64>,
 }
 
-/// How the pool runs: the policy, the budget, the SLO the `token` policy plans for.
+/// How the pool runs: `[pool]` of the server's configuration (policy, budget, the SLO the
+/// `token` policy plans for, scheduler knobs), the admission limits and the models.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    pub policy: PoolPolicy,
-    /// Cap on weights + contexts + saved sequence states; `None`: see `memory_models_max`.
-    pub memory_bytes_max: Option<u64>,
-    /// Without `memory_bytes_max`: a budget that fits this many of the largest models at once
-    /// (plus the saved-state pool); `None` with neither: everything fits.
-    pub memory_models_max: Option<u32>,
-    /// Cap on saved sequence states (part of `memory_bytes_max` on a CPU box).
-    pub kv_saved_bytes_max: u64,
-    pub ttft_slo_ms: u64,
-    pub tbt_slo_ms: u64,
-    /// Decode steps of one turn when switching is free, and the floor otherwise.
-    pub decode_steps_min: u32,
-    /// `token`: the longest turn the quota formula hands out, in ms.
-    pub turn_quota_ms_max: u64,
-    /// `token`: cold models' requests wait until their TTFT is at risk (`PoolConfig`).
-    pub prefill_cold_lazy: bool,
-    /// `token`: resident models' turns first within a round (`PoolConfig`).
-    pub round_resident_first: bool,
-    /// Decoding sequences ride in their model's prefills (`PoolConfig`).
-    pub prefill_riders: bool,
+    /// `[pool]` as configured (`enabled` is the caller's business: a runtime is the pool).
+    pub pool: tidepool_core::config::PoolConfig,
     /// Requests waiting for their prefill, all models together.
     pub admission_queue_len_max: u32,
     /// `Retry-After` hint of a full queue.
@@ -69,19 +52,13 @@ pub struct RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// `policy` with the `[pool]` defaults.
     pub fn new(policy: PoolPolicy, models: Vec<PooledModelConfig>) -> Self {
         Self {
-            policy,
-            memory_bytes_max: None,
-            memory_models_max: None,
-            kv_saved_bytes_max: 1 << 30,
-            ttft_slo_ms: 5_000,
-            tbt_slo_ms: 250,
-            decode_steps_min: 16,
-            turn_quota_ms_max: 4_000,
-            prefill_cold_lazy: false,
-            round_resident_first: false,
-            prefill_riders: false,
+            pool: tidepool_core::config::PoolConfig {
+                policy,
+                ..tidepool_core::config::PoolConfig::default()
+            },
             admission_queue_len_max: 256,
             overload_retry_after_ms: 1000,
             models,
@@ -195,8 +172,8 @@ impl PoolRuntime {
             model_ids,
             index,
             slo: (
-                Duration::from_millis(config.ttft_slo_ms),
-                Duration::from_millis(config.tbt_slo_ms),
+                Duration::from_millis(config.pool.ttft_slo_ms),
+                Duration::from_millis(config.pool.tbt_slo_ms),
             ),
             retry_after_ms: config.overload_retry_after_ms,
         });
@@ -419,26 +396,27 @@ fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConf
         .collect();
     let mut sizes: Vec<u64> = models.iter().map(ModelSpec::resident_bytes).collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let fitting = config
+    let knobs = &config.pool;
+    let fitting = knobs
         .memory_models_max
         .map_or(sizes.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
     let largest: u64 = sizes.iter().take(fitting).sum();
-    let memory_bytes_max = config
+    let memory_bytes_max = knobs
         .memory_bytes_max
-        .unwrap_or_else(|| largest.saturating_add(config.kv_saved_bytes_max));
-    let mut pool = PoolConfig::new(config.policy, memory_bytes_max, models);
-    pool.kv_saved_bytes_max = config.kv_saved_bytes_max;
+        .unwrap_or_else(|| largest.saturating_add(knobs.kv_saved_bytes_max));
+    let mut pool = PoolConfig::new(knobs.policy, memory_bytes_max, models);
+    pool.kv_saved_bytes_max = knobs.kv_saved_bytes_max;
     // CPU: saved states live in the same RAM, and loading competes with decoding for the cores.
     pool.saved_kv_in_memory_budget = true;
     pool.overlap_transfers = false;
-    pool.ttft_slo_ms = config.ttft_slo_ms;
-    pool.tbt_slo_ms = config.tbt_slo_ms;
-    pool.decode_steps_min = config.decode_steps_min;
-    pool.decode_steps_max = pool.decode_steps_max.max(config.decode_steps_min);
-    pool.turn_quota_ms_max = config.turn_quota_ms_max;
-    pool.prefill_cold_lazy = config.prefill_cold_lazy;
-    pool.round_resident_first = config.round_resident_first;
-    pool.prefill_riders = config.prefill_riders;
+    pool.ttft_slo_ms = knobs.ttft_slo_ms;
+    pool.tbt_slo_ms = knobs.tbt_slo_ms;
+    pool.decode_steps_min = knobs.decode_steps_min;
+    pool.decode_steps_max = pool.decode_steps_max.max(knobs.decode_steps_min);
+    pool.turn_quota_ms_max = knobs.turn_quota_ms_max;
+    pool.prefill_cold_lazy = knobs.prefill_cold_lazy;
+    pool.round_resident_first = knobs.round_resident_first;
+    pool.prefill_riders = knobs.prefill_riders;
     pool.admission_queue_len_max = config.admission_queue_len_max;
     pool
 }

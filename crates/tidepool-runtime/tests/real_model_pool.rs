@@ -28,10 +28,7 @@ const PROMPTS: [&str; 3] = [
 const MAX_TOKENS: u32 = 16;
 
 fn models_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/tidepool/models")
+    tidepool_core::config::default_models_dir()
 }
 
 #[expect(
@@ -109,9 +106,9 @@ fn collect(mut generation: Generation) -> String {
 
 fn start(policy: PoolPolicy, models: Vec<PooledModelConfig>, fit: Option<u32>) -> Arc<PoolRuntime> {
     let mut config = RuntimeConfig::new(policy, models);
-    config.memory_models_max = fit;
-    config.kv_saved_bytes_max = 256 << 20;
-    config.decode_steps_min = 4;
+    config.pool.memory_models_max = fit;
+    config.pool.kv_saved_bytes_max = 256 << 20;
+    config.pool.decode_steps_min = 4;
     match PoolRuntime::start(&config) {
         Ok(runtime) => runtime,
         Err(error) => panic_start(&error),
@@ -221,8 +218,8 @@ fn real_model_eight_models_in_a_budget_of_three_answer_exactly_under_every_polic
 #[test]
 fn real_model_a_model_over_the_whole_budget_is_refused_at_admission() {
     let mut config = RuntimeConfig::new(PoolPolicy::Token, vec![model("tiny-budget", SMOLLM2)]);
-    config.memory_bytes_max = Some(1 << 20);
-    config.kv_saved_bytes_max = 1 << 19;
+    config.pool.memory_bytes_max = Some(1 << 20);
+    config.pool.kv_saved_bytes_max = 1 << 19;
     let runtime = PoolRuntime::start(&config).unwrap_or_else(|e| panic_start(&e));
     let engines = runtime.engines();
     let engine = &engines[0];

@@ -210,14 +210,7 @@ pub(crate) fn percentile(values: &mut [f64], pct: usize) -> f64 {
 }
 
 fn default_model_path() -> PathBuf {
-    let dir = std::env::var_os("TIDEPOOL_MODELS_DIR").map_or_else(
-        || {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".cache/tidepool/models")
-        },
-        PathBuf::from,
-    );
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tidepool_core::config::default_models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// The prompt number of one request: unique per (pass, concurrency level, round, stream), so no

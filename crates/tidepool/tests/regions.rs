@@ -57,10 +57,7 @@ fn free_port() -> u16 {
 }
 
 fn models_dir() -> PathBuf {
-    std::env::var_os("TIDEPOOL_MODELS_DIR").map_or_else(
-        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tidepool/models"),
-        PathBuf::from,
-    )
+    tidepool_core::config::default_models_dir()
 }
 
 /// One `tidepool` process with its own directory, config and SQLite ledger.
