@@ -64,6 +64,11 @@ const QUICK_DECODE_CONTEXTS: [u32; 2] = [32, 96];
 const QUICK_DECODE_BATCHES: [u32; 2] = [1, 4];
 /// Attempts at one decode sample when a sequence ends early (EOS) and spoils it.
 const DECODE_ATTEMPTS_MAX: u32 = 3;
+/// The resident check's turns: batch (at most `seqs_max`), prompt tokens, consecutive turns
+/// (`decoding` asks `DECODE_STEPS × 4` tokens, so at most 3 turns after the prefill's token).
+const RESIDENT_BATCH: u32 = 4;
+const RESIDENT_CTX: u32 = 128;
+const RESIDENT_TURNS: u32 = 3;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CalibrateArgs {
@@ -110,6 +115,11 @@ pub(crate) struct CalibrateArgs {
         default_value = "bench/out/calibrated.toml"
     )]
     out: PathBuf,
+    /// Models loaded together for the resident check (the two families alternating, like
+    /// `tidepool bench pool`'s `dedicated` run): a family's decode step alone, beside the others
+    /// idle, and in rotation with them. 0 skips it; `--quick` takes at most 2.
+    #[arg(long, env = "TIDEPOOL_CALIBRATE_RESIDENT_MODELS", default_value_t = 8)]
+    resident_models: u32,
     /// Fit a profile from the raw samples an earlier run wrote (its `.json`) instead of measuring:
     /// to refit old measurements after the fit changes. The sizes, CPU and thread count come from
     /// the file; the memory flags apply as usual.
@@ -124,6 +134,47 @@ struct Samples {
     threads: u32,
     families: Vec<FamilyMeasurements>,
     transfers: Vec<TransferSample>,
+    /// The resident check (not fitted: it tells whether the one-model samples above hold with
+    /// many models loaded). Older sample files have none.
+    #[serde(default)]
+    resident: Vec<ResidentSample>,
+}
+
+/// One family's decode turns with `models` models loaded (the resident check): 16-step turns
+/// of `batch` sequences from `ctx` prompt tokens, `RESIDENT_TURNS` per repeat, with only this
+/// model loaded (`alone`), with all loaded but the others idle (`beside`), and with every model
+/// decoding in round-robin turns (`rotating`: each turn follows another model's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResidentSample {
+    family: String,
+    models: u32,
+    batch: u32,
+    ctx: u32,
+    alone: TurnTimes,
+    beside: TurnTimes,
+    rotating: TurnTimes,
+}
+
+/// A turn's first step apart from the rest: a cost of taking over from another model shows in
+/// the first, the steady state in the rest. One value per turn.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct TurnTimes {
+    first_step_ns: Vec<u64>,
+    /// Mean of the turn's other steps.
+    later_step_ns: Vec<u64>,
+}
+
+impl TurnTimes {
+    fn push(&mut self, (first, later): (u64, u64)) {
+        self.first_step_ns.push(first);
+        self.later_step_ns.push(later);
+    }
+
+    fn extend(&mut self, turns: Vec<(u64, u64)>) {
+        for turn in turns {
+            self.push(turn);
+        }
+    }
 }
 
 pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
@@ -144,7 +195,7 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let models_dir = args
         .models_dir
         .clone()
-        .unwrap_or_else(crate::bench_pool::default_models_dir);
+        .unwrap_or_else(tidepool_core::config::default_models_dir);
     let families = [("smollm2-135m", SMOLLM2_FILE), ("gemma-3-270m", GEMMA_FILE)];
     let mut configs = Vec::new();
     for (name, file) in families {
@@ -178,6 +229,13 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         measured.push(m);
         transfers.extend(t);
     }
+    drop(accelerator);
+    let named: Vec<(&str, &MultiModelConfig)> = families
+        .iter()
+        .map(|(name, _)| *name)
+        .zip(&configs)
+        .collect();
+    let resident = resident_check(args, &named, &mut next_seq)?;
     fit_and_write(
         args,
         &Samples {
@@ -185,6 +243,7 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             threads: args.threads,
             families: measured,
             transfers,
+            resident,
         },
     )
 }
@@ -294,7 +353,50 @@ fn write(
     let samples_path = args.out.with_extension("json");
     std::fs::write(&samples_path, serde_json::to_vec_pretty(samples)?)
         .with_context(|| format!("write {}", samples_path.display()))?;
-    print_summary(args, profile, fits, &samples_path)
+    print_summary(args, profile, fits, &samples_path)?;
+    print_resident(&samples.resident)
+}
+
+/// The resident check as a Markdown table on stdout (median per-step times).
+fn print_resident(samples: &[ResidentSample]) -> anyhow::Result<()> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\n| family | models loaded | batch × ctx | first step ms: alone / beside idle / in rotation | later steps ms: alone / beside / rotation | rotation first − beside first ms |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    let median_ms = |v: &[u64]| {
+        let mut v: Vec<f64> = v
+            .iter()
+            .map(|&ns| crate::bench_pool::as_f64(ns) / 1e6)
+            .collect();
+        crate::bench::percentile(&mut v, 50)
+    };
+    for sample in samples {
+        let first =
+            [&sample.alone, &sample.beside, &sample.rotating].map(|t| median_ms(&t.first_step_ns));
+        let later =
+            [&sample.alone, &sample.beside, &sample.rotating].map(|t| median_ms(&t.later_step_ns));
+        writeln!(
+            out,
+            "| {} | {} | {} × {} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:+.2} |",
+            sample.family,
+            sample.models,
+            sample.batch,
+            sample.ctx,
+            first[0],
+            first[1],
+            first[2],
+            later[0],
+            later[1],
+            later[2],
+            first[2] - first[1]
+        )?;
+    }
+    Ok(())
 }
 
 /// The fitted costs as the simulator will use them, as a Markdown table on stdout.
@@ -353,6 +455,127 @@ fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_owned())
         })
         .unwrap_or_else(|| "an unknown CPU".to_owned())
+}
+
+/// The resident check (see [`ResidentSample`]): does a family's decode step, measured above
+/// with one model loaded, hold with `--resident-models` loaded and taking turns? The first
+/// `families.len()` models are each family's sample; the rest are more instances of the
+/// families, loaded (and decoding, in rotation) beside them.
+fn resident_check(
+    args: &CalibrateArgs,
+    families: &[(&str, &MultiModelConfig)],
+    next_seq: &mut u64,
+) -> anyhow::Result<Vec<ResidentSample>> {
+    let count = if args.quick {
+        args.resident_models.min(2)
+    } else {
+        args.resident_models
+    };
+    let count = usize::try_from(count).unwrap_or(0);
+    if count < 2 || families.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut configs = Vec::with_capacity(count);
+    for i in 0..count {
+        let Some(&(name, base)) = families.get(i % families.len()) else {
+            bail!("no family for resident model {i}");
+        };
+        let mut config = base.clone();
+        config.model_id = ModelId::new(format!("res-{i}-{name}"))?;
+        configs.push(config);
+    }
+    let fronts = configs
+        .iter()
+        .map(|c| ModelFrontEnd::open(c.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut accelerator = Accelerator::new(configs)?;
+    let batch = RESIDENT_BATCH.min(args.seqs_max);
+    let mut samples: Vec<ResidentSample> = families
+        .iter()
+        .take(count)
+        .map(|&(name, _)| ResidentSample {
+            family: name.to_owned(),
+            models: u32::try_from(count).unwrap_or(u32::MAX),
+            batch,
+            ctx: RESIDENT_CTX,
+            alone: TurnTimes::default(),
+            beside: TurnTimes::default(),
+            rotating: TurnTimes::default(),
+        })
+        .collect();
+    tracing::info!(models = count, "resident check");
+    for _ in 0..args.repeats {
+        for (model, sample) in samples.iter_mut().enumerate() {
+            for other in 0..count {
+                accelerator.evict(other);
+            }
+            accelerator.load(model)?;
+            let steps = Measure::new(&mut accelerator, &fronts, model, next_seq, args)?
+                .consecutive_turns(batch)?;
+            sample.alone.extend(steps);
+        }
+        for model in 0..count {
+            accelerator.load(model)?;
+        }
+        for (model, sample) in samples.iter_mut().enumerate() {
+            let steps = Measure::new(&mut accelerator, &fronts, model, next_seq, args)?
+                .consecutive_turns(batch)?;
+            sample.beside.extend(steps);
+        }
+        rotation(
+            &mut accelerator,
+            &fronts,
+            batch,
+            next_seq,
+            args,
+            &mut samples,
+        )?;
+    }
+    Ok(samples)
+}
+
+/// Every model of `accelerator` (one front each) decoding `batch` sequences, in round-robin
+/// turns (`RESIDENT_TURNS` rounds); the turns of the first `samples.len()` models are recorded.
+fn rotation(
+    accelerator: &mut Accelerator,
+    fronts: &[ModelFrontEnd],
+    batch: u32,
+    next_seq: &mut u64,
+    args: &CalibrateArgs,
+    samples: &mut [ResidentSample],
+) -> anyhow::Result<()> {
+    let count = fronts.len();
+    let mut lives = Vec::with_capacity(count);
+    for model in 0..count {
+        let mut measure = Measure::new(accelerator, fronts, model, next_seq, args)?;
+        lives.push(measure.decoding(batch, RESIDENT_CTX)?);
+    }
+    for _ in 0..RESIDENT_TURNS {
+        for (model, slot) in lives.iter_mut().enumerate() {
+            let Some(live) = slot.as_mut() else {
+                continue;
+            };
+            let mut measure = Measure::new(accelerator, fronts, model, next_seq, args)?;
+            match measure.timed_turn(live) {
+                Some(ns) => {
+                    if let Some(sample) = samples.get_mut(model) {
+                        sample.rotating.push(ns);
+                    }
+                }
+                None => {
+                    if let Some(live) = slot.take() {
+                        measure.finish(live);
+                    }
+                }
+            }
+        }
+    }
+    for (model, slot) in lives.iter_mut().enumerate() {
+        if let Some(live) = slot.take() {
+            Measure::new(accelerator, fronts, model, next_seq, args)?.finish(live);
+        }
+    }
+    Ok(())
 }
 
 /// Which samples to take.
@@ -430,7 +653,70 @@ fn ns_since(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Measure<'_> {
+impl<'a> Measure<'a> {
+    /// Model `model` of `fronts` on `accelerator` (the resident check's many-model accelerator).
+    fn new(
+        accelerator: &'a mut Accelerator,
+        fronts: &'a [ModelFrontEnd],
+        model: usize,
+        next_seq: &'a mut u64,
+        args: &CalibrateArgs,
+    ) -> anyhow::Result<Self> {
+        let Some(front) = fronts.get(model) else {
+            bail!("no front end for model {model}");
+        };
+        Ok(Self {
+            accelerator,
+            front,
+            model,
+            next_seq,
+            repeats: args.repeats,
+            seqs_max: args.seqs_max,
+            plan: Plan::new(true, args.seqs_max),
+        })
+    }
+
+    /// One 16-step turn of `live`: its first step's time and the mean of the others; `None` if
+    /// a sequence ended in it, which spoils the sample and the rest of `live`'s turns.
+    fn timed_turn(&mut self, live: &mut Live) -> Option<(u64, u64)> {
+        let started = Instant::now();
+        let first = self.accelerator.decode(self.model, &live.ids, 1);
+        let first_ns = ns_since(started);
+        let started = Instant::now();
+        let rest = self
+            .accelerator
+            .decode(self.model, &live.ids, DECODE_STEPS - 1);
+        let rest_ns = ns_since(started);
+        live.drain();
+        let whole = first.finished.is_empty()
+            && rest.finished.is_empty()
+            && first.steps + rest.steps == DECODE_STEPS;
+        whole.then(|| (first_ns, rest_ns / u64::from(DECODE_STEPS - 1)))
+    }
+
+    /// `RESIDENT_TURNS` consecutive turns of `batch` fresh sequences (fewer if one ends early
+    /// in every attempt).
+    fn consecutive_turns(&mut self, batch: u32) -> anyhow::Result<Vec<(u64, u64)>> {
+        let mut turns = Vec::new();
+        for _ in 0..DECODE_ATTEMPTS_MAX {
+            let Some(mut live) = self.decoding(batch, RESIDENT_CTX)? else {
+                continue;
+            };
+            for _ in 0..RESIDENT_TURNS {
+                match self.timed_turn(&mut live) {
+                    Some(turn) => turns.push(turn),
+                    None => break,
+                }
+            }
+            self.finish(live);
+            if turns.len() == usize::try_from(RESIDENT_TURNS).unwrap_or(0) {
+                break;
+            }
+            turns.clear();
+        }
+        Ok(turns)
+    }
+
     fn family(
         &mut self,
         name: &str,

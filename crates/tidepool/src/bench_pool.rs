@@ -240,14 +240,18 @@ pub(crate) struct PoolBenchArgs {
     sim_only: bool,
     /// With `--sim-profile`: no servers; re-simulate the rows of a report an earlier real run
     /// wrote (its requests, residents, cost estimates, budgets and knobs are in it), so a cost
-    /// model can be compared against one fixed real run in seconds.
+    /// model can be compared against one fixed real run in seconds. Several reports
+    /// (comma-separated: real runs of the same workload) add a table of each cell's real and
+    /// simulated attainment per run and their means: the real pool's own spread beside the
+    /// simulator's error.
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POOL_REPLAY",
         requires = "sim_profile",
-        conflicts_with = "sim_only"
+        conflicts_with = "sim_only",
+        value_delimiter = ','
     )]
-    replay: Option<PathBuf>,
+    replay: Vec<PathBuf>,
 }
 
 /// One model of the market as served.
@@ -495,11 +499,6 @@ fn build_workloads(
         schedules.push(schedule);
     }
     Ok((models, schedules))
-}
-
-pub(crate) fn default_models_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".cache/tidepool/models")
 }
 
 fn validate(args: &PoolBenchArgs) -> anyhow::Result<()> {
@@ -776,10 +775,13 @@ pub(crate) async fn run(args: PoolBenchArgs) -> anyhow::Result<()> {
     if args.sim_only {
         return sim_only(&args);
     }
-    if let Some(path) = &args.replay {
-        return replay_report(path, &args);
+    if !args.replay.is_empty() {
+        return replay_reports(&args);
     }
-    let models_dir = args.models_dir.clone().unwrap_or_else(default_models_dir);
+    let models_dir = args
+        .models_dir
+        .clone()
+        .unwrap_or_else(tidepool_core::config::default_models_dir);
     for file in [SMOLLM2_FILE, GEMMA_FILE] {
         if !models_dir.join(file).exists() {
             bail!(
@@ -867,13 +869,34 @@ fn sim_only(args: &PoolBenchArgs) -> anyhow::Result<()> {
 
 /// `--replay`: the rows of an earlier real run, simulated again with `--sim-profile` under the
 /// run's own SLOs and knobs; prints the comparison and the per-action cost table.
-fn replay_report(path: &Path, args: &PoolBenchArgs) -> anyhow::Result<()> {
+fn replay_reports(args: &PoolBenchArgs) -> anyhow::Result<()> {
     let profile_path = args
         .sim_profile
         .as_ref()
         .context("--replay needs --sim-profile")?;
     let profile = Profile::load(&profile_path.to_string_lossy())
         .with_context(|| format!("simulator profile {}", profile_path.display()))?;
+    let mut reports = Vec::with_capacity(args.replay.len());
+    let mut out = std::io::stdout().lock();
+    for path in &args.replay {
+        let mut report = replay_report(path, &profile, args)?;
+        report.sim_profile = Some(profile_path.display().to_string());
+        writeln!(out, "\n{}:", path.display())?;
+        write_table(&mut out, &report)?;
+        reports.push(report);
+    }
+    if reports.len() > 1 {
+        write_runs_table(&mut out, &reports)?;
+    }
+    Ok(())
+}
+
+/// One report of an earlier real run, its rows simulated again under `profile`.
+fn replay_report(
+    path: &Path,
+    profile: &Profile,
+    args: &PoolBenchArgs,
+) -> anyhow::Result<PoolBenchReport> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut report: PoolBenchReport =
         serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
@@ -895,15 +918,81 @@ fn replay_report(path: &Path, args: &PoolBenchArgs) -> anyhow::Result<()> {
         ..args.clone()
     };
     simulate_rows(
-        &profile,
+        profile,
         &report.models,
         &report.policies,
         &mut report.rows,
         &knobs,
     )?;
-    report.sim_profile = Some(profile_path.display().to_string());
-    let mut out = std::io::stdout().lock();
-    write_table(&mut out, &report)?;
+    Ok(report)
+}
+
+/// Real and simulated attainment per (policy, rate) over several real runs of one workload:
+/// each run's pair, the means, and the simulator's gap to the real mean.
+fn write_runs_table(
+    out: &mut impl std::io::Write,
+    reports: &[PoolBenchReport],
+) -> anyhow::Result<()> {
+    let Some(first) = reports.first() else {
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "\nattainment % over {} real runs (real / sim per run; means; sim − real mean):\n\n\
+         | policy | rate req/s | runs real / sim | real mean (min–max) | sim mean | sim − real mean |\n\
+         |---|---|---|---|---|---|",
+        reports.len()
+    )?;
+    let mut within = 0;
+    let mut cells = 0;
+    for row in &first.rows {
+        let pairs: Vec<(f64, f64)> = reports
+            .iter()
+            .filter_map(|report| {
+                report.rows.iter().find(|r| {
+                    r.policy == row.policy && (r.rate_per_s - row.rate_per_s).abs() < 1e-9
+                })
+            })
+            .filter_map(|r| {
+                r.sim
+                    .map(|sim| (r.attainment * 100.0, sim.attainment * 100.0))
+            })
+            .collect();
+        if pairs.len() != reports.len() {
+            writeln!(
+                out,
+                "| {} | {} | (missing in some runs) | | | |",
+                row.policy, row.rate_per_s
+            )?;
+            continue;
+        }
+        let n = as_f64(u64::try_from(pairs.len()).unwrap_or(1));
+        let real_mean = pairs.iter().map(|p| p.0).sum::<f64>() / n;
+        let sim_mean = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+        let (lo, hi) = pairs.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+            (lo.min(p.0), hi.max(p.0))
+        });
+        let runs: Vec<String> = pairs
+            .iter()
+            .map(|(real, sim)| format!("{real:.1} / {sim:.1}"))
+            .collect();
+        let gap = sim_mean - real_mean;
+        cells += 1;
+        if gap.abs() <= SIM_GAP_POINTS_MAX {
+            within += 1;
+        }
+        writeln!(
+            out,
+            "| {} | {} | {} | {real_mean:.1} ({lo:.1}–{hi:.1}) | {sim_mean:.1} | {gap:+.1} |",
+            row.policy,
+            row.rate_per_s,
+            runs.join(", ")
+        )?;
+    }
+    writeln!(
+        out,
+        "\nsimulator vs the real mean: {within} of {cells} cells within {SIM_GAP_POINTS_MAX} points"
+    )?;
     Ok(())
 }
 
@@ -2023,15 +2112,52 @@ mod tests {
             report.rows[1].resident_at_start
         );
         args.sim_profile = Some(PathBuf::from("cpu-devvm"));
-        replay_report(&path, &args).unwrap();
+        let profile = Profile::load("cpu-devvm").unwrap();
+        runs_table_shows_each_run_and_the_means(&path, &profile, &mut args);
         // A report without requests (older runs) is refused with a clear error.
         let mut empty = serde_json::to_value(&report).unwrap();
         for row in empty["rows"].as_array_mut().unwrap() {
             row.as_object_mut().unwrap().remove("replay");
         }
         std::fs::write(&path, serde_json::to_vec(&empty).unwrap()).unwrap();
-        let error = replay_report(&path, &args).unwrap_err().to_string();
+        let error = replay_report(&path, &profile, &args)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("no requests to replay"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two real runs of the workload (one report replayed twice, real attainment set apart):
+    /// per cell both pairs, the real mean with its range, the simulator's gap to that mean.
+    fn runs_table_shows_each_run_and_the_means(
+        path: &Path,
+        profile: &Profile,
+        args: &mut PoolBenchArgs,
+    ) {
+        let mut runs = [
+            replay_report(path, profile, args).unwrap(),
+            replay_report(path, profile, args).unwrap(),
+        ];
+        assert!(runs[0].rows.iter().all(|r| r.sim.is_some()));
+        for (run, real) in runs.iter_mut().zip([0.9, 0.8]) {
+            for row in &mut run.rows {
+                row.attainment = real;
+                if let Some(sim) = row.sim.as_mut() {
+                    sim.attainment = 0.87;
+                }
+            }
+        }
+        let mut table = Vec::new();
+        write_runs_table(&mut table, &runs).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        assert!(
+            table.contains(
+                "| dedicated | 0.5 | 90.0 / 87.0, 80.0 / 87.0 | 85.0 (80.0–90.0) | 87.0 | +2.0 |"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("3 of 3 cells within 5 points"), "{table}");
+        args.replay = vec![path.to_owned(), path.to_owned()];
+        replay_reports(args).unwrap();
     }
 }

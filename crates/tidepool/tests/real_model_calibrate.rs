@@ -8,10 +8,7 @@ use std::process::Command;
 use tidepool_sim::Profile;
 
 fn models_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/tidepool/models")
+    tidepool_core::config::default_models_dir()
 }
 
 #[test]
@@ -70,6 +67,7 @@ fn real_model_calibrate_writes_a_profile_the_simulator_runs() {
         assert!(family["decode"].as_array().unwrap().len() >= 3, "{family}");
     }
     assert_eq!(samples["transfers"].as_array().unwrap().len(), 4);
+    resident_check_is_recorded(&samples, &stdout);
 
     refits_from_its_samples(exe, &out, &profile, &dir);
     sim_runs_on(exe, &out, &dir);
@@ -147,4 +145,40 @@ fn sim_runs_on(exe: &str, profile: &std::path::Path, dir: &std::path::Path) {
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(report["requests"], 3, "{report}");
     assert!(report["tokens_on_time"].as_u64().unwrap() > 0, "{report}");
+}
+
+/// The resident check (`--quick`: 2 models, one per family): each family's turns alone, beside
+/// the other model and in rotation with it, first step apart from the rest, and its table.
+#[expect(
+    clippy::unwrap_used,
+    reason = "test helper: a failure is the test failing"
+)]
+fn resident_check_is_recorded(samples: &serde_json::Value, stdout: &str) {
+    let resident = samples["resident"].as_array().unwrap();
+    let families: Vec<&str> = resident
+        .iter()
+        .map(|r| r["family"].as_str().unwrap())
+        .collect();
+    assert_eq!(families, ["smollm2-135m", "gemma-3-270m"], "{resident:?}");
+    for sample in resident {
+        assert_eq!(sample["models"], 2, "{sample}");
+        for phase in ["alone", "beside", "rotating"] {
+            let first = sample[phase]["first_step_ns"].as_array().unwrap();
+            let later = sample[phase]["later_step_ns"].as_array().unwrap();
+            assert_eq!(first.len(), later.len(), "{sample}");
+            assert!(first.iter().all(|ns| ns.as_u64().unwrap() > 0), "{sample}");
+        }
+        // An early EOS spoils an attempt; three attempts are made.
+        assert!(
+            !sample["alone"]["first_step_ns"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{sample}"
+        );
+    }
+    assert!(
+        stdout.contains("| gemma-3-270m | 2 | 4 × 128 |"),
+        "{stdout}"
+    );
 }
