@@ -98,6 +98,15 @@ pub struct PoolCountersOut {
     pub requests_cancelled: u64,
     pub requests_rejected: u64,
     pub in_flight_ns: ActionNsOut,
+    pub decode_by_batch: DecodeByBatchOut,
+}
+
+/// Decode steps and their time by batch size: element `b − 1` counts turns that started with
+/// `b` sequences (the last element: that many and more).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DecodeByBatchOut {
+    pub steps: Vec<u64>,
+    pub ns: Vec<u64>,
 }
 
 /// What an operator's load or unload did.
@@ -174,6 +183,10 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                 kv_restore: c.in_flight_ns.kv_restore,
                 prefill: c.in_flight_ns.prefill,
                 decode: c.in_flight_ns.decode,
+            },
+            decode_by_batch: DecodeByBatchOut {
+                steps: c.decode_by_batch.steps.to_vec(),
+                ns: c.decode_by_batch.ns.to_vec(),
             },
         },
     }

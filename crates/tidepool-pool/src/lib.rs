@@ -17,5 +17,7 @@ pub use config::{CostEstimate, ModelSpec, PoolConfig};
 pub use error::PoolError;
 pub use event::{Action, ActionId, Event, SeqFinished, SeqId};
 pub use pool::Pool;
-pub use status::{ActionNs, ModelStatus, PoolCounters, PoolStatus, Residency};
+pub use status::{
+    ActionNs, DECODE_BATCH_BUCKETS, DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency,
+};
 pub use tidepool_core::PoolPolicy;

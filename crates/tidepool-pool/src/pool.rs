@@ -696,6 +696,9 @@ impl Pool {
             let m = &mut self.models[done.model];
             m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
             self.counters.decode_steps += u64::from(steps);
+            self.counters
+                .decode_by_batch
+                .record(seqs.len(), steps, duration_ns);
         }
         let steps = if prefill { 1 } else { steps };
         let riders = riders.unwrap_or_default();

@@ -80,6 +80,58 @@ impl ActionNs {
     }
 }
 
+/// Buckets of [`DecodeByBatch`]: batches of this many sequences and more share the last.
+pub const DECODE_BATCH_BUCKETS: usize = 16;
+
+/// Decode steps and the time they took, by batch size (the turn's sequences when it was handed
+/// out; a sequence that ends mid-turn leaves its turn in its starting bucket). On the server the
+/// time is the engine's, in the simulator the cost model's: the same accounting on both sides,
+/// so a step cost the simulator gets wrong shows at the batch size it is wrong for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeByBatch {
+    /// `steps[b - 1]`: steps of turns that started with `b` sequences.
+    pub steps: [u64; DECODE_BATCH_BUCKETS],
+    /// `ns[b - 1]`: their summed duration.
+    pub ns: [u64; DECODE_BATCH_BUCKETS],
+}
+
+impl DecodeByBatch {
+    /// Counts a turn of `steps` steps that started with `batch` sequences and took `ns`.
+    pub fn record(&mut self, batch: usize, steps: u32, ns: u64) {
+        let bucket = batch.clamp(1, DECODE_BATCH_BUCKETS) - 1;
+        if let (Some(s), Some(t)) = (self.steps.get_mut(bucket), self.ns.get_mut(bucket)) {
+            *s = s.saturating_add(u64::from(steps));
+            *t = t.saturating_add(ns);
+        }
+    }
+
+    /// Bucket by bucket sum.
+    #[must_use]
+    pub fn saturating_add(&self, other: &Self) -> Self {
+        let mut sum = *self;
+        for (a, b) in sum.steps.iter_mut().zip(other.steps) {
+            *a = a.saturating_add(b);
+        }
+        for (a, b) in sum.ns.iter_mut().zip(other.ns) {
+            *a = a.saturating_add(b);
+        }
+        sum
+    }
+
+    /// Bucket by bucket difference of two cumulative readings (`self` the later one).
+    #[must_use]
+    pub fn saturating_sub(&self, earlier: &Self) -> Self {
+        let mut difference = *self;
+        for (a, b) in difference.steps.iter_mut().zip(earlier.steps) {
+            *a = a.saturating_sub(b);
+        }
+        for (a, b) in difference.ns.iter_mut().zip(earlier.ns) {
+            *a = a.saturating_sub(b);
+        }
+        difference
+    }
+}
+
 /// Cumulative counts since the pool was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolCounters {
@@ -98,6 +150,9 @@ pub struct PoolCounters {
     pub requests_cancelled: u64,
     pub requests_rejected: u64,
     pub in_flight_ns: ActionNs,
+    /// Decode steps and their time by batch size.
+    #[serde(default)]
+    pub decode_by_batch: DecodeByBatch,
 }
 
 impl PoolCounters {
@@ -126,6 +181,7 @@ impl PoolCounters {
                 .requests_rejected
                 .saturating_add(other.requests_rejected),
             in_flight_ns: self.in_flight_ns.saturating_add(&other.in_flight_ns),
+            decode_by_batch: self.decode_by_batch.saturating_add(&other.decode_by_batch),
         }
     }
 }
@@ -142,4 +198,33 @@ pub struct PoolStatus {
     pub queued: u32,
     pub models: Vec<ModelStatus>,
     pub counters: PoolCounters,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_turns_are_bucketed_by_batch_and_readings_subtract() {
+        let mut by = DecodeByBatch::default();
+        by.record(1, 16, 160);
+        by.record(3, 4, 120);
+        by.record(0, 1, 7); // no sequence: counted as batch 1
+        by.record(40, 2, 50); // past the buckets: the last one
+        assert_eq!((by.steps[0], by.ns[0]), (17, 167));
+        assert_eq!((by.steps[2], by.ns[2]), (4, 120));
+        assert_eq!(
+            (
+                by.steps[DECODE_BATCH_BUCKETS - 1],
+                by.ns[DECODE_BATCH_BUCKETS - 1]
+            ),
+            (2, 50)
+        );
+        let earlier = by;
+        by.record(3, 1, 30);
+        let delta = by.saturating_sub(&earlier);
+        assert_eq!(delta.steps.iter().sum::<u64>(), 1);
+        assert_eq!((delta.steps[2], delta.ns[2]), (1, 30));
+        assert_eq!(earlier.saturating_add(&delta), by);
+    }
 }

@@ -112,6 +112,9 @@ pub struct Report {
     pub decode_steps: u64,
     /// Modelled time per action kind (the pool's own accounting, as on a real server).
     pub in_flight_ns: tidepool_pool::ActionNs,
+    /// Modelled decode steps and their time by batch size (the pool's accounting).
+    #[serde(default)]
+    pub decode_by_batch: tidepool_pool::DecodeByBatch,
     pub switches_per_s: f64,
     pub per_model: Vec<ModelReport>,
 }
@@ -366,6 +369,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         prefills: counters.prefills,
         decode_steps: counters.decode_steps,
         in_flight_ns: counters.in_flight_ns,
+        decode_by_batch: counters.decode_by_batch,
         switches_per_s: per_s(as_f64(counters.loads), makespan_s),
         per_model,
     }

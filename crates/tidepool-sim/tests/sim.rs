@@ -130,6 +130,18 @@ fn cpu_profile_runs_every_policy_with_eviction() {
             report.requests,
             u64::try_from(workload.requests.len()).unwrap()
         );
+        // Every decode step lands in one batch bucket, with the time the model charged.
+        let by = &report.decode_by_batch;
+        assert_eq!(by.steps.iter().sum::<u64>(), report.decode_steps, "{by:?}");
+        assert_eq!(
+            by.ns.iter().sum::<u64>(),
+            report.in_flight_ns.decode,
+            "{by:?}"
+        );
+        assert!(
+            by.steps[1..].iter().any(|&s| s > 0),
+            "hot models batch: {by:?}"
+        );
     }
 }
 

@@ -74,7 +74,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tidepool_core::PoolPolicy;
-use tidepool_pool::{ActionNs, CostEstimate};
+use tidepool_pool::{ActionNs, CostEstimate, DecodeByBatch};
 use tidepool_sim::svg::{Series, line_chart};
 use tidepool_sim::workload::{
     Arrivals, MarketModel, MarketSpec, Popularity, Request, TraceRow, Workload, market,
@@ -635,7 +635,7 @@ impl SimRow {
             loads: report.loads,
             kv_saves: report.kv_saves,
             requests_rejected: report.requests_rejected,
-            actions: ActionTimes::new(counts, &report.in_flight_ns),
+            actions: ActionTimes::new(counts, &report.in_flight_ns, report.decode_by_batch),
         }
     }
 }
@@ -656,10 +656,13 @@ struct ActionTimes {
     kv_save_ms: f64,
     kv_restores: u64,
     kv_restore_ms: f64,
+    /// Decode steps and their time by batch size (absent in older reports).
+    #[serde(default)]
+    decode_by_batch: DecodeByBatch,
 }
 
 impl ActionTimes {
-    fn new(counts: [u64; 5], ns: &ActionNs) -> Self {
+    fn new(counts: [u64; 5], ns: &ActionNs, decode_by_batch: DecodeByBatch) -> Self {
         let [prefills, decode_steps, loads, kv_saves, kv_restores] = counts;
         let ms = |ns: u64| as_f64(ns) / 1e6;
         Self {
@@ -674,6 +677,7 @@ impl ActionTimes {
             kv_save_ms: ms(ns.kv_save),
             kv_restores,
             kv_restore_ms: ms(ns.kv_restore),
+            decode_by_batch,
         }
     }
 
@@ -688,7 +692,10 @@ impl ActionTimes {
             d(before.kv_saves, after.kv_saves),
             d(before.kv_restores, after.kv_restores),
         ];
-        Self::new(counts, &ns)
+        let by_batch = after
+            .decode_by_batch
+            .saturating_sub(&before.decode_by_batch);
+        Self::new(counts, &ns, by_batch)
     }
 
     fn busy_s(&self) -> f64 {
@@ -738,6 +745,9 @@ struct CountersView {
     prefills: u64,
     decode_steps: u64,
     in_flight_ns: ActionNs,
+    /// Absent from servers older than the field.
+    #[serde(default)]
+    decode_by_batch: DecodeByBatch,
 }
 
 impl PoolView {
@@ -1735,6 +1745,7 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
             gaps.len()
         )?;
         write_cost_table(out, &report.rows)?;
+        write_batch_table(out, &report.rows, report.seqs_max)?;
     }
     let verdict = |ratio: Option<f64>, min: f64| match ratio {
         Some(r) if r >= min => format!("{r:.2}× (target ≥ {min}×: met)"),
@@ -1781,6 +1792,54 @@ fn write_cost_table(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::
             b.decode_steps,
             a.busy_s(),
             b.busy_s(),
+        )?;
+    }
+    Ok(())
+}
+
+/// The decode step by batch size, real / simulated (mean ms per step, steps in brackets): the
+/// per-action means above mix batch sizes, this table does not.
+fn write_batch_table(
+    out: &mut impl std::io::Write,
+    rows: &[RateRow],
+    seqs_max: u32,
+) -> anyhow::Result<()> {
+    let batches = usize::try_from(seqs_max)
+        .unwrap_or(1)
+        .clamp(1, tidepool_pool::DECODE_BATCH_BUCKETS);
+    let header: Vec<String> = (1..=batches).map(|b| format!("B = {b}")).collect();
+    writeln!(
+        out,
+        "\ndecode step by batch size, real / sim (mean ms per step, [steps real / sim]):\n\n\
+         | policy | rate req/s | {} |\n|---|---|{}",
+        header.join(" | "),
+        "---|".repeat(batches)
+    )?;
+    let step = |by: &DecodeByBatch, bucket: usize| {
+        let steps = by.steps.get(bucket).copied().unwrap_or(0);
+        let ns = by.ns.get(bucket).copied().unwrap_or(0);
+        (steps, (steps > 0).then(|| as_f64(ns) / as_f64(steps) / 1e6))
+    };
+    for r in rows {
+        let Some(sim) = r.sim else { continue };
+        let cells: Vec<String> = (0..batches)
+            .map(|bucket| {
+                let (real_steps, real) = step(&r.actions.decode_by_batch, bucket);
+                let (sim_steps, simulated) = step(&sim.actions.decode_by_batch, bucket);
+                let ms = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+                format!(
+                    "{} / {} [{real_steps} / {sim_steps}]",
+                    ms(real),
+                    ms(simulated)
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "| {} | {} | {} |",
+            r.policy,
+            r.rate_per_s,
+            cells.join(" | ")
         )?;
     }
     Ok(())
