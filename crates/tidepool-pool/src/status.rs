@@ -108,27 +108,24 @@ impl DecodeByBatch {
     /// Bucket by bucket sum.
     #[must_use]
     pub fn saturating_add(&self, other: &Self) -> Self {
-        let mut sum = *self;
-        for (a, b) in sum.steps.iter_mut().zip(other.steps) {
-            *a = a.saturating_add(b);
-        }
-        for (a, b) in sum.ns.iter_mut().zip(other.ns) {
-            *a = a.saturating_add(b);
-        }
-        sum
+        self.zip_with(other, u64::saturating_add)
     }
 
     /// Bucket by bucket difference of two cumulative readings (`self` the later one).
     #[must_use]
     pub fn saturating_sub(&self, earlier: &Self) -> Self {
-        let mut difference = *self;
-        for (a, b) in difference.steps.iter_mut().zip(earlier.steps) {
-            *a = a.saturating_sub(b);
+        self.zip_with(earlier, u64::saturating_sub)
+    }
+
+    fn zip_with(&self, other: &Self, f: fn(u64, u64) -> u64) -> Self {
+        let mut out = *self;
+        for (a, b) in out.steps.iter_mut().zip(other.steps) {
+            *a = f(*a, b);
         }
-        for (a, b) in difference.ns.iter_mut().zip(earlier.ns) {
-            *a = a.saturating_sub(b);
+        for (a, b) in out.ns.iter_mut().zip(other.ns) {
+            *a = f(*a, b);
         }
-        difference
+        out
     }
 }
 
