@@ -209,22 +209,14 @@ pub(crate) fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         config.threads = args.threads;
         configs.push(config);
     }
+    let fronts = front_ends(&configs)?;
     let mut accelerator = Accelerator::new(configs.clone())?;
     let mut measured = Vec::new();
     let mut transfers = Vec::new();
     let mut next_seq = 0_u64;
-    for (index, ((name, _), config)) in families.iter().zip(&configs).enumerate() {
+    for (index, (name, _)) in families.iter().enumerate() {
         tracing::info!(family = name, "measuring");
-        let front = ModelFrontEnd::open(config.clone())?;
-        let mut run = Measure {
-            accelerator: &mut accelerator,
-            front: &front,
-            model: index,
-            next_seq: &mut next_seq,
-            repeats: args.repeats,
-            seqs_max: args.seqs_max,
-            plan: Plan::new(args.quick, args.seqs_max),
-        };
+        let mut run = Measure::new(&mut accelerator, &fronts, index, &mut next_seq, args)?;
         let (m, t) = run.family(name, args)?;
         measured.push(m);
         transfers.extend(t);
@@ -484,10 +476,7 @@ fn resident_check(
         config.model_id = ModelId::new(format!("res-{i}-{name}"))?;
         configs.push(config);
     }
-    let fronts = configs
-        .iter()
-        .map(|c| ModelFrontEnd::open(c.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let fronts = front_ends(&configs)?;
     let mut accelerator = Accelerator::new(configs)?;
     let batch = RESIDENT_BATCH.min(args.seqs_max);
     let mut samples: Vec<ResidentSample> = families
@@ -578,6 +567,14 @@ fn rotation(
     Ok(())
 }
 
+/// Each model's front end (tokenizer, request preparation), in the accelerator's model order.
+fn front_ends(configs: &[MultiModelConfig]) -> anyhow::Result<Vec<ModelFrontEnd>> {
+    Ok(configs
+        .iter()
+        .map(|c| ModelFrontEnd::open(c.clone()))
+        .collect::<Result<_, _>>()?)
+}
+
 /// Which samples to take.
 struct Plan {
     prefill: Vec<u32>,
@@ -654,7 +651,7 @@ fn ns_since(started: Instant) -> u64 {
 }
 
 impl<'a> Measure<'a> {
-    /// Model `model` of `fronts` on `accelerator` (the resident check's many-model accelerator).
+    /// Model `model` of `accelerator`, whose models' front ends are `fronts` (same order).
     fn new(
         accelerator: &'a mut Accelerator,
         fronts: &'a [ModelFrontEnd],
@@ -672,7 +669,7 @@ impl<'a> Measure<'a> {
             next_seq,
             repeats: args.repeats,
             seqs_max: args.seqs_max,
-            plan: Plan::new(true, args.seqs_max),
+            plan: Plan::new(args.quick, args.seqs_max),
         })
     }
 
