@@ -252,6 +252,18 @@ pub(crate) struct PoolBenchArgs {
         value_delimiter = ','
     )]
     replay: Vec<PathBuf>,
+    /// With `--sim-profile`: simulate each (policy, rate) at the engine speed the real run had
+    /// during it — the profile's engine costs scaled by the real decode time over what the
+    /// profile charges for the same steps, batch size by batch size. Takes the drift of the
+    /// machine's speed between calibration and run out of the comparison, so what is left is
+    /// the scheduling model (the factor is shown beside each simulated attainment).
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_POOL_AT_RUN_SPEED",
+        requires = "sim_profile",
+        conflicts_with = "sim_only"
+    )]
+    at_run_speed: bool,
 }
 
 /// One model of the market as served.
@@ -618,6 +630,10 @@ struct SimRow {
     kv_saves: u64,
     requests_rejected: u64,
     actions: ActionTimes,
+    /// `--at-run-speed`: the factor the profile's engine costs were scaled by (absent: the
+    /// profile as calibrated).
+    #[serde(default)]
+    speed: Option<RunSpeed>,
 }
 
 impl SimRow {
@@ -636,8 +652,88 @@ impl SimRow {
             kv_saves: report.kv_saves,
             requests_rejected: report.requests_rejected,
             actions: ActionTimes::new(counts, &report.in_flight_ns, report.decode_by_batch),
+            speed: None,
         }
     }
+}
+
+/// The engine's speed in a real run relative to a simulation of the same requests, per kind of
+/// action: what the run's engine took over what the profile charged. `--at-run-speed` scales
+/// the profile by it, so the comparison is left with the scheduling model alone.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct RunSpeed {
+    /// Decode steps, batch size by batch size.
+    decode: f64,
+    /// All prefill time (the same prompts on both sides); `None` if a side prefilled nothing.
+    prefill: Option<f64>,
+    /// Mean model load; `None` if a side loaded nothing.
+    load: Option<f64>,
+}
+
+impl RunSpeed {
+    /// `None` when either side decoded nothing.
+    fn of(real: &ActionTimes, sim: &ActionTimes) -> Option<Self> {
+        let ratio = |a: f64, b: f64| (a > 0.0 && b > 0.0).then(|| a / b);
+        let per_op = |ms: f64, ops: u64| (ops > 0).then(|| ms / as_f64(ops));
+        Some(Self {
+            decode: decode_speed(real, sim)?,
+            prefill: ratio(real.prefill_ms, sim.prefill_ms),
+            load: ratio(
+                per_op(real.load_ms, real.loads).unwrap_or(0.0),
+                per_op(sim.load_ms, sim.loads).unwrap_or(0.0),
+            ),
+        })
+    }
+
+    /// `profile` with its engine costs scaled by this speed.
+    fn apply(self, profile: &mut Profile) {
+        profile.accelerator.engine_overhead *= self.decode;
+        // `engine_overhead` scales prefill too: prefill's own factor replaces decode's.
+        let prefill = self.prefill.map_or(1.0, |p| p / self.decode);
+        let load = self.load.unwrap_or(1.0);
+        for family in &mut profile.families {
+            family.prefill_fixed_ms *= prefill;
+            family.prefill_per_token_ms *= prefill;
+            family.prefill_per_token_sq_ms *= prefill;
+            family.load_s *= load;
+            family.ctx_create_s *= load;
+        }
+    }
+}
+
+impl std::fmt::Display for RunSpeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let factor = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"));
+        write!(
+            f,
+            "×{:.2} / {} / {}",
+            self.decode,
+            factor(self.prefill),
+            factor(self.load)
+        )
+    }
+}
+
+/// The real decode time over what the simulation charged per step for the same steps, batch
+/// size by batch size (so a different mix of batch sizes does not count as speed). Reports
+/// from before the per-batch counters fall back to the ratio of the mean steps. `None` when
+/// either side decoded nothing.
+fn decode_speed(real: &ActionTimes, sim: &ActionTimes) -> Option<f64> {
+    let (real_by, sim_by) = (&real.decode_by_batch, &sim.decode_by_batch);
+    let mut real_ns = 0.0;
+    let mut charged_ns = 0.0;
+    for bucket in 0..tidepool_pool::DECODE_BATCH_BUCKETS {
+        let (steps, sim_steps) = (real_by.steps[bucket], sim_by.steps[bucket]);
+        if steps > 0 && sim_steps > 0 {
+            real_ns += as_f64(real_by.ns[bucket]);
+            charged_ns += as_f64(steps) * as_f64(sim_by.ns[bucket]) / as_f64(sim_steps);
+        }
+    }
+    if charged_ns > 0.0 && real_ns > 0.0 {
+        return Some(real_ns / charged_ns);
+    }
+    let mean = |ms: f64, steps: u64| (steps > 0 && ms > 0.0).then(|| ms / as_f64(steps));
+    Some(mean(real.decode_ms, real.decode_steps)? / mean(sim.decode_ms, sim.decode_steps)?)
 }
 
 /// Engine actions by kind: how many, and their summed time in flight in ms. Real (the pool's
@@ -1334,10 +1430,28 @@ fn simulate_rows(
             tbt_slo_ms: args.tbt_slo_ms,
             knobs,
         };
-        let report = simulate(&spec, &workload, &mut |_| {})?;
-        row.sim = Some(SimRow::of(&report));
+        let real = args.at_run_speed.then_some(&row.actions);
+        row.sim = Some(simulate_row(spec, &workload, real)?);
     }
     Ok(())
+}
+
+/// One row in the simulator; given the `real` run's engine times, again at its speed
+/// (`--at-run-speed`).
+fn simulate_row(
+    mut spec: SimSpec,
+    workload: &Workload,
+    real: Option<&ActionTimes>,
+) -> anyhow::Result<SimRow> {
+    let sim = SimRow::of(&simulate(&spec, workload, &mut |_| {})?);
+    let Some(speed) = real.and_then(|real| RunSpeed::of(real, &sim.actions)) else {
+        return Ok(sim);
+    };
+    speed.apply(&mut spec.profile);
+    Ok(SimRow {
+        speed: Some(speed),
+        ..SimRow::of(&simulate(&spec, workload, &mut |_| {})?)
+    })
 }
 
 /// Where a request goes.
@@ -1693,16 +1807,20 @@ fn write_outputs(report: &PoolBenchReport, out_path: &Path) -> anyhow::Result<()
     Ok(())
 }
 
-fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyhow::Result<()> {
+/// One line per (policy, rate): real and simulated attainment and the real run's figures.
+fn write_rows(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n| policy | rate req/s | attainment % | sim attainment % | goodput tok/s | p99 TTFT ms | switches/s | loads | kv_saves | failed |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
-    for r in &report.rows {
+    for r in rows {
         let sim = r.sim.map_or_else(
             || "–".to_owned(),
-            |sim| format!("{:.1}", sim.attainment * 100.0),
+            |sim| match sim.speed {
+                Some(speed) => format!("{:.1} ({speed})", sim.attainment * 100.0),
+                None => format!("{:.1}", sim.attainment * 100.0),
+            },
         );
         writeln!(
             out,
@@ -1718,6 +1836,20 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
             r.requests_failed + r.requests_timed_out,
         )?;
     }
+    if rows
+        .iter()
+        .any(|r| r.sim.is_some_and(|s| s.speed.is_some()))
+    {
+        writeln!(
+            out,
+            "\n(×d / p / l: --at-run-speed, the run's decode / prefill / load time over the profile's)"
+        )?;
+    }
+    Ok(())
+}
+
+fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyhow::Result<()> {
+    write_rows(out, &report.rows)?;
     writeln!(out)?;
     for p in &report.policies {
         writeln!(
@@ -2104,6 +2236,122 @@ mod tests {
             f.name = format!("x-{}", f.name);
         }
         assert!(simulate_rows(&other, &models, &summaries, &mut rows(), &args).is_err());
+    }
+
+    #[test]
+    fn run_speed_compares_like_with_like() {
+        let mut real = ActionTimes::default();
+        let mut sim = ActionTimes::default();
+        // Real: 10 steps of batch 1 at 12 ms, 10 of batch 2 at 30 ms; simulated: batch 1 at
+        // 10 ms, batch 2 at 20 ms but in another mix (and a batch-3 bucket the run never had).
+        real.decode_by_batch.steps[0] = 10;
+        real.decode_by_batch.ns[0] = 120_000_000;
+        real.decode_by_batch.steps[1] = 10;
+        real.decode_by_batch.ns[1] = 300_000_000;
+        sim.decode_by_batch.steps[0] = 30;
+        sim.decode_by_batch.ns[0] = 300_000_000;
+        sim.decode_by_batch.steps[1] = 5;
+        sim.decode_by_batch.ns[1] = 100_000_000;
+        sim.decode_by_batch.steps[2] = 4;
+        sim.decode_by_batch.ns[2] = 400_000_000;
+        // 420 ms real against 10 × 10 + 10 × 20 = 300 ms charged for the same steps.
+        let speed = decode_speed(&real, &sim).unwrap();
+        assert!((speed - 1.4).abs() < 1e-12, "{speed}");
+        // Older reports (no per-batch counters): the mean steps' ratio.
+        let old = |steps, ms| ActionTimes {
+            decode_steps: steps,
+            decode_ms: ms,
+            ..ActionTimes::default()
+        };
+        let speed = decode_speed(&old(100, 1500.0), &old(50, 500.0)).unwrap();
+        assert!((speed - 1.5).abs() < 1e-12, "{speed}");
+        // Nothing decoded on one side: no speed, the profile stays as calibrated.
+        assert_eq!(decode_speed(&ActionTimes::default(), &old(50, 500.0)), None);
+        assert_eq!(RunSpeed::of(&ActionTimes::default(), &old(50, 500.0)), None);
+        // Prefill: all of it (same prompts); loads: per load; absent where a side had none.
+        let mut real = old(100, 1500.0);
+        real.prefills = 4;
+        real.prefill_ms = 900.0;
+        real.loads = 2;
+        real.load_ms = 500.0;
+        let mut sim = old(50, 500.0);
+        sim.prefills = 6;
+        sim.prefill_ms = 1000.0;
+        let speed = RunSpeed::of(&real, &sim).unwrap();
+        assert_eq!(speed.load, None, "{speed:?}");
+        assert!(
+            speed.prefill.is_some_and(|p| (p - 0.9).abs() < 1e-12),
+            "{speed:?}"
+        );
+        sim.loads = 1;
+        sim.load_ms = 200.0;
+        let speed = RunSpeed::of(&real, &sim).unwrap();
+        assert!(
+            speed.load.is_some_and(|l| (l - 1.25).abs() < 1e-12),
+            "{speed:?}"
+        );
+        assert_eq!(speed.to_string(), "×1.50 / 0.90 / 1.25");
+        // Applied: decode through `engine_overhead`, prefill's own factor, loads.
+        let mut profile = Profile::load("cpu-devvm").unwrap();
+        let before = profile.clone();
+        speed.apply(&mut profile);
+        let (a, b) = (&profile.families[0], &before.families[0]);
+        let k = profile.accelerator.engine_overhead / before.accelerator.engine_overhead;
+        assert!((k - 1.5).abs() < 1e-12, "{k}");
+        let prefill = a.prefill_per_token_ms * k / b.prefill_per_token_ms;
+        assert!((prefill - 0.9).abs() < 1e-9, "{prefill}");
+        assert!((a.load_s / b.load_s - 1.25).abs() < 1e-9, "{a:?}");
+    }
+
+    #[test]
+    fn at_run_speed_simulates_each_row_at_its_measured_speed() {
+        let mut args = args();
+        args.trace = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/traces/azure-llm-2023-conv.csv"
+        ));
+        args.rates = vec![2.0];
+        args.duration_s = 20;
+        let (models, schedules) = build_workloads(&args).unwrap();
+        let profile = Profile::load("cpu-devvm").unwrap();
+        let summaries = [PolicySummary {
+            policy: "dedicated".to_owned(),
+            memory_bytes_max: profile.accelerator.memory_bytes,
+            sustainable_rate_per_s: 0.0,
+        }];
+        let served = planned_requests(&schedules[0]);
+        let mut rows = vec![planned_row("dedicated", served.clone())];
+        simulate_rows(&profile, &models, &summaries, &mut rows, &args).unwrap();
+        let calibrated = rows[0].sim.unwrap();
+        assert_eq!(calibrated.speed, None);
+        // A "real run" whose engine decoded 1.5× slower than the profile at every batch size
+        // and prefilled 1.2× slower.
+        let mut slow = calibrated.actions;
+        for ns in &mut slow.decode_by_batch.ns {
+            *ns = *ns * 3 / 2;
+        }
+        slow.prefill_ms *= 1.2;
+        let mut rows = vec![planned_row("dedicated", served)];
+        rows[0].actions = slow;
+        args.at_run_speed = true;
+        simulate_rows(&profile, &models, &summaries, &mut rows, &args).unwrap();
+        let at_speed = rows[0].sim.unwrap();
+        let speed = at_speed.speed.unwrap();
+        assert!((speed.decode - 1.5).abs() < 1e-6, "{speed:?}");
+        assert!(
+            speed.prefill.is_some_and(|p| (p - 1.2).abs() < 1e-9),
+            "{speed:?}"
+        );
+        assert_eq!(speed.load, None, "dedicated loads nothing: {speed:?}");
+        // Every modelled cost is dearer: more busy time, and no better attainment.
+        assert!(
+            at_speed.actions.busy_s() > calibrated.actions.busy_s() * 1.3,
+            "{at_speed:?} {calibrated:?}"
+        );
+        assert!(
+            at_speed.attainment < calibrated.attainment,
+            "{at_speed:?} {calibrated:?}"
+        );
     }
 
     #[test]
