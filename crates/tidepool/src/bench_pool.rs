@@ -2074,6 +2074,18 @@ mod tests {
         Cli::parse_from(["bench-pool"]).args
     }
 
+    /// Bench arguments for 20 s of one rate of the repository's conversation trace.
+    fn replay_args(rate_per_s: f64) -> PoolBenchArgs {
+        let mut args = args();
+        args.trace = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/traces/azure-llm-2023-conv.csv"
+        ));
+        args.rates = vec![rate_per_s];
+        args.duration_s = 20;
+        args
+    }
+
     #[test]
     fn server_config_is_a_valid_pool_config() {
         let args = args();
@@ -2181,13 +2193,7 @@ mod tests {
 
     #[test]
     fn rows_replay_in_the_simulator_deterministically() {
-        let mut args = args();
-        args.trace = PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../data/traces/azure-llm-2023-conv.csv"
-        ));
-        args.rates = vec![0.5];
-        args.duration_s = 20;
+        let args = replay_args(0.5);
         let (models, schedules) = build_workloads(&args).unwrap();
         let profile = Profile::load("cpu-devvm").unwrap();
         let served = planned_requests(&schedules[0]);
@@ -2305,13 +2311,7 @@ mod tests {
 
     #[test]
     fn at_run_speed_simulates_each_row_at_its_measured_speed() {
-        let mut args = args();
-        args.trace = PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../data/traces/azure-llm-2023-conv.csv"
-        ));
-        args.rates = vec![2.0];
-        args.duration_s = 20;
+        let mut args = replay_args(2.0);
         let (models, schedules) = build_workloads(&args).unwrap();
         let profile = Profile::load("cpu-devvm").unwrap();
         let summaries = [PolicySummary {
@@ -2356,11 +2356,7 @@ mod tests {
 
     #[test]
     fn workloads_are_the_same_for_every_policy_and_scaled() {
-        let mut args = args();
-        args.trace = PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../data/traces/azure-llm-2023-conv.csv"
-        ));
+        let mut args = replay_args(1.0);
         args.rates = vec![1.0, 2.0];
         let (models, schedules) = build_workloads(&args).unwrap();
         assert_eq!(models.len(), 8);
@@ -2382,12 +2378,7 @@ mod tests {
     /// requests, residents and estimates, and re-simulates without servers.
     #[test]
     fn a_written_report_replays_without_servers() {
-        let mut args = args();
-        args.trace = PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../data/traces/azure-llm-2023-conv.csv"
-        ));
-        args.rates = vec![0.5];
+        let mut args = replay_args(0.5);
         args.duration_s = 10;
         let (models, schedules) = build_workloads(&args).unwrap();
         let served = planned_requests(&schedules[0]);
