@@ -59,6 +59,9 @@ pub struct PoolModelOut {
     /// What the scheduler believes the model costs now (start-up measures, with load and
     /// decode-step times refined by every finished action).
     pub estimate: CostEstimateOut,
+    /// This model's decode steps and their time by batch size (its share of
+    /// `counters.decode_by_batch`).
+    pub decode_by_batch: DecodeByBatchOut,
 }
 
 /// The scheduler's cost beliefs for one model, in nanoseconds.
@@ -109,6 +112,15 @@ pub struct DecodeByBatchOut {
     pub ns: Vec<u64>,
 }
 
+impl DecodeByBatchOut {
+    fn of(by: &tidepool_pool::DecodeByBatch) -> Self {
+        Self {
+            steps: by.steps.to_vec(),
+            ns: by.ns.to_vec(),
+        }
+    }
+}
+
 /// What an operator's load or unload did.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelRequestOut {
@@ -151,6 +163,7 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                     prefill_ns_per_token: m.estimate.prefill_ns_per_token,
                     kv_transfer_ps_per_byte: m.estimate.kv_transfer_ps_per_byte,
                 },
+                decode_by_batch: DecodeByBatchOut::of(&m.decode_by_batch),
             }
         })
         .collect();
@@ -184,10 +197,7 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                 prefill: c.in_flight_ns.prefill,
                 decode: c.in_flight_ns.decode,
             },
-            decode_by_batch: DecodeByBatchOut {
-                steps: c.decode_by_batch.steps.to_vec(),
-                ns: c.decode_by_batch.ns.to_vec(),
-            },
+            decode_by_batch: DecodeByBatchOut::of(&c.decode_by_batch),
         },
     }
 }

@@ -340,6 +340,20 @@ async fn real_model_pool_status_and_operator_load_unload_over_http() {
     );
     assert!(model["memory_bytes"].as_u64().unwrap() >= model["weights_bytes"].as_u64().unwrap());
     assert!(pool["memory_bytes_used"].as_u64() <= pool["memory_bytes_max"].as_u64());
+    // Its decode steps by batch size: the request's 3 steps after the prefill's first token
+    // (fewer if it stopped early), all at batch 1, and the pool-wide counter is their sum.
+    let steps = |by: &Value| -> Vec<u64> {
+        by["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let model_steps = steps(&model["decode_by_batch"]);
+    assert!((1..=3).contains(&model_steps[0]), "{model}");
+    assert!(model_steps[1..].iter().all(|&s| s == 0), "{model}");
+    assert_eq!(model_steps, steps(&pool["counters"]["decode_by_batch"]));
 
     let path = "/admin/models/smollm2-135m-instruct/unload";
     assert_eq!(app.call("POST", path, "wrong").await.status(), 401);

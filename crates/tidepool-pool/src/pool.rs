@@ -8,7 +8,7 @@ use tidepool_core::{ModelId, PoolPolicy};
 use crate::PoolError;
 use crate::config::{CostEstimate, ModelSpec, PoolConfig};
 use crate::event::{Action, ActionId, Event, SeqFinished, SeqId};
-use crate::status::{ModelStatus, PoolCounters, PoolStatus, Residency};
+use crate::status::{DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency};
 
 /// Where a sequence's KV cells are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub(crate) struct ModelState {
     pub(crate) load_requested: bool,
     /// An operator asked to unload it (`Event::UnloadRequested`): evicted next.
     pub(crate) unload_requested: bool,
+    /// This model's share of `PoolCounters::decode_by_batch`.
+    pub(crate) decode_by_batch: DecodeByBatch,
 }
 
 impl ModelState {
@@ -105,6 +107,7 @@ impl ModelState {
             pending: 0,
             load_requested: false,
             unload_requested: false,
+            decode_by_batch: DecodeByBatch::default(),
         }
     }
 }
@@ -695,6 +698,7 @@ impl Pool {
         if !prefill && steps > 0 {
             let m = &mut self.models[done.model];
             m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
+            m.decode_by_batch.record(seqs.len(), steps, duration_ns);
             self.counters.decode_steps += u64::from(steps);
             self.counters
                 .decode_by_batch
@@ -1064,6 +1068,13 @@ impl Pool {
                 "context over its slots"
             );
         }
+        let by_model = self.models.iter().fold(DecodeByBatch::default(), |sum, m| {
+            sum.saturating_add(&m.decode_by_batch)
+        });
+        assert_eq!(
+            by_model, self.counters.decode_by_batch,
+            "per-model decode counters drifted"
+        );
         let reserved: u64 = self.seqs.values().map(|s| s.reserved_bytes).sum();
         assert_eq!(reserved, self.kv_reserved_bytes, "KV reservations drifted");
         let queued = self
@@ -1118,6 +1129,7 @@ impl Pool {
                         load_ns: m.load_ns,
                         ..spec.estimate
                     },
+                    decode_by_batch: m.decode_by_batch,
                 }
             })
             .collect();

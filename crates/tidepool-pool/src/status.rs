@@ -36,6 +36,11 @@ pub struct ModelStatus {
     /// What the scheduler believes the model costs now: the spec's estimate with
     /// `decode_step_ns` and `load_ns` refined by the timings of finished actions.
     pub estimate: CostEstimate,
+    /// This model's decode steps and their time by batch size (its share of
+    /// [`PoolCounters::decode_by_batch`]): per model, because one batch size costs different
+    /// models differently.
+    #[serde(default)]
+    pub decode_by_batch: DecodeByBatch,
 }
 
 /// Time engine actions were in flight, by kind, in nanoseconds: from the pool handing the

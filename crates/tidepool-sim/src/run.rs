@@ -57,6 +57,8 @@ pub(crate) struct AccOutcome {
     pub(crate) compute_busy_ns: u64,
     pub(crate) end_ns: u64,
     pub(crate) counters: tidepool_pool::PoolCounters,
+    /// Each model's decode steps by batch size (`ModelStatus::decode_by_batch`), by model id.
+    pub(crate) decode_by_model: Vec<(String, tidepool_pool::DecodeByBatch)>,
 }
 
 struct Pending {
@@ -212,11 +214,19 @@ impl<'a> AccRun<'a> {
         let mut counters = self.pool.counters();
         counters.loads = counters.loads.saturating_sub(self.warm_loads);
         counters.evictions = counters.evictions.saturating_sub(self.warm_evictions);
+        let decode_by_model = self
+            .pool
+            .status()
+            .models
+            .into_iter()
+            .map(|m| (m.model.to_string(), m.decode_by_batch))
+            .collect();
         Ok(AccOutcome {
             seqs: self.seqs,
             compute_busy_ns: self.compute_busy_ns,
             end_ns,
             counters,
+            decode_by_model,
         })
     }
 

@@ -76,6 +76,8 @@ pub struct ModelReport {
     pub tokens_owed: u64,
     pub tokens_on_time: u64,
     pub attainment: f64,
+    /// Modelled decode steps and their time by batch size, this model's only.
+    pub decode_by_batch: tidepool_pool::DecodeByBatch,
 }
 
 /// The simulation report (serialised to JSON; identical inputs give identical bytes).
@@ -318,6 +320,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
             tokens_owed: 0,
             tokens_on_time: 0,
             attainment: 1.0,
+            decode_by_batch: tidepool_pool::DecodeByBatch::default(),
         })
         .collect();
     let mut t = Totals::default();
@@ -378,6 +381,14 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
 fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
     for &m in &o.models {
         per_model[m].accelerator = o.acc;
+        if let Some((_, by)) = o
+            .result
+            .decode_by_model
+            .iter()
+            .find(|(id, _)| *id == per_model[m].model)
+        {
+            per_model[m].decode_by_batch = *by;
+        }
     }
     for ((local, _), s) in o.requests.iter().zip(&o.result.seqs) {
         book(&mut per_model[o.models[*local]], s);

@@ -142,6 +142,23 @@ fn cpu_profile_runs_every_policy_with_eviction() {
             by.steps[1..].iter().any(|&s| s > 0),
             "hot models batch: {by:?}"
         );
+        // Per model too, and the models' shares add up to the whole.
+        let summed = report
+            .per_model
+            .iter()
+            .fold(tidepool_pool::DecodeByBatch::default(), |sum, m| {
+                sum.saturating_add(&m.decode_by_batch)
+            });
+        assert_eq!(&summed, by);
+        assert!(
+            report
+                .per_model
+                .iter()
+                .filter(|m| m.decode_by_batch.steps.iter().sum::<u64>() > 0)
+                .count()
+                > 1,
+            "several models decoded"
+        );
     }
 }
 

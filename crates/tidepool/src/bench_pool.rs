@@ -622,7 +622,7 @@ struct RateRow {
 }
 
 /// The simulator's answer for one (policy, rate) of the real run.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SimRow {
     attainment: f64,
     ttft_ms_p99: f64,
@@ -645,13 +645,21 @@ impl SimRow {
             report.kv_saves,
             report.kv_restores,
         ];
+        let mut actions = ActionTimes::new(counts, &report.in_flight_ns, report.decode_by_batch);
+        for model in &report.per_model {
+            let sum = actions
+                .decode_by_family
+                .entry(model.family.clone())
+                .or_default();
+            *sum = sum.saturating_add(&model.decode_by_batch);
+        }
         Self {
             attainment: report.attainment,
             ttft_ms_p99: report.ttft_ms_p99,
             loads: report.loads,
             kv_saves: report.kv_saves,
             requests_rejected: report.requests_rejected,
-            actions: ActionTimes::new(counts, &report.in_flight_ns, report.decode_by_batch),
+            actions,
             speed: None,
         }
     }
@@ -714,21 +722,25 @@ impl std::fmt::Display for RunSpeed {
     }
 }
 
-/// The real decode time over what the simulation charged per step for the same steps, batch
-/// size by batch size (so a different mix of batch sizes does not count as speed). Reports
-/// from before the per-batch counters fall back to the ratio of the mean steps. `None` when
-/// either side decoded nothing.
+/// The real decode time over what the simulation charged per step for the same steps, family
+/// by family and batch size by batch size (so a different mix of families or batch sizes does
+/// not count as speed). Reports without per-family counters compare the pool-wide buckets;
+/// reports from before the per-batch counters, the mean steps. `None` when either side
+/// decoded nothing.
 fn decode_speed(real: &ActionTimes, sim: &ActionTimes) -> Option<f64> {
-    let (real_by, sim_by) = (&real.decode_by_batch, &sim.decode_by_batch);
-    let mut real_ns = 0.0;
-    let mut charged_ns = 0.0;
-    for bucket in 0..tidepool_pool::DECODE_BATCH_BUCKETS {
-        let (steps, sim_steps) = (real_by.steps[bucket], sim_by.steps[bucket]);
-        if steps > 0 && sim_steps > 0 {
-            real_ns += as_f64(real_by.ns[bucket]);
-            charged_ns += as_f64(steps) * as_f64(sim_by.ns[bucket]) / as_f64(sim_steps);
+    let mut sums = (0.0, 0.0);
+    if !real.decode_by_family.is_empty() {
+        for (family, by) in &real.decode_by_family {
+            if let Some(sim_by) = sim.decode_by_family.get(family) {
+                charge_like_for_like(by, sim_by, &mut sums);
+            }
         }
     }
+    if sums.1 <= 0.0 {
+        sums = (0.0, 0.0);
+        charge_like_for_like(&real.decode_by_batch, &sim.decode_by_batch, &mut sums);
+    }
+    let (real_ns, charged_ns) = sums;
     if charged_ns > 0.0 && real_ns > 0.0 {
         return Some(real_ns / charged_ns);
     }
@@ -736,10 +748,22 @@ fn decode_speed(real: &ActionTimes, sim: &ActionTimes) -> Option<f64> {
     Some(mean(real.decode_ms, real.decode_steps)? / mean(sim.decode_ms, sim.decode_steps)?)
 }
 
+/// Adds to `(real ns, charged ns)` every bucket both sides stepped in: the real time, and the
+/// real steps at the simulated mean step of that bucket.
+fn charge_like_for_like(real: &DecodeByBatch, sim: &DecodeByBatch, sums: &mut (f64, f64)) {
+    for bucket in 0..tidepool_pool::DECODE_BATCH_BUCKETS {
+        let (steps, sim_steps) = (real.steps[bucket], sim.steps[bucket]);
+        if steps > 0 && sim_steps > 0 {
+            sums.0 += as_f64(real.ns[bucket]);
+            sums.1 += as_f64(steps) * as_f64(sim.ns[bucket]) / as_f64(sim_steps);
+        }
+    }
+}
+
 /// Engine actions by kind: how many, and their summed time in flight in ms. Real (the pool's
 /// counters on the server) and simulated (the same counters fed by the cost model) side by side
 /// say which cost the simulator gets wrong.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ActionTimes {
     prefills: u64,
     prefill_ms: f64,
@@ -755,6 +779,10 @@ struct ActionTimes {
     /// Decode steps and their time by batch size (absent in older reports).
     #[serde(default)]
     decode_by_batch: DecodeByBatch,
+    /// The same per model family (absent in older reports): one batch size costs the families
+    /// differently, and the two pools need not mix them alike.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    decode_by_family: BTreeMap<String, DecodeByBatch>,
 }
 
 impl ActionTimes {
@@ -774,6 +802,7 @@ impl ActionTimes {
             kv_restores,
             kv_restore_ms: ms(ns.kv_restore),
             decode_by_batch,
+            decode_by_family: BTreeMap::new(),
         }
     }
 
@@ -830,6 +859,9 @@ struct PoolModelView {
     in_flight: u32,
     last_used_ms_ago: u64,
     estimate: CostEstimate,
+    /// Absent from servers older than the field.
+    #[serde(default)]
+    decode_by_batch: DecodeByBatch,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -860,6 +892,18 @@ impl PoolView {
             .collect();
         resident.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         resident.into_iter().map(|(_, index)| index).collect()
+    }
+
+    /// Decode steps by batch size summed per model family.
+    fn decode_by_family(&self, models: &[BenchModel]) -> BTreeMap<String, DecodeByBatch> {
+        let mut by_family: BTreeMap<String, DecodeByBatch> = BTreeMap::new();
+        for view in &self.models {
+            if let Some(model) = models.iter().find(|b| b.id == view.id) {
+                let sum = by_family.entry(model.family.clone()).or_default();
+                *sum = sum.saturating_add(&view.decode_by_batch);
+            }
+        }
+        by_family
     }
 
     /// Each model's cost estimate, in `models` order.
@@ -1061,6 +1105,7 @@ fn write_runs_table(
             })
             .filter_map(|r| {
                 r.sim
+                    .as_ref()
                     .map(|sim| (r.attainment * 100.0, sim.attainment * 100.0))
             })
             .collect();
@@ -1123,7 +1168,7 @@ fn write_sim_table(rows: &[RateRow]) -> anyhow::Result<()> {
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|")?;
     for row in rows {
-        if let Some(sim) = row.sim {
+        if let Some(sim) = &row.sim {
             writeln!(
                 out,
                 "| {} | {} | {:.1} | {:.0} | {} | {} | {} |",
@@ -1254,6 +1299,15 @@ impl RateRun {
         let wall = start.elapsed();
         let after = server.pool_view().await?;
         let mut row = self.row(policy, &outcomes, wall, &before.counters, &after.counters);
+        let earlier = before.decode_by_family(models);
+        row.actions.decode_by_family = after
+            .decode_by_family(models)
+            .into_iter()
+            .map(|(family, by)| {
+                let start = earlier.get(&family).copied().unwrap_or_default();
+                (family, by.saturating_sub(&start))
+            })
+            .collect();
         row.replay = replay_requests(schedule, &outcomes);
         row.resident_at_start = before.residents(models);
         row.estimates = before.estimates(models);
@@ -1765,7 +1819,11 @@ fn plot(report: &PoolBenchReport) -> String {
             .rows
             .iter()
             .filter(|r| r.policy == p.policy)
-            .filter_map(|r| r.sim.map(|sim| (r.rate_per_s, sim.attainment * 100.0)))
+            .filter_map(|r| {
+                r.sim
+                    .as_ref()
+                    .map(|sim| (r.rate_per_s, sim.attainment * 100.0))
+            })
             .collect();
         if !points.is_empty() {
             series.push(Series {
@@ -1815,7 +1873,7 @@ fn write_rows(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::Result
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
     for r in rows {
-        let sim = r.sim.map_or_else(
+        let sim = r.sim.as_ref().map_or_else(
             || "–".to_owned(),
             |sim| match sim.speed {
                 Some(speed) => format!("{:.1} ({speed})", sim.attainment * 100.0),
@@ -1838,7 +1896,7 @@ fn write_rows(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::Result
     }
     if rows
         .iter()
-        .any(|r| r.sim.is_some_and(|s| s.speed.is_some()))
+        .any(|r| r.sim.as_ref().is_some_and(|s| s.speed.is_some()))
     {
         writeln!(
             out,
@@ -1866,6 +1924,7 @@ fn write_table(out: &mut impl std::io::Write, report: &PoolBenchReport) -> anyho
         .iter()
         .filter_map(|r| {
             r.sim
+                .as_ref()
                 .map(|sim| (sim.attainment - r.attainment).abs() * 100.0)
         })
         .collect();
@@ -1903,7 +1962,7 @@ fn write_cost_table(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
     for r in rows {
-        let Some(sim) = r.sim else { continue };
+        let Some(sim) = &r.sim else { continue };
         let (a, b) = (&r.actions, &sim.actions);
         writeln!(
             out,
@@ -1953,7 +2012,7 @@ fn write_batch_table(
         (steps, (steps > 0).then(|| as_f64(ns) / as_f64(steps) / 1e6))
     };
     for r in rows {
-        let Some(sim) = r.sim else { continue };
+        let Some(sim) = &r.sim else { continue };
         let cells: Vec<String> = (0..batches)
             .map(|bucket| {
                 let (real_steps, real) = step(&r.actions.decode_by_batch, bucket);
@@ -2216,7 +2275,7 @@ mod tests {
         let mut second = rows();
         simulate_rows(&profile, &models, &summaries, &mut second, &args).unwrap();
         for (a, b) in first.iter().zip(&second) {
-            let (sa, sb) = (a.sim.unwrap(), b.sim.unwrap());
+            let (sa, sb) = (a.sim.as_ref().unwrap(), b.sim.as_ref().unwrap());
             assert!((0.0..=1.0).contains(&sa.attainment), "{sa:?}");
             assert!(sa.attainment.to_bits() == sb.attainment.to_bits() && sa.loads == sb.loads);
             // The pool's own accounting of the modelled time: work was done and charged.
@@ -2231,7 +2290,7 @@ mod tests {
         }
         // Dedicated starts warm with every model (as the real server after its warm-up): no load
         // during the replay, never a saved sequence.
-        let dedicated = first[0].sim.unwrap();
+        let dedicated = first[0].sim.as_ref().unwrap();
         assert_eq!(dedicated.loads, 0, "{dedicated:?}");
         assert_eq!(warm_models(PoolPolicy::SwapLru, 8), [2, 1, 0]);
         assert_eq!(warm_models(PoolPolicy::Dedicated, 3), [2, 1, 0]);
@@ -2263,6 +2322,25 @@ mod tests {
         // 420 ms real against 10 × 10 + 10 × 20 = 300 ms charged for the same steps.
         let speed = decode_speed(&real, &sim).unwrap();
         assert!((speed - 1.4).abs() < 1e-12, "{speed}");
+        // Per family when both sides have it: the real run stepped batch 1 only in the cheap
+        // family at its simulated cost, the simulation mostly in the dear one. Pool-wide buckets
+        // would call that a faster engine (5 ms real vs a 14 ms mean); per family it is ×1.
+        let family = |steps: u64, ns: u64| {
+            let mut by = DecodeByBatch::default();
+            by.steps[0] = steps;
+            by.ns[0] = ns;
+            by
+        };
+        let (mut real, mut sim) = (ActionTimes::default(), ActionTimes::default());
+        real.decode_by_batch = family(10, 50_000_000);
+        real.decode_by_family = BTreeMap::from([("small".to_owned(), family(10, 50_000_000))]);
+        sim.decode_by_batch = family(11, 155_000_000);
+        sim.decode_by_family = BTreeMap::from([
+            ("small".to_owned(), family(1, 5_000_000)),
+            ("large".to_owned(), family(10, 150_000_000)),
+        ]);
+        let speed = decode_speed(&real, &sim).unwrap();
+        assert!((speed - 1.0).abs() < 1e-12, "{speed}");
         // Older reports (no per-batch counters): the mean steps' ratio.
         let old = |steps, ms| ActionTimes {
             decode_steps: steps,
@@ -2322,20 +2400,28 @@ mod tests {
         let served = planned_requests(&schedules[0]);
         let mut rows = vec![planned_row("dedicated", served.clone())];
         simulate_rows(&profile, &models, &summaries, &mut rows, &args).unwrap();
-        let calibrated = rows[0].sim.unwrap();
+        let calibrated = rows[0].sim.clone().unwrap();
         assert_eq!(calibrated.speed, None);
         // A "real run" whose engine decoded 1.5× slower than the profile at every batch size
         // and prefilled 1.2× slower.
-        let mut slow = calibrated.actions;
-        for ns in &mut slow.decode_by_batch.ns {
-            *ns = *ns * 3 / 2;
+        let mut slow = calibrated.actions.clone();
+        assert!(
+            slow.decode_by_family.len() == 2,
+            "both families decoded: {slow:?}"
+        );
+        for by in
+            std::iter::once(&mut slow.decode_by_batch).chain(slow.decode_by_family.values_mut())
+        {
+            for ns in &mut by.ns {
+                *ns = *ns * 3 / 2;
+            }
         }
         slow.prefill_ms *= 1.2;
         let mut rows = vec![planned_row("dedicated", served)];
         rows[0].actions = slow;
         args.at_run_speed = true;
         simulate_rows(&profile, &models, &summaries, &mut rows, &args).unwrap();
-        let at_speed = rows[0].sim.unwrap();
+        let at_speed = rows[0].sim.as_ref().unwrap();
         let speed = at_speed.speed.unwrap();
         assert!((speed.decode - 1.5).abs() < 1e-6, "{speed:?}");
         assert!(
