@@ -252,11 +252,12 @@ pub(crate) struct PoolBenchArgs {
         value_delimiter = ','
     )]
     replay: Vec<PathBuf>,
-    /// With `--sim-profile`: simulate each (policy, rate) at the engine speed the real run had
-    /// during it — the profile's engine costs scaled by the real decode time over what the
-    /// profile charges for the same steps, batch size by batch size. Takes the drift of the
-    /// machine's speed between calibration and run out of the comparison, so what is left is
-    /// the scheduling model (the factor is shown beside each simulated attainment).
+    /// With `--sim-profile`: simulate each (policy, rate) again at the engine speed the real run
+    /// had during it — the profile's costs scaled by what the run's engine took over what the
+    /// profile charged: decode family by family and batch size by batch size, prefill over all
+    /// prefill time, loads per load. Takes the drift of the machine's speed between calibration
+    /// and run out of the comparison, so what is left is the scheduling model (the factors are
+    /// shown beside each simulated attainment).
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POOL_AT_RUN_SPEED",
@@ -647,11 +648,11 @@ impl SimRow {
         ];
         let mut actions = ActionTimes::new(counts, &report.in_flight_ns, report.decode_by_batch);
         for model in &report.per_model {
-            let sum = actions
-                .decode_by_family
-                .entry(model.family.clone())
-                .or_default();
-            *sum = sum.saturating_add(&model.decode_by_batch);
+            add_to_family(
+                &mut actions.decode_by_family,
+                &model.family,
+                &model.decode_by_batch,
+            );
         }
         Self {
             attainment: report.attainment,
@@ -670,7 +671,7 @@ impl SimRow {
 /// the profile by it, so the comparison is left with the scheduling model alone.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct RunSpeed {
-    /// Decode steps, batch size by batch size.
+    /// Decode steps, family by family and batch size by batch size ([`decode_speed`]).
     decode: f64,
     /// All prefill time (the same prompts on both sides); `None` if a side prefilled nothing.
     prefill: Option<f64>,
@@ -729,11 +730,9 @@ impl std::fmt::Display for RunSpeed {
 /// decoded nothing.
 fn decode_speed(real: &ActionTimes, sim: &ActionTimes) -> Option<f64> {
     let mut sums = (0.0, 0.0);
-    if !real.decode_by_family.is_empty() {
-        for (family, by) in &real.decode_by_family {
-            if let Some(sim_by) = sim.decode_by_family.get(family) {
-                charge_like_for_like(by, sim_by, &mut sums);
-            }
+    for (family, by) in &real.decode_by_family {
+        if let Some(sim_by) = sim.decode_by_family.get(family) {
+            charge_like_for_like(by, sim_by, &mut sums);
         }
     }
     if sums.1 <= 0.0 {
@@ -746,6 +745,16 @@ fn decode_speed(real: &ActionTimes, sim: &ActionTimes) -> Option<f64> {
     }
     let mean = |ms: f64, steps: u64| (steps > 0 && ms > 0.0).then(|| ms / as_f64(steps));
     Some(mean(real.decode_ms, real.decode_steps)? / mean(sim.decode_ms, sim.decode_steps)?)
+}
+
+/// Adds one model's decode counters to its family's sum.
+fn add_to_family(
+    by_family: &mut BTreeMap<String, DecodeByBatch>,
+    family: &str,
+    by: &DecodeByBatch,
+) {
+    let sum = by_family.entry(family.to_owned()).or_default();
+    *sum = sum.saturating_add(by);
 }
 
 /// Adds to `(real ns, charged ns)` every bucket both sides stepped in: the real time, and the
@@ -896,11 +905,10 @@ impl PoolView {
 
     /// Decode steps by batch size summed per model family.
     fn decode_by_family(&self, models: &[BenchModel]) -> BTreeMap<String, DecodeByBatch> {
-        let mut by_family: BTreeMap<String, DecodeByBatch> = BTreeMap::new();
+        let mut by_family = BTreeMap::new();
         for view in &self.models {
             if let Some(model) = models.iter().find(|b| b.id == view.id) {
-                let sum = by_family.entry(model.family.clone()).or_default();
-                *sum = sum.saturating_add(&view.decode_by_batch);
+                add_to_family(&mut by_family, &model.family, &view.decode_by_batch);
             }
         }
         by_family
