@@ -23,6 +23,7 @@ pub struct ModelSpec {
     pub weights_bytes: u64,
     /// Bytes of the model's context: KV capacity (`seqs_max × seq_tokens_max × kv_bytes_per_token`
     /// on llama.cpp, which allocates up front) plus compute buffers. Charged while resident.
+    /// With [`PoolConfig::kv_paged`] the compute buffers only: KV is charged per sequence.
     pub ctx_bytes: u64,
     /// KV bytes one token of one sequence occupies (size of a saved state per token).
     pub kv_bytes_per_token: u64,
@@ -44,6 +45,18 @@ impl ModelSpec {
     /// Bytes the model holds while loading, resident or evicting.
     pub fn resident_bytes(&self) -> u64 {
         self.weights_bytes.saturating_add(self.ctx_bytes)
+    }
+
+    /// Bytes the model needs with every slot full of the longest sequences: what `dedicated`
+    /// reserves, and what must fit the budget for the model to be loadable at all. Equal to
+    /// [`Self::resident_bytes`] unless KV is paged.
+    pub fn full_bytes(&self, kv_paged: bool) -> u64 {
+        if !kv_paged {
+            return self.resident_bytes();
+        }
+        let kv = u64::from(self.seqs_max)
+            .saturating_mul(self.saved_bytes(u64::from(self.seq_tokens_max)));
+        self.resident_bytes().saturating_add(kv)
     }
 
     /// Upper bound on the bytes of one saved sequence holding `tokens` tokens.
@@ -123,6 +136,14 @@ pub struct PoolConfig {
     /// micro-batches, so a rider costs about a decode step of its own (docs/pool.md §3.1).
     #[serde(default)]
     pub prefill_riders: bool,
+    /// KV is paged from one memory pool shared by the resident models (vLLM's blocks, Aegaeon's
+    /// unified KV cache): [`ModelSpec::ctx_bytes`] holds only the compute buffers, and each
+    /// sequence holding a context slot is charged its worst-case KV
+    /// (`saved_bytes(prompt + max_tokens)`) until it leaves the context (finished or saved).
+    /// Off (the default): the context's whole KV capacity is allocated with the model, as
+    /// llama.cpp does; the server's llama.cpp backend always runs with it off.
+    #[serde(default)]
+    pub kv_paged: bool,
     pub models: Vec<ModelSpec>,
 }
 
@@ -148,6 +169,7 @@ impl PoolConfig {
             prefill_cold_lazy: false,
             round_resident_first: false,
             prefill_riders: false,
+            kv_paged: false,
             models,
         }
     }
@@ -203,7 +225,7 @@ impl PoolConfig {
             .models
             .iter()
             .filter(|m| m.pin)
-            .map(ModelSpec::resident_bytes)
+            .map(|m| m.full_bytes(self.kv_paged))
             .sum();
         if self.policy != PoolPolicy::Dedicated && pinned > self.memory_bytes_max {
             return invalid(

@@ -53,6 +53,8 @@ pub(crate) struct SeqState {
     pub(crate) cancelled: bool,
     /// Worst-case saved bytes reserved at admission (`token` only).
     pub(crate) reserved_bytes: u64,
+    /// KV bytes charged while the sequence holds a context slot (`kv_paged`; else 0).
+    pub(crate) ctx_kv_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub(crate) struct ModelState {
     pub(crate) decode_step_ns: u64,
     pub(crate) load_ns: u64,
     pub(crate) saved_bytes: u64,
+    /// Paged KV of the sequences holding this model's context slots (`kv_paged`; else 0).
+    pub(crate) ctx_kv_bytes: u64,
     /// Requests held in the admission queue for this model.
     pub(crate) pending: u32,
     /// An operator asked to load it (`Event::LoadRequested`): loaded when nothing else needs
@@ -104,6 +108,7 @@ impl ModelState {
             decode_step_ns: spec.estimate.decode_step_ns,
             load_ns: spec.estimate.load_ns,
             saved_bytes: 0,
+            ctx_kv_bytes: 0,
             pending: 0,
             load_requested: false,
             unload_requested: false,
@@ -153,11 +158,17 @@ pub(crate) enum Target {
 
 /// Bytes charged right now. See [`Pool::check_invariants`] for the recount it must match.
 #[derive(Debug, Clone, Copy, Default)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "every field is a byte count: the unit stays in the name"
+)]
 pub(crate) struct Ledger {
     /// Weights + context of every model that is loading, resident or evicting.
     pub(crate) resident_bytes: u64,
     /// Sequence states saving, saved or restoring.
     pub(crate) saved_bytes: u64,
+    /// Paged KV of the sequences holding context slots (`kv_paged`; else 0).
+    pub(crate) ctx_kv_bytes: u64,
 }
 
 /// The sans-IO scheduler. Feed it [`Event`]s with [`Pool::handle`]; carry out the [`Action`]s
@@ -191,7 +202,8 @@ impl Pool {
     pub fn new(mut cfg: PoolConfig) -> Result<Self, PoolError> {
         cfg.validate()?;
         cfg.models.sort_by(|a, b| a.id.cmp(&b.id));
-        let total: u64 = cfg.models.iter().map(ModelSpec::resident_bytes).sum();
+        let paged = cfg.kv_paged;
+        let total: u64 = cfg.models.iter().map(|m| m.full_bytes(paged)).sum();
         if cfg.policy == PoolPolicy::Dedicated {
             // "The budget is raised to fit": dedicated keeps everything resident by definition.
             cfg.memory_bytes_max = cfg.memory_bytes_max.max(total);
@@ -200,7 +212,7 @@ impl Pool {
             .models
             .iter()
             .filter(|m| m.pin)
-            .map(ModelSpec::resident_bytes)
+            .map(|m| m.full_bytes(paged))
             .sum();
         let saved_share = if cfg.policy == PoolPolicy::Token && cfg.saved_kv_in_memory_budget {
             cfg.kv_saved_bytes_max
@@ -212,11 +224,11 @@ impl Pool {
             .iter()
             .map(|m| {
                 let others = if m.pin {
-                    pinned - m.resident_bytes()
+                    pinned - m.full_bytes(paged)
                 } else {
                     pinned
                 };
-                m.resident_bytes()
+                m.full_bytes(paged)
                     .saturating_add(others)
                     .saturating_add(saved_share)
                     <= cfg.memory_bytes_max
@@ -359,6 +371,11 @@ impl Pool {
             in_action: false,
             cancelled: false,
             reserved_bytes: 0,
+            ctx_kv_bytes: if self.cfg.kv_paged {
+                self.cfg.models[index].saved_bytes(u64::from(prompt_tokens) + u64::from(max_tokens))
+            } else {
+                0
+            },
         };
         self.seqs.insert(seq, state);
         let m = &mut self.models[index];
@@ -527,6 +544,8 @@ impl Pool {
             Kv::InCtx => {
                 assert!(model.in_ctx > 0, "slot count underflow");
                 model.in_ctx -= 1;
+                model.ctx_kv_bytes -= state.ctx_kv_bytes;
+                self.ledger.ctx_kv_bytes -= state.ctx_kv_bytes;
                 if release {
                     actions.push(Action::Release {
                         model: model_id,
@@ -651,12 +670,14 @@ impl Pool {
             return;
         };
         state.kv = Kv::Saved { bytes };
-        let (model, cancelled) = (state.model, state.cancelled);
+        let (model, cancelled, ctx_kv) = (state.model, state.cancelled, state.ctx_kv_bytes);
         assert!(
             self.models[model].in_ctx > 0,
             "slot count underflow on save"
         );
         self.models[model].in_ctx -= 1;
+        self.models[model].ctx_kv_bytes -= ctx_kv;
+        self.ledger.ctx_kv_bytes -= ctx_kv;
         self.counters.kv_saves += 1;
         if cancelled {
             self.finish_seq(seq, true, actions);
@@ -898,7 +919,10 @@ impl Pool {
         assert!(!state.in_action, "restore of a sequence inside an action");
         state.kv = Kv::Restoring { bytes };
         state.in_action = true;
+        let ctx_kv = state.ctx_kv_bytes;
+        self.ledger.ctx_kv_bytes += ctx_kv;
         let m = &mut self.models[model];
+        m.ctx_kv_bytes += ctx_kv;
         assert_eq!(
             m.residency,
             Residency::Resident,
@@ -958,6 +982,8 @@ impl Pool {
             state.phase = Phase::Prefilling;
             state.kv = Kv::InCtx;
             state.in_action = true;
+            m.ctx_kv_bytes += state.ctx_kv_bytes;
+            self.ledger.ctx_kv_bytes += state.ctx_kv_bytes;
         }
         let count = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
         m.in_ctx += count;
@@ -982,23 +1008,27 @@ impl Pool {
         } else {
             0
         };
-        self.ledger.resident_bytes + saved
+        self.ledger.resident_bytes + self.ledger.ctx_kv_bytes + saved
     }
 
-    /// Bytes a load may take now. Under `token` with saved states in the budget the whole
-    /// saved pool is held back, so a victim's sequences can always be saved before it is
-    /// evicted (without this headroom two full resident models deadlock: neither can be
-    /// saved, so neither can leave).
+    /// Bytes a load (or, with `kv_paged`, a sequence entering a context) may take now. Under
+    /// `token` with saved states in the budget the whole saved pool is held back, so a victim's
+    /// sequences can always be saved before it is evicted (without this headroom two full
+    /// resident models deadlock: neither can be saved, so neither can leave).
     pub(crate) fn memory_bytes_free(&self) -> u64 {
-        let held_back =
-            if self.cfg.policy == PoolPolicy::Token && self.cfg.saved_kv_in_memory_budget {
-                self.cfg.kv_saved_bytes_max
-            } else {
-                self.memory_bytes_used() - self.ledger.resident_bytes
-            };
-        self.cfg
-            .memory_bytes_max
-            .saturating_sub(self.ledger.resident_bytes.saturating_add(held_back))
+        let saved = if self.cfg.policy == PoolPolicy::Token && self.cfg.saved_kv_in_memory_budget {
+            self.cfg.kv_saved_bytes_max
+        } else if self.cfg.saved_kv_in_memory_budget {
+            self.ledger.saved_bytes
+        } else {
+            0
+        };
+        let held = self
+            .ledger
+            .resident_bytes
+            .saturating_add(self.ledger.ctx_kv_bytes)
+            .saturating_add(saved);
+        self.cfg.memory_bytes_max.saturating_sub(held)
     }
 
     /// O(1) ledger bounds, on every event; the O(n) recount runs in debug builds.
@@ -1024,34 +1054,22 @@ impl Pool {
     /// incremental values, plus the legality invariants of docs/pool.md. O(models + sequences).
     pub fn check_invariants(&self) {
         let mut ledger = Ledger::default();
-        let mut in_ctx = vec![0_u32; self.models.len()];
-        let mut saved = vec![0_u64; self.models.len()];
         for (i, m) in self.models.iter().enumerate() {
             if m.residency != Residency::Cold {
                 ledger.resident_bytes += self.cfg.models[i].resident_bytes();
             }
         }
-        for state in self.seqs.values() {
-            match state.kv {
-                Kv::None => {}
-                Kv::InCtx => in_ctx[state.model] += 1,
-                Kv::Restoring { bytes } | Kv::Saving { bytes } => {
-                    in_ctx[state.model] += 1;
-                    saved[state.model] += bytes;
-                }
-                Kv::Saved { bytes } => saved[state.model] += bytes,
-            }
-            let in_context = matches!(
-                state.kv,
-                Kv::InCtx | Kv::Saving { .. } | Kv::Restoring { .. }
-            );
-            let residency = self.models[state.model].residency;
-            assert!(
-                !in_context || residency == Residency::Resident,
-                "sequence cells in a model that is not resident"
-            );
-        }
+        let SeqRecount {
+            in_ctx,
+            saved,
+            ctx_kv,
+        } = self.recount_seqs();
         ledger.saved_bytes = saved.iter().sum();
+        ledger.ctx_kv_bytes = ctx_kv.iter().sum();
+        assert_eq!(
+            ledger.ctx_kv_bytes, self.ledger.ctx_kv_bytes,
+            "paged KV ledger drifted"
+        );
         assert_eq!(
             ledger.resident_bytes, self.ledger.resident_bytes,
             "resident ledger drifted"
@@ -1063,6 +1081,7 @@ impl Pool {
         for (i, m) in self.models.iter().enumerate() {
             assert_eq!(m.in_ctx, in_ctx[i], "slot count drifted");
             assert_eq!(m.saved_bytes, saved[i], "per-model saved bytes drifted");
+            assert_eq!(m.ctx_kv_bytes, ctx_kv[i], "per-model paged KV drifted");
             assert!(
                 m.in_ctx <= self.cfg.models[i].seqs_max,
                 "context over its slots"
@@ -1093,6 +1112,50 @@ impl Pool {
         );
     }
 
+    /// Per-model context slots, saved bytes and paged KV, recounted from the sequences
+    /// themselves (for `check_invariants`), checking each sequence's own legality on the way.
+    fn recount_seqs(&self) -> SeqRecount {
+        let n = self.models.len();
+        let mut recount = SeqRecount {
+            in_ctx: vec![0; n],
+            saved: vec![0; n],
+            ctx_kv: vec![0; n],
+        };
+        let SeqRecount {
+            in_ctx,
+            saved,
+            ctx_kv,
+        } = &mut recount;
+        for state in self.seqs.values() {
+            match state.kv {
+                Kv::None => {}
+                Kv::InCtx => in_ctx[state.model] += 1,
+                Kv::Restoring { bytes } | Kv::Saving { bytes } => {
+                    in_ctx[state.model] += 1;
+                    saved[state.model] += bytes;
+                }
+                Kv::Saved { bytes } => saved[state.model] += bytes,
+            }
+            let in_context = matches!(
+                state.kv,
+                Kv::InCtx | Kv::Saving { .. } | Kv::Restoring { .. }
+            );
+            if in_context {
+                ctx_kv[state.model] += state.ctx_kv_bytes;
+            }
+            assert!(
+                self.cfg.kv_paged || state.ctx_kv_bytes == 0,
+                "paged KV charged without kv_paged"
+            );
+            let residency = self.models[state.model].residency;
+            assert!(
+                !in_context || residency == Residency::Resident,
+                "sequence cells in a model that is not resident"
+            );
+        }
+        recount
+    }
+
     /// The snapshot behind `GET /v1/pool`.
     pub fn status(&self) -> PoolStatus {
         let mut queued = vec![0_u32; self.models.len()];
@@ -1120,7 +1183,7 @@ impl Pool {
                     pinned: spec.pin,
                     queued: queued[i],
                     in_flight: in_flight[i],
-                    memory_bytes: resident + m.saved_bytes,
+                    memory_bytes: resident + m.ctx_kv_bytes + m.saved_bytes,
                     saved_kv_bytes: m.saved_bytes,
                     last_switch_ns: m.last_switch_ns,
                     last_used_ns: m.last_used_ns,
@@ -1155,6 +1218,13 @@ impl Pool {
     pub fn seqs_len(&self) -> usize {
         self.seqs.len()
     }
+}
+
+/// What `Pool::recount_seqs` finds, per model index.
+struct SeqRecount {
+    in_ctx: Vec<u32>,
+    saved: Vec<u64>,
+    ctx_kv: Vec<u64>,
 }
 
 pub(crate) fn lane_of(work: &Work) -> Lane {

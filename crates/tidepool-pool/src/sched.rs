@@ -123,7 +123,9 @@ impl Pool {
             let n = tbt_ns / as_f64(m.decode_step_ns);
             sum_inv += as_f64_usize(batches) / n;
             n_min = n_min.min(n);
-            bytes = bytes.saturating_add(self.cfg.models[i].resident_bytes());
+            bytes = bytes
+                .saturating_add(self.cfg.models[i].resident_bytes())
+                .saturating_add(self.kv_demand(i, true));
             load_ns = load_ns.saturating_add(m.load_ns);
         }
         let switch_ns = if bytes <= self.cfg.memory_bytes_max {
@@ -152,7 +154,7 @@ impl Pool {
                     return false;
                 }
                 let slots = self.cfg.models[model].seqs_max - m.in_ctx;
-                let seqs = self.prefill_group(model, slots);
+                let seqs = self.prefill_group(model, slots, self.memory_bytes_free());
                 if seqs.is_empty() {
                     return false;
                 }
@@ -272,11 +274,13 @@ impl Pool {
 
     fn prefill_eligible(&self, model: usize) -> bool {
         let m = &self.models[model];
-        let slots_free = m.in_ctx < self.cfg.models[model].seqs_max;
+        // `token` frees slots and paged KV itself (`prepare`); the others wait for them.
+        let room = m.in_ctx < self.cfg.models[model].seqs_max
+            && self.head_kv_bytes(model) <= self.memory_bytes_free();
         match self.cfg.policy {
             PoolPolicy::Token => true,
-            PoolPolicy::Dedicated => slots_free,
-            PoolPolicy::SwapLru => m.residency == Residency::Resident && slots_free,
+            PoolPolicy::Dedicated => room,
+            PoolPolicy::SwapLru => m.residency == Residency::Resident && room,
         }
     }
 
@@ -331,23 +335,54 @@ impl Pool {
     }
 
     /// Up to `slots` queued requests of `model`, FCFS, within the group and token limits (the
-    /// first request always goes).
-    fn prefill_group(&self, model: usize, slots: u32) -> Vec<SeqId> {
+    /// first request always goes) and, with `kv_paged`, within `kv_bytes_free` of paged KV
+    /// (empty if the first does not fit).
+    fn prefill_group(&self, model: usize, slots: u32, kv_bytes_free: u64) -> Vec<SeqId> {
         let limit = usize::try_from(slots.min(self.cfg.prefill_group_len_max)).unwrap_or(0);
         let mut tokens = 0_u64;
+        let mut kv_bytes = 0_u64;
         let mut group = Vec::with_capacity(limit);
         for &seq in self.models[model].prefill_q.iter().take(limit) {
-            let prompt = self
+            let (prompt, kv) = self
                 .seqs
                 .get(&seq)
-                .map_or(0, |s| u64::from(s.prompt_tokens));
+                .map_or((0, 0), |s| (u64::from(s.prompt_tokens), s.ctx_kv_bytes));
             if !group.is_empty() && tokens + prompt > u64::from(self.cfg.prefill_tokens_max) {
                 break;
             }
+            if kv_bytes + kv > kv_bytes_free {
+                break;
+            }
             tokens += prompt;
+            kv_bytes += kv;
             group.push(seq);
         }
         group
+    }
+
+    /// Paged KV the model's queue head needs to enter the context (0 without `kv_paged`).
+    fn head_kv_bytes(&self, model: usize) -> u64 {
+        self.models[model]
+            .prefill_q
+            .front()
+            .and_then(|s| self.seqs.get(s))
+            .map_or(0, |s| s.ctx_kv_bytes)
+    }
+
+    /// Paged KV the model's decoding sequences (and, with `queued`, its queued ones) hold or
+    /// will hold: what it needs besides its weights to run without saving anything.
+    fn kv_demand(&self, model: usize, queued: bool) -> u64 {
+        if !self.cfg.kv_paged {
+            return 0;
+        }
+        let m = &self.models[model];
+        let queue = if queued { m.prefill_q.len() } else { 0 };
+        m.decoding
+            .iter()
+            .chain(m.prefill_q.iter().take(queue))
+            .filter_map(|s| self.seqs.get(s))
+            .map(|s| s.ctx_kv_bytes)
+            .sum()
     }
 
     /// The next non-empty turn of the round, rebuilding the round when it is exhausted.
@@ -438,7 +473,9 @@ impl Pool {
         let mut last = None;
         for turn in &self.round {
             if last != Some(turn.model) {
-                bytes = bytes.saturating_add(self.cfg.models[turn.model].resident_bytes());
+                bytes = bytes
+                    .saturating_add(self.cfg.models[turn.model].resident_bytes())
+                    .saturating_add(self.kv_demand(turn.model, false));
                 switch_ns = switch_ns.saturating_add(self.models[turn.model].load_ns);
                 last = Some(turn.model);
             }
@@ -567,6 +604,9 @@ impl Pool {
     /// `swap-lru`: load the model of the oldest request whose model is not resident, evicting
     /// the least recently used idle model (no request in flight) when memory is short.
     fn swap_transfer(&self) -> Option<(usize, Work)> {
+        if let Some(evict) = self.swap_kv_room() {
+            return Some(evict);
+        }
         let model = if self.cfg.hol_blocking {
             self.oldest_queued(|_| true)
                 .filter(|&m| self.models[m].residency != Residency::Resident)?
@@ -579,6 +619,32 @@ impl Pool {
         self.load_or_evict_lru(model, |m| {
             m.busy == 0 && m.in_ctx == 0 && m.decoding.is_empty()
         })
+    }
+
+    /// `swap-lru` with paged KV: the oldest request of a resident model with a free slot whose
+    /// KV does not fit evicts the least recently used idle model (no request in flight).
+    fn swap_kv_room(&self) -> Option<(usize, Work)> {
+        if !self.cfg.kv_paged {
+            return None;
+        }
+        let free = self.memory_bytes_free();
+        let model = self.oldest_queued(|m| {
+            self.models[m].residency == Residency::Resident
+                && self.models[m].in_ctx < self.cfg.models[m].seqs_max
+                && self.head_kv_bytes(m) > free
+        })?;
+        let victim = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                i != model
+                    && m.residency == Residency::Resident
+                    && !self.cfg.models[i].pin
+                    && m.busy == 0
+                    && m.in_ctx == 0
+                    && m.decoding.is_empty()
+            })
+            .min_by_key(|&i| (self.models[i].last_used_ns, i))?;
+        Some((victim, Work::Evict))
     }
 
     /// `token`: prepare the current target, then prefetch for the next turn and the oldest
@@ -621,24 +687,43 @@ impl Pool {
             Residency::Resident => {
                 let seqs_max = self.cfg.models[model].seqs_max;
                 let Some(turn) = turn else {
-                    // Prefill needs one free slot: save a decoding sequence (lazily, only now).
-                    return if m.in_ctx >= seqs_max {
-                        self.save_one(model, &[])
-                    } else {
-                        None
-                    };
+                    // Prefill needs one free slot: save a decoding sequence (lazily, only now);
+                    // with paged KV also room for the head's KV.
+                    if m.in_ctx >= seqs_max {
+                        return self.save_one(model, &[]);
+                    }
+                    let need = self.head_kv_bytes(model);
+                    return (need > self.memory_bytes_free())
+                        .then(|| self.free_kv(need, model, current, &[]))
+                        .flatten();
                 };
                 let seqs = self.turn_seqs(turn);
-                let saved = seqs
-                    .iter()
-                    .find(|s| matches!(self.seqs.get(s).map(|s| s.kv), Some(Kv::Saved { .. })))?;
-                if m.in_ctx < seqs_max {
-                    Some((model, Work::Restore(*saved)))
-                } else {
+                let (saved, need) = seqs.iter().find_map(|s| {
+                    let state = self.seqs.get(s)?;
+                    matches!(state.kv, Kv::Saved { .. }).then_some((*s, state.ctx_kv_bytes))
+                })?;
+                if m.in_ctx >= seqs_max {
                     self.save_one(model, &seqs)
+                } else if need > self.memory_bytes_free() {
+                    self.free_kv(need, model, current, &seqs)
+                } else {
+                    Some((model, Work::Restore(saved)))
                 }
             }
         }
+    }
+
+    /// Frees `need` bytes of paged KV for `model`: other models first (Belady, as for a load),
+    /// then, for the current target, one of its own decoding sequences not in `keep`.
+    fn free_kv(
+        &self,
+        need: u64,
+        model: usize,
+        current: bool,
+        keep: &[SeqId],
+    ) -> Option<(usize, Work)> {
+        self.make_room(need, model, current)
+            .or_else(|| current.then(|| self.save_one(model, keep)).flatten())
     }
 
     /// Saves one in-context sequence of `model` not in `keep`, if the saved pool has room.

@@ -43,6 +43,7 @@ struct FakeEngine {
     /// seq -> (model, tokens emitted when saved).
     saved: BTreeMap<SeqId, (ModelId, u32)>,
     max_tokens: BTreeMap<SeqId, u32>,
+    prompt_tokens: BTreeMap<SeqId, u32>,
     tokens: BTreeMap<SeqId, Vec<u32>>,
     compute: Option<(ActionId, ModelId)>,
     transfer: Option<(ActionId, ModelId)>,
@@ -94,16 +95,24 @@ fn config(seed: u64, rng: &mut ChaCha8Rng) -> PoolConfig {
         PoolPolicy::SwapLru,
         PoolPolicy::Token,
     ][usize::try_from(seed % 3).unwrap()];
-    let models: Vec<ModelSpec> = (0..rng.random_range(1..6)).map(|i| spec(i, rng)).collect();
-    let largest = models.iter().map(ModelSpec::resident_bytes).max().unwrap();
+    let mut models: Vec<ModelSpec> = (0..rng.random_range(1..6)).map(|i| spec(i, rng)).collect();
+    // Paged KV: a context holds only its compute buffers; sequences are charged one by one.
+    let kv_paged = rng.random_bool(0.4);
+    if kv_paged {
+        for m in &mut models {
+            m.ctx_bytes = rng.random_range(1..16) * MIB;
+        }
+    }
+    let largest = models.iter().map(|m| m.full_bytes(kv_paged)).max().unwrap();
     let pinned: u64 = models
         .iter()
         .filter(|m| m.pin)
-        .map(ModelSpec::resident_bytes)
+        .map(|m| m.full_bytes(kv_paged))
         .sum();
     let kv_saved_bytes_max = rng.random_range(20..60) * MIB;
     let memory_bytes_max = largest + pinned + kv_saved_bytes_max + rng.random_range(0..600) * MIB;
     let mut cfg = PoolConfig::new(policy, memory_bytes_max, models);
+    cfg.kv_paged = kv_paged;
     cfg.kv_saved_bytes_max = kv_saved_bytes_max;
     cfg.saved_kv_in_memory_budget = rng.random_bool(0.5);
     cfg.overlap_transfers = rng.random_bool(0.5);
@@ -163,6 +172,12 @@ impl Run {
             self.execute(&action, now_ns, rng);
             self.actions.push(action);
         }
+        let held = self.engine_bytes();
+        assert!(
+            held <= status.memory_bytes_max,
+            "the engine holds {held} bytes, over the budget {}",
+            status.memory_bytes_max
+        );
         if let Some(at) = self.pool.next_timer_ns()
             && at > now_ns
             && !self.queue.keys().any(|&(t, _)| t == at)
@@ -170,6 +185,45 @@ impl Run {
             self.push(at, Event::Tick { now_ns: at });
         }
         result
+    }
+
+    /// Bytes the fake engine holds by its own count (the pool's ledger is not consulted):
+    /// weights and contexts of loading or loaded models, each in-context sequence's worst-case
+    /// KV when paged, saved states when they share the budget.
+    fn engine_bytes(&self) -> u64 {
+        let cfg = self.pool.config();
+        let spec = |id: &ModelId| cfg.models.iter().find(|s| &s.id == id).unwrap();
+        let models: u64 = self
+            .engine
+            .loaded
+            .iter()
+            .chain(&self.engine.loading)
+            .map(|id| spec(id).resident_bytes())
+            .sum();
+        let worst = |seq: &SeqId| {
+            u64::from(self.engine.prompt_tokens[seq]) + u64::from(self.engine.max_tokens[seq])
+        };
+        let paged: u64 = if cfg.kv_paged {
+            self.engine
+                .in_ctx
+                .iter()
+                .map(|(seq, (id, _))| spec(id).saved_bytes(worst(seq)))
+                .sum()
+        } else {
+            0
+        };
+        let saved: u64 = if cfg.saved_kv_in_memory_budget {
+            self.engine
+                .saved
+                .iter()
+                .map(|(seq, (id, n))| {
+                    spec(id).saved_bytes(u64::from(self.engine.prompt_tokens[seq]) + u64::from(*n))
+                })
+                .sum()
+        } else {
+            0
+        };
+        models + paged + saved
     }
 
     fn lane_check(&mut self, id: ActionId, model: &ModelId, compute: bool) {
@@ -504,6 +558,7 @@ fn run(
     };
     for req in &requests {
         r.engine.max_tokens.insert(req.seq, req.max_tokens);
+        r.engine.prompt_tokens.insert(req.seq, req.prompt_tokens);
         let event = Event::RequestArrived {
             now_ns: req.at_ns,
             seq: req.seq,
@@ -641,12 +696,19 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn random_event_streams_keep_every_invariant() {
     let (mut saves, mut restores, mut swap_evictions, mut cancels) = (0, 0, 0, 0);
+    let (mut paged_saves, mut paged_evictions) = (0, 0);
     for seed in seeds() {
         println!("seed {seed}");
         let (cfg, _, _, counters) = run(seed);
         if cfg.policy == PoolPolicy::Token {
             saves += counters.kv_saves;
             restores += counters.kv_restores;
+            if cfg.kv_paged {
+                paged_saves += counters.kv_saves;
+            }
+        }
+        if cfg.policy == PoolPolicy::SwapLru && cfg.kv_paged {
+            paged_evictions += counters.evictions;
         }
         if cfg.policy == PoolPolicy::SwapLru {
             swap_evictions += counters.evictions;
@@ -654,12 +716,18 @@ fn random_event_streams_keep_every_invariant() {
         cancels += counters.requests_cancelled;
     }
     println!(
-        "token saves {saves} restores {restores}; swap-lru evictions {swap_evictions}; cancels {cancels}"
+        "token saves {saves} restores {restores}; swap-lru evictions {swap_evictions}; cancels {cancels}; \
+         paged: token saves {paged_saves}, swap-lru evictions {paged_evictions}"
     );
     if std::env::var("TIDEPOOL_SEED").is_err() {
         // The streams must actually exercise preemption, eviction and cancellation.
         assert!(
-            saves > 100 && restores > 100 && swap_evictions > 100 && cancels > 50,
+            saves > 100
+                && restores > 100
+                && swap_evictions > 100
+                && cancels > 50
+                && paged_saves > 30
+                && paged_evictions > 30,
             "weak coverage"
         );
     }

@@ -544,3 +544,160 @@ fn prefill_carries_the_models_decoding_sequences() {
         pool.check_invariants();
     }
 }
+
+/// A model of the paged-KV scenarios: 40 MiB of weights, 1 MiB of fixed buffers, 10 kB of KV
+/// per token, two slots of up to 1000 tokens.
+fn paged_model(name: &str) -> ModelSpec {
+    ModelSpec {
+        ctx_bytes: MIB,
+        kv_bytes_per_token: 10_000,
+        ..model(name, 40)
+    }
+}
+
+fn arrive_long(pool: &mut Pool, now_ns: u64, seq: u64, name: &str, max_tokens: u32) -> Vec<Action> {
+    arrive(pool, now_ns, seq, name, max_tokens).unwrap()
+}
+
+/// With paged KV a resident model costs its weights and buffers; each sequence is charged its
+/// worst-case KV (`prompt + max_tokens`) while it holds a slot, and no longer once it finishes.
+/// Both models fit at once, which their up-front contexts (2 × 1000 tokens each) would not.
+#[test]
+fn paged_kv_charges_each_sequence_while_it_holds_a_slot() {
+    let models = vec![paged_model("a"), paged_model("b")];
+    let mut cfg = PoolConfig::new(PoolPolicy::SwapLru, 100 * MIB, models);
+    cfg.kv_paged = true;
+    cfg.overlap_transfers = true;
+    let mut pool = Pool::new(cfg).unwrap();
+    let seq_bytes = paged_model("a").saved_bytes(100);
+    let out = arrive_long(&mut pool, 0, 1, "a", 90);
+    let [Action::Load { id, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let out = feed(
+        &mut pool,
+        Event::LoadFinished {
+            now_ns: 1,
+            action: *id,
+            duration_ns: 1,
+        },
+    );
+    let [Action::Prefill { id: prefill, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(pool.status().memory_bytes_used, 41 * MIB + seq_bytes);
+    let out = arrive_long(&mut pool, 2, 2, "b", 90);
+    assert!(
+        matches!(out.as_slice(), [Action::Load { model, .. }] if model.as_str() == "b"),
+        "b loads beside a: {out:?}"
+    );
+    let out = feed(
+        &mut pool,
+        Event::StepFinished {
+            now_ns: 3,
+            action: *prefill,
+            steps: 1,
+            duration_ns: 1,
+            finished: vec![SeqFinished {
+                seq: SeqId(1),
+                tokens_emitted: 1,
+            }],
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let status = pool.status();
+    assert_eq!(status.memory_bytes_used, 2 * 41 * MIB, "{status:?}");
+    assert_eq!(status.models[0].memory_bytes, 41 * MIB);
+
+    // The same models with their KV allocated up front do not fit together.
+    let up_front = |name| ModelSpec {
+        ctx_bytes: MIB + 2 * 1000 * 10_000,
+        ..paged_model(name)
+    };
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::SwapLru,
+        100 * MIB,
+        vec![up_front("a"), up_front("b")],
+    );
+    cfg.overlap_transfers = true;
+    let mut pool = Pool::new(cfg).unwrap();
+    let out = arrive_long(&mut pool, 0, 1, "a", 90);
+    let [Action::Load { id, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    feed(
+        &mut pool,
+        Event::LoadFinished {
+            now_ns: 1,
+            action: *id,
+            duration_ns: 1,
+        },
+    );
+    let out = arrive_long(&mut pool, 2, 2, "b", 90);
+    assert!(out.is_empty(), "b waits for a to finish: {out:?}");
+}
+
+/// swap-lru with paged KV: a resident model whose next request's KV does not fit evicts the
+/// least recently used idle model to make room, then prefills.
+#[test]
+fn swap_lru_paged_evicts_an_idle_model_for_kv_room() {
+    let models = vec![paged_model("a"), paged_model("b")];
+    let mut cfg = PoolConfig::new(PoolPolicy::SwapLru, 90 * MIB, models);
+    cfg.kv_paged = true;
+    let mut pool = Pool::new(cfg).unwrap();
+    let mut now = 0;
+    for (seq, name) in [(1, "a"), (2, "b")] {
+        let out = arrive_long(&mut pool, now, seq, name, 1);
+        let [Action::Load { id, .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        now += 1;
+        let out = feed(
+            &mut pool,
+            Event::LoadFinished {
+                now_ns: now,
+                action: *id,
+                duration_ns: 1,
+            },
+        );
+        let [Action::Prefill { id, .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        now += 1;
+        let finished = vec![SeqFinished {
+            seq: SeqId(seq),
+            tokens_emitted: 1,
+        }];
+        feed(
+            &mut pool,
+            Event::StepFinished {
+                now_ns: now,
+                action: *id,
+                steps: 1,
+                duration_ns: 1,
+                finished,
+            },
+        );
+    }
+    // 900 tokens of KV (9 MB) do not fit the 8 MiB left beside both models: a (idle, used
+    // first) goes, then b prefills.
+    let out = arrive_long(&mut pool, now, 3, "b", 890);
+    assert!(
+        matches!(out.as_slice(), [Action::Evict { model, .. }] if model.as_str() == "a"),
+        "{out:?}"
+    );
+    let [Action::Evict { id, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let out = feed(
+        &mut pool,
+        Event::UnloadFinished {
+            now_ns: now + 1,
+            action: *id,
+        },
+    );
+    assert!(
+        matches!(out.as_slice(), [Action::Prefill { model, .. }] if model.as_str() == "b"),
+        "{out:?}"
+    );
+}

@@ -1,5 +1,7 @@
 //! Dev tooling: the "Aegaeon question" and the speed benchmark, as run for docs/sim.md.
 //! `cargo run --release -p tidepool-sim --example aegaeon -- [speed|plan MODELS|sim POLICY N MODELS]`
+//! Environment: `PROFILE` (name or TOML path), `MOVES` (placement search), `STEPS_MIN`,
+//! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -41,7 +43,11 @@ fn knobs() -> PoolKnobs {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let mut out = std::io::stdout().lock();
-    let profile = Profile::load("h100")?;
+    let profile = Profile::load(&std::env::var("PROFILE").unwrap_or_else(|_| "h100".into()))?;
+    let moves = std::env::var("MOVES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tidepool_sim::PLACEMENT_MOVES_MAX);
     let rows = read_azure_trace(Path::new("data/traces/azure-llm-2023-conv.csv"))?;
     let spec = |policy, accelerators| SimSpec {
         profile: profile.clone(),
@@ -50,6 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ttft_slo_ms: 10_000,
         tbt_slo_ms: 100,
         knobs: knobs(),
+        placement_moves_max: moves,
+        placement: None,
     };
     match args.get(1).map(String::as_str) {
         Some("speed") => {
@@ -57,7 +65,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let workload = tidepool_sim::bench_workload(n, &rows, &profile, 7)?;
             let start = Instant::now();
             let report = simulate(
-                &spec(PoolPolicy::Token, tidepool_sim::BENCH_ACCELERATORS),
+                &SimSpec {
+                    placement_moves_max: 0,
+                    ..spec(PoolPolicy::Token, tidepool_sim::BENCH_ACCELERATORS)
+                },
                 &workload,
                 &mut |_| {},
             )?;

@@ -19,7 +19,9 @@ pub mod workload;
 pub use error::SimError;
 pub use plan::{PlanAnswer, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
-pub use sim::{ModelReport, PoolKnobs, Progress, Report, SimSpec, place, simulate};
+pub use sim::{
+    ModelReport, PLACEMENT_MOVES_MAX, PoolKnobs, Progress, Report, SimSpec, place, simulate,
+};
 pub use workload::{
     Arrivals, MarketSpec, Popularity, Request, TraceRow, Workload, market, read_azure_trace,
     read_model_trace,

@@ -83,6 +83,7 @@ pub fn plan(
             let s = SimSpec {
                 policy,
                 accelerators,
+                placement: None,
                 ..spec.clone()
             };
             let report = simulate(&s, workload, progress)?;

@@ -39,6 +39,12 @@ pub struct Accelerator {
     pub kv_fixed_s: f64,
     /// Multiplier on prefill and decode times (serving engine over raw forward pass).
     pub engine_overhead: f64,
+    /// KV paged from one pool shared by the resident models (vLLM, Aegaeon): a resident model
+    /// costs its weights and fixed buffers, and each sequence in a context its own KV
+    /// (`PoolConfig::kv_paged`). Off: each model's full KV capacity is allocated with it
+    /// (llama.cpp, every CPU profile).
+    #[serde(default)]
+    pub kv_paged: bool,
 }
 
 /// One model shape and its costs.
@@ -297,12 +303,17 @@ impl Costs {
     }
 }
 
-/// A pool model spec for model `id` of `family`.
-pub fn model_spec(id: ModelId, family: &Family, costs: &Costs) -> ModelSpec {
+/// A pool model spec for model `id` of `family`; with `kv_paged` its context holds only the
+/// fixed buffers (the pool charges KV per sequence).
+pub fn model_spec(id: ModelId, family: &Family, costs: &Costs, kv_paged: bool) -> ModelSpec {
     ModelSpec {
         id,
         weights_bytes: family.weights_bytes,
-        ctx_bytes: family.resident_bytes() - family.weights_bytes,
+        ctx_bytes: if kv_paged {
+            family.ctx_fixed_bytes
+        } else {
+            family.resident_bytes() - family.weights_bytes
+        },
         kv_bytes_per_token: family.kv_bytes_per_token,
         seqs_max: family.seqs_max,
         seq_tokens_max: family.seq_tokens_max,
@@ -386,6 +397,7 @@ pub(crate) mod tests {
             d2h_bytes_per_s: 1e9,
             kv_fixed_s: 0.0,
             engine_overhead: 1.0,
+            kv_paged: false,
         }
     }
 

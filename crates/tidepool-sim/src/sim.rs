@@ -12,11 +12,14 @@ use crate::workload::{Request, Workload};
 
 /// Accelerators in one simulation.
 pub const ACCELERATORS_MAX: u32 = 4096;
+/// Default bound on the placement search's moves (`SimSpec::placement_moves_max`): on the
+/// Azure conversation market the search stops on its own well before it (docs/sim.md).
+pub const PLACEMENT_MOVES_MAX: u32 = 32;
 
 /// Scheduler knobs the simulator passes to every pool. Defaults differ from the pool's
-/// (`decode_steps_min` 64 instead of 16, `turn_quota_ms_max` 2 s instead of Aegaeon's 4 s): they
-/// were the best of a small sweep on the Azure conversation market on the `h100` profile
-/// (docs/sim.md), and apply to all three policies alike. The α admission hold is off: holding
+/// (`decode_steps_min` 64 instead of 16, `turn_quota_ms_max` 1 s instead of Aegaeon's 4 s): they
+/// were the best of a small sweep over the four Azure conversation markets on the `h100`
+/// profile with paged KV (docs/sim.md), and apply to all three policies alike. The α admission hold is off: holding
 /// requests while the round is over-subscribed lowered attainment in every market measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PoolKnobs {
@@ -40,7 +43,7 @@ impl Default for PoolKnobs {
             prefill_group_len_max: 8,
             decode_steps_min: 64,
             decode_steps_max: 512,
-            turn_quota_ms_max: 2000,
+            turn_quota_ms_max: 1000,
             alpha_admit_permille_max: u32::MAX,
             prefill_cold_lazy: false,
             round_resident_first: false,
@@ -58,6 +61,11 @@ pub struct SimSpec {
     pub ttft_slo_ms: u64,
     pub tbt_slo_ms: u64,
     pub knobs: PoolKnobs,
+    /// Moves of the placement search after the initial placement (0: keep it as placed).
+    pub placement_moves_max: u32,
+    /// The initial placement (accelerator of each market model, in market order) instead of
+    /// [`place`]'s, e.g. an earlier report's to check it on other traffic.
+    pub placement: Option<Vec<u32>>,
 }
 
 /// Progress of a long run, for a progress bar the caller draws.
@@ -118,6 +126,9 @@ pub struct Report {
     #[serde(default)]
     pub decode_by_batch: tidepool_pool::DecodeByBatch,
     pub switches_per_s: f64,
+    /// Models the placement search moved (`per_model[].accelerator` is the final placement).
+    #[serde(default)]
+    pub placement_moves: u32,
     pub per_model: Vec<ModelReport>,
 }
 
@@ -189,7 +200,7 @@ fn pool_config(
         let id = ModelId::new(model.id.clone()).map_err(|_| SimError::WorkloadInvalid {
             reason: "model ids must be slugs",
         })?;
-        let mut model_spec = model_spec(id.clone(), family, &c);
+        let mut model_spec = model_spec(id.clone(), family, &c, acc.kv_paged);
         if let Some(estimate) = model.estimate {
             model_spec.estimate = estimate;
         }
@@ -201,6 +212,7 @@ fn pool_config(
     cfg.kv_saved_bytes_max = acc.kv_saved_bytes_max;
     cfg.saved_kv_in_memory_budget = acc.saved_kv_in_memory_budget;
     cfg.overlap_transfers = acc.overlap_transfers;
+    cfg.kv_paged = acc.kv_paged;
     cfg.ttft_slo_ms = spec.ttft_slo_ms;
     cfg.tbt_slo_ms = spec.tbt_slo_ms;
     let k = spec.knobs;
@@ -228,64 +240,191 @@ pub fn simulate(
             reason: "SLOs must be positive",
         });
     }
-    let placement = place(spec, workload)?;
-    let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
-    let mut done = 0_u64;
-    let slo = Slo {
-        ttft_ns: spec.ttft_slo_ms * 1_000_000,
-        tbt_ns: spec.tbt_slo_ms * 1_000_000,
-    };
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    for acc in 0..spec.accelerators {
-        let models: Vec<usize> = (0..workload.models.len())
-            .filter(|&m| placement[m] == acc)
-            .collect();
-        if models.is_empty() {
-            continue;
-        }
-        let local: std::collections::BTreeMap<usize, usize> =
-            models.iter().enumerate().map(|(i, &m)| (m, i)).collect();
-        let requests: Vec<(usize, Request)> = workload
-            .requests
-            .iter()
-            .filter_map(|r| {
-                local
-                    .get(&usize::try_from(r.model).unwrap_or(0))
-                    .map(|&l| (l, *r))
-            })
-            .collect();
-        let (cfg, costs, ids) = pool_config(spec, workload, &models)?;
-        let mut tick = || {
-            done += 1;
-            if done.is_multiple_of(65_536) {
-                progress(Progress {
-                    requests_done: done,
-                    requests_total: total,
+    let mut placement = match &spec.placement {
+        None => place(spec, workload)?,
+        Some(given) => {
+            let fits = given.len() == workload.models.len()
+                && given.iter().all(|&a| a < spec.accelerators);
+            if !fits {
+                return Err(SimError::WorkloadInvalid {
+                    reason: "placement: one accelerator below --accelerators per market model",
                 });
             }
-        };
-        let warm: Vec<usize> = workload
-            .warm
-            .iter()
-            .filter_map(|m| {
-                local
-                    .get(&usize::try_from(*m).unwrap_or(usize::MAX))
-                    .copied()
-            })
-            .collect();
-        let outcome = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(&mut tick)?;
-        outcomes.push(Outcome {
-            acc,
-            models,
-            requests,
-            result: outcome,
-        });
+            given.clone()
+        }
+    };
+    let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
+    let mut done = 0_u64;
+    let mut tick = || {
+        done += 1;
+        if done.is_multiple_of(65_536) {
+            progress(Progress {
+                requests_done: done,
+                requests_total: total,
+            });
+        }
+    };
+    let mut outcomes: Vec<Option<Outcome>> = Vec::new();
+    for acc in 0..spec.accelerators {
+        outcomes.push(run_acc(spec, workload, &placement, acc, &mut tick)?);
     }
+    let moves = if spec.policy == PoolPolicy::Dedicated {
+        0
+    } else {
+        improve_placement(spec, workload, &mut placement, &mut outcomes)?
+    };
     progress(Progress {
         requests_done: total,
         requests_total: total,
     });
-    Ok(fold(spec, workload, &outcomes))
+    let outcomes: Vec<Outcome> = outcomes.into_iter().flatten().collect();
+    let mut report = fold(spec, workload, &outcomes);
+    report.placement_moves = moves;
+    Ok(report)
+}
+
+/// Tokens an accelerator's requests owed but did not get on time.
+fn missed(outcome: Option<&Outcome>) -> u64 {
+    outcome.map_or(0, |o| {
+        o.result
+            .seqs
+            .iter()
+            .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
+            .sum()
+    })
+}
+
+/// Local search over the placement (`SimSpec::placement_moves_max`): each move takes one model
+/// off the accelerator (holding two or more models) that misses the most tokens and puts it on
+/// one of the two that miss the fewest, choosing the move that lowers the pair's missed tokens
+/// the most. Accelerators are independent, so a trial re-simulates only the two it changes.
+/// Stops when no move helps. Returns the moves made.
+fn improve_placement(
+    spec: &SimSpec,
+    workload: &Workload,
+    placement: &mut [u32],
+    outcomes: &mut [Option<Outcome>],
+) -> Result<u32, SimError> {
+    let n = outcomes.len();
+    let mut moves = 0;
+    while moves < spec.placement_moves_max {
+        let miss: Vec<u64> = outcomes.iter().map(|o| missed(o.as_ref())).collect();
+        let models_on = |a: usize| placement.iter().filter(|&&p| p == acc_u32(a)).count();
+        let Some(from) = (0..n)
+            .filter(|&a| miss[a] > 0 && models_on(a) >= 2)
+            .max_by_key(|&a| (miss[a], std::cmp::Reverse(a)))
+        else {
+            break;
+        };
+        let mut targets: Vec<usize> = (0..n).filter(|&a| a != from).collect();
+        targets.sort_by_key(|&a| (miss[a], a));
+        targets.truncate(2);
+        let Some(best) = best_move(spec, workload, placement, &miss, from, &targets)? else {
+            break;
+        };
+        placement[best.model] = acc_u32(best.to);
+        outcomes[from] = best.from_outcome;
+        outcomes[best.to] = best.to_outcome;
+        moves += 1;
+    }
+    Ok(moves)
+}
+
+/// One trial move of the placement search and what the two accelerators it changes gave.
+struct Move {
+    gain: u64,
+    model: usize,
+    to: usize,
+    from_outcome: Option<Outcome>,
+    to_outcome: Option<Outcome>,
+}
+
+/// The move of one of `from`'s models to one of `targets` that lowers the pair's missed
+/// tokens the most (ties: the first tried, models and targets in order), if any does.
+fn best_move(
+    spec: &SimSpec,
+    workload: &Workload,
+    placement: &[u32],
+    miss: &[u64],
+    from: usize,
+    targets: &[usize],
+) -> Result<Option<Move>, SimError> {
+    let mut best: Option<Move> = None;
+    let on_from = (0..placement.len()).filter(|&m| placement[m] == acc_u32(from));
+    for model in on_from {
+        for &to in targets {
+            let mut trial = placement.to_vec();
+            trial[model] = acc_u32(to);
+            let mut noop = || {};
+            let from_outcome = run_acc(spec, workload, &trial, acc_u32(from), &mut noop)?;
+            let to_outcome = run_acc(spec, workload, &trial, acc_u32(to), &mut noop)?;
+            let before = miss[from] + miss[to];
+            let after = missed(from_outcome.as_ref()) + missed(to_outcome.as_ref());
+            if after < before && best.as_ref().is_none_or(|b| before - after > b.gain) {
+                best = Some(Move {
+                    gain: before - after,
+                    model,
+                    to,
+                    from_outcome,
+                    to_outcome,
+                });
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// An accelerator index (below `ACCELERATORS_MAX`) as the placement stores it.
+fn acc_u32(acc: usize) -> u32 {
+    u32::try_from(acc).unwrap_or(u32::MAX)
+}
+
+/// Simulates accelerator `acc` under `placement` (`None` if no model is placed on it).
+fn run_acc(
+    spec: &SimSpec,
+    workload: &Workload,
+    placement: &[u32],
+    acc: u32,
+    tick: &mut dyn FnMut(),
+) -> Result<Option<Outcome>, SimError> {
+    let slo = Slo {
+        ttft_ns: spec.ttft_slo_ms * 1_000_000,
+        tbt_ns: spec.tbt_slo_ms * 1_000_000,
+    };
+    let models: Vec<usize> = (0..workload.models.len())
+        .filter(|&m| placement[m] == acc)
+        .collect();
+    if models.is_empty() {
+        return Ok(None);
+    }
+    let local: std::collections::BTreeMap<usize, usize> =
+        models.iter().enumerate().map(|(i, &m)| (m, i)).collect();
+    let requests: Vec<(usize, Request)> = workload
+        .requests
+        .iter()
+        .filter_map(|r| {
+            local
+                .get(&usize::try_from(r.model).unwrap_or(0))
+                .map(|&l| (l, *r))
+        })
+        .collect();
+    let (cfg, costs, ids) = pool_config(spec, workload, &models)?;
+    let warm: Vec<usize> = workload
+        .warm
+        .iter()
+        .filter_map(|m| {
+            local
+                .get(&usize::try_from(*m).unwrap_or(usize::MAX))
+                .copied()
+        })
+        .collect();
+    let result = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(tick)?;
+    Ok(Some(Outcome {
+        acc,
+        models,
+        requests,
+        result,
+    }))
 }
 
 /// One accelerator's models (market indices), requests (local model index) and outcome.
@@ -374,6 +513,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         in_flight_ns: counters.in_flight_ns,
         decode_by_batch: counters.decode_by_batch,
         switches_per_s: per_s(as_f64(counters.loads), makespan_s),
+        placement_moves: 0,
         per_model,
     }
 }

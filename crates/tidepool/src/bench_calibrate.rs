@@ -296,6 +296,7 @@ fn build_profile(
             d2h_bytes_per_s: transfer.d2h_bytes_per_s,
             kv_fixed_s: transfer.kv_fixed_s,
             engine_overhead: 1.0,
+            kv_paged: false,
         },
         families: fits.iter().map(|f| f.family.clone()).collect(),
     }

@@ -1491,6 +1491,9 @@ fn simulate_rows(
             ttft_slo_ms: args.ttft_slo_ms,
             tbt_slo_ms: args.tbt_slo_ms,
             knobs,
+            // One accelerator: nothing to place.
+            placement_moves_max: 0,
+            placement: None,
         };
         let real = args.at_run_speed.then_some(&row.actions);
         row.sim = Some(simulate_row(spec, &workload, real)?);

@@ -60,10 +60,18 @@ pub(crate) struct WorkloadArgs {
     #[arg(long, env = "TIDEPOOL_SIM_SEED", default_value_t = 1)]
     seed: u64,
     /// `token`: the longest turn the quota formula hands out.
-    #[arg(long, env = "TIDEPOOL_SIM_TURN_QUOTA_MS_MAX", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "TIDEPOOL_SIM_TURN_QUOTA_MS_MAX",
+        default_value_t = PoolKnobs::default().turn_quota_ms_max
+    )]
     turn_quota_ms_max: u64,
     /// Decode steps per turn when switching is free (and the floor otherwise).
-    #[arg(long, env = "TIDEPOOL_SIM_DECODE_STEPS_MIN", default_value_t = 64)]
+    #[arg(
+        long,
+        env = "TIDEPOOL_SIM_DECODE_STEPS_MIN",
+        default_value_t = PoolKnobs::default().decode_steps_min
+    )]
     decode_steps_min: u32,
     /// `token` admission: hold requests while predicted α (×1000) exceeds this (default: off).
     #[arg(
@@ -82,6 +90,15 @@ pub(crate) struct WorkloadArgs {
     /// rider cost (`[pool] prefill_riders`).
     #[arg(long, env = "TIDEPOOL_SIM_PREFILL_RIDERS")]
     prefill_riders: bool,
+    /// Moves of the placement search: after the initial placement (busiest models first, each
+    /// to the least loaded accelerator), models move one at a time off the accelerator missing
+    /// the most tokens while that helps (0: keep the initial placement).
+    #[arg(
+        long,
+        env = "TIDEPOOL_SIM_PLACEMENT_MOVES_MAX",
+        default_value_t = tidepool_sim::PLACEMENT_MOVES_MAX
+    )]
+    placement_moves_max: u32,
 }
 
 /// Arguments of `tidepool sim`.
@@ -94,6 +111,11 @@ pub(crate) struct SimArgs {
     policy: String,
     #[arg(long, env = "TIDEPOOL_SIM_ACCELERATORS", default_value_t = 10)]
     accelerators: u32,
+    /// Start from the placement of an earlier `tidepool sim` report (its `per_model[]` model ids
+    /// must be this market's) instead of placing afresh; with `--placement-moves-max 0` that
+    /// placement is simulated as it is (e.g. one searched on another seed's traffic).
+    #[arg(long, env = "TIDEPOOL_SIM_PLACEMENT")]
+    placement: Option<PathBuf>,
     /// JSON report; the SVG plot goes next to it (same name, `.svg`).
     #[arg(long, env = "TIDEPOOL_SIM_OUT", default_value = "sim-out/sim.json")]
     out: PathBuf,
@@ -193,6 +215,8 @@ impl WorkloadArgs {
                 prefill_riders: self.prefill_riders,
                 ..PoolKnobs::default()
             },
+            placement_moves_max: self.placement_moves_max,
+            placement: None,
         }
     }
 }
@@ -223,10 +247,41 @@ fn progress_bar(total_hint: u64) -> impl FnMut(Progress) {
     }
 }
 
+/// The placement of an earlier `tidepool sim` report, checked against this market's models.
+fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<u32>> {
+    #[derive(serde::Deserialize)]
+    struct Placed {
+        model: String,
+        accelerator: u32,
+    }
+    #[derive(serde::Deserialize)]
+    struct Placement {
+        per_model: Vec<Placed>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let report: Placement = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a `tidepool sim` report", path.display()))?;
+    let same_models = report.per_model.len() == workload.models.len()
+        && report
+            .per_model
+            .iter()
+            .zip(&workload.models)
+            .all(|(placed, model)| placed.model == model.id);
+    anyhow::ensure!(
+        same_models,
+        "{}: its models are not this market's (same --models and model trace needed)",
+        path.display()
+    );
+    Ok(report.per_model.iter().map(|p| p.accelerator).collect())
+}
+
 pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     let policy = parse_policy(&args.policy)?;
     let (profile, workload) = args.workload.build()?;
-    let spec = args.workload.spec(profile, policy, args.accelerators);
+    let mut spec = args.workload.spec(profile, policy, args.accelerators);
+    if let Some(path) = &args.placement {
+        spec.placement = Some(read_placement(path, &workload)?);
+    }
     let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
     let report = simulate(&spec, &workload, &mut progress_bar(total))?;
     let svg = write_outputs(
@@ -237,7 +292,7 @@ pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{} on {} accelerators, {} models, {} requests: attainment {:.2} % (lenient {:.2} %), goodput {:.0} tok/s, p99 TTFT {:.0} ms, utilization {:.1} %, {:.2} switches/s",
+        "{} on {} accelerators, {} models, {} requests: attainment {:.2} % (lenient {:.2} %), goodput {:.0} tok/s, p99 TTFT {:.0} ms, utilization {:.1} %, {:.2} switches/s, {} placement moves",
         args.policy,
         report.accelerators,
         report.models,
@@ -248,6 +303,7 @@ pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
         report.ttft_ms_p99,
         report.utilization * 100.0,
         report.switches_per_s,
+        report.placement_moves,
     )?;
     writeln!(
         out,
@@ -304,6 +360,9 @@ pub(crate) fn run_bench_sim(args: &BenchSimArgs) -> anyhow::Result<()> {
         ttft_slo_ms: 10_000,
         tbt_slo_ms: 100,
         knobs: PoolKnobs::default(),
+        // The speed of the simulator itself: one pass, no placement search.
+        placement_moves_max: 0,
+        placement: None,
     };
     let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
     let start = Instant::now();
