@@ -22,6 +22,8 @@ pub struct PlanPoint {
     pub goodput_tokens_per_s: f64,
     pub ttft_ms_p99: f64,
     pub switches_per_s: f64,
+    /// Moves the placement search made at this size (`Report::placement_moves`).
+    pub placement_moves: u32,
 }
 
 /// The answer for one policy: `None` when even one accelerator per model misses the target.
@@ -55,6 +57,7 @@ fn point(report: &Report) -> PlanPoint {
         goodput_tokens_per_s: report.goodput_tokens_per_s,
         ttft_ms_p99: report.ttft_ms_p99,
         switches_per_s: report.switches_per_s,
+        placement_moves: report.placement_moves,
     }
 }
 

@@ -12,15 +12,18 @@ use crate::workload::{Request, Workload};
 
 /// Accelerators in one simulation.
 pub const ACCELERATORS_MAX: u32 = 4096;
-/// Default bound on the placement search's moves (`SimSpec::placement_moves_max`): on the
-/// Azure conversation market the search stops on its own well before it (docs/sim.md).
+/// Default bound on the placement search's moves (`SimSpec::placement_moves_max`), a bound on
+/// planning time: each move tries every model of one accelerator on two others, re-simulating
+/// both (on the 40- and 80-model conversation markets the search stopped by itself after at
+/// most 14 moves, `PlanPoint::placement_moves`).
 pub const PLACEMENT_MOVES_MAX: u32 = 32;
 
 /// Scheduler knobs the simulator passes to every pool. Defaults differ from the pool's
 /// (`decode_steps_min` 64 instead of 16, `turn_quota_ms_max` 1 s instead of Aegaeon's 4 s): they
 /// were the best of a small sweep over the four Azure conversation markets on the `h100`
-/// profile with paged KV (docs/sim.md), and apply to all three policies alike. The α admission hold is off: holding
-/// requests while the round is over-subscribed lowered attainment in every market measured.
+/// profile with paged KV (docs/sim.md), and apply to all three policies alike. The α admission
+/// hold is off: holding requests while the round is over-subscribed lowered attainment in every
+/// market measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PoolKnobs {
     pub admission_queue_len_max: u32,
