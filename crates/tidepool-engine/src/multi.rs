@@ -711,8 +711,12 @@ impl Accelerator {
         outcome
     }
 
-    /// The sequences of `seqs` that can decode their next token (in a slot, not ended); the
-    /// others end here and are reported in `outcome`.
+    /// The sequences of `seqs` that can decode their next token (in a slot, not ended), in slot
+    /// order; the others end here and are reported in `outcome`. Slot order matters: with a KV
+    /// stream per sequence llama.cpp puts only runs of consecutive, increasing sequence ids in
+    /// one micro-batch (`split_equal(…, sequential)`), so a batch in the scheduler's order (by
+    /// request id) could run as up to one micro-batch per sequence, each a full pass over the
+    /// weights (docs/sim.md, session 10).
     fn live_members(&mut self, seqs: &[u64], outcome: &mut StepOutcome) -> Vec<Member> {
         let mut live = Vec::with_capacity(seqs.len());
         for &id in seqs {
@@ -732,6 +736,7 @@ impl Accelerator {
                 }
             }
         }
+        live.sort_by_key(|m| m.slot);
         live
     }
 

@@ -275,3 +275,33 @@ fn real_model_client_gone_is_reported_once_and_released() {
     assert_eq!(outcome.finished.len(), 1);
     assert_eq!(accelerator.seqs_len(), 0);
 }
+
+/// A decode batch handed over in any order (here the reverse of the slots) runs in slot order,
+/// the order llama.cpp needs to put a batch with a KV stream per sequence into one
+/// micro-batch; every sequence still gets exactly its own tokens.
+#[test]
+fn real_model_batch_in_reverse_slot_order_keeps_each_output() {
+    let config = smollm2();
+    let (front, mut accelerator, expected, expected_tokens) = reference(&config);
+    let seqs = [11_u64, 12, 13, 14];
+    let mut generations = Vec::new();
+    for &seq in &seqs {
+        let (prepared, generation) = front.prepare(request(&front, PROMPT, 48)).unwrap();
+        accelerator.register(seq, 0, prepared, None);
+        generations.push(generation);
+    }
+    // Slots 0..3 in request order; the decode asks for them the other way round.
+    assert!(accelerator.prefill(0, &seqs, &[]).finished.is_empty());
+    let reversed: Vec<u64> = seqs.iter().rev().copied().collect();
+    let outcome = accelerator.decode(0, &reversed, 1000);
+    assert_eq!(outcome.finished.len(), seqs.len(), "{outcome:?}");
+    for generation in generations {
+        assert_same_output(
+            &config,
+            generation,
+            (&expected, expected_tokens),
+            "a batch in reverse slot order",
+        );
+    }
+    assert_eq!(accelerator.seqs_len(), 0);
+}
