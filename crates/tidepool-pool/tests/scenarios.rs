@@ -58,6 +58,41 @@ fn feed(pool: &mut Pool, event: Event) -> Vec<Action> {
     out
 }
 
+/// Runs request `seq` of model `name` (one output token) to completion where the model is cold
+/// and memory is free: its load, then a prefill that finishes it, each taking `step_ns`.
+/// Returns the clock after.
+#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
+fn run_one(pool: &mut Pool, mut now: u64, seq: u64, name: &str, step_ns: u64) -> u64 {
+    let out = arrive(pool, now, seq, name, 1).unwrap();
+    let [Action::Load { id, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    now += step_ns;
+    let event = Event::LoadFinished {
+        now_ns: now,
+        action: *id,
+        duration_ns: step_ns,
+    };
+    let out = feed(pool, event);
+    let [Action::Prefill { id, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    now += step_ns;
+    let finished = vec![SeqFinished {
+        seq: SeqId(seq),
+        tokens_emitted: 1,
+    }];
+    let event = Event::StepFinished {
+        now_ns: now,
+        action: *id,
+        steps: 1,
+        duration_ns: step_ns,
+        finished,
+    };
+    feed(pool, event);
+    now
+}
+
 #[test]
 fn admission_errors_are_typed() {
     let mut cfg = PoolConfig::new(
@@ -163,37 +198,7 @@ fn swap_lru_evicts_least_recently_used_idle_model() {
     let mut now = 0;
     // Run one request on a, then one on b, to completion.
     for (seq, name) in [(1, "a"), (2, "b")] {
-        let out = arrive(&mut pool, now, seq, name, 1).unwrap();
-        let Action::Load { id, .. } = out[0].clone() else {
-            panic!("{out:?}")
-        };
-        now += 100;
-        let out = feed(
-            &mut pool,
-            Event::LoadFinished {
-                now_ns: now,
-                action: id,
-                duration_ns: 100,
-            },
-        );
-        let Action::Prefill { id, .. } = out[0].clone() else {
-            panic!("{out:?}")
-        };
-        now += 100;
-        let finished = vec![SeqFinished {
-            seq: SeqId(seq),
-            tokens_emitted: 1,
-        }];
-        feed(
-            &mut pool,
-            Event::StepFinished {
-                now_ns: now,
-                action: id,
-                steps: 1,
-                duration_ns: 100,
-                finished,
-            },
-        );
+        now = run_one(&mut pool, now, seq, name, 100);
     }
     // c needs room: a finished first, so a goes.
     let out = arrive(&mut pool, now, 3, "c", 1).unwrap();
@@ -647,37 +652,7 @@ fn swap_lru_paged_evicts_an_idle_model_for_kv_room() {
     let mut pool = Pool::new(cfg).unwrap();
     let mut now = 0;
     for (seq, name) in [(1, "a"), (2, "b")] {
-        let out = arrive_long(&mut pool, now, seq, name, 1);
-        let [Action::Load { id, .. }] = out.as_slice() else {
-            panic!("{out:?}")
-        };
-        now += 1;
-        let out = feed(
-            &mut pool,
-            Event::LoadFinished {
-                now_ns: now,
-                action: *id,
-                duration_ns: 1,
-            },
-        );
-        let [Action::Prefill { id, .. }] = out.as_slice() else {
-            panic!("{out:?}")
-        };
-        now += 1;
-        let finished = vec![SeqFinished {
-            seq: SeqId(seq),
-            tokens_emitted: 1,
-        }];
-        feed(
-            &mut pool,
-            Event::StepFinished {
-                now_ns: now,
-                action: *id,
-                steps: 1,
-                duration_ns: 1,
-                finished,
-            },
-        );
+        now = run_one(&mut pool, now, seq, name, 1);
     }
     // 900 tokens of KV (9 MB) do not fit the 8 MiB left beside both models: a (idle, used
     // first) goes, then b prefills.
