@@ -89,7 +89,10 @@ impl Pool {
                 .any(|m| !m.decoding.is_empty() || !m.prefill_q.is_empty());
             let active =
                 !self.models[model].decoding.is_empty() || !self.models[model].prefill_q.is_empty();
-            if busy
+            // `u32::MAX` disables the hold (not merely a high bar): skip the prediction.
+            let hold_on = self.cfg.alpha_admit_permille_max != u32::MAX;
+            if hold_on
+                && busy
                 && !active
                 && self.alpha_permille_with(model) > u64::from(self.cfg.alpha_admit_permille_max)
             {
