@@ -154,7 +154,7 @@ struct EngineReport {
 const SEND_RETRIES_MAX: u32 = 2;
 const SEND_RETRY_DELAY_MS: u64 = 50;
 
-/// Raw samples of one level, whatever produced them.
+/// Raw samples of one level, whatever produced them, and the generation time they span.
 #[derive(Debug, Default, Clone)]
 struct Samples {
     retries: u32,
@@ -162,6 +162,9 @@ struct Samples {
     itl_ms: Vec<f64>,
     tokens: u64,
     requests: u32,
+    /// Time spent generating them; merged samples were measured one after the other, so their
+    /// times add (concurrent streams are merged with none and timed as a whole).
+    wall: Duration,
 }
 
 impl Samples {
@@ -171,10 +174,11 @@ impl Samples {
         self.tokens += other.tokens;
         self.ttft_ms.extend(other.ttft_ms);
         self.itl_ms.extend(other.itl_ms);
+        self.wall += other.wall;
     }
 
-    fn tokens_per_s(&self, wall: Duration) -> f64 {
-        let wall_s = wall.as_secs_f64();
+    fn tokens_per_s(&self) -> f64 {
+        let wall_s = self.wall.as_secs_f64();
         if wall_s > 0.0 {
             f64::from(u32::try_from(self.tokens).unwrap_or(u32::MAX)) / wall_s
         } else {
@@ -182,15 +186,15 @@ impl Samples {
         }
     }
 
-    fn report(mut self, concurrency: u32, wall: Duration) -> LevelReport {
-        let wall_s = wall.as_secs_f64();
+    fn report(mut self, concurrency: u32) -> LevelReport {
+        let wall_s = self.wall.as_secs_f64();
         LevelReport {
             concurrency,
             requests: self.requests,
             retries: self.retries,
             tokens: self.tokens,
             wall_s,
-            tokens_per_s: self.tokens_per_s(wall),
+            tokens_per_s: self.tokens_per_s(),
             ttft_ms_p50: percentile(&mut self.ttft_ms, 50),
             ttft_ms_p99: percentile(&mut self.ttft_ms, 99),
             itl_ms_p50: percentile(&mut self.itl_ms, 50),
@@ -307,7 +311,7 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     // Both servers stay up (an idle one takes no CPU); every pass measures (a) the raw loop,
     // (b) Tidepool over HTTP and (c) llama-server at each level, rotating which goes first.
     let levels = args.concurrency.len();
-    let mut sums: Vec<[(Samples, Duration); 3]> = vec![Default::default(); levels];
+    let mut sums: Vec<[Samples; 3]> = vec![Default::default(); levels];
     for pass in 0..args.repeats.max(1) {
         for (level, &concurrency) in args.concurrency.iter().enumerate() {
             let numbers = RequestNumbers { concurrency, pass };
@@ -332,16 +336,14 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
                         None => None,
                     },
                 };
-                if let Some((samples, wall)) = measured {
-                    let tokens_per_s = samples.tokens_per_s(wall);
+                if let Some(samples) = measured {
+                    let tokens_per_s = samples.tokens_per_s();
                     let name = ["raw", "tidepool", "llama-server"][system];
                     writeln!(
                         out,
                         "pass {pass} {name:<12} c={concurrency:<3} {tokens_per_s:>8.1} tok/s"
                     )?;
-                    let sum = &mut sums[level][system];
-                    sum.0.merge(samples);
-                    sum.1 += wall;
+                    sums[level][system].merge(samples);
                 }
             }
         }
@@ -352,10 +354,10 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     }
     report.repeats = args.repeats.max(1);
     for (&concurrency, [raw, tp, peer]) in args.concurrency.iter().zip(sums) {
-        report.raw.push(raw.0.report(concurrency, raw.1));
-        report.tidepool.push(tp.0.report(concurrency, tp.1));
+        report.raw.push(raw.report(concurrency));
+        report.tidepool.push(tp.report(concurrency));
         if args.llama_server.is_some() {
-            report.llama_server.push(peer.0.report(concurrency, peer.1));
+            report.llama_server.push(peer.report(concurrency));
         }
     }
 
@@ -432,28 +434,21 @@ fn raw_level(
     model_path: &Path,
     numbers: RequestNumbers,
     args: &EngineBenchArgs,
-) -> anyhow::Result<(Samples, Duration)> {
+) -> anyhow::Result<Samples> {
+    // Only generation counts: each batch's time starts after model load and context creation,
+    // as the servers' clocks start after their start-up; the batches' times add.
     let mut samples = Samples::default();
-    // Only generation counts: the loop reports its time from after model load and context
-    // creation, as the servers' clocks start after their start-up.
-    let mut generating = Duration::ZERO;
     for round in 0..rounds_for(args, numbers.concurrency) {
         let prompts: Vec<String> = (0..numbers.concurrency)
             .map(|i| prompt_for(request_number(numbers, round, i), args.prompt_tokens))
             .collect();
-        let (batch, elapsed) = raw_batch(model_path, &prompts, args.output_tokens)?;
-        samples.merge(batch);
-        generating += elapsed;
+        samples.merge(raw_batch(model_path, &prompts, args.output_tokens)?);
     }
-    Ok((samples, generating))
+    Ok(samples)
 }
 
-/// One raw batch: its samples and the time it spent generating (after load).
-fn raw_batch(
-    model_path: &Path,
-    prompts: &[String],
-    output_tokens: u32,
-) -> anyhow::Result<(Samples, Duration)> {
+/// One raw batch: its samples, timed from after load.
+fn raw_batch(model_path: &Path, prompts: &[String], output_tokens: u32) -> anyhow::Result<Samples> {
     use tidepool_engine::bench::{RawBatchedConfig, RawPrompt, raw_batched_generate};
     // The raw loop gives every stream the same prompt; use the first (prefix reuse is off there).
     let prompt = prompts.first().cloned().unwrap_or_default();
@@ -463,6 +458,7 @@ fn raw_batch(
     let mut samples = Samples {
         requests: streams,
         tokens: report.generated_tokens(),
+        wall: report.total,
         ..Samples::default()
     };
     for stream in &report.streams {
@@ -471,7 +467,7 @@ fn raw_batch(
         }
         samples.itl_ms.extend(stream.inter_token_gaps().map(ms));
     }
-    Ok((samples, report.total))
+    Ok(samples)
 }
 
 fn raw_generate(args: &RawGenerateArgs) -> anyhow::Result<()> {
@@ -489,7 +485,7 @@ async fn http_level(
     model: &str,
     numbers: RequestNumbers,
     args: &EngineBenchArgs,
-) -> anyhow::Result<(Samples, Duration)> {
+) -> anyhow::Result<Samples> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -520,12 +516,15 @@ async fn http_level(
         }
     });
     let results = futures::future::join_all(streams).await;
-    let wall = start.elapsed();
-    let mut total = Samples::default();
+    // The streams ran at once: the level's time is the whole, not their sum.
+    let mut total = Samples {
+        wall: start.elapsed(),
+        ..Samples::default()
+    };
     for result in results {
         total.merge(result?);
     }
-    Ok((total, wall))
+    Ok(total)
 }
 
 /// One untimed request before a server's first level: whatever a server does lazily on its
