@@ -223,7 +223,10 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| config.server.database_url.clone())
     };
-    match cli.command {
+    // A reader that goes away (`tidepool usage … | head`) ends a command's output; a server's
+    // errors are never hidden.
+    let output_command = !matches!(cli.command, Command::Serve(_) | Command::Worker(_));
+    let result = match cli.command {
         Command::Serve(args) => {
             let config = config()?;
             let url = database_url(&config);
@@ -250,5 +253,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Sim(args) => sim_cmd::run_sim(&args),
         Command::Plan(args) => sim_cmd::run_plan(&args),
+    };
+    match result {
+        Err(error) if output_command && is_broken_pipe(&error) => Ok(()),
+        other => other,
     }
+}
+
+/// Whether the error comes from writing to a pipe whose reader has closed it.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
