@@ -343,7 +343,9 @@ struct Move {
 }
 
 /// The move of one of `from`'s models to one of `targets` that lowers the pair's missed
-/// tokens the most (ties: the first tried, models and targets in order), if any does.
+/// tokens the most (ties: the first tried, models and targets in order), if any does. The
+/// trials are independent simulations, so they run on every core (`std::thread::scope`); the
+/// choice is made afterwards in trial order, so the result does not depend on the core count.
 fn best_move(
     spec: &SimSpec,
     workload: &Workload,
@@ -352,26 +354,49 @@ fn best_move(
     from: usize,
     targets: &[usize],
 ) -> Result<Option<Move>, SimError> {
+    let trials: Vec<(usize, usize)> = (0..placement.len())
+        .filter(|&m| placement[m] == acc_u32(from))
+        .flat_map(|m| targets.iter().map(move |&to| (m, to)))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, trials.len().max(1));
+    let chunk = trials.len().div_ceil(workers).max(1);
+    let run = |&(model, to): &(usize, usize)| -> Result<Move, SimError> {
+        let mut trial = placement.to_vec();
+        trial[model] = acc_u32(to);
+        let mut noop = || {};
+        let from_outcome = run_acc(spec, workload, &trial, acc_u32(from), &mut noop)?;
+        let to_outcome = run_acc(spec, workload, &trial, acc_u32(to), &mut noop)?;
+        let before = miss[from] + miss[to];
+        let after = missed(from_outcome.as_ref()) + missed(to_outcome.as_ref());
+        Ok(Move {
+            gain: before.saturating_sub(after),
+            model,
+            to,
+            from_outcome,
+            to_outcome,
+        })
+    };
+    let results: Vec<Result<Move, SimError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = trials
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(run).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
     let mut best: Option<Move> = None;
-    let on_from = (0..placement.len()).filter(|&m| placement[m] == acc_u32(from));
-    for model in on_from {
-        for &to in targets {
-            let mut trial = placement.to_vec();
-            trial[model] = acc_u32(to);
-            let mut noop = || {};
-            let from_outcome = run_acc(spec, workload, &trial, acc_u32(from), &mut noop)?;
-            let to_outcome = run_acc(spec, workload, &trial, acc_u32(to), &mut noop)?;
-            let before = miss[from] + miss[to];
-            let after = missed(from_outcome.as_ref()) + missed(to_outcome.as_ref());
-            if after < before && best.as_ref().is_none_or(|b| before - after > b.gain) {
-                best = Some(Move {
-                    gain: before - after,
-                    model,
-                    to,
-                    from_outcome,
-                    to_outcome,
-                });
-            }
+    for result in results {
+        let trial = result?;
+        if trial.gain > 0 && best.as_ref().is_none_or(|b| trial.gain > b.gain) {
+            best = Some(trial);
         }
     }
     Ok(best)
