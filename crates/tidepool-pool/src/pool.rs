@@ -30,6 +30,17 @@ pub(crate) enum Kv {
     },
 }
 
+impl Kv {
+    /// The sequence holds a context slot: its cells are there, or a slot is reserved for them
+    /// (restore in flight) or still held (save in flight).
+    pub(crate) fn holds_slot(self) -> bool {
+        matches!(
+            self,
+            Self::InCtx | Self::Saving { .. } | Self::Restoring { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     /// Waiting for admission (`token`: KV reservation and attainment prediction).
@@ -71,8 +82,6 @@ pub(crate) struct ModelState {
     pub(crate) decode_step_ns: u64,
     pub(crate) load_ns: u64,
     pub(crate) saved_bytes: u64,
-    /// Paged KV of the sequences holding this model's context slots (`kv_paged`; else 0).
-    pub(crate) ctx_kv_bytes: u64,
     /// Requests held in the admission queue for this model.
     pub(crate) pending: u32,
     /// An operator asked to load it (`Event::LoadRequested`): loaded when nothing else needs
@@ -108,7 +117,6 @@ impl ModelState {
             decode_step_ns: spec.estimate.decode_step_ns,
             load_ns: spec.estimate.load_ns,
             saved_bytes: 0,
-            ctx_kv_bytes: 0,
             pending: 0,
             load_requested: false,
             unload_requested: false,
@@ -544,7 +552,6 @@ impl Pool {
             Kv::InCtx => {
                 assert!(model.in_ctx > 0, "slot count underflow");
                 model.in_ctx -= 1;
-                model.ctx_kv_bytes -= state.ctx_kv_bytes;
                 self.ledger.ctx_kv_bytes -= state.ctx_kv_bytes;
                 if release {
                     actions.push(Action::Release {
@@ -676,7 +683,6 @@ impl Pool {
             "slot count underflow on save"
         );
         self.models[model].in_ctx -= 1;
-        self.models[model].ctx_kv_bytes -= ctx_kv;
         self.ledger.ctx_kv_bytes -= ctx_kv;
         self.counters.kv_saves += 1;
         if cancelled {
@@ -919,10 +925,8 @@ impl Pool {
         assert!(!state.in_action, "restore of a sequence inside an action");
         state.kv = Kv::Restoring { bytes };
         state.in_action = true;
-        let ctx_kv = state.ctx_kv_bytes;
-        self.ledger.ctx_kv_bytes += ctx_kv;
+        self.ledger.ctx_kv_bytes += state.ctx_kv_bytes;
         let m = &mut self.models[model];
-        m.ctx_kv_bytes += ctx_kv;
         assert_eq!(
             m.residency,
             Residency::Resident,
@@ -982,7 +986,6 @@ impl Pool {
             state.phase = Phase::Prefilling;
             state.kv = Kv::InCtx;
             state.in_action = true;
-            m.ctx_kv_bytes += state.ctx_kv_bytes;
             self.ledger.ctx_kv_bytes += state.ctx_kv_bytes;
         }
         let count = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
@@ -1016,19 +1019,18 @@ impl Pool {
     /// sequences can always be saved before it is evicted (without this headroom two full
     /// resident models deadlock: neither can be saved, so neither can leave).
     pub(crate) fn memory_bytes_free(&self) -> u64 {
-        let saved = if self.cfg.policy == PoolPolicy::Token && self.cfg.saved_kv_in_memory_budget {
-            self.cfg.kv_saved_bytes_max
-        } else if self.cfg.saved_kv_in_memory_budget {
-            self.ledger.saved_bytes
-        } else {
-            0
-        };
-        let held = self
-            .ledger
-            .resident_bytes
-            .saturating_add(self.ledger.ctx_kv_bytes)
-            .saturating_add(saved);
-        self.cfg.memory_bytes_max.saturating_sub(held)
+        // The part of the saved pool not in use yet, held back beside what is charged now.
+        let saved_pool_rest =
+            if self.cfg.policy == PoolPolicy::Token && self.cfg.saved_kv_in_memory_budget {
+                self.cfg
+                    .kv_saved_bytes_max
+                    .saturating_sub(self.ledger.saved_bytes)
+            } else {
+                0
+            };
+        self.cfg
+            .memory_bytes_max
+            .saturating_sub(self.memory_bytes_used().saturating_add(saved_pool_rest))
     }
 
     /// O(1) ledger bounds, on every event; the O(n) recount runs in debug builds.
@@ -1065,7 +1067,7 @@ impl Pool {
             ctx_kv,
         } = self.recount_seqs();
         ledger.saved_bytes = saved.iter().sum();
-        ledger.ctx_kv_bytes = ctx_kv.iter().sum();
+        ledger.ctx_kv_bytes = ctx_kv;
         assert_eq!(
             ledger.ctx_kv_bytes, self.ledger.ctx_kv_bytes,
             "paged KV ledger drifted"
@@ -1081,7 +1083,6 @@ impl Pool {
         for (i, m) in self.models.iter().enumerate() {
             assert_eq!(m.in_ctx, in_ctx[i], "slot count drifted");
             assert_eq!(m.saved_bytes, saved[i], "per-model saved bytes drifted");
-            assert_eq!(m.ctx_kv_bytes, ctx_kv[i], "per-model paged KV drifted");
             assert!(
                 m.in_ctx <= self.cfg.models[i].seqs_max,
                 "context over its slots"
@@ -1112,14 +1113,15 @@ impl Pool {
         );
     }
 
-    /// Per-model context slots, saved bytes and paged KV, recounted from the sequences
-    /// themselves (for `check_invariants`), checking each sequence's own legality on the way.
+    /// Per-model context slots and saved bytes, and the paged KV in contexts, recounted from the
+    /// sequences themselves (for `check_invariants`), checking each sequence's own legality on
+    /// the way.
     fn recount_seqs(&self) -> SeqRecount {
         let n = self.models.len();
         let mut recount = SeqRecount {
             in_ctx: vec![0; n],
             saved: vec![0; n],
-            ctx_kv: vec![0; n],
+            ctx_kv: 0,
         };
         let SeqRecount {
             in_ctx,
@@ -1136,12 +1138,9 @@ impl Pool {
                 }
                 Kv::Saved { bytes } => saved[state.model] += bytes,
             }
-            let in_context = matches!(
-                state.kv,
-                Kv::InCtx | Kv::Saving { .. } | Kv::Restoring { .. }
-            );
+            let in_context = state.kv.holds_slot();
             if in_context {
-                ctx_kv[state.model] += state.ctx_kv_bytes;
+                *ctx_kv += state.ctx_kv_bytes;
             }
             assert!(
                 self.cfg.kv_paged || state.ctx_kv_bytes == 0,
@@ -1160,10 +1159,14 @@ impl Pool {
     pub fn status(&self) -> PoolStatus {
         let mut queued = vec![0_u32; self.models.len()];
         let mut in_flight = vec![0_u32; self.models.len()];
+        let mut ctx_kv = vec![0_u64; self.models.len()];
         for state in self.seqs.values() {
             match state.phase {
                 Phase::Pending | Phase::Queued => queued[state.model] += 1,
                 Phase::Prefilling | Phase::Decoding => in_flight[state.model] += 1,
+            }
+            if state.kv.holds_slot() {
+                ctx_kv[state.model] += state.ctx_kv_bytes;
             }
         }
         let models = self
@@ -1183,7 +1186,7 @@ impl Pool {
                     pinned: spec.pin,
                     queued: queued[i],
                     in_flight: in_flight[i],
-                    memory_bytes: resident + m.ctx_kv_bytes + m.saved_bytes,
+                    memory_bytes: resident + ctx_kv[i] + m.saved_bytes,
                     saved_kv_bytes: m.saved_bytes,
                     last_switch_ns: m.last_switch_ns,
                     last_used_ns: m.last_used_ns,
@@ -1224,7 +1227,8 @@ impl Pool {
 struct SeqRecount {
     in_ctx: Vec<u32>,
     saved: Vec<u64>,
-    ctx_kv: Vec<u64>,
+    /// All models together (the ledger keeps only the total).
+    ctx_kv: u64,
 }
 
 pub(crate) fn lane_of(work: &Work) -> Lane {
