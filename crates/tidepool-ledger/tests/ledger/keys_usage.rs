@@ -1,4 +1,4 @@
-// Behaviour of the walking-skeleton API (issue 3) on both stores: keys are stored only as
+// Behaviour of the key and usage API on both stores: keys are stored only as
 // SHA-256, authenticate in constant time, fail at once after a revoke (also through a second
 // handle, i.e. another replica); usage rows are written exactly once per request id.
 
