@@ -2,7 +2,8 @@
 # Dependencies point down: the pool, the simulator and core never pull in tokio (they are sans-IO);
 # the pool never depends on the engine, gateway or ledger; the simulator never on the engine or
 # gateway; the ledger and engine never on the gateway; the runtime (pool on the engine) never on
-# the gateway, the ledger or the simulator. Every crate root opens with a `//!` header.
+# the gateway, the ledger or the simulator. Only the `tidepool` binary depends on the benchmarks
+# (`tidepool-bench`). Every crate root opens with a `//!` header.
 set -euo pipefail
 fail=0
 deps() { cargo tree --locked -p "$1" -e normal --prefix none 2>/dev/null | awk '{print $1}' | sort -u; }
@@ -19,6 +20,10 @@ forbid tidepool-sim tokio tidepool-engine tidepool-gateway tidepool-ledger
 forbid tidepool-ledger tidepool-gateway tidepool-engine tidepool-pool
 forbid tidepool-engine tidepool-gateway tidepool-ledger tidepool-pool
 forbid tidepool-runtime tidepool-gateway tidepool-ledger tidepool-sim
+for manifest in crates/*/Cargo.toml; do
+  crate=$(basename "$(dirname "$manifest")")
+  [[ $crate == tidepool || $crate == tidepool-bench ]] || forbid "$crate" tidepool-bench
+done
 for root in crates/*/src/lib.rs crates/*/src/main.rs; do
   [[ -f $root ]] || continue
   head -n1 "$root" | grep -q '^//!' || { echo "layering: $root must open with a //! header"; fail=1; }

@@ -1,14 +1,8 @@
 //! `tidepool`, the thin command-line binary: it parses flags, sets up tracing and calls into the
-//! library crates (`serve` → `tidepool-gateway`, `keys`/`usage` → `tidepool-ledger`, `sim` →
-//! `tidepool-sim`, `bench` → all of them). No domain logic lives here.
+//! library crates (`serve` → `tidepool-gateway`, `keys`/`usage` → `tidepool-ledger`, `bench`,
+//! `sim` and `plan` → `tidepool-bench`). No domain logic lives here.
 
 mod admin;
-mod bench;
-mod bench_calibrate;
-mod bench_failover;
-mod bench_ledger;
-mod bench_pool;
-mod sim_cmd;
 
 use std::path::PathBuf;
 
@@ -65,11 +59,11 @@ enum Command {
     /// A tenant's monthly statement (line items sum to the balance movement).
     Statement(admin::StatementArgs),
     /// Benchmarks (ratios against baselines measured in the same run).
-    Bench(bench::BenchArgs),
+    Bench(tidepool_bench::BenchArgs),
     /// Run the discrete-event simulator.
-    Sim(sim_cmd::SimArgs),
+    Sim(tidepool_bench::SimArgs),
     /// Capacity planning on top of the simulator.
-    Plan(sim_cmd::PlanArgs),
+    Plan(tidepool_bench::PlanArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -250,9 +244,9 @@ async fn main() -> anyhow::Result<()> {
         Command::RateLimits(args) => admin::rate_limits(&database_url(&config()?), args).await,
         Command::Usage(args) => admin::usage(&database_url(&config()?), &args).await,
         Command::Statement(args) => admin::statement(&database_url(&config()?), &args).await,
-        Command::Bench(args) => bench::run(args).await,
-        Command::Sim(args) => sim_cmd::run_sim(&args),
-        Command::Plan(args) => sim_cmd::run_plan(&args),
+        Command::Bench(args) => tidepool_bench::run(args).await,
+        Command::Sim(args) => tidepool_bench::run_sim(&args),
+        Command::Plan(args) => tidepool_bench::run_plan(&args),
     };
     match result {
         Err(error) if output_command && is_broken_pipe(&error) => Ok(()),

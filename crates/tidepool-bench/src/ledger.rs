@@ -20,6 +20,8 @@ use tidepool_gateway::{AppState, ServedModel, StateOptions, router};
 use tidepool_ledger::{Ledger, RateLimits, RateScope};
 use tokio::time::Instant;
 
+use crate::common::percentile;
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct LedgerBenchArgs {
     /// Settles per store.
@@ -332,8 +334,8 @@ fn side_report(mut samples: Vec<f64>) -> LatencySide {
     };
     LatencySide {
         requests,
-        p50_ms: crate::bench::percentile(&mut samples, 50),
-        p99_ms: crate::bench::percentile(&mut samples, 99),
+        p50_ms: percentile(&mut samples, 50),
+        p99_ms: percentile(&mut samples, 99),
         mean_ms,
     }
 }

@@ -15,18 +15,17 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::bench::{free_port, ms, percentile, wait_healthy};
+use crate::common::{ms, percentile};
+use crate::process::ChildServer;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FailoverBenchArgs {
@@ -78,81 +77,6 @@ struct Report {
     gateway_ms_p99: f64,
     overhead_ms_p50: f64,
     overhead_ms_p99: f64,
-}
-
-/// One child `tidepool` process with its directory.
-#[derive(Debug)]
-struct Proc {
-    dir: PathBuf,
-    port: u16,
-    database_url: String,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn new(root: &Path, name: &str) -> anyhow::Result<Self> {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir)?;
-        let database_url = format!("sqlite://{}", dir.join("tidepool.db").display());
-        Ok(Self {
-            dir,
-            port: free_port()?,
-            database_url,
-            child: None,
-        })
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn write_config(&self, body: &str) -> anyhow::Result<()> {
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\ndatabase_url = \"{}\"\n{body}",
-            self.port, self.database_url
-        );
-        std::fs::write(self.dir.join("tidepool.toml"), text)?;
-        Ok(())
-    }
-
-    async fn key(&self, tenant: &str) -> anyhow::Result<String> {
-        let exe = std::env::current_exe()?;
-        let out = Command::new(&exe)
-            .args(["keys", "create", "--database-url", &self.database_url])
-            .args(["--tenant", tenant, "--name", "bench"])
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        Ok(stdout
-            .split_whitespace()
-            .find(|w| w.starts_with("tp-"))
-            .context("`tidepool keys create` printed no key")?
-            .to_owned())
-    }
-
-    async fn start(&mut self, args: &[&str], timeout_s: u64) -> anyhow::Result<()> {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(self.dir.join("server.log"))?;
-        let mut child = Command::new(&exe)
-            .args(args)
-            .arg("--config")
-            .arg(self.dir.join("tidepool.toml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()?;
-        wait_healthy(&self.base(), "/healthz", &mut child, timeout_s).await?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
 }
 
 const WORKER_CONFIG: &str = "[billing]\nenforce = false\n\n[[models]]\nid = \"chat\"\nkind = \"chat\"\nbackend = \"fake\"\n";
@@ -211,7 +135,7 @@ async fn run_in(args: &FailoverBenchArgs, root: &Path) -> anyhow::Result<()> {
     let mut workers = Vec::new();
     let mut backends = String::new();
     for name in ["victim", "survivor"] {
-        let mut worker = Proc::new(root, name)?;
+        let mut worker = ChildServer::new(root, name)?;
         worker.write_config(WORKER_CONFIG)?;
         let key = worker.key("gateway").await?;
         let key_file = root.join(format!("{name}.key"));
@@ -227,7 +151,7 @@ async fn run_in(args: &FailoverBenchArgs, root: &Path) -> anyhow::Result<()> {
         )?;
         workers.push((worker, key));
     }
-    let mut gateway = Proc::new(root, "gateway")?;
+    let mut gateway = ChildServer::new(root, "gateway")?;
     gateway.write_config(&format!(
         "region = \"a\"\n\n[billing]\nenforce = false\n\n[[models]]\nid = \"chat\"\nkind = \"chat\"\nbackend = \"remote\"\n\n{backends}"
     ))?;
@@ -271,7 +195,7 @@ async fn run_in(args: &FailoverBenchArgs, root: &Path) -> anyhow::Result<()> {
 async fn overhead(
     args: &FailoverBenchArgs,
     client: &reqwest::Client,
-    worker: &(Proc, String),
+    worker: &(ChildServer, String),
     gateway_base: &str,
     gateway_key: &str,
 ) -> (Vec<f64>, Vec<f64>) {
@@ -298,7 +222,7 @@ async fn one_trial(
     client: &reqwest::Client,
     base: &str,
     key: &str,
-    victim: &mut Proc,
+    victim: &mut ChildServer,
 ) -> anyhow::Result<TrialReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU32::new(0));

@@ -12,45 +12,15 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use futures::StreamExt as _;
+use anyhow::bail;
 use serde::Serialize;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// Arguments of `tidepool bench`.
-#[derive(Debug, clap::Args)]
-pub(crate) struct BenchArgs {
-    #[command(subcommand)]
-    pub(crate) command: BenchCommand,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub(crate) enum BenchCommand {
-    /// Raw llama.cpp loop vs Tidepool over HTTP vs llama-server, at several concurrencies.
-    Engine(EngineBenchArgs),
-    /// Greedy generation with the raw llama.cpp loop (no server), printed as JSON: the reference
-    /// output that black-box tests compare the server's temperature-0 output with.
-    RawGenerate(RawGenerateArgs),
-    /// Simulator speed: simulated requests per second of one core (`tidepool-sim`).
-    Sim(crate::sim_cmd::BenchSimArgs),
-    /// Ledger: settles per second on SQLite and PostgreSQL, and the request latency metering +
-    /// quotas add (with vs without, same run).
-    Ledger(crate::bench_ledger::LedgerBenchArgs),
-    /// Model pool on the real engine: 8 models in a budget that fits 3, Zipf(1) popularity,
-    /// Azure conversation lengths scaled down, Poisson rates swept; token-SLO attainment,
-    /// goodput, p99 TTFT, switches/s and the sustainable rate of `dedicated`, `swap-lru`, `token`.
-    Pool(crate::bench_pool::PoolBenchArgs),
-    /// Measure the local models through the pool's engine path and write a simulator profile
-    /// (TOML) fitted from the samples.
-    Calibrate(crate::bench_calibrate::CalibrateArgs),
-    /// Remote backends: time from a worker's death to the first successful retried request and
-    /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
-    Failover(crate::bench_failover::FailoverBenchArgs),
-}
+use crate::client::{data_events, event_text};
+use crate::common::{SMOLLM2_FILE, ms, percentile, prompt_for};
+use crate::process::{LlamaServer, TidepoolServer};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct EngineBenchArgs {
@@ -109,18 +79,6 @@ pub(crate) struct RawGenerateArgs {
     prompt: String,
     #[arg(long, default_value_t = 32)]
     max_tokens: u32,
-}
-
-pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.command {
-        BenchCommand::Engine(args) => engine(args).await,
-        BenchCommand::RawGenerate(args) => raw_generate(&args),
-        BenchCommand::Sim(args) => crate::sim_cmd::run_bench_sim(&args),
-        BenchCommand::Ledger(args) => crate::bench_ledger::run(args).await,
-        BenchCommand::Pool(args) => crate::bench_pool::run(args).await,
-        BenchCommand::Calibrate(args) => crate::bench_calibrate::run(&args),
-        BenchCommand::Failover(args) => crate::bench_failover::run(args).await,
-    }
 }
 
 /// Latency and throughput of one system at one concurrency.
@@ -203,18 +161,8 @@ impl Samples {
     }
 }
 
-/// Nearest-rank percentile; 0 for no samples.
-pub(crate) fn percentile(values: &mut [f64], pct: usize) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = (pct * values.len()).div_ceil(100).clamp(1, values.len());
-    values.get(rank - 1).copied().unwrap_or(0.0)
-}
-
 fn default_model_path() -> PathBuf {
-    tidepool_core::config::default_models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tidepool_core::config::default_models_dir().join(SMOLLM2_FILE)
 }
 
 /// The prompt number of one request: unique per (pass, concurrency level, round, stream), so no
@@ -249,28 +197,11 @@ struct RequestNumbers {
 /// Prompt number of the untimed warm-up request each server gets before its first level.
 const WARM_UP_REQUEST: u32 = u32::MAX;
 
-/// A deterministic prose prompt of roughly `tokens` tokens (about 1.3 tokens per word here),
-/// made unique per request so neither server can serve it from a prompt cache.
-pub(crate) fn prompt_for(request: u32, tokens: u32) -> String {
-    const WORDS: [&str; 16] = [
-        "river", "lantern", "harbour", "quiet", "morning", "stone", "bridge", "garden", "winter",
-        "letter", "window", "market", "thunder", "orchard", "voyage", "compass",
-    ];
-    let mut text = format!("Story {request}. Continue this text:");
-    let words = tokens * 10 / 13;
-    for i in 0..words {
-        let index = usize::try_from((i * 7 + request * 3) % 16).unwrap_or(0);
-        text.push(' ');
-        text.push_str(WORDS.get(index).copied().unwrap_or("sea"));
-    }
-    text
-}
-
 #[expect(
     clippy::too_many_lines,
     reason = "the three measured systems read best as one sequence, top to bottom"
 )]
-async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     let model_path = args.model_path.clone().unwrap_or_else(default_model_path);
     if !model_path.exists() {
         bail!(
@@ -289,7 +220,7 @@ async fn engine(args: EngineBenchArgs) -> anyhow::Result<()> {
         ..EngineReport::default()
     };
     let mut out = std::io::stdout().lock();
-    let work = tempfile_dir()?;
+    let work = work_dir()?;
     let tidepool = TidepoolServer::start(
         &model_path,
         seqs_max,
@@ -423,7 +354,7 @@ fn write_table(out: &mut impl std::io::Write, report: &EngineReport) -> anyhow::
     Ok(())
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+fn work_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("tidepool-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -470,7 +401,7 @@ fn raw_batch(model_path: &Path, prompts: &[String], output_tokens: u32) -> anyho
     Ok(samples)
 }
 
-fn raw_generate(args: &RawGenerateArgs) -> anyhow::Result<()> {
+pub(crate) fn run_raw_generate(args: &RawGenerateArgs) -> anyhow::Result<()> {
     let text =
         tidepool_engine::bench::raw_greedy_text(&args.model_path, &args.prompt, args.max_tokens)?;
     let mut out = std::io::stdout().lock();
@@ -588,187 +519,23 @@ async fn one_stream(
             response.text().await.unwrap_or_default()
         );
     }
-    let mut bytes = response.bytes_stream();
-    let mut buffer = Vec::new();
     let mut last: Option<Instant> = None;
-    while let Some(chunk) = bytes.next().await {
-        buffer.extend_from_slice(&chunk?);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buffer.drain(..end + 2).collect();
-            let Some(data) = event.strip_prefix(b"data: ") else {
-                continue;
-            };
-            let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
-                continue;
-            };
-            let text = value
-                .pointer("/choices/0/text")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("");
-            if text.is_empty() {
-                continue;
-            }
-            let now = Instant::now();
-            match last {
-                None => samples.ttft_ms.push(ms(now - sent)),
-                Some(prev) => samples.itl_ms.push(ms(now - prev)),
-            }
-            last = Some(now);
-            samples.tokens += 1;
-        }
-    }
-    samples.requests += 1;
-    Ok(())
-}
-
-/// A duration in milliseconds.
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// A loopback port free right now (a race with other processes is possible but harmless here).
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Polls `base` + `path` until it answers 2xx, the child exits, or `timeout_s` seconds pass.
-pub(crate) async fn wait_healthy(
-    base: &str,
-    path: &str,
-    child: &mut Child,
-    timeout_s: u64,
-) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            bail!("server exited during start-up: {status}");
-        }
-        if let Ok(response) = client.get(format!("{base}{path}")).send().await
-            && response.status().is_success()
-        {
+    data_events(response, |event| {
+        if event_text(event).is_empty() {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("{base} did not become healthy within {timeout_s} s")
-}
-
-/// `tidepool serve` as a child process, with a one-model config and a fresh SQLite ledger.
-struct TidepoolServer {
-    child: Child,
-    base: String,
-    key: String,
-}
-
-impl TidepoolServer {
-    async fn start(
-        model: &Path,
-        seqs_max: u32,
-        prefill_riders: bool,
-        work: &Path,
-        timeout_s: u64,
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let port = free_port()?;
-        let db = work.join("bench.db");
-        let database_url = format!("sqlite://{}", db.display());
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ndatabase_url = \"{database_url}\"\n\n\
-             [pool]\nprefill_riders = {prefill_riders}\n\n\
-             [[models]]\nid = \"smollm2\"\nkind = \"chat\"\nfile = \"{}\"\ncontext_tokens = 2048\nseqs_max = {seqs_max}\n",
-            model.display()
-        );
-        let config_path = work.join("bench.toml");
-        std::fs::write(&config_path, config)?;
-        let created = Command::new(&exe)
-            .args([
-                "keys",
-                "create",
-                "--database-url",
-                &database_url,
-                "--tenant",
-                "bench",
-                "--name",
-                "bench",
-            ])
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&created.stdout);
-        let key = stdout
-            .split_whitespace()
-            .find(|w| w.starts_with("tp-"))
-            .context("`tidepool keys create` printed no key")?
-            .to_owned();
-        let mut child = Command::new(&exe)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let base = format!("http://127.0.0.1:{port}");
-        wait_healthy(&base, "/healthz", &mut child, timeout_s).await?;
-        Ok(Self { child, base, key })
-    }
-
-    async fn stop(mut self) {
-        if let Err(error) = self.child.kill().await {
-            tracing::warn!(%error, "could not stop the benchmarked tidepool server");
+        let now = Instant::now();
+        match last {
+            None => samples.ttft_ms.push(ms(now - sent)),
+            Some(prev) => samples.itl_ms.push(ms(now - prev)),
         }
-    }
-}
-
-/// llama.cpp's `llama-server` with continuous batching over `seqs_max` slots.
-struct LlamaServer {
-    child: Child,
-    base: String,
-}
-
-impl LlamaServer {
-    async fn start(
-        binary: &Path,
-        model: &Path,
-        seqs_max: u32,
-        timeout_s: u64,
-    ) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let ctx = (2048 * seqs_max).to_string();
-        let lib_dir = binary.parent().map(Path::to_path_buf).unwrap_or_default();
-        let log_path = std::env::temp_dir().join("tidepool-bench-llama-server.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut child = Command::new(binary)
-            .arg("-m")
-            .arg(model)
-            .args([
-                "-np",
-                &seqs_max.to_string(),
-                "-c",
-                &ctx,
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--host", "127.0.0.1", "-a", "model"])
-            .env("LD_LIBRARY_PATH", lib_dir)
-            // Its log goes to a file: with both streams on /dev/null the peer died mid-run
-            // twice on this machine kind (connection closed), and a log says why.
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        let base = format!("http://127.0.0.1:{port}");
-        wait_healthy(&base, "/health", &mut child, timeout_s).await?;
-        Ok(Self { child, base })
-    }
-
-    async fn stop(mut self) {
-        if let Err(error) = self.child.kill().await {
-            tracing::warn!(%error, "could not stop llama-server");
-        }
-    }
+        last = Some(now);
+        samples.tokens += 1;
+        Ok(())
+    })
+    .await?;
+    samples.requests += 1;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -776,19 +543,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_are_nearest_rank() {
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert!((percentile(&mut v, 50) - 50.0).abs() < f64::EPSILON);
-        assert!((percentile(&mut v, 99) - 99.0).abs() < f64::EPSILON);
-        assert!(percentile(&mut [], 50).abs() < f64::EPSILON);
-        let mut one = [7.0];
-        assert!((percentile(&mut one, 99) - 7.0).abs() < f64::EPSILON);
-    }
-
-    #[test]
-    fn prompts_differ_per_request_and_scale_with_length() {
-        assert_ne!(prompt_for(1, 128), prompt_for(2, 128));
-        // No level repeats another level's prompts.
+    fn no_level_repeats_another_levels_prompts() {
         let mut numbers = std::collections::BTreeSet::new();
         for pass in 0..3 {
             for concurrency in [1, 4, 16] {
@@ -800,6 +555,5 @@ mod tests {
         }
         assert_eq!(numbers.len(), 3 * 2 * (1 + 4 + 16));
         assert!(!numbers.contains(&WARM_UP_REQUEST));
-        assert!(prompt_for(1, 256).len() > prompt_for(1, 128).len());
     }
 }

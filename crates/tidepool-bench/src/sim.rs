@@ -1,6 +1,6 @@
-//! `tidepool sim`, `tidepool plan` and `tidepool bench sim`: thin wrappers over `tidepool-sim`.
-//! They parse flags, build the workload, call the library and write its JSON report and SVG
-//! plot; every number comes from the library.
+//! `tidepool sim`, `tidepool plan` and `tidepool bench sim`: their flags, and what they do with
+//! them over `tidepool-sim`: build the workload, call the library, write its JSON report and SVG
+//! plot and print a summary; every number comes from the library.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,8 @@ use tidepool_sim::{
     Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, Progress, SimSpec, Workload, market,
     plan, plan_svg, read_azure_trace, read_model_trace, sim_svg, simulate,
 };
+
+use crate::common::parse_policy;
 
 /// The workload and cost model shared by `sim` and `plan`.
 #[derive(Debug, clap::Args)]
@@ -103,7 +105,7 @@ pub(crate) struct WorkloadArgs {
 
 /// Arguments of `tidepool sim`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct SimArgs {
+pub struct SimArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
     /// `token`, `swap-lru` or `dedicated`.
@@ -123,7 +125,7 @@ pub(crate) struct SimArgs {
 
 /// Arguments of `tidepool plan`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct PlanArgs {
+pub struct PlanArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
     /// Token-deadline attainment to reach, in 0..=1.
@@ -154,15 +156,6 @@ pub(crate) struct BenchSimArgs {
         default_value = "data/traces/azure-llm-2023-conv.csv"
     )]
     trace: PathBuf,
-}
-
-pub(crate) fn parse_policy(text: &str) -> anyhow::Result<PoolPolicy> {
-    match text {
-        "token" => Ok(PoolPolicy::Token),
-        "swap-lru" => Ok(PoolPolicy::SwapLru),
-        "dedicated" => Ok(PoolPolicy::Dedicated),
-        other => anyhow::bail!("unknown policy `{other}` (token, swap-lru, dedicated)"),
-    }
 }
 
 impl WorkloadArgs {
@@ -275,7 +268,7 @@ fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<u32>> 
     Ok(report.per_model.iter().map(|p| p.accelerator).collect())
 }
 
-pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
+pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     let policy = parse_policy(&args.policy)?;
     let (profile, workload) = args.workload.build()?;
     let mut spec = args.workload.spec(profile, policy, args.accelerators);
@@ -314,7 +307,7 @@ pub(crate) fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
+pub fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
     let policies = args
         .policies
         .iter()

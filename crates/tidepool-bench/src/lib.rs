@@ -1,0 +1,77 @@
+//! `tidepool-bench` owns Tidepool's benchmarks (`tidepool bench …`) and the simulator's commands
+//! (`tidepool sim`, `tidepool plan`): their flags, workloads, load client, scoring, simulator
+//! replay and reports. Benchmarks are product code that needs every crate (engine, pool, ledger,
+//! gateway, simulator); keeping them here keeps the `tidepool` binary a thin CLI and the
+//! dependency direction clear: only the binary depends on this crate.
+//!
+//! Benchmarks report ratios against a baseline measured in the same run on the same machine
+//! (machines here are noisy; absolute numbers travel badly). Read [`BenchArgs`] and [`run`]
+//! first, then one module per command (`engine`, `pool`, `calibrate`, `failover`, `ledger`,
+//! `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
+//! `table`, `speed` and `process`, and `common` holds what they all share.
+#![forbid(unsafe_code)]
+
+mod actions;
+mod calibrate;
+mod client;
+mod common;
+mod engine;
+mod failover;
+mod ledger;
+mod measure;
+mod pool;
+mod process;
+mod replay;
+mod report;
+mod resident;
+mod score;
+mod sim;
+mod speed;
+mod table;
+mod workload;
+
+pub use sim::{PlanArgs, SimArgs, run_plan, run_sim};
+
+/// Arguments of `tidepool bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BenchCommand {
+    /// Raw llama.cpp loop vs Tidepool over HTTP vs llama-server, at several concurrencies.
+    Engine(engine::EngineBenchArgs),
+    /// Greedy generation with the raw llama.cpp loop (no server), printed as JSON: the reference
+    /// output that black-box tests compare the server's temperature-0 output with.
+    RawGenerate(engine::RawGenerateArgs),
+    /// Simulator speed: simulated requests per second of one core (`tidepool-sim`).
+    Sim(sim::BenchSimArgs),
+    /// Ledger: settles per second on SQLite and PostgreSQL, and the request latency metering +
+    /// quotas add (with vs without, same run).
+    Ledger(ledger::LedgerBenchArgs),
+    /// Model pool on the real engine: 8 models in a budget that fits 3, Zipf(1) popularity,
+    /// Azure conversation lengths scaled down, Poisson rates swept; token-SLO attainment,
+    /// goodput, p99 TTFT, switches/s and the sustainable rate of `dedicated`, `swap-lru`, `token`.
+    Pool(pool::PoolBenchArgs),
+    /// Measure the local models through the pool's engine path and write a simulator profile
+    /// (TOML) fitted from the samples.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Remote backends: time from a worker's death to the first successful retried request and
+    /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
+    Failover(failover::FailoverBenchArgs),
+}
+
+/// Runs one `tidepool bench` command.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Engine(args) => engine::run(args).await,
+        BenchCommand::RawGenerate(args) => engine::run_raw_generate(&args),
+        BenchCommand::Sim(args) => sim::run_bench_sim(&args),
+        BenchCommand::Ledger(args) => ledger::run(args).await,
+        BenchCommand::Pool(args) => pool::run(args).await,
+        BenchCommand::Calibrate(args) => calibrate::run(&args),
+        BenchCommand::Failover(args) => failover::run(args).await,
+    }
+}
