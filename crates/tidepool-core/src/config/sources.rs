@@ -268,6 +268,15 @@ impl Resolved {
         for (line, comment) in lines {
             writeln!(f, "{line:<width$}{comment}")?;
         }
+        // Optional keys left unset, so they can be found here too.
+        let pattern = format!("{}.", strip_indices(path));
+        for (optional, _) in OPTIONAL_KEYS {
+            if let Some(key) = optional.strip_prefix(&pattern)
+                && !table.contains_key(key)
+            {
+                writeln!(f, "# {key} is unset  # default")?;
+            }
+        }
         for (key, value) in table {
             if let Value::Table(sub) = value {
                 let sub_path = format!("{path}.{key}");
@@ -694,6 +703,10 @@ file = "big.gguf"
         assert!(line("tbt_slo_ms ").ends_with("# default"));
         assert_eq!(text.matches("[[models]]").count(), 2);
         assert!(text.contains("# no [[backends]]"));
+        assert!(
+            text.contains("\n# memory_bytes_max is unset  # default\n"),
+            "{text}"
+        );
         // The rendered text is a configuration that parses to the same values.
         let again = Resolved::new(&text, Path::new("again"), [("", "")]).unwrap();
         assert_eq!(again.config.pool.ttft_slo_ms, 4000);
