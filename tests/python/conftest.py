@@ -60,7 +60,7 @@ class Server:
 
     def create_key(self, tenant: str, name: str, credit: str | None = "100") -> str:
         """A new key for `tenant`; the tenant gets `credit` (whole USD) of prepaid balance."""
-        out = self.cli("keys", "create", "--database-url", self.database_url, "--tenant", tenant, "--name", name)
+        out = self.cli("keys", "create", "--database-url", self.database_url, "--tenant", tenant, "--create-tenant", "--name", name)
         match = re.search(r"\btp-[A-Za-z0-9_-]+", out)
         assert match, f"no key in output: {out!r}"
         if credit is not None:

@@ -25,16 +25,27 @@ const WARMUP_OUTPUT_TOKENS: u32 = 2;
 /// Prompt length of each warm-up request, in tokens.
 const WARMUP_PROMPT_TOKENS: u32 = 16;
 
-/// `tidepool keys create` for `tenant` in the ledger at `database_url` (read with the server's
+/// This binary as a child process, without the caller's `TIDEPOOL_<SECTION>__<KEY>` config
+/// overrides: a bench's server runs exactly the configuration the bench wrote.
+fn tidepool_child() -> anyhow::Result<Command> {
+    let mut command = Command::new(std::env::current_exe()?);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|n| n.starts_with("TIDEPOOL_") && n.contains("__")) {
+            command.env_remove(name);
+        }
+    }
+    Ok(command)
+}
+
+/// `tidepool keys create` for `tenant` (created if new) in the ledger at `database_url` (read with the server's
 /// configuration `config`, if given); the printed key.
 pub(crate) async fn create_key(
     config: Option<&Path>,
     database_url: &str,
     tenant: &str,
 ) -> anyhow::Result<String> {
-    let exe = std::env::current_exe()?;
-    let mut command = Command::new(&exe);
-    command.args(["keys", "create"]);
+    let mut command = tidepool_child()?;
+    command.args(["keys", "create", "--create-tenant"]);
     if let Some(config) = config {
         command.arg("--config").arg(config);
     }
@@ -71,7 +82,6 @@ impl TidepoolServer {
         work: &Path,
         timeout_s: u64,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
         let port = free_port()?;
         let db = work.join("bench.db");
         let database_url = format!("sqlite://{}", db.display());
@@ -84,7 +94,7 @@ impl TidepoolServer {
         let config_path = work.join("bench.toml");
         std::fs::write(&config_path, config)?;
         let key = create_key(None, &database_url, "bench").await?;
-        let mut child = Command::new(&exe)
+        let mut child = tidepool_child()?
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())
@@ -172,7 +182,6 @@ impl PoolServer {
         knobs: &ServerKnobs,
         timeout_s: u64,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
         let port = free_port()?;
         let database_url = format!("sqlite://{}", dir.join("bench.db").display());
         let listen = format!("127.0.0.1:{port}");
@@ -185,8 +194,8 @@ impl PoolServer {
         let log_path = dir.join("serve.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut child = Command::new(&exe)
-            // Everything explicit, so the caller's TIDEPOOL_* environment cannot redirect it.
+        // Everything explicit; `tidepool_child` drops the caller's config overrides.
+        let mut child = tidepool_child()?
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -319,9 +328,8 @@ impl ChildServer {
     }
 
     pub(crate) async fn start(&mut self, args: &[&str], timeout_s: u64) -> anyhow::Result<()> {
-        let exe = std::env::current_exe()?;
         let log = std::fs::File::create(self.dir.join("server.log"))?;
-        let mut child = Command::new(&exe)
+        let mut child = tidepool_child()?
             .args(args)
             .arg("--config")
             .arg(self.dir.join("tidepool.toml"))

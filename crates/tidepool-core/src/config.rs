@@ -5,7 +5,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CoreError, ModelId, Nanos, TokenCount, money::Currency};
+use crate::{CoreError, FieldError, ModelId, Nanos, TokenCount, money::Currency};
+
+mod sources;
+
+pub use sources::{
+    ENV_PREFIX, ENV_SEPARATOR, Resolved, Source, database_location, is_config_var, redact_url,
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,7 +39,7 @@ pub struct Config {
     pub residency: ResidencyConfig,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address `tidepool serve` listens on.
@@ -47,6 +53,19 @@ pub struct ServerConfig {
     pub region: String,
     /// The zone within `region` (a label on `/v1/backends` and metrics).
     pub zone: String,
+}
+
+/// The database URL's password never reaches a log through `{:?}`.
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("models_dir", &self.models_dir)
+            .field("region", &self.region)
+            .field("zone", &self.zone)
+            .finish()
+    }
 }
 
 impl Default for ServerConfig {
@@ -247,29 +266,17 @@ pub struct RoutingConfig {
 }
 
 impl RoutingConfig {
-    fn validate(&self) -> Result<(), CoreError> {
-        let invalid = |field: &str, reason: &str| {
-            Err(CoreError::ConfigInvalid {
-                field: format!("routing.{field}"),
-                reason: reason.to_owned(),
-            })
+    fn validate(&self, problems: &mut Problems) {
+        let mut at_least_one = |name: &str, value: u64| {
+            if value == 0 {
+                problems.add(format!("routing.{name}"), "must be at least 1");
+            }
         };
-        if self.retry_attempts_max == 0 || self.breaker_failures_max == 0 {
-            return invalid(
-                "retry_attempts_max",
-                "retry_attempts_max and breaker_failures_max must be at least 1",
-            );
-        }
-        if self.health_interval_ms == 0
-            || self.health_timeout_ms == 0
-            || self.connect_timeout_ms == 0
-        {
-            return invalid(
-                "health_interval_ms",
-                "intervals and timeouts must be positive",
-            );
-        }
-        Ok(())
+        at_least_one("retry_attempts_max", self.retry_attempts_max.into());
+        at_least_one("breaker_failures_max", self.breaker_failures_max.into());
+        at_least_one("health_interval_ms", self.health_interval_ms);
+        at_least_one("health_timeout_ms", self.health_timeout_ms);
+        at_least_one("connect_timeout_ms", self.connect_timeout_ms);
     }
 }
 
@@ -373,23 +380,17 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
-    fn validate(&self) -> Result<(), CoreError> {
-        let invalid = |field: &str, reason: &str| {
-            Err(CoreError::ConfigInvalid {
-                field: format!("pool.{field}"),
-                reason: reason.to_owned(),
-            })
-        };
-        if self.ttft_slo_ms == 0 || self.tbt_slo_ms == 0 {
-            return invalid("tbt_slo_ms", "SLOs must be positive");
+    fn validate(&self, problems: &mut Problems) {
+        for (name, value) in [
+            ("ttft_slo_ms", self.ttft_slo_ms),
+            ("tbt_slo_ms", self.tbt_slo_ms),
+            ("decode_steps_min", self.decode_steps_min.into()),
+            ("turn_quota_ms_max", self.turn_quota_ms_max),
+        ] {
+            if value == 0 {
+                problems.add(format!("pool.{name}"), "must be at least 1");
+            }
         }
-        if self.decode_steps_min == 0 {
-            return invalid("decode_steps_min", "must be at least 1");
-        }
-        if self.turn_quota_ms_max == 0 {
-            return invalid("turn_quota_ms_max", "must be at least 1");
-        }
-        Ok(())
     }
 }
 
@@ -482,6 +483,27 @@ pub const SEQS_MAX_LIMIT: u32 = 256;
 /// Upper bound on `context_tokens`.
 pub const CONTEXT_TOKENS_LIMIT: TokenCount = 131_072;
 
+/// Every problem [`Config::validate`] finds, in the order found.
+#[derive(Debug, Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn into_result(self) -> Result<(), CoreError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(CoreError::ConfigInvalid { errors: self.0 })
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, CoreError> {
@@ -502,28 +524,64 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks relations a type cannot express. Runs once at start-up.
+    /// Checks ranges and relations a type cannot express, and reports every problem found (each
+    /// named by its key), not just the first. Runs once at start-up.
     pub fn validate(&self) -> Result<(), CoreError> {
-        let invalid = |field: String, reason: &str| {
-            Err(CoreError::ConfigInvalid {
-                field,
-                reason: reason.to_owned(),
-            })
-        };
+        let mut problems = Problems::default();
+        self.validate_models(&mut problems);
+        self.pool.validate(&mut problems);
+        self.validate_backends(&mut problems);
+        self.routing.validate(&mut problems);
+        let limits = &self.limits;
+        if limits.admission_queue_len_max == 0 {
+            problems.add("limits.admission_queue_len_max", "must be at least 1");
+        }
+        if limits.stream_chunks_buffered_max == 0 {
+            problems.add("limits.stream_chunks_buffered_max", "must be at least 1");
+        }
+        if limits.request_body_bytes_max < 1024 {
+            problems.add("limits.request_body_bytes_max", "must be at least 1024");
+        }
+        if self.billing.replica_id.is_empty() || self.billing.replica_id.len() > 64 {
+            problems.add("billing.replica_id", "must be 1 to 64 bytes");
+        }
+        if self.billing.checkpoint_tokens == 0 {
+            problems.add("billing.checkpoint_tokens", "must be at least 1");
+        }
+        if self.billing.stale_reservation_ms <= limits.request_timeout_ms {
+            problems.add(
+                "billing.stale_reservation_ms",
+                "must exceed limits.request_timeout_ms",
+            );
+        }
+        if self.engine.batch_tokens_max == 0 {
+            problems.add("engine.batch_tokens_max", "must be at least 1");
+        }
+        problems.into_result()
+    }
+
+    /// `[[models]]`: unique ids, sizes in range, prices never negative.
+    fn validate_models(&self, problems: &mut Problems) {
         let mut seen = std::collections::BTreeSet::new();
         for (index, model) in self.models.iter().enumerate() {
             let field = |name: &str| format!("models[{index}].{name}");
             if !seen.insert(model.id.clone()) {
-                return invalid(field("id"), "duplicate model id");
+                problems.add(field("id"), format!("duplicate model id `{}`", model.id));
             }
             if model.context_tokens == 0 || model.context_tokens > CONTEXT_TOKENS_LIMIT {
-                return invalid(field("context_tokens"), "must be in 1..=131072");
+                problems.add(
+                    field("context_tokens"),
+                    format!("must be in 1..={CONTEXT_TOKENS_LIMIT}"),
+                );
             }
             if model.seqs_max == 0 || model.seqs_max > SEQS_MAX_LIMIT {
-                return invalid(field("seqs_max"), "must be in 1..=256");
+                problems.add(
+                    field("seqs_max"),
+                    format!("must be in 1..={SEQS_MAX_LIMIT}"),
+                );
             }
             if model.backend == Backend::Fake && model.kind == ModelKind::Embedding {
-                return invalid(field("backend"), "the fake backend serves text models only");
+                problems.add(field("backend"), "the fake backend serves text models only");
             }
             for (name, price) in [
                 ("price_input_per_mtok", model.price_input_per_mtok),
@@ -534,68 +592,33 @@ impl Config {
                 ),
             ] {
                 if price.0 < 0 {
-                    return invalid(field(name), "prices are never negative");
+                    problems.add(field(name), "prices are never negative");
                 }
             }
         }
-        self.pool.validate()?;
-        self.validate_backends()?;
-        if self.limits.admission_queue_len_max == 0 {
-            return invalid(
-                "limits.admission_queue_len_max".into(),
-                "must be at least 1",
-            );
-        }
-        if self.limits.stream_chunks_buffered_max == 0 {
-            return invalid(
-                "limits.stream_chunks_buffered_max".into(),
-                "must be at least 1",
-            );
-        }
-        if self.limits.request_body_bytes_max < 1024 {
-            return invalid(
-                "limits.request_body_bytes_max".into(),
-                "must be at least 1024",
-            );
-        }
-        if self.billing.replica_id.is_empty() || self.billing.replica_id.len() > 64 {
-            return invalid("billing.replica_id".into(), "must be 1 to 64 bytes");
-        }
-        if self.billing.checkpoint_tokens == 0 {
-            return invalid("billing.checkpoint_tokens".into(), "must be at least 1");
-        }
-        if self.billing.stale_reservation_ms <= self.limits.request_timeout_ms {
-            return invalid(
-                "billing.stale_reservation_ms".into(),
-                "must exceed limits.request_timeout_ms",
-            );
-        }
-        if self.engine.batch_tokens_max == 0 {
-            return invalid("engine.batch_tokens_max".into(), "must be at least 1");
-        }
-        Ok(())
     }
 
-    /// The backends, routing limits and residency pins: unique ids, known models and regions.
-    fn validate_backends(&self) -> Result<(), CoreError> {
-        let invalid =
-            |field: String, reason: String| Err(CoreError::ConfigInvalid { field, reason });
-        if self.server.region.is_empty() || self.server.zone.is_empty() {
-            return invalid("server.region".into(), "must not be empty".into());
+    /// The backends and residency pins: unique ids, known models and regions.
+    fn validate_backends(&self, problems: &mut Problems) {
+        if self.server.region.is_empty() {
+            problems.add("server.region", "must not be empty");
+        }
+        if self.server.zone.is_empty() {
+            problems.add("server.zone", "must not be empty");
         }
         if self.backends.len() > BACKENDS_MAX {
-            return invalid("backends".into(), format!("at most {BACKENDS_MAX}"));
+            problems.add("backends", format!("at most {BACKENDS_MAX}"));
         }
         let mut regions = std::collections::BTreeSet::from([self.server.region.as_str()]);
         let mut ids = std::collections::BTreeSet::new();
         for (index, backend) in self.backends.iter().enumerate() {
             if !ids.insert(backend.id.as_str()) {
-                return invalid(
+                problems.add(
                     format!("backends[{index}].id"),
                     format!("duplicate backend id `{}`", backend.id),
                 );
             }
-            self.validate_backend(index, backend)?;
+            self.validate_backend(index, backend, problems);
             regions.insert(backend.region.as_str());
         }
         for (index, model) in self.models.iter().enumerate() {
@@ -603,13 +626,13 @@ impl Config {
                 continue;
             }
             if model.kind == ModelKind::Embedding {
-                return invalid(
+                problems.add(
                     format!("models[{index}].backend"),
-                    "remote backends serve text models only".into(),
+                    "remote backends serve text models only",
                 );
             }
             if !self.backends.iter().any(|b| b.models.contains(&model.id)) {
-                return invalid(
+                problems.add(
                     format!("models[{index}].backend"),
                     format!(
                         "no [[backends]] entry serves the remote model `{}`",
@@ -618,17 +641,15 @@ impl Config {
                 );
             }
         }
-        self.validate_residency(&regions)?;
-        self.routing.validate()
+        self.validate_residency(&regions, problems);
     }
 
     /// Residency pins: `tenant/project` keys, at least one region each, every region known.
     fn validate_residency(
         &self,
         regions: &std::collections::BTreeSet<&str>,
-    ) -> Result<(), CoreError> {
-        let invalid =
-            |field: String, reason: String| Err(CoreError::ConfigInvalid { field, reason });
+        problems: &mut Problems,
+    ) {
         let pins = self
             .residency
             .tenants
@@ -643,19 +664,19 @@ impl Config {
         for key in self.residency.projects.keys() {
             let parts: Vec<&str> = key.split('/').collect();
             if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
-                return invalid(
+                problems.add(
                     format!("residency.projects.{key}"),
-                    "keys are \"tenant/project\"".into(),
+                    "keys are \"tenant/project\"",
                 );
             }
         }
         for (field, pinned) in pins {
             if pinned.is_empty() {
-                return invalid(field, "pin at least one region".into());
+                problems.add(field.clone(), "pin at least one region");
             }
-            if let Some(unknown) = pinned.iter().find(|r| !regions.contains(r.as_str())) {
-                return invalid(
-                    field,
+            for unknown in pinned.iter().filter(|r| !regions.contains(r.as_str())) {
+                problems.add(
+                    field.clone(),
                     format!(
                         "unknown region `{unknown}` (known: {})",
                         regions.iter().copied().collect::<Vec<_>>().join(", ")
@@ -663,64 +684,59 @@ impl Config {
                 );
             }
         }
-        Ok(())
     }
 
     /// One `[[backends]]` entry on its own.
-    fn validate_backend(&self, index: usize, backend: &BackendConfig) -> Result<(), CoreError> {
-        let invalid = |name: &str, reason: String| {
-            Err(CoreError::ConfigInvalid {
-                field: format!("backends[{index}].{name}"),
-                reason,
-            })
-        };
+    fn validate_backend(&self, index: usize, backend: &BackendConfig, problems: &mut Problems) {
+        let mut invalid =
+            |name: &str, reason: String| problems.add(format!("backends[{index}].{name}"), reason);
         if backend.id.is_empty() || backend.id.len() > 64 {
-            return invalid("id", "must be 1 to 64 bytes".into());
+            invalid("id", "must be 1 to 64 bytes".into());
         }
         if !(backend.url.starts_with("http://") || backend.url.starts_with("https://")) {
-            return invalid("url", "must start with http:// or https://".into());
+            invalid("url", "must start with http:// or https://".into());
         }
-        if backend.region.is_empty() || backend.zone.is_empty() {
-            return invalid("region", "region and zone must not be empty".into());
+        if backend.region.is_empty() {
+            invalid("region", "must not be empty".into());
+        }
+        if backend.zone.is_empty() {
+            invalid("zone", "must not be empty".into());
         }
         if backend.api_key_env.is_some() && backend.api_key_file.is_some() {
-            return invalid(
-                "api_key_env",
+            invalid(
+                "api_key_file",
                 "give api_key_env or api_key_file, not both".into(),
             );
         }
-        if backend.timeout_ms == 0 || backend.concurrency_max == 0 {
-            return invalid(
-                "timeout_ms",
-                "timeout_ms and concurrency_max must be positive".into(),
-            );
+        if backend.timeout_ms == 0 {
+            invalid("timeout_ms", "must be at least 1".into());
+        }
+        if backend.concurrency_max == 0 {
+            invalid("concurrency_max", "must be at least 1".into());
         }
         if backend.models.is_empty() {
-            return invalid("models", "a backend serves at least one model".into());
+            invalid("models", "a backend serves at least one model".into());
         }
         for model in &backend.models {
             match self.model(model.as_str()) {
                 Some(m) if m.backend == Backend::Remote => {}
-                Some(_) => {
-                    return invalid(
-                        "models",
-                        format!("model `{model}` is not a `backend = \"remote\"` model"),
-                    );
-                }
-                None => return invalid("models", format!("unknown model `{model}`")),
+                Some(_) => invalid(
+                    "models",
+                    format!("model `{model}` is not a `backend = \"remote\"` model"),
+                ),
+                None => invalid("models", format!("unknown model `{model}`")),
             }
         }
-        if let Some(alias) = backend
+        for alias in backend
             .aliases
             .keys()
-            .find(|a| !backend.models.iter().any(|m| m.as_str() == a.as_str()))
+            .filter(|a| !backend.models.iter().any(|m| m.as_str() == a.as_str()))
         {
-            return invalid(
+            invalid(
                 "aliases",
                 format!("`{alias}` is not one of this backend's models"),
             );
         }
-        Ok(())
     }
 
     /// The model directory: config, else `$TIDEPOOL_MODELS_DIR`, else `~/.cache/tidepool/models`.
@@ -829,7 +845,7 @@ acme = ["eu"]
 
     fn config_error(text: &str) -> String {
         match Config::parse(text, Path::new("t.toml")) {
-            Err(CoreError::ConfigInvalid { field, reason }) => format!("{field}: {reason}"),
+            Err(error @ CoreError::ConfigInvalid { .. }) => error.to_string(),
             other => panic!("expected ConfigInvalid, got {other:?}"),
         }
     }
@@ -888,6 +904,50 @@ acme = ["eu"]
         assert!(config_error(&both_keys).contains("not both"));
         let bad_url = REMOTE.replace("http://127.0.0.1:9001", "127.0.0.1:9001");
         assert!(config_error(&bad_url).contains("http://"));
+    }
+
+    #[test]
+    fn reports_every_error_with_its_own_field() {
+        let text = format!(
+            "{REMOTE}\n[pool]\nttft_slo_ms = 0\n\n[routing]\nbreaker_failures_max = 0\n\
+             health_timeout_ms = 0\nconnect_timeout_ms = 0\n\n[limits]\n\
+             admission_queue_len_max = 0\n"
+        )
+        .replace(r#"zone = "us-1""#, "zone = \"\"\ntimeout_ms = 0");
+        let error = config_error(&text);
+        let fields: Vec<&str> = error
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.trim().split(':').next())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "pool.ttft_slo_ms",
+                "backends[1].zone",
+                "backends[1].timeout_ms",
+                "routing.breaker_failures_max",
+                "routing.health_timeout_ms",
+                "routing.connect_timeout_ms",
+                "limits.admission_queue_len_max",
+            ],
+            "{error}"
+        );
+        assert!(
+            error.starts_with(
+                "invalid config (7 errors):\n  pool.ttft_slo_ms: must be at least 1\n"
+            )
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_password() {
+        let server = ServerConfig {
+            database_url: "postgres://tidepool:hunter2@db/tp".to_owned(),
+            ..ServerConfig::default()
+        };
+        let debug = format!("{server:?}");
+        assert!(debug.contains("postgres://tidepool:***@db/tp") && !debug.contains("hunter2"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub use config::{
     Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, ModelConfig, ModelKind,
     PoolPolicy, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
 };
-pub use error::CoreError;
+pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestId, TenantId};
 pub use money::{Currency, Nanos};
 

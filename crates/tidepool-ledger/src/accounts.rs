@@ -141,6 +141,14 @@ pub struct RateLimits {
     pub tokens_per_minute: Option<u32>,
 }
 
+/// A change to the limits of one scope: `None` leaves a limit as it is, `Some(None)` removes it
+/// (unlimited), `Some(Some(n))` sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimitsChange {
+    pub requests_per_minute: Option<Option<u32>>,
+    pub tokens_per_minute: Option<Option<u32>>,
+}
+
 fn money_overflow(what: &'static str) -> LedgerError {
     LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what })
 }
@@ -488,5 +496,62 @@ impl Ledger {
             .await?;
         });
         Ok(())
+    }
+
+    /// Changes only the limits `change` names, keeping the other as it is (in one statement,
+    /// so a concurrent change of the other limit is not lost), and returns the limits now set.
+    pub async fn change_rate_limits(
+        &self,
+        scope: &RateScope,
+        change: RateLimitsChange,
+    ) -> Result<RateLimits, LedgerError> {
+        let (kind, id) = scope.parts();
+        let rpm = change.requests_per_minute.flatten().map(i64::from);
+        let tpm = change.tokens_per_minute.flatten().map(i64::from);
+        on_store!(&self.store, pool => {
+            sqlx::query(
+                "INSERT INTO rate_limits (scope, scope_id, requests_per_minute, tokens_per_minute) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, scope_id) DO UPDATE SET \
+                 requests_per_minute = CASE WHEN $5 THEN excluded.requests_per_minute \
+                 ELSE rate_limits.requests_per_minute END, \
+                 tokens_per_minute = CASE WHEN $6 THEN excluded.tokens_per_minute \
+                 ELSE rate_limits.tokens_per_minute END",
+            )
+            .bind(kind)
+            .bind(&id)
+            .bind(rpm)
+            .bind(tpm)
+            .bind(change.requests_per_minute.is_some())
+            .bind(change.tokens_per_minute.is_some())
+            .execute(pool)
+            .await?;
+        });
+        self.rate_limits(scope).await
+    }
+
+    /// The RPM/TPM limits set on a key, project or model (both `None` if none are).
+    pub async fn rate_limits(&self, scope: &RateScope) -> Result<RateLimits, LedgerError> {
+        let (kind, id) = scope.parts();
+        let row: Option<(Option<i64>, Option<i64>)> = on_store!(&self.store, pool => {
+            sqlx::query_as(
+                "SELECT requests_per_minute, tokens_per_minute FROM rate_limits \
+                 WHERE scope = $1 AND scope_id = $2",
+            )
+            .bind(kind)
+            .bind(&id)
+            .fetch_optional(pool)
+            .await?
+        });
+        let (rpm, tpm) = row.unwrap_or_default();
+        let limit = |value: Option<i64>| {
+            value
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|_| LedgerError::Corrupt { what: "rate limit" })
+        };
+        Ok(RateLimits {
+            requests_per_minute: limit(rpm)?,
+            tokens_per_minute: limit(tpm)?,
+        })
     }
 }

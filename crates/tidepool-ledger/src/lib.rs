@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 pub use accounts::{
     Account, BALANCE_NANOS_MAX, BUDGET_NANOS_MAX, BudgetScope, BudgetStatus, CREDIT_NANOS_MAX,
-    CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateScope,
+    CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateLimitsChange, RateScope,
 };
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,

@@ -8,7 +8,8 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use tidepool_core::{Config, Currency, KeyId, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_ledger::{
-    BudgetScope, Ledger, Month, ProjectId, RateLimits, RateScope, StatementLine, UsageScope,
+    BudgetScope, Ledger, LedgerError, Month, ProjectId, RateLimitsChange, RateScope, StatementLine,
+    UsageScope,
 };
 
 #[derive(Debug, clap::Args)]
@@ -21,9 +22,13 @@ pub(crate) struct KeysArgs {
 enum KeysCommand {
     /// Create a key; it is printed once, alone on the first line, and never stored.
     Create {
-        /// Tenant (billing customer) the key belongs to; created if new.
+        /// Tenant (billing customer) the key belongs to; it must exist (`tidepool tenants
+        /// create`) unless `--create-tenant` is given.
         #[arg(long, env = "TIDEPOOL_TENANT")]
         tenant: String,
+        /// Create the tenant, with a USD account, if it does not exist.
+        #[arg(long)]
+        create_tenant: bool,
         /// A label for the key, e.g. the machine it lives on.
         #[arg(long, env = "TIDEPOOL_KEY_NAME")]
         name: String,
@@ -179,25 +184,50 @@ enum BudgetsCommand {
     },
 }
 
+/// Whose limits: `--key-id K`, `--tenant T --project P` or `--model M`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct RateLimitsArgs {
-    /// Limit one key.
+struct RateTarget {
+    /// The limits of one key.
     #[arg(long, conflicts_with_all = ["tenant", "model"])]
     key_id: Option<String>,
-    /// Limit one project (with `--project`).
+    /// The limits of one project (with `--project`).
     #[arg(long, requires = "project", conflicts_with = "model")]
     tenant: Option<String>,
     #[arg(long, requires = "tenant")]
     project: Option<String>,
-    /// Limit one model, across all tenants.
+    /// The limits of one model, across all tenants.
     #[arg(long)]
     model: Option<String>,
-    /// Requests per minute; absent: unlimited.
-    #[arg(long)]
+}
+
+/// Changes only the limits given: `--tpm` alone keeps the RPM limit; `--clear-rpm` removes it.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RateLimitsArgs {
+    #[command(subcommand)]
+    command: Option<RateLimitsCommand>,
+    #[command(flatten)]
+    target: RateTarget,
+    /// Set the requests per minute (the TPM limit stays as it is).
+    #[arg(long, conflicts_with = "clear_rpm")]
     rpm: Option<u32>,
-    /// Tokens (prompt + max completion) per minute; absent: unlimited.
-    #[arg(long)]
+    /// Set the tokens (prompt + max completion) per minute (the RPM limit stays as it is).
+    #[arg(long, conflicts_with = "clear_tpm")]
     tpm: Option<u32>,
+    /// Remove the RPM limit (unlimited).
+    #[arg(long)]
+    clear_rpm: bool,
+    /// Remove the TPM limit (unlimited).
+    #[arg(long)]
+    clear_tpm: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RateLimitsCommand {
+    /// Show the limits of a key, a project or a model.
+    Show {
+        #[command(flatten)]
+        target: RateTarget,
+    },
 }
 
 fn tenant(value: &str) -> anyhow::Result<TenantId> {
@@ -217,9 +247,12 @@ fn month(value: &str) -> anyhow::Result<Month> {
 }
 
 async fn connect(database_url: &str) -> anyhow::Result<Ledger> {
-    Ledger::connect(database_url)
-        .await
-        .with_context(|| format!("opening the ledger at {database_url}"))
+    Ledger::connect(database_url).await.with_context(|| {
+        format!(
+            "opening the ledger at {}",
+            tidepool_core::config::redact_url(database_url)
+        )
+    })
 }
 
 pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<()> {
@@ -228,9 +261,19 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
     match args.command {
         KeysCommand::Create {
             tenant: name,
+            create_tenant,
             name: label,
             project: project_name,
         } => {
+            if !create_tenant {
+                match ledger.account(&tenant(&name)?).await {
+                    Err(LedgerError::TenantNotFound { .. }) => anyhow::bail!(
+                        "unknown tenant `{name}`: create it first (`tidepool tenants create \
+                         {name}`), or pass --create-tenant"
+                    ),
+                    other => drop(other?),
+                }
+            }
             let created = ledger
                 .create_key_in_project(&tenant(&name)?, &project(&project_name)?, &label)
                 .await?;
@@ -578,36 +621,69 @@ pub(crate) async fn budgets(database_url: &str, args: BudgetsArgs) -> anyhow::Re
     Ok(())
 }
 
-pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
-    let scope = match (&args.key_id, &args.tenant, &args.project, &args.model) {
-        (Some(k), None, None, None) => RateScope::Key {
+impl RateTarget {
+    fn is_empty(&self) -> bool {
+        self.key_id.is_none()
+            && self.tenant.is_none()
+            && self.project.is_none()
+            && self.model.is_none()
+    }
+}
+
+fn rate_scope(target: &RateTarget) -> anyhow::Result<RateScope> {
+    match (
+        &target.key_id,
+        &target.tenant,
+        &target.project,
+        &target.model,
+    ) {
+        (Some(k), None, None, None) => Ok(RateScope::Key {
             key_id: KeyId(k.clone()),
-        },
-        (None, Some(t), Some(p), None) => RateScope::Project {
+        }),
+        (None, Some(t), Some(p), None) => Ok(RateScope::Project {
             tenant: tenant(t)?,
             project: project(p)?,
-        },
-        (None, None, None, Some(m)) => RateScope::Model {
+        }),
+        (None, None, None, Some(m)) => Ok(RateScope::Model {
             model: ModelId::new(m.as_str()).with_context(|| format!("invalid model `{m}`"))?,
-        },
+        }),
         _ => anyhow::bail!("name one scope: --key-id K, --tenant T --project P, or --model M"),
+    }
+}
+
+/// `rate-limits [--rpm N|--clear-rpm] [--tpm N|--clear-tpm]` and `rate-limits show`: both print
+/// the limits in force afterwards.
+pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> anyhow::Result<()> {
+    let edit = |value: Option<u32>, clear: bool| if clear { Some(None) } else { value.map(Some) };
+    let change = RateLimitsChange {
+        requests_per_minute: edit(args.rpm, args.clear_rpm),
+        tokens_per_minute: edit(args.tpm, args.clear_tpm),
     };
-    ledger
-        .set_rate_limits(
-            &scope,
-            RateLimits {
-                requests_per_minute: args.rpm,
-                tokens_per_minute: args.tpm,
-            },
-        )
-        .await?;
+    let ledger = connect(database_url).await?;
+    let limits = match &args.command {
+        Some(RateLimitsCommand::Show { target }) => {
+            anyhow::ensure!(
+                change == RateLimitsChange::default() && args.target.is_empty(),
+                "`rate-limits show` takes only the scope: --key-id K, --tenant T --project P, or --model M"
+            );
+            ledger.rate_limits(&rate_scope(target)?).await?
+        }
+        None => {
+            anyhow::ensure!(
+                change != RateLimitsChange::default(),
+                "nothing to change: give --rpm, --tpm, --clear-rpm or --clear-tpm (or use `rate-limits show`)"
+            );
+            ledger
+                .change_rate_limits(&rate_scope(&args.target)?, change)
+                .await?
+        }
+    };
     let show = |v: Option<u32>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
     writeln!(
         std::io::stdout().lock(),
         "rpm {}  tpm {}",
-        show(args.rpm),
-        show(args.tpm)
+        show(limits.requests_per_minute),
+        show(limits.tokens_per_minute)
     )?;
     Ok(())
 }

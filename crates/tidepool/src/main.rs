@@ -4,15 +4,19 @@
 
 mod admin;
 
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tidepool_core::Config;
+use tidepool_core::config::{Resolved, database_location};
 use tracing_subscriber::EnvFilter;
 
 /// The configuration used when `--config` is not given and `./tidepool.toml` does not exist.
 const EMBEDDED_CONFIG: &str = include_str!("../../../tidepool.toml");
+/// How the built-in configuration is named in logs and `tidepool config check`.
+const EMBEDDED_LABEL: &str = "<built-in tidepool.toml>";
 /// Where `--config` points by default.
 const CONFIG_PATH_DEFAULT: &str = "tidepool.toml";
 
@@ -20,44 +24,88 @@ const CONFIG_PATH_DEFAULT: &str = "tidepool.toml";
 #[derive(Debug, Parser)]
 #[command(name = "tidepool", version, about)]
 struct Cli {
-    /// Configuration file (default: ./tidepool.toml, else the built-in default).
-    #[arg(long, global = true, env = "TIDEPOOL_CONFIG")]
-    config: Option<PathBuf>,
-    /// Ledger database, `sqlite://path` or `postgres://…` (default: the config's
-    /// `[server].database_url`).
-    #[arg(long, global = true, env = "TIDEPOOL_DATABASE_URL")]
-    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--config`: on the commands that read the configuration.
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// Configuration file (default: ./tidepool.toml, else the built-in default). Any key can be
+    /// overridden by a `TIDEPOOL_<SECTION>__<KEY>` variable, e.g. `TIDEPOOL_POOL__POLICY`.
+    #[arg(long, global = true, env = "TIDEPOOL_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// `--config` and `--database-url`: on the commands that use the ledger.
+#[derive(Debug, clap::Args)]
+struct DbArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Ledger database, `sqlite://path` or `postgres://…` (default: the config's
+    /// `[server].database_url`).
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+}
+
+/// A command's own arguments, and `--config` and `--database-url`.
+#[derive(Debug, clap::Args)]
+struct WithDb<T: clap::Args> {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    args: T,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigCommandArgs {
+    #[command(subcommand)]
+    command: ConfigCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (the file, then `TIDEPOOL_<SECTION>__<KEY>` variables,
+    /// then defaults) with the source of each value, secrets redacted; exit non-zero listing
+    /// every error if it is invalid.
+    Check(DbArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible API until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(WithDb<ServeArgs>),
     /// Serve this machine's models as a worker of a gateway in another process (`tidepool serve`
     /// labelled with a region and zone; the gateway lists it under `[[backends]]`).
-    Worker(WorkerArgs),
+    Worker(WithDb<WorkerArgs>),
     /// List a running gateway's remote backends: region, zone, health, breaker, latency.
     Backends(BackendsArgs),
     /// Create, list and revoke API keys.
-    Keys(admin::KeysArgs),
+    Keys(WithDb<admin::KeysArgs>),
     /// List the configured models.
-    Models,
+    Models(ConfigArgs),
+    /// Check the configuration and show where each value comes from.
+    Config(ConfigCommandArgs),
     /// Tenants (billing customers) and their prepaid accounts.
-    Tenants(admin::TenantsArgs),
+    Tenants(WithDb<admin::TenantsArgs>),
     /// Projects within a tenant.
-    Projects(admin::ProjectsArgs),
+    Projects(WithDb<admin::ProjectsArgs>),
     /// Prepaid credit.
-    Credit(admin::CreditArgs),
+    Credit(WithDb<admin::CreditArgs>),
     /// Monthly budgets of projects and keys.
-    Budgets(admin::BudgetsArgs),
-    /// Set the RPM/TPM limits of a key, a project or a model.
-    RateLimits(admin::RateLimitsArgs),
+    Budgets(WithDb<admin::BudgetsArgs>),
+    /// Change the RPM/TPM limits of a key, a project or a model (only those given), or `show`
+    /// them.
+    RateLimits(WithDb<admin::RateLimitsArgs>),
     /// Usage and cost per model of a tenant, project or key.
-    Usage(admin::UsageArgs),
+    Usage(WithDb<admin::UsageArgs>),
     /// A tenant's monthly statement (line items sum to the balance movement).
-    Statement(admin::StatementArgs),
+    Statement(WithDb<admin::StatementArgs>),
     /// Benchmarks (ratios against baselines measured in the same run).
     Bench(tidepool_bench::BenchArgs),
     /// Run the discrete-event simulator.
@@ -107,7 +155,6 @@ struct BackendsArgs {
 
 /// `tidepool backends`: one line per backend of a running gateway.
 async fn backends(args: &BackendsArgs) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let url = format!("{}/v1/backends", args.url.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .get(&url)
@@ -145,17 +192,77 @@ async fn backends(args: &BackendsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    if let Some(path) = path {
-        return Config::load(path).with_context(|| format!("loading {}", path.display()));
+impl ConfigArgs {
+    /// The file (`--config`, else ./tidepool.toml, else the built-in one) with the
+    /// `TIDEPOOL_<SECTION>__<KEY>` variables applied; not validated.
+    fn resolve(&self) -> anyhow::Result<Resolved> {
+        let env = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
+        let default = PathBuf::from(CONFIG_PATH_DEFAULT);
+        match self
+            .config
+            .as_ref()
+            .or(default.exists().then_some(&default))
+        {
+            Some(path) => {
+                Resolved::load(path, env).with_context(|| format!("loading {}", path.display()))
+            }
+            None => Resolved::new(EMBEDDED_CONFIG, Path::new(EMBEDDED_LABEL), env)
+                .context("loading the built-in configuration"),
+        }
     }
-    let default = PathBuf::from(CONFIG_PATH_DEFAULT);
-    if default.exists() {
-        Config::load(&default).context("loading ./tidepool.toml")
-    } else {
-        Config::parse(EMBEDDED_CONFIG, &PathBuf::from("<built-in tidepool.toml>"))
-            .context("parsing the built-in configuration")
+
+    fn load(&self) -> anyhow::Result<Config> {
+        let resolved = self.resolve()?;
+        warn_if_built_in(&resolved);
+        resolved.config.validate()?;
+        Ok(resolved.config)
     }
+}
+
+impl DbArgs {
+    /// As [`ConfigArgs::resolve`], with `--database-url` applied.
+    fn resolve(&self) -> anyhow::Result<Resolved> {
+        let mut resolved = self.config.resolve()?;
+        if let Some(url) = &self.database_url {
+            resolved.set_flag("server.database_url", url, "--database-url")?;
+        }
+        warn_if_built_in(&resolved);
+        Ok(resolved)
+    }
+
+    /// The validated configuration; its `server.database_url` is the ledger's.
+    fn load(&self) -> anyhow::Result<Config> {
+        let resolved = self.resolve()?;
+        resolved.config.validate()?;
+        Ok(resolved.config)
+    }
+
+    fn database_url(&self) -> anyhow::Result<String> {
+        Ok(self.load()?.server.database_url)
+    }
+}
+
+/// Running on the built-in configuration is said in the log, with where its database is.
+fn warn_if_built_in(resolved: &Resolved) {
+    if resolved.origin == Path::new(EMBEDDED_LABEL) {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        tracing::warn!(
+            "no configuration file (./{CONFIG_PATH_DEFAULT} does not exist and neither --config \
+             nor TIDEPOOL_CONFIG is given): using the built-in {EMBEDDED_LABEL}, with its \
+             database at {}",
+            database_location(&resolved.config.server.database_url, &cwd)
+        );
+    }
+}
+
+/// `tidepool config check`: the effective configuration with sources, then its errors.
+fn config_check(args: &DbArgs) -> anyhow::Result<()> {
+    let resolved = args.resolve()?;
+    write!(std::io::stdout().lock(), "{}", resolved.render())?;
+    resolved.config.validate()?;
+    Ok(())
 }
 
 fn init_tracing() {
@@ -192,7 +299,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: &Config, database_url: String, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
     let mut config = config.clone();
     if let Some(replica_id) = args.replica_id {
         config.billing.replica_id = replica_id;
@@ -200,7 +307,7 @@ async fn serve(config: &Config, database_url: String, args: ServeArgs) -> anyhow
     }
     let options = tidepool_gateway::ServeOptions {
         listen: args.listen.unwrap_or_else(|| config.server.listen.clone()),
-        database_url,
+        database_url: config.server.database_url.clone(),
         admin_token: args.admin_token.filter(|token| !token.is_empty()),
     };
     tidepool_gateway::serve(&config, &options, shutdown_signal()).await?;
@@ -211,39 +318,31 @@ async fn serve(config: &Config, database_url: String, args: ServeArgs) -> anyhow
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let config = || load_config(cli.config.as_ref());
-    let database_url = |config: &Config| {
-        cli.database_url
-            .clone()
-            .unwrap_or_else(|| config.server.database_url.clone())
-    };
     // A reader that goes away (`tidepool usage … | head`) ends a command's output; a server's
     // errors are never hidden.
     let output_command = !matches!(cli.command, Command::Serve(_) | Command::Worker(_));
     let result = match cli.command {
-        Command::Serve(args) => {
-            let config = config()?;
-            let url = database_url(&config);
-            serve(&config, url, args).await
-        }
-        Command::Worker(args) => {
-            let mut config = config()?;
+        Command::Serve(WithDb { db, args }) => serve(&db.load()?, args).await,
+        Command::Worker(WithDb { db, args }) => {
+            let mut config = db.load()?;
             config.server.region = args.region;
             config.server.zone = args.zone;
             config.validate()?;
-            let url = database_url(&config);
-            serve(&config, url, args.serve).await
+            serve(&config, args.serve).await
         }
         Command::Backends(args) => backends(&args).await,
-        Command::Keys(args) => admin::keys(&database_url(&config()?), args).await,
-        Command::Models => admin::models(&config()?),
-        Command::Tenants(args) => admin::tenants(&database_url(&config()?), args).await,
-        Command::Projects(args) => admin::projects(&database_url(&config()?), args).await,
-        Command::Credit(args) => admin::credit(&database_url(&config()?), args).await,
-        Command::Budgets(args) => admin::budgets(&database_url(&config()?), args).await,
-        Command::RateLimits(args) => admin::rate_limits(&database_url(&config()?), args).await,
-        Command::Usage(args) => admin::usage(&database_url(&config()?), &args).await,
-        Command::Statement(args) => admin::statement(&database_url(&config()?), &args).await,
+        Command::Keys(c) => admin::keys(&c.db.database_url()?, c.args).await,
+        Command::Models(args) => admin::models(&args.load()?),
+        Command::Config(ConfigCommandArgs {
+            command: ConfigCommand::Check(args),
+        }) => config_check(&args),
+        Command::Tenants(c) => admin::tenants(&c.db.database_url()?, c.args).await,
+        Command::Projects(c) => admin::projects(&c.db.database_url()?, c.args).await,
+        Command::Credit(c) => admin::credit(&c.db.database_url()?, c.args).await,
+        Command::Budgets(c) => admin::budgets(&c.db.database_url()?, c.args).await,
+        Command::RateLimits(c) => admin::rate_limits(&c.db.database_url()?, c.args).await,
+        Command::Usage(c) => admin::usage(&c.db.database_url()?, &c.args).await,
+        Command::Statement(c) => admin::statement(&c.db.database_url()?, &c.args).await,
         Command::Bench(args) => tidepool_bench::run(args).await,
         Command::Sim(args) => tidepool_bench::run_sim(&args),
         Command::Plan(args) => tidepool_bench::run_plan(&args),

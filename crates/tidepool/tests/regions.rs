@@ -89,10 +89,14 @@ impl Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `tidepool args… --database-url <this server's ledger>`.
     fn cli(&self, args: &[&str]) -> String {
+        self.run(&[args, &["--database-url", &self.database_url]].concat())
+    }
+
+    fn run(&self, args: &[&str]) -> String {
         let out = Command::new(BIN)
             .args(args)
-            .args(["--database-url", &self.database_url])
             .current_dir(&self.dir)
             .env("TIDEPOOL_MODELS_DIR", models_dir())
             .output()
@@ -107,7 +111,15 @@ impl Server {
 
     /// A new API key of `tenant` on this server's ledger, with 100 units of credit.
     fn key(&self, tenant: &str) -> String {
-        let out = self.cli(&["keys", "create", "--tenant", tenant, "--name", "t"]);
+        let out = self.cli(&[
+            "keys",
+            "create",
+            "--tenant",
+            tenant,
+            "--create-tenant",
+            "--name",
+            "t",
+        ]);
         let key = out
             .split_whitespace()
             .find(|w| w.starts_with("tp-"))
@@ -423,7 +435,7 @@ async fn multi_process_failover_two_regions_kill_worker_then_region_loses_nothin
 
 impl Server {
     fn cli_backends(&self, key: &str) -> String {
-        self.cli(&["backends", "--url", &self.base(), "--api-key", key])
+        self.run(&["backends", "--url", &self.base(), "--api-key", key])
     }
 }
 

@@ -16,8 +16,8 @@ use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::price::cost_of;
 use tidepool_ledger::{
     BilledTokens, BudgetScope, Finish, Ledger, LedgerError, Month, PriceVersion, ProjectId,
-    QuotaScope, RateKind, RateLimits, RateScope, ReservationState, ReserveRequest, StatementLine,
-    UsageEntry, UsageStatus,
+    QuotaScope, RateKind, RateLimits, RateLimitsChange, RateScope, ReservationState,
+    ReserveRequest, StatementLine, UsageEntry, UsageStatus,
 };
 
 use crate::both_stores;
@@ -780,6 +780,51 @@ async fn rate_limits(db: Arc<TestDb>) {
     f.ledger.reserve(&f.request(200, 200)).await.unwrap();
 }
 both_stores!(rate_limits_on, rate_limits);
+
+/// A change names only the limits it changes; the others stay as they are.
+async fn rate_limit_changes_merge(db: Arc<TestDb>) {
+    let f = fixture(db.ledger().await, Nanos(1_000_000_000)).await;
+    let scope = RateScope::Project {
+        tenant: f.tenant.clone(),
+        project: ProjectId::default_project(),
+    };
+    assert_eq!(
+        f.ledger.rate_limits(&scope).await.unwrap(),
+        RateLimits::default()
+    );
+    let change = |rpm, tpm| RateLimitsChange {
+        requests_per_minute: rpm,
+        tokens_per_minute: tpm,
+    };
+    let limits = |rpm, tpm| RateLimits {
+        requests_per_minute: rpm,
+        tokens_per_minute: tpm,
+    };
+    let steps = [
+        (change(Some(Some(60)), None), limits(Some(60), None)),
+        (change(None, Some(Some(1000))), limits(Some(60), Some(1000))),
+        (change(Some(Some(30)), None), limits(Some(30), Some(1000))),
+        (change(Some(None), None), limits(None, Some(1000))),
+        (change(None, None), limits(None, Some(1000))),
+        (change(Some(Some(5)), Some(None)), limits(Some(5), None)),
+    ];
+    for (step, expected) in steps {
+        let now = f.ledger.change_rate_limits(&scope, step).await.unwrap();
+        assert_eq!(now, expected, "{step:?}");
+        assert_eq!(f.ledger.rate_limits(&scope).await.unwrap(), expected);
+    }
+    // A first change of a scope leaves the unnamed limit unlimited.
+    let model = RateScope::Model {
+        model: f.model.clone(),
+    };
+    let now = f
+        .ledger
+        .change_rate_limits(&model, change(None, Some(Some(7))))
+        .await
+        .unwrap();
+    assert_eq!(now, limits(None, Some(7)));
+}
+both_stores!(rate_limit_changes_merge_on, rate_limit_changes_merge);
 
 async fn finish_kinds_roundtrip(db: Arc<TestDb>) {
     let f = fixture(db.ledger().await, Nanos(1_000_000_000)).await;
