@@ -2,28 +2,7 @@
 
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 
-use crate::billing::{QuotaScope, RateKind, ReservationState};
-
-/// Which kind of scope an RPM/TPM limit belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateScopeKind {
-    Key,
-    Project,
-    Model,
-}
-
-impl RateScopeKind {
-    pub(crate) fn parse(text: &str) -> Result<Self, LedgerError> {
-        match text {
-            "key" => Ok(Self::Key),
-            "project" => Ok(Self::Project),
-            "model" => Ok(Self::Model),
-            _ => Err(LedgerError::Corrupt {
-                what: "rate limit scope",
-            }),
-        }
-    }
-}
+use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 
 /// Everything the ledger can fail with. The gateway maps each variant to an HTTP status in one
 /// exhaustive `match`; the suggested mapping is in docs/ledger.md.
@@ -112,8 +91,4 @@ impl LedgerError {
             Some("40P01" | "40001" | "5" | "6" | "517" | "261")
         )
     }
-}
-
-pub(crate) fn rate_scope_kind(text: &str) -> Result<RateScopeKind, LedgerError> {
-    RateScopeKind::parse(text)
 }
