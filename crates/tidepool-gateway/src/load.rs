@@ -110,7 +110,7 @@ async fn start_backends(config: &Config) -> Result<Option<Arc<Backends>>, ServeE
         backends.probe_all_at_start().await?;
     }
     tracing::info!(
-        backends = backends.list.len(),
+        backends = backends.len(),
         region = %config.server.region,
         "remote backends ready"
     );

@@ -443,20 +443,6 @@ pub(crate) async fn metrics() -> Response {
         .into_response()
 }
 
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "ops",
-    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json"))
-)]
-pub(crate) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        crate::openapi::document(),
-    )
-        .into_response()
-}
-
 pub(crate) async fn not_found() -> ApiError {
     ApiError::RouteNotFound
 }
