@@ -1,7 +1,8 @@
 //! `tidepool-engine` owns model execution: the [`TextEngine`] and [`EmbeddingEngine`] traits,
 //! the llama.cpp backend (`llama` module, continuous batching on one owning OS thread per
 //! model, because a llama.cpp context is not `Send`), the candle embedding backend (`embed`) and
-//! a deterministic fake engine with a cost model (`fake`) for scheduler and load tests only, and
+//! a deterministic fake engine with a cost model (`fake`, behind the cargo feature `fake`) for
+//! scheduler tests and load benchmarks only, and
 //! the raw llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline.
 //!
 //! It never depends on the gateway, the ledger or the pool, and touches tokio only through
@@ -11,6 +12,7 @@ mod admission;
 pub mod bench;
 pub mod embed;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod llama;
 pub mod multi;
@@ -19,6 +21,7 @@ mod params;
 
 pub use embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
 pub use error::EngineError;
+#[cfg(any(test, feature = "fake"))]
 pub use fake::{FakeEngine, FakeEngineConfig};
 pub use llama::{LlamaEngine, LlamaEngineConfig};
 use tidepool_core::{ModelId, RequestId, TokenCount};
