@@ -380,14 +380,16 @@ fn ledger_answer(error: &LedgerError) -> Answer {
         LedgerError::TenantNotFound { .. } | LedgerError::KeyNotFound { .. } => {
             Answer::new(StatusCode::NOT_FOUND, "resource_not_found")
         }
-        LedgerError::CurrencyMismatch { .. } => {
+        LedgerError::TenantCurrencyConflict { .. } => {
             Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param("currency")
         }
         LedgerError::OutOfRange { field } => {
             Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param(field)
         }
         LedgerError::Core(error) => core_answer(error),
-        LedgerError::Migrate(_)
+        // A price in another currency than the account: the operator's configuration.
+        LedgerError::CurrencyMismatch { .. }
+        | LedgerError::Migrate(_)
         | LedgerError::UnsupportedUrl
         | LedgerError::Corrupt { .. }
         | LedgerError::Invariant { .. }
@@ -516,6 +518,12 @@ mod tests {
                 found: tidepool_core::Currency::parse("EUR").unwrap(),
             }
             .into(),
+            LedgerError::TenantCurrencyConflict {
+                tenant: tidepool_core::TenantId::new("t").unwrap(),
+                existing: tidepool_core::Currency::parse("USD").unwrap(),
+                requested: tidepool_core::Currency::parse("EUR").unwrap(),
+            }
+            .into(),
             LedgerError::Core(CoreError::InvalidAmount { value: "x".into() }).into(),
             LedgerError::Core(CoreError::MoneyOverflow { what: "x" }).into(),
             LedgerError::Invariant { what: "x" }.into(),
@@ -627,14 +635,21 @@ mod tests {
         let out_of_range = ApiError::from(LedgerError::OutOfRange { field: "budget" });
         assert_eq!(out_of_range.status(), StatusCode::BAD_REQUEST);
         assert_eq!(out_of_range.param(), Some("budget"));
-        let currency = ApiError::from(LedgerError::CurrencyMismatch {
-            expected: tidepool_core::Currency::parse("USD").unwrap(),
-            found: tidepool_core::Currency::parse("EUR").unwrap(),
+        let currency = ApiError::from(LedgerError::TenantCurrencyConflict {
+            tenant: tidepool_core::TenantId::new("t").unwrap(),
+            existing: tidepool_core::Currency::parse("USD").unwrap(),
+            requested: tidepool_core::Currency::parse("EUR").unwrap(),
         });
         assert_eq!(
             (currency.status(), currency.param()),
             (StatusCode::BAD_REQUEST, Some("currency"))
         );
+        // A price in another currency than the account is the operator's configuration.
+        let price = ApiError::from(LedgerError::CurrencyMismatch {
+            expected: tidepool_core::Currency::parse("USD").unwrap(),
+            found: tidepool_core::Currency::parse("EUR").unwrap(),
+        });
+        assert_eq!(price.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let overflow = ApiError::from(LedgerError::Core(CoreError::MoneyOverflow { what: "x" }));
         assert_eq!(overflow.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }

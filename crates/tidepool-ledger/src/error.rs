@@ -31,8 +31,17 @@ pub enum LedgerError {
     KeyRevoked { key_id: KeyId },
     #[error("tenant `{tenant}` not found")]
     TenantNotFound { tenant: TenantId },
+    /// A model's price is in another currency than the tenant's account (a configuration error:
+    /// Tidepool never converts).
     #[error("currency mismatch: the account is in {expected}, the price in {found}")]
     CurrencyMismatch { expected: Currency, found: Currency },
+    /// `create_tenant` of an existing tenant with another currency than its account's.
+    #[error("tenant `{tenant}` already has an account in {existing}, not {requested}")]
+    TenantCurrencyConflict {
+        tenant: TenantId,
+        existing: Currency,
+        requested: Currency,
+    },
     #[error("model `{model}` has no price in force")]
     PriceNotFound { model: ModelId },
     #[error("model `{model}` already has a different price from {effective_from_ms} ms")]
