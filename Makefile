@@ -17,8 +17,11 @@ CONFIG ?= tidepool.toml
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
 APT_PACKAGES := cmake clang libclang-dev unzip python3-venv
+# Tests and load benchmarks build with every cargo feature (the fake engine, `fake`, and the
+# ledger's test fixtures); `make build`/`make run` build the product without them.
+TEST_FEATURES := --all-features
 
-.PHONY: run test deps apt venv venv-llamacpp models build build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
+.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
 
 run: deps models build
 	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
@@ -56,16 +59,19 @@ models:
 build:
 	cargo build --release --locked -p tidepool
 
+build-bench:
+	cargo build --release --locked -p tidepool --features fake
+
 build-debug:
-	cargo build --workspace --all-targets --locked
+	cargo build --workspace --all-targets $(TEST_FEATURES) --locked
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets $(TEST_FEATURES) --locked -- -D warnings
 	scripts/check-layering.sh
 
 rust-test:
-	cargo nextest run --workspace --locked --no-fail-fast
+	cargo nextest run --workspace $(TEST_FEATURES) --locked --no-fail-fast
 
 # Black-box tests with the official openai SDK against a real `tidepool serve` (debug build, same
 # workspace-wide feature set as clippy and nextest so llama.cpp is compiled once;
@@ -74,7 +80,10 @@ python-test: build-debug venv venv-llamacpp
 	TIDEPOOL_BIN=$(DEBUG_BIN) TIDEPOOL_LLAMA_CPP_PYTHON=$(VENV_LCP)/bin/python \
 	  $(PY) -m pytest -q tests/python
 
-bench: build peers
+# Benchmarks run on a release binary built with `--features fake`: `tidepool bench failover` starts
+# workers of this binary on the fake engine (same path as `make build`'s binary; cargo rebuilds
+# it when the features change).
+bench: build-bench peers
 	$(RELEASE_BIN) bench engine --llama-server $(HOME)/.cache/tidepool-peers-v3/bin/llama-server
 	$(RELEASE_BIN) bench ledger
 

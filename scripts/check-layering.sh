@@ -3,7 +3,8 @@
 # the pool never depends on the engine, gateway or ledger; the simulator never on the engine or
 # gateway; the ledger and engine never on the gateway; the runtime (pool on the engine) never on
 # the gateway, the ledger or the simulator. Only the `tidepool` binary depends on the benchmarks
-# (`tidepool-bench`). Every crate root opens with a `//!` header.
+# (`tidepool-bench`). Every crate root opens with a `//!` header. Within a crate, the top-level
+# modules never depend on each other in a cycle (check-module-cycles.py).
 set -euo pipefail
 fail=0
 deps() { cargo tree --locked -p "$1" -e normal --prefix none 2>/dev/null | awk '{print $1}' | sort -u; }
@@ -28,4 +29,5 @@ for root in crates/*/src/lib.rs crates/*/src/main.rs; do
   [[ -f $root ]] || continue
   head -n1 "$root" | grep -q '^//!' || { echo "layering: $root must open with a //! header"; fail=1; }
 done
+python3 "$(dirname "$0")/check-module-cycles.py" || fail=1
 exit $fail

@@ -1,8 +1,10 @@
 //! `tidepool-engine` owns model execution: the [`TextEngine`] and [`EmbeddingEngine`] traits,
 //! the llama.cpp backend (`llama` module, continuous batching on one owning OS thread per
-//! model, because a llama.cpp context is not `Send`), the candle embedding backend (`embed`) and
-//! a deterministic fake engine with a cost model (`fake`) for scheduler and load tests only, and
-//! the raw llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline.
+//! model, because a llama.cpp context is not `Send`; `multi`, the pooled engine the runtime
+//! drives for many models on one accelerator thread; docs/architecture.md says why both stay),
+//! the candle embedding backend (`embed`), a deterministic fake engine with a cost model (`fake`,
+//! behind the cargo feature `fake`) for scheduler tests and load benchmarks only, and the raw
+//! llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline.
 //!
 //! It never depends on the gateway, the ledger or the pool, and touches tokio only through
 //! `tokio::sync` channels (no runtime). Read [`TextEngine`] and [`GenerationEvent`] first.
@@ -11,6 +13,7 @@ mod admission;
 pub mod bench;
 pub mod embed;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod llama;
 pub mod multi;
@@ -19,6 +22,7 @@ mod params;
 
 pub use embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
 pub use error::EngineError;
+#[cfg(any(test, feature = "fake"))]
 pub use fake::{FakeEngine, FakeEngineConfig};
 pub use llama::{LlamaEngine, LlamaEngineConfig};
 use tidepool_core::{ModelId, RequestId, TokenCount};

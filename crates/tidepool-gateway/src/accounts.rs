@@ -201,30 +201,6 @@ pub(crate) fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErro
     }
 }
 
-/// Ledger errors that name the caller's input become 4xx on the admin API.
-fn admin_error(error: LedgerError) -> ApiError {
-    match error {
-        LedgerError::TenantNotFound { tenant } => ApiError::ResourceNotFound {
-            what: "tenant",
-            id: tenant.to_string(),
-        },
-        LedgerError::KeyNotFound { key_id } => ApiError::ResourceNotFound {
-            what: "key",
-            id: key_id,
-        },
-        LedgerError::CurrencyMismatch { expected, found } => ApiError::invalid_param(
-            "currency",
-            format!("the tenant's account is in {expected}, not {found}"),
-        ),
-        LedgerError::OutOfRange { field } => ApiError::invalid_param(field, "out of range"),
-        LedgerError::Core(error) => ApiError::InvalidParam {
-            param: "body",
-            reason: error.to_string(),
-        },
-        other => ApiError::Ledger(other),
-    }
-}
-
 fn tenant_id(text: &str) -> Result<TenantId, ApiError> {
     TenantId::new(text).map_err(|e| ApiError::invalid_param("tenant", e.to_string()))
 }
@@ -265,12 +241,8 @@ fn account_out(account: &Account, projects: &[ProjectId]) -> AccountOut {
 }
 
 async fn account_of(state: &AppState, tenant: &TenantId) -> Result<AccountOut, ApiError> {
-    let account = state.ledger().account(tenant).await.map_err(admin_error)?;
-    let projects = state
-        .ledger()
-        .list_projects(tenant)
-        .await
-        .map_err(admin_error)?;
+    let account = state.ledger().account(tenant).await?;
+    let projects = state.ledger().list_projects(tenant).await?;
     Ok(account_out(&account, &projects))
 }
 
@@ -310,11 +282,7 @@ pub(crate) async fn create_tenant(
                 .map_err(|e| ApiError::invalid_param("currency", e.to_string()))?,
             None => Currency::USD,
         };
-        state
-            .ledger()
-            .create_tenant(&tenant, currency)
-            .await
-            .map_err(admin_error)?;
+        state.ledger().create_tenant(&tenant, currency).await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -357,11 +325,7 @@ pub(crate) async fn create_project(
         let ApiJson(body) = body?;
         let tenant = tenant_id(&tenant)?;
         let project = project_id(&body.project)?;
-        state
-            .ledger()
-            .create_project(&tenant, &project)
-            .await
-            .map_err(admin_error)?;
+        state.ledger().create_project(&tenant, &project).await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -397,11 +361,7 @@ pub(crate) async fn credit(
         if amount <= Nanos::ZERO {
             return Err(ApiError::invalid_param("amount", "must be positive"));
         }
-        state
-            .ledger()
-            .credit(&tenant, amount, &body.note)
-            .await
-            .map_err(admin_error)?;
+        state.ledger().credit(&tenant, amount, &body.note).await?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
 }
@@ -445,8 +405,7 @@ pub(crate) async fn create_key(
         let created = state
             .ledger()
             .create_key_in_project(&tenant, &project, &body.name)
-            .await
-            .map_err(admin_error)?;
+            .await?;
         let out = CreatedKeyOut {
             object: "api_key",
             key: created.secret,
@@ -468,11 +427,7 @@ pub(crate) async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Response {
     admin_handler!(state, headers, {
-        state
-            .ledger()
-            .revoke_key(&KeyId(key_id))
-            .await
-            .map_err(admin_error)?;
+        state.ledger().revoke_key(&KeyId(key_id)).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
@@ -542,12 +497,8 @@ pub(crate) async fn set_budget(
             .as_deref()
             .map(|text| amount("limit", text))
             .transpose()?;
-        state
-            .ledger()
-            .set_budget(&scope, limit)
-            .await
-            .map_err(admin_error)?;
-        let status = state.ledger().budget(&scope).await.map_err(admin_error)?;
+        state.ledger().set_budget(&scope, limit).await?;
+        let status = state.ledger().budget(&scope).await?;
         Ok(Json(BudgetOut {
             object: "budget",
             month: status.month.to_string(),
@@ -619,8 +570,7 @@ pub(crate) async fn set_rate_limits(
                     tokens_per_minute: body.tokens_per_minute,
                 },
             )
-            .await
-            .map_err(admin_error)?;
+            .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
@@ -667,12 +617,8 @@ pub(crate) async fn tenant_usage(
             }
         };
         let month = parse_month(query.month.as_deref())?;
-        let account = state.ledger().account(&tenant).await.map_err(admin_error)?;
-        let rows = state
-            .ledger()
-            .usage_summary(&scope, month)
-            .await
-            .map_err(admin_error)?;
+        let account = state.ledger().account(&tenant).await?;
+        let rows = state.ledger().usage_summary(&scope, month).await?;
         Ok(Json(usage_report(&scope, month, account.currency, rows)?).into_response())
     })
 }
@@ -789,11 +735,7 @@ pub(crate) async fn statement(
         let tenant = tenant_id(&tenant)?;
         let month = parse_month(Some(&query.month))?
             .ok_or(ApiError::invalid_param("month", "must be YYYY-MM"))?;
-        let statement = state
-            .ledger()
-            .statement(&tenant, month)
-            .await
-            .map_err(admin_error)?;
+        let statement = state.ledger().statement(&tenant, month).await?;
         Ok(Json(statement_out(&statement)).into_response())
     })
 }

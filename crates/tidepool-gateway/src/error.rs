@@ -1,12 +1,14 @@
-//! The one HTTP error type, [`ApiError`], and the one place errors become statuses, OpenAI error
-//! types and stable codes (`status`, `kind`, `code`: exhaustive matches, no `_` arm, nested crate
-//! errors matched variant by variant). Every code is listed in `docs/errors.md`; a test keeps the
-//! two in step.
+//! The one HTTP error type, [`ApiError`], and the one place errors become answers: status, stable
+//! code, parameter, `Retry-After`, `x-should-retry` and whether a 5xx message may be shown are
+//! decided together, per variant, in one exhaustive match (`ApiError::answer`, with the nested
+//! engine, ledger and core errors matched variant by variant and no `_` arm). The only wildcard
+//! is in `kind`, which classes a `StatusCode` (not our enum). Every code is listed in
+//! `docs/errors.md`; a test keeps the two in step.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tidepool_core::{ModelId, ModelKind, RequestId};
+use tidepool_core::{CoreError, ModelId, ModelKind, RequestId};
 use tidepool_engine::EngineError;
 use tidepool_ledger::LedgerError;
 use utoipa::ToSchema;
@@ -137,64 +139,52 @@ impl ApiError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// How this error is answered, decided in one exhaustive match (nested crate errors
+    /// included): a new variant anywhere does not compile until someone decides its answer.
+    fn answer(&self) -> Answer {
         match self {
-            Self::InvalidJson { .. }
-            | Self::InvalidParam { .. }
-            | Self::ModelEndpointMismatch { .. } => StatusCode::BAD_REQUEST,
-            Self::InvalidApiKey | Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
-            Self::ModelNotFound { .. } | Self::RouteNotFound | Self::ResourceNotFound { .. } => {
-                StatusCode::NOT_FOUND
+            Self::InvalidJson { .. } => {
+                Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error")
             }
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::ModelBusy { .. } => StatusCode::CONFLICT,
-            Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Timeout { .. } | Self::Stalled { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Engine(error) => match error {
-                EngineError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-                EngineError::ContextLengthExceeded { .. }
-                | EngineError::InvalidRequest { .. }
-                | EngineError::ExceedsMemoryBudget { .. } => StatusCode::BAD_REQUEST,
-                EngineError::Load { .. }
-                | EngineError::Scheduler { .. }
-                | EngineError::Tokenize { .. }
-                | EngineError::Template { .. }
-                | EngineError::Decode { .. }
-                | EngineError::Embedding { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-                EngineError::ShutDown | EngineError::NoBackendInRegion { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                EngineError::Backend { .. } => StatusCode::BAD_GATEWAY,
-            },
-            Self::Ledger(error) => match error {
-                LedgerError::Database(_) | LedgerError::WriterFailed => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                LedgerError::KeyRevoked { .. } => StatusCode::UNAUTHORIZED,
-                LedgerError::InsufficientQuota { .. } | LedgerError::RateLimited { .. } => {
-                    StatusCode::TOO_MANY_REQUESTS
-                }
-                LedgerError::DuplicateRequest { .. } | LedgerError::IdempotencyKeyReused { .. } => {
-                    StatusCode::CONFLICT
-                }
-                LedgerError::Migrate(_)
-                | LedgerError::UnsupportedUrl
-                | LedgerError::KeyNotFound { .. }
-                | LedgerError::Core(_)
-                | LedgerError::OutOfRange { .. }
-                | LedgerError::Corrupt { .. }
-                | LedgerError::Invariant { .. }
-                | LedgerError::TenantNotFound { .. }
-                | LedgerError::CurrencyMismatch { .. }
-                | LedgerError::PriceNotFound { .. }
-                | LedgerError::PriceVersionConflict { .. }
-                | LedgerError::ReservationNotFound { .. }
-                | LedgerError::ReservationMismatch { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            Self::InvalidParam { param, .. } => {
+                Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param(param)
+            }
+            Self::InvalidApiKey => Answer::new(StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            Self::AdminUnauthorized => Answer::new(StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            Self::ModelNotFound { .. } => {
+                Answer::new(StatusCode::NOT_FOUND, "model_not_found").param("model")
+            }
+            Self::ModelEndpointMismatch { .. } => {
+                Answer::new(StatusCode::BAD_REQUEST, "model_endpoint_mismatch").param("model")
+            }
+            Self::RequestTooLarge { .. } => {
+                Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+            }
+            Self::RouteNotFound => Answer::new(StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => {
+                Answer::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            Self::Timeout { .. } => {
+                Answer::new(StatusCode::GATEWAY_TIMEOUT, "request_timeout").public()
+            }
+            Self::Stalled { .. } => {
+                Answer::new(StatusCode::GATEWAY_TIMEOUT, "stream_stalled").public()
+            }
+            Self::ResourceNotFound { .. } => {
+                Answer::new(StatusCode::NOT_FOUND, "resource_not_found")
+            }
+            Self::ModelBusy { .. } => Answer::new(StatusCode::CONFLICT, "model_busy"),
+            Self::Engine(error) => engine_answer(error),
+            Self::Ledger(error) => ledger_answer(error),
         }
     }
 
-    /// The OpenAI error `type`.
+    pub fn status(&self) -> StatusCode {
+        self.answer().status
+    }
+
+    /// The OpenAI error `type`, by status class. The one wildcard of this file: `StatusCode` is
+    /// not our enum, and every status this type produces falls in one of these classes.
     pub fn kind(&self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "authentication_error",
@@ -206,102 +196,23 @@ impl ApiError {
 
     /// The stable, `snake_case` `code`; every value is in [`ERROR_CODES`] and `docs/errors.md`.
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidJson { .. } | Self::InvalidParam { .. } => "invalid_request_error",
-            Self::InvalidApiKey => "invalid_api_key",
-            Self::AdminUnauthorized => "invalid_admin_token",
-            Self::ResourceNotFound { .. } => "resource_not_found",
-            Self::ModelBusy { .. } => "model_busy",
-            Self::ModelNotFound { .. } => "model_not_found",
-            Self::ModelEndpointMismatch { .. } => "model_endpoint_mismatch",
-            Self::RequestTooLarge { .. } => "request_too_large",
-            Self::RouteNotFound => "not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Timeout { .. } => "request_timeout",
-            Self::Stalled { .. } => "stream_stalled",
-            Self::Engine(error) => match error {
-                EngineError::Overloaded { .. } => "overloaded",
-                EngineError::ContextLengthExceeded { .. } => "context_length_exceeded",
-                EngineError::InvalidRequest { .. } => "invalid_request_error",
-                EngineError::ExceedsMemoryBudget { .. } => "model_exceeds_memory_budget",
-                EngineError::Load { .. }
-                | EngineError::Scheduler { .. }
-                | EngineError::Tokenize { .. }
-                | EngineError::Template { .. }
-                | EngineError::Decode { .. }
-                | EngineError::Embedding { .. } => "internal_error",
-                EngineError::ShutDown => "unavailable",
-                EngineError::NoBackendInRegion { .. } => "no_backend_in_region",
-                EngineError::Backend { .. } => "backend_failed",
-            },
-            Self::Ledger(error) => match error {
-                LedgerError::Database(_) | LedgerError::WriterFailed => "unavailable",
-                LedgerError::KeyRevoked { .. } => "invalid_api_key",
-                LedgerError::InsufficientQuota { .. } => "insufficient_quota",
-                LedgerError::RateLimited { .. } => "rate_limit_exceeded",
-                LedgerError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
-                LedgerError::DuplicateRequest { .. } => "duplicate_request_id",
-                LedgerError::Migrate(_)
-                | LedgerError::UnsupportedUrl
-                | LedgerError::KeyNotFound { .. }
-                | LedgerError::Core(_)
-                | LedgerError::OutOfRange { .. }
-                | LedgerError::Corrupt { .. }
-                | LedgerError::Invariant { .. }
-                | LedgerError::TenantNotFound { .. }
-                | LedgerError::CurrencyMismatch { .. }
-                | LedgerError::PriceNotFound { .. }
-                | LedgerError::PriceVersionConflict { .. }
-                | LedgerError::ReservationNotFound { .. }
-                | LedgerError::ReservationMismatch { .. } => "internal_error",
-            },
-        }
+        self.answer().code
     }
 
     /// The parameter at fault, if one is.
     pub fn param(&self) -> Option<&'static str> {
-        match self {
-            Self::InvalidParam { param, .. }
-            | Self::Engine(EngineError::InvalidRequest { param, .. }) => Some(*param),
-            Self::ModelNotFound { .. } | Self::ModelEndpointMismatch { .. } => Some("model"),
-            Self::InvalidJson { .. }
-            | Self::InvalidApiKey
-            | Self::AdminUnauthorized
-            | Self::ResourceNotFound { .. }
-            | Self::ModelBusy { .. }
-            | Self::RequestTooLarge { .. }
-            | Self::RouteNotFound
-            | Self::MethodNotAllowed
-            | Self::Timeout { .. }
-            | Self::Stalled { .. }
-            | Self::Engine(_)
-            | Self::Ledger(_) => None,
-        }
+        self.answer().param
     }
 
     /// How long a client should wait before retrying, for 429s.
     pub fn retry_after_ms(&self) -> Option<u64> {
-        match self {
-            Self::Engine(EngineError::Overloaded { retry_after_ms }) => {
-                Some(u64::from(*retry_after_ms))
-            }
-            Self::Ledger(LedgerError::RateLimited { retry_after_ms, .. }) => Some(*retry_after_ms),
-            _ => None,
-        }
+        self.answer().retry_after_ms
     }
 
     /// Whether the SDK should retry on its own (`x-should-retry`); only set where its default
-    /// (retry every 429) would be wrong.
+    /// (retry every 429 and 409) would be wrong.
     pub fn should_retry(&self) -> Option<bool> {
-        match self {
-            // A conflict is final: retrying the same request id or key never succeeds.
-            Self::Ledger(
-                LedgerError::InsufficientQuota { .. }
-                | LedgerError::IdempotencyKeyReused { .. }
-                | LedgerError::DuplicateRequest { .. },
-            ) => Some(false),
-            _ => None,
-        }
+        self.answer().should_retry
     }
 
     fn level(&self) -> Level {
@@ -317,12 +228,12 @@ impl ApiError {
 
     /// The message shown to the client: 5xx bodies never carry internal detail, only the id.
     pub fn public_message(&self, request_id: Option<RequestId>) -> String {
-        if self.status().is_server_error() {
-            let what = match self {
-                Self::Timeout { .. }
-                | Self::Stalled { .. }
-                | Self::Engine(EngineError::NoBackendInRegion { .. }) => self.to_string(),
-                _ => "internal server error".to_owned(),
+        let answer = self.answer();
+        if answer.status.is_server_error() {
+            let what = if answer.message_public {
+                self.to_string()
+            } else {
+                "internal server error".to_owned()
             };
             match request_id {
                 Some(id) => format!("{what} (request id {id})"),
@@ -352,6 +263,160 @@ impl ApiError {
             Level::Error => tracing::error!(code, error = %self, "request failed"),
             Level::Warn => tracing::warn!(code, error = %self, "request rejected"),
             Level::Debug => tracing::debug!(code, error = %self, "request rejected"),
+        }
+    }
+}
+
+/// Everything the HTTP boundary needs to answer one error.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    status: StatusCode,
+    code: &'static str,
+    param: Option<&'static str>,
+    retry_after_ms: Option<u64>,
+    should_retry: Option<bool>,
+    /// A 5xx whose own message carries no internal detail and may be shown to the client.
+    message_public: bool,
+}
+
+impl Answer {
+    fn new(status: StatusCode, code: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            param: None,
+            retry_after_ms: None,
+            should_retry: None,
+            message_public: false,
+        }
+    }
+
+    fn param(self, param: &'static str) -> Self {
+        Self {
+            param: Some(param),
+            ..self
+        }
+    }
+
+    fn retry_after_ms(self, ms: u64) -> Self {
+        Self {
+            retry_after_ms: Some(ms),
+            ..self
+        }
+    }
+
+    /// Final: retrying the same request never succeeds (`x-should-retry: false`).
+    fn no_retry(self) -> Self {
+        Self {
+            should_retry: Some(false),
+            ..self
+        }
+    }
+
+    fn public(self) -> Self {
+        Self {
+            message_public: true,
+            ..self
+        }
+    }
+}
+
+fn engine_answer(error: &EngineError) -> Answer {
+    match error {
+        EngineError::Overloaded { retry_after_ms } => {
+            Answer::new(StatusCode::TOO_MANY_REQUESTS, "overloaded")
+                .retry_after_ms(u64::from(*retry_after_ms))
+        }
+        EngineError::ContextLengthExceeded { .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "context_length_exceeded")
+        }
+        EngineError::InvalidRequest { param, .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param(param)
+        }
+        EngineError::ExceedsMemoryBudget { .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "model_exceeds_memory_budget")
+        }
+        // The chat template rejected the conversation (or the model has none): the request's
+        // `messages` cannot be rendered for this model.
+        EngineError::Template { .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param("messages")
+        }
+        EngineError::Load { .. }
+        | EngineError::Scheduler { .. }
+        | EngineError::Tokenize { .. }
+        | EngineError::Decode { .. }
+        | EngineError::Embedding { .. } => {
+            Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+        }
+        EngineError::ShutDown => Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        EngineError::NoBackendInRegion { .. } => {
+            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "no_backend_in_region").public()
+        }
+        EngineError::Backend { .. } => Answer::new(StatusCode::BAD_GATEWAY, "backend_failed"),
+    }
+}
+
+/// The same ledger error gets the same answer on every endpoint: what names a thing that does
+/// not exist is a 404, what rejects the caller's value a 400, wherever the call came from.
+fn ledger_answer(error: &LedgerError) -> Answer {
+    match error {
+        LedgerError::Database(_) | LedgerError::WriterFailed => {
+            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+        LedgerError::KeyRevoked { .. } => Answer::new(StatusCode::UNAUTHORIZED, "invalid_api_key"),
+        LedgerError::InsufficientQuota { .. } => {
+            Answer::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota").no_retry()
+        }
+        LedgerError::RateLimited { retry_after_ms, .. } => {
+            Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
+                .retry_after_ms(*retry_after_ms)
+        }
+        LedgerError::DuplicateRequest { .. } => {
+            Answer::new(StatusCode::CONFLICT, "duplicate_request_id").no_retry()
+        }
+        LedgerError::IdempotencyKeyReused { .. } => {
+            Answer::new(StatusCode::CONFLICT, "idempotency_key_reused").no_retry()
+        }
+        LedgerError::TenantNotFound { .. } | LedgerError::KeyNotFound { .. } => {
+            Answer::new(StatusCode::NOT_FOUND, "resource_not_found")
+        }
+        LedgerError::TenantCurrencyConflict { .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param("currency")
+        }
+        LedgerError::OutOfRange { field } => {
+            Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param(field)
+        }
+        LedgerError::Core(error) => core_answer(error),
+        // A price in another currency than the account: the operator's configuration.
+        LedgerError::CurrencyMismatch { .. }
+        | LedgerError::Migrate(_)
+        | LedgerError::UnsupportedUrl
+        | LedgerError::Corrupt { .. }
+        | LedgerError::Invariant { .. }
+        | LedgerError::PriceNotFound { .. }
+        | LedgerError::PriceVersionConflict { .. }
+        | LedgerError::ReservationNotFound { .. }
+        | LedgerError::ReservationMismatch { .. } => {
+            Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+        }
+    }
+}
+
+/// A core error that reached the ledger: a value the caller gave (an id, an amount, a currency)
+/// is a 400; configuration errors and money overflow (amounts are bounded before any
+/// arithmetic, so an overflow is a broken invariant) are a 500.
+fn core_answer(error: &CoreError) -> Answer {
+    match error {
+        CoreError::InvalidId { .. }
+        | CoreError::InvalidAmount { .. }
+        | CoreError::UnknownCurrency { .. } => {
+            Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
+        CoreError::ConfigRead { .. }
+        | CoreError::ConfigParse { .. }
+        | CoreError::ConfigInvalid { .. }
+        | CoreError::MoneyOverflow { .. } => {
+            Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
         }
     }
 }
@@ -444,6 +509,24 @@ mod tests {
             EngineError::ShutDown.into(),
             LedgerError::UnsupportedUrl.into(),
             LedgerError::KeyNotFound { key_id: "k".into() }.into(),
+            LedgerError::TenantNotFound {
+                tenant: tidepool_core::TenantId::new("t").unwrap(),
+            }
+            .into(),
+            LedgerError::CurrencyMismatch {
+                expected: tidepool_core::Currency::parse("USD").unwrap(),
+                found: tidepool_core::Currency::parse("EUR").unwrap(),
+            }
+            .into(),
+            LedgerError::TenantCurrencyConflict {
+                tenant: tidepool_core::TenantId::new("t").unwrap(),
+                existing: tidepool_core::Currency::parse("USD").unwrap(),
+                requested: tidepool_core::Currency::parse("EUR").unwrap(),
+            }
+            .into(),
+            LedgerError::Core(CoreError::InvalidAmount { value: "x".into() }).into(),
+            LedgerError::Core(CoreError::MoneyOverflow { what: "x" }).into(),
+            LedgerError::Invariant { what: "x" }.into(),
             LedgerError::OutOfRange { field: "f" }.into(),
             LedgerError::Corrupt { what: "w" }.into(),
             LedgerError::WriterFailed.into(),
@@ -532,5 +615,42 @@ mod tests {
             .retry_after_ms(),
             Some(1500)
         );
+    }
+
+    #[test]
+    fn a_ledger_error_has_one_answer_on_every_endpoint() {
+        // What names something that does not exist is a 404, what rejects a value the caller
+        // gave a 400, on the admin API and on the OpenAI endpoints alike (there is no second
+        // mapping for admin handlers).
+        let tenant = tidepool_core::TenantId::new("nobody").unwrap();
+        let missing = [
+            ApiError::from(LedgerError::TenantNotFound { tenant }),
+            ApiError::from(LedgerError::KeyNotFound { key_id: "k".into() }),
+        ];
+        for error in &missing {
+            assert_eq!(error.status(), StatusCode::NOT_FOUND, "{error}");
+            assert_eq!(error.code(), "resource_not_found", "{error}");
+            assert_eq!(error.kind(), "invalid_request_error", "{error}");
+        }
+        let out_of_range = ApiError::from(LedgerError::OutOfRange { field: "budget" });
+        assert_eq!(out_of_range.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(out_of_range.param(), Some("budget"));
+        let currency = ApiError::from(LedgerError::TenantCurrencyConflict {
+            tenant: tidepool_core::TenantId::new("t").unwrap(),
+            existing: tidepool_core::Currency::parse("USD").unwrap(),
+            requested: tidepool_core::Currency::parse("EUR").unwrap(),
+        });
+        assert_eq!(
+            (currency.status(), currency.param()),
+            (StatusCode::BAD_REQUEST, Some("currency"))
+        );
+        // A price in another currency than the account is the operator's configuration.
+        let price = ApiError::from(LedgerError::CurrencyMismatch {
+            expected: tidepool_core::Currency::parse("USD").unwrap(),
+            found: tidepool_core::Currency::parse("EUR").unwrap(),
+        });
+        assert_eq!(price.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let overflow = ApiError::from(LedgerError::Core(CoreError::MoneyOverflow { what: "x" }));
+        assert_eq!(overflow.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -78,7 +78,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi))
+        .route("/openapi.json", get(openapi::openapi))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Bodies are read and bounded by `ApiJson` itself (see `extract::read_body`).

@@ -4,12 +4,10 @@
 //! so they are not `ApiError` variants (which each need a status): they are [`ServeError`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tidepool_core::{Backend, Config, ModelConfig, ModelKind};
 use tidepool_engine::EngineError;
 use tidepool_engine::embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
-use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_engine::llama::{LlamaEngine, LlamaEngineConfig};
 use tidepool_engine::multi::MultiModelConfig;
 use tidepool_ledger::{Ledger, LedgerError, PriceVersion};
@@ -42,6 +40,12 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
     #[error(transparent)]
     Backend(#[from] BackendSetupError),
+    /// `backend = "fake"` in a binary built without the cargo feature `fake`.
+    #[error(
+        "model `{model}` has backend = \"fake\": the fake engine is for tests and load benchmarks \
+         and is not built into this binary (build with `--features fake`)"
+    )]
+    FakeEngineNotBuilt { model: String },
 }
 
 /// The served models, and the pool that runs the llama.cpp ones when `[pool] enabled`.
@@ -64,6 +68,14 @@ fn pooled(config: &Config, model: &ModelConfig) -> bool {
 /// contexts: seconds of blocking work). Pooled models only open their vocabulary here; the
 /// pool loads their weights when it schedules them (after measuring each once).
 pub async fn load_models(config: &Config) -> Result<LoadedModels, ServeError> {
+    // Refused before anything loads: a default build never serves made-up tokens.
+    if !cfg!(feature = "fake")
+        && let Some(model) = config.models.iter().find(|m| m.backend == Backend::Fake)
+    {
+        return Err(ServeError::FakeEngineNotBuilt {
+            model: model.id.to_string(),
+        });
+    }
     let backends = start_backends(config).await?;
     let pool = start_pool(config).await?;
     let mut pooled_engines = pool
@@ -110,7 +122,7 @@ async fn start_backends(config: &Config) -> Result<Option<Arc<Backends>>, ServeE
         backends.probe_all_at_start().await?;
     }
     tracing::info!(
-        backends = backends.list.len(),
+        backends = backends.len(),
         region = %config.server.region,
         "remote backends ready"
     );
@@ -164,13 +176,7 @@ async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, S
     let kind = model.kind;
     let loaded = match (model.backend, kind) {
         (Backend::Fake, ModelKind::Chat | ModelKind::Completion) => {
-            let mut engine_config = FakeEngineConfig::new(id.clone());
-            engine_config.context_tokens = model.context_tokens;
-            engine_config.seqs_max = model.seqs_max;
-            engine_config.queue_len_max = limits.admission_queue_len_max;
-            engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
-            engine_config.decode_step_cost = Duration::from_micros(model.fake_decode_step_us);
-            Ok(FakeEngine::start(engine_config).map(|engine| ServedModel::text(kind, engine)))
+            return start_fake(config, model);
         }
         (Backend::Auto, ModelKind::Chat | ModelKind::Completion) => {
             let mut engine_config = LlamaEngineConfig::new(id.clone(), path);
@@ -212,6 +218,34 @@ async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, S
             model: id.to_string(),
             source,
         })
+}
+
+/// The deterministic fake engine of a `backend = "fake"` text model (tests and load benchmarks).
+#[cfg(feature = "fake")]
+fn start_fake(config: &Config, model: &ModelConfig) -> Result<ServedModel, ServeError> {
+    use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
+    let limits = &config.limits;
+    let mut engine_config = FakeEngineConfig::new(model.id.clone());
+    engine_config.context_tokens = model.context_tokens;
+    engine_config.seqs_max = model.seqs_max;
+    engine_config.queue_len_max = limits.admission_queue_len_max;
+    engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
+    engine_config.decode_step_cost = std::time::Duration::from_micros(model.fake_decode_step_us);
+    let kind = model.kind;
+    FakeEngine::start(engine_config)
+        .map(|engine| ServedModel::text(kind, engine))
+        .map_err(|source| ServeError::Engine {
+            model: model.id.to_string(),
+            source,
+        })
+}
+
+/// Without the `fake` feature there is no fake engine (`load_models` refuses such a config first).
+#[cfg(not(feature = "fake"))]
+fn start_fake(_config: &Config, model: &ModelConfig) -> Result<ServedModel, ServeError> {
+    Err(ServeError::FakeEngineNotBuilt {
+        model: model.id.to_string(),
+    })
 }
 
 /// Makes each configured model's price the one in force in the ledger's price book (a new

@@ -160,16 +160,15 @@ pub(crate) fn client_disconnect(model: &str) {
 }
 
 /// A backend's health and breaker gauges (backend ids are configured: a closed set).
-pub(crate) fn backend_state(
-    backend: &crate::backends::Backend,
-    breaker: crate::backends::BreakerState,
-) {
-    let up = backend.status_healthy();
-    gauge!(BACKEND_UP, "backend" => backend.id.clone(), "region" => backend.region.clone(),
-        "zone" => backend.zone.clone())
+pub(crate) fn backend_state(backend: &str, region: &str, zone: &str, up: bool, breaker_open: bool) {
+    gauge!(BACKEND_UP, "backend" => backend.to_owned(), "region" => region.to_owned(),
+        "zone" => zone.to_owned())
     .set(if up { 1.0 } else { 0.0 });
-    let open = breaker != crate::backends::BreakerState::Closed;
-    gauge!(BACKEND_BREAKER_OPEN, "backend" => backend.id.clone()).set(if open { 1.0 } else { 0.0 });
+    gauge!(BACKEND_BREAKER_OPEN, "backend" => backend.to_owned()).set(if breaker_open {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub(crate) fn backend_attempt(backend: &str, outcome: &'static str, elapsed: Option<Duration>) {

@@ -56,19 +56,6 @@ fn text_engine(
     }
 }
 
-/// Renders a chat template; a template that rejects the conversation is the caller's 400.
-fn render_chat(
-    engine: &dyn TextEngine,
-    messages: &[tidepool_engine::ChatMessage],
-) -> Result<String, ApiError> {
-    engine
-        .apply_chat_template(messages)
-        .map_err(|error| match error {
-            EngineError::Template { reason } => ApiError::invalid_param("messages", reason),
-            other => other.into(),
-        })
-}
-
 macro_rules! authenticated {
     ($state:expr, $headers:expr, $request_id:expr, $endpoint:expr) => {
         match authenticate(&$state, &$headers, $request_id, $endpoint).await {
@@ -147,7 +134,8 @@ pub(crate) async fn chat_completions(
             None => validate::max_tokens("max_tokens", request.sampling.max_tokens, limits)?,
         };
         let messages = validate::messages(&request.messages, limits)?;
-        let prompt_text = render_chat(engine.as_ref(), &messages)?;
+        // A template that rejects the conversation is the caller's 400 (`ApiError`'s mapping).
+        let prompt_text = engine.apply_chat_template(&messages)?;
         Ok::<_, ApiError>(TextJob {
             flavor: Flavor::Chat,
             messages: engine.is_remote().then_some(messages),
@@ -439,20 +427,6 @@ pub(crate) async fn metrics() -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         crate::metrics::render(),
-    )
-        .into_response()
-}
-
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "ops",
-    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json"))
-)]
-pub(crate) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        crate::openapi::document(),
     )
         .into_response()
 }

@@ -397,6 +397,15 @@ async fn admin_api_runs_a_tenant_from_credit_to_statement() {
     assert_eq!(json(created).await["currency"], "EUR");
     let missing = admin("GET", "/admin/tenants/nobody", None).await;
     expect_error(missing, StatusCode::NOT_FOUND, "resource_not_found").await;
+    // The admin API has no mapping of its own: the same ledger error raised on any endpoint
+    // answers with the same status and code.
+    let same = tidepool_gateway::ApiError::from(tidepool_ledger::LedgerError::TenantNotFound {
+        tenant: TenantId::new("nobody").unwrap(),
+    });
+    assert_eq!(
+        (same.status(), same.code()),
+        (StatusCode::NOT_FOUND, "resource_not_found")
+    );
     let bad_amount = admin(
         "POST",
         "/admin/tenants/initech/credits",

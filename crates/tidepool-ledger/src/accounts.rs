@@ -199,10 +199,11 @@ impl Ledger {
         if stored == currency.as_str() {
             Ok(())
         } else {
-            Err(LedgerError::CurrencyMismatch {
-                expected: Currency::parse(&stored)
+            Err(LedgerError::TenantCurrencyConflict {
+                tenant: tenant.clone(),
+                existing: Currency::parse(&stored)
                     .map_err(|_| LedgerError::Corrupt { what: "currency" })?,
-                found: currency,
+                requested: currency,
             })
         }
     }

@@ -8,6 +8,7 @@
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId, TokenCount};
 
 use crate::accounts::ProjectId;
+use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 use crate::month::Month;
 use crate::price::{PriceVersion, hold_for};
 use crate::store::on_store;
@@ -34,51 +35,6 @@ pub struct ReserveRequest {
     pub completion_tokens_max: TokenCount,
     /// The client's `Idempotency-Key`, if any (unique per tenant, forever).
     pub idempotency_key: Option<String>,
-}
-
-/// Where a reservation did not fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaScope {
-    /// The tenant's prepaid balance (minus other open holds).
-    Balance,
-    ProjectBudget,
-    KeyBudget,
-}
-
-/// Which per-minute limit was hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateKind {
-    Requests,
-    Tokens,
-}
-
-/// The lifecycle of a reservation: `Open` → `Settled` | `Voided`, nothing else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReservationState {
-    Open,
-    Settled,
-    Voided,
-}
-
-impl ReservationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Open => "open",
-            Self::Settled => "settled",
-            Self::Voided => "voided",
-        }
-    }
-
-    pub(crate) fn parse(text: &str) -> Result<Self, LedgerError> {
-        match text {
-            "open" => Ok(Self::Open),
-            "settled" => Ok(Self::Settled),
-            "voided" => Ok(Self::Voided),
-            _ => Err(LedgerError::Corrupt {
-                what: "reservation state",
-            }),
-        }
-    }
 }
 
 /// One window of one limit, for `x-ratelimit-*` headers.
@@ -211,7 +167,9 @@ impl Ledger {
                 return Err(LedgerError::IdempotencyKeyReused {
                     original_request_id: RequestId::parse(&previous_id)
                         .map_err(|_| LedgerError::Corrupt { what: "request id" })?,
-                    state: ReservationState::parse(&state)?,
+                    state: ReservationState::parse(&state).ok_or(LedgerError::Corrupt {
+                        what: "reservation state",
+                    })?,
                 });
             }
             let used: Option<i64> = sqlx::query_scalar("SELECT 1 FROM usage_entries WHERE request_id = $1")
@@ -393,7 +351,9 @@ impl Ledger {
                         (RateKind::Tokens, tpm_bound)
                     };
                     return Err(LedgerError::RateLimited {
-                        scope: crate::error::rate_scope_kind(&scope)?,
+                        scope: RateScopeKind::parse(&scope).ok_or(LedgerError::Corrupt {
+                            what: "rate limit scope",
+                        })?,
                         kind,
                         limit: to_u32_saturating(limit),
                         retry_after_ms: reset_ms,

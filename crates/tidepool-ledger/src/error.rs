@@ -2,28 +2,7 @@
 
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 
-use crate::billing::{QuotaScope, RateKind, ReservationState};
-
-/// Which kind of scope an RPM/TPM limit belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateScopeKind {
-    Key,
-    Project,
-    Model,
-}
-
-impl RateScopeKind {
-    pub(crate) fn parse(text: &str) -> Result<Self, LedgerError> {
-        match text {
-            "key" => Ok(Self::Key),
-            "project" => Ok(Self::Project),
-            "model" => Ok(Self::Model),
-            _ => Err(LedgerError::Corrupt {
-                what: "rate limit scope",
-            }),
-        }
-    }
-}
+use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 
 /// Everything the ledger can fail with. The gateway maps each variant to an HTTP status in one
 /// exhaustive `match`; the suggested mapping is in docs/ledger.md.
@@ -52,8 +31,17 @@ pub enum LedgerError {
     KeyRevoked { key_id: KeyId },
     #[error("tenant `{tenant}` not found")]
     TenantNotFound { tenant: TenantId },
+    /// A model's price is in another currency than the tenant's account (a configuration error:
+    /// Tidepool never converts).
     #[error("currency mismatch: the account is in {expected}, the price in {found}")]
     CurrencyMismatch { expected: Currency, found: Currency },
+    /// `create_tenant` of an existing tenant with another currency than its account's.
+    #[error("tenant `{tenant}` already has an account in {existing}, not {requested}")]
+    TenantCurrencyConflict {
+        tenant: TenantId,
+        existing: Currency,
+        requested: Currency,
+    },
     #[error("model `{model}` has no price in force")]
     PriceNotFound { model: ModelId },
     #[error("model `{model}` already has a different price from {effective_from_ms} ms")]
@@ -112,8 +100,4 @@ impl LedgerError {
             Some("40P01" | "40001" | "5" | "6" | "517" | "261")
         )
     }
-}
-
-pub(crate) fn rate_scope_kind(text: &str) -> Result<RateScopeKind, LedgerError> {
-    RateScopeKind::parse(text)
 }

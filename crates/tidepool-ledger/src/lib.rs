@@ -16,6 +16,7 @@ mod billing;
 mod clock;
 mod error;
 mod keys;
+mod kinds;
 mod month;
 pub mod price;
 mod recovery;
@@ -36,12 +37,13 @@ pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,
 };
 pub use billing::{
-    HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, QuotaScope, RATE_WINDOW_MS, RateKind,
-    RateLimitStatus, Reservation, ReservationState, ReserveRequest, WindowStatus,
+    HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RateLimitStatus, Reservation,
+    ReserveRequest, WindowStatus,
 };
 pub use clock::{Clock, SystemClock};
-pub use error::{LedgerError, RateScopeKind};
+pub use error::LedgerError;
 pub use keys::{KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN};
+pub use kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 pub use month::Month;
 pub use price::{BilledTokens, PriceVersion};
 pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};

@@ -13,7 +13,7 @@ use sqlx::QueryBuilder;
 use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::billing::ReservationState;
+use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::store::{Store, on_store, to_i64};
 use crate::usage::{status_parts, validate_entry};
@@ -153,7 +153,9 @@ fn held_from_row(row: ReservationRow) -> Result<(String, Held), LedgerError> {
         prompt_tokens_max: prompt_max,
         completion_tokens_max: completion_max,
         hold: Nanos(hold),
-        state: ReservationState::parse(&state)?,
+        state: ReservationState::parse(&state).ok_or(LedgerError::Corrupt {
+            what: "reservation state",
+        })?,
         stored_cost,
     };
     Ok((request_id, held))

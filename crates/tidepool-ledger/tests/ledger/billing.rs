@@ -322,7 +322,7 @@ async fn admission_errors(db: Arc<TestDb>) {
         .unwrap();
     assert!(matches!(
         f.ledger.create_tenant(&euro, Currency::USD).await,
-        Err(LedgerError::CurrencyMismatch { .. })
+        Err(LedgerError::TenantCurrencyConflict { .. })
     ));
     f.ledger
         .credit(&euro, Nanos(1_000_000), "prepaid")
