@@ -30,7 +30,10 @@ const WARMUP_PROMPT_TOKENS: u32 = 16;
 fn tidepool_child() -> anyhow::Result<Command> {
     let mut command = Command::new(std::env::current_exe()?);
     for (name, _) in std::env::vars_os() {
-        if name.to_str().is_some_and(|n| n.starts_with("TIDEPOOL_") && n.contains("__")) {
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with("TIDEPOOL_") && n.contains("__"))
+        {
             command.env_remove(name);
         }
     }
