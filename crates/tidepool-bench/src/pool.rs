@@ -540,7 +540,7 @@ mod tests {
             let text = server_config(
                 policy,
                 8080,
-                "sqlite:///tmp/x \"y\".db",
+                "sqlite:///srv/x \"y\".db",
                 Path::new("/models"),
                 &models,
                 &args.knobs(),
@@ -551,7 +551,7 @@ mod tests {
             assert!(!config.billing.enforce);
             assert_eq!(config.pool.memory_models_max, Some(MEMORY_MODELS_MAX));
             assert_eq!(config.pool.ttft_slo_ms, args.ttft_slo_ms);
-            assert_eq!(config.server.database_url, "sqlite:///tmp/x \"y\".db");
+            assert_eq!(config.server.database_url, "sqlite:///srv/x \"y\".db");
         }
     }
 }

@@ -88,12 +88,26 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Where `serve` listens and which ledger it uses (flags override the config file).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub listen: String,
     pub database_url: String,
     /// Bearer token of the admin API; `None` disables it.
     pub admin_token: Option<String>,
+}
+
+/// Secrets never reach a log: the database password and the admin token are redacted.
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("listen", &self.listen)
+            .field(
+                "database_url",
+                &tidepool_core::config::redact_url(&self.database_url),
+            )
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// How often a replica sweeps for reservations that dead replicas left open.
@@ -215,4 +229,27 @@ async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, 
     );
     sync_prices(config, &ledger).await?;
     Ok(ledger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_and_state_options_never_print_secrets() {
+        let options = ServeOptions {
+            listen: "127.0.0.1:8080".to_owned(),
+            database_url: "postgres://tidepool:hunter2@db/tidepool".to_owned(),
+            admin_token: Some("admin-secret-token".to_owned()),
+        };
+        let printed = format!("{options:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("admin-secret-token"), "{printed}");
+        assert!(printed.contains("127.0.0.1:8080"), "{printed}");
+
+        let mut state = StateOptions::new(tidepool_core::Limits::default());
+        state.admin_token = Some("admin-secret-token".to_owned());
+        let printed = format!("{state:?}");
+        assert!(!printed.contains("admin-secret-token"), "{printed}");
+    }
 }

@@ -81,7 +81,7 @@ struct Inner {
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StateOptions {
     pub limits: Limits,
     pub billing: BillingConfig,
@@ -97,6 +97,21 @@ pub struct StateOptions {
     pub region: String,
     /// Residency pins per tenant and per project (`[residency]`).
     pub residency: ResidencyConfig,
+}
+
+/// Secrets never reach a log: the admin token is redacted.
+impl std::fmt::Debug for StateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateOptions")
+            .field("limits", &self.limits)
+            .field("billing", &self.billing)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("pool", &self.pool.is_some())
+            .field("backends", &self.backends.is_some())
+            .field("region", &self.region)
+            .field("residency", &self.residency)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StateOptions {
