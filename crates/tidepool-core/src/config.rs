@@ -516,10 +516,8 @@ impl Config {
 
     /// Parses and validates config text; `path` is only for error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, CoreError> {
-        let config: Self = toml::from_str(text).map_err(|source| CoreError::ConfigParse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let config: Self =
+            toml::from_str(text).map_err(|error| CoreError::config_parse(path, text, &error))?;
         config.validate()?;
         Ok(config)
     }
@@ -811,6 +809,23 @@ price_output_per_mtok = 600000000
             Config::parse(&dup, Path::new("t.toml")),
             Err(CoreError::ConfigInvalid { .. })
         ));
+    }
+
+    #[test]
+    fn a_parse_error_names_the_place_without_quoting_the_line() {
+        let text =
+            "[server]\nlisten = \"127.0.0.1:8080\"\ndatabase_url = \"postgres://u:hunter2@db/tp\n";
+        let error = Config::parse(text, Path::new("t.toml")).unwrap_err();
+        let printed = error.to_string();
+        assert!(
+            matches!(error, CoreError::ConfigParse { line: 3, .. }),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("t.toml") && printed.contains("line 3"),
+            "{printed}"
+        );
     }
 
     const REMOTE: &str = r#"

@@ -11,11 +11,14 @@ pub enum CoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {source}")]
+    /// Not valid TOML, or a key or type the configuration does not have. The message names the
+    /// place by line and column and never quotes the file's text (a line may hold a password).
+    #[error("config file {path} is not valid: line {line}, column {column}: {message}")]
     ConfigParse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        line: usize,
+        column: usize,
+        message: String,
     },
     /// Every problem found, not just the first: values out of range, relations that do not
     /// hold, and environment overrides that name no key or do not parse.
@@ -49,5 +52,22 @@ impl FieldError {
             out.push_str(&e.reason);
             out
         })
+    }
+}
+
+impl CoreError {
+    /// A TOML parse error of `text` (read from `path`), by line and column, without the excerpt
+    /// of the offending line that `toml`'s own message carries.
+    pub fn config_parse(path: &std::path::Path, text: &str, error: &toml::de::Error) -> Self {
+        let start = error.span().map_or(0, |span| span.start).min(text.len());
+        let before = text.get(..start).unwrap_or_default();
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Self::ConfigParse {
+            path: path.to_owned(),
+            line,
+            column,
+            message: error.message().trim().to_owned(),
+        }
     }
 }

@@ -145,10 +145,7 @@ impl Resolved {
         K: AsRef<str>,
         V: AsRef<str>,
     {
-        let parse_error = |source| CoreError::ConfigParse {
-            path: origin.to_owned(),
-            source: Box::new(source),
-        };
+        let parse_error = |error| CoreError::config_parse(origin, text, &error);
         let config: Config = toml::from_str(text).map_err(parse_error)?;
         let file: Table = toml::from_str(text).map_err(parse_error)?;
         let mut sources = BTreeMap::new();
