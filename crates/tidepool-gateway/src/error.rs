@@ -421,6 +421,45 @@ fn core_answer(error: &CoreError) -> Answer {
     }
 }
 
+/// An operator's load or unload refused by the pool (`POST /admin/models/{id}/load|unload`).
+/// A model request's pool errors reach the gateway as [`EngineError`]s: the runtime translates
+/// them where it knows the request (its prompt, its retry hint).
+impl From<tidepool_pool::PoolError> for ApiError {
+    fn from(error: tidepool_pool::PoolError) -> Self {
+        use tidepool_pool::PoolError;
+        match error {
+            PoolError::ModelNotFound { model } => Self::ResourceNotFound {
+                what: "pooled model",
+                id: model.to_string(),
+            },
+            PoolError::ModelBusy { model, reason } => Self::ModelBusy {
+                model: model.to_string(),
+                reason,
+            },
+            PoolError::ModelTooLarge {
+                bytes_needed,
+                memory_bytes_max,
+                ..
+            } => EngineError::ExceedsMemoryBudget {
+                bytes_needed,
+                memory_bytes_max,
+            }
+            .into(),
+            // An operator's load or unload queues no request: these are scheduler faults (500).
+            error @ (PoolError::QueueFull { .. }
+            | PoolError::RequestTooLong { .. }
+            | PoolError::DuplicateSeq { .. }
+            | PoolError::UnknownAction { .. }
+            | PoolError::EventMismatch { .. }
+            | PoolError::TimeWentBackwards { .. }
+            | PoolError::InvalidConfig { .. }) => EngineError::Scheduler {
+                reason: error.to_string(),
+            }
+            .into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
@@ -652,5 +691,40 @@ mod tests {
         assert_eq!(price.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let overflow = ApiError::from(LedgerError::Core(CoreError::MoneyOverflow { what: "x" }));
         assert_eq!(overflow.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn an_operators_pool_refusal_has_its_own_status() {
+        use tidepool_pool::PoolError;
+        let model = ModelId::new("m").unwrap();
+        let status = |error: PoolError| ApiError::from(error).status();
+        assert_eq!(
+            status(PoolError::ModelNotFound {
+                model: model.clone()
+            }),
+            StatusCode::NOT_FOUND
+        );
+        let busy = ApiError::from(PoolError::ModelBusy {
+            model: model.clone(),
+            reason: "pinned",
+        });
+        assert_eq!(busy.code(), "model_busy", "{busy}");
+        let too_large = ApiError::from(PoolError::ModelTooLarge {
+            model,
+            bytes_needed: 2,
+            memory_bytes_max: 1,
+        });
+        assert_eq!(
+            too_large.code(),
+            "model_exceeds_memory_budget",
+            "{too_large}"
+        );
+        assert_eq!(
+            status(PoolError::InvalidConfig {
+                field: "x".into(),
+                reason: "y"
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

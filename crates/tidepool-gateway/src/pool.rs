@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
 use tidepool_core::{ModelId, RequestId};
-use tidepool_pool::{PoolError, PoolStatus};
+use tidepool_pool::PoolStatus;
 use tidepool_runtime::PoolRuntime;
 use utoipa::ToSchema;
 
@@ -328,26 +328,7 @@ fn model_request(
     } else {
         runtime.request_unload(&model)
     };
-    result.map_err(|error| match error {
-        PoolError::ModelNotFound { .. } => not_found(),
-        PoolError::ModelBusy { model, reason } => ApiError::ModelBusy {
-            model: model.to_string(),
-            reason,
-        },
-        PoolError::ModelTooLarge {
-            bytes_needed,
-            memory_bytes_max,
-            ..
-        } => tidepool_engine::EngineError::ExceedsMemoryBudget {
-            bytes_needed,
-            memory_bytes_max,
-        }
-        .into(),
-        other => tidepool_engine::EngineError::Scheduler {
-            reason: other.to_string(),
-        }
-        .into(),
-    })?;
+    result?;
     let status = runtime.status();
     let state_now = status
         .models
