@@ -32,7 +32,7 @@ fn tidepool_child() -> anyhow::Result<Command> {
     for (name, _) in std::env::vars_os() {
         if name
             .to_str()
-            .is_some_and(|n| n.starts_with("TIDEPOOL_") && n.contains("__"))
+            .is_some_and(tidepool_core::config::is_config_var)
         {
             command.env_remove(name);
         }

@@ -505,15 +505,6 @@ impl Problems {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Self, CoreError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CoreError::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
     /// Parses and validates config text; `path` is only for error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, CoreError> {
         let config: Self =

@@ -479,33 +479,30 @@ impl Ledger {
         scope: &RateScope,
         limits: RateLimits,
     ) -> Result<(), LedgerError> {
-        let (kind, id) = scope.parts();
-        let rpm = limits.requests_per_minute.map(i64::from);
-        let tpm = limits.tokens_per_minute.map(i64::from);
-        on_store!(&self.store, pool => {
-            sqlx::query(
-                "INSERT INTO rate_limits (scope, scope_id, requests_per_minute, tokens_per_minute) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, scope_id) DO UPDATE SET \
-                 requests_per_minute = excluded.requests_per_minute, \
-                 tokens_per_minute = excluded.tokens_per_minute",
-            )
-            .bind(kind)
-            .bind(&id)
-            .bind(rpm)
-            .bind(tpm)
-            .execute(pool)
-            .await?;
-        });
-        Ok(())
+        let change = RateLimitsChange {
+            requests_per_minute: Some(limits.requests_per_minute),
+            tokens_per_minute: Some(limits.tokens_per_minute),
+        };
+        self.write_rate_limits(scope, change).await
     }
 
-    /// Changes only the limits `change` names, keeping the other as it is (in one statement,
-    /// so a concurrent change of the other limit is not lost), and returns the limits now set.
+    /// Changes only the limits `change` names, keeping the other as it is, and returns the
+    /// limits now set.
     pub async fn change_rate_limits(
         &self,
         scope: &RateScope,
         change: RateLimitsChange,
     ) -> Result<RateLimits, LedgerError> {
+        self.write_rate_limits(scope, change).await?;
+        self.rate_limits(scope).await
+    }
+
+    /// One statement, so a concurrent change of the limit `change` leaves alone is not lost.
+    async fn write_rate_limits(
+        &self,
+        scope: &RateScope,
+        change: RateLimitsChange,
+    ) -> Result<(), LedgerError> {
         let (kind, id) = scope.parts();
         let rpm = change.requests_per_minute.flatten().map(i64::from);
         let tpm = change.tokens_per_minute.flatten().map(i64::from);
@@ -527,7 +524,7 @@ impl Ledger {
             .execute(pool)
             .await?;
         });
-        self.rate_limits(scope).await
+        Ok(())
     }
 
     /// The RPM/TPM limits set on a key, project or model (both `None` if none are).
