@@ -25,6 +25,7 @@ mod replay;
 mod report;
 mod resident;
 mod score;
+mod search;
 mod sim;
 mod speed;
 mod table;

@@ -209,7 +209,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::report::finish_report;
     use crate::workload::tests::sweep;
-    use crate::workload::{build_workloads, planned_requests, warm_models};
+    use crate::workload::{Market, build_workloads, planned_requests, warm_models};
 
     const POLICIES: [&str; 3] = ["dedicated", "swap-lru", "token"];
 
@@ -233,6 +233,8 @@ pub(crate) mod tests {
     fn planned_row(policy: &str, replay: Vec<Request>) -> RateRow {
         RateRow {
             policy: policy.to_owned(),
+            market: Market::Short,
+            pass: 0,
             rate_per_s: 0.5,
             requests: 0,
             requests_failed: 0,
@@ -384,7 +386,7 @@ pub(crate) mod tests {
                 sustainable_rate_per_s: 0.0,
             })
             .collect();
-        let report = finish_report(models, policies, rows, &sweep, &knobs(), None);
+        let report = finish_report(models, policies, rows, Vec::new(), &sweep, &knobs(), None);
         let dir = std::env::temp_dir().join(format!("tidepool-replay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pool.json");

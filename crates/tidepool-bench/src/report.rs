@@ -12,14 +12,12 @@ use tidepool_sim::svg::{Series, line_chart};
 use tidepool_sim::workload::Request;
 
 use crate::actions::ActionTimes;
+use crate::search::{ATTAINMENT_SUSTAINABLE_MIN, SearchResult};
 use crate::workload::{
-    BenchModel, CONTEXT_TOKENS, MARKET_MODELS, MEMORY_MODELS_MAX, OUTPUT_TOKENS_DIVISOR,
+    BenchModel, CONTEXT_TOKENS, MARKET_MODELS, MEMORY_MODELS_MAX, Market, OUTPUT_TOKENS_DIVISOR,
     OUTPUT_TOKENS_MAX, OUTPUT_TOKENS_MIN, PROMPT_TOKENS_DIVISOR, PROMPT_TOKENS_MAX,
     PROMPT_TOKENS_MIN, SEQS_MAX, ServerKnobs, Slo, Sweep, ZIPF_S,
 };
-
-/// Token-SLO attainment a rate must reach to count as sustainable, as a fraction.
-pub(crate) const ATTAINMENT_SUSTAINABLE_MIN: f64 = 0.90;
 
 /// The run's results.
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,8 +45,13 @@ pub(crate) struct PoolBenchReport {
     /// The simulator profile every row was replayed with, if any.
     pub(crate) sim_profile: Option<String>,
     pub(crate) policies: Vec<PolicySummary>,
+    /// Per market, each policy's sustainable-rate search (absent in reports written before
+    /// markets: those swept one short market).
+    #[serde(default)]
+    pub(crate) markets: Vec<MarketResult>,
     pub(crate) rows: Vec<RateRow>,
-    /// `token` / `swap-lru` sustainable rate; absent when `swap-lru` sustained no rate.
+    /// `token` / `swap-lru` sustainable rate of the first market; absent when `swap-lru`
+    /// sustained no rate.
     pub(crate) token_vs_swap_lru: Option<f64>,
     /// `token` / `dedicated` sustainable rate; absent when `dedicated` sustained no rate.
     pub(crate) token_vs_dedicated: Option<f64>,
@@ -79,11 +82,47 @@ pub(crate) struct LengthScaling {
     pub(crate) output_tokens_max: u32,
 }
 
+/// One market's searches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct MarketResult {
+    pub(crate) market: Market,
+    /// Seconds of arrivals per probe.
+    pub(crate) duration_s: u32,
+    /// `output = clamp(trace / divisor, min, max)`; prompts as in `length_scaling`.
+    pub(crate) output_divisor: u32,
+    pub(crate) output_tokens_max: u32,
+    pub(crate) searches: Vec<PolicySearch>,
+}
+
+impl MarketResult {
+    /// A policy's sustainable rate over `swap-lru`'s (`None` if either is missing or zero).
+    pub(crate) fn ratio(&self, policy: &str, base: &str) -> Option<f64> {
+        let rate = |name: &str| {
+            self.searches
+                .iter()
+                .find(|s| s.policy == name)
+                .map(|s| s.result.sustainable_rate_per_s)
+        };
+        match (rate(policy), rate(base)) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        }
+    }
+}
+
+/// What one policy's search found in one market.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PolicySearch {
+    pub(crate) policy: String,
+    pub(crate) result: SearchResult,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct PolicySummary {
     pub(crate) policy: String,
     /// The budget the server reported (`GET /v1/pool`).
     pub(crate) memory_bytes_max: u64,
+    /// In the first market.
     pub(crate) sustainable_rate_per_s: f64,
 }
 
@@ -91,6 +130,12 @@ pub(crate) struct PolicySummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct RateRow {
     pub(crate) policy: String,
+    /// The market (absent in older reports: short).
+    #[serde(default)]
+    pub(crate) market: Market,
+    /// The interleaved pass the probe ran in (0-based).
+    #[serde(default)]
+    pub(crate) pass: u32,
     pub(crate) rate_per_s: f64,
     pub(crate) requests: u32,
     pub(crate) requests_failed: u32,
@@ -171,25 +216,23 @@ impl std::fmt::Display for RunSpeed {
 /// The report of a run: its rows and policies with the sweep, knobs and constants they ran under.
 pub(crate) fn finish_report(
     models: Vec<BenchModel>,
-    policies: Vec<PolicySummary>,
+    mut policies: Vec<PolicySummary>,
     rows: Vec<RateRow>,
+    markets: Vec<MarketResult>,
     sweep: &Sweep,
     knobs: &ServerKnobs,
     sim_profile: Option<&Path>,
 ) -> PoolBenchReport {
-    let sustainable = |name: &str| {
-        policies
-            .iter()
-            .find(|p| p.policy == name)
-            .map(|p| p.sustainable_rate_per_s)
-    };
-    let ratio = |base: &str| match (sustainable("token"), sustainable(base)) {
-        (Some(token), Some(base)) if base > 0.0 => Some(token / base),
-        _ => None,
-    };
+    let first = markets.first();
+    for summary in &mut policies {
+        summary.sustainable_rate_per_s = first
+            .and_then(|m| m.searches.iter().find(|s| s.policy == summary.policy))
+            .map_or(0.0, |s| s.result.sustainable_rate_per_s);
+    }
     PoolBenchReport {
-        token_vs_swap_lru: ratio("swap-lru"),
-        token_vs_dedicated: ratio("dedicated"),
+        token_vs_swap_lru: first.and_then(|m| m.ratio("token", "swap-lru")),
+        token_vs_dedicated: first.and_then(|m| m.ratio("token", "dedicated")),
+        markets,
         models,
         memory_models_max: MEMORY_MODELS_MAX,
         kv_saved_bytes_max: knobs.kv_saved_bytes_max,
@@ -222,35 +265,44 @@ pub(crate) fn finish_report(
 
 /// The attainment-vs-rate plot (with the simulator's replay, when run, as `… (sim)` series).
 fn plot(report: &PoolBenchReport) -> String {
-    let mut series: Vec<Series> = report
-        .policies
-        .iter()
-        .map(|p| Series {
-            name: p.policy.clone(),
-            points: report
-                .rows
-                .iter()
-                .filter(|r| r.policy == p.policy)
-                .map(|r| (r.rate_per_s, r.attainment * 100.0))
-                .collect(),
-        })
-        .collect();
-    for p in &report.policies {
-        let points: Vec<(f64, f64)> = report
-            .rows
-            .iter()
-            .filter(|r| r.policy == p.policy)
-            .filter_map(|r| {
-                r.sim
-                    .as_ref()
-                    .map(|sim| (r.rate_per_s, sim.attainment * 100.0))
-            })
-            .collect();
-        if !points.is_empty() {
+    let mut markets: Vec<Market> = report.rows.iter().map(|r| r.market).collect();
+    markets.sort_unstable();
+    markets.dedup();
+    let mut series: Vec<Series> = Vec::new();
+    for &market in &markets {
+        for p in &report.policies {
+            let rows = || {
+                report
+                    .rows
+                    .iter()
+                    .filter(move |r| r.policy == p.policy && r.market == market)
+            };
+            let sorted = |mut points: Vec<(f64, f64)>| {
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                points
+            };
+            let name = format!("{} ({})", p.policy, market.name());
             series.push(Series {
-                name: format!("{} (sim)", p.policy),
-                points,
+                name: name.clone(),
+                points: sorted(
+                    rows()
+                        .map(|r| (r.rate_per_s, r.attainment * 100.0))
+                        .collect(),
+                ),
             });
+            let sim: Vec<(f64, f64)> = rows()
+                .filter_map(|r| {
+                    r.sim
+                        .as_ref()
+                        .map(|sim| (r.rate_per_s, sim.attainment * 100.0))
+                })
+                .collect();
+            if !sim.is_empty() {
+                series.push(Series {
+                    name: format!("{name} sim"),
+                    points: sorted(sim),
+                });
+            }
         }
     }
     line_chart(

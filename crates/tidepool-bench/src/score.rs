@@ -10,7 +10,7 @@ use crate::actions::{ActionTimes, CountersView};
 use crate::client::{End, RequestOutcome};
 use crate::common::{as_f64, ms, percentile};
 use crate::report::RateRow;
-use crate::workload::Slo;
+use crate::workload::{Market, Slo};
 
 /// On-time and expected tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,15 +51,6 @@ fn score(outcome: &RequestOutcome, slo: Slo) -> Score {
         tokens_expected,
         tokens_on_time: u64::try_from(tokens_on_time).unwrap_or(u64::MAX),
     }
-}
-
-/// The highest rate whose attainment reaches `min` (0 if none).
-pub(crate) fn sustainable_rate(points: &[(f64, f64)], min: f64) -> f64 {
-    points
-        .iter()
-        .filter(|&&(_, attainment)| attainment >= min)
-        .map(|&(rate, _)| rate)
-        .fold(0.0, f64::max)
 }
 
 /// One rate of the sweep.
@@ -105,6 +96,8 @@ impl RateRun {
         let loads = after.loads.saturating_sub(before.loads);
         RateRow {
             policy: policy.to_owned(),
+            market: Market::default(),
+            pass: 0,
             rate_per_s: self.rate_per_s,
             requests: u32::try_from(outcomes.len()).unwrap_or(u32::MAX),
             requests_failed: failed,
@@ -183,14 +176,5 @@ mod tests {
         }
         assert!((total.attainment() - 5.0 / 19.0).abs() < 1e-12);
         assert!((Score::default().attainment() - 1.0).abs() < f64::EPSILON);
-    }
-
-    #[test]
-    fn sustainable_rate_is_the_highest_passing_rate() {
-        let points = [(0.5, 1.0), (1.0, 0.95), (2.0, 0.89), (3.0, 0.4)];
-        assert!((sustainable_rate(&points, 0.9) - 1.0).abs() < f64::EPSILON);
-        assert!(sustainable_rate(&[(1.0, 0.5)], 0.9).abs() < f64::EPSILON);
-        assert!(sustainable_rate(&[], 0.9).abs() < f64::EPSILON);
-        assert!((sustainable_rate(&[(4.0, 0.9)], 0.9) - 4.0).abs() < f64::EPSILON);
     }
 }

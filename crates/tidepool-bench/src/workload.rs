@@ -35,15 +35,71 @@ pub(crate) const PROMPT_TOKENS_MAX: u32 = 192;
 pub(crate) const OUTPUT_TOKENS_DIVISOR: u32 = 4;
 /// Fewest completion tokens asked, in tokens.
 pub(crate) const OUTPUT_TOKENS_MIN: u32 = 4;
-/// Most completion tokens asked, in tokens.
+/// Most completion tokens asked, in tokens (the short market).
 pub(crate) const OUTPUT_TOKENS_MAX: u32 = 64;
+/// Most completion tokens asked in the real-length market, whose outputs are the trace's own
+/// (mean 211, median 129, p90 424 tokens over the conversation trace), capped here.
+pub(crate) const LONG_OUTPUT_TOKENS_MAX: u32 = 256;
 /// Context of every model, in tokens: the longest prompt + output (256) with room for the prompt
 /// text tokenizing longer than planned.
 pub(crate) const CONTEXT_TOKENS: u32 = 512;
 const _: () = assert!(
-    PROMPT_TOKENS_MAX + OUTPUT_TOKENS_MAX <= CONTEXT_TOKENS,
+    PROMPT_TOKENS_MAX + OUTPUT_TOKENS_MAX <= CONTEXT_TOKENS
+        && PROMPT_TOKENS_MAX + LONG_OUTPUT_TOKENS_MAX <= CONTEXT_TOKENS,
     "the longest request must fit the context"
 );
+
+/// How the trace's lengths are fitted to the small CPU models. Prompts are the same in both
+/// markets; outputs differ.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Market {
+    /// Outputs divided by 4 and capped at 64 tokens (mean 38): short streams, little
+    /// head-of-line blocking for request-level swapping.
+    #[default]
+    Short,
+    /// The trace's own output lengths, capped at 256 tokens: a stream holds its model for tens
+    /// of seconds, the head-of-line blocking token-level switching removes.
+    Long,
+}
+
+impl Market {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Short => "short",
+            Self::Long => "long",
+        }
+    }
+
+    /// `(output divisor, output cap)` in tokens.
+    pub(crate) fn output_scaling(self) -> (u32, u32) {
+        match self {
+            Self::Short => (OUTPUT_TOKENS_DIVISOR, OUTPUT_TOKENS_MAX),
+            Self::Long => (1, LONG_OUTPUT_TOKENS_MAX),
+        }
+    }
+
+    /// The trace's lengths scaled to the small models: `(prompt, output)` tokens.
+    pub(crate) fn scale_lengths(self, prompt_tokens: u32, output_tokens: u32) -> (u32, u32) {
+        let (divisor, cap) = self.output_scaling();
+        (
+            (prompt_tokens / PROMPT_TOKENS_DIVISOR).clamp(PROMPT_TOKENS_MIN, PROMPT_TOKENS_MAX),
+            (output_tokens / divisor).clamp(OUTPUT_TOKENS_MIN, cap),
+        )
+    }
+}
 /// Continuous-batching slots of every model.
 pub(crate) const SEQS_MAX: u32 = 4;
 
@@ -91,6 +147,8 @@ pub(crate) struct Sweep {
     pub(crate) duration_s: u32,
     /// Seed of the market generator.
     pub(crate) seed: u64,
+    /// How lengths are scaled.
+    pub(crate) market: Market,
 }
 
 /// The `[pool]` settings every server of the sweep runs with; the simulator's replay runs with
@@ -105,14 +163,6 @@ pub(crate) struct ServerKnobs {
     pub(crate) prefill_cold_lazy: bool,
     pub(crate) round_resident_first: bool,
     pub(crate) prefill_riders: bool,
-}
-
-/// The trace's lengths scaled to the small models: `(prompt, output)` tokens.
-pub(crate) fn scale_lengths(prompt_tokens: u32, output_tokens: u32) -> (u32, u32) {
-    (
-        (prompt_tokens / PROMPT_TOKENS_DIVISOR).clamp(PROMPT_TOKENS_MIN, PROMPT_TOKENS_MAX),
-        (output_tokens / OUTPUT_TOKENS_DIVISOR).clamp(OUTPUT_TOKENS_MIN, OUTPUT_TOKENS_MAX),
-    )
 }
 
 /// The GGUF of a profile family: by name, else index 0 → SmolLM2 and the others → Gemma.
@@ -179,6 +229,7 @@ pub(crate) fn build_workloads(
         rates,
         duration_s,
         seed,
+        market: lengths,
     } = sweep;
     let profile = Profile::load(PROFILE).with_context(|| format!("profile `{PROFILE}`"))?;
     let rows: Vec<TraceRow> =
@@ -216,7 +267,7 @@ pub(crate) fn build_workloads(
             .iter()
             .map(|r| {
                 let (prompt_tokens, output_tokens) =
-                    scale_lengths(r.prompt_tokens, r.output_tokens);
+                    lengths.scale_lengths(r.prompt_tokens, r.output_tokens);
                 BenchRequest {
                     at: Duration::from_nanos(r.at_ns),
                     model: usize::try_from(r.model).unwrap_or(0),
@@ -300,14 +351,30 @@ pub(crate) mod tests {
             rates: rates.to_vec(),
             duration_s,
             seed: 7,
+            market: Market::Short,
         }
     }
 
     #[test]
     fn lengths_are_scaled_and_capped() {
-        assert_eq!(scale_lengths(1000, 200), (125, 50));
-        assert_eq!(scale_lengths(10, 2), (PROMPT_TOKENS_MIN, OUTPUT_TOKENS_MIN));
-        assert_eq!(scale_lengths(100_000, 4000), (192, 64));
+        let short = Market::Short;
+        assert_eq!(short.scale_lengths(1000, 200), (125, 50));
+        assert_eq!(
+            short.scale_lengths(10, 2),
+            (PROMPT_TOKENS_MIN, OUTPUT_TOKENS_MIN)
+        );
+        assert_eq!(short.scale_lengths(100_000, 4000), (192, 64));
+        // The real-length market keeps the trace's outputs up to its cap; prompts as short.
+        let long = Market::Long;
+        assert_eq!(long.scale_lengths(1000, 200), (125, 200));
+        assert_eq!(
+            long.scale_lengths(10, 2),
+            (PROMPT_TOKENS_MIN, OUTPUT_TOKENS_MIN)
+        );
+        assert_eq!(
+            long.scale_lengths(100_000, 4000),
+            (192, LONG_OUTPUT_TOKENS_MAX)
+        );
     }
 
     #[test]

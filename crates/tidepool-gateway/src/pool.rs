@@ -96,6 +96,8 @@ pub struct PoolCountersOut {
     pub decode_steps: u64,
     /// Tokens decoding sequences emitted riding in another request's prefill batch.
     pub rider_tokens: u64,
+    /// Decode turns `token` left out of a round because their cold model could wait.
+    pub switches_deferred: u64,
     pub requests_admitted: u64,
     pub requests_finished: u64,
     pub requests_cancelled: u64,
@@ -185,6 +187,7 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
             prefills: c.prefills,
             decode_steps: c.decode_steps,
             rider_tokens: c.rider_tokens,
+            switches_deferred: c.switches_deferred,
             requests_admitted: c.requests_admitted,
             requests_finished: c.requests_finished,
             requests_cancelled: c.requests_cancelled,

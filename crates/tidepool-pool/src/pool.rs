@@ -200,6 +200,8 @@ pub struct Pool {
     pub(crate) round: Vec<Turn>,
     pub(crate) turn: usize,
     pub(crate) prefill_credit: bool,
+    /// When the latest load was handed out (`token` spaces switches by the turn quota).
+    pub(crate) last_load_ns: Option<u64>,
     pub(crate) ledger: Ledger,
     pub(crate) kv_reserved_bytes: u64,
     pub(crate) counters: PoolCounters,
@@ -266,6 +268,7 @@ impl Pool {
             round: Vec::new(),
             turn: 0,
             prefill_credit: true,
+            last_load_ns: None,
             ledger: Ledger::default(),
             kv_reserved_bytes: 0,
             counters: PoolCounters::default(),
@@ -870,6 +873,7 @@ impl Pool {
         );
         m.residency = Residency::Loading;
         m.last_switch_ns = Some(self.now_ns);
+        self.last_load_ns = Some(self.now_ns);
         self.ledger.resident_bytes += bytes;
         self.counters.loads += 1;
         Action::Load {

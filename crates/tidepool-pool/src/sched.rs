@@ -183,7 +183,10 @@ impl Pool {
                     return false;
                 }
                 self.target = None;
-                self.turn += 1;
+                // A turn run in place of a switch may come from outside the round.
+                if self.round.get(self.turn) == Some(&turn) {
+                    self.turn += 1;
+                }
                 self.prefill_credit = true;
                 self.emit(turn.model, Work::Decode(seqs, turn.steps), actions);
                 true
@@ -213,6 +216,7 @@ impl Pool {
     /// and the next decode turn. Prefill runs when it holds a credit (one group per decode
     /// turn), when its head is about to miss its TTFT, or when nothing decodes.
     pub(crate) fn current_target(&mut self) -> Option<Target> {
+        let spaced = self.switch_spacing_active();
         if let Some(target) = self.target {
             let valid = match target {
                 Target::Prefill { model } => {
@@ -220,7 +224,7 @@ impl Pool {
                 }
                 Target::Decode(turn) => !self.turn_seqs(turn).is_empty(),
             };
-            if valid {
+            if valid && !(spaced && self.needs_load(target_model(target))) {
                 return Some(target);
             }
             self.target = None;
@@ -236,7 +240,7 @@ impl Pool {
         } else {
             self.prefill_candidate()
         };
-        let target = match (prefill, decode) {
+        let mut target = match (prefill, decode) {
             (Some(model), Some(turn)) => {
                 if self.prefill_credit || self.prefill_urgent(model) {
                     Target::Prefill { model }
@@ -248,8 +252,88 @@ impl Pool {
             (None, Some(turn)) => Target::Decode(turn),
             (None, None) => return None,
         };
+        if spaced
+            && self.needs_load(target_model(target))
+            && let Some(resident) = self.resident_target()
+        {
+            target = resident;
+        }
         self.target = Some(target);
         Some(target)
+    }
+
+    /// `token` spaces switches where a load stalls compute (`overlap_transfers` off: a CPU):
+    /// once a model was loaded, the next load waits until a turn quota (`turn_quota_ms_max`)
+    /// has passed, as long as resident models have work to run meanwhile — a switch stalls
+    /// every stream, so a model switched in keeps the engine long enough to pay for its load.
+    /// With nothing resident to run, a load delays nobody and goes at once. So two models that
+    /// do not fit together switch at most once per quota, however their requests alternate.
+    pub(crate) fn switch_spacing_active(&self) -> bool {
+        // With `overlap_transfers` (a GPU's copy engine) a load does not stall compute.
+        if self.cfg.policy != PoolPolicy::Token || self.cfg.overlap_transfers {
+            return false;
+        }
+        let Some(last) = self.last_load_ns else {
+            return false;
+        };
+        let quota_ns = self.cfg.turn_quota_ms_max.saturating_mul(1_000_000);
+        self.now_ns < last.saturating_add(quota_ns) && self.resident_target_exists()
+    }
+
+    /// When the switch spacing ends (for the driver's timer), if it is active.
+    pub(crate) fn switch_spacing_end_ns(&self) -> Option<u64> {
+        let last = self.last_load_ns?;
+        let end = last.saturating_add(self.cfg.turn_quota_ms_max.saturating_mul(1_000_000));
+        (self.now_ns < end).then_some(end)
+    }
+
+    fn needs_load(&self, model: usize) -> bool {
+        matches!(
+            self.models[model].residency,
+            Residency::Cold | Residency::Evicting
+        )
+    }
+
+    fn resident_target_exists(&self) -> bool {
+        self.models.iter().any(|m| {
+            m.residency == Residency::Resident
+                && (!m.prefill_q.is_empty() || !m.decoding.is_empty())
+        })
+    }
+
+    /// Work of a resident model to run instead of a switch: the oldest queued request of a
+    /// resident model when a prefill is due (credit or nothing decodes), else the round's next
+    /// turn of a resident model (moved to the current position; every turn still runs once per
+    /// round), else the oldest queued request of a resident model.
+    fn resident_target(&mut self) -> Option<Target> {
+        let resident =
+            |pool: &Self, model: usize| pool.models[model].residency == Residency::Resident;
+        let prefill = self.oldest_queued(|m| resident(self, m) && self.prefill_eligible(m));
+        if let Some(model) = prefill
+            && self.prefill_credit
+        {
+            return Some(Target::Prefill { model });
+        }
+        let index = (self.turn..self.round.len()).find(|&i| {
+            self.round
+                .get(i)
+                .is_some_and(|&t| resident(self, t.model) && !self.turn_seqs(t).is_empty())
+        });
+        if let Some(index) = index {
+            self.round.swap(self.turn, index);
+            return self.round.get(self.turn).copied().map(Target::Decode);
+        }
+        // The round holds no resident turn: a turn of a resident model's sequences outside it.
+        if let Some(model) = (0..self.models.len())
+            .find(|&m| resident(self, m) && !self.models[m].decoding.is_empty())
+        {
+            return Some(Target::Decode(Turn {
+                model,
+                chunk: 0,
+                steps: self.cfg.decode_steps_min,
+            }));
+        }
+        prefill.map(|model| Target::Prefill { model })
     }
 
     /// The model of the oldest queued request that may be prefilled now (grouped FCFS).
@@ -462,15 +546,79 @@ impl Pool {
             }
         }
         if self.cfg.policy == PoolPolicy::Token {
+            self.defer_unhurried_switches();
             self.assign_quotas();
         }
     }
 
-    /// Aegaeon's `_assign_quota` (docs/pool.md): `n_i = TBT/d_i`, `c` = switch cost of the
-    /// round, `α = max(c/(min n·Q_max) + Σ1/n, 0.5)`, `q_i = c/(n_i(α − Σ1/n))`, converted to
-    /// step counts so the pool stays deterministic. A round whose models all fit at once has
-    /// no switches: every turn gets `decode_steps_min`.
-    fn assign_quotas(&mut self) {
+    /// Cost-aware switching (`token`): a turn that would need its model loaded is left out of
+    /// this round when its sequences can afford to wait for the next one: the earliest next-token
+    /// deadline among them is more than twice the predicted round away (the round's decode steps
+    /// plus the loads it pays, this model's included). The turns of resident models then run
+    /// without a switch, and the skipped model comes back once its slack runs low, for a turn
+    /// that a load then buys in full. Skipping happens only while some resident model has a
+    /// turn in the round, so a round is never empty and nothing waits on nothing.
+    fn defer_unhurried_switches(&mut self) {
+        if !self.round_needs_switches() {
+            return;
+        }
+        let resident =
+            |pool: &Self, turn: &Turn| pool.models[turn.model].residency == Residency::Resident;
+        if !self.round.iter().any(|t| resident(self, t)) {
+            return;
+        }
+        let mut round_ns = 0_u64;
+        let mut last = None;
+        for turn in &self.round {
+            let m = &self.models[turn.model];
+            round_ns =
+                round_ns.saturating_add(u64::from(turn.steps).saturating_mul(m.decode_step_ns));
+            if last != Some(turn.model) && m.residency != Residency::Resident {
+                round_ns = round_ns.saturating_add(m.load_ns);
+            }
+            last = Some(turn.model);
+        }
+        let horizon = round_ns.saturating_mul(2);
+        let deferred: Vec<usize> = (0..self.models.len())
+            .filter(|&i| {
+                let m = &self.models[i];
+                m.residency == Residency::Cold
+                    && !m.decoding.is_empty()
+                    && self.decode_slack_ns(i) > horizon
+            })
+            .collect();
+        if deferred.is_empty() {
+            return;
+        }
+        self.round.retain(|t| !deferred.contains(&t.model));
+        self.counters.switches_deferred = self
+            .counters
+            .switches_deferred
+            .saturating_add(u64::try_from(deferred.len()).unwrap_or(u64::MAX));
+    }
+
+    /// Time until the earliest next-token deadline among `model`'s decoding sequences
+    /// (arrival + TTFT SLO + tokens emitted × TBT SLO); 0 once one is late.
+    pub(crate) fn decode_slack_ns(&self, model: usize) -> u64 {
+        let ttft_ns = self.cfg.ttft_slo_ms.saturating_mul(1_000_000);
+        let tbt_ns = self.cfg.tbt_slo_ms.saturating_mul(1_000_000);
+        self.models[model]
+            .decoding
+            .iter()
+            .filter_map(|s| self.seqs.get(s))
+            .map(|s| {
+                s.arrival_ns
+                    .saturating_add(ttft_ns)
+                    .saturating_add(u64::from(s.emitted).saturating_mul(tbt_ns))
+                    .saturating_sub(self.now_ns)
+            })
+            .min()
+            .unwrap_or(NEVER)
+    }
+
+    /// Whether the round's models (their weights, contexts and paged KV, with the saved states
+    /// when they share the budget) do not all fit at once, so running it costs loads.
+    fn round_needs_switches(&self) -> bool {
         let mut bytes = 0_u64;
         let mut switch_ns = 0_u64;
         let mut last = None;
@@ -488,8 +636,24 @@ impl Pool {
         } else {
             0
         };
-        if bytes.saturating_add(saved) <= self.cfg.memory_bytes_max || switch_ns == 0 {
+        bytes.saturating_add(saved) > self.cfg.memory_bytes_max && switch_ns > 0
+    }
+
+    /// Aegaeon's `_assign_quota` (docs/pool.md): `n_i = TBT/d_i`, `c` = switch cost of the
+    /// round, `α = max(c/(min n·Q_max) + Σ1/n, 0.5)`, `q_i = c/(n_i(α − Σ1/n))`, converted to
+    /// step counts so the pool stays deterministic. A round whose models all fit at once has
+    /// no switches: every turn gets `decode_steps_min`.
+    fn assign_quotas(&mut self) {
+        if !self.round_needs_switches() {
             return;
+        }
+        let mut switch_ns = 0_u64;
+        let mut last = None;
+        for turn in &self.round {
+            if last != Some(turn.model) {
+                switch_ns = switch_ns.saturating_add(self.models[turn.model].load_ns);
+                last = Some(turn.model);
+            }
         }
         let tbt_ns = self.tbt_ns();
         let n: Vec<f64> = self
@@ -599,8 +763,18 @@ impl Pool {
         if self.cfg.policy == PoolPolicy::Dedicated {
             return None;
         }
+        let waiting_on_load = self.switch_spacing_active()
+            && self.models.iter().any(|m| {
+                m.residency != Residency::Resident
+                    && (!m.prefill_q.is_empty() || !m.decoding.is_empty())
+            });
         (0..self.models.len())
             .filter_map(|i| self.keep_alive_expiry(i))
+            .chain(
+                waiting_on_load
+                    .then(|| self.switch_spacing_end_ns())
+                    .flatten(),
+            )
             .min()
     }
 
@@ -680,6 +854,9 @@ impl Pool {
         match m.residency {
             Residency::Loading | Residency::Evicting => None,
             Residency::Cold => {
+                if self.switch_spacing_active() {
+                    return None;
+                }
                 let need = self.cfg.models[model].resident_bytes();
                 if need <= self.memory_bytes_free() {
                     Some((model, Work::Load))
@@ -812,6 +989,14 @@ impl Pool {
             return 1 + u64::try_from(len).unwrap_or(NEVER - 2);
         }
         NEVER
+    }
+}
+
+/// The model a compute target runs on.
+fn target_model(target: Target) -> usize {
+    match target {
+        Target::Prefill { model } => model,
+        Target::Decode(turn) => turn.model,
     }
 }
 

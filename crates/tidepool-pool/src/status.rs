@@ -147,6 +147,10 @@ pub struct PoolCounters {
     /// Tokens decoding sequences emitted riding in a prefill's batch (`Action::Prefill::riders`).
     #[serde(default)]
     pub rider_tokens: u64,
+    /// Decode turns `token` left out of a round because their cold model's sequences could
+    /// wait for the next round (cost-aware switching, docs/pool.md §3.4).
+    #[serde(default)]
+    pub switches_deferred: u64,
     pub requests_admitted: u64,
     pub requests_finished: u64,
     pub requests_cancelled: u64,
@@ -170,6 +174,9 @@ impl PoolCounters {
             decode_turns: self.decode_turns.saturating_add(other.decode_turns),
             decode_steps: self.decode_steps.saturating_add(other.decode_steps),
             rider_tokens: self.rider_tokens.saturating_add(other.rider_tokens),
+            switches_deferred: self
+                .switches_deferred
+                .saturating_add(other.switches_deferred),
             requests_admitted: self
                 .requests_admitted
                 .saturating_add(other.requests_admitted),

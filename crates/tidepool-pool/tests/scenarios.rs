@@ -219,6 +219,9 @@ fn token_preempts_with_save_and_restore() {
         vec![model("a", 50), model("b", 50)],
     );
     cfg.kv_saved_bytes_max = 20 * MIB;
+    // Switches may follow each other after 1 ms (each action here takes 1 ms): the pool
+    // alternates between the models instead of finishing one first.
+    cfg.turn_quota_ms_max = 1;
     let mut pool = Pool::new(cfg).unwrap();
     let mut log = Vec::new();
     let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();

@@ -30,6 +30,10 @@ pub(crate) fn describe() {
         "Tokens decoding sequences emitted riding in a prefill's batch"
     );
     describe_counter!(
+        "tidepool_pool_switches_deferred_total",
+        "Decode turns left out of a round because their cold model's sequences could wait"
+    );
+    describe_counter!(
         "tidepool_pool_switches_total",
         "Compute actions on a different model than the previous one"
     );
@@ -110,6 +114,8 @@ pub(crate) fn counters(before: &PoolCounters, after: &PoolCounters) {
         .increment(delta(before.decode_steps, after.decode_steps));
     counter!("tidepool_pool_rider_tokens_total")
         .increment(delta(before.rider_tokens, after.rider_tokens));
+    counter!("tidepool_pool_switches_deferred_total")
+        .increment(delta(before.switches_deferred, after.switches_deferred));
 }
 
 /// Memory used and models not cold. A load is counted when it starts and an eviction when it
