@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Dependencies point down: the pool, the simulator and core never pull in tokio (they are sans-IO);
-# the pool never depends on the engine, gateway or ledger; the simulator never on the engine or
-# gateway; the ledger and engine never on the gateway; the runtime (pool on the engine) never on
-# the gateway, the ledger or the simulator. Only the `tidepool` binary depends on the benchmarks
-# (`tidepool-bench`). Every crate root opens with a `//!` header. Within a crate, the top-level
-# modules never depend on each other in a cycle (check-module-cycles.py).
+# the pool is the bottom crate: it depends on no other Tidepool crate (core re-exports its
+# `ModelId` and `PoolPolicy` and embeds its knobs in `[pool]`); the simulator never depends on the
+# engine or gateway; the ledger and engine never on the gateway, and never name the pool
+# themselves (they see it only through core's re-exports); the runtime (pool on the engine) never
+# on the gateway, the ledger or the simulator. Only the `tidepool` binary depends on the
+# benchmarks (`tidepool-bench`). Every crate root opens with a `//!` header. Within a crate, the
+# top-level modules never depend on each other in a cycle (check-module-cycles.py).
 set -euo pipefail
 fail=0
 deps() { cargo tree --locked -p "$1" -e normal --prefix none 2>/dev/null | awk '{print $1}' | sort -u; }
+# Only what the crate's own manifest names.
+direct_deps() { cargo tree --locked -p "$1" -e normal --depth 1 --prefix none 2>/dev/null | awk '{print $1}' | sort -u; }
 forbid() { # crate, forbidden deps...
   local crate=$1; shift
   local have; have=$(deps "$crate")
@@ -15,11 +19,20 @@ forbid() { # crate, forbidden deps...
     if grep -qx "$bad" <<<"$have"; then echo "layering: $crate must not depend on $bad"; fail=1; fi
   done
 }
-forbid tidepool-core tokio sqlx axum tidepool-pool tidepool-engine tidepool-ledger tidepool-gateway tidepool-sim
-forbid tidepool-pool tokio tidepool-engine tidepool-gateway tidepool-ledger tidepool-sim
+forbid_direct() { # crate, forbidden direct deps...
+  local crate=$1; shift
+  local have; have=$(direct_deps "$crate")
+  for bad in "$@"; do
+    if grep -qx "$bad" <<<"$have"; then echo "layering: $crate must not name $bad in its manifest"; fail=1; fi
+  done
+}
+forbid tidepool-pool tokio tidepool-core tidepool-engine tidepool-gateway tidepool-ledger tidepool-sim tidepool-runtime
+forbid tidepool-core tokio sqlx axum tidepool-engine tidepool-ledger tidepool-gateway tidepool-sim tidepool-runtime
 forbid tidepool-sim tokio tidepool-engine tidepool-gateway tidepool-ledger
-forbid tidepool-ledger tidepool-gateway tidepool-engine tidepool-pool
-forbid tidepool-engine tidepool-gateway tidepool-ledger tidepool-pool
+forbid tidepool-ledger tidepool-gateway tidepool-engine
+forbid_direct tidepool-ledger tidepool-pool
+forbid tidepool-engine tidepool-gateway tidepool-ledger
+forbid_direct tidepool-engine tidepool-pool
 forbid tidepool-runtime tidepool-gateway tidepool-ledger tidepool-sim
 for manifest in crates/*/Cargo.toml; do
   crate=$(basename "$(dirname "$manifest")")

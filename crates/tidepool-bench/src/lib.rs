@@ -17,6 +17,7 @@ mod client;
 mod common;
 mod engine;
 mod failover;
+mod knobs;
 mod ledger;
 mod measure;
 mod pool;

@@ -190,14 +190,14 @@ pub(crate) struct PoolBenchArgs {
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POOL_DECODE_STEPS_MIN",
-        default_value_t = 16
+        default_value_t = tidepool_pool::PoolKnobs::default().decode_steps_min
     )]
     decode_steps_min: u32,
     /// `token`: the longest decode turn, in ms (`[pool] turn_quota_ms_max`).
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POOL_TURN_QUOTA_MS_MAX",
-        default_value_t = 4000
+        default_value_t = tidepool_pool::PoolKnobs::default().turn_quota_ms_max
     )]
     turn_quota_ms_max: u64,
     /// `token`: `[pool] prefill_cold_lazy` (a cold model's request waits until its TTFT is at risk).
@@ -778,7 +778,7 @@ mod tests {
             assert_eq!(config.models.len(), 8);
             assert!(!config.billing.enforce);
             assert_eq!(config.pool.memory_models_max, Some(MEMORY_MODELS_MAX));
-            assert_eq!(config.pool.ttft_slo_ms, args.ttft_slo_ms);
+            assert_eq!(config.pool.knobs, args.knobs().pool_knobs());
             assert_eq!(config.server.database_url, "sqlite:///srv/x \"y\".db");
         }
     }

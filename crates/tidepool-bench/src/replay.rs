@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use tidepool_core::PoolPolicy;
 use tidepool_sim::workload::{MarketModel, Workload};
-use tidepool_sim::{PoolKnobs, Profile, SimSpec, simulate};
+use tidepool_sim::{Profile, SimSpec, simulate};
 
 use crate::actions::{ActionTimes, add_to_family};
 use crate::common::parse_policy;
@@ -73,18 +73,7 @@ pub(crate) fn simulate_rows(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let pool_knobs = PoolKnobs {
-        admission_queue_len_max: tidepool_core::Limits::default().admission_queue_len_max,
-        decode_steps_min: knobs.decode_steps_min,
-        decode_steps_max: PoolKnobs::default()
-            .decode_steps_max
-            .max(knobs.decode_steps_min),
-        turn_quota_ms_max: knobs.turn_quota_ms_max,
-        prefill_cold_lazy: knobs.prefill_cold_lazy,
-        round_resident_first: knobs.round_resident_first,
-        prefill_riders: knobs.prefill_riders,
-        ..PoolKnobs::default()
-    };
+    let pool_knobs = knobs.pool_knobs();
     // Every model of the market at once: what `dedicated` must fit.
     let needed: u64 = market
         .iter()
@@ -116,9 +105,8 @@ pub(crate) fn simulate_rows(
             profile,
             policy,
             accelerators: 1,
-            ttft_slo_ms: knobs.slo.ttft_ms,
-            tbt_slo_ms: knobs.slo.tbt_ms,
             knobs: pool_knobs,
+            memory_models_max: None,
             // One accelerator: nothing to place.
             placement_moves_max: 0,
             placement: None,

@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use tidepool_core::PoolPolicy;
+use tidepool_core::config::{Resolved, Source};
+use tidepool_core::{PoolPolicy, PoolSection};
 use tidepool_sim::{
     Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, Progress, SimSpec, Workload, market,
     plan, plan_svg, read_azure_trace, read_model_trace, sim_svg, simulate,
 };
 
 use crate::common::parse_policy;
+use crate::knobs::KnobArgs;
 
 /// The workload and cost model shared by `sim` and `plan`.
 #[derive(Debug, clap::Args)]
@@ -54,44 +56,17 @@ pub(crate) struct WorkloadArgs {
     /// `poisson`: simulated seconds of arrivals.
     #[arg(long, env = "TIDEPOOL_SIM_DURATION_S", default_value_t = 3600.0)]
     duration_s: f64,
-    #[arg(long, env = "TIDEPOOL_SIM_TTFT_SLO_MS", default_value_t = 10_000)]
-    ttft_slo_ms: u64,
-    #[arg(long, env = "TIDEPOOL_SIM_TBT_SLO_MS", default_value_t = 100)]
-    tbt_slo_ms: u64,
     /// Seed of the market generator (model assignment, Poisson gaps, sampled lengths).
     #[arg(long, env = "TIDEPOOL_SIM_SEED", default_value_t = 1)]
     seed: u64,
-    /// `token`: the longest turn the quota formula hands out.
-    #[arg(
-        long,
-        env = "TIDEPOOL_SIM_TURN_QUOTA_MS_MAX",
-        default_value_t = PoolKnobs::default().turn_quota_ms_max
-    )]
-    turn_quota_ms_max: u64,
-    /// Decode steps per turn when switching is free (and the floor otherwise).
-    #[arg(
-        long,
-        env = "TIDEPOOL_SIM_DECODE_STEPS_MIN",
-        default_value_t = PoolKnobs::default().decode_steps_min
-    )]
-    decode_steps_min: u32,
-    /// `token` admission: hold requests while predicted α (×1000) exceeds this (default: off).
-    #[arg(
-        long,
-        env = "TIDEPOOL_SIM_ALPHA_ADMIT_PERMILLE_MAX",
-        default_value_t = u32::MAX
-    )]
-    alpha_admit_permille_max: u32,
-    /// `token`: a request of a cold model waits until its TTFT is at risk or nothing decodes.
-    #[arg(long, env = "TIDEPOOL_SIM_PREFILL_COLD_LAZY")]
-    prefill_cold_lazy: bool,
-    /// `token`: within a round, turns of resident models run before turns that need a load.
-    #[arg(long, env = "TIDEPOOL_SIM_ROUND_RESIDENT_FIRST")]
-    round_resident_first: bool,
-    /// A prefill carries its model's decoding sequences, one token each, at the profile's
-    /// rider cost (`[pool] prefill_riders`).
-    #[arg(long, env = "TIDEPOOL_SIM_PREFILL_RIDERS")]
-    prefill_riders: bool,
+    /// A `tidepool.toml`: plan for its `[pool]` — policy, budget and knobs — resolved as
+    /// `tidepool serve` resolves it (the file, then `TIDEPOOL_POOL__…` overrides, validated).
+    /// Without it: the server's default knobs and the profile's budget.
+    #[arg(long, env = "TIDEPOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Scheduler knobs; each overrides the value from `--config` (or the server's default).
+    #[command(flatten)]
+    knobs: KnobArgs,
     /// Moves of the placement search: after the initial placement (busiest models first, each
     /// to the least loaded accelerator), models move one at a time off the accelerator missing
     /// the most tokens while that helps (0: keep the initial placement).
@@ -108,9 +83,9 @@ pub(crate) struct WorkloadArgs {
 pub struct SimArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// `token`, `swap-lru` or `dedicated`.
-    #[arg(long, env = "TIDEPOOL_SIM_POLICY", default_value = "token")]
-    policy: String,
+    /// `token`, `swap-lru` or `dedicated` (default: `--config`'s `[pool] policy`, else `token`).
+    #[arg(long, env = "TIDEPOOL_SIM_POLICY")]
+    policy: Option<String>,
     #[arg(long, env = "TIDEPOOL_SIM_ACCELERATORS", default_value_t = 10)]
     accelerators: u32,
     /// Start from the placement of an earlier `tidepool sim` report (its `per_model[]` model ids
@@ -131,14 +106,10 @@ pub struct PlanArgs {
     /// Token-deadline attainment to reach, in 0..=1.
     #[arg(long, env = "TIDEPOOL_PLAN_TARGET_ATTAINMENT", default_value_t = 0.99)]
     target_attainment: f64,
-    /// Policies to plan, comma-separated.
-    #[arg(
-        long,
-        env = "TIDEPOOL_PLAN_POLICIES",
-        value_delimiter = ',',
-        default_value = "dedicated,swap-lru,token"
-    )]
-    policies: Vec<String>,
+    /// Policies to plan, comma-separated (default: `dedicated,swap-lru,token`; with `--config`,
+    /// `dedicated` as the baseline and the file's `[pool] policy`).
+    #[arg(long, env = "TIDEPOOL_PLAN_POLICIES", value_delimiter = ',')]
+    policies: Option<Vec<String>>,
     /// JSON report; the SVG plot goes next to it (same name, `.svg`).
     #[arg(long, env = "TIDEPOOL_PLAN_OUT", default_value = "sim-out/plan.json")]
     out: PathBuf,
@@ -192,25 +163,75 @@ impl WorkloadArgs {
         Ok((profile, workload))
     }
 
-    fn spec(&self, profile: Profile, policy: PoolPolicy, accelerators: u32) -> SimSpec {
-        SimSpec {
-            profile,
-            policy,
-            accelerators,
-            ttft_slo_ms: self.ttft_slo_ms,
-            tbt_slo_ms: self.tbt_slo_ms,
-            knobs: PoolKnobs {
-                turn_quota_ms_max: self.turn_quota_ms_max,
-                decode_steps_min: self.decode_steps_min,
-                alpha_admit_permille_max: self.alpha_admit_permille_max,
-                prefill_cold_lazy: self.prefill_cold_lazy,
-                round_resident_first: self.round_resident_first,
-                prefill_riders: self.prefill_riders,
-                ..PoolKnobs::default()
-            },
-            placement_moves_max: self.placement_moves_max,
-            placement: None,
+    /// `--config`'s `[pool]`, if given.
+    fn server_pool(&self) -> anyhow::Result<Option<ServerPool>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        let env = std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        });
+        let resolved =
+            Resolved::load(path, env).with_context(|| format!("loading {}", path.display()))?;
+        ServerPool::new(&resolved)
+            .map(Some)
+            .with_context(|| format!("{}", path.display()))
+    }
+}
+
+/// The `[pool]` section `tidepool serve` would run: the file with its environment overrides,
+/// validated as the server validates it.
+#[derive(Debug, Clone)]
+struct ServerPool {
+    section: PoolSection,
+    /// The file or the environment set `kv_saved_bytes_max` (else the profile's stays).
+    kv_saved_set: bool,
+}
+
+impl ServerPool {
+    fn new(resolved: &Resolved) -> anyhow::Result<Self> {
+        resolved.config.validate()?;
+        Ok(Self {
+            section: resolved.config.pool.clone(),
+            kv_saved_set: resolved.source("pool.kv_saved_bytes_max") != Source::Default,
+        })
+    }
+}
+
+/// The simulation of `policy` on `accelerators` of `profile`: the server's knobs (`server`'s
+/// `[pool]`, else [`PoolKnobs::default`]) with the flags on top, and the server's budget where
+/// its `[pool]` sets one (`memory_bytes_max` per accelerator, else `memory_models_max`; the
+/// saved-state pool), else the profile's. What the accelerator can do (overlap, paged KV) is
+/// always the profile's.
+fn sim_spec(
+    mut profile: Profile,
+    policy: PoolPolicy,
+    accelerators: u32,
+    server: Option<&ServerPool>,
+    flags: &KnobArgs,
+    placement_moves_max: u32,
+) -> SimSpec {
+    let mut knobs = PoolKnobs::default();
+    let mut memory_models_max = None;
+    if let Some(server) = server {
+        let section = &server.section;
+        knobs = section.knobs;
+        if server.kv_saved_set {
+            profile.accelerator.kv_saved_bytes_max = section.kv_saved_bytes_max;
         }
+        match section.memory_bytes_max {
+            Some(bytes) => profile.accelerator.memory_bytes = bytes,
+            None => memory_models_max = section.memory_models_max,
+        }
+    }
+    SimSpec {
+        profile,
+        policy,
+        accelerators,
+        knobs: flags.apply(knobs),
+        memory_models_max,
+        placement_moves_max,
+        placement: None,
     }
 }
 
@@ -269,9 +290,21 @@ fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<u32>> 
 }
 
 pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
-    let policy = parse_policy(&args.policy)?;
+    let server = args.workload.server_pool()?;
+    let policy = match (&args.policy, &server) {
+        (Some(policy), _) => parse_policy(policy)?,
+        (None, Some(server)) => server.section.policy,
+        (None, None) => PoolPolicy::Token,
+    };
     let (profile, workload) = args.workload.build()?;
-    let mut spec = args.workload.spec(profile, policy, args.accelerators);
+    let mut spec = sim_spec(
+        profile,
+        policy,
+        args.accelerators,
+        server.as_ref(),
+        &args.workload.knobs,
+        args.workload.placement_moves_max,
+    );
     if let Some(path) = &args.placement {
         spec.placement = Some(read_placement(path, &workload)?);
     }
@@ -286,7 +319,9 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "{} on {} accelerators, {} models, {} requests: attainment {:.2} % (lenient {:.2} %), goodput {:.0} tok/s, p99 TTFT {:.0} ms, utilization {:.1} %, {:.2} switches/s, {} placement moves",
-        args.policy,
+        serde_json::to_value(report.policy)?
+            .as_str()
+            .unwrap_or_default(),
         report.accelerators,
         report.models,
         report.requests,
@@ -308,13 +343,31 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
-    let policies = args
-        .policies
-        .iter()
-        .map(|p| parse_policy(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let server = args.workload.server_pool()?;
+    let policies = match (&args.policies, &server) {
+        (Some(policies), _) => policies
+            .iter()
+            .map(|p| parse_policy(p))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        (None, Some(server)) if server.section.policy == PoolPolicy::Dedicated => {
+            vec![PoolPolicy::Dedicated]
+        }
+        (None, Some(server)) => vec![PoolPolicy::Dedicated, server.section.policy],
+        (None, None) => vec![
+            PoolPolicy::Dedicated,
+            PoolPolicy::SwapLru,
+            PoolPolicy::Token,
+        ],
+    };
     let (profile, workload) = args.workload.build()?;
-    let spec = args.workload.spec(profile, PoolPolicy::Token, 1);
+    let spec = sim_spec(
+        profile,
+        PoolPolicy::Token,
+        1,
+        server.as_ref(),
+        &args.workload.knobs,
+        args.workload.placement_moves_max,
+    );
     let mut report_progress = |_: Progress| {};
     let report = plan(
         &spec,
@@ -350,9 +403,9 @@ pub(crate) fn run_bench_sim(args: &BenchSimArgs) -> anyhow::Result<()> {
         profile,
         policy: PoolPolicy::Token,
         accelerators: tidepool_sim::BENCH_ACCELERATORS,
-        ttft_slo_ms: 10_000,
-        tbt_slo_ms: 100,
-        knobs: PoolKnobs::default(),
+        // The knobs its history was measured with, so the speed stays comparable.
+        knobs: tidepool_sim::h100_sweep_knobs(),
+        memory_models_max: None,
         // The speed of the simulator itself: one pass, no placement search.
         placement_moves_max: 0,
         placement: None,
@@ -369,4 +422,177 @@ pub(crate) fn run_bench_sim(args: &BenchSimArgs) -> anyhow::Result<()> {
         report.attainment * 100.0
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tidepool_pool::{CostEstimate, ModelId, ModelSpec};
+
+    use super::*;
+
+    const FILE: &str = r#"
+[pool]
+policy = "swap-lru"
+memory_bytes_max = 3000000000
+kv_saved_bytes_max = 200000000
+ttft_slo_ms = 2000
+decode_steps_min = 8
+prefill_cold_lazy = true
+
+[[models]]
+id = "smol"
+kind = "chat"
+file = "smol.gguf"
+"#;
+
+    fn server_pool(env: &[(&str, &str)]) -> ServerPool {
+        let resolved = Resolved::new(FILE, Path::new("t.toml"), env.iter().copied()).unwrap();
+        ServerPool::new(&resolved).unwrap()
+    }
+
+    fn model(id: &str, weights_bytes: u64) -> ModelSpec {
+        ModelSpec {
+            id: ModelId::new(id).unwrap(),
+            weights_bytes,
+            ctx_bytes: 1 << 20,
+            kv_bytes_per_token: 1024,
+            seqs_max: 4,
+            seq_tokens_max: 2048,
+            pin: false,
+            keep_alive_ms: None,
+            estimate: CostEstimate {
+                load_ns: 1,
+                decode_step_ns: 1,
+                prefill_ns_per_token: 1,
+                kv_transfer_ps_per_byte: 1,
+            },
+        }
+    }
+
+    /// `tidepool plan --config F` plans for the pool `tidepool serve` builds from F: the same
+    /// policy, knobs (file and environment overrides) and budget; flags change one knob each.
+    #[test]
+    fn the_planner_runs_the_knobs_the_server_would() {
+        let env = [
+            ("TIDEPOOL_POOL__TURN_QUOTA_MS_MAX", "1500"),
+            ("TIDEPOOL_POOL__HOL_BLOCKING", "true"),
+        ];
+        let server = server_pool(&env);
+        let runtime =
+            tidepool_runtime::pool_config(&server.section, vec![model("a", 100), model("b", 7)]);
+        let profile = Profile::load("h100").unwrap();
+        let planned = sim_spec(
+            profile.clone(),
+            server.section.policy,
+            1,
+            Some(&server),
+            &KnobArgs::default(),
+            0,
+        );
+        assert_eq!(planned.knobs, runtime.knobs);
+        assert_eq!(planned.policy, runtime.policy);
+        assert_eq!(
+            planned.profile.accelerator.memory_bytes,
+            runtime.memory_bytes_max
+        );
+        assert_eq!(
+            planned.profile.accelerator.kv_saved_bytes_max,
+            runtime.kv_saved_bytes_max
+        );
+        assert_eq!(
+            runtime.knobs,
+            PoolKnobs {
+                ttft_slo_ms: 2000,
+                decode_steps_min: 8,
+                turn_quota_ms_max: 1500,
+                prefill_cold_lazy: true,
+                hol_blocking: true,
+                ..PoolKnobs::default()
+            }
+        );
+        // The accelerator's own abilities stay the profile's.
+        assert_eq!(
+            planned.profile.accelerator.kv_paged,
+            profile.accelerator.kv_paged
+        );
+        assert_eq!(
+            planned.profile.accelerator.overlap_transfers,
+            profile.accelerator.overlap_transfers
+        );
+
+        // A flag overrides its knob only.
+        let flags = KnobArgs {
+            decode_steps_min: Some(32),
+            prefill_cold_lazy: Some(false),
+            ..KnobArgs::default()
+        };
+        let flagged = sim_spec(
+            profile.clone(),
+            PoolPolicy::Token,
+            1,
+            Some(&server),
+            &flags,
+            0,
+        );
+        assert_eq!(
+            flagged.knobs,
+            PoolKnobs {
+                decode_steps_min: 32,
+                prefill_cold_lazy: false,
+                ..runtime.knobs
+            }
+        );
+    }
+
+    /// Without a file the server's default knobs and the profile's budget; a budget of the N
+    /// largest models is the server's rule (`tidepool_pool::memory_budget`), which the
+    /// simulator applies to the profile's model sizes on each accelerator.
+    #[test]
+    fn a_budget_of_the_largest_models_is_planned_by_the_servers_rule() {
+        let profile = Profile::load("h100").unwrap();
+        // Without a file: the server's defaults, the profile's budget.
+        let plain = sim_spec(
+            profile.clone(),
+            PoolPolicy::Token,
+            1,
+            None,
+            &KnobArgs::default(),
+            0,
+        );
+        assert_eq!(plain.knobs, PoolKnobs::default());
+        assert_eq!(plain.profile, profile);
+        let text = FILE.replace("memory_bytes_max = 3000000000", "memory_models_max = 1");
+        let resolved = Resolved::new(&text, Path::new("t.toml"), [("", "")]).unwrap();
+        let by_count = ServerPool::new(&resolved).unwrap();
+        let runtime =
+            tidepool_runtime::pool_config(&by_count.section, vec![model("a", 100), model("b", 7)]);
+        assert_eq!(runtime.memory_bytes_max, 100 + (1 << 20) + 200_000_000);
+        let planned = sim_spec(
+            profile,
+            PoolPolicy::Token,
+            1,
+            Some(&by_count),
+            &KnobArgs::default(),
+            0,
+        );
+        assert_eq!(planned.memory_models_max, Some(1));
+    }
+
+    /// A file the server would refuse is refused here too, with the server's field names.
+    #[test]
+    fn an_invalid_pool_section_is_refused_as_serve_refuses_it() {
+        let resolved = Resolved::new(
+            FILE,
+            Path::new("t.toml"),
+            [("TIDEPOOL_POOL__TBT_SLO_MS", "0")],
+        )
+        .unwrap();
+        let error = ServerPool::new(&resolved).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("pool.tbt_slo_ms"),
+            "{error:#}"
+        );
+    }
 }

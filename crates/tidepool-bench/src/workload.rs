@@ -165,6 +165,22 @@ pub(crate) struct ServerKnobs {
     pub(crate) prefill_riders: bool,
 }
 
+impl ServerKnobs {
+    /// The pool's knobs these servers run: the flags' values on the server's defaults.
+    pub(crate) fn pool_knobs(&self) -> tidepool_pool::PoolKnobs {
+        tidepool_pool::PoolKnobs {
+            ttft_slo_ms: self.slo.ttft_ms,
+            tbt_slo_ms: self.slo.tbt_ms,
+            decode_steps_min: self.decode_steps_min,
+            turn_quota_ms_max: self.turn_quota_ms_max,
+            prefill_cold_lazy: self.prefill_cold_lazy,
+            round_resident_first: self.round_resident_first,
+            prefill_riders: self.prefill_riders,
+            ..tidepool_pool::PoolKnobs::default()
+        }
+    }
+}
+
 /// The GGUF of a profile family: by name, else index 0 → SmolLM2 and the others → Gemma.
 fn gguf_for_family(name: &str, index: usize) -> &'static str {
     let name = name.to_ascii_lowercase();

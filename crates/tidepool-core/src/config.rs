@@ -24,7 +24,7 @@ pub struct Config {
     #[serde(default)]
     pub engine: EngineConfig,
     #[serde(default)]
-    pub pool: PoolConfig,
+    pub pool: PoolSection,
     #[serde(default)]
     pub billing: BillingConfig,
     #[serde(default, rename = "models")]
@@ -88,7 +88,9 @@ pub struct Limits {
     pub request_body_bytes_max: u64,
     /// Largest `max_tokens` a request may ask for.
     pub completion_tokens_max: TokenCount,
-    /// Requests waiting for an engine slot, per model; beyond it a 429 with `Retry-After`.
+    /// Requests waiting for an engine slot, per model outside the pool (unpooled engines,
+    /// `[pool] enabled = false`); beyond it a 429 with `Retry-After`. Pooled models share the
+    /// pool's own queue, `[pool] admission_queue_len_max`.
     pub admission_queue_len_max: u32,
     /// Token chunks buffered per stream before the engine holds that sequence.
     pub stream_chunks_buffered_max: u32,
@@ -326,28 +328,19 @@ impl ResidencyConfig {
     }
 }
 
-/// Which scheduling policy the model pool uses.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PoolPolicy {
-    /// Every model always resident.
-    Dedicated,
-    /// Request-level swapping, least recently used model evicted (Ollama-like).
-    SwapLru,
-    /// Token-level switching (Aegaeon-like).
-    #[default]
-    Token,
-}
+/// The pool scheduler's knobs (owned by `tidepool-pool`), the bulk of `[pool]`.
+pub use tidepool_pool::PoolKnobs;
+/// Which scheduling policy the model pool uses (owned by `tidepool-pool`).
+pub use tidepool_pool::PoolPolicy;
 
 /// The model pool (`[pool]`): every llama.cpp text model runs on one accelerator thread under
-/// this policy and budget (docs/pool.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent on/off switches of the pool, each documented; no state machine"
-)]
-pub struct PoolConfig {
+/// this policy and budget (docs/pool.md). The scheduler's knobs are the pool's own
+/// [`PoolKnobs`], flattened into the section (`ttft_slo_ms`, `decode_steps_min`, …), so the
+/// server, `tidepool sim` and `tidepool plan` read one struct with one set of defaults. Unknown
+/// keys are refused by name, as everywhere else in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PoolSectionKeys")]
+pub struct PoolSection {
     /// `false`: each text model gets its own continuous-batching engine, all always loaded
     /// (the skeleton's engine, kept for `tidepool bench engine`).
     pub enabled: bool,
@@ -359,42 +352,37 @@ pub struct PoolConfig {
     pub memory_models_max: Option<u32>,
     /// Cap on saved sequence states, in bytes (inside `memory_bytes_max`).
     pub kv_saved_bytes_max: u64,
-    /// Time-to-first-token SLO the `token` policy plans for, in ms.
-    pub ttft_slo_ms: u64,
-    /// Time-between-tokens SLO, in ms.
-    pub tbt_slo_ms: u64,
-    /// Decode steps of one turn when switching is free, and the floor otherwise.
-    pub decode_steps_min: u32,
-    /// `token`: the longest decode turn the quota formula hands out, in ms (Aegaeon's
-    /// `max_batch_quota`).
-    pub turn_quota_ms_max: u64,
-    /// `token`: a request whose model is not resident waits (behind decode turns and requests
-    /// of resident models) until its TTFT is at risk or nothing decodes.
-    pub prefill_cold_lazy: bool,
-    /// `token`: within a round, turns of resident models run before turns that need a load.
-    pub round_resident_first: bool,
-    /// A prefill carries its model's decoding sequences, one token each, in the same batch
-    /// (they do not stall while a new request's prompt runs). Off by default: measured dearer
-    /// than a decode step on llama.cpp (docs/pool.md §3.1).
-    pub prefill_riders: bool,
+    /// The scheduler's knobs; their keys sit directly in `[pool]`.
+    #[serde(flatten)]
+    pub knobs: PoolKnobs,
 }
 
-impl PoolConfig {
+impl PoolSection {
     fn validate(&self, problems: &mut Problems) {
-        for (name, value) in [
-            ("ttft_slo_ms", self.ttft_slo_ms),
-            ("tbt_slo_ms", self.tbt_slo_ms),
-            ("decode_steps_min", self.decode_steps_min.into()),
-            ("turn_quota_ms_max", self.turn_quota_ms_max),
-        ] {
-            if value == 0 {
-                problems.add(format!("pool.{name}"), "must be at least 1");
-            }
+        for problem in self.knobs.problems() {
+            problems.add(format!("pool.{}", problem.field), problem.reason);
         }
+        if self.memory_models_max == Some(0) {
+            problems.add("pool.memory_models_max", "must be at least 1");
+        }
+    }
+
+    /// Every key the section takes, in serialization order (the knobs' included).
+    fn keys() -> Vec<String> {
+        match toml::Value::try_from(Self::default()) {
+            Ok(toml::Value::Table(table)) => table.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+        .into_iter()
+        .chain([
+            "memory_bytes_max".to_owned(),
+            "memory_models_max".to_owned(),
+        ])
+        .collect()
     }
 }
 
-impl Default for PoolConfig {
+impl Default for PoolSection {
     fn default() -> Self {
         Self {
             enabled: true,
@@ -402,14 +390,71 @@ impl Default for PoolConfig {
             memory_bytes_max: None,
             memory_models_max: None,
             kv_saved_bytes_max: 1 << 30,
-            ttft_slo_ms: 5_000,
-            tbt_slo_ms: 250,
-            decode_steps_min: 16,
-            turn_quota_ms_max: 4_000,
-            prefill_cold_lazy: false,
-            round_resident_first: false,
-            prefill_riders: false,
+            knobs: PoolKnobs::default(),
         }
+    }
+}
+
+/// `[pool]` as written: the section's own keys, the knobs (which take theirs out), and whatever
+/// is left, which must be nothing. (serde's `deny_unknown_fields` does not combine with
+/// `flatten`; this does the same check, naming the key.)
+#[derive(Deserialize)]
+#[serde(default)]
+#[expect(
+    clippy::zero_sized_map_values,
+    reason = "only the names of the keys left over matter, never their values"
+)]
+struct PoolSectionKeys {
+    enabled: bool,
+    policy: PoolPolicy,
+    memory_bytes_max: Option<u64>,
+    memory_models_max: Option<u32>,
+    kv_saved_bytes_max: u64,
+    #[serde(flatten)]
+    knobs: PoolKnobs,
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+impl Default for PoolSectionKeys {
+    fn default() -> Self {
+        let section = PoolSection::default();
+        Self {
+            enabled: section.enabled,
+            policy: section.policy,
+            memory_bytes_max: section.memory_bytes_max,
+            memory_models_max: section.memory_models_max,
+            kv_saved_bytes_max: section.kv_saved_bytes_max,
+            knobs: section.knobs,
+            unknown: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl TryFrom<PoolSectionKeys> for PoolSection {
+    type Error = String;
+
+    fn try_from(keys: PoolSectionKeys) -> Result<Self, String> {
+        if let Some(unknown) = keys.unknown.keys().next() {
+            let mut expected = Self::keys();
+            expected.sort();
+            return Err(format!(
+                "unknown field `{unknown}`, expected one of {}",
+                expected
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(Self {
+            enabled: keys.enabled,
+            policy: keys.policy,
+            memory_bytes_max: keys.memory_bytes_max,
+            memory_models_max: keys.memory_models_max,
+            kv_saved_bytes_max: keys.kv_saved_bytes_max,
+            knobs: keys.knobs,
+        })
     }
 }
 
@@ -800,6 +845,46 @@ price_output_per_mtok = 600000000
             Config::parse(&dup, Path::new("t.toml")),
             Err(CoreError::ConfigInvalid { .. })
         ));
+    }
+
+    #[test]
+    fn the_pool_section_holds_the_pools_knobs_and_refuses_unknown_keys() {
+        let knobs = format!(
+            "{SAMPLE}\n[pool]\npolicy = \"swap-lru\"\nmemory_models_max = 2\n\
+             decode_steps_min = 32\nhol_blocking = true\nadmission_queue_len_max = 64\n"
+        );
+        let config = Config::parse(&knobs, Path::new("t.toml")).unwrap();
+        assert_eq!(config.pool.policy, PoolPolicy::SwapLru);
+        assert_eq!(config.pool.memory_models_max, Some(2));
+        assert_eq!(
+            config.pool.knobs,
+            PoolKnobs {
+                decode_steps_min: 32,
+                hol_blocking: true,
+                admission_queue_len_max: 64,
+                ..PoolKnobs::default()
+            }
+        );
+        assert_eq!(
+            Config::parse(SAMPLE, Path::new("t.toml")).unwrap().pool,
+            PoolSection::default()
+        );
+        let unknown = format!("{SAMPLE}\n[pool]\ndecode_steps_min = 32\ndecode_step_min = 8\n");
+        let error = Config::parse(&unknown, Path::new("t.toml")).unwrap_err();
+        let printed = error.to_string();
+        assert!(
+            matches!(error, CoreError::ConfigParse { .. })
+                && printed.contains("unknown field `decode_step_min`")
+                && printed.contains("`decode_steps_min`"),
+            "{printed}"
+        );
+        let wrong_type = format!("{SAMPLE}\n[pool]\nturn_quota_ms_max = \"soon\"\n");
+        assert!(Config::parse(&wrong_type, Path::new("t.toml")).is_err());
+        let inverted = format!("{SAMPLE}\n[pool]\ndecode_steps_min = 64\ndecode_steps_max = 32\n");
+        assert!(
+            config_error(&inverted)
+                .contains("pool.decode_steps_min: must be at most decode_steps_max")
+        );
     }
 
     #[test]

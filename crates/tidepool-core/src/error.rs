@@ -55,6 +55,17 @@ impl FieldError {
     }
 }
 
+/// A model id that is not a slug (`ModelId` belongs to `tidepool-pool`): the same
+/// [`CoreError::InvalidId`] as every other id.
+impl From<tidepool_pool::ids::InvalidId> for CoreError {
+    fn from(error: tidepool_pool::ids::InvalidId) -> Self {
+        Self::InvalidId {
+            value: error.value,
+            reason: error.reason,
+        }
+    }
+}
+
 impl CoreError {
     /// A TOML parse error of `text` (read from `path`), by line and column, without the excerpt
     /// of the offending line that `toml`'s own message carries.

@@ -8,8 +8,22 @@ use uuid::Uuid;
 
 use crate::CoreError;
 
-/// Longest accepted slug (tenant, model, key name), in bytes.
-pub const SLUG_BYTES_MAX: usize = 64;
+/// A served model's id: owned by `tidepool-pool` (the bottom crate, so core's `[pool]` section
+/// can embed the pool's knobs), re-exported here.
+pub use tidepool_pool::ModelId;
+pub use tidepool_pool::ids::SLUG_BYTES_MAX;
+
+/// Checks a slug: 1..=64 bytes of `[a-z0-9._-]`, starting with a letter or digit (the same
+/// rule as [`ModelId`]'s).
+pub fn validate_slug(value: &str) -> Result<(), CoreError> {
+    match tidepool_pool::ids::slug_problem(value) {
+        None => Ok(()),
+        Some(reason) => Err(CoreError::InvalidId {
+            value: value.chars().take(SLUG_BYTES_MAX).collect(),
+            reason,
+        }),
+    }
+}
 
 /// The id of one API request; the ledger's idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -42,36 +56,6 @@ impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
-}
-
-/// Checks a slug: 1..=64 bytes of `[a-z0-9._-]`, starting with a letter or digit.
-pub fn validate_slug(value: &str) -> Result<(), CoreError> {
-    let invalid = |reason| CoreError::InvalidId {
-        value: value.chars().take(SLUG_BYTES_MAX).collect(),
-        reason,
-    };
-    if value.is_empty() {
-        return Err(invalid("must not be empty"));
-    }
-    if value.len() > SLUG_BYTES_MAX {
-        return Err(invalid("longer than 64 bytes"));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(invalid(
-            "only lowercase letters, digits, '.', '_' and '-' are allowed",
-        ));
-    }
-    if !value
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return Err(invalid("must start with a letter or digit"));
-    }
-    Ok(())
 }
 
 macro_rules! slug_id {
@@ -114,10 +98,6 @@ macro_rules! slug_id {
     };
 }
 
-slug_id!(
-    /// A served model's public id, e.g. `smollm2-135m-instruct`.
-    ModelId
-);
 slug_id!(
     /// A tenant (billing customer), e.g. `acme`.
     TenantId

@@ -3,8 +3,12 @@
 //! integer nano-units of a currency), the validated configuration ([`Config`], [`Limits`]) and
 //! [`CoreError`].
 //!
-//! It must never depend on tokio, sqlx, axum or any engine: the pool and the simulator build on
-//! it without an async runtime. Read [`config`] first, then [`money`].
+//! [`ModelId`] and [`PoolPolicy`] are re-exported from `tidepool-pool`, the one crate below core:
+//! the pool owns its scheduler knobs ([`PoolKnobs`]), and core's `[pool]` section
+//! ([`PoolSection`]) embeds them, so the server and the planner read the same struct.
+//!
+//! It must never depend on tokio, sqlx, axum or any engine: the simulator builds on it without
+//! an async runtime. Read [`config`] first, then [`money`].
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -14,7 +18,7 @@ pub mod money;
 
 pub use config::{
     Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, ModelConfig, ModelKind,
-    PoolPolicy, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+    PoolKnobs, PoolPolicy, PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
 };
 pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestId, TenantId};

@@ -349,6 +349,30 @@ pub struct Accelerator {
     piece: Vec<u8>,
 }
 
+/// What a pool scheduling this engine may assume of it: the engine half of
+/// `tidepool_pool::PoolConfig` (the runtime copies it there; never hard-coded elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Loads, evictions and KV saves/restores run beside compute (a GPU copy engine).
+    pub overlap_transfers: bool,
+    /// KV is paged from one pool shared by the resident models (charged per sequence).
+    pub kv_paged: bool,
+    /// Saved sequence states live in the same memory as weights and contexts.
+    pub saved_kv_in_memory_budget: bool,
+}
+
+impl Accelerator {
+    /// CPU llama.cpp: transfers do not overlap compute (loading and decoding compete for the
+    /// same cores, so one action runs at a time), each context's KV is allocated up front when
+    /// the model loads (not paged), and saved states are host RAM, the same memory as the
+    /// models.
+    pub const CAPABILITIES: Capabilities = Capabilities {
+        overlap_transfers: false,
+        kv_paged: false,
+        saved_kv_in_memory_budget: true,
+    };
+}
+
 impl std::fmt::Debug for Accelerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Accelerator")

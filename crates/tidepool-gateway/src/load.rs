@@ -155,7 +155,6 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
     let first = first.engine.model_id.to_string();
     let mut runtime = RuntimeConfig::new(config.pool.policy, models);
     runtime.pool = config.pool.clone();
-    runtime.admission_queue_len_max = config.limits.admission_queue_len_max;
     tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
         "starting the model pool (measuring each model once)");
     let started = tokio::task::spawn_blocking(move || PoolRuntime::start(&runtime))

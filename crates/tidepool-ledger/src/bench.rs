@@ -119,7 +119,7 @@ pub async fn bench_settles(
     }
     let ledger = Ledger::connect(database_url).await?;
     let tenant = TenantId::new(format!("bench-{}", uuid::Uuid::now_v7().simple()))?;
-    let model = ModelId::new("bench-model")?;
+    let model = ModelId::new("bench-model").map_err(tidepool_core::CoreError::from)?;
     ledger.create_tenant(&tenant, Currency::USD).await?;
     ledger
         .credit(&tenant, Nanos(crate::accounts::CREDIT_NANOS_MAX), "bench")

@@ -1,11 +1,10 @@
-//! Pool configuration: the budget, the SLOs the `token` policy plans for, every queue bound, and
-//! one [`ModelSpec`] per served model (sizes plus cost estimates that seed the scheduler's
+//! Pool configuration: the policy, the budget, what the engine can do, the scheduler's knobs
+//! ([`PoolKnobs`]), and one [`ModelSpec`] per served model (sizes plus cost estimates that seed the scheduler's
 //! predictions; measured durations refine them at run time).
 
 use serde::{Deserialize, Serialize};
-use tidepool_core::{ModelId, PoolPolicy};
 
-use crate::PoolError;
+use crate::{ModelId, PoolError, PoolKnobs, PoolPolicy};
 
 /// Upper bound on models in one pool (indexing uses `u32`-sized counts).
 pub const MODELS_MAX: usize = 4096;
@@ -82,13 +81,10 @@ pub struct CostEstimate {
     pub kv_transfer_ps_per_byte: u64,
 }
 
-/// The pool's configuration; validated by [`PoolConfig::validate`] when the pool is built.
+/// The pool's configuration; validated by [`PoolConfig::validate`] when the pool is built: the
+/// policy, the budget, what the engine can do, the scheduler's [`PoolKnobs`] and the models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent on/off knobs of the scheduler, each documented; no state machine"
-)]
 pub struct PoolConfig {
     pub policy: PoolPolicy,
     /// Cap on weights + contexts (+ saved KV when `saved_kv_in_memory_budget`) + reservations.
@@ -96,59 +92,28 @@ pub struct PoolConfig {
     pub memory_bytes_max: u64,
     /// Cap on saved sequence states (host memory on a GPU box).
     pub kv_saved_bytes_max: u64,
-    /// Saved states count against `memory_bytes_max` too (CPU box: host RAM is the only pool).
+    /// Engine: saved states count against `memory_bytes_max` too (CPU box: host RAM is the only
+    /// pool).
     pub saved_kv_in_memory_budget: bool,
-    /// Transfers (load, evict, KV save/restore) run beside compute (a GPU copy engine); when
-    /// false at most one engine action is in flight.
+    /// Engine: transfers (load, evict, KV save/restore) run beside compute (a GPU copy engine);
+    /// when false at most one engine action is in flight.
     pub overlap_transfers: bool,
-    pub ttft_slo_ms: u64,
-    pub tbt_slo_ms: u64,
-    /// Requests waiting for their prefill, all models together; past it: `QueueFull`.
-    pub admission_queue_len_max: u32,
-    /// Requests of one model prefilled together (Aegaeon's `max_group_size`).
-    pub prefill_group_len_max: u32,
-    /// Prompt tokens in one prefill action (at least one request always goes).
-    pub prefill_tokens_max: u32,
-    /// Decode steps of one turn when switching is free, and the floor otherwise.
-    pub decode_steps_min: u32,
-    /// Ceiling on decode steps of one turn.
-    pub decode_steps_max: u32,
-    /// Aegaeon's `max_batch_quota`: the longest turn the quota formula hands out.
-    pub turn_quota_ms_max: u64,
-    /// `token` admission: hold new requests while the predicted round factor α (mean gap /
-    /// TBT SLO), in thousandths, would exceed this. `u32::MAX` (the default) disables the
-    /// check: in the simulator, holding lowered attainment in every market measured (docs/sim.md).
-    pub alpha_admit_permille_max: u32,
-    /// `swap-lru`: Ollama-faithful head-of-line blocking (the oldest request blocks the rest).
-    pub hol_blocking: bool,
-    /// `token`: a queued request whose model is not resident is prefilled (so its model loaded)
-    /// only when its TTFT is at risk or nothing is decoding; until then decode turns and
-    /// requests of resident models go first. Where a load stalls compute (CPU), this stops one
-    /// new request from evicting models that are mid-generation.
-    #[serde(default)]
-    pub prefill_cold_lazy: bool,
-    /// `token`: within a round, turns of resident models run before turns that need a load.
-    #[serde(default)]
-    pub round_resident_first: bool,
-    /// A prefill carries its model's decoding sequences as riders: one token each in the
-    /// prefill's batch, so they do not stall while a new request's prompt runs. Off by default:
-    /// on llama.cpp with a KV stream per sequence a mixed batch is split into equal-length
-    /// micro-batches, so a rider costs about a decode step of its own (docs/pool.md §3.1).
-    #[serde(default)]
-    pub prefill_riders: bool,
-    /// KV is paged from one memory pool shared by the resident models (vLLM's blocks, Aegaeon's
-    /// unified KV cache): [`ModelSpec::ctx_bytes`] holds only the compute buffers, and each
-    /// sequence holding a context slot is charged its worst-case KV
+    /// Engine: KV is paged from one memory pool shared by the resident models (vLLM's blocks,
+    /// Aegaeon's unified KV cache): [`ModelSpec::ctx_bytes`] holds only the compute buffers,
+    /// and each sequence holding a context slot is charged its worst-case KV
     /// (`saved_bytes(prompt + max_tokens)`) until it leaves the context (finished or saved).
-    /// Off (the default): the context's whole KV capacity is allocated with the model, as
-    /// llama.cpp does; the server's llama.cpp backend always runs with it off.
+    /// Off: the context's whole KV capacity is allocated with the model, as llama.cpp does.
     #[serde(default)]
     pub kv_paged: bool,
+    /// The scheduler's knobs (SLOs, bounds, orderings).
+    #[serde(default)]
+    pub knobs: PoolKnobs,
     pub models: Vec<ModelSpec>,
 }
 
 impl PoolConfig {
-    /// Defaults for every knob except the budget and the models.
+    /// [`PoolKnobs::default`], a quarter of the budget for saved states inside the budget, no
+    /// overlap of transfers and compute, KV allocated with the model (a CPU llama.cpp engine).
     pub fn new(policy: PoolPolicy, memory_bytes_max: u64, models: Vec<ModelSpec>) -> Self {
         Self {
             policy,
@@ -156,20 +121,8 @@ impl PoolConfig {
             kv_saved_bytes_max: memory_bytes_max / 4,
             saved_kv_in_memory_budget: true,
             overlap_transfers: false,
-            ttft_slo_ms: 10_000,
-            tbt_slo_ms: 100,
-            admission_queue_len_max: 1024,
-            prefill_group_len_max: 8,
-            prefill_tokens_max: 8192,
-            decode_steps_min: 16,
-            decode_steps_max: 512,
-            turn_quota_ms_max: 4000,
-            alpha_admit_permille_max: u32::MAX,
-            hol_blocking: false,
-            prefill_cold_lazy: false,
-            round_resident_first: false,
-            prefill_riders: false,
             kv_paged: false,
+            knobs: PoolKnobs::default(),
             models,
         }
     }
@@ -184,17 +137,8 @@ impl PoolConfig {
         if self.models.is_empty() || self.models.len() > MODELS_MAX {
             return invalid("models", "must hold 1..=4096 models");
         }
-        if self.admission_queue_len_max == 0 {
-            return invalid("admission_queue_len_max", "must be at least 1");
-        }
-        if self.prefill_group_len_max == 0 || self.prefill_tokens_max == 0 {
-            return invalid("prefill_group_len_max", "prefill limits must be at least 1");
-        }
-        if self.decode_steps_min == 0 || self.decode_steps_min > self.decode_steps_max {
-            return invalid("decode_steps_min", "must be in 1..=decode_steps_max");
-        }
-        if self.tbt_slo_ms == 0 || self.turn_quota_ms_max == 0 {
-            return invalid("tbt_slo_ms", "SLOs and quotas must be positive");
+        if let Some(problem) = self.knobs.problems().first() {
+            return invalid(problem.field, problem.reason);
         }
         let mut ids: Vec<&ModelId> = self.models.iter().map(|m| &m.id).collect();
         ids.sort();
@@ -235,4 +179,28 @@ impl PoolConfig {
         }
         Ok(())
     }
+}
+
+/// The memory budget as `[pool]` sets it: `memory_bytes_max` if given; else, with
+/// `memory_models_max = N`, the N largest models' resident bytes plus the saved-state pool;
+/// else every model plus the saved-state pool (everything fits). The server applies it to the
+/// sizes it measures at start-up, the simulator to its profile's.
+pub fn memory_budget(
+    memory_bytes_max: Option<u64>,
+    memory_models_max: Option<u32>,
+    kv_saved_bytes_max: u64,
+    models: &[ModelSpec],
+) -> u64 {
+    if let Some(bytes) = memory_bytes_max {
+        return bytes;
+    }
+    let mut sizes: Vec<u64> = models.iter().map(ModelSpec::resident_bytes).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let fitting =
+        memory_models_max.map_or(sizes.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
+    sizes
+        .iter()
+        .take(fitting)
+        .sum::<u64>()
+        .saturating_add(kv_saved_bytes_max)
 }

@@ -1,6 +1,7 @@
-//! The one error type of `tidepool-pool`.
+//! The one error enum of `tidepool-pool` (a model id that is not a slug is `ids::InvalidId`,
+//! the id vocabulary's own error, which core turns into its `CoreError::InvalidId`).
 
-use tidepool_core::ModelId;
+use crate::ModelId;
 
 use crate::event::{ActionId, SeqId};
 

@@ -4,8 +4,8 @@
 
 use std::fmt;
 
+use crate::ModelId;
 use serde::{Deserialize, Serialize};
-use tidepool_core::ModelId;
 
 /// One request's sequence, chosen by the driver (unique for the pool's lifetime).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -2,22 +2,29 @@
 //! which sequences step next. It is a pure state machine fed with events and a clock value and
 //! returns actions; the server and the simulator drive the same code.
 //!
-//! It never depends on tokio, the engine, the gateway or the ledger, and never reads a clock.
-//! Read [`Pool`] first (and `docs/pool.md`), then [`Event`] and [`Action`], then [`PoolConfig`].
+//! It is the bottom of the crate graph: it depends on no other Tidepool crate (only serde and
+//! thiserror), never on tokio, and never reads a clock. It owns the vocabulary it shares with
+//! the rest ([`ModelId`], [`PoolPolicy`], re-exported by `tidepool-core`) and the scheduler's
+//! knobs ([`PoolKnobs`], which core embeds as the `[pool]` section of `tidepool.toml`).
+//! Read [`Pool`] first (and `docs/pool.md`), then [`Event`] and [`Action`], then [`PoolConfig`]
+//! and [`PoolKnobs`].
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod ids;
+pub mod knobs;
 mod pool;
 mod sched;
 pub mod status;
 
-pub use config::{CostEstimate, ModelSpec, PoolConfig};
+pub use config::{CostEstimate, ModelSpec, PoolConfig, memory_budget};
 pub use error::PoolError;
 pub use event::{Action, ActionId, Event, SeqFinished, SeqId};
+pub use ids::{ModelId, PoolPolicy};
+pub use knobs::{KnobProblem, PoolKnobs};
 pub use pool::Pool;
 pub use status::{
     ActionNs, DECODE_BATCH_BUCKETS, DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency,
 };
-pub use tidepool_core::PoolPolicy;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use tidepool_core::{ModelId, PoolPolicy};
+use crate::{ModelId, PoolPolicy};
 
 use crate::PoolError;
 use crate::config::{CostEstimate, ModelSpec, PoolConfig};
@@ -438,9 +438,9 @@ impl Pool {
         if self.seqs.contains_key(&seq) {
             return Err(PoolError::DuplicateSeq { seq });
         }
-        if self.queued_len >= self.cfg.admission_queue_len_max {
+        if self.queued_len >= self.cfg.knobs.admission_queue_len_max {
             return Err(PoolError::QueueFull {
-                admission_queue_len_max: self.cfg.admission_queue_len_max,
+                admission_queue_len_max: self.cfg.knobs.admission_queue_len_max,
             });
         }
         Ok(index)
@@ -1112,7 +1112,7 @@ impl Pool {
             "queue length drifted"
         );
         assert!(
-            self.queued_len <= self.cfg.admission_queue_len_max,
+            self.queued_len <= self.cfg.knobs.admission_queue_len_max,
             "admission queue over its bound"
         );
     }

@@ -2,7 +2,7 @@
 //! which transfer prepares it (load, Belady/LRU eviction, lazy KV save, restore). Pure functions
 //! of the pool state; ties are broken by model index (= `ModelId` order) and `SeqId`.
 
-use tidepool_core::PoolPolicy;
+use crate::PoolPolicy;
 
 use crate::event::{Action, SeqId};
 use crate::pool::{Kv, ModelState, Phase, Pool, Target, Turn, Work};
@@ -90,11 +90,12 @@ impl Pool {
             let active =
                 !self.models[model].decoding.is_empty() || !self.models[model].prefill_q.is_empty();
             // `u32::MAX` disables the hold (not merely a high bar): skip the prediction.
-            let hold_on = self.cfg.alpha_admit_permille_max != u32::MAX;
+            let hold_on = self.cfg.knobs.alpha_admit_permille_max != u32::MAX;
             if hold_on
                 && busy
                 && !active
-                && self.alpha_permille_with(model) > u64::from(self.cfg.alpha_admit_permille_max)
+                && self.alpha_permille_with(model)
+                    > u64::from(self.cfg.knobs.alpha_admit_permille_max)
             {
                 break;
             }
@@ -136,13 +137,13 @@ impl Pool {
         } else {
             load_ns
         };
-        let quota_ns = as_f64(self.cfg.turn_quota_ms_max) * 1e6;
+        let quota_ns = as_f64(self.cfg.knobs.turn_quota_ms_max) * 1e6;
         let alpha = as_f64(switch_ns) / (n_min * quota_ns) + sum_inv;
         f64_to_u64(alpha * 1000.0)
     }
 
     fn tbt_ns(&self) -> f64 {
-        as_f64(self.cfg.tbt_slo_ms) * 1e6
+        as_f64(self.cfg.knobs.tbt_slo_ms) * 1e6
     }
 
     /// Starts the current target if it is runnable. Returns whether an action was emitted.
@@ -197,7 +198,7 @@ impl Pool {
     /// The model's decoding sequences that can ride in its next prefill: cells in the context,
     /// in no other action, client still there (`prefill_riders` on).
     fn riders(&self, model: usize) -> Vec<SeqId> {
-        if !self.cfg.prefill_riders {
+        if !self.cfg.knobs.prefill_riders {
             return Vec::new();
         }
         self.models[model]
@@ -230,7 +231,7 @@ impl Pool {
             self.target = None;
         }
         let decode = self.decode_candidate();
-        let prefill = if self.cfg.policy == PoolPolicy::Token && self.cfg.prefill_cold_lazy {
+        let prefill = if self.cfg.policy == PoolPolicy::Token && self.cfg.knobs.prefill_cold_lazy {
             // Resident models' requests and at-risk cold ones first; other cold ones wait for
             // their deadline or for an idle compute lane.
             self.oldest_queued(|m| {
@@ -276,14 +277,14 @@ impl Pool {
         let Some(last) = self.last_load_ns else {
             return false;
         };
-        let quota_ns = self.cfg.turn_quota_ms_max.saturating_mul(1_000_000);
+        let quota_ns = self.cfg.knobs.turn_quota_ms_max.saturating_mul(1_000_000);
         self.now_ns < last.saturating_add(quota_ns) && self.resident_target_exists()
     }
 
     /// When the switch spacing ends (for the driver's timer), if it is active.
     pub(crate) fn switch_spacing_end_ns(&self) -> Option<u64> {
         let last = self.last_load_ns?;
-        let end = last.saturating_add(self.cfg.turn_quota_ms_max.saturating_mul(1_000_000));
+        let end = last.saturating_add(self.cfg.knobs.turn_quota_ms_max.saturating_mul(1_000_000));
         (self.now_ns < end).then_some(end)
     }
 
@@ -330,7 +331,7 @@ impl Pool {
             return Some(Target::Decode(Turn {
                 model,
                 chunk: 0,
-                steps: self.cfg.decode_steps_min,
+                steps: self.cfg.knobs.decode_steps_min,
             }));
         }
         prefill.map(|model| Target::Prefill { model })
@@ -338,7 +339,7 @@ impl Pool {
 
     /// The model of the oldest queued request that may be prefilled now (grouped FCFS).
     fn prefill_candidate(&self) -> Option<usize> {
-        if self.cfg.policy == PoolPolicy::SwapLru && self.cfg.hol_blocking {
+        if self.cfg.policy == PoolPolicy::SwapLru && self.cfg.knobs.hol_blocking {
             let head = self.oldest_queued(|_| true)?;
             return self.prefill_eligible(head).then_some(head);
         }
@@ -350,7 +351,7 @@ impl Pool {
                 self.oldest_queued(|m| self.models[m].residency != Residency::Resident)
             {
                 let blocked_ns = self.head_arrival(blocked);
-                let ttft_ns = self.cfg.ttft_slo_ms.saturating_mul(1_000_000);
+                let ttft_ns = self.cfg.knobs.ttft_slo_ms.saturating_mul(1_000_000);
                 if self.head_arrival(model) > blocked_ns.saturating_add(ttft_ns) {
                     return None;
                 }
@@ -416,7 +417,7 @@ impl Pool {
         };
         let deadline = state
             .arrival_ns
-            .saturating_add(self.cfg.ttft_slo_ms.saturating_mul(1_000_000));
+            .saturating_add(self.cfg.knobs.ttft_slo_ms.saturating_mul(1_000_000));
         let slack = deadline.saturating_sub(self.now_ns);
         slack < prefill_ns.saturating_add(switch_ns).saturating_mul(2)
     }
@@ -425,7 +426,7 @@ impl Pool {
     /// first request always goes) and, with `kv_paged`, within `kv_bytes_free` of paged KV
     /// (empty if the first does not fit).
     fn prefill_group(&self, model: usize, slots: u32, kv_bytes_free: u64) -> Vec<SeqId> {
-        let limit = usize::try_from(slots.min(self.cfg.prefill_group_len_max)).unwrap_or(0);
+        let limit = usize::try_from(slots.min(self.cfg.knobs.prefill_group_len_max)).unwrap_or(0);
         let mut tokens = 0_u64;
         let mut kv_bytes = 0_u64;
         let mut group = Vec::with_capacity(limit);
@@ -434,7 +435,7 @@ impl Pool {
                 .seqs
                 .get(&seq)
                 .map_or((0, 0), |s| (u64::from(s.prompt_tokens), s.ctx_kv_bytes));
-            if !group.is_empty() && tokens + prompt > u64::from(self.cfg.prefill_tokens_max) {
+            if !group.is_empty() && tokens + prompt > u64::from(self.cfg.knobs.prefill_tokens_max) {
                 break;
             }
             if kv_bytes + kv > kv_bytes_free {
@@ -476,7 +477,7 @@ impl Pool {
     fn decode_candidate(&mut self) -> Option<Turn> {
         for _ in 0..2 {
             loop {
-                if self.cfg.policy == PoolPolicy::Token && self.cfg.round_resident_first {
+                if self.cfg.policy == PoolPolicy::Token && self.cfg.knobs.round_resident_first {
                     self.resident_turn_first();
                 }
                 let Some(&turn) = self.round.get(self.turn) else {
@@ -541,7 +542,7 @@ impl Pool {
                 self.round.push(Turn {
                     model: i,
                     chunk,
-                    steps: self.cfg.decode_steps_min,
+                    steps: self.cfg.knobs.decode_steps_min,
                 });
             }
         }
@@ -600,8 +601,8 @@ impl Pool {
     /// Time until the earliest next-token deadline among `model`'s decoding sequences
     /// (arrival + TTFT SLO + tokens emitted × TBT SLO); 0 once one is late.
     pub(crate) fn decode_slack_ns(&self, model: usize) -> u64 {
-        let ttft_ns = self.cfg.ttft_slo_ms.saturating_mul(1_000_000);
-        let tbt_ns = self.cfg.tbt_slo_ms.saturating_mul(1_000_000);
+        let ttft_ns = self.cfg.knobs.ttft_slo_ms.saturating_mul(1_000_000);
+        let tbt_ns = self.cfg.knobs.tbt_slo_ms.saturating_mul(1_000_000);
         self.models[model]
             .decoding
             .iter()
@@ -664,7 +665,7 @@ impl Pool {
         let sum_inv: f64 = n.iter().map(|n| 1.0 / n).sum();
         let n_min = n.iter().copied().fold(f64::INFINITY, f64::min);
         let c = as_f64(switch_ns);
-        let quota_max_ns = as_f64(self.cfg.turn_quota_ms_max) * 1e6;
+        let quota_max_ns = as_f64(self.cfg.knobs.turn_quota_ms_max) * 1e6;
         let alpha = (c / (n_min * quota_max_ns) + sum_inv).max(0.5);
         let spare = (alpha - sum_inv).max(c / (n_min * quota_max_ns));
         for (turn, n_i) in self.round.iter_mut().zip(&n) {
@@ -672,7 +673,10 @@ impl Pool {
             let q_i = (c / (n_i * spare)).min(quota_max_ns);
             let steps = f64_to_u64(q_i / d_i);
             let steps = u32::try_from(steps).unwrap_or(u32::MAX);
-            turn.steps = steps.clamp(self.cfg.decode_steps_min, self.cfg.decode_steps_max);
+            turn.steps = steps.clamp(
+                self.cfg.knobs.decode_steps_min,
+                self.cfg.knobs.decode_steps_max,
+            );
         }
     }
 
@@ -784,7 +788,7 @@ impl Pool {
         if let Some(evict) = self.swap_kv_room() {
             return Some(evict);
         }
-        let model = if self.cfg.hol_blocking {
+        let model = if self.cfg.knobs.hol_blocking {
             self.oldest_queued(|_| true)
                 .filter(|&m| self.models[m].residency != Residency::Resident)?
         } else {

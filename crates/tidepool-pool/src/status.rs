@@ -1,7 +1,7 @@
 //! The read-only view behind `GET /v1/pool`, plus cumulative counters for metrics.
 
+use crate::{ModelId, PoolPolicy};
 use serde::{Deserialize, Serialize};
-use tidepool_core::{ModelId, PoolPolicy};
 
 use crate::config::CostEstimate;
 

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tidepool_core::ModelId;
+use tidepool_pool::ModelId;
 use tidepool_pool::{
     Action, ActionId, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolPolicy,
     SeqFinished, SeqId,
@@ -116,17 +116,17 @@ fn config(seed: u64, rng: &mut ChaCha8Rng) -> PoolConfig {
     cfg.kv_saved_bytes_max = kv_saved_bytes_max;
     cfg.saved_kv_in_memory_budget = rng.random_bool(0.5);
     cfg.overlap_transfers = rng.random_bool(0.5);
-    cfg.admission_queue_len_max = rng.random_range(4..64);
-    cfg.decode_steps_min = rng.random_range(1..8);
-    cfg.decode_steps_max = cfg.decode_steps_min + rng.random_range(0..64);
-    cfg.hol_blocking = rng.random_bool(0.3);
-    cfg.prefill_cold_lazy = rng.random_bool(0.5);
-    cfg.round_resident_first = rng.random_bool(0.5);
-    cfg.prefill_riders = rng.random_bool(0.7);
-    cfg.ttft_slo_ms = rng.random_range(500..5000);
-    cfg.tbt_slo_ms = rng.random_range(20..200);
-    cfg.turn_quota_ms_max = rng.random_range(100..2000);
-    cfg.alpha_admit_permille_max = if rng.random_bool(0.5) { 1000 } else { u32::MAX };
+    cfg.knobs.admission_queue_len_max = rng.random_range(4..64);
+    cfg.knobs.decode_steps_min = rng.random_range(1..8);
+    cfg.knobs.decode_steps_max = cfg.knobs.decode_steps_min + rng.random_range(0..64);
+    cfg.knobs.hol_blocking = rng.random_bool(0.3);
+    cfg.knobs.prefill_cold_lazy = rng.random_bool(0.5);
+    cfg.knobs.round_resident_first = rng.random_bool(0.5);
+    cfg.knobs.prefill_riders = rng.random_bool(0.7);
+    cfg.knobs.ttft_slo_ms = rng.random_range(500..5000);
+    cfg.knobs.tbt_slo_ms = rng.random_range(20..200);
+    cfg.knobs.turn_quota_ms_max = rng.random_range(100..2000);
+    cfg.knobs.alpha_admit_permille_max = if rng.random_bool(0.5) { 1000 } else { u32::MAX };
     cfg
 }
 
@@ -382,7 +382,7 @@ impl Run {
         );
         assert!(!seqs.is_empty(), "empty prefill");
         assert!(
-            self.pool.config().prefill_riders || riders.is_empty(),
+            self.pool.config().knobs.prefill_riders || riders.is_empty(),
             "riders with prefill_riders off"
         );
         let mut finished = Vec::new();

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tidepool_core::ModelId;
 use tidepool_pool::{
-    Action, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolPolicy, SeqFinished, SeqId,
+    Action, CostEstimate, Event, ModelId, ModelSpec, Pool, PoolConfig, PoolPolicy, SeqFinished,
+    SeqId,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -62,9 +62,9 @@ fn config(costs: &Costs, ttft_slo_ms: u64, tbt_slo_ms: u64, quota_ms: u64) -> Po
     let kv_saved_bytes_max = 64 * MIB;
     let mut cfg = PoolConfig::new(PoolPolicy::Token, 120 * MIB + kv_saved_bytes_max, models);
     cfg.kv_saved_bytes_max = kv_saved_bytes_max;
-    cfg.ttft_slo_ms = ttft_slo_ms;
-    cfg.tbt_slo_ms = tbt_slo_ms;
-    cfg.turn_quota_ms_max = quota_ms;
+    cfg.knobs.ttft_slo_ms = ttft_slo_ms;
+    cfg.knobs.tbt_slo_ms = tbt_slo_ms;
+    cfg.knobs.turn_quota_ms_max = quota_ms;
     cfg
 }
 

@@ -7,7 +7,7 @@
     reason = "test helpers: a failed setup is a failed test"
 )]
 
-use tidepool_core::ModelId;
+use tidepool_pool::ModelId;
 use tidepool_pool::{
     Action, ActionId, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolPolicy,
     Residency, SeqFinished, SeqId,
@@ -100,7 +100,7 @@ fn admission_errors_are_typed() {
         100 * MIB,
         vec![model("small", 50), model("huge", 500)],
     );
-    cfg.admission_queue_len_max = 1;
+    cfg.knobs.admission_queue_len_max = 1;
     let mut pool = Pool::new(cfg).unwrap();
     assert!(matches!(
         arrive(&mut pool, 0, 1, "nope", 5),
@@ -221,7 +221,7 @@ fn token_preempts_with_save_and_restore() {
     cfg.kv_saved_bytes_max = 20 * MIB;
     // Switches may follow each other after 1 ms (each action here takes 1 ms): the pool
     // alternates between the models instead of finishing one first.
-    cfg.turn_quota_ms_max = 1;
+    cfg.knobs.turn_quota_ms_max = 1;
     let mut pool = Pool::new(cfg).unwrap();
     let mut log = Vec::new();
     let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
@@ -462,7 +462,7 @@ fn decode_does_not_yield_when_another_prefill_comes_first() {
         100 * MIB,
         vec![model("a", 50), model("b", 50)],
     );
-    cfg.hol_blocking = true;
+    cfg.knobs.hol_blocking = true;
     let mut pool = Pool::new(cfg).unwrap();
     let out = arrive(&mut pool, 0, 1, "a", 100).unwrap();
     let [Action::Load { id, .. }] = out.as_slice() else {
@@ -500,7 +500,7 @@ fn prefill_carries_the_models_decoding_sequences() {
             100 * MIB,
             vec![model("a", 10), model("b", 10)],
         );
-        cfg.prefill_riders = riders_on;
+        cfg.knobs.prefill_riders = riders_on;
         let mut pool = loaded(cfg);
         // `a`'s request 1 (3 tokens) decodes; request 2 of `a` arrives and cuts the turn after
         // one step (request 1: 2 of 3 tokens).

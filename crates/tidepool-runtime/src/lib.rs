@@ -17,9 +17,9 @@ use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tidepool_core::{ModelId, PoolPolicy, TokenCount};
+use tidepool_core::{ModelId, PoolPolicy, PoolSection, TokenCount};
 use tidepool_engine::multi::{
-    Calibration, ModelFrontEnd, MultiModelConfig, PreparedSeq, TokenDeadlines,
+    Accelerator, Calibration, ModelFrontEnd, MultiModelConfig, PreparedSeq, TokenDeadlines,
 };
 use tidepool_engine::{
     ChatMessage, EngineError, EngineStats, GenerateRequest, Generation, TextEngine, TokenId,
@@ -38,14 +38,12 @@ pub struct PooledModelConfig {
     pub keep_alive_ms: Option<u64>,
 }
 
-/// How the pool runs: `[pool]` of the server's configuration (policy, budget, the SLO the
-/// `token` policy plans for, scheduler knobs), the admission limits and the models.
+/// How the pool runs: `[pool]` of the server's configuration (policy, budget, and the
+/// scheduler's knobs: SLOs, the admission queue, turn bounds) and the models.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// `[pool]` as configured (`enabled` is the caller's business: a runtime is the pool).
-    pub pool: tidepool_core::config::PoolConfig,
-    /// Requests waiting for their prefill, all models together.
-    pub admission_queue_len_max: u32,
+    pub pool: PoolSection,
     /// `Retry-After` hint of a full queue.
     pub overload_retry_after_ms: u32,
     pub models: Vec<PooledModelConfig>,
@@ -55,11 +53,10 @@ impl RuntimeConfig {
     /// `policy` with the `[pool]` defaults.
     pub fn new(policy: PoolPolicy, models: Vec<PooledModelConfig>) -> Self {
         Self {
-            pool: tidepool_core::config::PoolConfig {
+            pool: PoolSection {
                 policy,
-                ..tidepool_core::config::PoolConfig::default()
+                ..PoolSection::default()
             },
-            admission_queue_len_max: 256,
             overload_retry_after_ms: 1000,
             models,
         }
@@ -144,7 +141,7 @@ impl PoolRuntime {
                 reason: format!("cannot start the accelerator thread: {e}"),
             })?;
         let calibrations: Vec<Calibration> = calibrated_rx.recv().map_err(|_| thread_gone())??;
-        let pool_config = pool_config(config, &calibrations);
+        let pool_config = pool_config(&config.pool, model_specs(config, &calibrations));
         let pool = Pool::new(pool_config).map_err(|e| EngineError::Load {
             path: std::path::PathBuf::new(),
             reason: e.to_string(),
@@ -172,8 +169,8 @@ impl PoolRuntime {
             model_ids,
             index,
             slo: (
-                Duration::from_millis(config.pool.ttft_slo_ms),
-                Duration::from_millis(config.pool.tbt_slo_ms),
+                Duration::from_millis(config.pool.knobs.ttft_slo_ms),
+                Duration::from_millis(config.pool.knobs.tbt_slo_ms),
             ),
             retry_after_ms: config.overload_retry_after_ms,
         });
@@ -371,9 +368,9 @@ impl TextEngine for PooledEngine {
     }
 }
 
-/// The pool's configuration from the runtime's and the measured sizes and costs.
-fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConfig {
-    let models: Vec<ModelSpec> = config
+/// The pool's models: configured limits, measured sizes and costs.
+fn model_specs(config: &RuntimeConfig, calibrations: &[Calibration]) -> Vec<ModelSpec> {
+    config
         .models
         .iter()
         .zip(calibrations)
@@ -393,31 +390,28 @@ fn pool_config(config: &RuntimeConfig, calibrations: &[Calibration]) -> PoolConf
                 kv_transfer_ps_per_byte: cal.kv_transfer_ps_per_byte,
             },
         })
-        .collect();
-    let mut sizes: Vec<u64> = models.iter().map(ModelSpec::resident_bytes).collect();
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
-    let knobs = &config.pool;
-    let fitting = knobs
-        .memory_models_max
-        .map_or(sizes.len(), |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let largest: u64 = sizes.iter().take(fitting).sum();
-    let memory_bytes_max = knobs
-        .memory_bytes_max
-        .unwrap_or_else(|| largest.saturating_add(knobs.kv_saved_bytes_max));
-    let mut pool = PoolConfig::new(knobs.policy, memory_bytes_max, models);
-    pool.kv_saved_bytes_max = knobs.kv_saved_bytes_max;
-    // CPU: saved states live in the same RAM, and loading competes with decoding for the cores.
-    pool.saved_kv_in_memory_budget = true;
-    pool.overlap_transfers = false;
-    pool.ttft_slo_ms = knobs.ttft_slo_ms;
-    pool.tbt_slo_ms = knobs.tbt_slo_ms;
-    pool.decode_steps_min = knobs.decode_steps_min;
-    pool.decode_steps_max = pool.decode_steps_max.max(knobs.decode_steps_min);
-    pool.turn_quota_ms_max = knobs.turn_quota_ms_max;
-    pool.prefill_cold_lazy = knobs.prefill_cold_lazy;
-    pool.round_resident_first = knobs.round_resident_first;
-    pool.prefill_riders = knobs.prefill_riders;
-    pool.admission_queue_len_max = config.admission_queue_len_max;
+        .collect()
+}
+
+/// The pool the server runs for `[pool]` and these models: the section's policy and knobs as
+/// they are, its budget (`memory_bytes_max`, else `memory_models_max` of the models' measured
+/// sizes, else everything; see [`tidepool_pool::memory_budget`]), and what the llama.cpp
+/// accelerator can do ([`Accelerator::CAPABILITIES`]). `tidepool plan --config` plans for the
+/// same knobs (a test in `tidepool-bench` compares them).
+pub fn pool_config(section: &PoolSection, models: Vec<ModelSpec>) -> PoolConfig {
+    let memory_bytes_max = tidepool_pool::memory_budget(
+        section.memory_bytes_max,
+        section.memory_models_max,
+        section.kv_saved_bytes_max,
+        &models,
+    );
+    let engine = Accelerator::CAPABILITIES;
+    let mut pool = PoolConfig::new(section.policy, memory_bytes_max, models);
+    pool.kv_saved_bytes_max = section.kv_saved_bytes_max;
+    pool.saved_kv_in_memory_budget = engine.saved_kv_in_memory_budget;
+    pool.overlap_transfers = engine.overlap_transfers;
+    pool.kv_paged = engine.kv_paged;
+    pool.knobs = section.knobs;
     pool
 }
 

@@ -108,7 +108,7 @@ fn start(policy: PoolPolicy, models: Vec<PooledModelConfig>, fit: Option<u32>) -
     let mut config = RuntimeConfig::new(policy, models);
     config.pool.memory_models_max = fit;
     config.pool.kv_saved_bytes_max = 256 << 20;
-    config.pool.decode_steps_min = 4;
+    config.pool.knobs.decode_steps_min = 4;
     match PoolRuntime::start(&config) {
         Ok(runtime) => runtime,
         Err(error) => panic_start(&error),

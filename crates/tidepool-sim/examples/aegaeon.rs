@@ -20,7 +20,8 @@ fn knobs() -> PoolKnobs {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let d = PoolKnobs::default();
+    // The knobs docs/bench/sim.md was measured with, each overridable.
+    let d = tidepool_sim::h100_sweep_knobs();
     PoolKnobs {
         decode_steps_min: u32::try_from(env("STEPS_MIN", u64::from(d.decode_steps_min)))
             .unwrap_or(d.decode_steps_min),
@@ -53,9 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         profile: profile.clone(),
         policy,
         accelerators,
-        ttft_slo_ms: 10_000,
-        tbt_slo_ms: 100,
         knobs: knobs(),
+        memory_models_max: None,
         placement_moves_max: moves,
         placement: None,
     };

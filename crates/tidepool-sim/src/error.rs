@@ -26,6 +26,11 @@ pub enum SimError {
     TraceParse { line: u64, reason: &'static str },
     #[error("invalid workload: {reason}")]
     WorkloadInvalid { reason: &'static str },
+    #[error("invalid pool knob: {field}: {reason}")]
+    KnobInvalid {
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error("pool rejected the configuration: {0}")]
     Pool(#[from] PoolError),
     #[error("the simulation stalled at {now_ns} ns with {seqs} sequences left (scheduler bug)")]

@@ -20,8 +20,10 @@ pub use error::SimError;
 pub use plan::{PlanAnswer, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
 pub use sim::{
-    ModelReport, PLACEMENT_MOVES_MAX, PoolKnobs, Progress, Report, SimSpec, place, simulate,
+    ModelReport, PLACEMENT_MOVES_MAX, Progress, Report, SimSpec, h100_sweep_knobs, place, simulate,
 };
+/// The scheduler's knobs: the pool's own struct, with the server's defaults.
+pub use tidepool_pool::PoolKnobs;
 pub use workload::{
     Arrivals, MarketSpec, Popularity, Request, TraceRow, Workload, market, read_azure_trace,
     read_model_trace,

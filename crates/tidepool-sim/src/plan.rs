@@ -42,6 +42,8 @@ pub struct PlanReport {
     pub target_attainment: f64,
     pub ttft_slo_ms: u64,
     pub tbt_slo_ms: u64,
+    /// The scheduler knobs every probe ran with (SLOs above included).
+    pub knobs: tidepool_pool::PoolKnobs,
     pub answers: Vec<PlanAnswer>,
     pub points: Vec<PlanPoint>,
     /// e.g. "token: 9 accelerators, dedicated: 40, saving 77.5 %".
@@ -140,8 +142,9 @@ pub fn plan(
         models,
         requests: u64::try_from(workload.requests.len()).unwrap_or(u64::MAX),
         target_attainment,
-        ttft_slo_ms: spec.ttft_slo_ms,
-        tbt_slo_ms: spec.tbt_slo_ms,
+        ttft_slo_ms: spec.knobs.ttft_slo_ms,
+        tbt_slo_ms: spec.knobs.tbt_slo_ms,
+        knobs: spec.knobs,
         answers,
         points,
         summary,

@@ -1,9 +1,9 @@
 //! One simulated configuration: place the market's models on accelerators, run each accelerator
 //! through the real pool, and fold the outcomes into a [`Report`].
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tidepool_core::{ModelId, PoolPolicy};
-use tidepool_pool::PoolConfig;
+use tidepool_pool::{PoolConfig, PoolKnobs};
 
 use crate::SimError;
 use crate::profile::{Costs, Profile, as_f64, model_spec};
@@ -18,40 +18,22 @@ pub const ACCELERATORS_MAX: u32 = 4096;
 /// most 14 moves, `PlanPoint::placement_moves`).
 pub const PLACEMENT_MOVES_MAX: u32 = 32;
 
-/// Scheduler knobs the simulator passes to every pool. Defaults differ from the pool's
-/// (`decode_steps_min` 64 instead of 16, `turn_quota_ms_max` 1 s instead of Aegaeon's 4 s): they
-/// were the best of a small sweep over the four Azure conversation markets on the `h100`
-/// profile with paged KV (docs/sim.md), and apply to all three policies alike. The α admission
-/// hold is off: holding requests while the round is over-subscribed lowered attainment in every
-/// market measured.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct PoolKnobs {
-    pub admission_queue_len_max: u32,
-    pub prefill_group_len_max: u32,
-    pub decode_steps_min: u32,
-    pub decode_steps_max: u32,
-    pub turn_quota_ms_max: u64,
-    pub alpha_admit_permille_max: u32,
-    pub prefill_cold_lazy: bool,
-    pub round_resident_first: bool,
-    /// Decoding sequences ride in their model's prefills (`PoolConfig::prefill_riders`).
-    #[serde(default)]
-    pub prefill_riders: bool,
-}
-
-impl Default for PoolKnobs {
-    fn default() -> Self {
-        Self {
-            admission_queue_len_max: 4096,
-            prefill_group_len_max: 8,
-            decode_steps_min: 64,
-            decode_steps_max: 512,
-            turn_quota_ms_max: 1000,
-            alpha_admit_permille_max: u32::MAX,
-            prefill_cold_lazy: false,
-            round_resident_first: false,
-            prefill_riders: false,
-        }
+/// The knobs the H100 figures of docs/bench/sim.md were measured with — not a default (the
+/// simulator runs [`PoolKnobs::default`], the server's, unless told otherwise): the SLOs of the
+/// Aegaeon comparison (TTFT 10 s, TBT 100 ms), `decode_steps_min` 64 and `turn_quota_ms_max`
+/// 1 s (the best of a small sweep over the four Azure conversation markets on the `h100` profile
+/// with paged KV, tuned on the workloads they are reported on), and an admission queue of 4096
+/// per accelerator. `tidepool bench sim` and the `aegaeon` example use them so their figures
+/// stay comparable; `tidepool sim`/`plan` reach them with `--ttft-slo-ms 10000 --tbt-slo-ms 100
+/// --decode-steps-min 64 --turn-quota-ms-max 1000 --admission-queue-len-max 4096`.
+pub fn h100_sweep_knobs() -> PoolKnobs {
+    PoolKnobs {
+        ttft_slo_ms: 10_000,
+        tbt_slo_ms: 100,
+        admission_queue_len_max: 4096,
+        decode_steps_min: 64,
+        turn_quota_ms_max: 1000,
+        ..PoolKnobs::default()
     }
 }
 
@@ -61,9 +43,13 @@ pub struct SimSpec {
     pub profile: Profile,
     pub policy: PoolPolicy,
     pub accelerators: u32,
-    pub ttft_slo_ms: u64,
-    pub tbt_slo_ms: u64,
+    /// The scheduler's knobs, SLOs included: the server's defaults ([`PoolKnobs::default`]),
+    /// a `tidepool.toml`'s `[pool]`, or flags on top of either.
     pub knobs: PoolKnobs,
+    /// `[pool] memory_models_max`: each accelerator's budget fits this many of its largest
+    /// models plus the saved-state pool, as on a server ([`tidepool_pool::memory_budget`]);
+    /// `None`: the profile's `memory_bytes`.
+    pub memory_models_max: Option<u32>,
     /// Moves of the placement search after the initial placement (0: keep it as placed).
     pub placement_moves_max: u32,
     /// The initial placement (accelerator of each market model, in market order) instead of
@@ -100,6 +86,8 @@ pub struct Report {
     pub models: u32,
     pub ttft_slo_ms: u64,
     pub tbt_slo_ms: u64,
+    /// The scheduler knobs every accelerator's pool ran with (SLOs above included).
+    pub knobs: PoolKnobs,
     pub requests: u64,
     pub requests_rejected: u64,
     pub prompts_capped: u64,
@@ -211,23 +199,19 @@ fn pool_config(
         costs.push(c);
         ids.push(id);
     }
-    let mut cfg = PoolConfig::new(spec.policy, acc.memory_bytes, specs);
+    let memory_bytes_max = match spec.memory_models_max {
+        None => acc.memory_bytes,
+        models_max @ Some(_) => {
+            tidepool_pool::memory_budget(None, models_max, acc.kv_saved_bytes_max, &specs)
+        }
+    };
+    let mut cfg = PoolConfig::new(spec.policy, memory_bytes_max, specs);
+    // What the accelerator can do comes from the profile, never from the knobs.
     cfg.kv_saved_bytes_max = acc.kv_saved_bytes_max;
     cfg.saved_kv_in_memory_budget = acc.saved_kv_in_memory_budget;
     cfg.overlap_transfers = acc.overlap_transfers;
     cfg.kv_paged = acc.kv_paged;
-    cfg.ttft_slo_ms = spec.ttft_slo_ms;
-    cfg.tbt_slo_ms = spec.tbt_slo_ms;
-    let k = spec.knobs;
-    cfg.admission_queue_len_max = k.admission_queue_len_max;
-    cfg.prefill_group_len_max = k.prefill_group_len_max;
-    cfg.decode_steps_min = k.decode_steps_min;
-    cfg.decode_steps_max = k.decode_steps_max;
-    cfg.turn_quota_ms_max = k.turn_quota_ms_max;
-    cfg.alpha_admit_permille_max = k.alpha_admit_permille_max;
-    cfg.prefill_cold_lazy = k.prefill_cold_lazy;
-    cfg.round_resident_first = k.round_resident_first;
-    cfg.prefill_riders = k.prefill_riders;
+    cfg.knobs = spec.knobs;
     Ok((cfg, costs, ids))
 }
 
@@ -238,9 +222,10 @@ pub fn simulate(
     workload: &Workload,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, SimError> {
-    if spec.tbt_slo_ms == 0 || spec.ttft_slo_ms == 0 {
-        return Err(SimError::WorkloadInvalid {
-            reason: "SLOs must be positive",
+    if let Some(problem) = spec.knobs.problems().first() {
+        return Err(SimError::KnobInvalid {
+            field: problem.field,
+            reason: problem.reason,
         });
     }
     let mut placement = match &spec.placement {
@@ -416,8 +401,8 @@ fn run_acc(
     tick: &mut dyn FnMut(),
 ) -> Result<Option<Outcome>, SimError> {
     let slo = Slo {
-        ttft_ns: spec.ttft_slo_ms * 1_000_000,
-        tbt_ns: spec.tbt_slo_ms * 1_000_000,
+        ttft_ns: spec.knobs.ttft_slo_ms * 1_000_000,
+        tbt_ns: spec.knobs.tbt_slo_ms * 1_000_000,
     };
     let models: Vec<usize> = (0..workload.models.len())
         .filter(|&m| placement[m] == acc)
@@ -509,8 +494,9 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         policy: spec.policy,
         accelerators: spec.accelerators,
         models: u32::try_from(workload.models.len()).unwrap_or(u32::MAX),
-        ttft_slo_ms: spec.ttft_slo_ms,
-        tbt_slo_ms: spec.tbt_slo_ms,
+        ttft_slo_ms: spec.knobs.ttft_slo_ms,
+        tbt_slo_ms: spec.knobs.tbt_slo_ms,
+        knobs: spec.knobs,
         requests,
         requests_rejected: t.rejected,
         prompts_capped: workload.prompts_capped,

@@ -313,6 +313,66 @@ fn rate_limits_change_only_what_is_given() {
     assert_eq!(limits(&["show"]), "rpm 5  tpm unlimited");
 }
 
+/// `tidepool sim --config F` runs the pool `tidepool serve` would run from F: the file's policy
+/// and knobs with their environment overrides, a flag on top; a file `serve` would refuse is
+/// refused with the same field names.
+#[test]
+fn sim_with_a_config_runs_the_servers_pool_knobs() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("trace.csv"),
+        "timestamp,model,prompt_tokens,output_tokens\n0.0,a,64,16\n0.5,b,32,8\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("pool.toml"),
+        "[pool]\npolicy = \"swap-lru\"\ndecode_steps_min = 8\nprefill_cold_lazy = true\n",
+    )
+    .unwrap();
+    let sim = |env: &[(&str, &str)]| {
+        dir.run(
+            &[
+                "sim",
+                "--config",
+                "pool.toml",
+                "--profile",
+                "cpu-devvm",
+                "--model-trace",
+                "trace.csv",
+                "--accelerators",
+                "1",
+                "--tbt-slo-ms",
+                "900",
+                "--out",
+                "sim.json",
+            ],
+            env,
+        )
+    };
+    let out = sim(&[("TIDEPOOL_POOL__TTFT_SLO_MS", "7000")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("swap-lru on 1 accelerators"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("sim.json")).unwrap()).unwrap();
+    let knobs = &report["knobs"];
+    assert_eq!(report["policy"], "swap-lru", "{report}");
+    assert_eq!(knobs["decode_steps_min"], 8, "{knobs}");
+    assert_eq!(knobs["prefill_cold_lazy"], true, "{knobs}");
+    assert_eq!(knobs["ttft_slo_ms"], 7000, "{knobs}");
+    assert_eq!(knobs["tbt_slo_ms"], 900, "{knobs}");
+    assert_eq!(
+        knobs["turn_quota_ms_max"], 4000,
+        "the server's default: {knobs}"
+    );
+    let out = sim(&[("TIDEPOOL_POOL__DECODE_STEPS_MIN", "0")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pool.decode_steps_min: must be at least 1"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn flags_are_offered_only_where_they_mean_something() {
     let dir = TempDir::new();
@@ -322,7 +382,6 @@ fn flags_are_offered_only_where_they_mean_something() {
         &["bench", "--database-url", "sqlite://x.db"],
         &["models", "--database-url", "sqlite://x.db"],
         &["--database-url", "sqlite://x.db", "keys", "list"],
-        &["sim", "--config", "x.toml"],
         &["backends", "--config", "x.toml"],
     ] {
         let out = dir.run(args, &[]);

@@ -613,7 +613,7 @@ file = "big.gguf"
         assert_eq!(config.pool.policy, super::super::PoolPolicy::SwapLru);
         assert_eq!(config.server.listen, "0.0.0.0:8080");
         assert_eq!(config.server.database_url, "postgres://u:secret@db/tp");
-        assert!(config.pool.prefill_riders);
+        assert!(config.pool.knobs.prefill_riders);
         assert_eq!(config.pool.memory_bytes_max, Some(1 << 30));
         assert_eq!(config.models[1].context_tokens, 4096);
         assert_eq!(config.models[0].context_tokens, 2048);
@@ -706,7 +706,7 @@ file = "big.gguf"
         );
         // The rendered text is a configuration that parses to the same values.
         let again = Resolved::new(&text, Path::new("again"), [("", "")]).unwrap();
-        assert_eq!(again.config.pool.ttft_slo_ms, 4000);
+        assert_eq!(again.config.pool.knobs.ttft_slo_ms, 4000);
         assert_eq!(again.config.models.len(), 2);
     }
 
