@@ -225,6 +225,10 @@ pub struct ModelRequestOut {
     pub state: String,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field after the other of the wire type, read top to bottom"
+)]
 fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
     let switches: Vec<(ModelId, SwitchPhases)> = runtime
         .switch_phases()

@@ -134,7 +134,6 @@ impl Sampler {
 }
 
 #[test]
-#[expect(clippy::unwrap_used, reason = "a test fails by panicking")]
 fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() {
     // Four models, two of each file, under a budget that fits the two largest: every round
     // evicts and reloads, and `token` saves and restores sequences.
