@@ -378,6 +378,32 @@ fn print_summary(
             fit.decode_error_rms * 100.0
         )?;
     }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| family | weights ms (repack) | context ms | first step ms | evict ms | KV save / restore ms (state KB) | extra resident MiB |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    for fit in fits {
+        let f = &fit.family;
+        let Some(p) = f.switch else {
+            continue;
+        };
+        writeln!(
+            out,
+            "| {} | {:.1} ({:.1}) | {:.1} | {:.1} | {:.1} | {:.2} / {:.2} ({}) | {:.1} |",
+            f.name,
+            p.weights_s * 1e3,
+            p.repack_s * 1e3,
+            p.context_s * 1e3,
+            p.first_step_s * 1e3,
+            p.evict_s * 1e3,
+            p.kv_save_s * 1e3,
+            p.kv_restore_s * 1e3,
+            p.kv_state_bytes / 1024,
+            as_f64(p.ctx_extra_bytes) / 1_048_576.0,
+        )?;
+    }
     writeln!(
         out,
         "profile: {}  samples: {}",

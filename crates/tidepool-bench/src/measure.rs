@@ -3,7 +3,7 @@
 //! groups, decode turns by batch size and context, prefills with riders, KV saves and restores.
 //! Prompts are `prompt_for` text cut to the exact token count.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use tidepool_core::RequestId;
@@ -12,6 +12,7 @@ use tidepool_engine::{GenerateRequest, Generation, SamplingParams};
 use tidepool_sim::calibrate::{
     DecodeSample, FamilyMeasurements, PrefillSample, RiderSample, TransferSample,
 };
+use tidepool_sim::profile::SwitchPhases;
 
 use crate::common::prompt_for;
 
@@ -219,15 +220,25 @@ impl<'a> Measure<'a> {
             prefill: Vec::new(),
             decode: Vec::new(),
             riders: Vec::new(),
+            switch: None,
         };
+        let (mut weights_ns, mut context_ns) = (Vec::new(), Vec::new());
         for _ in 0..self.repeats {
             let started = Instant::now();
-            self.accelerator.load(self.model)?;
+            let phases = self.accelerator.load(self.model)?;
             m.load_ns.push(ns_since(started));
+            weights_ns.push(phases.weights_ns);
+            context_ns.push(phases.context_ns);
             let started = Instant::now();
             self.accelerator.evict(self.model);
             m.unload_ns.push(ns_since(started));
         }
+        m.switch = Some(switch_phases(
+            &sizes,
+            &weights_ns,
+            &context_ns,
+            &m.unload_ns,
+        ));
         self.accelerator.load(self.model)?;
         for _ in 0..self.repeats {
             for len in self.plan.prefill.clone() {
@@ -405,5 +416,33 @@ impl<'a> Measure<'a> {
             save_ns,
             restore_ns,
         })
+    }
+}
+
+/// The phases of a switch: weights, context and evict are the medians of the timed loads and
+/// evictions; repack, first step, save and restore come from the engine's own calibration.
+fn switch_phases(
+    calibration: &Calibration,
+    weights_ns: &[u64],
+    context_ns: &[u64],
+    evict_ns: &[u64],
+) -> SwitchPhases {
+    let seconds = |ns: u64| Duration::from_nanos(ns).as_secs_f64();
+    let median = |samples: &[u64], fallback: u64| {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 2).copied().unwrap_or(fallback)
+    };
+    let p = &calibration.phases;
+    SwitchPhases {
+        weights_s: seconds(median(weights_ns, p.weights_ns)),
+        repack_s: seconds(p.repack_ns),
+        context_s: seconds(median(context_ns, p.context_ns)),
+        first_step_s: seconds(p.first_step_ns),
+        evict_s: seconds(median(evict_ns, p.evict_ns)),
+        kv_save_s: seconds(p.kv_save_ns),
+        kv_restore_s: seconds(p.kv_restore_ns),
+        kv_state_bytes: p.kv_state_bytes,
+        ctx_extra_bytes: calibration.ctx_extra_bytes,
     }
 }

@@ -268,10 +268,19 @@ pub struct Calibration {
     pub kv_bytes_per_token: u64,
     /// Saved-state bytes of a sequence besides its tokens.
     pub kv_state_header_bytes: u64,
-    /// Bytes of the context: KV cells of every slot plus the logits buffer (an estimate; the
-    /// compute graph's scratch is not visible through the API).
+    /// Bytes a resident context costs besides the weights: `ctx_kv_bytes + ctx_extra_bytes`.
     pub ctx_bytes: u64,
-    /// Weights in plus context creation.
+    /// KV cells of every slot plus the logits buffer (computed from the KV slope).
+    pub ctx_kv_bytes: u64,
+    /// What a resident model adds to the process's resident memory beyond `weights_bytes +
+    /// ctx_kv_bytes`, measured (see [`MemoryProbe`]): the compute buffers' touched pages, the
+    /// file pages of weights that were also repacked into the CPU's layout, allocator rounding.
+    pub ctx_extra_bytes: u64,
+    /// Resident memory the load, the context and the calibration's steps added, peak.
+    pub memory: MemoryProbe,
+    /// The phases of a switch, measured on this model.
+    pub phases: CalibratedPhases,
+    /// Weights in plus context creation (`phases.weights_ns + phases.context_ns`).
     pub load_ns: u64,
     /// Context and weights freed.
     pub unload_ns: u64,
@@ -282,6 +291,89 @@ pub struct Calibration {
     pub decode_batch: u32,
     /// Saving plus restoring one byte of sequence state, in picoseconds.
     pub kv_transfer_ps_per_byte: u64,
+}
+
+/// Resident memory (the process's `VmRSS`) a model added during calibration, in bytes, each
+/// relative to the process before the load. Read from `/proc/self/status`; all zero where that
+/// is unavailable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryProbe {
+    /// After `llama_model_load_from_file`: mapped and read weights, repacked copies.
+    pub after_weights_bytes: u64,
+    /// After `llama_init_from_model`: plus the KV cells (cleared, so touched) and buffers.
+    pub after_context_bytes: u64,
+    /// Peak from the load to the end of the calibration's steps (a full `batch_tokens_max`
+    /// prefill among them; the kernel's `VmHWM` where it can be reset, else sampled): plus the
+    /// compute buffers' pages those steps touched and whatever the load held only for a while.
+    pub after_steps_bytes: u64,
+    /// After the model was freed again: what the allocator kept.
+    pub after_unload_bytes: u64,
+}
+
+/// The phases of one switch as calibration measured them, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CalibratedPhases {
+    /// `llama_model_load_from_file` (map and read the GGUF, repack weights).
+    pub weights_ns: u64,
+    /// Of `weights_ns`: the repack of weights into the CPU's preferred layout (the same load with
+    /// every tensor forced to the plain CPU buffer type, subtracted; 0 if that was not slower).
+    pub repack_ns: u64,
+    /// `llama_init_from_model` (KV allocation and clearing, compute-buffer reservation).
+    pub context_ns: u64,
+    /// What the first step on a fresh context takes beyond the same step warm (a 64-token prompt).
+    pub first_step_ns: u64,
+    /// Freeing context and weights.
+    pub evict_ns: u64,
+    /// `llama_state_seq_get` + clear of a 128-token sequence (`kv_state_bytes`).
+    pub kv_save_ns: u64,
+    /// `llama_state_seq_set` of the same state.
+    pub kv_restore_ns: u64,
+    pub kv_state_bytes: u64,
+}
+
+/// Phase times of one load on the accelerator, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadPhases {
+    /// `llama_model_load_from_file`.
+    pub weights_ns: u64,
+    /// `llama_init_from_model`.
+    pub context_ns: u64,
+}
+
+/// The first `llama_decode` on a model's context after its load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirstStep {
+    pub ns: u64,
+    /// Tokens in that batch.
+    pub tokens: u32,
+}
+
+/// Times the first decode after a load, once.
+#[derive(Debug, Default)]
+struct FirstStepWatch {
+    armed: bool,
+    measured: Option<FirstStep>,
+}
+
+impl FirstStepWatch {
+    fn decode(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        batch: &mut LlamaBatch<'_>,
+    ) -> Result<(), llama_cpp_2::DecodeError> {
+        if !self.armed {
+            return ctx.decode(batch);
+        }
+        let tokens = u32::try_from(batch.n_tokens()).unwrap_or(0);
+        let started = Instant::now();
+        let decoded = ctx.decode(batch);
+        self.armed = false;
+        self.measured = Some(FirstStep {
+            ns: elapsed_ns(started),
+            tokens,
+        });
+        decoded
+    }
 }
 
 type Ctx<'a> = LlamaContext<'a>;
@@ -302,6 +394,7 @@ struct ModelSlotState {
     broken: Option<EngineError>,
     free_slots: BTreeSet<i32>,
     batch: Option<LlamaBatch<'static>>,
+    first_step: FirstStepWatch,
 }
 
 enum Saved {
@@ -403,6 +496,7 @@ impl Accelerator {
                     broken: None,
                     free_slots: BTreeSet::new(),
                     batch: None,
+                    first_step: FirstStepWatch::default(),
                 })
                 .collect(),
             seqs: BTreeMap::new(),
@@ -454,24 +548,29 @@ impl Accelerator {
         assert!(previous.is_none(), "sequence ids are unique");
     }
 
-    /// Loads weights and creates the context. On failure the model is marked broken: the
-    /// scheduler still counts it resident, and its sequences fail at their next action.
-    pub fn load(&mut self, model: usize) -> Result<(), EngineError> {
+    /// Loads weights and creates the context; returns how long each took. On failure the model
+    /// is marked broken: the scheduler still counts it resident, and its sequences fail at their
+    /// next action.
+    pub fn load(&mut self, model: usize) -> Result<LoadPhases, EngineError> {
         let Some(state) = self.models.get_mut(model) else {
             return Err(unknown_model(model));
         };
         if state.loaded.is_some() {
-            return Ok(());
+            return Ok(LoadPhases::default());
         }
-        match load_with_context(&state.config) {
-            Ok(loaded) => {
+        match load_with_context(&state.config, Repack::Allowed) {
+            Ok((loaded, phases)) => {
                 state.loaded = Some(loaded);
                 state.broken = None;
                 state.free_slots = (0..state.config.seqs_max)
                     .filter_map(|s| i32::try_from(s).ok())
                     .collect();
                 state.batch = Some(LlamaBatch::new(state.config.batch_tokens(), 1));
-                Ok(())
+                state.first_step = FirstStepWatch {
+                    armed: true,
+                    measured: None,
+                };
+                Ok(phases)
             }
             Err(error) => {
                 tracing::error!(model = %state.config.model_id, %error, "model load failed");
@@ -479,6 +578,14 @@ impl Accelerator {
                 Err(error)
             }
         }
+    }
+
+    /// The first `llama_decode` on `model`'s context since its last load, once it ran (each
+    /// measurement is returned once).
+    pub fn take_first_step(&mut self, model: usize) -> Option<FirstStep> {
+        self.models
+            .get_mut(model)
+            .and_then(|m| m.first_step.measured.take())
     }
 
     /// Frees the context and the weights. Sequences of the model still in its context (the
@@ -496,6 +603,7 @@ impl Accelerator {
             state.broken = None;
             state.free_slots.clear();
             state.batch = None;
+            state.first_step = FirstStepWatch::default();
         }
     }
 
@@ -565,6 +673,7 @@ impl Accelerator {
             return;
         };
         let tokens = &seq.kv_tokens;
+        let watch = &mut state.first_step;
         let restored = loaded.with_dependent_mut(|_, ctx| {
             clear_slot(ctx, slot);
             if let Saved::State(bytes) = &saved
@@ -574,7 +683,7 @@ impl Accelerator {
                 return Ok(());
             }
             clear_slot(ctx, slot);
-            recompute(ctx, batch, capacity, slot, tokens)
+            recompute(ctx, batch, capacity, slot, tokens, watch)
         });
         seq.slot = Some(slot);
         if let Err(error) = restored {
@@ -706,8 +815,9 @@ impl Accelerator {
             let decoded = if add_failed {
                 Err(EngineError::Decode { code: -1 })
             } else {
+                let watch = &mut state.first_step;
                 loaded.with_dependent_mut(|_, ctx| {
-                    ctx.decode(batch).map_err(|e| EngineError::Decode {
+                    watch.decode(ctx, batch).map_err(|e| EngineError::Decode {
                         code: decode_error_code(&e),
                     })
                 })
@@ -804,8 +914,9 @@ impl Accelerator {
             let decoded = if add_failed {
                 Err(EngineError::Decode { code: -1 })
             } else {
+                let watch = &mut state.first_step;
                 loaded.with_dependent_mut(|_, ctx| {
-                    ctx.decode(batch).map_err(|e| EngineError::Decode {
+                    watch.decode(ctx, batch).map_err(|e| EngineError::Decode {
                         code: decode_error_code(&e),
                     })
                 })
@@ -865,8 +976,10 @@ impl Accelerator {
         waiting || !self.draining.is_empty()
     }
 
-    /// Loads the model, measures what the scheduler's estimates need, and unloads it again.
-    /// The model must not be loaded and no sequence of it may exist.
+    /// Loads the model, measures what the scheduler's estimates need (sizes, step costs, the
+    /// phases of a switch, the resident memory it adds), and unloads it again. The model must
+    /// not be loaded and no sequence of it may exist. The GGUF is read once beforehand so the
+    /// figures are those of a switch with the file in the page cache (the steady state).
     #[expect(
         clippy::too_many_lines,
         reason = "one measurement after the other, read top to bottom"
@@ -875,58 +988,82 @@ impl Accelerator {
         let Some(config) = self.models.get(model).map(|m| m.config.clone()) else {
             return Err(unknown_model(model));
         };
+        let load_error = |e: &dyn std::fmt::Display| EngineError::Load {
+            path: config.path.clone(),
+            reason: e.to_string(),
+        };
+        // Page the file in (a load without repacking only maps it), then measure from here.
+        drop(load_weights(&config, Repack::Forbidden)?);
+        let rss = || resident_bytes().unwrap_or(0);
+        let rss_before = rss();
+        // The peak catches what a load holds only for a while (file pages of weights that are
+        // repacked, read buffers); sampled points would miss it.
+        let peak_tracked = reset_resident_peak();
         let started = Instant::now();
-        let mut loaded = load_with_context(&config)?;
-        let load_ns = elapsed_ns(started);
+        let weights = load_weights(&config, Repack::Allowed)?;
+        let weights_ns = elapsed_ns(started);
+        let rss_weights = rss();
+        let started = Instant::now();
+        let mut loaded = with_context(weights, &config)?;
+        let context_ns = elapsed_ns(started);
+        let rss_context = rss();
+        let load_ns = weights_ns + context_ns;
         let (weights_bytes, vocab_tokens) = {
             let m = loaded.borrow_owner();
             (m.size(), u64::try_from(m.n_vocab()).unwrap_or(0))
         };
         let capacity = config.batch_tokens();
         let mut batch = LlamaBatch::new(capacity, 1);
-        // A deterministic synthetic prompt: token ids spread over the vocabulary.
-        let prompt_len: usize = 128.min(usize::try_from(config.context_tokens).unwrap_or(128) / 2);
-        let prompt: Vec<LlamaToken> = (0..prompt_len)
+        // A deterministic synthetic prompt: token ids spread over the vocabulary, as long as
+        // one full batch (the compute buffers' largest use) or the context, whichever is less.
+        let context = usize::try_from(config.context_tokens).unwrap_or(128);
+        let full_len = capacity.min(context).max(2);
+        let prompt_all: Vec<LlamaToken> = (0..full_len)
             .map(|i| {
                 let id = (i * 7919 + 11) % usize::try_from(vocab_tokens.max(1)).unwrap_or(1);
                 LlamaToken(i32::try_from(id).unwrap_or(0))
             })
             .collect();
+        let prompt_len: usize = 128.min(context / 2);
+        let prompt = prompt_all.get(..prompt_len).unwrap_or(&[]);
         let half = prompt_len / 2;
+        let mut rss_peak = rss_context;
+        let mut watch = FirstStepWatch {
+            armed: true,
+            measured: None,
+        };
         let measured = loaded.with_dependent_mut(|_, ctx| -> Result<_, EngineError> {
             let short = prompt.get(..half).unwrap_or(&[]);
-            recompute(ctx, &mut batch, capacity, 0, short)?;
+            // The first step on the fresh context, then the same step warm.
+            let started = Instant::now();
+            recompute(ctx, &mut batch, capacity, 0, short, &mut watch)?;
+            let first_ns = elapsed_ns(started);
+            clear_slot(ctx, 0);
+            let started = Instant::now();
+            recompute(ctx, &mut batch, capacity, 0, short, &mut watch)?;
+            let first_step_ns = first_ns.saturating_sub(elapsed_ns(started));
             let short_bytes = ctx.state_seq_get_size_ext(0, LlamaStateSeqFlags::empty());
             clear_slot(ctx, 0);
             let started = Instant::now();
-            recompute(ctx, &mut batch, capacity, 0, &prompt)?;
+            recompute(ctx, &mut batch, capacity, 0, prompt, &mut watch)?;
             let prefill_ns = elapsed_ns(started);
             let started = Instant::now();
             let state = ctx
                 .state_seq_get(0, LlamaStateSeqFlags::empty())
-                .map_err(|e| EngineError::Load {
-                    path: config.path.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| load_error(&e))?;
             clear_slot(ctx, 0);
+            let kv_save_ns = elapsed_ns(started);
+            let started = Instant::now();
             let restored = ctx.state_seq_set(&state, 0);
-            let transfer_ns = elapsed_ns(started);
-            restored.map_err(|e| EngineError::Load {
-                path: config.path.clone(),
-                reason: e.to_string(),
-            })?;
+            let kv_restore_ns = elapsed_ns(started);
+            restored.map_err(|e| load_error(&e))?;
             let long_bytes = state.byte_len();
             // Decode steps of a batch of sequences, each one token at a time.
             let batch_seqs = config.seqs_max.min(4);
             for s in 1..batch_seqs {
                 let slot = i32::try_from(s).unwrap_or(0);
-                recompute(
-                    ctx,
-                    &mut batch,
-                    capacity,
-                    slot,
-                    prompt.get(..8).unwrap_or(&[]),
-                )?;
+                let head = prompt.get(..8).unwrap_or(&[]);
+                recompute(ctx, &mut batch, capacity, slot, head, &mut watch)?;
             }
             let steps = 8_u32;
             let started = Instant::now();
@@ -947,19 +1084,37 @@ impl Accelerator {
                 })?;
             }
             let decode_ns = elapsed_ns(started) / u64::from(steps);
+            rss_peak = rss_peak.max(rss());
+            // One full batch: the most of the compute buffers a step touches.
+            clear_slot(ctx, 0);
+            recompute(ctx, &mut batch, capacity, 0, &prompt_all, &mut watch)?;
+            rss_peak = rss_peak.max(rss());
+            clear_slot(ctx, 0);
             Ok((
                 short_bytes,
                 long_bytes,
                 prefill_ns,
-                transfer_ns,
+                (kv_save_ns, kv_restore_ns),
                 decode_ns,
                 batch_seqs,
+                first_step_ns,
             ))
         })?;
-        let (short_bytes, long_bytes, prefill_ns, transfer_ns, decode_ns, decode_batch) = measured;
+        if peak_tracked {
+            rss_peak = rss_peak.max(resident_peak_bytes().unwrap_or(0));
+        }
+        let (short_bytes, long_bytes, prefill_ns, kv_ns, decode_ns, decode_batch, first_step_ns) =
+            measured;
+        let (kv_save_ns, kv_restore_ns) = kv_ns;
         let started = Instant::now();
         drop(loaded);
         let unload_ns = elapsed_ns(started);
+        let rss_unloaded = rss();
+        // The repack's share of the weights phase: the same load serving every tensor from the
+        // mapped file.
+        let started = Instant::now();
+        drop(load_weights(&config, Repack::Forbidden)?);
+        let plain_weights_ns = elapsed_ns(started);
         let to_u64 = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         let grown = to_u64(long_bytes.saturating_sub(short_bytes));
         let kv_bytes_per_token = (grown / to_u64(prompt_len - half).max(1)).max(1);
@@ -967,17 +1122,41 @@ impl Accelerator {
             to_u64(long_bytes).saturating_sub(kv_bytes_per_token * to_u64(prompt_len));
         let cells = u64::from(config.seqs_max) * u64::from(config.context_tokens);
         let logits = vocab_tokens * 4 * u64::from(config.seqs_max);
+        let ctx_kv_bytes = cells * kv_bytes_per_token + logits;
+        let memory = MemoryProbe {
+            after_weights_bytes: rss_weights.saturating_sub(rss_before),
+            after_context_bytes: rss_context.saturating_sub(rss_before),
+            after_steps_bytes: rss_peak.saturating_sub(rss_before),
+            after_unload_bytes: rss_unloaded.saturating_sub(rss_before),
+        };
+        let ctx_extra_bytes = memory
+            .after_steps_bytes
+            .saturating_sub(weights_bytes + ctx_kv_bytes);
         Ok(Calibration {
             weights_bytes,
             kv_bytes_per_token,
             kv_state_header_bytes,
-            ctx_bytes: cells * kv_bytes_per_token + logits,
+            ctx_bytes: ctx_kv_bytes + ctx_extra_bytes,
+            ctx_kv_bytes,
+            ctx_extra_bytes,
+            memory,
+            phases: CalibratedPhases {
+                weights_ns,
+                repack_ns: weights_ns.saturating_sub(plain_weights_ns),
+                context_ns,
+                first_step_ns,
+                evict_ns: unload_ns,
+                kv_save_ns,
+                kv_restore_ns,
+                kv_state_bytes: to_u64(long_bytes),
+            },
             load_ns,
             unload_ns,
             prefill_ns_per_token: prefill_ns / to_u64(prompt_len).max(1),
             decode_step_ns: decode_ns.max(1),
             decode_batch,
-            kv_transfer_ps_per_byte: transfer_ns.saturating_mul(1000) / to_u64(long_bytes).max(1),
+            kv_transfer_ps_per_byte: (kv_save_ns + kv_restore_ns).saturating_mul(1000)
+                / to_u64(long_bytes).max(1),
         })
     }
 
@@ -1082,9 +1261,32 @@ fn unknown_model(model: usize) -> EngineError {
     }
 }
 
-fn load_with_context(config: &MultiModelConfig) -> Result<LoadedModel, EngineError> {
+/// Whether llama.cpp may repack weights into the CPU's preferred layout (its "extra" buffer
+/// types) while loading; `Forbidden` forces every tensor to the plain CPU buffer type, which
+/// serves them straight from the mapped file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repack {
+    Allowed,
+    Forbidden,
+}
+
+/// `llama_model_load_from_file`.
+fn load_weights(config: &MultiModelConfig, repack: Repack) -> Result<LlamaModel, EngineError> {
+    if repack == Repack::Allowed {
+        return crate::llama::load_model(&config.path);
+    }
     let backend = backend()?;
-    let model = crate::llama::load_model(&config.path)?;
+    let mut params = std::pin::pin!(LlamaModelParams::default());
+    params.as_mut().add_cpu_buft_override(c".");
+    LlamaModel::load_from_file(backend, &config.path, &params).map_err(|e| EngineError::Load {
+        path: config.path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// `llama_init_from_model`: the context that borrows `model`.
+fn with_context(model: LlamaModel, config: &MultiModelConfig) -> Result<LoadedModel, EngineError> {
+    let backend = backend()?;
     LoadedModel::try_new(model, |model| {
         model
             .new_context(backend, config.context_params())
@@ -1093,6 +1295,55 @@ fn load_with_context(config: &MultiModelConfig) -> Result<LoadedModel, EngineErr
                 reason: e.to_string(),
             })
     })
+}
+
+fn load_with_context(
+    config: &MultiModelConfig,
+    repack: Repack,
+) -> Result<(LoadedModel, LoadPhases), EngineError> {
+    let started = Instant::now();
+    let model = load_weights(config, repack)?;
+    let weights_ns = elapsed_ns(started);
+    let started = Instant::now();
+    let loaded = with_context(model, config)?;
+    let context_ns = elapsed_ns(started);
+    Ok((
+        loaded,
+        LoadPhases {
+            weights_ns,
+            context_ns,
+        },
+    ))
+}
+
+/// The process's resident memory (`VmRSS` of `/proc/self/status`), in bytes; `None` where it
+/// cannot be read (not Linux).
+pub fn resident_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// The process's peak resident memory since the last [`reset_resident_peak`] (`VmHWM`), bytes.
+fn resident_peak_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resets the kernel's record of the peak resident memory to the current one (writing 5 to
+/// `/proc/self/clear_refs`); false where that is not allowed.
+fn reset_resident_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn status_bytes(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line
+        .trim_start_matches(key)
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 fn clear_slot(ctx: &mut LlamaContext<'_>, slot: i32) {
@@ -1110,6 +1361,7 @@ fn recompute(
     capacity: usize,
     slot: i32,
     tokens: &[LlamaToken],
+    watch: &mut FirstStepWatch,
 ) -> Result<(), EngineError> {
     for (chunk_index, chunk) in tokens.chunks(capacity.max(1)).enumerate() {
         batch.clear();
@@ -1120,7 +1372,7 @@ fn recompute(
                 .add(token, pos, &[slot], false)
                 .map_err(|_| EngineError::Decode { code: -1 })?;
         }
-        ctx.decode(batch).map_err(|e| EngineError::Decode {
+        watch.decode(ctx, batch).map_err(|e| EngineError::Decode {
             code: decode_error_code(&e),
         })?;
     }

@@ -254,6 +254,70 @@ fn real_model_calibration_measures_sizes_and_costs() {
         assert!(calibration.ctx_bytes > 512 * 4 * calibration.kv_bytes_per_token);
         assert!(calibration.load_ns > 0 && calibration.decode_step_ns > 0);
         assert!(calibration.prefill_ns_per_token > 0);
+        // The phases add up to the load, and the context's bytes to KV plus the measured extra.
+        let phases = calibration.phases;
+        assert_eq!(phases.weights_ns + phases.context_ns, calibration.load_ns);
+        assert!(phases.repack_ns <= phases.weights_ns, "{calibration:?}");
+        assert!(phases.kv_state_bytes > 0 && phases.kv_save_ns > 0 && phases.kv_restore_ns > 0);
+        assert_eq!(
+            calibration.ctx_bytes,
+            calibration.ctx_kv_bytes + calibration.ctx_extra_bytes
+        );
+        // The process's resident memory grew by at least the KV cells the context cleared.
+        assert!(
+            calibration.memory.after_context_bytes > 512 * 4 * calibration.kv_bytes_per_token,
+            "{calibration:?}"
+        );
+    }
+}
+
+/// The phases of a switch and the resident memory a model adds, for `docs/pool.md` ("What a
+/// switch costs"): both models at the benchmark's context (512 tokens × 4 sequences) and the
+/// shipped configuration's (2,048 × 16 SmolLM2, 2,048 × 8 Gemma), batch 512, three calibrations
+/// each. Run by hand: `cargo nextest run -p tidepool-engine --run-ignored only switch_phases`.
+#[test]
+#[ignore = "a measurement, not a check: prints a table"]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "milliseconds and MiB for a printed table"
+)]
+fn real_model_switch_phases_table() {
+    let shapes = [(512, 4, 4), (2048, 16, 8)];
+    eprintln!(
+        "| model | context | weights ms (repack) | context ms | first step ms | evict ms | KV save / restore ms (128-token state KB) | RSS MiB weights / +context / +steps | KV+logits MiB | extra MiB |"
+    );
+    for (context_tokens, smollm2_seqs, gemma_seqs) in shapes {
+        for (base, seqs) in [(smollm2(), smollm2_seqs), (gemma(), gemma_seqs)] {
+            let mut config = base;
+            config.context_tokens = context_tokens;
+            config.seqs_max = seqs;
+            config.batch_tokens_max = 512;
+            let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+            let mut runs: Vec<_> = (0..3).map(|_| accelerator.calibrate(0).unwrap()).collect();
+            runs.sort_by_key(|c| c.load_ns);
+            let c = runs[1];
+            let p = c.phases;
+            let ms = |ns: u64| ns as f64 / 1e6;
+            let mib = |b: u64| b as f64 / 1_048_576.0;
+            eprintln!(
+                "| {} | {context_tokens} × {seqs} | {:.1} ({:.1}) | {:.1} | {:.1} | {:.1} | {:.2} / {:.2} ({}) | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} |",
+                config.model_id,
+                ms(p.weights_ns),
+                ms(p.repack_ns),
+                ms(p.context_ns),
+                ms(p.first_step_ns),
+                ms(p.evict_ns),
+                ms(p.kv_save_ns),
+                ms(p.kv_restore_ns),
+                p.kv_state_bytes / 1024,
+                mib(c.memory.after_weights_bytes),
+                mib(c.memory.after_context_bytes),
+                mib(c.memory.after_steps_bytes),
+                mib(c.ctx_kv_bytes),
+                mib(c.ctx_extra_bytes),
+            );
+            eprintln!("  weights {} MiB; runs: {runs:?}", mib(c.weights_bytes));
+        }
     }
 }
 

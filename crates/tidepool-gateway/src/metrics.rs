@@ -37,8 +37,15 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Installs the global recorder (first call only) and describes every metric.
 pub(crate) fn install() {
     HANDLE.get_or_init(|| {
+        // A full-name matcher wins over a suffix (the exporter tries them in that order).
         let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS);
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(tidepool_runtime::SWITCH_SECONDS.to_owned()),
+                    tidepool_runtime::SWITCH_SECONDS_BUCKETS,
+                )
+            });
         let recorder = match builder {
             Ok(builder) => builder.build_recorder(),
             Err(error) => {

@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
 use tidepool_core::{ModelId, RequestId};
+use tidepool_engine::multi::Calibration;
 use tidepool_pool::PoolStatus;
-use tidepool_runtime::PoolRuntime;
+use tidepool_runtime::{PoolRuntime, SwitchPhases};
 use utoipa::ToSchema;
 
 use crate::accounts::admin;
@@ -27,6 +28,12 @@ pub struct PoolOut {
     pub memory_bytes_used: u64,
     pub kv_saved_bytes: u64,
     pub kv_saved_bytes_max: u64,
+    /// Resident memory the process may hold above `memory_bytes_max` while models switch
+    /// (allocator slack), measured at start-up.
+    pub pool_overhead_bytes: u64,
+    /// Resident memory the start-up calibration left behind once every model was freed again
+    /// (part of the cold process), measured.
+    pub calibration_residue_bytes: u64,
     /// Requests waiting for their prefill, all models together.
     pub queued: u32,
     pub models: Vec<PoolModelOut>,
@@ -47,13 +54,23 @@ pub struct PoolModelOut {
     pub saved_kv_bytes: u64,
     /// Milliseconds since the model last started loading; absent if it never did.
     pub last_switch_ms_ago: Option<u64>,
-    /// Measured at start-up: weights, context (KV cells of every slot + logits), KV per token.
+    /// Measured at start-up: weights, context (`ctx_kv_bytes + ctx_extra_bytes`), KV per token.
     pub weights_bytes: u64,
     pub ctx_bytes: u64,
+    /// KV cells of every slot + the logits buffer.
+    pub ctx_kv_bytes: u64,
+    /// Resident memory a loaded model adds beyond weights and KV (compute buffers, file pages
+    /// of repacked weights), measured from the process's resident set.
+    pub ctx_extra_bytes: u64,
     pub kv_bytes_per_token: u64,
     /// Measured at start-up: load time and one decode step, in microseconds.
     pub load_us: u64,
     pub decode_step_us: u64,
+    /// The phases of a switch as the start-up calibration measured them, and the resident
+    /// memory each step of that load added.
+    pub calibrated: CalibratedSwitchOut,
+    /// This model's last switch, phase by phase (0: not measured yet).
+    pub last_switch: SwitchPhasesOut,
     /// Milliseconds since an action on the model last finished (the order `swap-lru` evicts in).
     pub last_used_ms_ago: u64,
     /// What the scheduler believes the model costs now (start-up measures, with load and
@@ -62,6 +79,83 @@ pub struct PoolModelOut {
     /// This model's decode steps and their time by batch size (its share of
     /// `counters.decode_by_batch`).
     pub decode_by_batch: DecodeByBatchOut,
+}
+
+/// A switch measured at start-up, in nanoseconds and bytes.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct CalibratedSwitchOut {
+    /// `llama_model_load_from_file`: map and read the GGUF, repack weights.
+    pub weights_ns: u64,
+    /// Of `weights_ns`, the repack into the CPU's layout (the same load without it, subtracted).
+    pub repack_ns: u64,
+    /// `llama_init_from_model`: KV allocation and clearing, compute-buffer reservation.
+    pub context_ns: u64,
+    /// The first step on a fresh context beyond the same step warm (a 64-token prompt).
+    pub first_step_ns: u64,
+    pub evict_ns: u64,
+    /// Saving and restoring a 128-token sequence of `kv_state_bytes`.
+    pub kv_save_ns: u64,
+    pub kv_restore_ns: u64,
+    pub kv_state_bytes: u64,
+    /// Resident memory added after the weights, after the context, at the peak of the steps,
+    /// and left after the model was freed.
+    pub rss_after_weights_bytes: u64,
+    pub rss_after_context_bytes: u64,
+    pub rss_after_steps_bytes: u64,
+    pub rss_after_unload_bytes: u64,
+}
+
+impl CalibratedSwitchOut {
+    fn of(c: &Calibration) -> Self {
+        let p = &c.phases;
+        Self {
+            weights_ns: p.weights_ns,
+            repack_ns: p.repack_ns,
+            context_ns: p.context_ns,
+            first_step_ns: p.first_step_ns,
+            evict_ns: p.evict_ns,
+            kv_save_ns: p.kv_save_ns,
+            kv_restore_ns: p.kv_restore_ns,
+            kv_state_bytes: p.kv_state_bytes,
+            rss_after_weights_bytes: c.memory.after_weights_bytes,
+            rss_after_context_bytes: c.memory.after_context_bytes,
+            rss_after_steps_bytes: c.memory.after_steps_bytes,
+            rss_after_unload_bytes: c.memory.after_unload_bytes,
+        }
+    }
+}
+
+/// A model's last switch, in nanoseconds: the last load's phases, the last eviction, save and
+/// restore.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct SwitchPhasesOut {
+    pub weights_ns: u64,
+    pub context_ns: u64,
+    /// The first step after the load beyond the calibrated cost of a warm step of its size (an
+    /// estimate); `first_step_raw_ns` is that step as measured, of `first_step_tokens` tokens.
+    pub first_step_ns: u64,
+    pub first_step_raw_ns: u64,
+    pub first_step_tokens: u32,
+    pub evict_ns: u64,
+    pub kv_save_ns: u64,
+    pub kv_save_bytes: u64,
+    pub kv_restore_ns: u64,
+}
+
+impl SwitchPhasesOut {
+    fn of(p: &SwitchPhases) -> Self {
+        Self {
+            weights_ns: p.weights_ns,
+            context_ns: p.context_ns,
+            first_step_ns: p.first_step_ns,
+            first_step_raw_ns: p.first_step_raw_ns,
+            first_step_tokens: p.first_step_tokens,
+            evict_ns: p.evict_ns,
+            kv_save_ns: p.kv_save_ns,
+            kv_save_bytes: p.kv_save_bytes,
+            kv_restore_ns: p.kv_restore_ns,
+        }
+    }
 }
 
 /// The scheduler's cost beliefs for one model, in nanoseconds.
@@ -133,7 +227,15 @@ pub struct ModelRequestOut {
     pub state: String,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one field after the other of the wire type, read top to bottom"
+)]
 fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
+    let switches: Vec<(ModelId, SwitchPhases)> = runtime
+        .switch_phases()
+        .map(|(id, p)| (id.clone(), p))
+        .collect();
     let models = status
         .models
         .iter()
@@ -142,6 +244,11 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                 .calibrations()
                 .find(|(id, _)| **id == m.model)
                 .map(|(_, c)| *c);
+            let last_switch = switches
+                .iter()
+                .find(|(id, _)| *id == m.model)
+                .map(|(_, p)| SwitchPhasesOut::of(p))
+                .unwrap_or_default();
             PoolModelOut {
                 id: m.model.to_string(),
                 state: serde_plain(&m.state),
@@ -155,9 +262,16 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                     .map(|at| status.now_ns.saturating_sub(at) / 1_000_000),
                 weights_bytes: calibration.map_or(0, |c| c.weights_bytes),
                 ctx_bytes: calibration.map_or(0, |c| c.ctx_bytes),
+                ctx_kv_bytes: calibration.map_or(0, |c| c.ctx_kv_bytes),
+                ctx_extra_bytes: calibration.map_or(0, |c| c.ctx_extra_bytes),
                 kv_bytes_per_token: calibration.map_or(0, |c| c.kv_bytes_per_token),
                 load_us: calibration.map_or(0, |c| c.load_ns / 1000),
                 decode_step_us: calibration.map_or(0, |c| c.decode_step_ns / 1000),
+                calibrated: calibration
+                    .as_ref()
+                    .map(CalibratedSwitchOut::of)
+                    .unwrap_or_default(),
+                last_switch,
                 last_used_ms_ago: status.now_ns.saturating_sub(m.last_used_ns) / 1_000_000,
                 estimate: CostEstimateOut {
                     load_ns: m.estimate.load_ns,
@@ -177,6 +291,8 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
         memory_bytes_used: status.memory_bytes_used,
         kv_saved_bytes: status.kv_saved_bytes,
         kv_saved_bytes_max: status.kv_saved_bytes_max,
+        pool_overhead_bytes: runtime.overhead().pool_overhead_bytes,
+        calibration_residue_bytes: runtime.overhead().calibration_residue_bytes,
         queued: status.queued,
         models,
         counters: PoolCountersOut {

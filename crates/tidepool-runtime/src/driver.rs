@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use parking_lot::MutexGuard;
 use tidepool_core::ModelId;
 use tidepool_engine::EngineError;
-use tidepool_engine::multi::{Accelerator, Calibration, MultiModelConfig, StepOutcome};
+use tidepool_engine::multi::{
+    Accelerator, Calibration, FirstStep, MultiModelConfig, StepOutcome, resident_bytes,
+};
 use tidepool_pool::{Action, Event, PoolCounters, SeqFinished, SeqId};
 
+use crate::phases::{Phase, first_step_extra_ns};
 use crate::{Core, Shared, metrics};
 
 /// Wait between sweeps while sequences exist (a client leaving is noticed within this).
@@ -29,7 +32,7 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// shared state, then drive the pool until shutdown.
 pub(crate) fn run(
     configs: &[MultiModelConfig],
-    calibrated: &SyncSender<Result<Vec<Calibration>, EngineError>>,
+    calibrated: &SyncSender<Result<Calibrated, EngineError>>,
     shared: &Receiver<Arc<Shared>>,
 ) {
     let mut accelerator = match Accelerator::new(configs.to_vec()) {
@@ -41,11 +44,20 @@ pub(crate) fn run(
             return;
         }
     };
-    match calibrate_all(&mut accelerator, configs) {
+    let rss_before = resident_bytes();
+    let calibrations = match calibrate_all(&mut accelerator, configs) {
         Ok(calibrations) => {
-            if calibrated.send(Ok(calibrations)).is_err() {
+            let residue_bytes = resident_bytes()
+                .zip(rss_before)
+                .map_or(0, |(after, before)| after.saturating_sub(before));
+            let result = Calibrated {
+                calibrations: calibrations.clone(),
+                residue_bytes,
+            };
+            if calibrated.send(Ok(result)).is_err() {
                 return;
             }
+            calibrations
         }
         Err(error) => {
             if calibrated.send(Err(error)).is_err() {
@@ -53,7 +65,7 @@ pub(crate) fn run(
             }
             return;
         }
-    }
+    };
     let Ok(shared) = shared.recv() else {
         return;
     };
@@ -61,12 +73,23 @@ pub(crate) fn run(
     let mut driver = Driver {
         shared,
         accelerator,
+        calibrations,
         counters: PoolCounters::default(),
         last_compute: None,
         flush_pending: false,
     };
     driver.run();
     tracing::info!("accelerator thread stopped");
+}
+
+/// What the accelerator thread measured at start-up.
+#[derive(Debug)]
+pub(crate) struct Calibrated {
+    /// One per model, in configuration order.
+    pub(crate) calibrations: Vec<Calibration>,
+    /// Resident memory the calibration left behind once every model was freed again (allocator
+    /// arenas, llama.cpp's thread pool), in bytes: part of the cold process.
+    pub(crate) residue_bytes: u64,
 }
 
 /// Measures each distinct model configuration once (several ids may share a file).
@@ -101,6 +124,8 @@ fn calibrate_all(
 struct Driver {
     shared: Arc<Shared>,
     accelerator: Accelerator,
+    /// One per model, in accelerator order.
+    calibrations: Vec<Calibration>,
     /// Pool counters already exported to metrics.
     counters: PoolCounters,
     /// Model of the last compute action (a different one next is a switch).
@@ -171,6 +196,10 @@ impl Driver {
     }
 
     /// Carries out one action on the engine and reports its completion to the pool.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per action kind, each timing its phase"
+    )]
     fn execute(&mut self, action: Action) {
         let started = Instant::now();
         let event = match action {
@@ -179,21 +208,36 @@ impl Driver {
                 return;
             }
             Action::Load { id, model } => {
-                let loaded = self.accelerator.load(self.model_index(&model));
+                let index = self.model_index(&model);
+                let loaded = self.accelerator.load(index);
                 let duration_ns = elapsed_ns(started);
                 metrics::loaded(&model, started.elapsed(), loaded.is_ok());
+                if let Ok(phases) = loaded {
+                    self.note_phase(index, Phase::Weights, phases.weights_ns);
+                    self.note_phase(index, Phase::Context, phases.context_ns);
+                }
                 Completion::Load { id, duration_ns }
             }
             Action::Evict { id, model } => {
-                self.accelerator.evict(self.model_index(&model));
+                let index = self.model_index(&model);
+                self.accelerator.evict(index);
+                self.note_phase(index, Phase::Evict, elapsed_ns(started));
                 Completion::Unload { id }
             }
-            Action::SaveKv { id, seq, .. } => {
+            Action::SaveKv { id, seq, model } => {
                 let bytes = self.accelerator.save(seq.0);
+                let index = self.model_index(&model);
+                self.note_phase(index, Phase::KvSave, elapsed_ns(started));
+                if let Some(phases) = self.shared.switches.lock().get_mut(index) {
+                    phases.kv_save_bytes = bytes;
+                }
                 Completion::Saved { id, bytes }
             }
-            Action::RestoreKv { id, seq, .. } => {
+            Action::RestoreKv { id, seq, model } => {
                 self.accelerator.restore(seq.0);
+                let index = self.model_index(&model);
+                self.note_phase(index, Phase::KvRestore, elapsed_ns(started));
+                self.note_first_step(index);
                 Completion::Restored { id }
             }
             Action::Prefill {
@@ -204,9 +248,9 @@ impl Driver {
             } => {
                 self.note_compute(&model);
                 let (ids, riders) = (engine_ids(&seqs), engine_ids(&riders));
-                let outcome = self
-                    .accelerator
-                    .prefill(self.model_index(&model), &ids, &riders);
+                let index = self.model_index(&model);
+                let outcome = self.accelerator.prefill(index, &ids, &riders);
+                self.note_first_step(index);
                 metrics::finished(&model, &outcome);
                 Completion::Step {
                     id,
@@ -227,9 +271,9 @@ impl Driver {
                 // waits and nothing else decodes): a short lock per step, ≪ one step's time.
                 let shared = Arc::clone(&self.shared);
                 let mut stop = || shared.core.lock().pool.decode_yield_wanted();
-                let outcome =
-                    self.accelerator
-                        .decode_until(self.model_index(&model), &ids, steps, &mut stop);
+                let index = self.model_index(&model);
+                let outcome = self.accelerator.decode_until(index, &ids, steps, &mut stop);
+                self.note_first_step(index);
                 metrics::finished(&model, &outcome);
                 Completion::Step {
                     id,
@@ -244,6 +288,41 @@ impl Driver {
         let now_ns = shared.now_ns();
         let event = event.into_event(now_ns);
         self.handle(&mut core, event);
+    }
+
+    /// Records one phase of a switch of model `index`: its last value and the histogram.
+    fn note_phase(&self, index: usize, phase: Phase, ns: u64) {
+        metrics::switch_phase(phase, ns);
+        let mut switches = self.shared.switches.lock();
+        let Some(phases) = switches.get_mut(index) else {
+            return;
+        };
+        match phase {
+            Phase::Weights => phases.weights_ns = ns,
+            Phase::Context => phases.context_ns = ns,
+            Phase::FirstStep => phases.first_step_ns = ns,
+            Phase::Evict => phases.evict_ns = ns,
+            Phase::KvSave => phases.kv_save_ns = ns,
+            Phase::KvRestore => phases.kv_restore_ns = ns,
+        }
+    }
+
+    /// The first step on a fresh context, once it ran (an action that decoded nothing leaves it
+    /// for the next).
+    fn note_first_step(&mut self, index: usize) {
+        let Some(first) = self.accelerator.take_first_step(index) else {
+            return;
+        };
+        let Some(calibration) = self.calibrations.get(index) else {
+            return;
+        };
+        let extra = first_step_extra_ns(first, calibration);
+        self.note_phase(index, Phase::FirstStep, extra);
+        if let Some(phases) = self.shared.switches.lock().get_mut(index) {
+            let FirstStep { ns, tokens } = first;
+            phases.first_step_raw_ns = ns;
+            phases.first_step_tokens = tokens;
+        }
     }
 
     fn note_compute(&mut self, model: &ModelId) {

@@ -10,6 +10,10 @@
 
 mod driver;
 mod metrics;
+mod phases;
+
+pub use metrics::{SWITCH_SECONDS, SWITCH_SECONDS_BUCKETS};
+pub use phases::SwitchPhases;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -70,6 +74,20 @@ pub struct PoolRuntime {
     shared: Arc<Shared>,
     fronts: Vec<Arc<ModelFrontEnd>>,
     calibrations: Vec<Calibration>,
+    overhead: PoolOverhead,
+}
+
+/// Resident memory of the pooled models that the budget does not charge, in bytes, measured at
+/// start-up (see docs/pool.md §6).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolOverhead {
+    /// What the start-up calibration left resident after freeing every model again (allocator
+    /// arenas, llama.cpp's threads): already in the cold process.
+    pub calibration_residue_bytes: u64,
+    /// What the process may hold above `memory_bytes_max` while models switch: allocator slack
+    /// (freed compute buffers and saved states the allocator keeps for reuse), from the
+    /// measured per-model extras and the saved-KV pool.
+    pub pool_overhead_bytes: u64,
 }
 
 /// What the request threads and the accelerator thread share.
@@ -81,6 +99,8 @@ pub(crate) struct Shared {
     /// Model ids in accelerator order (the order of `RuntimeConfig::models`).
     pub(crate) model_ids: Vec<ModelId>,
     pub(crate) index: BTreeMap<ModelId, usize>,
+    /// Each model's last switch, phase by phase, in accelerator order.
+    pub(crate) switches: Mutex<Vec<SwitchPhases>>,
     slo: (Duration, Duration),
     retry_after_ms: u32,
 }
@@ -140,8 +160,15 @@ impl PoolRuntime {
                 path: std::path::PathBuf::new(),
                 reason: format!("cannot start the accelerator thread: {e}"),
             })?;
-        let calibrations: Vec<Calibration> = calibrated_rx.recv().map_err(|_| thread_gone())??;
+        let driver::Calibrated {
+            calibrations,
+            residue_bytes,
+        } = calibrated_rx.recv().map_err(|_| thread_gone())??;
         let pool_config = pool_config(&config.pool, model_specs(config, &calibrations));
+        let overhead = PoolOverhead {
+            calibration_residue_bytes: residue_bytes,
+            pool_overhead_bytes: pool_overhead_bytes(&pool_config, &calibrations),
+        };
         let pool = Pool::new(pool_config).map_err(|e| EngineError::Load {
             path: std::path::PathBuf::new(),
             reason: e.to_string(),
@@ -166,6 +193,7 @@ impl PoolRuntime {
             }),
             wake: Condvar::new(),
             epoch: Instant::now(),
+            switches: Mutex::new(vec![SwitchPhases::default(); model_ids.len()]),
             model_ids,
             index,
             slo: (
@@ -191,10 +219,12 @@ impl PoolRuntime {
         for (model, calibration) in config.models.iter().zip(&calibrations) {
             tracing::info!(model = %model.engine.model_id, ?calibration, "pooled model calibrated");
         }
+        tracing::info!(?overhead, "pool memory overhead measured");
         Ok(Arc::new(Self {
             shared,
             fronts,
             calibrations,
+            overhead,
         }))
     }
 
@@ -221,6 +251,17 @@ impl PoolRuntime {
     /// What was measured for each model at start-up, in configuration order.
     pub fn calibrations(&self) -> impl Iterator<Item = (&ModelId, &Calibration)> {
         self.shared.model_ids.iter().zip(&self.calibrations)
+    }
+
+    /// Each model's last switch, phase by phase, in configuration order.
+    pub fn switch_phases(&self) -> impl Iterator<Item = (&ModelId, SwitchPhases)> {
+        let switches = self.shared.switches.lock().clone();
+        self.shared.model_ids.iter().zip(switches)
+    }
+
+    /// Resident memory the budget does not charge, measured at start-up.
+    pub fn overhead(&self) -> PoolOverhead {
+        self.overhead
     }
 
     /// An operator's load (a hint: the model loads when nothing more urgent needs the engine).
@@ -413,6 +454,30 @@ pub fn pool_config(section: &PoolSection, models: Vec<ModelSpec>) -> PoolConfig 
     pool.kv_paged = engine.kv_paged;
     pool.knobs = section.knobs;
     pool
+}
+
+/// What the process may hold above the budget while models switch: the allocator (glibc malloc)
+/// keeps freed compute buffers and saved states in its arenas for reuse instead of returning
+/// them, so besides what is live it may hold once more what can be live at once of those: the
+/// measured extra of as many models as fit the budget together (the largest extras), plus the
+/// saved-KV pool. Weights (mapped) and KV cells (one large allocation each) go back to the
+/// kernel when freed and are not in it.
+fn pool_overhead_bytes(pool: &PoolConfig, calibrations: &[Calibration]) -> u64 {
+    let mut sizes: Vec<u64> = pool.models.iter().map(ModelSpec::resident_bytes).collect();
+    sizes.sort_unstable();
+    let mut total = 0_u64;
+    let fitting = sizes
+        .iter()
+        .take_while(|&&size| {
+            total = total.saturating_add(size);
+            total <= pool.memory_bytes_max
+        })
+        .count()
+        .max(1);
+    let mut extras: Vec<u64> = calibrations.iter().map(|c| c.ctx_extra_bytes).collect();
+    extras.sort_unstable_by(|a, b| b.cmp(a));
+    let extra: u64 = extras.iter().take(fitting).sum();
+    extra.saturating_add(pool.kv_saved_bytes_max)
 }
 
 fn thread_gone() -> EngineError {

@@ -10,6 +10,18 @@ use tidepool_core::ModelId;
 use tidepool_engine::multi::StepOutcome;
 use tidepool_pool::{PoolCounters, PoolError};
 
+use crate::phases::Phase;
+
+/// The histogram of switch phases, labelled `phase` (`weights`, `context`, `first_step`,
+/// `evict`, `kv_save`, `kv_restore`).
+pub const SWITCH_SECONDS: &str = "tidepool_pool_switch_seconds";
+
+/// Its buckets, in seconds: 1 ms to 10 s (a phase takes from well under a millisecond, a small
+/// state's save, to seconds, a large model's weights).
+pub const SWITCH_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
 pub(crate) fn describe() {
     describe_counter!(
         "tidepool_pool_loads_total",
@@ -41,6 +53,12 @@ pub(crate) fn describe() {
         "tidepool_pool_load_seconds",
         Unit::Seconds,
         "Time to load a model's weights and create its context"
+    );
+    describe_histogram!(
+        SWITCH_SECONDS,
+        Unit::Seconds,
+        "Phases of model switches: weights (read/map/repack), context (KV + compute buffers), \
+         first_step (first step on a fresh context beyond a warm one), evict, kv_save, kv_restore"
     );
     describe_counter!(
         "tidepool_pool_tokens_total",
@@ -79,6 +97,14 @@ pub(crate) fn rejected(model: &ModelId, error: &PoolError) {
 pub(crate) fn loaded(model: &ModelId, took: Duration, ok: bool) {
     histogram!("tidepool_pool_load_seconds", "model" => model.to_string(), "ok" => if ok { "true" } else { "false" })
         .record(took.as_secs_f64());
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "nanoseconds of one phase, far below 2^52"
+)]
+pub(crate) fn switch_phase(phase: Phase, ns: u64) {
+    histogram!(SWITCH_SECONDS, "phase" => phase.label()).record(ns as f64 / 1e9);
 }
 
 pub(crate) fn switched() {

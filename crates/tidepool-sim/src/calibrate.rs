@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::SimError;
-use crate::profile::{DECODE_TABLE_BATCH_MAX, Family, as_f64};
+use crate::profile::{DECODE_TABLE_BATCH_MAX, Family, SwitchPhases, as_f64};
 
 /// Samples of one kind in a fit, at most this many.
 pub const SAMPLES_MAX: usize = 4096;
@@ -67,6 +67,9 @@ pub struct FamilyMeasurements {
     /// Absent in samples written before riders existed.
     #[serde(default)]
     pub riders: Vec<RiderSample>,
+    /// The phases of a switch (absent in samples written before they were measured).
+    #[serde(default)]
+    pub switch: Option<SwitchPhases>,
 }
 
 /// A fitted family and how well the curves explain the samples.
@@ -163,6 +166,7 @@ pub fn fit_family(m: &FamilyMeasurements) -> Result<FamilyFit, SimError> {
         } else {
             median(&m.unload_ns) / 1e9
         },
+        switch: m.switch,
     };
     Ok(FamilyFit {
         family,
@@ -403,6 +407,7 @@ mod tests {
             prefill: Vec::new(),
             decode: Vec::new(),
             riders: Vec::new(),
+            switch: None,
         };
         for t in [8_u64, 32, 64, 128, 192, 256] {
             let ns = prefill[0] + prefill[1] * as_f64(t) + prefill[2] * as_f64(t * t);

@@ -82,6 +82,33 @@ pub struct Family {
     pub load_s: f64,
     pub ctx_create_s: f64,
     pub unload_s: f64,
+    /// The phases of one switch as `tidepool bench calibrate` measured them (a record: the
+    /// simulator charges `load_s + ctx_create_s` and `unload_s`). Absent in older profiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<SwitchPhases>,
+}
+
+/// One switch of a model on the real engine, phase by phase, in seconds and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchPhases {
+    /// `llama_model_load_from_file`: map and read the GGUF, repack weights.
+    pub weights_s: f64,
+    /// Of `weights_s`: the repack into the CPU's preferred layout.
+    pub repack_s: f64,
+    /// `llama_init_from_model`: KV allocation and clearing, compute-buffer reservation.
+    pub context_s: f64,
+    /// The first step on a fresh context beyond the same step warm.
+    pub first_step_s: f64,
+    /// Freeing context and weights.
+    pub evict_s: f64,
+    /// Saving, then restoring, one sequence state of `kv_state_bytes`.
+    pub kv_save_s: f64,
+    pub kv_restore_s: f64,
+    pub kv_state_bytes: u64,
+    /// Resident memory a loaded model adds beyond weights and KV cells (compute buffers, file
+    /// pages of repacked weights).
+    pub ctx_extra_bytes: u64,
 }
 
 impl Profile {
@@ -382,6 +409,7 @@ pub(crate) mod tests {
             load_s: 0.1,
             ctx_create_s: 0.0,
             unload_s: 0.0,
+            switch: None,
         }
     }
 

@@ -1,0 +1,209 @@
+//! The pool's memory budget is the process's: with real models switching under a budget that
+//! fits fewer models than are requested, the process's resident memory (`VmRSS`) above the cold
+//! process never exceeds `memory_bytes_max` plus the overhead the runtime names
+//! (`pool_overhead_bytes`). Its own test binary, so no other test shares the process's memory.
+//! Models from `~/.cache/tidepool/models`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tidepool_core::{ModelId, PoolPolicy, RequestId};
+use tidepool_engine::multi::{MultiModelConfig, resident_bytes};
+use tidepool_engine::{
+    ChatMessage, GenerateRequest, Generation, GenerationEvent, SamplingParams, TextEngine,
+};
+use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+const PROMPTS: [&str; 3] = [
+    "Write two sentences about the sea.",
+    "List three fruits and their colours.",
+    "Explain what a compiler does.",
+];
+const MAX_TOKENS: u32 = 12;
+/// Rounds of requests; each round sends two requests to every model.
+const ROUNDS: usize = 3;
+/// Interval between resident-memory samples.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(2);
+
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn model(id: &str, file: &str) -> PooledModelConfig {
+    let path: PathBuf = tidepool_core::config::default_models_dir().join(file);
+    let mut engine = MultiModelConfig::new(ModelId::new(id).unwrap(), path);
+    // The server's batch (the compute buffers scale with it), a small context.
+    engine.context_tokens = 512;
+    engine.seqs_max = 4;
+    engine.threads = 2;
+    engine.batch_tokens_max = 512;
+    PooledModelConfig {
+        engine,
+        pin: false,
+        keep_alive_ms: None,
+    }
+}
+
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn request(engine: &dyn TextEngine, user: &str) -> GenerateRequest {
+    let text = engine
+        .apply_chat_template(&[ChatMessage {
+            role: "user".to_owned(),
+            content: user.to_owned(),
+        }])
+        .unwrap_or_else(|_| user.to_owned());
+    GenerateRequest {
+        remote: None,
+        request_id: RequestId::new(),
+        prompt: engine.tokenize(&text).unwrap(),
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: MAX_TOKENS,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
+fn collect(mut generation: Generation) {
+    loop {
+        match generation.events.blocking_recv() {
+            Some(GenerationEvent::Chunk { .. }) => {}
+            Some(GenerationEvent::Done { .. }) => return,
+            Some(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
+            None => panic!("the engine dropped a generation"),
+        }
+    }
+}
+
+/// Samples the process's resident memory until stopped: the peak, and the most it exceeded
+/// what the pool counted as used at the same moment, in bytes.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    uncounted: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(runtime: &Arc<PoolRuntime>, cold: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let uncounted = Arc::new(AtomicU64::new(0));
+        let handle = {
+            let (stop, peak, uncounted) =
+                (Arc::clone(&stop), Arc::clone(&peak), Arc::clone(&uncounted));
+            let runtime = Arc::clone(runtime);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(rss) = resident_bytes() {
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                        let used = runtime.status().memory_bytes_used;
+                        let above = rss.saturating_sub(cold).saturating_sub(used);
+                        uncounted.fetch_max(above, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(SAMPLE_INTERVAL);
+                }
+            })
+        };
+        Self {
+            stop,
+            peak,
+            uncounted,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            handle.join().unwrap_or_default();
+        }
+        (
+            self.peak.load(Ordering::Relaxed),
+            self.uncounted.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[test]
+fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() {
+    // Four models, two of each file, under a budget that fits the two largest: every round
+    // evicts and reloads, and `token` saves and restores sequences.
+    let models = vec![
+        model("s0", SMOLLM2),
+        model("g0", GEMMA),
+        model("s1", SMOLLM2),
+        model("g1", GEMMA),
+    ];
+    let mut config = RuntimeConfig::new(PoolPolicy::Token, models);
+    config.pool.memory_models_max = Some(2);
+    config.pool.kv_saved_bytes_max = 32 << 20;
+    config.pool.knobs.decode_steps_min = 4;
+    let runtime = PoolRuntime::start(&config).unwrap();
+    let engines = runtime.engines();
+    let cold = resident_bytes().unwrap();
+    let sampler = Sampler::start(&runtime, cold);
+    let mut running = Vec::new();
+    for round in 0..ROUNDS {
+        for (i, engine) in engines.iter().enumerate() {
+            for k in 0..2 {
+                let prompt = PROMPTS[(i + round + k) % PROMPTS.len()];
+                let generation = engine.submit(request(engine.as_ref(), prompt)).unwrap();
+                running.push(std::thread::spawn(move || collect(generation)));
+            }
+        }
+        // Let the round run partly before the next one arrives, so models come and go.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for handle in running {
+        handle.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_mins(2);
+    let finished = u64::try_from(ROUNDS * engines.len() * 2).unwrap();
+    while runtime.status().counters.requests_finished < finished {
+        assert!(Instant::now() < deadline, "requests did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (peak, uncounted) = sampler.finish();
+    let status = runtime.status();
+    let overhead = runtime.overhead();
+    for (id, c) in runtime.calibrations() {
+        eprintln!(
+            "{id}: weights {} ctx_kv {} ctx_extra {} memory {:?} phases {:?}",
+            c.weights_bytes, c.ctx_kv_bytes, c.ctx_extra_bytes, c.memory, c.phases
+        );
+    }
+    for (id, phases) in runtime.switch_phases() {
+        eprintln!("{id}: last switch {phases:?}");
+    }
+    let grown = peak.saturating_sub(cold);
+    eprintln!(
+        "cold {cold} peak {peak} grown {grown} uncounted at most {uncounted} budget {} overhead {overhead:?} counters {:?}",
+        status.memory_bytes_max, status.counters
+    );
+    let c = &status.counters;
+    assert!(
+        c.loads > 2 && c.evictions > 0 && c.kv_saves > 0,
+        "models switched and sequences were saved: {c:?}"
+    );
+    assert!(
+        runtime.switch_phases().all(|(_, p)| p.weights_ns > 0),
+        "every model's switch phases were recorded"
+    );
+    let allowed = status.memory_bytes_max + overhead.pool_overhead_bytes;
+    assert!(
+        grown <= allowed,
+        "resident memory grew by {grown} bytes above the cold process, more than the budget \
+         {} + the named overhead {} = {allowed}",
+        status.memory_bytes_max,
+        overhead.pool_overhead_bytes
+    );
+}
