@@ -109,6 +109,9 @@ fn start(policy: PoolPolicy, models: Vec<PooledModelConfig>, fit: Option<u32>) -
     config.pool.memory_models_max = fit;
     config.pool.kv_saved_bytes_max = 256 << 20;
     config.pool.knobs.decode_steps_min = 4;
+    // Switches spaced by 1 ms, not the default quota's 4 s: in a run this short `token` then
+    // preempts, saving and restoring sequences, instead of finishing one model's work first.
+    config.pool.knobs.turn_quota_ms_max = 1;
     match PoolRuntime::start(&config) {
         Ok(runtime) => runtime,
         Err(error) => panic_start(&error),
