@@ -12,9 +12,9 @@
 //!
 //! **Two markets** (`--markets`, both by default; `workload::Market`). Prompts in both:
 //! `clamp(trace_prompt / 8, 8, 192)` tokens (the trace's mean is 1,155 tokens, sized for GPU
-//! models). `short`: outputs `clamp(trace_output / 4, 4, 64)` (mean 38), 30 s per probe.
+//! models). `short`: outputs `clamp(trace_output / 4, 4, 64)` (mean 38), 25 s per probe.
 //! `long`: the trace's own outputs, `clamp(trace_output, 4, 256)` (the trace's mean is 211,
-//! median 129), 90 s per probe: a stream holds its model for tens of seconds, which is the
+//! median 129), 60 s per probe: a stream holds its model for tens of seconds, which is the
 //! head-of-line blocking token-level switching exists to remove. Every model has a
 //! `CONTEXT_TOKENS`-token context and `SEQS_MAX` slots; prompts are `prompt_for` text of about
 //! that many tokens, unique per probe.
@@ -42,7 +42,7 @@
 //!
 //! **Sustainable rate**: the highest rate with attainment ≥ `ATTAINMENT_SUSTAINABLE_MIN`
 //! (90 %), found per (market, policy) by bisection on a geometric scale within a bracket
-//! (`--bracket-short`, default 0.5–8 req/s; `--bracket-long`, 0.05–0.8) until its ends are
+//! (`--bracket-short`, default 0.25–4 req/s; `--bracket-long`, 0.1–1.6) until its ends are
 //! within 1.2× (the estimate, the geometric middle, is then within ±10 %; `search`). A result
 //! at an end of the bracket is flagged. `--rates` measures a fixed list instead.
 //!
@@ -119,7 +119,7 @@ pub(crate) struct PoolBenchArgs {
         long,
         env = "TIDEPOOL_BENCH_POOL_BRACKET_SHORT",
         value_delimiter = ',',
-        default_value = "0.5,8"
+        default_value = "0.25,4"
     )]
     bracket_short: Vec<f64>,
     /// Bisection bracket of the long market, `lo,hi` in requests/s.
@@ -127,18 +127,18 @@ pub(crate) struct PoolBenchArgs {
         long,
         env = "TIDEPOOL_BENCH_POOL_BRACKET_LONG",
         value_delimiter = ',',
-        default_value = "0.05,0.8"
+        default_value = "0.1,1.6"
     )]
     bracket_long: Vec<f64>,
     /// Seconds of Poisson arrivals per probe of the short market.
-    #[arg(long, env = "TIDEPOOL_BENCH_POOL_DURATION_S", default_value_t = 30)]
+    #[arg(long, env = "TIDEPOOL_BENCH_POOL_DURATION_S", default_value_t = 25)]
     duration_s: u32,
     /// Seconds of Poisson arrivals per probe of the long market (its rates are lower, so it
     /// needs longer for as many requests).
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POOL_LONG_DURATION_S",
-        default_value_t = 90
+        default_value_t = 60
     )]
     long_duration_s: u32,
     /// Policies to measure, comma-separated (`dedicated`, `swap-lru`, `token`).
@@ -279,7 +279,7 @@ impl PoolBenchArgs {
         };
         match bracket.as_slice() {
             [lo, hi] => RateSearch::bisect(*lo, *hi),
-            _ => RateSearch::bisect(0.5, 8.0),
+            _ => RateSearch::bisect(0.25, 4.0),
         }
     }
 

@@ -386,7 +386,7 @@ impl Default for PoolSection {
     fn default() -> Self {
         Self {
             enabled: true,
-            policy: PoolPolicy::Token,
+            policy: PoolPolicy::SwapLru,
             memory_bytes_max: None,
             memory_models_max: None,
             kv_saved_bytes_max: 1 << 30,
@@ -827,7 +827,7 @@ price_output_per_mtok = 600000000
         assert_eq!(config.models.len(), 1);
         assert_eq!(config.models[0].context_tokens, 2048);
         assert_eq!(config.models[0].price_output_per_mtok, Nanos(600_000_000));
-        assert_eq!(config.pool.policy, PoolPolicy::Token);
+        assert_eq!(config.pool.policy, PoolPolicy::SwapLru);
         assert!(config.pool.enabled);
     }
 

@@ -330,7 +330,7 @@ async fn real_model_pool_status_and_operator_load_unload_over_http() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert_eq!(pool["object"], "pool");
-    assert_eq!(pool["policy"], "token");
+    assert_eq!(pool["policy"], "swap-lru");
     let model = &pool["models"][0];
     assert_eq!(model["id"], "smollm2-135m-instruct");
     assert_eq!(model["state"], "resident");

@@ -92,10 +92,11 @@ impl fmt::Display for ModelId {
 pub enum PoolPolicy {
     /// Every model always resident.
     Dedicated,
-    /// Request-level swapping, least recently used model evicted (Ollama-like).
+    /// Request-level swapping, least recently used model evicted (Ollama-like). The default:
+    /// on the CPU engine it sustains more than `token` on short outputs (docs/pool.md §3.4).
+    #[default]
     SwapLru,
     /// Token-level switching (Aegaeon-like).
-    #[default]
     Token,
 }
 

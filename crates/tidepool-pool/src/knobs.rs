@@ -35,7 +35,8 @@ pub struct PoolKnobs {
     /// Ceiling on decode steps of one turn.
     pub decode_steps_max: u32,
     /// `token`: the longest decode turn the quota formula hands out, in ms (Aegaeon's
-    /// `max_batch_quota`).
+    /// `max_batch_quota`); where a load stalls compute (no `overlap_transfers`), also the least
+    /// time between two loads while resident models have work (docs/pool.md §3.4).
     pub turn_quota_ms_max: u64,
     /// `token` admission: hold new requests while the predicted round factor α (mean gap /
     /// TBT SLO), in thousandths, would exceed this. `u32::MAX` (the default) disables the

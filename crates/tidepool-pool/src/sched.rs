@@ -225,7 +225,7 @@ impl Pool {
                 }
                 Target::Decode(turn) => !self.turn_seqs(turn).is_empty(),
             };
-            if valid && !(spaced && self.needs_load(target_model(target))) {
+            if valid && !self.switch_waits(target, spaced) {
                 return Some(target);
             }
             self.target = None;
@@ -253,8 +253,7 @@ impl Pool {
             (None, Some(turn)) => Target::Decode(turn),
             (None, None) => return None,
         };
-        if spaced
-            && self.needs_load(target_model(target))
+        if self.switch_waits(target, spaced)
             && let Some(resident) = self.resident_target()
         {
             target = resident;
@@ -264,11 +263,13 @@ impl Pool {
     }
 
     /// `token` spaces switches where a load stalls compute (`overlap_transfers` off: a CPU):
-    /// once a model was loaded, the next load waits until a turn quota (`turn_quota_ms_max`)
-    /// has passed, as long as resident models have work to run meanwhile — a switch stalls
-    /// every stream, so a model switched in keeps the engine long enough to pay for its load.
-    /// With nothing resident to run, a load delays nobody and goes at once. So two models that
-    /// do not fit together switch at most once per quota, however their requests alternate.
+    /// once a model was loaded, a load that would displace a model with work
+    /// ([`Self::load_preempts`]) waits until a turn quota (`turn_quota_ms_max`) has passed, as
+    /// long as resident models have work to run meanwhile — a switch stalls every stream, so a
+    /// model switched in keeps the engine long enough to pay for its load. A load into free
+    /// memory or in place of idle models goes at once (what request-level swapping does), and
+    /// so does any load when nothing resident has work. So two models that do not fit together
+    /// switch at most once per quota, however their requests alternate.
     pub(crate) fn switch_spacing_active(&self) -> bool {
         // With `overlap_transfers` (a GPU's copy engine) a load does not stall compute.
         if self.cfg.policy != PoolPolicy::Token || self.cfg.overlap_transfers {
@@ -288,11 +289,62 @@ impl Pool {
         (self.now_ns < end).then_some(end)
     }
 
-    fn needs_load(&self, model: usize) -> bool {
-        matches!(
+    /// Whether `target` needs a load that should wait (resident work runs instead): one that
+    /// would displace a model with work, while switches are spaced or while the target's
+    /// deadline is not at risk — its prefill is not urgent, or its decoding sequences' slack
+    /// covers twice the load and a turn. So `token` preempts a busy model only when a request
+    /// would otherwise miss, and waits like request-level swapping where that is enough.
+    fn switch_waits(&self, target: Target, spaced: bool) -> bool {
+        if self.cfg.policy != PoolPolicy::Token || self.cfg.overlap_transfers {
+            return false;
+        }
+        let model = target_model(target);
+        if !self.load_preempts(model) || !self.resident_target_exists() {
+            return false;
+        }
+        spaced || !self.deadline_at_risk(target)
+    }
+
+    fn deadline_at_risk(&self, target: Target) -> bool {
+        match target {
+            Target::Prefill { model } => self.prefill_urgent(model),
+            Target::Decode(turn) => {
+                let m = &self.models[turn.model];
+                let turn_ns = u64::from(turn.steps).saturating_mul(m.decode_step_ns);
+                self.decode_slack_ns(turn.model)
+                    < m.load_ns.saturating_add(turn_ns).saturating_mul(2)
+            }
+        }
+    }
+
+    /// Whether loading `model` now needs memory that a model with work holds: the model is not
+    /// resident and its bytes exceed what is free plus what idle models (nothing queued,
+    /// decoding, saved or in flight, not pinned) and models already leaving hold.
+    fn load_preempts(&self, model: usize) -> bool {
+        if !matches!(
             self.models[model].residency,
             Residency::Cold | Residency::Evicting
-        )
+        ) {
+            return false;
+        }
+        let reclaimable: u64 = (0..self.models.len())
+            .filter(|&i| i != model)
+            .filter(|&i| {
+                let m = &self.models[i];
+                let idle = m.residency == Residency::Resident
+                    && !self.cfg.models[i].pin
+                    && m.busy == 0
+                    && m.in_ctx == 0
+                    && m.pending == 0
+                    && m.saved_bytes == 0
+                    && m.prefill_q.is_empty()
+                    && m.decoding.is_empty();
+                idle || m.residency == Residency::Evicting
+            })
+            .map(|i| self.cfg.models[i].resident_bytes())
+            .sum();
+        self.cfg.models[model].full_bytes(self.cfg.kv_paged)
+            > self.memory_bytes_free().saturating_add(reclaimable)
     }
 
     fn resident_target_exists(&self) -> bool {
@@ -858,7 +910,15 @@ impl Pool {
         match m.residency {
             Residency::Loading | Residency::Evicting => None,
             Residency::Cold => {
-                if self.switch_spacing_active() {
+                let waits = match turn {
+                    Some(turn) => {
+                        self.switch_waits(Target::Decode(turn), self.switch_spacing_active())
+                    }
+                    None => {
+                        self.switch_waits(Target::Prefill { model }, self.switch_spacing_active())
+                    }
+                };
+                if waits {
                     return None;
                 }
                 let need = self.cfg.models[model].resident_bytes();

@@ -1,7 +1,7 @@
 //! Thrashing: two models that do not fit together, their requests alternating, must not make
 //! the `token` policy switch back and forth. A switch (a load) costs the whole accelerator its
 //! duration on a CPU, so the pool may switch at most once per turn quota
-//! (`turn_quota_ms_max`) of busy time, plus the first load of each model. A hand-written
+//! (`turn_quota_ms_max`) of elapsed time, plus the first load of each model. A hand-written
 //! scenario and a property over seeded random costs, SLOs and request mixes, both driven by a
 //! serial engine that takes each action's predicted time.
 

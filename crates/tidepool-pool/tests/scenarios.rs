@@ -212,6 +212,10 @@ fn swap_lru_evicts_least_recently_used_idle_model() {
 /// token preempts a decoding model: its sequence is saved, the model evicted, and later
 /// restored before it decodes again.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario with its own serial driver"
+)]
 fn token_preempts_with_save_and_restore() {
     let mut cfg = PoolConfig::new(
         PoolPolicy::Token,
@@ -219,9 +223,13 @@ fn token_preempts_with_save_and_restore() {
         vec![model("a", 50), model("b", 50)],
     );
     cfg.kv_saved_bytes_max = 20 * MIB;
-    // Switches may follow each other after 1 ms (each action here takes 1 ms): the pool
-    // alternates between the models instead of finishing one first.
-    cfg.knobs.turn_quota_ms_max = 1;
+    // Switches 1 ms apart (each action takes 1 ms), every deadline at risk (1 ms SLOs): the
+    // pool preempts and alternates between the models instead of finishing one first.
+    (
+        cfg.knobs.turn_quota_ms_max,
+        cfg.knobs.ttft_slo_ms,
+        cfg.knobs.tbt_slo_ms,
+    ) = (1, 1, 1);
     let mut pool = Pool::new(cfg).unwrap();
     let mut log = Vec::new();
     let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();

@@ -4,84 +4,22 @@
 //! (`pool_overhead_bytes`). Its own test binary, so no other test shares the process's memory.
 //! Models from `~/.cache/tidepool/models`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tidepool_core::{ModelId, PoolPolicy, RequestId};
-use tidepool_engine::multi::{MultiModelConfig, resident_bytes};
-use tidepool_engine::{
-    ChatMessage, GenerateRequest, Generation, GenerationEvent, SamplingParams, TextEngine,
-};
-use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
+use common::{GEMMA, PROMPTS, SMOLLM2, collect, model, request};
+use tidepool_core::PoolPolicy;
+use tidepool_engine::multi::resident_bytes;
+use tidepool_runtime::{PoolRuntime, RuntimeConfig};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-const PROMPTS: [&str; 3] = [
-    "Write two sentences about the sea.",
-    "List three fruits and their colours.",
-    "Explain what a compiler does.",
-];
 const MAX_TOKENS: u32 = 12;
 /// Rounds of requests; each round sends two requests to every model.
 const ROUNDS: usize = 3;
 /// Interval between resident-memory samples.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(2);
-
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test helper fails its test by panicking"
-)]
-fn model(id: &str, file: &str) -> PooledModelConfig {
-    let path: PathBuf = tidepool_core::config::default_models_dir().join(file);
-    let mut engine = MultiModelConfig::new(ModelId::new(id).unwrap(), path);
-    // The server's batch (the compute buffers scale with it), a small context.
-    engine.context_tokens = 512;
-    engine.seqs_max = 4;
-    engine.threads = 2;
-    engine.batch_tokens_max = 512;
-    PooledModelConfig {
-        engine,
-        pin: false,
-        keep_alive_ms: None,
-    }
-}
-
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test helper fails its test by panicking"
-)]
-fn request(engine: &dyn TextEngine, user: &str) -> GenerateRequest {
-    let text = engine
-        .apply_chat_template(&[ChatMessage {
-            role: "user".to_owned(),
-            content: user.to_owned(),
-        }])
-        .unwrap_or_else(|_| user.to_owned());
-    GenerateRequest {
-        remote: None,
-        request_id: RequestId::new(),
-        prompt: engine.tokenize(&text).unwrap(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: MAX_TOKENS,
-            ..SamplingParams::default()
-        },
-    }
-}
-
-#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
-fn collect(mut generation: Generation) {
-    loop {
-        match generation.events.blocking_recv() {
-            Some(GenerationEvent::Chunk { .. }) => {}
-            Some(GenerationEvent::Done { .. }) => return,
-            Some(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
-            None => panic!("the engine dropped a generation"),
-        }
-    }
-}
 
 /// Samples the process's resident memory until stopped: the peak, and the most it exceeded
 /// what the pool counted as used at the same moment, in bytes.
@@ -138,15 +76,18 @@ fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() 
     // Four models, two of each file, under a budget that fits the two largest: every round
     // evicts and reloads, and `token` saves and restores sequences.
     let models = vec![
-        model("s0", SMOLLM2),
-        model("g0", GEMMA),
-        model("s1", SMOLLM2),
-        model("g1", GEMMA),
+        model("s0", SMOLLM2, 512),
+        model("g0", GEMMA, 512),
+        model("s1", SMOLLM2, 512),
+        model("g1", GEMMA, 512),
     ];
     let mut config = RuntimeConfig::new(PoolPolicy::Token, models);
     config.pool.memory_models_max = Some(2);
     config.pool.kv_saved_bytes_max = 32 << 20;
     config.pool.knobs.decode_steps_min = 4;
+    // Switches spaced by 1 ms, not the default quota's 4 s, so that in a run this short the
+    // pool switches often and saved states take their share of the budget.
+    config.pool.knobs.turn_quota_ms_max = 1;
     let runtime = PoolRuntime::start(&config).unwrap();
     let engines = runtime.engines();
     let cold = resident_bytes().unwrap();
@@ -156,7 +97,9 @@ fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() 
         for (i, engine) in engines.iter().enumerate() {
             for k in 0..2 {
                 let prompt = PROMPTS[(i + round + k) % PROMPTS.len()];
-                let generation = engine.submit(request(engine.as_ref(), prompt)).unwrap();
+                // SmolLM2 (even ids) in its chat template, Gemma as plain text.
+                let request = request(engine.as_ref(), i % 2 == 0, prompt, MAX_TOKENS);
+                let generation = engine.submit(request).unwrap();
                 running.push(std::thread::spawn(move || collect(generation)));
             }
         }

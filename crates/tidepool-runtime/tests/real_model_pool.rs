@@ -5,47 +5,28 @@
 //! Correctness is exact: greedy output of every request must equal the output of the same prompt
 //! on an unpooled run, however often the pool preempted, saved, evicted and restored it.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool_core::{ModelId, PoolPolicy, RequestId};
-use tidepool_engine::multi::MultiModelConfig;
-use tidepool_engine::{
-    ChatMessage, EngineError, GenerateRequest, Generation, GenerationEvent, SamplingParams,
-    TextEngine,
-};
+use common::{GEMMA, PROMPTS, SMOLLM2, collect};
+use tidepool_core::{ModelId, PoolPolicy};
+use tidepool_engine::{EngineError, GenerateRequest, TextEngine};
 use tidepool_pool::{PoolError, Residency};
 use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-const PROMPTS: [&str; 3] = [
-    "Write two sentences about the sea.",
-    "List three fruits and their colours.",
-    "Explain what a compiler does.",
-];
 const MAX_TOKENS: u32 = 16;
 
-fn models_dir() -> PathBuf {
-    tidepool_core::config::default_models_dir()
+/// Model `id` of `file`, prompts in batches of 256 tokens.
+fn model(id: &str, file: &str) -> PooledModelConfig {
+    common::model(id, file, 256)
 }
 
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test helper fails its test by panicking"
-)]
-fn model(id: &str, file: &str) -> PooledModelConfig {
-    let mut engine = MultiModelConfig::new(ModelId::new(id).unwrap(), models_dir().join(file));
-    engine.context_tokens = 512;
-    engine.seqs_max = 4;
-    engine.threads = 2;
-    engine.batch_tokens_max = 256;
-    PooledModelConfig {
-        engine,
-        pin: false,
-        keep_alive_ms: None,
-    }
+/// A greedy request of `MAX_TOKENS`: Gemma's prompt as plain text, SmolLM2's in its chat
+/// template.
+fn request(engine: &dyn TextEngine, gemma: bool, user: &str) -> GenerateRequest {
+    common::request(engine, !gemma, user, MAX_TOKENS)
 }
 
 /// Model `m{i}`: Gemma for i = 2, 5, 7, SmolLM2 otherwise.
@@ -63,55 +44,17 @@ fn eight_models() -> Vec<PooledModelConfig> {
         .collect()
 }
 
-#[expect(
-    clippy::unwrap_used,
-    reason = "a test helper fails its test by panicking"
-)]
-fn request(engine: &dyn TextEngine, gemma: bool, user: &str) -> GenerateRequest {
-    let text = if gemma {
-        user.to_owned()
-    } else {
-        engine
-            .apply_chat_template(&[ChatMessage {
-                role: "user".to_owned(),
-                content: user.to_owned(),
-            }])
-            .unwrap()
-    };
-    GenerateRequest {
-        remote: None,
-        request_id: RequestId::new(),
-        prompt: engine.tokenize(&text).unwrap(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: MAX_TOKENS,
-            ..SamplingParams::default()
-        },
-    }
-}
-
-/// Waits for the whole generation on this thread.
-#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
-fn collect(mut generation: Generation) -> String {
-    let mut text = String::new();
-    loop {
-        match generation.events.blocking_recv() {
-            Some(GenerationEvent::Chunk { text: piece, .. }) => text.push_str(&piece),
-            Some(GenerationEvent::Done { .. }) => return text,
-            Some(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
-            None => panic!("the engine dropped a generation"),
-        }
-    }
-}
-
 fn start(policy: PoolPolicy, models: Vec<PooledModelConfig>, fit: Option<u32>) -> Arc<PoolRuntime> {
     let mut config = RuntimeConfig::new(policy, models);
     config.pool.memory_models_max = fit;
     config.pool.kv_saved_bytes_max = 256 << 20;
     config.pool.knobs.decode_steps_min = 4;
-    // Switches spaced by 1 ms, not the default quota's 4 s: in a run this short `token` then
-    // preempts, saving and restoring sequences, instead of finishing one model's work first.
+    // Switches 1 ms apart, not the default quota's 4 s, and every deadline at risk (1 ms SLOs):
+    // in a run this short `token` then preempts, saving and restoring sequences, instead of
+    // finishing one model's work first.
     config.pool.knobs.turn_quota_ms_max = 1;
+    config.pool.knobs.ttft_slo_ms = 1;
+    config.pool.knobs.tbt_slo_ms = 1;
     match PoolRuntime::start(&config) {
         Ok(runtime) => runtime,
         Err(error) => panic_start(&error),
