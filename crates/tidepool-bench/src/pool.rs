@@ -341,9 +341,9 @@ enum Prober {
     Real {
         servers: Vec<(String, PoolServer)>,
     },
+    /// The simulator; each policy's budget is its `PolicySummary`'s.
     Sim {
         profile: Profile,
-        memory_bytes_max: u64,
     },
 }
 
@@ -422,13 +422,7 @@ async fn make_prober(
             sustainable_rate_per_s: 0.0,
         })
         .collect();
-    Ok((
-        Prober::Sim {
-            profile,
-            memory_bytes_max,
-        },
-        policies,
-    ))
+    Ok((Prober::Sim { profile }, policies))
 }
 
 /// The budget the simulator gives `swap-lru` and `token`: the largest models that fit
@@ -622,10 +616,7 @@ async fn probe(
             server.wait_drained().await?;
             Ok(row)
         }
-        Prober::Sim {
-            profile,
-            memory_bytes_max,
-        } => {
+        Prober::Sim { profile } => {
             let mut row = run.row(
                 policy,
                 &[],
@@ -635,16 +626,8 @@ async fn probe(
             );
             row.replay = planned_requests(&schedule);
             row.resident_at_start = warm_models(parse_policy(policy)?, models.len());
-            let budgets: Vec<PolicySummary> = policies
-                .iter()
-                .map(|p| PolicySummary {
-                    policy: p.policy.clone(),
-                    memory_bytes_max: *memory_bytes_max,
-                    sustainable_rate_per_s: 0.0,
-                })
-                .collect();
             let mut rows = [row];
-            simulate_rows(profile, models, &budgets, &mut rows, &args.knobs(), false)?;
+            simulate_rows(profile, models, policies, &mut rows, &args.knobs(), false)?;
             let [mut row] = rows;
             // No real run: the simulator's figures are the row's.
             if let Some(sim) = row.sim.take() {

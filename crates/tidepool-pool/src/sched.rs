@@ -275,14 +275,11 @@ impl Pool {
         if self.cfg.policy != PoolPolicy::Token || self.cfg.overlap_transfers {
             return false;
         }
-        let Some(last) = self.last_load_ns else {
-            return false;
-        };
-        let quota_ns = self.cfg.knobs.turn_quota_ms_max.saturating_mul(1_000_000);
-        self.now_ns < last.saturating_add(quota_ns) && self.resident_target_exists()
+        self.switch_spacing_end_ns().is_some() && self.resident_target_exists()
     }
 
-    /// When the switch spacing ends (for the driver's timer), if it is active.
+    /// When the turn quota since the last load ends, if it has not yet (the spacing window;
+    /// also the driver's timer while a load waits on it).
     pub(crate) fn switch_spacing_end_ns(&self) -> Option<u64> {
         let last = self.last_load_ns?;
         let end = last.saturating_add(self.cfg.knobs.turn_quota_ms_max.saturating_mul(1_000_000));
@@ -612,7 +609,7 @@ impl Pool {
     /// that a load then buys in full. Skipping happens only while some resident model has a
     /// turn in the round, so a round is never empty and nothing waits on nothing.
     fn defer_unhurried_switches(&mut self) {
-        if !self.round_needs_switches() {
+        if self.round_switch_ns().is_none() {
             return;
         }
         let resident =
@@ -669,9 +666,10 @@ impl Pool {
             .unwrap_or(NEVER)
     }
 
-    /// Whether the round's models (their weights, contexts and paged KV, with the saved states
-    /// when they share the budget) do not all fit at once, so running it costs loads.
-    fn round_needs_switches(&self) -> bool {
+    /// The summed load estimates of the round's models when they (their weights, contexts and
+    /// paged KV, with the saved states when they share the budget) do not all fit at once, so
+    /// running the round costs loads; `None` when it costs none.
+    fn round_switch_ns(&self) -> Option<u64> {
         let mut bytes = 0_u64;
         let mut switch_ns = 0_u64;
         let mut last = None;
@@ -689,7 +687,8 @@ impl Pool {
         } else {
             0
         };
-        bytes.saturating_add(saved) > self.cfg.memory_bytes_max && switch_ns > 0
+        (bytes.saturating_add(saved) > self.cfg.memory_bytes_max && switch_ns > 0)
+            .then_some(switch_ns)
     }
 
     /// Aegaeon's `_assign_quota` (docs/pool.md): `n_i = TBT/d_i`, `c` = switch cost of the
@@ -697,17 +696,9 @@ impl Pool {
     /// step counts so the pool stays deterministic. A round whose models all fit at once has
     /// no switches: every turn gets `decode_steps_min`.
     fn assign_quotas(&mut self) {
-        if !self.round_needs_switches() {
+        let Some(switch_ns) = self.round_switch_ns() else {
             return;
-        }
-        let mut switch_ns = 0_u64;
-        let mut last = None;
-        for turn in &self.round {
-            if last != Some(turn.model) {
-                switch_ns = switch_ns.saturating_add(self.models[turn.model].load_ns);
-                last = Some(turn.model);
-            }
-        }
+        };
         let tbt_ns = self.tbt_ns();
         let n: Vec<f64> = self
             .round
