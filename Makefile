@@ -21,12 +21,12 @@ APT_PACKAGES := cmake clang libclang-dev unzip python3-venv
 # ledger's test fixtures); `make build`/`make run` build the product without them.
 TEST_FEATURES := --all-features
 
-.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test bench bench-engine peers fmt clean-db
+.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test k8s-test bench bench-engine peers fmt clean-db
 
 run: deps models build
 	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
 
-test: deps models lint rust-test python-test
+test: deps models lint rust-test python-test k8s-test
 
 deps: apt venv
 
@@ -79,6 +79,14 @@ rust-test:
 python-test: build-debug venv venv-llamacpp
 	TIDEPOOL_BIN=$(DEBUG_BIN) TIDEPOOL_LLAMA_CPP_PYTHON=$(VENV_LCP)/bin/python \
 	  $(PY) -m pytest -q tests/python
+
+# The Kubernetes manifests (deploy/k8s), offline: every overlay rendered by the venv's pinned
+# kubectl and validated against several Kubernetes versions' schemas, plus the secret, hardening
+# and configuration checks (docs/deploy.md). `tidepool config check` on the rendered
+# configurations runs when the debug binary exists (in `make test`, python-test built it).
+k8s-test: venv
+	TIDEPOOL_KUBECTL=$(VENV)/bin/kubectl TIDEPOOL_BIN=$$(test -x $(DEBUG_BIN) && echo $(DEBUG_BIN)) \
+	  $(PY) -m pytest -q tests/k8s
 
 # Benchmarks run on a release binary built with `--features fake`: `tidepool bench failover` starts
 # workers of this binary on the fake engine (same path as `make build`'s binary; cargo rebuilds
