@@ -16,17 +16,18 @@ LISTEN ?= 127.0.0.1:8080
 CONFIG ?= tidepool.toml
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
-APT_PACKAGES := cmake clang libclang-dev unzip python3-venv
+# debootstrap, podman, curl and iproute2: the container image test (scripts/test-image.sh).
+APT_PACKAGES := cmake clang libclang-dev unzip python3-venv debootstrap podman curl iproute2
 # Tests and load benchmarks build with every cargo feature (the fake engine, `fake`, and the
 # ledger's test fixtures); `make build`/`make run` build the product without them.
 TEST_FEATURES := --all-features
 
-.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test k8s-test bench bench-engine peers fmt clean-db
+.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test k8s-test image-test bench bench-engine peers fmt clean-db
 
 run: deps models build
 	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
 
-test: deps models lint rust-test python-test k8s-test
+test: deps models lint rust-test python-test k8s-test image-test
 
 deps: apt venv
 
@@ -87,6 +88,14 @@ python-test: build-debug venv venv-llamacpp
 k8s-test: venv
 	TIDEPOOL_KUBECTL=$(VENV)/bin/kubectl TIDEPOOL_BIN=$$(test -x $(DEBUG_BIN) && echo $(DEBUG_BIN)) \
 	  $(PY) -m pytest -q tests/k8s
+
+# The container image (deploy/Dockerfile, docs/deploy.md § Container image): builds its `runtime`
+# target around an existing binary on a debootstrap'd bookworm base (cached in $(CACHE)/image) and
+# serves a chat completion from the image's root filesystem as its user. The binary is the
+# release one when `make build` made it after the last debug build, else the debug one `make
+# test` builds anyway: a cold release build would add about 20 minutes to CI.
+image-test: build-debug
+	TIDEPOOL_CACHE=$(CACHE) scripts/test-image.sh "$(DEBUG_BIN)" "$(RELEASE_BIN)"
 
 # Benchmarks run on a release binary built with `--features fake`: `tidepool bench failover` starts
 # workers of this binary on the fake engine (same path as `make build`'s binary; cargo rebuilds
