@@ -17,7 +17,9 @@ CONFIG ?= tidepool.toml
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
 # debootstrap, podman, curl and iproute2: the container image test (scripts/test-image.sh).
-APT_PACKAGES := cmake clang libclang-dev unzip python3-venv debootstrap podman curl iproute2
+# postgresql: the ledger's PostgreSQL tests start a throwaway cluster with its initdb/pg_ctl when
+# no server answers (TIDEPOOL_TEST_POSTGRES_URL, else 127.0.0.1:5432). haproxy: the multi-host test.
+APT_PACKAGES := cmake clang libclang-dev unzip python3-venv debootstrap podman curl iproute2 postgresql haproxy
 # Tests and load benchmarks build with every cargo feature (the fake engine, `fake`, and the
 # ledger's test fixtures); `make build`/`make run` build the product without them.
 TEST_FEATURES := --all-features
@@ -71,8 +73,10 @@ lint:
 	cargo clippy --workspace --all-targets $(TEST_FEATURES) --locked -- -D warnings
 	scripts/check-layering.sh
 
+# Stops the throwaway PostgreSQL the tests may have started (none if one answered on 5432).
 rust-test:
-	cargo nextest run --workspace $(TEST_FEATURES) --locked --no-fail-fast
+	status=0; cargo nextest run --workspace $(TEST_FEATURES) --locked --no-fail-fast || status=$$?; \
+	  scripts/test-postgres.sh stop; exit $$status
 
 # Black-box tests with the official openai SDK against a real `tidepool serve` (debug build, same
 # workspace-wide feature set as clippy and nextest so llama.cpp is compiled once;

@@ -53,6 +53,11 @@ pub struct ServerConfig {
     pub region: String,
     /// The zone within `region` (a label on `/v1/backends` and metrics).
     pub zone: String,
+    /// `serve` and `worker` apply the ledger's missing migrations at start-up (default). Off
+    /// (several replicas, migrations run once by `tidepool migrate`), they connect to the schema
+    /// as it is: with the schema behind they still start, `GET /readyz` answers 503 and model
+    /// requests 503 `unavailable` until it is current, then start-up recovery runs.
+    pub migrate_on_start: bool,
 }
 
 /// The database URL's password never reaches a log through `{:?}`.
@@ -64,6 +69,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("models_dir", &self.models_dir)
             .field("region", &self.region)
             .field("zone", &self.zone)
+            .field("migrate_on_start", &self.migrate_on_start)
             .finish()
     }
 }
@@ -76,6 +82,7 @@ impl Default for ServerConfig {
             models_dir: None,
             region: REGION_DEFAULT.to_owned(),
             zone: REGION_DEFAULT.to_owned(),
+            migrate_on_start: true,
         }
     }
 }

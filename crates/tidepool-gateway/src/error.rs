@@ -84,11 +84,20 @@ pub enum ApiError {
     /// An operator's pool request that cannot happen now (`POST /admin/models/{id}/unload`).
     #[error("model `{model}` cannot be unloaded now: {reason}")]
     ModelBusy { model: String, reason: &'static str },
+    /// Start-up recovery has not run yet: the server started with its database schema behind
+    /// (`[server] migrate_on_start = false`) and waits for it to be current.
+    #[error("the server is starting: its database is not ready yet")]
+    Starting,
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
+
+/// The `Retry-After` of a 503 `unavailable` (the ledger's database is down, the server is
+/// starting or stopping): the condition is usually brief, and each retry costs the server one
+/// authentication query at most.
+pub const UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
 
 /// The OpenAI error body: `{"error": {...}}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -174,6 +183,7 @@ impl ApiError {
                 Answer::new(StatusCode::NOT_FOUND, "resource_not_found")
             }
             Self::ModelBusy { .. } => Answer::new(StatusCode::CONFLICT, "model_busy"),
+            Self::Starting => Answer::unavailable().public(),
             Self::Engine(error) => engine_answer(error),
             Self::Ledger(error) => ledger_answer(error),
         }
@@ -204,7 +214,7 @@ impl ApiError {
         self.answer().param
     }
 
-    /// How long a client should wait before retrying, for 429s.
+    /// How long a client should wait before retrying, for 429s and 503s.
     pub fn retry_after_ms(&self) -> Option<u64> {
         self.answer().retry_after_ms
     }
@@ -233,7 +243,10 @@ impl ApiError {
             let what = if answer.message_public {
                 self.to_string()
             } else {
-                "internal server error".to_owned()
+                answer
+                    .fixed_message
+                    .unwrap_or("internal server error")
+                    .to_owned()
             };
             match request_id {
                 Some(id) => format!("{what} (request id {id})"),
@@ -277,6 +290,8 @@ struct Answer {
     should_retry: Option<bool>,
     /// A 5xx whose own message carries no internal detail and may be shown to the client.
     message_public: bool,
+    /// What a 5xx whose own message is not public says instead of "internal server error".
+    fixed_message: Option<&'static str>,
 }
 
 impl Answer {
@@ -288,6 +303,20 @@ impl Answer {
             retry_after_ms: None,
             should_retry: None,
             message_public: false,
+            fixed_message: None,
+        }
+    }
+
+    /// 503 `unavailable` with `Retry-After`: retrying soon may succeed.
+    fn unavailable() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            .retry_after_ms(UNAVAILABLE_RETRY_AFTER_MS)
+    }
+
+    fn fixed_message(self, message: &'static str) -> Self {
+        Self {
+            fixed_message: Some(message),
+            ..self
         }
     }
 
@@ -348,7 +377,7 @@ fn engine_answer(error: &EngineError) -> Answer {
         | EngineError::Embedding { .. } => {
             Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
         }
-        EngineError::ShutDown => Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        EngineError::ShutDown => Answer::unavailable(),
         EngineError::NoBackendInRegion { .. } => {
             Answer::new(StatusCode::SERVICE_UNAVAILABLE, "no_backend_in_region").public()
         }
@@ -360,8 +389,9 @@ fn engine_answer(error: &EngineError) -> Answer {
 /// not exist is a 404, what rejects the caller's value a 400, wherever the call came from.
 fn ledger_answer(error: &LedgerError) -> Answer {
     match error {
+        // Fail closed: without the ledger nothing is reserved, so nothing is served.
         LedgerError::Database(_) | LedgerError::WriterFailed => {
-            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            Answer::unavailable().fixed_message("the billing database is unavailable, retry later")
         }
         LedgerError::KeyRevoked { .. } => Answer::new(StatusCode::UNAUTHORIZED, "invalid_api_key"),
         LedgerError::InsufficientQuota { .. } => {
@@ -600,6 +630,7 @@ mod tests {
                 model: "m".into(),
                 reason: "busy",
             },
+            ApiError::Starting,
             EngineError::ExceedsMemoryBudget {
                 bytes_needed: 2,
                 memory_bytes_max: 1,
@@ -654,6 +685,29 @@ mod tests {
             .retry_after_ms(),
             Some(1500)
         );
+    }
+
+    #[test]
+    fn every_unavailable_answer_says_when_to_retry() {
+        // Fail closed on a lost database: 503 with Retry-After, never a hang or a 500.
+        let unavailable = [
+            ApiError::Starting,
+            LedgerError::WriterFailed.into(),
+            EngineError::ShutDown.into(),
+        ];
+        for error in unavailable {
+            assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE, "{error}");
+            assert_eq!(error.code(), "unavailable", "{error}");
+            assert_eq!(
+                error.retry_after_ms(),
+                Some(UNAVAILABLE_RETRY_AFTER_MS),
+                "{error}"
+            );
+            let response = error.into_response();
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        }
+        let message = ApiError::from(LedgerError::WriterFailed).public_message(None);
+        assert_eq!(message, "the billing database is unavailable, retry later");
     }
 
     #[test]

@@ -29,6 +29,7 @@ const ROUTES: &[&str] = &[
     "/v1/usage",
     "/v1/backends",
     "/healthz",
+    "/readyz",
     "/metrics",
     "/openapi.json",
 ];
@@ -155,6 +156,10 @@ pub(crate) async fn authenticate(
     endpoint: &'static str,
 ) -> Result<UsageGuard, ApiError> {
     let started = tokio::time::Instant::now();
+    // Before start-up recovery has run, no request may reserve (recovery would resolve it).
+    if !state.is_started() {
+        return Err(ApiError::Starting);
+    }
     let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
     let record = state
         .ledger()

@@ -1,8 +1,8 @@
 //! `tidepool-gateway` owns the HTTP surface: the OpenAI-compatible API (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/models`), SSE streaming, API-key auth, metering (one
-//! usage entry per request), `/healthz`, `/metrics` and `/openapi.json`. It is the only crate that
-//! knows HTTP, and it maps every error to a status and a stable `code` in exactly one place
-//! ([`ApiError`]).
+//! usage entry per request), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. It is the only
+//! crate that knows HTTP, and it maps every error to a status and a stable `code` in exactly one
+//! place ([`ApiError`]).
 //!
 //! It wires engine and ledger together; nothing below it depends on it. Read [`AppState`],
 //! [`router`] and [`ApiError`] first, then `generate` (text generation and SSE) and `usage` (the
@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail};
+pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail, UNAVAILABLE_RETRY_AFTER_MS};
 pub use extract::{ApiJson, REQUEST_ID_HEADER};
 pub use load::{LoadedModels, ServeError, load_models, sync_prices};
 pub use openapi::{ApiDoc, document as openapi_document};
@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(accounts::set_rate_limits),
         )
         .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .fallback(routes::not_found)
@@ -113,6 +114,15 @@ impl std::fmt::Debug for ServeOptions {
 /// How often a replica sweeps for reservations that dead replicas left open.
 pub const STALE_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
+/// How often a server that started with its database schema behind checks it again, and then
+/// runs its start-up recovery ([`start_up_when_current`]).
+pub const STARTUP_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long `GET /readyz` waits for the database (a trivial query, then the schema version) in
+/// all; beyond it the check fails. Well under the usual probe timeouts (Kubernetes: 1 s by
+/// default, commonly raised to a few seconds).
+pub const READYZ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Connects the ledger, loads every configured model, and serves until `shutdown` resolves; then
 /// stops accepting, finishes in-flight requests and drains the task tracker (settlement writes).
 pub async fn serve(
@@ -121,6 +131,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let ledger = open_ledger(config, options).await?;
+    // Without migrations at start-up the schema may be behind: then serve anyway (readiness
+    // red, model requests 503) and run the start-up work once it is current.
+    let schema_current = config.server.migrate_on_start || schema_is_current(&ledger).await;
+    if schema_current {
+        start_up(config, &ledger).await?;
+    }
     let LoadedModels {
         models,
         pool,
@@ -128,7 +144,7 @@ pub async fn serve(
     } = load_models(config).await?;
     let state = AppState::with_options(
         models,
-        ledger.clone(),
+        ledger,
         StateOptions {
             limits: config.limits.clone(),
             billing: config.billing.clone(),
@@ -140,8 +156,9 @@ pub async fn serve(
             residency: config.residency.clone(),
         },
     );
+    let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
-    let sweeper = spawn_sweeper(&state, ledger, config);
+    let sweeper = spawn_sweeper(&state, config);
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -169,6 +186,9 @@ pub async fn serve(
     if let Some(prober) = prober {
         prober.abort();
     }
+    if let Some(starting) = starting {
+        starting.abort();
+    }
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, tasks.wait())
         .await
@@ -183,14 +203,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// The periodic sweep for reservations that dead replicas left open.
-fn spawn_sweeper(state: &AppState, ledger: Ledger, config: &Config) -> tokio::task::JoinHandle<()> {
+/// The periodic sweep for reservations that dead replicas left open (once start-up is done).
+fn spawn_sweeper(state: &AppState, config: &Config) -> tokio::task::JoinHandle<()> {
     let stale_after = Duration::from_millis(config.billing.stale_reservation_ms);
-    state.tasks().spawn(async move {
+    let state = state.clone();
+    state.clone().tasks().spawn(async move {
         let mut interval = tokio::time::interval(STALE_SWEEP_INTERVAL);
         loop {
             interval.tick().await;
-            match ledger.recover_stale(stale_after).await {
+            if !state.is_started() {
+                continue;
+            }
+            match state.ledger().recover_stale(stale_after).await {
                 Ok(report) if report.settled + report.voided > 0 => tracing::warn!(
                     settled = report.settled,
                     voided = report.voided,
@@ -203,13 +227,13 @@ fn spawn_sweeper(state: &AppState, ledger: Ledger, config: &Config) -> tokio::ta
     })
 }
 
-/// Connects the ledger as this replica, resolves what its previous life left open (before
-/// serving: docs/ledger.md, crash rule) and syncs the configured prices.
+/// Connects the ledger as this replica, migrating it unless `[server] migrate_on_start` is off.
 async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, ServeError> {
     let ledger = Ledger::connect_with(
         &options.database_url,
         tidepool_ledger::LedgerOptions {
             replica_id: config.billing.replica_id.clone(),
+            migrate: config.server.migrate_on_start,
             ..tidepool_ledger::LedgerOptions::default()
         },
     )
@@ -217,9 +241,33 @@ async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, 
     tracing::info!(
         store = ledger.store_kind(),
         replica = ledger.replica_id(),
+        migrated = config.server.migrate_on_start,
         "ledger connected"
     );
-    // Before serving: resolve what this replica's previous life left open (docs/ledger.md).
+    Ok(ledger)
+}
+
+/// Whether the schema is current now; what is not is logged.
+async fn schema_is_current(ledger: &Ledger) -> bool {
+    match ledger.schema_status().await {
+        Ok(status) if status.is_current() => true,
+        Ok(status) => {
+            tracing::warn!(%status, "the ledger's schema is not current: model requests get 503 \
+                until it is (`tidepool migrate` applies it)");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the ledger's schema version: model requests get \
+                503 until it is current");
+            false
+        }
+    }
+}
+
+/// The ledger's start-up work, which needs the current schema: resolve what this replica's
+/// previous life left open (before serving model requests: docs/ledger.md, crash rule), then
+/// sync the configured prices.
+async fn start_up(config: &Config, ledger: &Ledger) -> Result<(), ServeError> {
     let recovered = ledger.recover().await?;
     tracing::info!(
         settled = recovered.settled,
@@ -227,8 +275,46 @@ async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, 
         already_resolved = recovered.already_resolved,
         "start-up recovery of open reservations done"
     );
-    sync_prices(config, &ledger).await?;
-    Ok(ledger)
+    sync_prices(config, ledger).await
+}
+
+/// For a server that starts with its database schema behind: model requests answer 503
+/// `unavailable` (and `GET /readyz` 503) while a task checks the schema every
+/// [`STARTUP_RETRY_INTERVAL`]; once it is current, the task runs the start-up work (recovery,
+/// price sync), retrying it while it fails, and then lets requests in. The task ends then;
+/// abort it to stop waiting.
+pub fn start_up_when_current(state: &AppState, config: Config) -> tokio::task::JoinHandle<()> {
+    state.set_started(false);
+    let state = state.clone();
+    state.clone().tasks().spawn(async move {
+        let ledger = state.ledger().clone();
+        let mut interval = tokio::time::interval(STARTUP_RETRY_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reason = String::new();
+        loop {
+            interval.tick().await;
+            let outcome = match ledger.schema_status().await {
+                Ok(status) if status.is_current() => start_up(&config, &ledger)
+                    .await
+                    .map_err(|error| error.to_string()),
+                Ok(status) => Err(format!("schema {status}")),
+                Err(error) => Err(error.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    state.set_started(true);
+                    tracing::info!("the ledger's schema is current: serving model requests");
+                    return;
+                }
+                // Said once per distinct reason, not every interval.
+                Err(reason) if reason != last_reason => {
+                    tracing::warn!(%reason, "waiting for the ledger before serving model requests");
+                    last_reason = reason;
+                }
+                Err(_) => {}
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -284,3 +284,22 @@ pub struct Health {
     /// Always `ok`.
     pub status: &'static str,
 }
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` (200) or `not_ready` (503).
+    pub status: &'static str,
+    pub checks: ReadinessChecks,
+}
+
+/// Each readiness check: `ok`, or why not (never a secret or SQL text).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReadinessChecks {
+    /// The ledger's database answered a trivial query in time.
+    pub database: String,
+    /// Every migration this binary embeds is applied.
+    pub schema: String,
+    /// Start-up recovery of open reservations and the price sync have run.
+    pub startup: String,
+}

@@ -42,6 +42,7 @@ use crate::routes;
         pool::load_model,
         pool::unload_model,
         routes::healthz,
+        routes::readyz,
         routes::metrics,
         openapi,
     ),
@@ -62,7 +63,7 @@ use crate::routes;
         (name = "billing", description = "A key's own usage and cost"),
         (name = "pool", description = "The model pool: residency, queues, memory"),
         (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements (admin token)"),
-        (name = "ops", description = "Health, metrics and this document"),
+        (name = "ops", description = "Health, readiness, metrics and this document"),
     )
 )]
 pub struct ApiDoc;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine as _;
@@ -18,7 +18,7 @@ use crate::generate::{Flavor, TextJob};
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest,
     EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector, Health,
-    Model, ModelList,
+    Model, ModelList, Readiness, ReadinessChecks,
 };
 use crate::state::{AppState, ModelEngine};
 use crate::usage::UsageGuard;
@@ -109,7 +109,7 @@ fn failed(mut guard: UsageGuard, error: ApiError) -> Response {
         (status = 413, description = "`request_too_large`", body = ErrorBody),
         (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
         (status = 500, description = "`internal_error`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, with `Retry-After`: the billing database is unreachable (nothing was generated or billed) or the server is starting", body = ErrorBody),
         (status = 504, description = "`request_timeout`, `stream_stalled`", body = ErrorBody),
     )
 )]
@@ -173,7 +173,7 @@ pub(crate) async fn chat_completions(
         (status = 413, description = "`request_too_large`", body = ErrorBody),
         (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
         (status = 500, description = "`internal_error`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, with `Retry-After`: the billing database is unreachable (nothing was generated or billed) or the server is starting", body = ErrorBody),
         (status = 504, description = "`request_timeout`, `stream_stalled`", body = ErrorBody),
     )
 )]
@@ -228,7 +228,7 @@ pub(crate) async fn completions(
         (status = 413, description = "`request_too_large`", body = ErrorBody),
         (status = 429, description = "`overloaded`, with `Retry-After`", body = ErrorBody),
         (status = 500, description = "`internal_error`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, with `Retry-After`: the billing database is unreachable (nothing was generated or billed) or the server is starting", body = ErrorBody),
         (status = 504, description = "`request_timeout`", body = ErrorBody),
     )
 )]
@@ -376,7 +376,7 @@ fn kind_str(kind: ModelKind) -> &'static str {
     responses(
         (status = 200, description = "Every served model", body = ModelList),
         (status = 401, description = "`invalid_api_key`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, with `Retry-After`: the billing database is unreachable (nothing was generated or billed) or the server is starting", body = ErrorBody),
     )
 )]
 pub(crate) async fn models(
@@ -412,6 +412,40 @@ pub(crate) async fn models(
 )]
 pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready: the ledger's database answers, its schema is current (every migration this binary embeds is applied) and start-up recovery has run", body = Readiness),
+        (status = 503, description = "Not ready (`status: not_ready`); each failing check says why", body = Readiness),
+    )
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+    let ledger = state.ledger().readiness(crate::READYZ_TIMEOUT).await;
+    let started = state.is_started();
+    let ready = ledger.is_ready() && started;
+    let startup = if started {
+        "ok"
+    } else {
+        "pending: start-up recovery waits for the current schema"
+    };
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        checks: ReadinessChecks {
+            database: ledger.database.to_string(),
+            schema: ledger.schema.to_string(),
+            startup: startup.to_owned(),
+        },
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 #[utoipa::path(

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tidepool_core::config::ResidencyConfig;
 use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
@@ -78,6 +79,8 @@ struct Inner {
     backends: Option<Arc<Backends>>,
     region: String,
     residency: ResidencyConfig,
+    /// Start-up recovery and the price sync have run; until then model requests are 503.
+    started: AtomicBool,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -170,6 +173,7 @@ impl AppState {
                 backends,
                 region,
                 residency,
+                started: AtomicBool::new(true),
             }),
         }
     }
@@ -202,6 +206,16 @@ impl AppState {
     /// The region local models run in.
     pub(crate) fn region(&self) -> &str {
         &self.inner.region
+    }
+
+    /// Whether start-up recovery and the price sync have run (always, unless the server started
+    /// with its database schema behind and still waits for it: `start_up_when_current`).
+    pub fn is_started(&self) -> bool {
+        self.inner.started.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_started(&self, started: bool) {
+        self.inner.started.store(started, Ordering::Release);
     }
 
     pub fn ledger(&self) -> &Ledger {

@@ -572,6 +572,7 @@ async fn two_hundred_against_a_budget_of_fifty(db: Arc<TestDb>, replicas: usize)
             LedgerOptions {
                 replica_id: format!("replica-{replica}"),
                 clock: db.clock.clone(),
+                ..LedgerOptions::default()
             },
         )
         .await

@@ -20,6 +20,7 @@ mod kinds;
 mod month;
 pub mod price;
 mod recovery;
+mod schema;
 mod statement;
 mod store;
 #[cfg(feature = "test-util")]
@@ -47,7 +48,11 @@ pub use kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 pub use month::Month;
 pub use price::{BilledTokens, PriceVersion};
 pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};
+pub use schema::{
+    Check, MigrateReport, MigrationId, Readiness, SchemaStatus, migrate, schema_status,
+};
 pub use statement::{STATEMENT_CREDIT_LINES_MAX, Statement, StatementLine};
+pub use store::POSTGRES_ACQUIRE_TIMEOUT;
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId, TokenCount};
 pub use usage::{BilledUsage, ModelUsage, USAGE_LABEL_BYTES_MAX, UsageScope};
 pub use writer::{Finish, SETTLE_BATCH_LEN_MAX, SETTLE_QUEUE_LEN_MAX, Settlement};
@@ -127,6 +132,13 @@ pub struct LedgerOptions {
     /// reservations made under this id.
     pub replica_id: String,
     pub clock: Arc<dyn Clock>,
+    /// Apply the missing migrations on connect (the default). Off, the handle connects to the
+    /// schema as it is (`[server] migrate_on_start = false`: `tidepool migrate` does it), and
+    /// [`Ledger::readiness`] says when it is current.
+    pub migrate: bool,
+    /// How long taking a pooled connection may wait; `None`: the store's default
+    /// ([`POSTGRES_ACQUIRE_TIMEOUT`], 30 s for SQLite).
+    pub acquire_timeout: Option<std::time::Duration>,
 }
 
 impl Default for LedgerOptions {
@@ -134,6 +146,8 @@ impl Default for LedgerOptions {
         Self {
             replica_id: "default".to_owned(),
             clock: Arc::new(SystemClock),
+            migrate: true,
+            acquire_timeout: None,
         }
     }
 }
@@ -148,11 +162,13 @@ pub struct Ledger {
     replica_id: Arc<str>,
     writer: tokio::sync::mpsc::Sender<writer::Command>,
     gate: store::WriteGate,
+    /// What readiness checks ask ([`Ledger::readiness`]).
+    probe: schema::Probe,
 }
 
 impl Ledger {
     /// Connects to `sqlite://path` (created if missing, WAL) or `postgres://…` and runs the
-    /// store's migrations.
+    /// store's migrations (safe when several processes connect at once: see [`migrate`]).
     pub async fn connect(database_url: &str) -> Result<Self, LedgerError> {
         Self::connect_with_clock(database_url, Arc::new(SystemClock)).await
     }
@@ -184,8 +200,11 @@ impl Ledger {
                 field: "replica id",
             });
         }
-        let store = Store::connect(database_url).await?;
-        store.migrate().await?;
+        let store = Store::connect(database_url, options.acquire_timeout).await?;
+        if options.migrate {
+            store.migrate().await?;
+        }
+        let probe = schema::Probe::for_store(&store, database_url)?;
         let (tx, rx) = tokio::sync::mpsc::channel(SETTLE_QUEUE_LEN_MAX);
         let gate = store::WriteGate::for_store(&store);
         let writer = writer::Writer {
@@ -204,6 +223,7 @@ impl Ledger {
             replica_id: replica_id.into(),
             writer: tx,
             gate,
+            probe,
         })
     }
 

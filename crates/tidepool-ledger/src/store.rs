@@ -18,14 +18,29 @@ pub(crate) const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const SQLITE_CONNECTIONS_MAX: u32 = 8;
 /// Connections per PostgreSQL pool (per `Ledger` handle, i.e. per replica).
 pub(crate) const POSTGRES_CONNECTIONS_MAX: u32 = 10;
+/// Opens of a new SQLite file tried while another process turns it into WAL (`SQLITE_BUSY`).
+const SQLITE_OPEN_ATTEMPTS_MAX: u32 = 10;
+/// The pause between two of those opens.
+const SQLITE_OPEN_RETRY_DELAY: Duration = Duration::from_millis(20);
+/// SQLite's result code for a lock held by another connection.
+const SQLITE_BUSY: &str = "5";
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
 /// SQLite busy) before the error is returned.
 pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
-/// How long acquiring a pooled connection may take before the call fails.
-pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long acquiring a pooled SQLite connection may take before the call fails: the file is
+/// local, so a wait only means this process's own connections are all busy.
+pub(crate) const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long acquiring a pooled PostgreSQL connection may take before the call fails, opening a
+/// new one included (sqlx retries a refused connection with back-off until then). With the
+/// database down, this is how long a request waits before its 503 `unavailable`: long enough to
+/// ride over a restart or fail-over of a second or two and a burst queueing for the pool, short
+/// enough that the client gets its 503 and `Retry-After` well before its own or a load
+/// balancer's timeout (often 30–60 s). sqlx's default, 30 s, would hold every request that long.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub(crate) static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub(crate) static POSTGRES_MIGRATOR: sqlx::migrate::Migrator =
+    sqlx::migrate!("./migrations/postgres");
 
 #[derive(Debug, Clone)]
 pub(crate) enum Store {
@@ -46,7 +61,12 @@ macro_rules! on_store {
 pub(crate) use on_store;
 
 impl Store {
-    pub(crate) async fn connect(url: &str) -> Result<Self, LedgerError> {
+    /// A pool on `url`; `acquire_timeout` overrides the store's default
+    /// ([`SQLITE_ACQUIRE_TIMEOUT`], [`POSTGRES_ACQUIRE_TIMEOUT`]).
+    pub(crate) async fn connect(
+        url: &str,
+        acquire_timeout: Option<Duration>,
+    ) -> Result<Self, LedgerError> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -56,17 +76,31 @@ impl Store {
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true);
-            let pool = SqlitePoolOptions::new()
+            let pool_options = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS_MAX)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await?;
-            Ok(Self::Sqlite(pool))
+                .acquire_timeout(acquire_timeout.unwrap_or(SQLITE_ACQUIRE_TIMEOUT));
+            // Turning a new file into WAL takes an exclusive lock that the busy timeout does not
+            // wait for: another process opening the same new file at that moment gets
+            // SQLITE_BUSY. Open again after a pause; the file is in WAL by then.
+            let mut attempts = 1;
+            loop {
+                match pool_options.clone().connect_with(options.clone()).await {
+                    Ok(pool) => return Ok(Self::Sqlite(pool)),
+                    Err(sqlx::Error::Database(error))
+                        if error.code().as_deref() == Some(SQLITE_BUSY)
+                            && attempts < SQLITE_OPEN_ATTEMPTS_MAX =>
+                    {
+                        attempts = attempts.saturating_add(1);
+                        tokio::time::sleep(SQLITE_OPEN_RETRY_DELAY).await;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(POSTGRES_CONNECTIONS_MAX)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .acquire_timeout(acquire_timeout.unwrap_or(POSTGRES_ACQUIRE_TIMEOUT))
                 .connect_with(options)
                 .await?;
             Ok(Self::Postgres(pool))
@@ -75,10 +109,45 @@ impl Store {
         }
     }
 
+    /// Closes the pool's connections (a short-lived store: `tidepool migrate`).
+    pub(crate) async fn close(&self) {
+        on_store!(self, pool => pool.close().await);
+    }
+
+    /// The migrations this binary embeds for this store.
+    pub(crate) fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            Self::Sqlite(_) => &SQLITE_MIGRATOR,
+            Self::Postgres(_) => &POSTGRES_MIGRATOR,
+        }
+    }
+
+    /// Applies the missing migrations; safe with concurrent migrators (see `crate::schema`).
     pub(crate) async fn migrate(&self) -> Result<(), LedgerError> {
         match self {
-            Self::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
-            Self::Postgres(pool) => POSTGRES_MIGRATOR.run(pool).await?,
+            Self::Sqlite(pool) => {
+                // No advisory lock on SQLite: a concurrent migrator may win the race to a
+                // migration, and this run's transaction rolls back. Run again: it finds the
+                // migration applied.
+                let mut outcome = Ok(());
+                for _ in 0..RETRY_ATTEMPTS_MAX {
+                    outcome = SQLITE_MIGRATOR.run(pool).await;
+                    if outcome.is_ok() {
+                        break;
+                    }
+                }
+                outcome?;
+            }
+            Self::Postgres(pool) => {
+                // sqlx holds a session advisory lock while it migrates and does not release it
+                // when a migration fails; closing the connection does, so a failed run never
+                // leaves the lock with a pooled connection that other migrators would wait on.
+                let mut conn = pool.acquire().await?;
+                if let Err(error) = POSTGRES_MIGRATOR.run_direct(&mut *conn).await {
+                    conn.close().await?;
+                    return Err(error.into());
+                }
+            }
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! `tidepool`, the thin command-line binary: it parses flags, sets up tracing and calls into the
-//! library crates (`serve` → `tidepool-gateway`, `keys`/`usage` → `tidepool-ledger`, `bench`,
-//! `sim` and `plan` → `tidepool-bench`). No domain logic lives here.
+//! library crates (`serve` → `tidepool-gateway`, `migrate`/`keys`/`usage` → `tidepool-ledger`,
+//! `bench`, `sim` and `plan` → `tidepool-bench`). No domain logic lives here.
 
 mod admin;
 
@@ -83,6 +83,9 @@ enum Command {
     /// Serve this machine's models as a worker of a gateway in another process (`tidepool serve`
     /// labelled with a region and zone; the gateway lists it under `[[backends]]`).
     Worker(WithDb<WorkerArgs>),
+    /// Apply the ledger's database migrations and exit (safe when several processes run it at
+    /// once); with `--check`, change nothing and exit non-zero if the schema is behind.
+    Migrate(WithDb<MigrateArgs>),
     /// List a running gateway's remote backends: region, zone, health, breaker, latency.
     Backends(BackendsArgs),
     /// Create, list and revoke API keys.
@@ -138,6 +141,43 @@ struct WorkerArgs {
     zone: String,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// Only check: exit non-zero, listing the missing migrations, if the schema is behind.
+    #[arg(long, env = "TIDEPOOL_MIGRATE_CHECK")]
+    check: bool,
+}
+
+/// `tidepool migrate [--check]`.
+async fn migrate(database_url: &str, args: &MigrateArgs) -> anyhow::Result<()> {
+    let location = tidepool_core::config::redact_url(database_url);
+    let mut out = std::io::stdout().lock();
+    if args.check {
+        let status = tidepool_ledger::schema_status(database_url)
+            .await
+            .with_context(|| format!("reading the schema version of {location}"))?;
+        anyhow::ensure!(
+            status.is_current(),
+            "the schema of {location} is not current: {status}; run `tidepool migrate`"
+        );
+        writeln!(out, "schema {status}: {location}")?;
+        return Ok(());
+    }
+    let report = tidepool_ledger::migrate(database_url)
+        .await
+        .with_context(|| format!("migrating {location}"))?;
+    for migration in &report.applied {
+        writeln!(out, "applied {migration}")?;
+    }
+    anyhow::ensure!(
+        report.status.is_current(),
+        "the schema of {location} is not current after migrating: {}",
+        report.status
+    );
+    writeln!(out, "schema {}: {location}", report.status)?;
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -330,6 +370,7 @@ async fn main() -> anyhow::Result<()> {
             config.validate()?;
             serve(&config, args.serve).await
         }
+        Command::Migrate(c) => migrate(&c.db.database_url()?, &c.args).await,
         Command::Backends(args) => backends(&args).await,
         Command::Keys(c) => admin::keys(&c.db.database_url()?, c.args).await,
         Command::Models(args) => admin::models(&args.load()?),

@@ -616,6 +616,7 @@ async fn crash_recovery(db: Arc<TestDb>) {
     let options = |replica: &str| tidepool_ledger::LedgerOptions {
         replica_id: replica.to_owned(),
         clock: db.clock.clone(),
+        ..tidepool_ledger::LedgerOptions::default()
     };
     let a = Ledger::connect_with(&db.url, options("a")).await.unwrap();
     let f = fixture(a.clone(), Nanos(1_000_000_000)).await;

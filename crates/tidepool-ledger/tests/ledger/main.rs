@@ -11,3 +11,7 @@ mod crash;
 mod keys_usage;
 #[cfg(test)]
 mod model;
+#[cfg(test)]
+mod schema;
+#[cfg(test)]
+mod throwaway;
