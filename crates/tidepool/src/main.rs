@@ -88,6 +88,9 @@ enum Command {
     Migrate(WithDb<MigrateArgs>),
     /// List a running gateway's remote backends: region, zone, health, breaker, latency.
     Backends(BackendsArgs),
+    /// Probe a running server: exit 0 if `--path` (default `/healthz`) answers 2xx within
+    /// `--timeout-ms`, 1 otherwise (container health checks need no curl).
+    Health(HealthArgs),
     /// Create, list and revoke API keys.
     Keys(WithDb<admin::KeysArgs>),
     /// List the configured models.
@@ -191,6 +194,59 @@ struct BackendsArgs {
     /// Limit of the request, in ms.
     #[arg(long, env = "TIDEPOOL_TIMEOUT_MS", default_value_t = 5_000)]
     timeout_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The server's base URL (default: the address `tidepool serve` listens on with the same
+    /// configuration and `TIDEPOOL_LISTEN`, a wildcard address probed on 127.0.0.1).
+    #[arg(long, env = "TIDEPOOL_URL")]
+    url: Option<String>,
+    /// The address the server listens on (as `tidepool serve --listen`).
+    #[arg(long, env = "TIDEPOOL_LISTEN")]
+    listen: Option<String>,
+    /// The path probed: `/healthz` (the process is alive) or `/readyz` (ready to serve).
+    #[arg(long, env = "TIDEPOOL_HEALTH_PATH", default_value = "/healthz")]
+    path: String,
+    /// Limit of the probe, in ms.
+    #[arg(long, env = "TIDEPOOL_TIMEOUT_MS", default_value_t = 2_000)]
+    timeout_ms: u64,
+}
+
+/// `tidepool health`: GET one health path; an error (and exit code 1) unless it answers 2xx.
+async fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    let base = if let Some(url) = &args.url {
+        url.trim_end_matches('/').to_owned()
+    } else {
+        let listen = match &args.listen {
+            Some(listen) => listen.clone(),
+            None => args.config.load()?.server.listen,
+        };
+        let address: std::net::SocketAddr = listen
+            .parse()
+            .with_context(|| format!("listen address `{listen}` is not ip:port"))?;
+        let host = match address.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+            ip if ip.is_unspecified() => "[::1]".to_owned(),
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        format!("http://{host}:{}", address.port())
+    };
+    let url = format!("{base}{}", args.path);
+    let response = reqwest::Client::new()
+        .get(&url)
+        .timeout(std::time::Duration::from_millis(args.timeout_ms))
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "GET {url}: {status}: {body}");
+    writeln!(std::io::stdout().lock(), "{status} {body}")?;
+    Ok(())
 }
 
 /// `tidepool backends`: one line per backend of a running gateway.
@@ -372,6 +428,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate(c) => migrate(&c.db.database_url()?, &c.args).await,
         Command::Backends(args) => backends(&args).await,
+        Command::Health(args) => health(&args).await,
         Command::Keys(c) => admin::keys(&c.db.database_url()?, c.args).await,
         Command::Models(args) => admin::models(&args.load()?),
         Command::Config(ConfigCommandArgs {

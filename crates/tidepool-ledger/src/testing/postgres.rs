@@ -34,6 +34,8 @@ const START_ATTEMPTS_MAX: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The unprivileged user the server runs as when the tests run as root.
 const SERVER_USER: &str = "postgres";
+/// The port of a cluster in a network namespace of its own (nothing else listens there).
+const NETNS_PORT: u16 = 5432;
 /// Connections the cluster accepts: two test processes at once, each with a few ledger pools
 /// of 10 connections (two replicas, concurrent `connect`s), stay well below it.
 const CONNECTIONS_MAX: u32 = 300;
@@ -60,6 +62,8 @@ pub struct ThrowawayPostgres {
     port: u16,
     /// `Some("postgres")` when the tests run as root.
     run_as: Option<&'static str>,
+    /// The network namespace the server runs in (`ip netns exec`), if any.
+    netns: Option<String>,
     running: bool,
     /// The private cluster's directory, deleted on drop; `None` for the shared cluster, which
     /// outlives this process and is not stopped on drop.
@@ -75,6 +79,17 @@ impl ThrowawayPostgres {
     /// A new cluster listening on `listen` (any local address; a non-loopback one accepts every
     /// client of the network without a password, as this is a throwaway test cluster).
     pub fn new_on(listen: IpAddr) -> io::Result<Self> {
+        Self::create(listen, None)
+    }
+
+    /// A new cluster inside network namespace `netns` (made with `ip netns add`), listening on
+    /// `listen`, one of that namespace's addresses, on port 5432 (the namespace has its own
+    /// ports): the database host of a multi-host test.
+    pub fn new_in_netns(netns: &str, listen: IpAddr) -> io::Result<Self> {
+        Self::create(listen, Some(netns.to_owned()))
+    }
+
+    fn create(listen: IpAddr, netns: Option<String>) -> io::Result<Self> {
         let binaries = find_binaries()?;
         let dir = tempfile::Builder::new().prefix("tidepool-pg-").tempdir()?;
         let run_as = server_user(current_uid()?)?;
@@ -85,11 +100,17 @@ impl ThrowawayPostgres {
             listen,
             port: 0,
             run_as,
+            netns,
             running: false,
             dir: Some(dir),
         };
         cluster.init()?;
-        cluster.start_on_a_free_port()?;
+        if cluster.netns.is_some() {
+            cluster.port = NETNS_PORT;
+            cluster.pg_ctl_start()?;
+        } else {
+            cluster.start_on_a_free_port()?;
+        }
         Ok(cluster)
     }
 
@@ -239,16 +260,26 @@ impl ThrowawayPostgres {
         self.cluster_dir.join("postgres.log")
     }
 
-    /// `program`, run as the server's user when the tests run as root.
+    /// `program`, run as the server's user when the tests run as root, inside the cluster's
+    /// network namespace if it has one.
     fn command(&self, program: &Path) -> Command {
-        match self.run_as {
-            Some(user) => {
-                let mut command = Command::new("runuser");
-                command.args(["-u", user, "--"]).arg(program);
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]);
                 command
             }
-            None => Command::new(program),
+            None if self.run_as.is_some() => Command::new("runuser"),
+            None => return Command::new(program),
+        };
+        if let Some(user) = self.run_as {
+            if self.netns.is_some() {
+                command.arg("runuser");
+            }
+            command.args(["-u", user, "--"]);
         }
+        command.arg(program);
+        command
     }
 }
 
@@ -288,6 +319,7 @@ pub fn shared_cluster_url() -> io::Result<String> {
                 listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 port,
                 run_as,
+                netns: None,
                 running: true,
                 dir: None,
             };
@@ -306,6 +338,7 @@ pub fn shared_cluster_url() -> io::Result<String> {
         listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port: 0,
         run_as,
+        netns: None,
         running: false,
         dir: None,
     };
