@@ -9,7 +9,8 @@
 //! - a region's worker dies: unpinned tenants fail over with no failed request, a tenant pinned
 //!   to that region gets 503 `no_backend_in_region` and the other region never sees it;
 //! - 200 concurrent requests against a budget that fits 50, spread over both replicas: exactly
-//!   50 succeed; an `Idempotency-Key` used on both replicas runs once;
+//!   50 succeed; 60 against a key's limit of 30 per minute: exactly 30; an `Idempotency-Key`
+//!   used on both replicas runs once;
 //! - every tenant's statement reconciles to the nano-unit with what the clients were served.
 //!
 //! Workers run the fake engine (routing, failover and billing are under test, not generation).
@@ -581,6 +582,54 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
         "exactly the budget's 50 requests succeed"
     );
 
+    // … and 60 concurrent requests against a key's limit of 30 per minute: exactly 30 pass.
+    let created = gw1.cli(&[
+        "keys",
+        "create",
+        "--tenant",
+        "limited",
+        "--create-tenant",
+        "--name",
+        "rpm",
+    ]);
+    let limited_key = created
+        .split_whitespace()
+        .find(|w| w.starts_with("tp-"))
+        .unwrap()
+        .to_owned();
+    let key_id = created
+        .split_whitespace()
+        .skip_while(|w| *w != "key_id")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    gw1.cli(&["credit", "add", "--tenant", "limited", "100"]);
+    gw1.cli(&["rate-limits", "--key-id", &key_id, "--rpm", "30"]);
+    let mut burst = Vec::new();
+    for _ in 0..60 {
+        let (client, base, key) = (client.clone(), base.clone(), limited_key.clone());
+        burst.push(tokio::spawn(async move {
+            request(&client, &base, &key, false).await
+        }));
+    }
+    let mut rpm_statuses = std::collections::BTreeMap::<(u16, String), usize>::new();
+    for task in burst {
+        let o = task.await.unwrap();
+        let code = serde_json::from_str::<Value>(&o.body).unwrap_or(Value::Null)["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *rpm_statuses.entry((o.status, code)).or_default() += 1;
+    }
+    assert_eq!(
+        rpm_statuses,
+        std::collections::BTreeMap::from([
+            ((200, String::new()), 30),
+            ((429, "rate_limit_exceeded".to_owned()), 30),
+        ]),
+        "the key's 30 requests per minute hold across both replicas"
+    );
+
     // 4. The database goes away: both replicas fail closed (503 with Retry-After, nothing
     // served), their readiness goes red, and they serve again once it is back, unrestarted.
     postgres.stop().unwrap();
@@ -651,7 +700,11 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
     assert_eq!(free_charged, expected_free_tokens * PRICE_NANOS_PER_TOKEN);
     assert_eq!(charged(&reader, "capped").await, budget);
     assert_eq!(charged(&reader, "pinned").await, 0);
-    for name in ["free", "capped", "pinned"] {
+    assert_eq!(
+        charged(&reader, "limited").await,
+        30 * NON_STREAM_TOKENS * PRICE_NANOS_PER_TOKEN
+    );
+    for name in ["free", "capped", "pinned", "limited"] {
         let statement = reader
             .statement(
                 &TenantId::new(name).unwrap(),
@@ -667,7 +720,8 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
         );
     }
     eprintln!(
-        "ledger: free charged {free_charged} nanos for {expected_free_tokens} tokens, capped {budget}, pinned 0"
+        "ledger: free charged {free_charged} nanos for {expected_free_tokens} tokens, capped {budget}, pinned 0, limited {}",
+        30 * NON_STREAM_TOKENS * PRICE_NANOS_PER_TOKEN
     );
     drop(postgres);
     drop(net);
