@@ -265,7 +265,12 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
                     finished.usage.prompt_tokens_details.cached_tokens,
                     finished.usage.completion_tokens,
                 );
-                whole_response(&state, guard.request_id(), &job, text, finished)
+                let request_id = guard.request_id();
+                // Billed before it is sent (`settle_before_reply`).
+                match guard.settle_before_reply().await {
+                    Ok(()) => whole_response(&state, request_id, &job, text, finished),
+                    Err(error) => error.into_response(),
+                }
             }
             Err(error) => {
                 guard.fail(&error);

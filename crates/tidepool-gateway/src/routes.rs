@@ -243,6 +243,10 @@ pub(crate) async fn embeddings(
         Ok(response) => {
             guard.succeed(response.usage.prompt_tokens, 0, 0);
             let rate_limits = guard.rate_limits();
+            // Billed before it is sent (`UsageGuard::settle_before_reply`).
+            if let Err(error) = guard.settle_before_reply().await {
+                return error.into_response();
+            }
             let mut response = Json(response).into_response();
             crate::ratelimit::insert_headers(response.headers_mut(), &rate_limits);
             response

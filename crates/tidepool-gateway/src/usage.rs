@@ -14,7 +14,10 @@
 //!
 //! The ledger write is spawned on the state's `TaskTracker` (so shutdown drains it) before the
 //! guard releases the engine's `Generation`; a failed write is logged and counted, never lost
-//! silently: the reservation stays open in the database and the recovery sweep resolves it.
+//! silently: the reservation stays open in the database and the recovery sweep resolves it. A
+//! successful non-streamed answer (and an embedding) is sent only once its settlement is durable
+//! ([`UsageGuard::settle_before_reply`]): a crash in between would otherwise leave a whole answer
+//! delivered and, having no checkpoint, voided by recovery.
 
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 use tidepool_engine::{Generation, GenerationEvent};
@@ -59,6 +62,8 @@ pub(crate) struct UsageGuard {
     checkpointed: u32,
     /// Held so that cancelling the generation happens after the settlement is spawned.
     generation: Option<Generation>,
+    /// The entry was written by [`UsageGuard::settle_before_reply`]; `Drop` has nothing to do.
+    written: bool,
 }
 
 impl UsageGuard {
@@ -88,6 +93,7 @@ impl UsageGuard {
             reservation: None,
             checkpointed: 0,
             generation: None,
+            written: false,
         }
     }
 
@@ -248,8 +254,29 @@ impl UsageGuard {
     }
 }
 
-impl Drop for UsageGuard {
-    fn drop(&mut self) {
+impl UsageGuard {
+    /// Writes the entry (settles the reservation) and waits until it is durable: a non-streamed
+    /// answer is released only once it is billed, so a crash between the two can never leave a
+    /// delivered answer unbilled (streams are covered by their checkpoints instead). The write
+    /// runs on the task tracker, so it completes even if the client goes away meanwhile. An
+    /// error means nothing was billed: the caller answers with it instead of the content.
+    pub(crate) async fn settle_before_reply(mut self) -> Result<(), ApiError> {
+        self.written = true;
+        match self.write() {
+            Some(handle) => match handle.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.into()),
+                Err(_join) => Err(tidepool_ledger::LedgerError::WriterFailed.into()),
+            },
+            None => Err(tidepool_ledger::LedgerError::WriterFailed.into()),
+        }
+    }
+
+    /// Records the request's metrics and spawns its ledger write (settle, void, or only record);
+    /// `None` when no runtime is left to run it.
+    fn write(
+        &mut self,
+    ) -> Option<tokio::task::JoinHandle<Result<(), tidepool_ledger::LedgerError>>> {
         let entry = self.entry();
         let model_label = entry
             .model
@@ -292,18 +319,29 @@ impl Drop for UsageGuard {
                 }),
                 None => ledger.record_usage(&entry).await.map(|_| ()),
             };
-            if let Err(error) = written {
+            if let Err(error) = &written {
                 metrics::usage_write_failure();
                 tracing::error!(parent: &span, %error, request_id = %entry.request_id,
                     "could not write the usage entry");
             }
+            written
         };
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            self.state.tasks().spawn_on(write, &handle);
+            Some(self.state.tasks().spawn_on(write, &handle))
         } else {
             metrics::usage_write_failure();
             tracing::error!(parent: &self.span, request_id = %self.request_id,
                 "no runtime left to write the usage entry");
+            None
+        }
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        if !self.written {
+            // Not awaited: the task tracker drains it at shutdown.
+            drop(self.write());
         }
         // The generation (if any) drops after this, with the other fields: the settlement is
         // already tracked by the time the engine sees the cancellation.
