@@ -351,3 +351,17 @@ pub(crate) fn data_lines(text: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// How many content chunks (non-empty `delta.content`) an SSE body carries: the completion
+/// tokens its client received.
+pub(crate) fn content_chunks(text: &str) -> usize {
+    data_lines(text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count()
+}

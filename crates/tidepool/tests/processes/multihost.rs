@@ -31,7 +31,7 @@ use tidepool_ledger::testing::ThrowawayPostgres;
 use tidepool_ledger::{Ledger, LedgerOptions, UsageStatus};
 
 use crate::harness::{
-    POLL, Server, TempDir, backend_toml, data_lines, fake_worker_config, write_key,
+    POLL, Server, TempDir, backend_toml, content_chunks, fake_worker_config, write_key,
 };
 use crate::netns::Net;
 
@@ -156,16 +156,7 @@ async fn request(client: &reqwest::Client, base: &str, key: &str, stream: bool) 
         text.push_str(&String::from_utf8_lossy(&bytes));
     }
     let (tokens, complete) = if stream {
-        let received = data_lines(&text)
-            .iter()
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter(|v| {
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|c| !c.is_empty())
-            })
-            .count();
-        (received as u64, text.contains("data: [DONE]"))
+        (content_chunks(&text) as u64, text.contains("data: [DONE]"))
     } else {
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         (
@@ -310,6 +301,32 @@ async fn charged(ledger: &Ledger, tenant: &str) -> u64 {
     };
     let credit: i64 = 100_000_000_000;
     u64::try_from(credit - account.balance.0).unwrap()
+}
+
+/// `n` concurrent non-stream requests of `key`; how many ended with each (status, error code).
+async fn burst(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    n: usize,
+) -> std::collections::BTreeMap<(u16, String), usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, base, key) = (client.clone(), base.to_owned(), key.to_owned());
+        tasks.push(tokio::spawn(async move {
+            request(&client, &base, &key, false).await
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for task in tasks {
+        let o = task.await.unwrap();
+        let code = serde_json::from_str::<Value>(&o.body).unwrap_or(Value::Null)["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *counts.entry((o.status, code)).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// The usage entry of request `id`, once its settlement has committed (a response can reach
@@ -557,22 +574,7 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
         "default",
         &format!("0.{budget:09}"),
     ]);
-    let mut burst = Vec::new();
-    for _ in 0..200 {
-        let (client, base, key) = (client.clone(), base.clone(), capped_key.clone());
-        burst.push(tokio::spawn(async move {
-            request(&client, &base, &key, false).await
-        }));
-    }
-    let mut statuses = std::collections::BTreeMap::<(u16, String), usize>::new();
-    for task in burst {
-        let o = task.await.unwrap();
-        let code = serde_json::from_str::<Value>(&o.body).unwrap_or(Value::Null)["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        *statuses.entry((o.status, code)).or_default() += 1;
-    }
+    let statuses = burst(&client, &base, &capped_key, 200).await;
     assert_eq!(
         statuses,
         std::collections::BTreeMap::from([
@@ -605,22 +607,7 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
         .to_owned();
     gw1.cli(&["credit", "add", "--tenant", "limited", "100"]);
     gw1.cli(&["rate-limits", "--key-id", &key_id, "--rpm", "30"]);
-    let mut burst = Vec::new();
-    for _ in 0..60 {
-        let (client, base, key) = (client.clone(), base.clone(), limited_key.clone());
-        burst.push(tokio::spawn(async move {
-            request(&client, &base, &key, false).await
-        }));
-    }
-    let mut rpm_statuses = std::collections::BTreeMap::<(u16, String), usize>::new();
-    for task in burst {
-        let o = task.await.unwrap();
-        let code = serde_json::from_str::<Value>(&o.body).unwrap_or(Value::Null)["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        *rpm_statuses.entry((o.status, code)).or_default() += 1;
-    }
+    let rpm_statuses = burst(&client, &base, &limited_key, 60).await;
     assert_eq!(
         rpm_statuses,
         std::collections::BTreeMap::from([

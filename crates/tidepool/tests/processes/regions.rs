@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tidepool_ledger::UsageStatus;
 
 use crate::harness::{
-    GATEWAY_MODEL, POLL, Server, TempDir, backend_toml, chat, data_lines, fake_worker,
-    fake_worker_config, free_port, write_key,
+    GATEWAY_MODEL, POLL, Server, TempDir, backend_toml, chat, content_chunks, data_lines,
+    fake_worker, fake_worker_config, free_port, write_key,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,15 +197,7 @@ async fn multi_process_stream_cut_by_worker_crash_ends_with_error_and_bills_deli
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "backend_failed", "{text}");
     assert!(!text.contains("[DONE]"), "a failed stream has no [DONE]");
-    let delivered = events
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty())
-        })
-        .count();
+    let delivered = content_chunks(&text);
     let entry = gateway.usage_entry(&request_id).await;
     assert_eq!(
         entry.status,
