@@ -21,6 +21,10 @@ pub(crate) const POSTGRES_CONNECTIONS_MAX: u32 = 10;
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
 /// SQLite busy) before the error is returned.
 pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
+/// WAL pages (4 KiB each: 256 MiB) at which a SQLite commit checkpoints by itself (SQLite's
+/// automatic checkpoint; its default is 1000). Only a safety net: the ledger's background task
+/// syncs and checkpoints the WAL off the request path (`checkpoint.rs`).
+pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
 /// How long acquiring a pooled connection may take before the call fails.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,9 +55,13 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                // NORMAL under WAL: a commit is durable against a process crash (kill -9); only an
-                // OS crash or power loss can lose the last transactions.
+                // NORMAL under WAL: a commit is durable against a process crash (kill -9); an OS
+                // crash or power loss can lose the commits of the last `WAL_SYNC_INTERVAL`, until
+                // the background task syncs the WAL.
                 .synchronous(SqliteSynchronous::Normal)
+                // Checkpoints run on a background task (`checkpoint.rs`), not in the commit
+                // that crossed SQLite's default 1000 pages; this is only the safety net.
+                .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
