@@ -1,56 +1,99 @@
-//! `tidepool bench ledger`: (1) settled usages per second through the ledger's group-commit writer
-//! on SQLite (a temp file) and PostgreSQL (`--postgres-url`; a fresh `bench-…` tenant each run);
-//! (2) the request latency added by metering + quotas: two gateways in this process on loopback
-//! HTTP, the same fake engine (a decode step of `--decode-step-us` per token), the same SQLite
-//! ledger, one with `billing.enforce = true` (reserve before compute, settle after, RPM/TPM
-//! windows) and one with `enforce = false` (usage entries only, written after the response, no
-//! reservation, no quota). Requests alternate between the two in rounds, so drift of a noisy
-//! machine hits both sides alike. Reported as p50/p99 with, without, and their ratio.
+//! `tidepool bench ledger`, three measurements in one run, each against its baseline:
+//!
+//! 1. **Settles per second** through the ledger's group-commit writer on SQLite (a temp file)
+//!    and PostgreSQL (`--postgres-url`; a fresh `bench-…` tenant each run), after the same
+//!    number of group-committed reservations (their rate is reported too).
+//! 2. **Metering overhead in process**, per store: gateways in this process on loopback HTTP
+//!    over the same fake engine (a decode step of `--decode-step-us` per token), one with
+//!    `billing.enforce = true` (reserve before compute, settle after, RPM/TPM windows) and one
+//!    with `enforce = false` (usage entries only, written after the response) on each store.
+//!    Requests go to the four in rounds, the order rotating, so drift of a noisy machine hits
+//!    all alike. Reported as p50/p99 with and without, and their ratio.
+//! 3. **Added latency from outside at a fixed rate**: an instant OpenAI-compatible upstream in
+//!    this process, and `tidepool serve` child processes routing one remote model to it, with
+//!    billing on and off on each store (and, with `--outside-baseline-bin`, another build's
+//!    gateways with billing on). An open-loop client sends `--outside-rate-per-s` requests per
+//!    second to one target per pass, on schedule whatever the answers do: the upstream
+//!    directly or one gateway. Passes are interleaved, the order rotating per round. Reported:
+//!    p50/p99 of each target and what each gateway adds over the direct call.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Serialize;
+use serde_json::json;
 use tidepool_core::{BillingConfig, Currency, Limits, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_gateway::{AppState, ServedModel, StateOptions, router};
-use tidepool_ledger::{Ledger, RateLimits, RateScope};
+use tidepool_ledger::{CREDIT_NANOS_MAX, Ledger, RateLimits, RateScope};
 use tokio::time::Instant;
 
-use crate::common::percentile;
+use crate::common::{ms, percentile};
+use crate::process::ChildServer;
+
+/// Requests each target gets before its first timed pass (connections, first-use allocations).
+const OUTSIDE_WARMUP_REQUESTS: u32 = 50;
+/// Pause between two passes, so the previous target's background work (settlements) is done.
+const OUTSIDE_PASS_GAP: Duration = Duration::from_millis(300);
+/// Requests of one open-loop pass in flight at once; more means the target is not keeping up
+/// with the rate, and the bench fails rather than report a queue.
+const OUTSIDE_IN_FLIGHT_MAX: usize = 1024;
+/// The remote model the gateways route to the instant upstream.
+const OUTSIDE_MODEL: &str = "instant";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct LedgerBenchArgs {
     /// Settles per store.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, env = "TIDEPOOL_BENCH_SETTLES", default_value_t = 50_000)]
     settles: u32,
     /// Settles in flight at once (a busy gateway's concurrent request ends).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, env = "TIDEPOOL_BENCH_CONCURRENCY", default_value_t = 512)]
     concurrency: u32,
-    /// PostgreSQL database for the settle bench (`none` skips it).
+    /// PostgreSQL database for every part of the bench (`none`: SQLite only).
     #[arg(
         long,
         env = "TIDEPOOL_BENCH_POSTGRES_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     postgres_url: String,
-    /// Requests per side in the metering-overhead run.
-    #[arg(long, default_value_t = 600)]
+    /// Requests per side (metered, plain; per store) in the in-process overhead run.
+    #[arg(long, env = "TIDEPOOL_BENCH_REQUESTS", default_value_t = 600)]
     requests: u32,
-    /// Requests in flight per side.
-    #[arg(long, default_value_t = 16)]
+    /// Requests in flight per side in the in-process overhead run.
+    #[arg(long, env = "TIDEPOOL_BENCH_REQUEST_CONCURRENCY", default_value_t = 16)]
     request_concurrency: u32,
-    /// Completion tokens per request.
-    #[arg(long, default_value_t = 16)]
+    /// Completion tokens per request in the in-process overhead run.
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTPUT_TOKENS", default_value_t = 16)]
     output_tokens: u32,
     /// Simulated decode step of the fake engine, in microseconds.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, env = "TIDEPOOL_BENCH_DECODE_STEP_US", default_value_t = 5_000)]
     decode_step_us: u64,
+    /// Requests per second of the outside measurement (open loop).
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_RATE_PER_S", default_value_t = 200)]
+    outside_rate_per_s: u32,
+    /// Requests of one outside pass (one target).
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_REQUESTS", default_value_t = 1_000)]
+    outside_requests: u32,
+    /// Passes per target in the outside measurement (0 skips it).
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_PASSES", default_value_t = 4)]
+    outside_passes: u32,
+    /// Another build of `tidepool` to compare with: its gateways, billing on, join the outside
+    /// measurement (target `baseline`, one per store).
+    #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_BASELINE_BIN")]
+    outside_baseline_bin: Option<PathBuf>,
+    /// Seconds to wait for a gateway child process to become healthy.
+    #[arg(long, env = "TIDEPOOL_BENCH_STARTUP_TIMEOUT_S", default_value_t = 60)]
+    startup_timeout_s: u64,
     /// Where the JSON report goes.
-    #[arg(long, default_value = "bench/out/ledger.json")]
+    #[arg(
+        long,
+        env = "TIDEPOOL_BENCH_OUT",
+        default_value = "bench/out/ledger.json"
+    )]
     out: PathBuf,
 }
 
@@ -71,12 +114,10 @@ struct LatencySide {
     mean_ms: f64,
 }
 
+/// One store's in-process overhead.
 #[derive(Debug, Serialize)]
-struct LedgerReport {
-    settle: Vec<SettleRow>,
-    output_tokens: u32,
-    decode_step_us: u64,
-    request_concurrency: u32,
+struct OverheadRow {
+    store: &'static str,
     with_metering: LatencySide,
     without_metering: LatencySide,
     /// `with / without`, at p50 and p99.
@@ -84,16 +125,65 @@ struct LedgerReport {
     p99_ratio: f64,
 }
 
+/// One target of the outside measurement.
+#[derive(Debug, Serialize)]
+struct OutsideRow {
+    /// `direct`, `gateway`, or `baseline` (the gateway of `--outside-baseline-bin`).
+    target: &'static str,
+    /// The gateway's ledger (`-` for the direct call).
+    store: &'static str,
+    billing: bool,
+    requests: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// What the target adds over the direct call (0 for the direct call itself).
+    added_p50_ms: f64,
+    added_p99_ms: f64,
+    /// p99 of each pass, in the order they ran.
+    pass_p99_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct OutsideReport {
+    rate_per_s: u32,
+    requests_per_pass: u32,
+    passes: u32,
+    targets: Vec<OutsideRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct LedgerReport {
+    settle: Vec<SettleRow>,
+    output_tokens: u32,
+    decode_step_us: u64,
+    request_concurrency: u32,
+    overhead: Vec<OverheadRow>,
+    outside: Option<OutsideReport>,
+}
+
 pub(crate) async fn run(args: LedgerBenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tidepool-bench-ledger-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut settle = Vec::new();
-    let sqlite_url = format!("sqlite://{}", dir.join("settle.db").display());
-    let mut urls = vec![sqlite_url];
-    if args.postgres_url != "none" {
-        urls.push(args.postgres_url.clone());
+    let result = run_in(&args, &dir).await;
+    if let Err(error) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(%error, "could not remove the bench's temp dir");
     }
-    for url in &urls {
+    let report = result?;
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    print_report(&report)?;
+    writeln!(std::io::stdout().lock(), "\nJSON: {}", args.out.display())?;
+    Ok(())
+}
+
+async fn run_in(args: &LedgerBenchArgs, dir: &Path) -> anyhow::Result<LedgerReport> {
+    let sqlite_url = |name: &str| format!("sqlite://{}", dir.join(name).display());
+    let postgres = (args.postgres_url != "none").then_some(args.postgres_url.as_str());
+    let mut settle = Vec::new();
+    let settle_urls = [Some(sqlite_url("settle.db")), postgres.map(str::to_owned)];
+    for url in settle_urls.iter().flatten() {
         let result = tidepool_ledger::bench_settles(url, args.settles, args.concurrency)
             .await
             .with_context(|| format!("settle bench on {url}"))?;
@@ -105,39 +195,36 @@ pub(crate) async fn run(args: LedgerBenchArgs) -> anyhow::Result<()> {
             reserves_per_second: result.reserves_per_second,
         });
     }
-
-    let (with, without) = overhead(&args, &dir).await?;
-    let report = LedgerReport {
+    let overhead_urls = [Some(sqlite_url("overhead.db")), postgres.map(str::to_owned)];
+    let overhead = overhead(
+        args,
+        &overhead_urls.into_iter().flatten().collect::<Vec<_>>(),
+    )
+    .await?;
+    let outside = if args.outside_passes == 0 {
+        None
+    } else {
+        Some(outside(args, dir, postgres).await?)
+    };
+    Ok(LedgerReport {
         settle,
         output_tokens: args.output_tokens,
         decode_step_us: args.decode_step_us,
         request_concurrency: args.request_concurrency,
-        p50_ratio: with.p50_ms / without.p50_ms.max(f64::MIN_POSITIVE),
-        p99_ratio: with.p99_ms / without.p99_ms.max(f64::MIN_POSITIVE),
-        with_metering: with,
-        without_metering: without,
-    };
-    if let Err(error) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(%error, "could not remove the bench's temp dir");
-    }
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
-    print_report(&report)?;
-    writeln!(std::io::stdout().lock(), "\nJSON: {}", args.out.display())?;
-    Ok(())
+        overhead,
+        outside,
+    })
 }
 
 fn print_report(report: &LedgerReport) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
     writeln!(
-        out,
+        text,
         "| store | settles/s | reserves/s | settles | in flight |\n|---|---|---|---|---|"
     )?;
     for row in &report.settle {
         writeln!(
-            out,
+            text,
             "| {} | {} | {} | {} | {} |",
             row.store,
             row.settles_per_second,
@@ -147,25 +234,65 @@ fn print_report(report: &LedgerReport) -> anyhow::Result<()> {
         )?;
     }
     writeln!(
-        out,
-        "\nrequest latency, fake engine {} tokens × {} µs, {} in flight, {} requests per side:",
+        text,
+        "\nrequest latency in process, fake engine {} tokens × {} µs, {} in flight, {} requests per side:",
         report.output_tokens,
         report.decode_step_us,
         report.request_concurrency,
-        report.with_metering.requests
+        report
+            .overhead
+            .first()
+            .map_or(0, |o| o.with_metering.requests)
     )?;
     writeln!(
-        out,
-        "| | p50 ms | p99 ms | mean ms |\n|---|---|---|---|\n| metering + quotas | {:.2} | {:.2} | {:.2} |\n| without | {:.2} | {:.2} | {:.2} |\n| ratio | {:.3}× | {:.3}× | |",
-        report.with_metering.p50_ms,
-        report.with_metering.p99_ms,
-        report.with_metering.mean_ms,
-        report.without_metering.p50_ms,
-        report.without_metering.p99_ms,
-        report.without_metering.mean_ms,
-        report.p50_ratio,
-        report.p99_ratio
+        text,
+        "| store | p50 ms metered / plain | p99 ms metered / plain | p50 ratio | p99 ratio |\n|---|---|---|---|---|"
     )?;
+    for row in &report.overhead {
+        writeln!(
+            text,
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.3}× | {:.3}× |",
+            row.store,
+            row.with_metering.p50_ms,
+            row.without_metering.p50_ms,
+            row.with_metering.p99_ms,
+            row.without_metering.p99_ms,
+            row.p50_ratio,
+            row.p99_ratio
+        )?;
+    }
+    if let Some(outside) = &report.outside {
+        write_outside(&mut text, outside)?;
+    }
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn write_outside(text: &mut String, outside: &OutsideReport) -> anyhow::Result<()> {
+    writeln!(
+        text,
+        "\nfrom outside, open loop at {} req/s against an instant upstream, {} passes × {} requests per target:",
+        outside.rate_per_s, outside.passes, outside.requests_per_pass
+    )?;
+    writeln!(
+        text,
+        "| target | store | billing | p50 ms | p99 ms | added p50 ms | added p99 ms | p99 per pass |\n|---|---|---|---|---|---|---|---|"
+    )?;
+    for row in &outside.targets {
+        let passes: Vec<String> = row.pass_p99_ms.iter().map(|p| format!("{p:.2}")).collect();
+        writeln!(
+            text,
+            "| {} | {} | {} | {:.2} | {:.2} | {:+.2} | {:+.2} | {} |",
+            row.target,
+            row.store,
+            if row.billing { "on" } else { "off" },
+            row.p50_ms,
+            row.p99_ms,
+            row.added_p50_ms,
+            row.added_p99_ms,
+            passes.join(" ")
+        )?;
+    }
     Ok(())
 }
 
@@ -203,17 +330,7 @@ async fn gateway(
     // Quotas on the metered side: generous limits that every request passes, so the windows
     // are updated on every request like in production.
     if enforce {
-        ledger
-            .set_rate_limits(
-                &RateScope::Key {
-                    key_id: key.record.key_id.clone(),
-                },
-                RateLimits {
-                    requests_per_minute: Some(1_000_000),
-                    tokens_per_minute: Some(1_000_000_000),
-                },
-            )
-            .await?;
+        generous_rate_limits(ledger, &key.record.key_id).await?;
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -230,51 +347,85 @@ async fn gateway(
     })
 }
 
-async fn overhead(
-    args: &LedgerBenchArgs,
-    dir: &std::path::Path,
-) -> anyhow::Result<(LatencySide, LatencySide)> {
-    let url = format!("sqlite://{}", dir.join("overhead.db").display());
-    let ledger = Ledger::connect(&url).await?;
-    let tenant = TenantId::new("bench")?;
+async fn generous_rate_limits(
+    ledger: &Ledger,
+    key_id: &tidepool_core::KeyId,
+) -> anyhow::Result<()> {
+    ledger
+        .set_rate_limits(
+            &RateScope::Key {
+                key_id: key_id.clone(),
+            },
+            RateLimits {
+                requests_per_minute: Some(1_000_000),
+                tokens_per_minute: Some(1_000_000_000),
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// A fresh tenant with (nearly) unlimited credit, named for this run.
+async fn bench_tenant(ledger: &Ledger) -> anyhow::Result<TenantId> {
+    let tenant = TenantId::new(format!("bench-{}", std::process::id()))?;
     ledger.create_tenant(&tenant, Currency::USD).await?;
     ledger
-        .credit(&tenant, Nanos(1_000_000_000_000_000), "bench")
+        .credit(&tenant, Nanos(CREDIT_NANOS_MAX), "bench")
         .await?;
-    ledger
-        .set_price(&tidepool_ledger::bench_price(ModelId::new("bench-fake")?))
-        .await?;
-    let metered = gateway(&ledger, true, args, &tenant).await?;
-    let plain = gateway(&ledger, false, args, &tenant).await?;
+    Ok(tenant)
+}
+
+/// In-process overhead: a metered and a plain gateway per store, all driven in rounds.
+async fn overhead(args: &LedgerBenchArgs, urls: &[String]) -> anyhow::Result<Vec<OverheadRow>> {
+    // (store, metered, plain) per store.
+    let mut sides = Vec::new();
+    for url in urls {
+        let ledger = Ledger::connect(url)
+            .await
+            .with_context(|| format!("overhead ledger on {url}"))?;
+        let tenant = bench_tenant(&ledger).await?;
+        ledger
+            .set_price(&tidepool_ledger::bench_price(ModelId::new("bench-fake")?))
+            .await?;
+        let metered = gateway(&ledger, true, args, &tenant).await?;
+        let plain = gateway(&ledger, false, args, &tenant).await?;
+        sides.push((ledger.store_kind(), metered, plain));
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
+    let targets: Vec<&Gateway> = sides.iter().flat_map(|(_, m, p)| [m, p]).collect();
+    // Warm every side (connections, first-use allocations), untimed.
+    for target in &targets {
+        batch(&client, target, args, args.request_concurrency).await?;
+    }
     let rounds = 10_u32;
     let per_round = args.requests.div_ceil(rounds).max(1);
-    let mut with = Vec::new();
-    let mut without = Vec::new();
-    // Warm both (connections, first-use allocations), untimed.
-    batch(&client, &metered, args, args.request_concurrency).await?;
-    batch(&client, &plain, args, args.request_concurrency).await?;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
-        // Alternate which side goes first.
-        let order: [(&Gateway, bool); 2] = if round % 2 == 0 {
-            [(&metered, true), (&plain, false)]
-        } else {
-            [(&plain, false), (&metered, true)]
-        };
-        for (side, is_metered) in order {
-            let samples = batch(&client, side, args, per_round).await?;
-            if is_metered {
-                with.extend(samples);
-            } else {
-                without.extend(samples);
-            }
+        // Rotate which side goes first.
+        let shift = usize::try_from(round).unwrap_or(0) % targets.len();
+        for index in (0..targets.len()).map(|i| (i + shift) % targets.len()) {
+            let taken = batch(&client, targets[index], args, per_round).await?;
+            samples[index].extend(taken);
         }
     }
-    metered.server.abort();
-    plain.server.abort();
-    Ok((side_report(with), side_report(without)))
+    let mut rows = Vec::new();
+    let mut samples = samples.into_iter();
+    for (store, metered, plain) in sides {
+        metered.server.abort();
+        plain.server.abort();
+        let with = side_report(samples.next().unwrap_or_default());
+        let without = side_report(samples.next().unwrap_or_default());
+        rows.push(OverheadRow {
+            store,
+            p50_ratio: with.p50_ms / without.p50_ms.max(f64::MIN_POSITIVE),
+            p99_ratio: with.p99_ms / without.p99_ms.max(f64::MIN_POSITIVE),
+            with_metering: with,
+            without_metering: without,
+        });
+    }
+    Ok(rows)
 }
 
 /// `count` non-stream chat requests with `request_concurrency` in flight; latencies in ms.
@@ -312,7 +463,7 @@ async fn batch(
                 let status = response.status();
                 let text = response.text().await?;
                 anyhow::ensure!(status.is_success(), "HTTP {status}: {text}");
-                samples.push(sent.elapsed().as_secs_f64() * 1000.0);
+                samples.push(ms(sent.elapsed()));
             }
             anyhow::Ok(samples)
         }
@@ -337,5 +488,300 @@ fn side_report(mut samples: Vec<f64>) -> LatencySide {
         p50_ms: percentile(&mut samples, 50),
         p99_ms: percentile(&mut samples, 99),
         mean_ms,
+    }
+}
+
+/// An OpenAI-compatible upstream that answers every chat completion at once; its base URL.
+async fn instant_upstream() -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let answer = serde_json::to_string(&json!({
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": OUTSIDE_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }))?;
+    let models = serde_json::to_string(&json!({
+        "object": "list",
+        "data": [{"id": OUTSIDE_MODEL, "object": "model", "owned_by": "bench"}],
+    }))?;
+    let json_body = |body: String| {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            // The request body is read, so the connection stays reusable.
+            axum::routing::post(move |_body: axum::body::Bytes| {
+                let answer = answer.clone();
+                async move { json_body(answer) }
+            }),
+        )
+        .route(
+            "/v1/models",
+            axum::routing::get(move || {
+                let models = models.clone();
+                async move { json_body(models) }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "bench upstream stopped");
+        }
+    });
+    Ok((base, server))
+}
+
+/// One target of the outside measurement.
+struct OutsideTarget {
+    target: &'static str,
+    store: &'static str,
+    billing: bool,
+    url: String,
+    key: String,
+    /// The gateway process (none for the direct call).
+    child: Option<ChildServer>,
+}
+
+/// A `tidepool serve` routing [`OUTSIDE_MODEL`] to `upstream`, with billing on or off, on the
+/// ledger at `database_url` (`None`: a SQLite file in its directory); its key is a fresh
+/// tenant's, with credit, and on the billed side generous RPM/TPM limits that every request
+/// passes (so the windows are counted as in production).
+async fn outside_gateway(
+    root: &Path,
+    upstream: &str,
+    billing: bool,
+    database_url: Option<&str>,
+    baseline: Option<&Path>,
+    timeout_s: u64,
+) -> anyhow::Result<OutsideTarget> {
+    let store = if database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let target = if baseline.is_some() {
+        "baseline"
+    } else {
+        "gateway"
+    };
+    let name = format!(
+        "{target}-{store}-billing-{}",
+        if billing { "on" } else { "off" }
+    );
+    let mut child = match database_url {
+        Some(url) => ChildServer::with_database_url(root, &name, url.to_owned())?,
+        None => ChildServer::new(root, &name)?,
+    };
+    if let Some(binary) = baseline {
+        child.set_binary(binary.to_owned());
+    }
+    child.write_config(&format!(
+        "\n[billing]\nenforce = {billing}\n\n[[models]]\nid = \"{OUTSIDE_MODEL}\"\nkind = \"chat\"\n\
+         backend = \"remote\"\nprice_input_per_mtok = 50_000_000\nprice_output_per_mtok = 200_000_000\n\n\
+         [[backends]]\nid = \"instant\"\nkind = \"upstream\"\nurl = \"{upstream}\"\nregion = \"local\"\n\
+         models = [\"{OUTSIDE_MODEL}\"]\n"
+    ))?;
+    let key = {
+        let ledger = Ledger::connect(child.database_url()).await?;
+        let tenant = TenantId::new(format!("bench-{name}-{}", std::process::id()))?;
+        ledger.create_tenant(&tenant, Currency::USD).await?;
+        ledger
+            .credit(&tenant, Nanos(CREDIT_NANOS_MAX), "bench")
+            .await?;
+        let key = ledger.create_key(&tenant, "bench").await?;
+        if billing {
+            generous_rate_limits(&ledger, &key.record.key_id).await?;
+        }
+        key.secret
+    };
+    child
+        .start(&["serve"], timeout_s)
+        .await
+        .with_context(|| format!("gateway {name}"))?;
+    Ok(OutsideTarget {
+        target,
+        store,
+        billing,
+        url: format!("{}/v1/chat/completions", child.base()),
+        key,
+        child: Some(child),
+    })
+}
+
+async fn outside(
+    args: &LedgerBenchArgs,
+    dir: &Path,
+    postgres: Option<&str>,
+) -> anyhow::Result<OutsideReport> {
+    anyhow::ensure!(
+        args.outside_rate_per_s > 0,
+        "--outside-rate-per-s must be positive"
+    );
+    let root = dir.join("outside");
+    std::fs::create_dir_all(&root)?;
+    let (upstream, upstream_server) = instant_upstream().await?;
+    let mut targets = vec![OutsideTarget {
+        target: "direct",
+        store: "-",
+        billing: false,
+        url: format!("{upstream}/v1/chat/completions"),
+        key: "direct".to_owned(),
+        child: None,
+    }];
+    // SQLite (a file per gateway), then PostgreSQL unless it is `none`.
+    for database_url in std::iter::once(None).chain(postgres.map(Some)) {
+        let mut gateways = vec![(false, None), (true, None)];
+        if let Some(baseline) = &args.outside_baseline_bin {
+            gateways.push((true, Some(baseline.as_path())));
+        }
+        for (billing, baseline) in gateways {
+            targets.push(
+                outside_gateway(
+                    &root,
+                    &upstream,
+                    billing,
+                    database_url,
+                    baseline,
+                    args.startup_timeout_s,
+                )
+                .await?,
+            );
+        }
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    for target in &targets {
+        for _ in 0..OUTSIDE_WARMUP_REQUESTS {
+            anyhow::ensure!(
+                post(&client, &target.url, &target.key).await,
+                "warm-up request to {} failed",
+                target.url
+            );
+        }
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut pass_p99: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for round in 0..args.outside_passes {
+        let shift = usize::try_from(round).unwrap_or(0) % targets.len();
+        for index in (0..targets.len()).map(|i| (i + shift) % targets.len()) {
+            tokio::time::sleep(OUTSIDE_PASS_GAP).await;
+            let mut taken = open_loop_pass(&client, &targets[index], args).await?;
+            pass_p99[index].push(percentile(&mut taken, 99));
+            samples[index].extend(taken);
+            tracing::info!(round, target = index, "outside pass done");
+        }
+    }
+    upstream_server.abort();
+    let rows = outside_rows(targets, samples, pass_p99).await?;
+    Ok(OutsideReport {
+        rate_per_s: args.outside_rate_per_s,
+        requests_per_pass: args.outside_requests,
+        passes: args.outside_passes,
+        targets: rows,
+    })
+}
+
+/// Each target's figures, and what it adds over the direct call (the first target); stops the
+/// gateways.
+async fn outside_rows(
+    mut targets: Vec<OutsideTarget>,
+    samples: Vec<Vec<f64>>,
+    pass_p99: Vec<Vec<f64>>,
+) -> anyhow::Result<Vec<OutsideRow>> {
+    let mut rows = Vec::new();
+    let mut direct = (0.0, 0.0);
+    for ((target, mut taken), passes) in targets.iter_mut().zip(samples).zip(pass_p99) {
+        if let Some(mut child) = target.child.take() {
+            child.kill().await?;
+        }
+        let p50 = percentile(&mut taken, 50);
+        let p99 = percentile(&mut taken, 99);
+        if target.target == "direct" {
+            direct = (p50, p99);
+        }
+        rows.push(OutsideRow {
+            target: target.target,
+            store: target.store,
+            billing: target.billing,
+            requests: taken.len(),
+            p50_ms: p50,
+            p99_ms: p99,
+            added_p50_ms: p50 - direct.0,
+            added_p99_ms: p99 - direct.1,
+            pass_p99_ms: passes,
+        });
+    }
+    Ok(rows)
+}
+
+/// One non-stream chat completion; whether it succeeded with its whole body read.
+async fn post(client: &reqwest::Client, url: &str, key: &str) -> bool {
+    let body = json!({
+        "model": OUTSIDE_MODEL,
+        "messages": [{"role": "user", "content": "one two three"}],
+        "max_tokens": 8,
+    });
+    match client.post(url).bearer_auth(key).json(&body).send().await {
+        Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// `--outside-requests` requests to one target, one every `1 / rate` seconds whatever the
+/// answers do (open loop).
+async fn open_loop_pass(
+    client: &reqwest::Client,
+    target: &OutsideTarget,
+    args: &LedgerBenchArgs,
+) -> anyhow::Result<Vec<f64>> {
+    let interval = Duration::from_secs(1) / args.outside_rate_per_s;
+    let start = Instant::now() + Duration::from_millis(10);
+    let url: Arc<str> = target.url.as_str().into();
+    let key: Arc<str> = target.key.as_str().into();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut samples = Vec::new();
+    let mut failed: u32 = 0;
+    for index in 0..args.outside_requests {
+        let scheduled = start + interval * index;
+        tokio::time::sleep_until(scheduled).await;
+        while let Some(done) = in_flight.try_join_next() {
+            record(done?, &mut samples, &mut failed);
+        }
+        anyhow::ensure!(
+            in_flight.len() < OUTSIDE_IN_FLIGHT_MAX,
+            "{} did not keep up with {} req/s",
+            target.url,
+            args.outside_rate_per_s
+        );
+        let (client, url, key) = (client.clone(), Arc::clone(&url), Arc::clone(&key));
+        in_flight.spawn(async move {
+            // Timed from when the request goes out: the client's own timer resolution (a
+            // millisecond) is not the target's latency. The sends keep their schedule whatever
+            // the answers do, so a slow target still meets the full rate.
+            let sent = Instant::now();
+            let ok = post(&client, &url, &key).await;
+            (ok, ms(sent.elapsed()))
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        record(done?, &mut samples, &mut failed);
+    }
+    anyhow::ensure!(failed == 0, "{failed} requests to {} failed", target.url);
+    Ok(samples)
+}
+
+fn record((ok, latency_ms): (bool, f64), samples: &mut Vec<f64>, failed: &mut u32) {
+    if ok {
+        samples.push(latency_ms);
+    } else {
+        *failed = failed.saturating_add(1);
     }
 }

@@ -28,7 +28,12 @@ const WARMUP_PROMPT_TOKENS: u32 = 16;
 /// This binary as a child process, without the caller's `TIDEPOOL_<SECTION>__<KEY>` config
 /// overrides: a bench's server runs exactly the configuration the bench wrote.
 fn tidepool_child() -> anyhow::Result<Command> {
-    let mut command = Command::new(std::env::current_exe()?);
+    Ok(tidepool_child_of(&std::env::current_exe()?))
+}
+
+/// [`tidepool_child`] of another `tidepool` binary (a build to compare with).
+fn tidepool_child_of(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
     for (name, _) in std::env::vars_os() {
         if name
             .to_str()
@@ -37,7 +42,7 @@ fn tidepool_child() -> anyhow::Result<Command> {
             command.env_remove(name);
         }
     }
-    Ok(command)
+    command
 }
 
 /// `tidepool keys create` for `tenant` (created if new) in the ledger at `database_url` (read with the server's
@@ -297,6 +302,8 @@ pub(crate) struct ChildServer {
     dir: PathBuf,
     port: u16,
     database_url: String,
+    /// Another `tidepool` binary to run instead of this one.
+    binary: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -309,8 +316,30 @@ impl ChildServer {
             dir,
             port: free_port()?,
             database_url,
+            binary: None,
             child: None,
         })
+    }
+
+    /// A child whose ledger is `database_url` (PostgreSQL, say) rather than the SQLite file in
+    /// its directory.
+    pub(crate) fn with_database_url(
+        root: &Path,
+        name: &str,
+        database_url: String,
+    ) -> anyhow::Result<Self> {
+        let mut child = Self::new(root, name)?;
+        child.database_url = database_url;
+        Ok(child)
+    }
+
+    /// Runs `binary` (another build of `tidepool`) rather than this one.
+    pub(crate) fn set_binary(&mut self, binary: PathBuf) {
+        self.binary = Some(binary);
+    }
+
+    pub(crate) fn database_url(&self) -> &str {
+        &self.database_url
     }
 
     pub(crate) fn base(&self) -> String {
@@ -332,7 +361,11 @@ impl ChildServer {
 
     pub(crate) async fn start(&mut self, args: &[&str], timeout_s: u64) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join("server.log"))?;
-        let mut child = tidepool_child()?
+        let mut command = match &self.binary {
+            Some(binary) => tidepool_child_of(binary),
+            None => tidepool_child()?,
+        };
+        let mut child = command
             .args(args)
             .arg("--config")
             .arg(self.dir.join("tidepool.toml"))

@@ -11,8 +11,10 @@
 #![deny(clippy::arithmetic_side_effects, clippy::float_arithmetic)]
 
 mod accounts;
+mod batch_sql;
 mod bench;
 mod billing;
+mod checkpoint;
 mod clock;
 mod error;
 mod keys;
@@ -38,9 +40,10 @@ pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,
 };
 pub use billing::{
-    HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RateLimitStatus, Reservation,
-    ReserveRequest, WindowStatus,
+    HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RESERVE_BATCH_LEN_MAX,
+    RESERVE_QUEUE_LEN_MAX, RateLimitStatus, Reservation, ReserveRequest, WindowStatus,
 };
+pub use checkpoint::{WAL_CHECKPOINT_INTERVAL, WAL_SYNC_INTERVAL};
 pub use clock::{Clock, SystemClock};
 pub use error::LedgerError;
 pub use keys::{KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN};
@@ -153,14 +156,21 @@ impl Default for LedgerOptions {
 }
 
 /// The ledger handle: cheap to clone, safe to share across tasks. Each handle made by `connect*`
-/// owns one settle writer task (it stops when the last clone is dropped); two handles on one
-/// PostgreSQL behave as two gateway replicas.
+/// owns one reserve writer task and one settle writer task, and on SQLite one WAL checkpointer
+/// task (they stop when the last clone is dropped); two handles on one PostgreSQL behave as two
+/// gateway replicas.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     store: Store,
     clock: Arc<dyn Clock>,
     replica_id: Arc<str>,
     writer: tokio::sync::mpsc::Sender<writer::Command>,
+    reserver: tokio::sync::mpsc::Sender<billing::ReserveCommand>,
+    /// The writers' gate, also taken by `reserve_in_one_batch` and `finish_in_one_batch` (tests).
+    #[cfg_attr(
+        not(feature = "test-util"),
+        expect(dead_code, reason = "read only by the test-util batch entry point")
+    )]
     gate: store::WriteGate,
     /// What readiness checks ask ([`Ledger::readiness`]).
     probe: schema::Probe,
@@ -189,7 +199,7 @@ impl Ledger {
     }
 
     /// [`Ledger::connect`] with explicit options. Must run inside a tokio runtime: it starts the
-    /// settle writer task.
+    /// reserve and settle writer tasks (and on SQLite the WAL checkpointer).
     pub async fn connect_with(
         database_url: &str,
         options: LedgerOptions,
@@ -214,14 +224,35 @@ impl Ledger {
             rx,
             last_cleanup_ms: i64::MIN,
         };
-        // Not tracked by a TaskTracker: the writer ends by itself once every handle is dropped,
-        // after replying to everything queued.
+        let replica_id: Arc<str> = replica_id.into();
+        let (reserve_tx, reserve_rx) = tokio::sync::mpsc::channel(RESERVE_QUEUE_LEN_MAX);
+        let reserve_writer = billing::ReserveWriter {
+            reserver: billing::Reserver {
+                store: store.clone(),
+                gate: gate.clone(),
+                clock: options.clock.clone(),
+                replica_id: replica_id.clone(),
+            },
+            rx: reserve_rx,
+        };
+        // Not tracked by a TaskTracker: the writers end by themselves once every handle is
+        // dropped, after replying to everything queued; the checkpointer within one interval
+        // after that.
         tokio::spawn(writer.run());
+        tokio::spawn(reserve_writer.run());
+        if let Store::Sqlite(pool) = &store {
+            tokio::spawn(checkpoint::run(
+                pool.clone(),
+                gate.clone(),
+                reserve_tx.downgrade(),
+            ));
+        }
         Ok(Self {
             store,
             clock: options.clock,
-            replica_id: replica_id.into(),
+            replica_id,
             writer: tx,
+            reserver: reserve_tx,
             gate,
             probe,
         })

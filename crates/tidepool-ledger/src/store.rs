@@ -41,6 +41,10 @@ pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 pub(crate) static POSTGRES_MIGRATOR: sqlx::migrate::Migrator =
     sqlx::migrate!("./migrations/postgres");
+/// WAL pages (4 KiB each: 256 MiB) at which a SQLite commit checkpoints by itself (SQLite's
+/// automatic checkpoint; its default is 1000). Only a safety net: the ledger's background task
+/// syncs and checkpoints the WAL off the request path (`checkpoint.rs`).
+pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 65_536;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Store {
@@ -71,9 +75,13 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                // NORMAL under WAL: a commit is durable against a process crash (kill -9); only an
-                // OS crash or power loss can lose the last transactions.
+                // NORMAL under WAL: a commit is durable against a process crash (kill -9); an OS
+                // crash or power loss can lose the commits of the last `WAL_SYNC_INTERVAL`, until
+                // the background task syncs the WAL.
                 .synchronous(SqliteSynchronous::Normal)
+                // Checkpoints run on a background task (`checkpoint.rs`), not in the commit
+                // that crossed SQLite's default 1000 pages; this is only the safety net.
+                .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true);
             let pool_options = SqlitePoolOptions::new()

@@ -1,18 +1,20 @@
 //! Settlement: the group-committed writer. `settle`, `void` and `checkpoint` queue a command on
 //! a bounded channel and await its own outcome; one writer task per `Ledger` drains up to
 //! [`SETTLE_BATCH_LEN_MAX`] commands and applies them in one transaction with a handful of
-//! statements (one locking read of the reservations, one state update per outcome, one
-//! multi-row usage insert, one balance update per tenant and one per budget row), so the cost
-//! of a commit is shared by the whole batch. Replies go out only after the commit: an `Ok` is
-//! durable. If a batch fails as a whole, each command is retried alone so one bad command cannot
-//! fail its neighbours.
+//! statements — one update that resolves the open reservations and reads them back, one read of
+//! the others, one usage insert (on PostgreSQL each one prepared statement with whole columns
+//! bound as arrays, see `batch_sql`), one balance update per tenant and one per budget row — so
+//! the cost of a commit is shared by the whole batch. Replies go out only after the commit: an
+//! `Ok` is durable (docs/ledger.md, "Durability"). If a batch fails as a whole, each command is
+//! retried alone so one bad command cannot fail its neighbours. Reservations have their own
+//! group-committed writer (`billing`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sqlx::QueryBuilder;
 use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch_sql::{BatchSql as _, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::store::{Store, on_store, to_i64};
@@ -21,16 +23,15 @@ use crate::{Clock, LedgerError, UsageEntry};
 
 /// Commands waiting for the writer; a full queue makes `settle` wait (backpressure), never drop.
 pub const SETTLE_QUEUE_LEN_MAX: usize = 8192;
-/// Commands applied in one transaction. 512 usage rows × 20 columns = 10,240 bind parameters,
-/// below SQLite's 32,766 and PostgreSQL's 65,535.
+/// Commands applied in one transaction. On SQLite, 512 usage rows × 20 columns = 10,240 bind
+/// parameters, below its limit of 32,766; PostgreSQL binds each column as one array.
 pub const SETTLE_BATCH_LEN_MAX: usize = 512;
-const USAGE_COLUMNS: usize = 20;
 const _: () = assert!(
     SETTLE_BATCH_LEN_MAX <= SETTLE_QUEUE_LEN_MAX,
     "a full batch fits the queue"
 );
 const _: () = assert!(
-    SETTLE_BATCH_LEN_MAX * USAGE_COLUMNS < 32_766,
+    SETTLE_BATCH_LEN_MAX * USAGE_BINDS < SQLITE_BINDS_MAX,
     "a batch fits SQLite's bind limit"
 );
 /// Rate windows older than this are deleted by the writer.
@@ -74,26 +75,6 @@ pub(crate) enum Command {
     },
 }
 
-/// What the locking read returns per reservation.
-type ReservationRow = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    String,
-    Option<i64>,
-);
-
 #[derive(Debug)]
 struct Held {
     tenant: String,
@@ -106,8 +87,6 @@ struct Held {
     prompt_tokens_max: i64,
     completion_tokens_max: i64,
     hold: Nanos,
-    state: ReservationState,
-    stored_cost: Option<i64>,
 }
 
 fn corrupt(what: &'static str) -> LedgerError {
@@ -130,8 +109,6 @@ fn held_from_row(row: ReservationRow) -> Result<(String, Held), LedgerError> {
         prompt_max,
         completion_max,
         hold,
-        state,
-        stored_cost,
     ) = row;
     let currency = Currency::parse(&currency).map_err(|_| corrupt("currency"))?;
     let price = PriceVersion {
@@ -153,10 +130,6 @@ fn held_from_row(row: ReservationRow) -> Result<(String, Held), LedgerError> {
         prompt_tokens_max: prompt_max,
         completion_tokens_max: completion_max,
         hold: Nanos(hold),
-        state: ReservationState::parse(&state).ok_or(LedgerError::Corrupt {
-            what: "reservation state",
-        })?,
-        stored_cost,
     };
     Ok((request_id, held))
 }
@@ -287,6 +260,31 @@ impl crate::Ledger {
         answer.await.map_err(|_| LedgerError::WriterFailed)?
     }
 
+    /// Applies `items` as one settle batch, in this order, exactly as the settle writer applies
+    /// what it drains from its queue (one transaction, retried after transient conflicts), but
+    /// without the writer's command-by-command fallback: a batch that fails as a whole is an
+    /// `Err` here. For tests of what one batch decides. At most [`SETTLE_BATCH_LEN_MAX`] items.
+    #[cfg(feature = "test-util")]
+    pub async fn finish_in_one_batch(
+        &self,
+        items: &[(UsageEntry, Finish)],
+    ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
+        assert!(
+            !items.is_empty() && items.len() <= SETTLE_BATCH_LEN_MAX,
+            "a batch respects its limits"
+        );
+        let (_unused, rx) = mpsc::channel(1);
+        let writer = Writer {
+            store: self.store.clone(),
+            gate: self.gate.clone(),
+            clock: self.clock.clone(),
+            rx,
+            last_cleanup_ms: i64::MIN,
+        };
+        let items: Vec<(&UsageEntry, Finish)> = items.iter().map(|(e, f)| (e, *f)).collect();
+        writer.finish_batch_retrying(&items).await
+    }
+
     /// Records durable progress of an open reservation (completion tokens delivered so far), so
     /// recovery after a crash can bill them. Call when the first token goes out and then every
     /// so often; it only ever moves forward.
@@ -371,8 +369,14 @@ impl Writer {
             }
         }
         if !checkpoints.is_empty() {
-            let items: Vec<(RequestId, u32)> =
-                checkpoints.iter().map(|(r, c, _)| (*r, *c)).collect();
+            // By request id, the order every writer locks reservations in; one update per
+            // request, at the most progress any of its checkpoints reported.
+            let mut progress: BTreeMap<RequestId, u32> = BTreeMap::new();
+            for (request_id, completion_tokens, _) in &checkpoints {
+                let slot = progress.entry(*request_id).or_default();
+                *slot = (*slot).max(*completion_tokens);
+            }
+            let items: Vec<(RequestId, u32)> = progress.into_iter().collect();
             let result = self.checkpoint_batch(&items).await;
             let failed = result.is_err();
             if let Err(err) = result {
@@ -464,77 +468,126 @@ impl Writer {
             "batches respect their limit"
         );
         let now_ms = self.clock.now_ms();
-        let is_postgres = matches!(self.store, Store::Postgres(_));
-        let ids: BTreeSet<String> = items
+        // The command that resolves each request, if it is open: the first whose entry is valid
+        // (`decide` checks the rest against the reservation). Its kind is the state the
+        // reservation moves to.
+        let mut entry_errors: Vec<Option<LedgerError>> = Vec::with_capacity(items.len());
+        let mut first_valid: BTreeMap<String, usize> = BTreeMap::new();
+        for (index, (entry, _)) in items.iter().enumerate() {
+            let checked =
+                validate_entry(entry).and_then(|()| to_i64(entry.latency_ms, "latency_ms"));
+            match checked {
+                Ok(_) => {
+                    first_valid
+                        .entry(entry.request_id.to_string())
+                        .or_insert(index);
+                    entry_errors.push(None);
+                }
+                Err(err) => entry_errors.push(Some(err)),
+            }
+        }
+        let resolving: Vec<String> = first_valid.keys().cloned().collect();
+        let settling: Vec<String> = first_valid
             .iter()
-            .map(|(e, _)| e.request_id.to_string())
+            .filter(|(_, index)| {
+                items
+                    .get(**index)
+                    .is_some_and(|(_, f)| *f == Finish::Settle)
+            })
+            .map(|(id, _)| id.clone())
             .collect();
 
         let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
             let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
 
-            // 1. Lock and read the reservations (PostgreSQL: FOR UPDATE, in request id order).
-            let mut read = QueryBuilder::new(
-                "SELECT r.request_id, r.tenant_id, r.project_id, r.key_id, r.model, r.month, \
-                 r.currency, r.price_effective_from_ms, r.input_per_mtok_nanos, \
-                 r.output_per_mtok_nanos, r.cached_input_per_mtok_nanos, r.prompt_tokens_max, \
-                 r.completion_tokens_max, r.hold_nanos, r.state, u.cost_nanos \
-                 FROM reservations r LEFT JOIN usage_entries u ON u.request_id = r.request_id \
-                 WHERE r.request_id IN (",
-            );
-            let mut list = read.separated(", ");
-            for id in &ids {
-                list.push_bind(id.as_str());
-            }
-            read.push(") ORDER BY r.request_id");
-            if is_postgres {
-                read.push(" FOR UPDATE OF r");
-            }
-            let rows: Vec<ReservationRow> = read.build_query_as().fetch_all(&mut *tx).await?;
+            // 1. Move the open reservations to their final state and read them back, in one
+            // statement (PostgreSQL: it takes their row locks, in request id order).
             let mut held: BTreeMap<String, Held> = BTreeMap::new();
-            for row in rows {
-                let (id, h) = held_from_row(row)?;
-                held.insert(id, h);
+            if !resolving.is_empty() {
+                for row in tx.resolve_open(&resolving, &settling, now_ms).await? {
+                    let (id, h) = held_from_row(row)?;
+                    held.insert(id, h);
+                }
+            }
+            // 2. The others: resolved before this batch, open with only invalid commands, or
+            // unknown.
+            let others: Vec<String> = items
+                .iter()
+                .map(|(e, _)| e.request_id.to_string())
+                .filter(|id| !held.contains_key(id))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut states: BTreeMap<String, (String, String, Option<i64>)> = BTreeMap::new();
+            if !others.is_empty() {
+                for (id, state, currency, cost) in tx.read_states(&others).await? {
+                    states.insert(id, (state, currency, cost));
+                }
             }
 
-            // 2. Decide each command; a request finished twice in one batch counts once.
+            // 3. Decide each command in order; a request finished twice in one batch counts once.
             let mut outcomes: Vec<Outcome<'_>> = Vec::with_capacity(items.len());
             let mut decided: BTreeMap<String, (ReservationState, Nanos)> = BTreeMap::new();
-            for (entry, finish) in items {
+            for (index, (entry, finish)) in items.iter().enumerate() {
                 let id = entry.request_id.to_string();
-                let Some(h) = held.get(&id) else {
-                    outcomes.push(Outcome::Reply(Err(LedgerError::ReservationNotFound {
-                        request_id: entry.request_id,
-                    })));
-                    continue;
-                };
-                let earlier = decided.get(&id).copied().or(match h.state {
-                    ReservationState::Open => None,
-                    state => Some((state, Nanos(h.stored_cost.unwrap_or(0)))),
-                });
-                if let Some((state, cost)) = earlier {
-                    outcomes.push(Outcome::Reply(Ok(Settlement {
-                        request_id: entry.request_id,
-                        state,
-                        cost,
-                        currency: h.currency,
-                        first: false,
-                        capped: false,
-                    })));
-                    continue;
-                }
-                match decide(entry, *finish, h) {
-                    Ok((cost, capped, latency_ms)) => {
-                        let state = match finish {
-                            Finish::Settle => ReservationState::Settled,
-                            Finish::Void => ReservationState::Voided,
-                        };
-                        decided.insert(id, (state, cost));
-                        outcomes.push(Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped });
+                let entry_error = entry_errors.get_mut(index).and_then(Option::take);
+                let outcome = if let Some(h) = held.get(&id) {
+                    // Open before this batch.
+                    if let Some((state, cost)) = decided.get(&id).copied() {
+                        Outcome::Reply(Ok(Settlement {
+                            request_id: entry.request_id,
+                            state,
+                            cost,
+                            currency: h.currency,
+                            first: false,
+                            capped: false,
+                        }))
+                    } else if let Some(err) = entry_error {
+                        Outcome::Reply(Err(err))
+                    } else {
+                        assert!(first_valid.get(&id) == Some(&index), "the first valid command resolves");
+                        match decide(entry, *finish, h) {
+                            Ok((cost, capped, latency_ms)) => {
+                                let state = match finish {
+                                    Finish::Settle => ReservationState::Settled,
+                                    Finish::Void => ReservationState::Voided,
+                                };
+                                decided.insert(id, (state, cost));
+                                Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped }
+                            }
+                            // The reservation moved already: this command may not apply, and a
+                            // later one for the same request might. Nothing is committed; alone,
+                            // the command gets its error, in a batch each command is retried alone.
+                            Err(err) if items.len() == 1 => return Ok(vec![Err(err)]),
+                            Err(err) => return Err(err),
+                        }
                     }
-                    Err(err) => outcomes.push(Outcome::Reply(Err(err))),
-                }
+                } else {
+                    match states.get(&id) {
+                        Some((state, _, _)) if state == ReservationState::Open.as_str() => {
+                            // Only invalid commands name it (or it appeared after step 1, as if
+                            // this batch came first).
+                            Outcome::Reply(Err(entry_error.unwrap_or(LedgerError::ReservationNotFound {
+                                request_id: entry.request_id,
+                            })))
+                        }
+                        Some((state, currency, cost)) => Outcome::Reply(Ok(Settlement {
+                            request_id: entry.request_id,
+                            state: ReservationState::parse(state).ok_or(LedgerError::Corrupt {
+                                what: "reservation state",
+                            })?,
+                            cost: Nanos(cost.unwrap_or(0)),
+                            currency: Currency::parse(currency).map_err(|_| corrupt("currency"))?,
+                            first: false,
+                            capped: false,
+                        })),
+                        None => Outcome::Reply(Err(LedgerError::ReservationNotFound {
+                            request_id: entry.request_id,
+                        })),
+                    }
+                };
+                outcomes.push(outcome);
             }
             let applied: Vec<(&BilledRow<'_>, Finish)> = outcomes
                 .iter()
@@ -545,66 +598,37 @@ impl Writer {
                 .collect();
 
             if !applied.is_empty() {
-                // 3. Reservation states.
-                for (state, finish) in [("settled", Finish::Settle), ("voided", Finish::Void)] {
-                    let group: Vec<String> = applied
-                        .iter()
-                        .filter(|(_, f)| *f == finish)
-                        .map(|(r, _)| r.entry.request_id.to_string())
-                        .collect();
-                    if group.is_empty() {
-                        continue;
-                    }
-                    let mut update = QueryBuilder::new("UPDATE reservations SET state = ");
-                    update.push_bind(state);
-                    update.push(", resolved_at_ms = ");
-                    update.push_bind(now_ms);
-                    update.push(" WHERE state = 'open' AND request_id IN (");
-                    let mut list = update.separated(", ");
-                    for id in &group {
-                        list.push_bind(id.as_str());
-                    }
-                    update.push(")");
-                    let changed = update.build().execute(&mut *tx).await?.rows_affected();
-                    if changed != u64::try_from(group.len()).unwrap_or(u64::MAX) {
-                        return Err(LedgerError::Invariant { what: "open reservations changed under a lock" });
-                    }
-                }
-
                 // 4. Usage entries, with their money and price snapshot.
-                let mut insert = QueryBuilder::new(
-                    "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-                     prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-                     latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
-                     price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-                     cached_input_per_mtok_nanos) ",
-                );
-                insert.push_values(applied.iter(), |mut b, (row, _)| {
-                    let (status, code) = status_parts(&row.entry.status);
-                    b.push_bind(row.entry.request_id.to_string())
-                        .push_bind(row.entry.tenant.as_str().to_owned())
-                        .push_bind(row.entry.key_id.0.clone())
-                        .push_bind(row.held.model.clone())
-                        .push_bind(row.entry.endpoint.clone())
-                        .push_bind(i64::from(row.entry.prompt_tokens))
-                        .push_bind(i64::from(row.entry.completion_tokens))
-                        .push_bind(i64::from(row.entry.cached_prompt_tokens))
-                        .push_bind(status)
-                        .push_bind(code.map(str::to_owned))
-                        .push_bind(row.latency_ms)
-                        .push_bind(row.entry.created_at_ms)
-                        .push_bind(row.held.project.clone())
-                        .push_bind(row.held.month.clone())
-                        .push_bind(row.held.currency.as_str().to_owned())
-                        .push_bind(row.cost.0)
-                        .push_bind(row.held.price.effective_from_ms)
-                        .push_bind(row.held.price.input_per_mtok.0)
-                        .push_bind(row.held.price.output_per_mtok.0)
-                        .push_bind(row.held.price.cached_input_per_mtok.0);
-                });
-                insert.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
-                let inserted: Vec<(String,)> = insert.build_query_as().fetch_all(&mut *tx).await?;
-                if inserted.len() != applied.len() {
+                let rows: Vec<UsageRow<'_>> = applied
+                    .iter()
+                    .map(|(row, _)| {
+                        let (status, code) = status_parts(&row.entry.status);
+                        UsageRow {
+                            request_id: row.entry.request_id.to_string(),
+                            tenant: row.entry.tenant.as_str(),
+                            key_id: &row.entry.key_id.0,
+                            model: &row.held.model,
+                            endpoint: &row.entry.endpoint,
+                            prompt_tokens: i64::from(row.entry.prompt_tokens),
+                            completion_tokens: i64::from(row.entry.completion_tokens),
+                            cached_prompt_tokens: i64::from(row.entry.cached_prompt_tokens),
+                            status,
+                            error_code: code,
+                            latency_ms: row.latency_ms,
+                            created_at_ms: row.entry.created_at_ms,
+                            project: &row.held.project,
+                            month: &row.held.month,
+                            currency: row.held.currency.as_str(),
+                            cost_nanos: row.cost.0,
+                            price_effective_from_ms: row.held.price.effective_from_ms,
+                            input_per_mtok_nanos: row.held.price.input_per_mtok.0,
+                            output_per_mtok_nanos: row.held.price.output_per_mtok.0,
+                            cached_input_per_mtok_nanos: row.held.price.cached_input_per_mtok.0,
+                        }
+                    })
+                    .collect();
+                let inserted = tx.insert_usage(&rows).await?;
+                if inserted != u64::try_from(applied.len()).unwrap_or(u64::MAX) {
                     // A money-free usage row already holds one of these ids (record_usage on a
                     // reserved request): refuse the batch; one-by-one retry isolates it.
                     return Err(LedgerError::Invariant { what: "usage row already exists for a reserved request" });

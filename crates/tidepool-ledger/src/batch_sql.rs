@@ -1,0 +1,895 @@
+//! The statements of the two group-commit writers (reservations in `billing`, settlements in
+//! `writer`) whose text differs between the stores, behind one trait implemented for each
+//! store's connection. A batch touches up to a few hundred rows per statement:
+//!
+//! - PostgreSQL binds whole columns as arrays (`= ANY($1)`, `INSERT … SELECT … FROM
+//!   UNNEST($1, $2, …)`, `UPDATE … FROM UNNEST(…)`), so each statement has one text whatever the
+//!   batch's size, is prepared once per connection and planned from a cached plan;
+//! - SQLite has no arrays: it gets `IN (…)` lists and multi-row `VALUES`, built with
+//!   `QueryBuilder` (SQLite prepares in-process, so a new text per batch size costs little).
+//!
+//! Row locks (PostgreSQL) are taken in the ledger's global order — accounts by tenant, then
+//! budget rows by `(scope, scope_id, month)`, then rate windows by `(scope, scope_id)`, then
+//! reservations — and every method that locks sorts its rows first. On SQLite the write
+//! transaction (`BEGIN IMMEDIATE`) already holds the database's one write lock.
+
+use sqlx::{PgConnection, QueryBuilder, Sqlite, SqliteConnection};
+
+/// One row of [`BatchSql::read_inputs`]: `(kind, a, b, c, d, n1, n2, n3, n4)`.
+pub(crate) type InputRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+/// What a reservation batch reads before it locks anything.
+#[derive(Debug)]
+pub(crate) struct BatchInputs<'a> {
+    pub(crate) request_ids: &'a [String],
+    pub(crate) key_ids: &'a [&'a str],
+    /// `(key id, idempotency key)` of the requests that carry one.
+    pub(crate) idempotency: &'a [(&'a str, &'a str)],
+    pub(crate) models: &'a [&'a str],
+    /// Prices in force at this instant.
+    pub(crate) now_ms: i64,
+    /// The budget month and the rate window the batch counts in.
+    pub(crate) month: &'a str,
+    pub(crate) window_start_ms: i64,
+}
+/// The rows a reservation batch may change (see [`BatchSql::lock_rows`]).
+#[derive(Debug)]
+pub(crate) struct LockRows<'a> {
+    pub(crate) tenants: &'a [&'a str],
+    /// `(scope, scope_id)` of this month's budget rows, sorted.
+    pub(crate) budget_rows: &'a [(&'a str, &'a str)],
+    pub(crate) month: &'a str,
+    /// `(scope, scope_id)` of the current rate windows, sorted.
+    pub(crate) window_rows: &'a [(&'a str, &'a str)],
+    pub(crate) window_start_ms: i64,
+}
+/// What a reservation batch writes (see [`BatchSql::write_reservations`]).
+#[derive(Debug)]
+pub(crate) struct ReservationWrites<'a> {
+    /// `(tenant, hold)`.
+    pub(crate) accounts: Vec<(&'a str, i64)>,
+    pub(crate) budgets: Vec<CounterAdd<'a>>,
+    pub(crate) month: &'a str,
+    pub(crate) windows: Vec<CounterAdd<'a>>,
+    pub(crate) window_start_ms: i64,
+    pub(crate) reservations: Vec<NewReservation<'a>>,
+}
+/// Rows changed by each write: accounts, budget rows, rate windows, reservations.
+pub(crate) type WriteCounts = (u64, u64, u64, u64);
+/// `(tenant_id, currency, balance_nanos, reserved_nanos)`.
+pub(crate) type AccountRow = (String, String, i64, i64);
+/// `(scope, scope_id, first, second)`: a budget row's `(reserved_nanos, spent_nanos)` or a rate
+/// window's `(requests, tokens)`.
+pub(crate) type CounterRow = (String, String, i64, i64);
+/// A reservation the settle writer resolved: request id, tenant, project, key, model, month,
+/// currency, price (effective from, input, output, cached input), prompt and completion maxima,
+/// hold.
+pub(crate) type ReservationRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+/// `(request_id, state, currency, cost of its usage entry)` of a reservation.
+pub(crate) type StateRow = (String, String, String, Option<i64>);
+
+/// A `(scope, scope_id)` pair, and what to add to its row with the bound the sum must respect.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CounterAdd<'a> {
+    pub(crate) scope: &'a str,
+    pub(crate) scope_id: &'a str,
+    /// Whether the row existed when the batch read it (otherwise it is inserted).
+    pub(crate) exists: bool,
+    pub(crate) first: i64,
+    pub(crate) second: i64,
+    /// Budgets: the limit `reserved + spent + first` must stay within. Windows: the RPM bound
+    /// for `requests + first`; [`Self::second_bound`] is the TPM bound.
+    pub(crate) first_bound: i64,
+    pub(crate) second_bound: i64,
+}
+
+/// One new reservation row (state `open`).
+#[derive(Debug)]
+pub(crate) struct NewReservation<'a> {
+    pub(crate) request_id: String,
+    pub(crate) tenant: &'a str,
+    pub(crate) project: &'a str,
+    pub(crate) key_id: &'a str,
+    pub(crate) model: &'a str,
+    pub(crate) replica_id: &'a str,
+    pub(crate) idempotency_key: Option<&'a str>,
+    pub(crate) month: &'a str,
+    pub(crate) currency: &'a str,
+    pub(crate) price_effective_from_ms: i64,
+    pub(crate) input_per_mtok_nanos: i64,
+    pub(crate) output_per_mtok_nanos: i64,
+    pub(crate) cached_input_per_mtok_nanos: i64,
+    pub(crate) prompt_tokens_max: i64,
+    pub(crate) completion_tokens_max: i64,
+    pub(crate) hold_nanos: i64,
+    pub(crate) created_at_ms: i64,
+}
+
+/// One usage row with its money and price snapshot.
+#[derive(Debug)]
+pub(crate) struct UsageRow<'a> {
+    pub(crate) request_id: String,
+    pub(crate) tenant: &'a str,
+    pub(crate) key_id: &'a str,
+    pub(crate) model: &'a str,
+    pub(crate) endpoint: &'a str,
+    pub(crate) prompt_tokens: i64,
+    pub(crate) completion_tokens: i64,
+    pub(crate) cached_prompt_tokens: i64,
+    pub(crate) status: &'static str,
+    pub(crate) error_code: Option<&'a str>,
+    pub(crate) latency_ms: i64,
+    pub(crate) created_at_ms: i64,
+    pub(crate) project: &'a str,
+    pub(crate) month: &'a str,
+    pub(crate) currency: &'a str,
+    pub(crate) cost_nanos: i64,
+    pub(crate) price_effective_from_ms: i64,
+    pub(crate) input_per_mtok_nanos: i64,
+    pub(crate) output_per_mtok_nanos: i64,
+    pub(crate) cached_input_per_mtok_nanos: i64,
+}
+
+/// The columns of a [`ReservationRow`], for `RETURNING` (a macro, so that `concat!` can build
+/// static SQL with it).
+macro_rules! resolved_columns {
+    () => {
+        "request_id, tenant_id, project_id, key_id, model, month, currency, \
+         price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
+         cached_input_per_mtok_nanos, prompt_tokens_max, completion_tokens_max, hold_nanos"
+    };
+}
+
+/// SQLite: the reservations holding one of the batch's `(key's tenant, idempotency key)` pairs,
+/// as one more `UNION ALL` branch of `read_inputs` (none without pairs).
+fn push_idempotency_reads<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &BatchInputs<'a>) {
+    if inputs.idempotency.is_empty() {
+        return;
+    }
+    query.push(
+        " UNION ALL SELECT 'reservation', r.request_id, r.tenant_id, r.idempotency_key, r.state, \
+         NULL, NULL, NULL, NULL FROM reservations r JOIN api_keys k ON k.tenant_id = r.tenant_id \
+         WHERE ",
+    );
+    let mut pairs = query.separated(" OR ");
+    for (key_id, key) in inputs.idempotency {
+        pairs.push("(k.key_id = ");
+        pairs.push_bind_unseparated(*key_id);
+        pairs.push_unseparated(" AND r.idempotency_key = ");
+        pairs.push_bind_unseparated(*key);
+        pairs.push_unseparated(")");
+    }
+}
+
+/// SQLite: the rows `lock_rows` returns on PostgreSQL (accounts, this month's budget rows, the
+/// current rate windows), as more `UNION ALL` branches of `read_inputs`.
+fn push_locked_rows<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &BatchInputs<'a>) {
+    let keys = || inputs.key_ids.iter().copied();
+    let projects = " FROM api_keys WHERE key_id IN (";
+    query.push(
+        " UNION ALL SELECT 'account', tenant_id, currency, NULL, NULL, balance_nanos, \
+         reserved_nanos, NULL, NULL FROM accounts WHERE tenant_id IN (SELECT tenant_id",
+    );
+    query.push(projects);
+    push_list(query, keys());
+    query.push(
+        ")) UNION ALL SELECT 'spend', scope, scope_id, NULL, NULL, reserved_nanos, spent_nanos, \
+         NULL, NULL FROM budget_spend WHERE month = ",
+    );
+    query.push_bind(inputs.month);
+    query.push(" AND ((scope = 'key' AND scope_id IN (");
+    push_list(query, keys());
+    query.push(")) OR (scope = 'project' AND scope_id IN (SELECT tenant_id || '/' || project_id");
+    query.push(projects);
+    push_list(query, keys());
+    query.push(
+        ")))) UNION ALL SELECT 'window', scope, scope_id, NULL, NULL, requests, tokens, NULL, \
+         NULL FROM rate_windows WHERE window_start_ms = ",
+    );
+    query.push_bind(inputs.window_start_ms);
+    query.push(" AND ((scope = 'key' AND scope_id IN (");
+    push_list(query, keys());
+    query.push(")) OR (scope = 'project' AND scope_id IN (SELECT tenant_id || '/' || project_id");
+    query.push(projects);
+    push_list(query, keys());
+    query.push("))) OR (scope = 'model' AND scope_id IN (");
+    push_list(query, inputs.models.iter().copied());
+    query.push(")))");
+}
+
+/// Bind parameters of one [`NewReservation`] in SQLite's multi-row insert.
+pub(crate) const RESERVATION_BINDS: usize = 17;
+/// Bind parameters of one [`UsageRow`] in SQLite's multi-row insert.
+pub(crate) const USAGE_BINDS: usize = 20;
+/// SQLite's limit on bind parameters in one statement (`SQLITE_MAX_VARIABLE_NUMBER`).
+pub(crate) const SQLITE_BINDS_MAX: usize = 32_766;
+
+/// The batched writers' statements that differ between the stores. Every method runs inside the
+/// caller's write transaction.
+pub(crate) trait BatchSql {
+    /// Everything a reservation batch reads before it takes a lock, in one statement: rows
+    /// `(kind, a, b, c, d, n1, n2, n3, n4)` where `kind` names what the other fields hold —
+    /// `key`: key id, tenant, project, -, revoked at; `reservation` (with one of the request ids,
+    /// or one of the `(key's tenant, idempotency key)` pairs): request id, tenant, idempotency
+    /// key, state; `usage` (a usage entry with one of the request ids): request id; `price` (in
+    /// force at `now_ms`): model, currency, -, -, effective from, input, output, cached input;
+    /// `budget` (of a key or a key's project): scope, scope id, -, -, limit; `rate` (of a key,
+    /// a key's project or a model): scope, scope id, -, -, requests and tokens per minute. On
+    /// SQLite also the rows `lock_rows` returns on PostgreSQL: `account` (of a key's tenant):
+    /// tenant, currency, -, -, balance, reserved; `spend` (this month's budget row of a key or
+    /// a key's project): scope, scope id, -, -, reserved, spent; `window` (the current window
+    /// of a key, a key's project or a model): scope, scope id, -, -, requests, tokens.
+    async fn read_inputs(&mut self, inputs: &BatchInputs<'_>)
+    -> Result<Vec<InputRow>, sqlx::Error>;
+    /// Locks the rows a reservation batch may change and reads them, as `account`, `spend` and
+    /// `window` rows of [`BatchSql::read_inputs`]. PostgreSQL: in the global order — accounts by
+    /// tenant (`FOR UPDATE`), then each budget row and each rate window in the caller's (sorted)
+    /// order, created at zero where missing (one upsert per table, whose no-op update is what
+    /// locks and returns an existing row), so two replicas never hold two rows in opposite
+    /// orders. SQLite: nothing — `read_inputs` read these rows already, and the transaction's
+    /// `BEGIN IMMEDIATE` holds the database's one write lock.
+    async fn lock_rows(&mut self, rows: &LockRows<'_>) -> Result<Vec<InputRow>, sqlx::Error>;
+    /// Writes what a reservation batch took, each change conditional on its row still allowing
+    /// it: holds added to accounts (where the balance covers them), holds added to budget rows
+    /// (within their limit), requests and tokens added to rate windows (within their limits),
+    /// and the new reservations. Returns the rows each of the four changed.
+    async fn write_reservations(
+        &mut self,
+        writes: &ReservationWrites<'_>,
+    ) -> Result<WriteCounts, sqlx::Error>;
+    /// Moves the open ones of these reservations to `settled` (those in `settling`) or `voided`
+    /// (the rest), at `resolved_at_ms`, and returns them (PostgreSQL: the update takes their row
+    /// locks, by request id).
+    async fn resolve_open(
+        &mut self,
+        request_ids: &[String],
+        settling: &[String],
+        resolved_at_ms: i64,
+    ) -> Result<Vec<ReservationRow>, sqlx::Error>;
+    /// The state, currency and usage cost of these reservations (no lock: a resolved
+    /// reservation never changes).
+    async fn read_states(&mut self, request_ids: &[String]) -> Result<Vec<StateRow>, sqlx::Error>;
+    /// Inserts usage rows, skipping request ids that already have one; rows inserted.
+    async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error>;
+}
+
+fn push_list<'a>(query: &mut QueryBuilder<'a, Sqlite>, values: impl IntoIterator<Item = &'a str>) {
+    let mut list = query.separated(", ");
+    for value in values {
+        list.push_bind(value);
+    }
+}
+
+/// A column of `rows` as a vector, for one PostgreSQL array parameter.
+fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.iter().map(f).collect()
+}
+
+impl BatchSql for SqliteConnection {
+    async fn read_inputs(
+        &mut self,
+        inputs: &BatchInputs<'_>,
+    ) -> Result<Vec<InputRow>, sqlx::Error> {
+        let keys = || inputs.key_ids.iter().copied();
+        let requests = || inputs.request_ids.iter().map(String::as_str);
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT 'key', key_id, tenant_id, project_id, NULL, revoked_at_ms, NULL, NULL, NULL \
+             FROM api_keys WHERE key_id IN (",
+        );
+        push_list(&mut query, keys());
+        query.push(
+            ") UNION ALL SELECT 'reservation', request_id, tenant_id, idempotency_key, state, \
+             NULL, NULL, NULL, NULL FROM reservations WHERE request_id IN (",
+        );
+        push_list(&mut query, requests());
+        query.push(")");
+        push_idempotency_reads(&mut query, inputs);
+        query.push(
+            " UNION ALL SELECT 'usage', request_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+             FROM usage_entries WHERE request_id IN (",
+        );
+        push_list(&mut query, requests());
+        query.push(
+            ") UNION ALL SELECT 'price', p.model, p.currency, NULL, NULL, p.effective_from_ms, \
+             p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos \
+             FROM prices p WHERE p.model IN (",
+        );
+        push_list(&mut query, inputs.models.iter().copied());
+        query.push(
+            ") AND p.effective_from_ms = (SELECT MAX(q.effective_from_ms) FROM prices q \
+             WHERE q.model = p.model AND q.effective_from_ms <= ",
+        );
+        query.push_bind(inputs.now_ms);
+        query.push(
+            ") UNION ALL SELECT 'budget', scope, scope_id, NULL, NULL, limit_nanos, NULL, NULL, \
+             NULL FROM budgets WHERE (scope = 'key' AND scope_id IN (",
+        );
+        push_list(&mut query, keys());
+        query.push(
+            ")) OR (scope = 'project' AND scope_id IN (SELECT tenant_id || '/' || project_id \
+             FROM api_keys WHERE key_id IN (",
+        );
+        push_list(&mut query, keys());
+        query.push(
+            "))) UNION ALL SELECT 'rate', scope, scope_id, NULL, NULL, requests_per_minute, \
+             tokens_per_minute, NULL, NULL FROM rate_limits WHERE (scope = 'key' AND scope_id IN (",
+        );
+        push_list(&mut query, keys());
+        query.push(
+            ")) OR (scope = 'project' AND scope_id IN (SELECT tenant_id || '/' || project_id \
+             FROM api_keys WHERE key_id IN (",
+        );
+        push_list(&mut query, keys());
+        query.push("))) OR (scope = 'model' AND scope_id IN (");
+        push_list(&mut query, inputs.models.iter().copied());
+        query.push("))");
+        push_locked_rows(&mut query, inputs);
+        query.build_query_as().fetch_all(&mut *self).await
+    }
+
+    async fn lock_rows(&mut self, _rows: &LockRows<'_>) -> Result<Vec<InputRow>, sqlx::Error> {
+        Ok(Vec::new())
+    }
+
+    async fn write_reservations(
+        &mut self,
+        writes: &ReservationWrites<'_>,
+    ) -> Result<WriteCounts, sqlx::Error> {
+        let accounts = sqlite_add_account_holds(self, &writes.accounts).await?;
+        let budgets = sqlite_add_counters(
+            self,
+            Counters::Budgets {
+                month: writes.month,
+            },
+            &writes.budgets,
+        )
+        .await?;
+        let windows = sqlite_add_counters(
+            self,
+            Counters::Windows {
+                window_start_ms: writes.window_start_ms,
+            },
+            &writes.windows,
+        )
+        .await?;
+        let reservations = sqlite_insert_reservations(self, &writes.reservations).await?;
+        Ok((accounts, budgets, windows, reservations))
+    }
+
+    async fn resolve_open(
+        &mut self,
+        request_ids: &[String],
+        settling: &[String],
+        resolved_at_ms: i64,
+    ) -> Result<Vec<ReservationRow>, sqlx::Error> {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "UPDATE reservations SET state = CASE WHEN request_id IN (",
+        );
+        push_list(&mut query, settling.iter().map(String::as_str));
+        query.push(") THEN 'settled' ELSE 'voided' END, resolved_at_ms = ");
+        query.push_bind(resolved_at_ms);
+        query.push(" WHERE state = 'open' AND request_id IN (");
+        push_list(&mut query, request_ids.iter().map(String::as_str));
+        query.push(concat!(") RETURNING ", resolved_columns!()));
+        query.build_query_as().fetch_all(&mut *self).await
+    }
+
+    async fn read_states(&mut self, request_ids: &[String]) -> Result<Vec<StateRow>, sqlx::Error> {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT r.request_id, r.state, r.currency, u.cost_nanos FROM reservations r \
+             LEFT JOIN usage_entries u ON u.request_id = r.request_id WHERE r.request_id IN (",
+        );
+        push_list(&mut query, request_ids.iter().map(String::as_str));
+        query.push(")");
+        query.build_query_as().fetch_all(&mut *self).await
+    }
+
+    async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error> {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+             latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
+             price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
+             cached_input_per_mtok_nanos) ",
+        );
+        query.push_values(rows, |mut b, r| {
+            b.push_bind(r.request_id.as_str())
+                .push_bind(r.tenant)
+                .push_bind(r.key_id)
+                .push_bind(r.model)
+                .push_bind(r.endpoint)
+                .push_bind(r.prompt_tokens)
+                .push_bind(r.completion_tokens)
+                .push_bind(r.cached_prompt_tokens)
+                .push_bind(r.status)
+                .push_bind(r.error_code)
+                .push_bind(r.latency_ms)
+                .push_bind(r.created_at_ms)
+                .push_bind(r.project)
+                .push_bind(r.month)
+                .push_bind(r.currency)
+                .push_bind(r.cost_nanos)
+                .push_bind(r.price_effective_from_ms)
+                .push_bind(r.input_per_mtok_nanos)
+                .push_bind(r.output_per_mtok_nanos)
+                .push_bind(r.cached_input_per_mtok_nanos);
+        });
+        query.push(" ON CONFLICT (request_id) DO NOTHING");
+        Ok(query.build().execute(&mut *self).await?.rows_affected())
+    }
+}
+
+/// PostgreSQL: a reservation batch's four writes in one statement (see
+/// [`BatchSql::write_reservations`]); every row it changes is locked already, so the order in
+/// which the four run does not matter.
+const PG_WRITE_RESERVATIONS: &str = "WITH a AS (UPDATE accounts x SET reserved_nanos = x.reserved_nanos + d.hold \
+     FROM UNNEST($1::text[], $2::bigint[]) AS d(tenant_id, hold) \
+     WHERE x.tenant_id = d.tenant_id AND x.balance_nanos - x.reserved_nanos >= d.hold \
+     RETURNING 1), \
+     b AS (UPDATE budget_spend x SET reserved_nanos = x.reserved_nanos + d.hold \
+     FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::bigint[]) \
+     AS d(scope, scope_id, hold, bound) \
+     WHERE x.scope = d.scope AND x.scope_id = d.scope_id AND x.month = $7 \
+     AND x.reserved_nanos + x.spent_nanos + d.hold <= d.bound RETURNING 1), \
+     w AS (UPDATE rate_windows x SET requests = x.requests + d.requests, \
+     tokens = x.tokens + d.tokens \
+     FROM UNNEST($8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], \
+     $13::bigint[]) AS d(scope, scope_id, requests, tokens, rpm, tpm) \
+     WHERE x.scope = d.scope AND x.scope_id = d.scope_id AND x.window_start_ms = $14 \
+     AND x.requests + d.requests <= d.rpm AND x.tokens + d.tokens <= d.tpm RETURNING 1), \
+     r AS (INSERT INTO reservations (request_id, tenant_id, project_id, key_id, model, \
+     replica_id, idempotency_key, month, currency, price_effective_from_ms, \
+     input_per_mtok_nanos, output_per_mtok_nanos, cached_input_per_mtok_nanos, \
+     prompt_tokens_max, completion_tokens_max, hold_nanos, state, created_at_ms) \
+     SELECT n.request_id, n.tenant_id, n.project_id, n.key_id, n.model, n.replica_id, \
+     n.idempotency_key, n.month, n.currency, n.price_effective_from_ms, n.input, \
+     n.output, n.cached_input, n.prompt_max, n.completion_max, n.hold, 'open', \
+     n.created_at_ms FROM UNNEST($15::text[], $16::text[], $17::text[], $18::text[], \
+     $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bigint[], \
+     $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[], \
+     $30::bigint[], $31::bigint[]) AS n(request_id, tenant_id, project_id, key_id, \
+     model, replica_id, idempotency_key, month, currency, price_effective_from_ms, \
+     input, output, cached_input, prompt_max, completion_max, hold, created_at_ms) \
+     RETURNING 1) \
+     SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b), \
+     (SELECT count(*) FROM w), (SELECT count(*) FROM r)";
+
+impl BatchSql for PgConnection {
+    async fn lock_rows(&mut self, rows: &LockRows<'_>) -> Result<Vec<InputRow>, sqlx::Error> {
+        let row = |kind: &str, a: String, b: String, n1: i64, n2: i64| -> InputRow {
+            (
+                kind.to_owned(),
+                Some(a),
+                Some(b),
+                None,
+                None,
+                Some(n1),
+                Some(n2),
+                None,
+                None,
+            )
+        };
+        let mut locked = Vec::new();
+        for (tenant, currency, balance, reserved) in pg_lock_accounts(self, rows.tenants).await? {
+            locked.push(row("account", tenant, currency, balance, reserved));
+        }
+        if !rows.budget_rows.is_empty() {
+            for (scope, scope_id, reserved, spent) in
+                pg_lock_budget_rows(self, rows.budget_rows, rows.month).await?
+            {
+                locked.push(row("spend", scope, scope_id, reserved, spent));
+            }
+        }
+        if !rows.window_rows.is_empty() {
+            for (scope, scope_id, requests, tokens) in
+                pg_lock_windows(self, rows.window_rows, rows.window_start_ms).await?
+            {
+                locked.push(row("window", scope, scope_id, requests, tokens));
+            }
+        }
+        Ok(locked)
+    }
+
+    async fn read_inputs(
+        &mut self,
+        inputs: &BatchInputs<'_>,
+    ) -> Result<Vec<InputRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT 'key', key_id, tenant_id, project_id, NULL::text, revoked_at_ms, \
+             NULL::bigint, NULL::bigint, NULL::bigint FROM api_keys WHERE key_id = ANY($2) \
+             UNION ALL SELECT 'reservation', request_id, tenant_id, idempotency_key, state, NULL, \
+             NULL, NULL, NULL FROM reservations WHERE request_id = ANY($1) \
+             UNION ALL SELECT 'reservation', r.request_id, r.tenant_id, r.idempotency_key, \
+             r.state, NULL, NULL, NULL, NULL FROM reservations r \
+             JOIN api_keys k ON k.tenant_id = r.tenant_id \
+             JOIN UNNEST($4::text[], $5::text[]) AS i(key_id, key) \
+             ON i.key_id = k.key_id AND r.idempotency_key = i.key \
+             UNION ALL SELECT 'usage', request_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL \
+             FROM usage_entries WHERE request_id = ANY($1) \
+             UNION ALL SELECT 'price', p.model, p.currency, NULL, NULL, p.effective_from_ms, \
+             p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos \
+             FROM prices p WHERE p.model = ANY($3) AND p.effective_from_ms = \
+             (SELECT MAX(q.effective_from_ms) FROM prices q \
+             WHERE q.model = p.model AND q.effective_from_ms <= $6) \
+             UNION ALL SELECT 'budget', scope, scope_id, NULL, NULL, limit_nanos, NULL, NULL, \
+             NULL FROM budgets WHERE (scope = 'key' AND scope_id = ANY($2)) \
+             OR (scope = 'project' AND scope_id = ANY(ARRAY(SELECT tenant_id || '/' || project_id \
+             FROM api_keys WHERE key_id = ANY($2)))) \
+             UNION ALL SELECT 'rate', scope, scope_id, NULL, NULL, requests_per_minute, \
+             tokens_per_minute, NULL, NULL FROM rate_limits \
+             WHERE (scope = 'key' AND scope_id = ANY($2)) \
+             OR (scope = 'project' AND scope_id = ANY(ARRAY(SELECT tenant_id || '/' || project_id \
+             FROM api_keys WHERE key_id = ANY($2)))) \
+             OR (scope = 'model' AND scope_id = ANY($3))",
+        )
+        .bind(inputs.request_ids)
+        .bind(inputs.key_ids)
+        .bind(inputs.models)
+        .bind(column(inputs.idempotency, |(k, _)| *k))
+        .bind(column(inputs.idempotency, |(_, i)| *i))
+        .bind(inputs.now_ms)
+        .fetch_all(&mut *self)
+        .await
+    }
+
+    async fn write_reservations(
+        &mut self,
+        writes: &ReservationWrites<'_>,
+    ) -> Result<WriteCounts, sqlx::Error> {
+        let rows = &writes.reservations;
+        let (accounts, budgets, windows, reservations): (i64, i64, i64, i64) =
+            sqlx::query_as(PG_WRITE_RESERVATIONS)
+                .bind(column(&writes.accounts, |(t, _)| *t))
+                .bind(column(&writes.accounts, |(_, h)| *h))
+                .bind(column(&writes.budgets, |r| r.scope))
+                .bind(column(&writes.budgets, |r| r.scope_id))
+                .bind(column(&writes.budgets, |r| r.first))
+                .bind(column(&writes.budgets, |r| r.first_bound))
+                .bind(writes.month)
+                .bind(column(&writes.windows, |r| r.scope))
+                .bind(column(&writes.windows, |r| r.scope_id))
+                .bind(column(&writes.windows, |r| r.first))
+                .bind(column(&writes.windows, |r| r.second))
+                .bind(column(&writes.windows, |r| r.first_bound))
+                .bind(column(&writes.windows, |r| r.second_bound))
+                .bind(writes.window_start_ms)
+                .bind(column(rows, |r| r.request_id.as_str()))
+                .bind(column(rows, |r| r.tenant))
+                .bind(column(rows, |r| r.project))
+                .bind(column(rows, |r| r.key_id))
+                .bind(column(rows, |r| r.model))
+                .bind(column(rows, |r| r.replica_id))
+                .bind(column(rows, |r| r.idempotency_key))
+                .bind(column(rows, |r| r.month))
+                .bind(column(rows, |r| r.currency))
+                .bind(column(rows, |r| r.price_effective_from_ms))
+                .bind(column(rows, |r| r.input_per_mtok_nanos))
+                .bind(column(rows, |r| r.output_per_mtok_nanos))
+                .bind(column(rows, |r| r.cached_input_per_mtok_nanos))
+                .bind(column(rows, |r| r.prompt_tokens_max))
+                .bind(column(rows, |r| r.completion_tokens_max))
+                .bind(column(rows, |r| r.hold_nanos))
+                .bind(column(rows, |r| r.created_at_ms))
+                .fetch_one(&mut *self)
+                .await?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok((
+            count(accounts),
+            count(budgets),
+            count(windows),
+            count(reservations),
+        ))
+    }
+
+    async fn resolve_open(
+        &mut self,
+        request_ids: &[String],
+        settling: &[String],
+        resolved_at_ms: i64,
+    ) -> Result<Vec<ReservationRow>, sqlx::Error> {
+        sqlx::query_as(concat!(
+            "UPDATE reservations SET \
+             state = CASE WHEN request_id = ANY($2) THEN 'settled' ELSE 'voided' END, \
+             resolved_at_ms = $3 WHERE state = 'open' AND request_id = ANY($1) RETURNING ",
+            resolved_columns!()
+        ))
+        .bind(request_ids)
+        .bind(settling)
+        .bind(resolved_at_ms)
+        .fetch_all(&mut *self)
+        .await
+    }
+
+    async fn read_states(&mut self, request_ids: &[String]) -> Result<Vec<StateRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT r.request_id, r.state, r.currency, u.cost_nanos FROM reservations r \
+             LEFT JOIN usage_entries u ON u.request_id = r.request_id \
+             WHERE r.request_id = ANY($1)",
+        )
+        .bind(request_ids)
+        .fetch_all(&mut *self)
+        .await
+    }
+
+    async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+             latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
+             price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
+             cached_input_per_mtok_nanos) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
+             $12::bigint[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
+             $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[]) \
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(column(rows, |r| r.request_id.as_str()))
+        .bind(column(rows, |r| r.tenant))
+        .bind(column(rows, |r| r.key_id))
+        .bind(column(rows, |r| r.model))
+        .bind(column(rows, |r| r.endpoint))
+        .bind(column(rows, |r| r.prompt_tokens))
+        .bind(column(rows, |r| r.completion_tokens))
+        .bind(column(rows, |r| r.cached_prompt_tokens))
+        .bind(column(rows, |r| r.status))
+        .bind(column(rows, |r| r.error_code))
+        .bind(column(rows, |r| r.latency_ms))
+        .bind(column(rows, |r| r.created_at_ms))
+        .bind(column(rows, |r| r.project))
+        .bind(column(rows, |r| r.month))
+        .bind(column(rows, |r| r.currency))
+        .bind(column(rows, |r| r.cost_nanos))
+        .bind(column(rows, |r| r.price_effective_from_ms))
+        .bind(column(rows, |r| r.input_per_mtok_nanos))
+        .bind(column(rows, |r| r.output_per_mtok_nanos))
+        .bind(column(rows, |r| r.cached_input_per_mtok_nanos))
+        .execute(&mut *self)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+async fn sqlite_add_account_holds(
+    conn: &mut SqliteConnection,
+    rows: &[(&str, i64)],
+) -> Result<u64, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "UPDATE accounts SET reserved_nanos = reserved_nanos + v.column2 FROM (",
+    );
+    query.push_values(rows, |mut row, (tenant, hold)| {
+        row.push_bind(*tenant).push_bind(*hold);
+    });
+    query.push(
+        ") AS v WHERE accounts.tenant_id = v.column1 \
+         AND accounts.balance_nanos - accounts.reserved_nanos >= v.column2",
+    );
+    Ok(query.build().execute(&mut *conn).await?.rows_affected())
+}
+
+/// Adds `(first, second)` to the existing rows of a counter table (budget rows: reserved, —;
+/// rate windows: requests, tokens) within their bounds, and inserts the new ones (within them
+/// too): rows changed.
+async fn sqlite_add_counters(
+    conn: &mut SqliteConnection,
+    table: Counters<'_>,
+    rows: &[CounterAdd<'_>],
+) -> Result<u64, sqlx::Error> {
+    let (existing, new): (Vec<&CounterAdd<'_>>, Vec<&CounterAdd<'_>>) =
+        rows.iter().partition(|r| r.exists);
+    let mut changed: u64 = 0;
+    if !existing.is_empty() {
+        changed = changed.saturating_add(sqlite_update_counters(conn, table, &existing).await?);
+    }
+    if !new.is_empty() {
+        changed = changed.saturating_add(sqlite_insert_counters(conn, table, &new).await?);
+    }
+    Ok(changed)
+}
+
+/// `(scope, scope_id, first, second, first_bound, second_bound)` as `VALUES` rows, so that the
+/// statement reads them as `column1` … `column6`.
+fn push_counter_values<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &[&CounterAdd<'a>]) {
+    query.push_values(rows, |mut row, r| {
+        row.push_bind(r.scope)
+            .push_bind(r.scope_id)
+            .push_bind(r.first)
+            .push_bind(r.second)
+            .push_bind(r.first_bound)
+            .push_bind(r.second_bound);
+    });
+}
+
+async fn sqlite_update_counters(
+    conn: &mut SqliteConnection,
+    table: Counters<'_>,
+    rows: &[&CounterAdd<'_>],
+) -> Result<u64, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(match table {
+        Counters::Budgets { .. } => {
+            "UPDATE budget_spend SET reserved_nanos = reserved_nanos + v.column3 FROM ("
+        }
+        Counters::Windows { .. } => {
+            "UPDATE rate_windows SET requests = requests + v.column3, \
+             tokens = tokens + v.column4 FROM ("
+        }
+    });
+    push_counter_values(&mut query, rows);
+    match table {
+        Counters::Budgets { month } => {
+            query.push(
+                ") AS v WHERE budget_spend.scope = v.column1 \
+                 AND budget_spend.scope_id = v.column2 AND budget_spend.month = ",
+            );
+            query.push_bind(month);
+            query.push(
+                " AND budget_spend.reserved_nanos + budget_spend.spent_nanos + v.column3 \
+                 <= v.column5",
+            );
+        }
+        Counters::Windows { window_start_ms } => {
+            query.push(
+                ") AS v WHERE rate_windows.scope = v.column1 \
+                 AND rate_windows.scope_id = v.column2 AND rate_windows.window_start_ms = ",
+            );
+            query.push_bind(window_start_ms);
+            query.push(
+                " AND rate_windows.requests + v.column3 <= v.column5 \
+                 AND rate_windows.tokens + v.column4 <= v.column6",
+            );
+        }
+    }
+    Ok(query.build().execute(&mut *conn).await?.rows_affected())
+}
+
+async fn sqlite_insert_counters(
+    conn: &mut SqliteConnection,
+    table: Counters<'_>,
+    rows: &[&CounterAdd<'_>],
+) -> Result<u64, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(match table {
+        Counters::Budgets { .. } => {
+            "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
+             SELECT column1, column2, "
+        }
+        Counters::Windows { .. } => {
+            "INSERT INTO rate_windows (scope, scope_id, window_start_ms, requests, tokens) \
+             SELECT column1, column2, "
+        }
+    });
+    match table {
+        Counters::Budgets { month } => query.push_bind(month),
+        Counters::Windows { window_start_ms } => query.push_bind(window_start_ms),
+    };
+    query.push(match table {
+        Counters::Budgets { .. } => ", column3, 0 FROM (",
+        Counters::Windows { .. } => ", column3, column4 FROM (",
+    });
+    push_counter_values(&mut query, rows);
+    query.push(") WHERE column3 <= column5 AND column4 <= column6");
+    Ok(query.build().execute(&mut *conn).await?.rows_affected())
+}
+
+/// A counter table and the period its rows belong to.
+#[derive(Debug, Clone, Copy)]
+enum Counters<'a> {
+    /// `budget_spend` of this month.
+    Budgets { month: &'a str },
+    /// `rate_windows` starting at this instant.
+    Windows { window_start_ms: i64 },
+}
+
+async fn sqlite_insert_reservations(
+    conn: &mut SqliteConnection,
+    rows: &[NewReservation<'_>],
+) -> Result<u64, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO reservations (request_id, tenant_id, project_id, key_id, model, \
+         replica_id, idempotency_key, month, currency, price_effective_from_ms, \
+         input_per_mtok_nanos, output_per_mtok_nanos, cached_input_per_mtok_nanos, \
+         prompt_tokens_max, completion_tokens_max, hold_nanos, state, created_at_ms) ",
+    );
+    query.push_values(rows, |mut b, r| {
+        b.push_bind(r.request_id.as_str())
+            .push_bind(r.tenant)
+            .push_bind(r.project)
+            .push_bind(r.key_id)
+            .push_bind(r.model)
+            .push_bind(r.replica_id)
+            .push_bind(r.idempotency_key)
+            .push_bind(r.month)
+            .push_bind(r.currency)
+            .push_bind(r.price_effective_from_ms)
+            .push_bind(r.input_per_mtok_nanos)
+            .push_bind(r.output_per_mtok_nanos)
+            .push_bind(r.cached_input_per_mtok_nanos)
+            .push_bind(r.prompt_tokens_max)
+            .push_bind(r.completion_tokens_max)
+            .push_bind(r.hold_nanos)
+            .push("'open'")
+            .push_bind(r.created_at_ms);
+    });
+    Ok(query.build().execute(&mut *conn).await?.rows_affected())
+}
+
+async fn pg_lock_accounts(
+    conn: &mut PgConnection,
+    tenants: &[&str],
+) -> Result<Vec<AccountRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT tenant_id, currency, balance_nanos, reserved_nanos FROM accounts \
+         WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE",
+    )
+    .bind(tenants)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn pg_lock_budget_rows(
+    conn: &mut PgConnection,
+    rows: &[(&str, &str)],
+    month: &str,
+) -> Result<Vec<CounterRow>, sqlx::Error> {
+    // One upsert, rows in the caller's (sorted) order: each row is created or locked in
+    // turn, so two replicas never hold two budget rows in opposite orders. The no-op update
+    // is what locks an existing row and returns it.
+    sqlx::query_as(
+        "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
+         SELECT k.scope, k.scope_id, $3, 0, 0 \
+         FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS k(scope, scope_id, n) \
+         ORDER BY k.n \
+         ON CONFLICT (scope, scope_id, month) DO UPDATE \
+         SET reserved_nanos = budget_spend.reserved_nanos \
+         RETURNING scope, scope_id, reserved_nanos, spent_nanos",
+    )
+    .bind(column(rows, |(s, _)| *s))
+    .bind(column(rows, |(_, i)| *i))
+    .bind(month)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn pg_lock_windows(
+    conn: &mut PgConnection,
+    rows: &[(&str, &str)],
+    window_start_ms: i64,
+) -> Result<Vec<CounterRow>, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO rate_windows (scope, scope_id, window_start_ms, requests, tokens) \
+         SELECT k.scope, k.scope_id, $3, 0, 0 \
+         FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS k(scope, scope_id, n) \
+         ORDER BY k.n \
+         ON CONFLICT (scope, scope_id, window_start_ms) DO UPDATE \
+         SET requests = rate_windows.requests \
+         RETURNING scope, scope_id, requests, tokens",
+    )
+    .bind(column(rows, |(s, _)| *s))
+    .bind(column(rows, |(_, i)| *i))
+    .bind(window_start_ms)
+    .fetch_all(&mut *conn)
+    .await
+}
