@@ -9,7 +9,6 @@
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::panic,
     reason = "test helpers outside #[test] fns fail loudly"
 )]
 #[expect(
@@ -145,29 +144,10 @@ async fn behind_schema_answers_503_until_migrated_then_starts_up() {
     assert_eq!(response.status(), StatusCode::OK);
 }
 
-/// The cluster, stopped or started from async code (`pg_ctl` blocks until it is done).
-async fn toggle(cluster: ThrowawayPostgres, start: bool) -> ThrowawayPostgres {
-    tokio::task::spawn_blocking(move || {
-        let mut cluster = cluster;
-        let done = if start {
-            cluster.start()
-        } else {
-            cluster.stop()
-        };
-        done.unwrap_or_else(|error| panic!("pg_ctl: {error}"));
-        cluster
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
-    let cluster = tokio::task::spawn_blocking(ThrowawayPostgres::new)
-        .await
-        .unwrap()
-        .unwrap_or_else(|error| panic!("throwaway PostgreSQL: {error}"));
+    let cluster = ThrowawayPostgres::spawn().await;
     let db = TestDb::postgres_on(cluster.url()).await;
     let options = LedgerOptions {
         acquire_timeout: Some(ACQUIRE_TIMEOUT),
@@ -189,7 +169,7 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     assert_eq!(readyz(&app.router).await.0, StatusCode::OK);
 
     // The database goes away.
-    let cluster = toggle(cluster, false).await;
+    let cluster = cluster.set_running(false).await;
     let mut refused = Vec::new();
     for (model, stream) in [(SCRIPTED, false), (SCRIPTED, true), (FAKE_CHAT, false)] {
         let response = app.post("/v1/chat/completions", &chat(model, stream)).await;
@@ -207,7 +187,7 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     assert!(!body.to_string().contains("postgres://"), "{body}");
 
     // It comes back: ready again, requests succeed.
-    let _cluster = toggle(cluster, true).await;
+    let _cluster = cluster.set_running(true).await;
     let (status, body) = readyz(&app.router).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     for stream in [true, false] {

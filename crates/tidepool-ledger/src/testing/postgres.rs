@@ -70,6 +70,29 @@ pub struct ThrowawayPostgres {
     dir: Option<tempfile::TempDir>,
 }
 
+/// The blocking calls of [`ThrowawayPostgres`] (`initdb`, `pg_ctl`) from async tests: run on
+/// tokio's blocking pool, a failure fails the test with the tool's output.
+impl ThrowawayPostgres {
+    /// [`ThrowawayPostgres::new`], from async code.
+    pub async fn spawn() -> Self {
+        tokio::task::spawn_blocking(Self::new)
+            .await
+            .unwrap_or_else(|error| panic!("throwaway PostgreSQL: {error}"))
+            .unwrap_or_else(|error| panic!("throwaway PostgreSQL: {error}"))
+    }
+
+    /// [`ThrowawayPostgres::start`] (`running`) or [`ThrowawayPostgres::stop`], from async code.
+    pub async fn set_running(mut self, running: bool) -> Self {
+        tokio::task::spawn_blocking(move || {
+            let done = if running { self.start() } else { self.stop() };
+            done.unwrap_or_else(|error| panic!("pg_ctl: {error}"));
+            self
+        })
+        .await
+        .unwrap_or_else(|error| panic!("pg_ctl: {error}"))
+    }
+}
+
 impl ThrowawayPostgres {
     /// A new cluster listening on 127.0.0.1.
     pub fn new() -> io::Result<Self> {

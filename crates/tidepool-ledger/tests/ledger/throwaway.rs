@@ -21,32 +21,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Generous: readiness is not what these tests time.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn cluster() -> ThrowawayPostgres {
-    tokio::task::spawn_blocking(ThrowawayPostgres::new)
-        .await
-        .unwrap()
-        .unwrap_or_else(|error| panic!("throwaway PostgreSQL: {error}"))
-}
-
-/// The cluster, stopped or started from async code (`pg_ctl` blocks until it is done).
-async fn toggle(cluster: ThrowawayPostgres, start: bool) -> ThrowawayPostgres {
-    tokio::task::spawn_blocking(move || {
-        let mut cluster = cluster;
-        let done = if start {
-            cluster.start()
-        } else {
-            cluster.stop()
-        };
-        done.unwrap_or_else(|error| panic!("pg_ctl: {error}"));
-        cluster
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_cluster_runs_a_billing_workflow() {
-    let cluster = cluster().await;
+    let cluster = ThrowawayPostgres::spawn().await;
     assert!(cluster.is_running());
     assert!(cluster.url().starts_with("postgres://postgres@127.0.0.1:"));
     let db = TestDb::postgres_on(cluster.url()).await;
@@ -66,7 +43,7 @@ async fn a_private_cluster_runs_a_billing_workflow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_cluster_fails_calls_and_comes_back_with_its_data() {
-    let cluster = cluster().await;
+    let cluster = ThrowawayPostgres::spawn().await;
     let port = cluster.port();
     let options = LedgerOptions {
         acquire_timeout: Some(ACQUIRE_TIMEOUT),
@@ -83,7 +60,7 @@ async fn a_stopped_cluster_fails_calls_and_comes_back_with_its_data() {
         .cost;
     assert!(f.ledger.readiness(READINESS_TIMEOUT).await.is_ready());
 
-    let cluster = toggle(cluster, false).await;
+    let cluster = cluster.set_running(false).await;
     assert!(!cluster.is_running());
     assert!(sqlx::PgConnection::connect(&cluster.url()).await.is_err());
     let refused = f.ledger.reserve(&f.request(10, 10)).await;
@@ -99,7 +76,7 @@ async fn a_stopped_cluster_fails_calls_and_comes_back_with_its_data() {
     );
     assert!(!readiness.schema.is_ok());
 
-    let cluster = toggle(cluster, true).await;
+    let cluster = cluster.set_running(true).await;
     assert_eq!(cluster.port(), port, "the same address as before");
     assert!(f.ledger.readiness(READINESS_TIMEOUT).await.is_ready());
     let account = f.ledger.account(&f.tenant).await.unwrap();

@@ -384,7 +384,7 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
     );
 
     // PostgreSQL on its own host, reached by the gateways over the bridge.
-    let mut postgres = ThrowawayPostgres::new_in_netns(&db, db_ip.parse().unwrap()).unwrap();
+    let postgres = ThrowawayPostgres::new_in_netns(&db, db_ip.parse().unwrap()).unwrap();
     let database_url = postgres.url_for("postgres");
 
     let (mut w_eu, eu_key) = worker(root, "weu", &eu_ns, &net.address(21), "eu").await;
@@ -619,7 +619,7 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
 
     // 4. The database goes away: both replicas fail closed (503 with Retry-After, nothing
     // served), their readiness goes red, and they serve again once it is back, unrestarted.
-    postgres.stop().unwrap();
+    let postgres = postgres.set_running(false).await;
     let mut outage = Vec::new();
     for stream in [false, true, false, false, true, false] {
         let o = request(&client, &base, &free_key, stream).await;
@@ -641,7 +641,7 @@ async fn multi_process_multihost_replicas_regions_budget_and_statement_hold_acro
             "a replica without its database is not ready"
         );
     }
-    postgres.start().unwrap();
+    let postgres = postgres.set_running(true).await;
     let recovered_at = Instant::now();
     let first_after = loop {
         let o = request(&client, &base, &free_key, false).await;
