@@ -52,6 +52,21 @@ fn request_id_of(response: &axum::http::Response<Body>) -> RequestId {
     RequestId::parse(response.headers()["x-request-id"].to_str().unwrap()).unwrap()
 }
 
+/// One successful chat request of the fake model per entry of `streams` (streamed or not), read
+/// to the end; their request ids.
+async fn serve_chats(app: &App, streams: &[bool]) -> Vec<RequestId> {
+    let mut served = Vec::new();
+    for &stream in streams {
+        let response = app
+            .post("/v1/chat/completions", &chat(FAKE_CHAT, stream))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "a fake chat is served");
+        served.push(request_id_of(&response));
+        body_bytes(response).await;
+    }
+    served
+}
+
 /// A 503 `unavailable` that tells the client when to retry and names no internals.
 async fn expect_unavailable(response: axum::http::Response<Body>) {
     let retry_after = response.headers()["retry-after"]
@@ -145,7 +160,6 @@ async fn behind_schema_answers_503_until_migrated_then_starts_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     let cluster = ThrowawayPostgres::spawn().await;
     let db = TestDb::postgres_on(cluster.url()).await;
@@ -157,14 +171,7 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     let mut app = App::on(ledger, None, StateOptions::new(Limits::default()), |c| c).await;
     let credit = app.balance().await;
     let mut served = Vec::new();
-    for stream in [false, true, false] {
-        let response = app
-            .post("/v1/chat/completions", &chat(FAKE_CHAT, stream))
-            .await;
-        assert_eq!(response.status(), StatusCode::OK);
-        served.push(request_id_of(&response));
-        body_bytes(response).await;
-    }
+    served.extend(serve_chats(&app, &[false, true, false]).await);
     app.settle().await;
     assert_eq!(readyz(&app.router).await.0, StatusCode::OK);
 
@@ -190,14 +197,7 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     let _cluster = cluster.set_running(true).await;
     let (status, body) = readyz(&app.router).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    for stream in [true, false] {
-        let response = app
-            .post("/v1/chat/completions", &chat(FAKE_CHAT, stream))
-            .await;
-        assert_eq!(response.status(), StatusCode::OK);
-        served.push(request_id_of(&response));
-        body_bytes(response).await;
-    }
+    served.extend(serve_chats(&app, &[true, false]).await);
     app.settle().await;
 
     // Exactly one entry per successful request, none for the refused ones; the balance is the
