@@ -169,6 +169,11 @@ pub struct BillingConfig {
     /// Open reservations older than this (any replica's) are resolved by the periodic recovery
     /// sweep; must exceed `limits.request_timeout_ms`.
     pub stale_reservation_ms: u64,
+    /// How long a settlement that failed because the database was unreachable is retried from
+    /// memory (a stream cut by the outage keeps its delivered-token count here and settles when
+    /// the store returns); must be below `stale_reservation_ms`, so the owner settles before any
+    /// sweep does.
+    pub settle_retry_ms_max: u64,
 }
 
 impl Default for BillingConfig {
@@ -178,6 +183,7 @@ impl Default for BillingConfig {
             replica_id: "default".to_owned(),
             checkpoint_tokens: 32,
             stale_reservation_ms: 3_600_000,
+            settle_retry_ms_max: 1_800_000,
         }
     }
 }
@@ -593,6 +599,12 @@ impl Config {
             problems.add(
                 "billing.stale_reservation_ms",
                 "must exceed limits.request_timeout_ms",
+            );
+        }
+        if self.billing.settle_retry_ms_max >= self.billing.stale_reservation_ms {
+            problems.add(
+                "billing.settle_retry_ms_max",
+                "must be below billing.stale_reservation_ms",
             );
         }
         if self.engine.batch_tokens_max == 0 {

@@ -302,6 +302,7 @@ async fn collect(
                 tokens: _,
             } => {
                 timing.chunk();
+                guard.chunk_arrived();
                 text.push_str(&piece);
             }
             GenerationEvent::Done {
@@ -532,6 +533,7 @@ fn sse_stream(
             match next {
                 Ok(GenerationEvent::Chunk { text, tokens }) => {
                     timing.chunk();
+                    guard.chunk_arrived();
                     // Counted as delivered when handed to the connection.
                     guard.delivered(tokens);
                     if !text.is_empty() {

@@ -22,6 +22,59 @@ pub(crate) const BACKEND_BREAKER_OPEN: &str = "tidepool_backend_breaker_open";
 pub(crate) const BACKEND_ATTEMPTS_TOTAL: &str = "tidepool_backend_attempts_total";
 pub(crate) const BACKEND_ATTEMPT_DURATION_SECONDS: &str =
     "tidepool_backend_attempt_duration_seconds";
+pub(crate) const SETTLEMENTS_PENDING: &str = "tidepool_settlements_pending";
+
+/// The OpenTelemetry `GenAI` server metrics, in their Prometheus form (dots become underscores,
+/// the unit `s` becomes the `_seconds` suffix, the annotation `{token}` is dropped), with the
+/// bucket boundaries the semantic conventions specify. Labels: `gen_ai_operation_name`,
+/// `gen_ai_provider_name`, `gen_ai_request_model` (a served model id or `none`),
+/// `gen_ai_token_type` (token usage) and `error_type` (request duration of a failed request: the
+/// error's stable `code`). All from closed sets.
+pub(crate) const GEN_AI_TIME_TO_FIRST_TOKEN: &str = "gen_ai_server_time_to_first_token_seconds";
+pub(crate) const GEN_AI_TIME_PER_OUTPUT_TOKEN: &str = "gen_ai_server_time_per_output_token_seconds";
+pub(crate) const GEN_AI_REQUEST_DURATION: &str = "gen_ai_server_request_duration_seconds";
+pub(crate) const GEN_AI_TOKEN_USAGE: &str = "gen_ai_client_token_usage";
+
+/// `gen_ai.provider.name` of everything this gateway serves: it is the provider its clients
+/// call, whichever engine or backend ran the model.
+pub(crate) const GEN_AI_PROVIDER: &str = "tidepool";
+
+const GEN_AI_TIME_TO_FIRST_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+const GEN_AI_TIME_PER_OUTPUT_TOKEN_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
+const GEN_AI_REQUEST_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+const GEN_AI_TOKEN_USAGE_BUCKETS: &[f64] = &[
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+
+/// `gen_ai.operation.name` of a usage entry's endpoint (the semantic conventions' well-known
+/// values); `None` for requests that run no model (`models`, `usage`, admin calls).
+pub(crate) fn gen_ai_operation(endpoint: &str) -> Option<&'static str> {
+    match endpoint {
+        "chat.completions" => Some("chat"),
+        "completions" => Some("text_completion"),
+        "embeddings" => Some("embeddings"),
+        _ => None,
+    }
+}
 
 /// The `model` label of a request that never resolved a model.
 pub(crate) const NO_MODEL_LABEL: &str = "none";
@@ -45,6 +98,30 @@ pub(crate) fn install() {
                     Matcher::Full(tidepool_runtime::SWITCH_SECONDS.to_owned()),
                     tidepool_runtime::SWITCH_SECONDS_BUCKETS,
                 )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(GEN_AI_TIME_TO_FIRST_TOKEN.to_owned()),
+                    GEN_AI_TIME_TO_FIRST_TOKEN_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(GEN_AI_TIME_PER_OUTPUT_TOKEN.to_owned()),
+                    GEN_AI_TIME_PER_OUTPUT_TOKEN_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(GEN_AI_REQUEST_DURATION.to_owned()),
+                    GEN_AI_REQUEST_DURATION_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(GEN_AI_TOKEN_USAGE.to_owned()),
+                    GEN_AI_TOKEN_USAGE_BUCKETS,
+                )
             });
         let recorder = match builder {
             Ok(builder) => builder.build_recorder(),
@@ -63,6 +140,10 @@ pub(crate) fn install() {
     });
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one description per metric, in one place"
+)]
 fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
@@ -118,6 +199,31 @@ fn describe() {
         BACKEND_ATTEMPT_DURATION_SECONDS,
         Unit::Seconds,
         "Duration of successful attempts on a remote backend, by backend"
+    );
+    describe_gauge!(
+        SETTLEMENTS_PENDING,
+        Unit::Count,
+        "Usage entries held in memory because the ledger's database was unreachable, retried until it returns"
+    );
+    describe_histogram!(
+        GEN_AI_TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "OpenTelemetry gen_ai.server.time_to_first_token: time to generate the first token of successful responses"
+    );
+    describe_histogram!(
+        GEN_AI_TIME_PER_OUTPUT_TOKEN,
+        Unit::Seconds,
+        "OpenTelemetry gen_ai.server.time_per_output_token: time per output token after the first, per successful response"
+    );
+    describe_histogram!(
+        GEN_AI_REQUEST_DURATION,
+        Unit::Seconds,
+        "OpenTelemetry gen_ai.server.request.duration: request start to the last output token"
+    );
+    describe_histogram!(
+        GEN_AI_TOKEN_USAGE,
+        Unit::Count,
+        "OpenTelemetry gen_ai.client.token.usage: input and output tokens per request, as billed"
     );
 }
 
@@ -184,5 +290,62 @@ pub(crate) fn backend_attempt(backend: &str, outcome: &'static str, elapsed: Opt
     if let Some(elapsed) = elapsed {
         histogram!(BACKEND_ATTEMPT_DURATION_SECONDS, "backend" => backend.to_owned())
             .record(elapsed.as_secs_f64());
+    }
+}
+
+pub(crate) fn settlements_pending(delta: f64) {
+    gauge!(SETTLEMENTS_PENDING).increment(delta);
+}
+
+/// The `GenAI` metrics of one finished model request: its duration (with `error_type` when it
+/// failed), its billed tokens, and — for a successful generation — its time to first token and
+/// mean time per output token after the first.
+pub(crate) struct GenAiRequest<'a> {
+    pub(crate) operation: &'static str,
+    /// A served model id, or [`NO_MODEL_LABEL`]: never a name taken from the request.
+    pub(crate) model: &'a str,
+    pub(crate) error_code: Option<&'a str>,
+    pub(crate) duration: Duration,
+    pub(crate) input_tokens: u32,
+    pub(crate) output_tokens: u32,
+    pub(crate) first_token: Option<Duration>,
+}
+
+pub(crate) fn gen_ai_request(request: &GenAiRequest<'_>) {
+    let model = request.model.to_owned();
+    let operation = request.operation;
+    match request.error_code {
+        None => histogram!(GEN_AI_REQUEST_DURATION, "gen_ai_operation_name" => operation,
+            "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model.clone()),
+        Some(code) => histogram!(GEN_AI_REQUEST_DURATION, "gen_ai_operation_name" => operation,
+            "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model.clone(),
+            "error_type" => code.to_owned()),
+    }
+    .record(request.duration.as_secs_f64());
+    if request.error_code.is_some() {
+        return;
+    }
+    histogram!(GEN_AI_TOKEN_USAGE, "gen_ai_operation_name" => operation,
+        "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model.clone(),
+        "gen_ai_token_type" => "input")
+    .record(f64::from(request.input_tokens));
+    if operation == "embeddings" {
+        return;
+    }
+    histogram!(GEN_AI_TOKEN_USAGE, "gen_ai_operation_name" => operation,
+        "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model.clone(),
+        "gen_ai_token_type" => "output")
+    .record(f64::from(request.output_tokens));
+    let Some(first_token) = request.first_token else {
+        return;
+    };
+    histogram!(GEN_AI_TIME_TO_FIRST_TOKEN, "gen_ai_operation_name" => operation,
+        "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model.clone())
+    .record(first_token.as_secs_f64());
+    if request.output_tokens > 1 {
+        let after_first = request.duration.saturating_sub(first_token);
+        histogram!(GEN_AI_TIME_PER_OUTPUT_TOKEN, "gen_ai_operation_name" => operation,
+            "gen_ai_provider_name" => GEN_AI_PROVIDER, "gen_ai_request_model" => model)
+        .record(after_first.as_secs_f64() / f64::from(request.output_tokens - 1));
     }
 }

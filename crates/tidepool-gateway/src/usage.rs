@@ -33,6 +33,8 @@ pub(crate) enum UsageBreadth {
     Project,
     Tenant,
 }
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -58,6 +60,8 @@ pub(crate) struct UsageGuard {
     outcome: Option<UsageStatus>,
     /// The request's reservation, once admission granted it.
     reservation: Option<Reservation>,
+    /// When the first generated chunk arrived, from `started`.
+    first_token: Option<Duration>,
     /// Completion tokens covered by the last durable checkpoint sent.
     checkpointed: u32,
     /// Held so that cancelling the generation happens after the settlement is spawned.
@@ -91,6 +95,7 @@ impl UsageGuard {
             completion_tokens: 0,
             outcome: None,
             reservation: None,
+            first_token: None,
             checkpointed: 0,
             generation: None,
             written: false,
@@ -189,6 +194,13 @@ impl UsageGuard {
         }
     }
 
+    /// A generated chunk arrived from the engine (the first one is the time to first token).
+    pub(crate) fn chunk_arrived(&mut self) {
+        if self.first_token.is_none() {
+            self.first_token = Some(self.started.elapsed());
+        }
+    }
+
     /// Counts completion tokens handed to the client, and checkpoints them durably on the
     /// first token and every `checkpoint_tokens` after (spawned: never awaited on the token path).
     pub(crate) fn delivered(&mut self, tokens: u32) {
@@ -262,21 +274,48 @@ impl UsageGuard {
     /// error means nothing was billed: the caller answers with it instead of the content.
     pub(crate) async fn settle_before_reply(mut self) -> Result<(), ApiError> {
         self.written = true;
-        match self.write() {
+        let (entry, finish) = self.prepare();
+        let result = match self.spawn_write(entry.clone(), finish, false) {
             Some(handle) => match handle.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.into()),
-                Err(_join) => Err(tidepool_ledger::LedgerError::WriterFailed.into()),
+                Ok(Err(error)) => Err(error),
+                Err(_join) => Err(tidepool_ledger::LedgerError::WriterFailed),
             },
-            None => Err(tidepool_ledger::LedgerError::WriterFailed.into()),
+            None => Err(tidepool_ledger::LedgerError::WriterFailed),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // The client gets this error instead of the answer: nothing was delivered, so
+                // the reservation is voided (retried until the store is back) rather than left
+                // open until a sweep, holding the tenant's money.
+                if error.is_unavailable() && finish.is_some() {
+                    let mut voided = entry;
+                    voided.completion_tokens = 0;
+                    voided.status = UsageStatus::Error {
+                        code: ApiError::from(tidepool_ledger::LedgerError::WriterFailed)
+                            .code()
+                            .to_owned(),
+                    };
+                    drop(self.spawn_write(voided, Some(Finish::Void), true));
+                }
+                Err(error.into())
+            }
         }
     }
 
-    /// Records the request's metrics and spawns its ledger write (settle, void, or only record);
-    /// `None` when no runtime is left to run it.
+    /// Records the request's metrics and spawns its ledger write (settle, void, or only record),
+    /// retrying while the database is unreachable; `None` when no runtime is left to run it.
     fn write(
         &mut self,
     ) -> Option<tokio::task::JoinHandle<Result<(), tidepool_ledger::LedgerError>>> {
+        let (entry, finish) = self.prepare();
+        self.spawn_write(entry, finish, true)
+    }
+
+    /// The final usage entry and what to do with the reservation (settle, void, or — never
+    /// reserved — only record), with the request's metrics and span fields recorded.
+    fn prepare(&mut self) -> (UsageEntry, Option<Finish>) {
         let entry = self.entry();
         let model_label = entry
             .model
@@ -288,12 +327,27 @@ impl UsageGuard {
         }
         metrics::tokens(model_label, entry.prompt_tokens, entry.completion_tokens);
         metrics::request_duration(model_label, self.started.elapsed());
+        if let Some(operation) = metrics::gen_ai_operation(self.endpoint) {
+            let error_code = match &entry.status {
+                UsageStatus::Ok => None,
+                UsageStatus::Error { code } => Some(code.as_str()),
+                UsageStatus::ClientDisconnected => Some("client_disconnected"),
+            };
+            metrics::gen_ai_request(&metrics::GenAiRequest {
+                operation,
+                model: model_label,
+                error_code,
+                duration: self.started.elapsed(),
+                input_tokens: entry.prompt_tokens,
+                output_tokens: entry.completion_tokens,
+                first_token: self.first_token,
+            });
+        }
         self.span.record("prompt_tokens", entry.prompt_tokens);
         self.span
             .record("completion_tokens", entry.completion_tokens);
         self.span.record("total_ms", entry.latency_ms);
 
-        // Settle, void, or (never reserved) only record.
         let finish = self.reservation.take().map(|_| {
             let nothing_delivered = entry.completion_tokens == 0;
             match &entry.status {
@@ -307,18 +361,54 @@ impl UsageGuard {
                 }
             }
         });
+        (entry, finish)
+    }
+
+    /// Spawns the ledger write on the task tracker. With `retry`, a write that fails because
+    /// the database is unreachable is kept in memory and tried again with backoff for up to
+    /// `billing.settle_retry_ms_max` (settling is idempotent per request id: a retry of a write
+    /// that did commit changes nothing).
+    fn spawn_write(
+        &self,
+        entry: UsageEntry,
+        finish: Option<Finish>,
+        retry: bool,
+    ) -> Option<tokio::task::JoinHandle<Result<(), tidepool_ledger::LedgerError>>> {
         let ledger = self.state.ledger().clone();
         let span = self.span.clone();
+        let retry_for = if retry {
+            Duration::from_millis(self.state.billing().settle_retry_ms_max)
+        } else {
+            Duration::ZERO
+        };
         let write = async move {
-            let written = match finish {
-                Some(finish) => ledger.finish(&entry, finish).await.map(|settlement| {
-                    if settlement.capped {
-                        tracing::error!(parent: &span, request_id = %entry.request_id,
-                            "usage exceeded its reservation; billed at the hold");
+            let deadline = Instant::now() + retry_for;
+            let mut backoff = SETTLE_RETRY_BACKOFF_INITIAL;
+            let mut pending = false;
+            let written = loop {
+                let written = write_once(&ledger, &entry, finish, &span).await;
+                match &written {
+                    Err(error) if error.is_unavailable() && Instant::now() + backoff < deadline => {
+                        if !pending {
+                            pending = true;
+                            metrics::settlements_pending(1.0);
+                            tracing::warn!(parent: &span, %error, request_id = %entry.request_id,
+                                completion_tokens = entry.completion_tokens,
+                                "the ledger is unreachable; the usage entry is kept in memory and retried");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(SETTLE_RETRY_BACKOFF_MAX);
                     }
-                }),
-                None => ledger.record_usage(&entry).await.map(|_| ()),
+                    Ok(()) | Err(_) => break written,
+                }
             };
+            if pending {
+                metrics::settlements_pending(-1.0);
+                if written.is_ok() {
+                    tracing::info!(parent: &span, request_id = %entry.request_id,
+                        "usage entry written after the ledger came back");
+                }
+            }
             if let Err(error) = &written {
                 metrics::usage_write_failure();
                 tracing::error!(parent: &span, %error, request_id = %entry.request_id,
@@ -334,6 +424,29 @@ impl UsageGuard {
                 "no runtime left to write the usage entry");
             None
         }
+    }
+}
+
+/// First wait before a settlement is retried while the database is unreachable.
+const SETTLE_RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between two retries of one settlement.
+const SETTLE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One attempt at the request's ledger write: settle, void, or (never reserved) only record.
+async fn write_once(
+    ledger: &tidepool_ledger::Ledger,
+    entry: &UsageEntry,
+    finish: Option<Finish>,
+    span: &tracing::Span,
+) -> Result<(), tidepool_ledger::LedgerError> {
+    match finish {
+        Some(finish) => ledger.finish(entry, finish).await.map(|settlement| {
+            if settlement.capped {
+                tracing::error!(parent: span, request_id = %entry.request_id,
+                    "usage exceeded its reservation; billed at the hold");
+            }
+        }),
+        None => ledger.record_usage(entry).await.map(|_| ()),
     }
 }
 

@@ -827,6 +827,88 @@ async fn metrics_expose_requests_tokens_and_latency_histograms() {
     }
 }
 
+#[tokio::test]
+async fn metrics_expose_the_gen_ai_histograms_with_the_conventions_buckets() {
+    let app = App::new().await;
+    for stream in [true, false] {
+        let response = app
+            .post(
+                "/v1/chat/completions",
+                &chat_body(FAKE_CHAT, &json!({"stream": stream, "max_tokens": 4})),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        body_bytes(response).await;
+    }
+    let response = app
+        .post(
+            "/v1/embeddings",
+            &json!({"model": EMBED, "input": "two words"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    app.settle().await;
+    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let chat = r#"gen_ai_operation_name="chat",gen_ai_provider_name="tidepool",gen_ai_request_model="fake-chat""#;
+    for needle in [
+        // The first and last boundaries the semantic conventions give each histogram.
+        format!(r#"gen_ai_server_time_to_first_token_seconds_bucket{{{chat},le="0.001"}}"#),
+        format!(r#"gen_ai_server_time_to_first_token_seconds_bucket{{{chat},le="10"}}"#),
+        format!(r#"gen_ai_server_time_per_output_token_seconds_bucket{{{chat},le="0.01"}}"#),
+        format!(r#"gen_ai_server_time_per_output_token_seconds_bucket{{{chat},le="2.5"}}"#),
+        format!(r#"gen_ai_server_request_duration_seconds_bucket{{{chat},le="81.92"}}"#),
+        format!(r"gen_ai_server_request_duration_seconds_count{{{chat}}} 2"),
+        format!(
+            r#"gen_ai_client_token_usage_bucket{{{chat},gen_ai_token_type="output",le="67108864"}} 2"#
+        ),
+        format!(r#"gen_ai_client_token_usage_sum{{{chat},gen_ai_token_type="output"}} 8"#),
+        r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="embeddings",gen_ai_provider_name="tidepool",gen_ai_request_model="fake-embed",gen_ai_token_type="input"} 2"#.to_owned(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle} in:\n{text}");
+    }
+    assert!(
+        !text.contains(r#"gen_ai_request_model="fake-embed",gen_ai_token_type="output""#),
+        "embeddings have no output tokens"
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_unknown_model_names_add_no_metric_series() {
+    let app = App::new().await;
+    let series = |text: &str| {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                line.rsplit_once(' ')
+                    .map_or(line, |(series, _)| series)
+                    .to_owned()
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let unknown = |i: usize| chat_body(&format!("no-such-model-{i}"), &json!({}));
+    // One unknown model first: the series its kind of failure creates, under `model="none"`.
+    let first = app.post("/v1/chat/completions", &unknown(0)).await;
+    expect_error(first, StatusCode::NOT_FOUND, "model_not_found").await;
+    app.settle().await;
+    // `/metrics` counts its own requests: the first scrape adds its series.
+    body_bytes(app.get("/metrics").await).await;
+    let before = series(&String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap());
+    for i in 1..=1000 {
+        let response = app.post("/v1/chat/completions", &unknown(i)).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+    app.settle().await;
+    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let after = series(&text);
+    let added: Vec<_> = after.difference(&before).collect();
+    assert!(added.is_empty(), "new series: {added:?}");
+    assert!(
+        !text.contains("no-such-model"),
+        "a request's model name became a label"
+    );
+    assert!(text.contains(r#"gen_ai_request_model="none""#), "{text}");
+}
+
 /// A file of this repository. `CARGO_MANIFEST_DIR` is read when the test runs (cargo and nextest
 /// set it), not baked in with `env!`: a test binary reused from a clone that shared the target
 /// dir must not read (or, with `TIDEPOOL_UPDATE_DOCS`, write) that other tree's files.

@@ -226,3 +226,148 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
     assert_eq!(app.balance().await, credit - billed);
     assert_eq!(app.reserved().await, 0, "no hold left behind");
 }
+
+/// The value of an unlabelled gauge in the `/metrics` text, 0 when absent.
+async fn gauge(app: &App, name: &str) -> f64 {
+    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls a gauge until it reaches `value` (a signal with an upper bound on the wait, not a
+/// timing check); its last reading.
+async fn wait_for_gauge(app: &App, name: &str, value: f64) -> f64 {
+    let mut last = 0.0;
+    for _ in 0..200 {
+        last = gauge(app, name).await;
+        if last >= value {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+/// Sends `words` chunks of one token each and reads each frame off the client's stream.
+async fn deliver(
+    events: &tokio::sync::mpsc::Sender<tidepool_engine::GenerationEvent>,
+    stream: &mut (impl futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+    words: &[&str],
+) {
+    use futures::StreamExt as _;
+    for word in words {
+        events
+            .send(tidepool_engine::GenerationEvent::Chunk {
+                text: format!(" {word}"),
+                tokens: 1,
+            })
+            .await
+            .unwrap();
+        let frame = stream.next().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&frame).contains(word), "{frame:?}");
+    }
+}
+
+/// A stream of the scripted model, its role chunk read: the engine's side, the client's body,
+/// its request id and prompt tokens.
+async fn start_stream(app: &mut App) -> (Submitted, axum::body::BodyDataStream, RequestId, u32) {
+    use futures::StreamExt as _;
+    let router = app.router.clone();
+    let request = post(
+        "/v1/chat/completions",
+        &app.key,
+        json!({"model": SCRIPTED, "messages": [{"role": "user", "content": "one two three"}],
+               "max_tokens": 16, "stream": true})
+        .to_string(),
+    );
+    let pending = tokio::spawn(async move { router.oneshot(request).await.unwrap() });
+    let submitted = app.submission().await;
+    let prompt_tokens = u32::try_from(submitted.request.prompt.len()).unwrap();
+    let response = pending.await.unwrap();
+    let request_id = request_id_of(&response);
+    let mut stream = response.into_body().into_data_stream();
+    let _role = stream.next().await.unwrap().unwrap();
+    (submitted, stream, request_id, prompt_tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_off_from_the_database_settle_once_it_returns() {
+    use futures::StreamExt as _;
+    let cluster = ThrowawayPostgres::spawn().await;
+    let db = TestDb::postgres_on(cluster.url()).await;
+    let options = LedgerOptions {
+        acquire_timeout: Some(ACQUIRE_TIMEOUT),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
+    let mut state_options = StateOptions::new(Limits::default());
+    state_options.billing.checkpoint_tokens = 2;
+    let mut app = App::on(ledger, None, state_options, |c| c).await;
+    let credit = app.balance().await;
+
+    // Two streams start and deliver their first tokens while the database is up.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut stream = start_stream(&mut app).await;
+        deliver(&stream.0.events, &mut stream.1, &["a", "b"]).await;
+        streams.push(stream);
+    }
+    app.settle().await; // the first checkpoints are durable
+
+    // The database goes away mid-stream; both streams go on delivering.
+    let cluster = cluster.set_running(false).await;
+    for (submitted, stream, _, _) in &mut streams {
+        deliver(&submitted.events, stream, &["c", "d", "e"]).await;
+    }
+    // The first finishes normally, the second's client leaves: neither can settle now.
+    let (finished, mut finished_stream, finished_id, finished_prompt) = streams.remove(0);
+    finished
+        .events
+        .send(tidepool_engine::GenerationEvent::Done {
+            finish_reason: tidepool_engine::FinishReason::Length,
+            prompt_tokens: finished_prompt,
+            cached_prompt_tokens: 0,
+            completion_tokens: 5,
+        })
+        .await
+        .unwrap();
+    while let Some(frame) = finished_stream.next().await {
+        frame.unwrap();
+    }
+    let (left, left_stream, left_id, left_prompt) = streams.remove(0);
+    drop(left_stream);
+    left.events.closed().await;
+    // Both entries wait in memory.
+    let pending = wait_for_gauge(&app, "tidepool_settlements_pending", 2.0).await;
+    assert!(
+        (pending - 2.0).abs() < f64::EPSILON,
+        "both settlements are held in memory: {pending}"
+    );
+
+    // The database returns: both settle, exactly, once.
+    let _cluster = cluster.set_running(true).await;
+    app.settle().await;
+    assert!(gauge(&app, "tidepool_settlements_pending").await.abs() < f64::EPSILON);
+    let done = app.ledger.billed_usage(finished_id).await.unwrap().unwrap();
+    assert_eq!(done.entry.status, UsageStatus::Ok);
+    assert_eq!(done.entry.completion_tokens, 5);
+    assert_eq!(done.cost, Nanos(cost(finished_prompt, 5)));
+    let cut = app.ledger.billed_usage(left_id).await.unwrap().unwrap();
+    assert_eq!(cut.entry.status, UsageStatus::ClientDisconnected);
+    assert_eq!(
+        cut.entry.completion_tokens, 5,
+        "billed for every delivered token, beyond the last durable checkpoint"
+    );
+    assert_eq!(cut.cost, Nanos(cost(left_prompt, 5)));
+    let acme = TenantId::new("acme").unwrap();
+    let totals = app.ledger.usage_totals(&acme).await.unwrap();
+    let requests: u64 = totals.iter().map(|t| t.requests).sum();
+    assert_eq!(requests, 2, "one entry per request: {totals:?}");
+    assert_eq!(
+        app.balance().await,
+        credit - done.cost.0 - cut.cost.0,
+        "billed once each"
+    );
+    assert_eq!(app.reserved().await, 0, "no hold left behind");
+}

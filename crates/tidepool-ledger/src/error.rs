@@ -89,6 +89,34 @@ pub enum LedgerError {
 }
 
 impl LedgerError {
+    /// The database (or the ledger's writer) cannot be reached right now: the same command can
+    /// succeed once the store is back. Connection-level failures only — a constraint, a decode
+    /// or a domain error is never "unavailable".
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::WriterFailed => true,
+            Self::Database(error) => match error {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // PostgreSQL: connection exceptions (class 08), the server shutting down or
+                // starting (57P01-57P03). SQLite: the file cannot be opened or read/written
+                // (CANTOPEN 14, IOERR 10 and its extended codes, FULL 13).
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "14" | "13")
+                        || code == "10"
+                        || code.parse::<u32>().is_ok_and(|c| c & 0xff == 10)
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// A conflict that a retry of the same transaction can resolve: PostgreSQL deadlock or
     /// serialization failure, SQLite busy/locked.
     pub fn is_transient(&self) -> bool {
