@@ -23,6 +23,7 @@ pub(crate) const BACKEND_ATTEMPTS_TOTAL: &str = "tidepool_backend_attempts_total
 pub(crate) const BACKEND_ATTEMPT_DURATION_SECONDS: &str =
     "tidepool_backend_attempt_duration_seconds";
 pub(crate) const SETTLEMENTS_PENDING: &str = "tidepool_settlements_pending";
+pub(crate) const SETTLEMENTS_DEFERRED_TOTAL: &str = "tidepool_settlements_deferred_total";
 
 /// The OpenTelemetry `GenAI` server metrics, in their Prometheus form (dots become underscores,
 /// the unit `s` becomes the `_seconds` suffix, the annotation `{token}` is dropped), with the
@@ -205,6 +206,11 @@ fn describe() {
         Unit::Count,
         "Usage entries held in memory because the ledger's database was unreachable, retried until it returns"
     );
+    describe_counter!(
+        SETTLEMENTS_DEFERRED_TOTAL,
+        Unit::Count,
+        "Usage entries that found the ledger's database unreachable and were kept in memory to retry"
+    );
     describe_histogram!(
         GEN_AI_TIME_TO_FIRST_TOKEN,
         Unit::Seconds,
@@ -293,7 +299,11 @@ pub(crate) fn backend_attempt(backend: &str, outcome: &'static str, elapsed: Opt
     }
 }
 
+/// A settlement starts (`1.0`) or stops (`-1.0`) waiting in memory for the database.
 pub(crate) fn settlements_pending(delta: f64) {
+    if delta > 0.0 {
+        counter!(SETTLEMENTS_DEFERRED_TOTAL).increment(1);
+    }
     gauge!(SETTLEMENTS_PENDING).increment(delta);
 }
 

@@ -71,9 +71,12 @@ pub(crate) enum Command {
     Checkpoint {
         request_id: RequestId,
         completion_tokens: u32,
-        reply: oneshot::Sender<Result<(), LedgerError>>,
+        reply: CheckpointReply,
     },
 }
+
+/// Where a checkpoint's outcome goes.
+type CheckpointReply = oneshot::Sender<Result<(), LedgerError>>;
 
 #[derive(Debug)]
 struct Held {
@@ -368,30 +371,7 @@ impl Writer {
                 }
             }
         }
-        if !checkpoints.is_empty() {
-            // By request id, the order every writer locks reservations in; one update per
-            // request, at the most progress any of its checkpoints reported.
-            let mut progress: BTreeMap<RequestId, u32> = BTreeMap::new();
-            for (request_id, completion_tokens, _) in &checkpoints {
-                let slot = progress.entry(*request_id).or_default();
-                *slot = (*slot).max(*completion_tokens);
-            }
-            let items: Vec<(RequestId, u32)> = progress.into_iter().collect();
-            let result = self.checkpoint_batch(&items).await;
-            let failed = result.is_err();
-            if let Err(err) = result {
-                tracing::warn!(error = %err, "checkpoint batch failed");
-            }
-            for (_, _, reply) in checkpoints {
-                let answer = if failed {
-                    Err(LedgerError::WriterFailed)
-                } else {
-                    Ok(())
-                };
-                // The caller may have given up waiting; the checkpoint is applied regardless.
-                drop(reply.send(answer));
-            }
-        }
+        self.apply_checkpoints(checkpoints).await;
         if finishes.is_empty() {
             return;
         }
@@ -408,6 +388,14 @@ impl Writer {
                     drop(reply.send(Err(err)));
                 }
             }
+            Err(err) if err.is_unavailable() => {
+                // The database is out of reach: one by one would wait out the connection
+                // timeout once per command. Every caller gets the failure now and may retry.
+                tracing::warn!(error = %err, len = items.len(), "settle batch failed: the database is unreachable");
+                for (_, _, reply) in finishes {
+                    drop(reply.send(Err(LedgerError::WriterFailed)));
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, len = items.len(), "settle batch failed; applying one by one");
                 for (entry, finish, reply) in finishes {
@@ -418,6 +406,35 @@ impl Writer {
                     drop(reply.send(result));
                 }
             }
+        }
+    }
+
+    /// Applies a drained run of checkpoints as one batch and answers each caller.
+    async fn apply_checkpoints(&self, checkpoints: Vec<(RequestId, u32, CheckpointReply)>) {
+        if checkpoints.is_empty() {
+            return;
+        }
+        // By request id, the order every writer locks reservations in; one update per
+        // request, at the most progress any of its checkpoints reported.
+        let mut progress: BTreeMap<RequestId, u32> = BTreeMap::new();
+        for (request_id, completion_tokens, _) in &checkpoints {
+            let slot = progress.entry(*request_id).or_default();
+            *slot = (*slot).max(*completion_tokens);
+        }
+        let items: Vec<(RequestId, u32)> = progress.into_iter().collect();
+        let result = self.checkpoint_batch(&items).await;
+        let failed = result.is_err();
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "checkpoint batch failed");
+        }
+        for (_, _, reply) in checkpoints {
+            let answer = if failed {
+                Err(LedgerError::WriterFailed)
+            } else {
+                Ok(())
+            };
+            // The caller may have given up waiting; the checkpoint is applied regardless.
+            drop(reply.send(answer));
         }
     }
 
