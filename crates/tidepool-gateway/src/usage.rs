@@ -35,7 +35,9 @@ pub(crate) enum UsageBreadth {
 }
 use tokio::time::Instant;
 
+use crate::alerts::AlertEvent;
 use crate::error::ApiError;
+use crate::leak::Verdict;
 use crate::metrics;
 use crate::state::AppState;
 
@@ -123,7 +125,21 @@ impl UsageGuard {
             completion_tokens_max,
             idempotency_key,
         };
-        let reservation = self.state.ledger().reserve(&request).await?;
+        let reservation = match self.state.ledger().reserve(&request).await {
+            Ok(reservation) => reservation,
+            Err(error) => {
+                if let tidepool_ledger::LedgerError::InsufficientQuota { scope, .. } = &error {
+                    self.state.alerts().emit(AlertEvent::BudgetReached {
+                        tenant: self.tenant.clone(),
+                        project: self.project.to_string(),
+                        key_id: self.key_id.clone(),
+                        scope: *scope,
+                        at_ms: self.state.now_ms(),
+                    });
+                }
+                return Err(error.into());
+            }
+        };
         self.reservation = Some(reservation);
         Ok(())
     }
@@ -309,14 +325,20 @@ impl UsageGuard {
         });
         let ledger = self.state.ledger().clone();
         let span = self.span.clone();
+        let state = self.state.clone();
         let write = async move {
             let written = match finish {
-                Some(finish) => ledger.finish(&entry, finish).await.map(|settlement| {
-                    if settlement.capped {
-                        tracing::error!(parent: &span, request_id = %entry.request_id,
-                            "usage exceeded its reservation; billed at the hold");
+                Some(finish) => match ledger.finish(&entry, finish).await {
+                    Ok(settlement) => {
+                        if settlement.capped {
+                            tracing::error!(parent: &span, request_id = %entry.request_id,
+                                "usage exceeded its reservation; billed at the hold");
+                        }
+                        observe_spend(&state, &entry, settlement.cost.0).await;
+                        Ok(())
                     }
-                }),
+                    Err(error) => Err(error),
+                },
                 None => ledger.record_usage(&entry).await.map(|_| ()),
             };
             if let Err(error) = &written {
@@ -345,5 +367,22 @@ impl Drop for UsageGuard {
         }
         // The generation (if any) drops after this, with the other fields: the settlement is
         // already tracked by the time the engine sees the cancellation.
+    }
+}
+
+/// Feeds a settled cost to the leaked-key detector; a jump suspends the key.
+async fn observe_spend(state: &AppState, entry: &UsageEntry, cost_nanos: i64) {
+    let Some(leak) = state.leak() else {
+        return;
+    };
+    let verdict = leak
+        .lock()
+        .on_spend(&entry.key_id, state.now_ms(), cost_nanos);
+    if let Verdict::Suspend { reason } = verdict {
+        // The record as the detector needs it: the key's tenant and project.
+        match state.ledger().key(&entry.key_id).await {
+            Ok(record) => crate::extract::suspend_key(state, &record, &reason).await,
+            Err(error) => tracing::error!(%error, "cannot read a key to suspend"),
+        }
     }
 }

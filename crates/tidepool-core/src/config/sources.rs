@@ -43,7 +43,7 @@ const OPTIONAL_KEYS: &[(&str, Kind)] = &[
 ];
 
 /// Values printed as `***`, or with their password replaced, wherever they are shown.
-const SECRET_KEYS: &[&str] = &["server.database_url"];
+const SECRET_KEYS: &[&str] = &["server.database_url", "alerts[].secret"];
 
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
