@@ -283,13 +283,13 @@ pub(crate) async fn create_tenant(
             None => Currency::USD,
         };
         state.ledger().create_tenant(&tenant, currency).await?;
-        crate::audit::record(
-            &state,
-            "tenant.create",
-            &format!("tenant:{tenant}"),
-            serde_json::json!({ "currency": currency.to_string() }),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "tenant.create",
+                &format!("tenant:{tenant}"),
+                serde_json::json!({ "currency": currency.to_string() }),
+            )
+            .await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -333,13 +333,13 @@ pub(crate) async fn create_project(
         let tenant = tenant_id(&tenant)?;
         let project = project_id(&body.project)?;
         state.ledger().create_project(&tenant, &project).await?;
-        crate::audit::record(
-            &state,
-            "project.create",
-            &format!("project:{tenant}/{project}"),
-            serde_json::json!({}),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "project.create",
+                &format!("project:{tenant}/{project}"),
+                serde_json::json!({}),
+            )
+            .await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -376,13 +376,13 @@ pub(crate) async fn credit(
             return Err(ApiError::invalid_param("amount", "must be positive"));
         }
         state.ledger().credit(&tenant, amount, &body.note).await?;
-        crate::audit::record(
-            &state,
-            "tenant.credit",
-            &format!("tenant:{tenant}"),
-            serde_json::json!({ "amount_nanos": amount.0, "note": body.note }),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "tenant.credit",
+                &format!("tenant:{tenant}"),
+                serde_json::json!({ "amount_nanos": amount.0, "note": body.note }),
+            )
+            .await?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
 }
@@ -427,15 +427,15 @@ pub(crate) async fn create_key(
             .ledger()
             .create_key_in_project(&tenant, &project, &body.name)
             .await?;
-        crate::audit::record(
-            &state,
-            "key.create",
-            &format!("key:{}", created.record.key_id),
-            serde_json::json!({
-                "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
-            }),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "key.create",
+                &format!("key:{}", created.record.key_id),
+                serde_json::json!({
+                    "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
+                }),
+            )
+            .await?;
         let out = CreatedKeyOut {
             object: "api_key",
             key: created.secret,
@@ -459,13 +459,13 @@ pub(crate) async fn revoke_key(
     admin_handler!(state, headers, {
         let key_id = KeyId(key_id);
         state.ledger().revoke_key(&key_id).await?;
-        crate::audit::record(
-            &state,
-            "key.revoke",
-            &format!("key:{key_id}"),
-            serde_json::json!({}),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "key.revoke",
+                &format!("key:{key_id}"),
+                serde_json::json!({}),
+            )
+            .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
@@ -544,13 +544,13 @@ pub(crate) async fn set_budget(
             .map(|text| amount("limit", text))
             .transpose()?;
         state.ledger().set_budget(&scope, limit).await?;
-        crate::audit::record(
-            &state,
-            "budget.set",
-            &budget_target(&scope),
-            serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "budget.set",
+                &budget_target(&scope),
+                serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
+            )
+            .await?;
         let status = state.ledger().budget(&scope).await?;
         Ok(Json(BudgetOut {
             object: "budget",
@@ -629,16 +629,16 @@ pub(crate) async fn set_rate_limits(
             RateScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
             RateScope::Model { model } => format!("model:{model}"),
         };
-        crate::audit::record(
-            &state,
-            "rate_limits.set",
-            &target,
-            serde_json::json!({
-                "requests_per_minute": body.requests_per_minute,
-                "tokens_per_minute": body.tokens_per_minute,
-            }),
-        )
-        .await?;
+        state
+            .audit_admin(
+                "rate_limits.set",
+                &target,
+                serde_json::json!({
+                    "requests_per_minute": body.requests_per_minute,
+                    "tokens_per_minute": body.tokens_per_minute,
+                }),
+            )
+            .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }

@@ -724,26 +724,20 @@ impl DatabaseWatch {
     }
 }
 
-/// Starts [`watch_database`] on the state's task tracker when alerts are on.
-pub(crate) fn spawn_database_watch(state: &crate::AppState) -> Option<tokio::task::JoinHandle<()>> {
-    state.alerts().is_enabled().then(|| {
-        state.tasks().spawn(watch_database(
-            state.ledger().clone(),
-            state.alerts().clone(),
-            Arc::new(tidepool_ledger::SystemClock),
-        ))
-    })
-}
-
 /// Checks the database every [`DATABASE_WATCH_INTERVAL`] (with the `/readyz` check) and emits
 /// `database_lost` / `database_recovered`; runs until aborted.
-async fn watch_database(ledger: Ledger, alerts: Alerts, clock: Arc<dyn Clock>) {
+pub(crate) async fn watch_database(
+    ledger: Ledger,
+    alerts: Alerts,
+    clock: Arc<dyn Clock>,
+    check_timeout: Duration,
+) {
     let mut watch = DatabaseWatch::default();
     let mut interval = tokio::time::interval(DATABASE_WATCH_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let readiness = ledger.readiness(crate::READYZ_TIMEOUT).await;
+        let readiness = ledger.readiness(check_timeout).await;
         let ok = readiness.database.is_ok();
         if let Some(event) = watch.observe(ok, &readiness.database.to_string(), clock.now_ms()) {
             tracing::warn!(event = event.name(), "ledger database state changed");

@@ -1,6 +1,7 @@
 //! The audit surface of the admin API: `GET /admin/audit` (the hash-chained log, paginated, with
 //! the chain's verdict) and `POST /admin/keys/{key_id}/reinstate` (lifts a leaked-key
-//! suspension). [`record`] is what every admin handler calls after its change committed.
+//! suspension). Every admin handler audits its change with `AppState::audit_admin` once it
+//! committed.
 #![expect(
     unused_qualifications,
     reason = "utoipa's `params(..)` expansion qualifies the query types it is given"
@@ -12,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tidepool_core::KeyId;
-use tidepool_ledger::{AUDIT_PAGE_LEN_MAX, AuditActor, AuditEntry};
+use tidepool_ledger::{AUDIT_PAGE_LEN_MAX, AuditEntry};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::accounts::admin;
@@ -21,28 +22,6 @@ use crate::state::AppState;
 
 /// Entries of a `GET /admin/audit` page when `limit` is absent.
 pub const AUDIT_PAGE_LEN_DEFAULT: u32 = 100;
-
-/// Appends an admin action to the audit log (actor `admin`). Called once the action committed;
-/// if the append fails the handler answers with that error (503 when the database is down),
-/// although the action itself took effect — the log line `cannot audit` names it.
-pub(crate) async fn record(
-    state: &AppState,
-    action: &str,
-    target: &str,
-    details: serde_json::Value,
-) -> Result<(), ApiError> {
-    match state
-        .ledger()
-        .append_audit(&AuditActor::Admin, action, target, &details)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(error) => {
-            tracing::error!(%error, action, target, "cannot audit an admin action that took effect");
-            Err(error.into())
-        }
-    }
-}
 
 /// Query of `GET /admin/audit`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -178,13 +157,13 @@ pub(crate) async fn reinstate_key(
         let key_id = KeyId(key_id);
         let reinstated = state.ledger().reinstate_key(&key_id).await?;
         if reinstated {
-            record(
-                &state,
-                "key.reinstate",
-                &format!("key:{key_id}"),
-                serde_json::json!({}),
-            )
-            .await?;
+            state
+                .audit_admin(
+                    "key.reinstate",
+                    &format!("key:{key_id}"),
+                    serde_json::json!({}),
+                )
+                .await?;
         }
         Ok((
             StatusCode::OK,

@@ -12,9 +12,6 @@ use tidepool_core::RequestId;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use tidepool_ledger::{ApiKeyRecord, AuditActor};
-
-use crate::alerts::AlertEvent;
 use crate::error::{ApiError, CURRENT_REQUEST_ID};
 use crate::leak::Verdict;
 use crate::metrics;
@@ -179,7 +176,7 @@ pub(crate) async fn authenticate(
     if let Some(leak) = state.leak() {
         let verdict = leak.lock().on_request(&record.key_id, state.now_ms());
         if let Verdict::Suspend { reason } = verdict {
-            suspend_key(state, &record, &reason).await;
+            crate::suspend::suspend_key(state, &record, &reason).await;
             return Err(ApiError::KeySuspended {
                 key_id: record.key_id,
                 reason,
@@ -193,46 +190,4 @@ pub(crate) async fn authenticate(
         endpoint,
         started,
     ))
-}
-
-/// Suspends a key the leaked-key detector flagged: stored in the ledger (so every replica
-/// refuses it), audited (actor `system`) and alerted (`key_suspended`). Only the first
-/// suspension writes the audit entry and the alert; a failure is logged, and the request that
-/// tripped the detector is refused either way.
-pub(crate) async fn suspend_key(state: &AppState, record: &ApiKeyRecord, reason: &str) {
-    if let Some(leak) = state.leak() {
-        leak.lock().reset_interval(&record.key_id);
-    }
-    match state.ledger().suspend_key(&record.key_id, reason).await {
-        Ok(true) => {
-            tracing::warn!(api_key_id = %record.key_id, %reason, "key suspended by the leaked-key detector");
-            let details = serde_json::json!({
-                "reason": reason,
-                "tenant": record.tenant.as_str(),
-                "project": record.project.as_str(),
-            });
-            if let Err(error) = state
-                .ledger()
-                .append_audit(
-                    &AuditActor::System,
-                    "key.suspend",
-                    &format!("key:{}", record.key_id),
-                    &details,
-                )
-                .await
-            {
-                tracing::error!(%error, api_key_id = %record.key_id, "cannot audit a key suspension");
-            }
-            state.alerts().emit(AlertEvent::KeySuspended {
-                key_id: record.key_id.clone(),
-                tenant: record.tenant.clone(),
-                project: record.project.to_string(),
-                reason: reason.to_owned(),
-            });
-        }
-        Ok(false) => {}
-        Err(error) => {
-            tracing::error!(%error, api_key_id = %record.key_id, "cannot store a key suspension");
-        }
-    }
 }

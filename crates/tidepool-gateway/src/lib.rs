@@ -26,6 +26,7 @@ pub mod pool;
 mod ratelimit;
 mod routes;
 mod state;
+mod suspend;
 mod usage;
 mod validate;
 
@@ -169,7 +170,7 @@ pub async fn serve(
             leak_detection: config.leak_detection.clone(),
         },
     );
-    let database_watch = alerts::spawn_database_watch(&state);
+    let database_watch = spawn_database_watch(&state);
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
     let sweeper = spawn_sweeper(&state, config);
@@ -223,6 +224,19 @@ async fn shut_down(
         );
     }
     tracing::info!("tidepool stopped");
+}
+
+/// Watches the ledger's database for `database_lost` / `database_recovered` alerts, when alerts
+/// are on.
+fn spawn_database_watch(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
+    state.alerts().is_enabled().then(|| {
+        state.tasks().spawn(alerts::watch_database(
+            state.ledger().clone(),
+            state.alerts().clone(),
+            std::sync::Arc::new(tidepool_ledger::SystemClock),
+            READYZ_TIMEOUT,
+        ))
+    })
 }
 
 /// The periodic sweep for reservations that dead replicas left open (once start-up is done).

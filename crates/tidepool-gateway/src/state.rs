@@ -284,6 +284,30 @@ impl AppState {
         &self.inner.alerts
     }
 
+    /// Appends an admin action to the audit log (actor `admin`). Called once the action
+    /// committed; if the append fails the handler answers with that error (503 when the
+    /// database is down), although the action itself took effect — the log line names it.
+    pub(crate) async fn audit_admin(
+        &self,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(), tidepool_ledger::LedgerError> {
+        let appended = self
+            .ledger()
+            .append_audit(
+                &tidepool_ledger::AuditActor::Admin,
+                action,
+                target,
+                &details,
+            )
+            .await;
+        if let Err(error) = &appended {
+            tracing::error!(%error, action, target, "cannot audit an admin action that took effect");
+        }
+        appended.map(drop)
+    }
+
     /// The leaked-key detector, when enabled.
     pub(crate) fn leak(&self) -> Option<&Mutex<LeakDetector>> {
         self.inner.leak.as_ref()

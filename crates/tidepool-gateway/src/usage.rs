@@ -381,7 +381,7 @@ async fn observe_spend(state: &AppState, entry: &UsageEntry, cost_nanos: i64) {
     if let Verdict::Suspend { reason } = verdict {
         // The record as the detector needs it: the key's tenant and project.
         match state.ledger().key(&entry.key_id).await {
-            Ok(record) => crate::extract::suspend_key(state, &record, &reason).await,
+            Ok(record) => crate::suspend::suspend_key(state, &record, &reason).await,
             Err(error) => tracing::error!(%error, "cannot read a key to suspend"),
         }
     }

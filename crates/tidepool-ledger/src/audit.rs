@@ -138,6 +138,31 @@ pub fn chain_hash(prev_hash: &str, content: &[u8]) -> String {
 
 type AuditRow = (i64, i64, String, String, String, String, String, String);
 
+/// The reason of a sequence gap.
+const MISSING: &str = "an entry is missing";
+
+/// Why `entry` does not follow the entry `prev_seq` with hash `prev_hash`, if it does not.
+fn link_break(prev_seq: i64, prev_hash: &str, entry: &AuditEntry) -> Option<&'static str> {
+    if Some(entry.seq) != prev_seq.checked_add(1) {
+        return Some(MISSING);
+    }
+    if entry.prev_hash != prev_hash {
+        return Some("prev_hash is not the previous entry's hash");
+    }
+    let content = canonical_content(
+        entry.seq,
+        entry.at_ms,
+        entry.actor.as_str(),
+        &entry.action,
+        &entry.target,
+        &entry.details,
+    );
+    if chain_hash(prev_hash, &content) != entry.hash {
+        return Some("the entry's content does not match its hash");
+    }
+    None
+}
+
 fn entry_from_row(row: AuditRow) -> AuditEntry {
     let (seq, at_ms, actor, action, target, details, prev_hash, hash) = row;
     AuditEntry {
@@ -304,31 +329,13 @@ impl Ledger {
             for row in rows {
                 let entry = entry_from_row(row);
                 entries = entries.saturating_add(1);
-                if Some(entry.seq) != prev_seq.checked_add(1) {
-                    let missing = prev_seq.saturating_add(1);
-                    return Ok(broken(missing, "an entry is missing", entries));
-                }
-                if entry.prev_hash != prev_hash {
-                    return Ok(broken(
-                        entry.seq,
-                        "prev_hash is not the previous entry's hash",
-                        entries,
-                    ));
-                }
-                let content = canonical_content(
-                    entry.seq,
-                    entry.at_ms,
-                    entry.actor.as_str(),
-                    &entry.action,
-                    &entry.target,
-                    &entry.details,
-                );
-                if chain_hash(&prev_hash, &content) != entry.hash {
-                    return Ok(broken(
-                        entry.seq,
-                        "the entry's content does not match its hash",
-                        entries,
-                    ));
+                if let Some(reason) = link_break(prev_seq, &prev_hash, &entry) {
+                    let seq = if reason == MISSING {
+                        prev_seq.saturating_add(1)
+                    } else {
+                        entry.seq
+                    };
+                    return Ok(broken(seq, reason, entries));
                 }
                 prev_seq = entry.seq;
                 prev_hash = entry.hash;

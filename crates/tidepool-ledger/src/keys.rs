@@ -255,10 +255,30 @@ impl Ledger {
         let row: Option<KeyAuthRow> = on_store!(&self.store, pool => {
             sqlx::query_as(sql).bind(key_id).fetch_optional(pool).await?
         });
-        let Some((k, t, p, n, c, revoked_at_ms, s_at, s_reason, stored_hash)) = row else {
+        let Some((
+            key_id,
+            tenant,
+            project,
+            name,
+            created_at_ms,
+            revoked_at_ms,
+            suspended_at_ms,
+            suspended_reason,
+            stored_hash,
+        )) = row
+        else {
             return Ok(None);
         };
-        let row: KeyRow = (k, t, p, n, c, revoked_at_ms, s_at, s_reason);
+        let row: KeyRow = (
+            key_id,
+            tenant,
+            project,
+            name,
+            created_at_ms,
+            revoked_at_ms,
+            suspended_at_ms,
+            suspended_reason,
+        );
         let presented_hash = sha256_hex(secret);
         let matches: bool = presented_hash
             .as_bytes()
