@@ -3,7 +3,9 @@
 //! answers 500 first gets the event again later (same delivery id); two replicas on one
 //! PostgreSQL deliver every outbox row exactly once; a key with a steady history that bursts is
 //! suspended (429 `key_suspended` on every later request, an alert, an audit entry) until an
-//! operator reinstates it; admin actions are audited and the chain verifies over HTTP.
+//! operator reinstates it; admin actions are audited and the chain verifies over HTTP;
+//! `database_lost` reaches the receiver from memory while the database is down; a budget
+//! refused three times sends one `budget_reached`.
 //!
 //! Method: events are emitted through the public `Alerts` handle or by real traffic; the test
 //! waits on what the receiver got (a channel), never on time. The detector's clock is a
@@ -33,8 +35,8 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tidepool_core::{AlertConfig, LeakDetectionConfig, Limits};
 use tidepool_gateway::StateOptions;
-use tidepool_gateway::alerts::AlertSink;
-use tidepool_ledger::testing::{Kind, ManualClock, TestDb};
+use tidepool_gateway::alerts::{AlertEvent, AlertSink};
+use tidepool_ledger::testing::{Kind, ManualClock, TestDb, ThrowawayPostgres};
 use tidepool_ledger::{Ledger, LedgerOptions};
 use tokio::sync::mpsc;
 
@@ -458,4 +460,81 @@ async fn tamper_sqlite(url: &str) {
         .execute(&mut conn)
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_lost_is_sent_from_memory_while_the_database_is_down() {
+    let mut hook = receiver(0).await;
+    let cluster = ThrowawayPostgres::spawn().await;
+    let db = TestDb::postgres_on(cluster.url()).await;
+    let options = LedgerOptions {
+        // Short, so each outbox write on the stopped database gives up quickly.
+        acquire_timeout: Some(Duration::from_secs(1)),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
+    let app = App::on(ledger, None, options_with(&hook.url), |c| c).await;
+
+    // The database goes away; the watch (`DatabaseWatch`, unit-tested) would emit this.
+    let cluster = cluster.set_running(false).await;
+    app.state.alerts().emit(AlertEvent::DatabaseLost {
+        reason: "i/o error: connection refused".to_owned(),
+    });
+    let lost = hook.next().await;
+    assert_eq!(lost.event, "database_lost", "sent while the outbox is down");
+    assert!(
+        app.ledger.outbox_counts().await.is_err(),
+        "the database really is down"
+    );
+
+    // It comes back: later events go through the outbox again; nothing is sent twice.
+    let _cluster = cluster.set_running(true).await;
+    app.state
+        .alerts()
+        .emit(AlertEvent::DatabaseRecovered { down_ms: 1_000 });
+    let recovered = hook.next().await;
+    assert_eq!(recovered.event, "database_recovered");
+    app.state.alerts().engine_restarted("sentinel", "last");
+    let last = hook.next().await;
+    assert_eq!(last.body["data"]["model"], "sentinel");
+    assert!(hook.accepted.try_recv().is_err(), "nothing delivered twice");
+    assert_eq!(hook.bad_signatures.load(Ordering::SeqCst), 0);
+    app.state.alerts().stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_reached_is_sent_once_per_budget_and_month() {
+    let mut hook = receiver(0).await;
+    let app = sqlite_app(options_with(&hook.url)).await;
+    let key_id = tidepool_core::KeyId(app.key_id.clone());
+    app.ledger
+        .set_budget(
+            &tidepool_ledger::BudgetScope::Key { key_id },
+            Some(tidepool_core::Nanos(1)),
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let response = chat(&app, &app.key).await;
+        expect_error(
+            response,
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+        )
+        .await;
+    }
+    let got = hook.next().await;
+    assert_eq!(got.event, "budget_reached");
+    assert_eq!(got.body["data"]["scope"], "key_budget");
+    assert_eq!(got.body["data"]["key_id"], app.key_id.as_str());
+    // Three refusals, one alert: the next thing the receiver gets is the sentinel.
+    app.state.alerts().engine_restarted("sentinel", "last");
+    let last = hook.next().await;
+    assert_eq!(last.event, "engine_restarted");
+    outbox_settles(&app.ledger, 2).await;
+    assert!(
+        hook.accepted.try_recv().is_err(),
+        "no second budget_reached"
+    );
+    app.state.alerts().stop();
 }
