@@ -198,3 +198,74 @@ impl LeakDetectionConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::Config;
+
+    fn errors(text: &str) -> String {
+        match Config::parse(text, Path::new("t.toml")) {
+            Ok(_) => String::new(),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn alerts_and_leak_detection_parse_with_their_defaults() {
+        let config = Config::parse(
+            "[[alerts]]\nid = \"ops\"\nurl = \"https://h/x\"\nevents = [\"key_suspended\"]\n\
+             secret_env = \"S\"\n\n[leak_detection]\nenabled = true\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let alert = &config.alerts[0];
+        assert_eq!(alert.timeout_ms, 5_000);
+        assert_eq!(alert.attempts_max, 8);
+        assert!(alert.wants("key_suspended"));
+        assert!(!alert.wants("database_lost"));
+        assert!(config.leak_detection.enabled);
+        assert_eq!(config.leak_detection.min_requests_per_interval, 30);
+        let printed = format!("{alert:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let secret = Config::parse(
+            "[[alerts]]\nid = \"ops\"\nurl = \"https://h/x\"\nevents = [\"key_suspended\"]\n\
+             secret = \"hunter2\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let printed = format!("{:?}", secret.alerts[0]);
+        assert!(
+            !printed.contains("hunter2"),
+            "the secret is never printed: {printed}"
+        );
+    }
+
+    #[test]
+    fn bad_alerts_and_leak_detection_are_refused_with_every_reason() {
+        let text = "[[alerts]]\nid = \"ops\"\nurl = \"ftp://h\"\nevents = [\"nope\"]\n\
+                    attempts_max = 0\nbackoff_initial_ms = 10\nbackoff_max_ms = 5\n\n\
+                    [[alerts]]\nid = \"ops\"\nurl = \"http://h\"\nevents = [\"key_suspended\"]\n\
+                    secret = \"a\"\nsecret_env = \"B\"\n\n\
+                    [leak_detection]\newma_alpha = 1.5\nz_threshold = 0.0\ninterval_ms = 0\n";
+        let errors = errors(text);
+        for expected in [
+            "alerts[0].url",
+            "alerts[0].events: unknown event `nope`",
+            "alerts[0].secret",
+            "alerts[0].attempts_max",
+            "alerts[0].backoff_max_ms",
+            "alerts[1].id: duplicate",
+            "alerts[1].secret_env",
+            "leak_detection.ewma_alpha",
+            "leak_detection.z_threshold",
+            "leak_detection.interval_ms",
+        ] {
+            assert!(
+                errors.contains(expected),
+                "{expected} missing from: {errors}"
+            );
+        }
+    }
+}

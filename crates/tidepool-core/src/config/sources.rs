@@ -253,7 +253,13 @@ impl Resolved {
             .map(|(key, value)| {
                 let leaf = format!("{path}.{key}");
                 let shown = if SECRET_KEYS.contains(&strip_indices(&leaf).as_str()) {
-                    Value::String(redact_url(value.as_str().unwrap_or("***")))
+                    // A URL keeps all but its password; any other secret is hidden whole.
+                    let text = value.as_str().unwrap_or("***");
+                    Value::String(if text.contains("://") {
+                        redact_url(text)
+                    } else {
+                        "***".to_owned()
+                    })
                 } else {
                     value.clone()
                 };
