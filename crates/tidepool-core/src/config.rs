@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CoreError, FieldError, ModelId, Nanos, TokenCount, money::Currency};
 
+mod alerts;
 mod sources;
+
+pub use alerts::{ALERT_EVENTS, ALERT_SINKS_MAX, AlertConfig, LeakDetectionConfig};
 
 pub use sources::{
     ENV_PREFIX, ENV_SEPARATOR, Resolved, Source, database_location, is_config_var, redact_url,
@@ -37,6 +40,11 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub residency: ResidencyConfig,
+    /// Webhook receivers of operational events (docs/operations.md).
+    #[serde(default, rename = "alerts")]
+    pub alerts: Vec<AlertConfig>,
+    #[serde(default)]
+    pub leak_detection: LeakDetectionConfig,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -610,7 +618,30 @@ impl Config {
         if self.engine.batch_tokens_max == 0 {
             problems.add("engine.batch_tokens_max", "must be at least 1");
         }
+        self.validate_alerts(&mut problems);
         problems.into_result()
+    }
+
+    /// `[[alerts]]` and `[leak_detection]`.
+    fn validate_alerts(&self, problems: &mut Problems) {
+        let mut errors = Vec::new();
+        if self.alerts.len() > ALERT_SINKS_MAX {
+            errors.push(("alerts".to_owned(), format!("at most {ALERT_SINKS_MAX}")));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (index, alert) in self.alerts.iter().enumerate() {
+            if !ids.insert(alert.id.as_str()) {
+                errors.push((
+                    format!("alerts[{index}].id"),
+                    format!("duplicate alert receiver id `{}`", alert.id),
+                ));
+            }
+            alert.validate(index, &mut errors);
+        }
+        self.leak_detection.validate(&mut errors);
+        for (field, reason) in errors {
+            problems.add(field, reason);
+        }
     }
 
     /// `[[models]]`: unique ids, sizes in range, prices never negative.

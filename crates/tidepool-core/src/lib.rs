@@ -17,8 +17,9 @@ pub mod ids;
 pub mod money;
 
 pub use config::{
-    Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, ModelConfig, ModelKind,
-    PoolKnobs, PoolPolicy, PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+    ALERT_EVENTS, AlertConfig, Backend, BackendConfig, BackendKind, BillingConfig, Config,
+    LeakDetectionConfig, Limits, ModelConfig, ModelKind, PoolKnobs, PoolPolicy, PoolSection,
+    REGION_DEFAULT, ResidencyConfig, RoutingConfig,
 };
 pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestId, TenantId};

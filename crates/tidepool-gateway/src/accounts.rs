@@ -283,6 +283,13 @@ pub(crate) async fn create_tenant(
             None => Currency::USD,
         };
         state.ledger().create_tenant(&tenant, currency).await?;
+        state
+            .audit_admin(
+                "tenant.create",
+                &format!("tenant:{tenant}"),
+                serde_json::json!({ "currency": currency.to_string() }),
+            )
+            .await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -326,6 +333,13 @@ pub(crate) async fn create_project(
         let tenant = tenant_id(&tenant)?;
         let project = project_id(&body.project)?;
         state.ledger().create_project(&tenant, &project).await?;
+        state
+            .audit_admin(
+                "project.create",
+                &format!("project:{tenant}/{project}"),
+                serde_json::json!({}),
+            )
+            .await?;
         Ok((
             StatusCode::CREATED,
             Json(account_of(&state, &tenant).await?),
@@ -362,6 +376,13 @@ pub(crate) async fn credit(
             return Err(ApiError::invalid_param("amount", "must be positive"));
         }
         state.ledger().credit(&tenant, amount, &body.note).await?;
+        state
+            .audit_admin(
+                "tenant.credit",
+                &format!("tenant:{tenant}"),
+                serde_json::json!({ "amount_nanos": amount.0, "note": body.note }),
+            )
+            .await?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
 }
@@ -406,6 +427,15 @@ pub(crate) async fn create_key(
             .ledger()
             .create_key_in_project(&tenant, &project, &body.name)
             .await?;
+        state
+            .audit_admin(
+                "key.create",
+                &format!("key:{}", created.record.key_id),
+                serde_json::json!({
+                    "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
+                }),
+            )
+            .await?;
         let out = CreatedKeyOut {
             object: "api_key",
             key: created.secret,
@@ -427,7 +457,15 @@ pub(crate) async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Response {
     admin_handler!(state, headers, {
-        state.ledger().revoke_key(&KeyId(key_id)).await?;
+        let key_id = KeyId(key_id);
+        state.ledger().revoke_key(&key_id).await?;
+        state
+            .audit_admin(
+                "key.revoke",
+                &format!("key:{key_id}"),
+                serde_json::json!({}),
+            )
+            .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
@@ -476,6 +514,14 @@ fn budget_scope(
     }
 }
 
+/// The audit target of a budget: `project:<tenant>/<project>` or `key:<key id>`.
+fn budget_target(scope: &BudgetScope) -> String {
+    match scope {
+        BudgetScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
+        BudgetScope::Key { key_id } => format!("key:{key_id}"),
+    }
+}
+
 #[utoipa::path(put, path = "/admin/budgets", tag = "admin", request_body = BudgetRequest,
     security(("admin" = [])),
     responses((status = 200, body = BudgetOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -498,6 +544,13 @@ pub(crate) async fn set_budget(
             .map(|text| amount("limit", text))
             .transpose()?;
         state.ledger().set_budget(&scope, limit).await?;
+        state
+            .audit_admin(
+                "budget.set",
+                &budget_target(&scope),
+                serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
+            )
+            .await?;
         let status = state.ledger().budget(&scope).await?;
         Ok(Json(BudgetOut {
             object: "budget",
@@ -569,6 +622,21 @@ pub(crate) async fn set_rate_limits(
                     requests_per_minute: body.requests_per_minute,
                     tokens_per_minute: body.tokens_per_minute,
                 },
+            )
+            .await?;
+        let target = match &scope {
+            RateScope::Key { key_id } => format!("key:{key_id}"),
+            RateScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
+            RateScope::Model { model } => format!("model:{model}"),
+        };
+        state
+            .audit_admin(
+                "rate_limits.set",
+                &target,
+                serde_json::json!({
+                    "requests_per_minute": body.requests_per_minute,
+                    "tokens_per_minute": body.tokens_per_minute,
+                }),
             )
             .await?;
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -8,7 +8,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tidepool_core::{CoreError, ModelId, ModelKind, RequestId};
+use tidepool_core::{CoreError, KeyId, ModelId, ModelKind, RequestId};
 use tidepool_engine::EngineError;
 use tidepool_ledger::LedgerError;
 use utoipa::ToSchema;
@@ -32,6 +32,7 @@ pub const ERROR_CODES: &[&str] = &[
     "overloaded",
     "rate_limit_exceeded",
     "insufficient_quota",
+    "key_suspended",
     "idempotency_key_reused",
     "duplicate_request_id",
     "invalid_admin_token",
@@ -57,6 +58,14 @@ pub enum ApiError {
     InvalidParam { param: &'static str, reason: String },
     #[error("missing, malformed or revoked API key")]
     InvalidApiKey,
+    /// The key is suspended (by the leaked-key detector): refused on every replica until an
+    /// operator reinstates it.
+    #[error(
+        "API key `{key_id}` is suspended: {reason}. If this traffic is yours, ask an operator to \
+         reinstate the key (POST /admin/keys/{key_id}/reinstate); if not, the key may have \
+         leaked: revoke it and create a new one"
+    )]
+    KeySuspended { key_id: KeyId, reason: String },
     #[error("the model `{model}` does not exist")]
     ModelNotFound { model: String },
     #[error("the model `{model}` is a {kind} model and is not served on {endpoint}")]
@@ -159,6 +168,10 @@ impl ApiError {
                 Answer::new(StatusCode::BAD_REQUEST, "invalid_request_error").param(param)
             }
             Self::InvalidApiKey => Answer::new(StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            // Retrying cannot succeed until an operator acts.
+            Self::KeySuspended { .. } => {
+                Answer::new(StatusCode::TOO_MANY_REQUESTS, "key_suspended").no_retry()
+            }
             Self::AdminUnauthorized => Answer::new(StatusCode::UNAUTHORIZED, "invalid_admin_token"),
             Self::ModelNotFound { .. } => {
                 Answer::new(StatusCode::NOT_FOUND, "model_not_found").param("model")
@@ -547,6 +560,10 @@ mod tests {
             ApiError::InvalidJson { detail: "x".into() },
             ApiError::invalid_param("top_p", "bad"),
             ApiError::InvalidApiKey,
+            ApiError::KeySuspended {
+                key_id: KeyId("k".into()),
+                reason: "burst".into(),
+            },
             ApiError::ModelNotFound { model: "m".into() },
             ApiError::model_endpoint_mismatch(model, ModelKind::Embedding, "/v1/chat/completions"),
             ApiError::RequestTooLarge { bytes_max: 1 },

@@ -13,6 +13,7 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use crate::error::{ApiError, CURRENT_REQUEST_ID};
+use crate::leak::Verdict;
 use crate::metrics;
 use crate::state::AppState;
 use crate::usage::UsageGuard;
@@ -166,6 +167,22 @@ pub(crate) async fn authenticate(
         .authenticate(secret)
         .await?
         .ok_or(ApiError::InvalidApiKey)?;
+    if record.suspended_at_ms.is_some() {
+        return Err(ApiError::KeySuspended {
+            key_id: record.key_id,
+            reason: record.suspended_reason.unwrap_or_default(),
+        });
+    }
+    if let Some(leak) = state.leak() {
+        let verdict = leak.lock().on_request(&record.key_id, state.now_ms());
+        if let Verdict::Suspend { reason } = verdict {
+            crate::suspend::suspend_key(state, &record, &reason).await;
+            return Err(ApiError::KeySuspended {
+                key_id: record.key_id,
+                reason,
+            });
+        }
+    }
     Ok(UsageGuard::new(
         state.clone(),
         request_id,

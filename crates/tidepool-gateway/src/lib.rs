@@ -1,8 +1,9 @@
 //! `tidepool-gateway` owns the HTTP surface: the OpenAI-compatible API (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/models`), SSE streaming, API-key auth, metering (one
-//! usage entry per request), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`. It is the only
-//! crate that knows HTTP, and it maps every error to a status and a stable `code` in exactly one
-//! place ([`ApiError`]).
+//! usage entry per request), `/healthz`, `/readyz`, `/metrics` and `/openapi.json`, webhook
+//! alerts ([`alerts`]), the admin API's audit surface ([`audit`]) and the leaked-key detector
+//! ([`leak`]). It is the only crate that knows HTTP, and it maps every error to a status and a
+//! stable `code` in exactly one place ([`ApiError`]).
 //!
 //! It wires engine and ledger together; nothing below it depends on it. Read [`AppState`],
 //! [`router`] and [`ApiError`] first, then `generate` (text generation and SSE) and `usage` (the
@@ -10,10 +11,13 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod alerts;
+pub mod audit;
 pub mod backends;
 mod error;
 mod extract;
 mod generate;
+pub mod leak;
 mod load;
 mod metrics;
 pub mod openai;
@@ -22,6 +26,7 @@ pub mod pool;
 mod ratelimit;
 mod routes;
 mod state;
+mod suspend;
 mod usage;
 mod validate;
 
@@ -71,6 +76,8 @@ pub fn router(state: AppState) -> Router {
             "/admin/keys/{key_id}",
             axum::routing::delete(accounts::revoke_key),
         )
+        .route("/admin/keys/{key_id}/reinstate", post(audit::reinstate_key))
+        .route("/admin/audit", get(audit::list_audit))
         .route("/admin/budgets", axum::routing::put(accounts::set_budget))
         .route(
             "/admin/rate-limits",
@@ -137,6 +144,11 @@ pub async fn serve(
     if schema_current {
         start_up(config, &ledger).await?;
     }
+    let alert_sinks = config
+        .alerts
+        .iter()
+        .map(alerts::AlertSink::new)
+        .collect::<Result<Vec<_>, _>>()?;
     let LoadedModels {
         models,
         pool,
@@ -154,8 +166,11 @@ pub async fn serve(
             backends: backends.clone(),
             region: config.server.region.clone(),
             residency: config.residency.clone(),
+            alert_sinks,
+            leak_detection: config.leak_detection.clone(),
         },
     );
+    let database_watch = spawn_database_watch(&state);
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
     let sweeper = spawn_sweeper(&state, config);
@@ -178,16 +193,25 @@ pub async fn serve(
     });
     tracing::info!(listen = %local, "tidepool is serving");
     let tasks = state.tasks().clone();
+    let alerts = state.alerts().clone();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ServeError::Serve)?;
-    sweeper.abort();
-    if let Some(prober) = prober {
-        prober.abort();
-    }
-    if let Some(starting) = starting {
-        starting.abort();
+    alerts.stop();
+    let background = [Some(sweeper), database_watch, prober, starting];
+    shut_down(&tasks, background.into_iter().flatten()).await;
+    Ok(())
+}
+
+/// After the listener stopped: aborts the background loops, then drains the task tracker
+/// (settlement writes) for at most [`SHUTDOWN_DRAIN_TIMEOUT`].
+async fn shut_down(
+    tasks: &tokio_util::task::TaskTracker,
+    background: impl Iterator<Item = tokio::task::JoinHandle<()>>,
+) {
+    for handle in background {
+        handle.abort();
     }
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, tasks.wait())
@@ -200,7 +224,19 @@ pub async fn serve(
         );
     }
     tracing::info!("tidepool stopped");
-    Ok(())
+}
+
+/// Watches the ledger's database for `database_lost` / `database_recovered` alerts, when alerts
+/// are on.
+fn spawn_database_watch(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
+    state.alerts().is_enabled().then(|| {
+        state.tasks().spawn(alerts::watch_database(
+            state.ledger().clone(),
+            state.alerts().clone(),
+            std::sync::Arc::new(tidepool_ledger::SystemClock),
+            READYZ_TIMEOUT,
+        ))
+    })
 }
 
 /// The periodic sweep for reservations that dead replicas left open (once start-up is done).

@@ -40,6 +40,8 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
     #[error(transparent)]
     Backend(#[from] BackendSetupError),
+    #[error(transparent)]
+    Alert(#[from] crate::alerts::AlertSetupError),
     /// `backend = "fake"` in a binary built without the cargo feature `fake`.
     #[error(
         "model `{model}` has backend = \"fake\": the fake engine is for tests and load benchmarks \

@@ -9,6 +9,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::accounts;
+use crate::audit;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai;
 use crate::pool;
@@ -37,6 +38,8 @@ use crate::routes;
         accounts::revoke_key,
         accounts::set_budget,
         accounts::set_rate_limits,
+        audit::reinstate_key,
+        audit::list_audit,
         pool::pool_status,
         pool::backends_status,
         pool::load_model,
@@ -62,7 +65,7 @@ use crate::routes;
         (name = "openai", description = "OpenAI-compatible endpoints"),
         (name = "billing", description = "A key's own usage and cost"),
         (name = "pool", description = "The model pool: residency, queues, memory"),
-        (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements (admin token)"),
+        (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements, the audit log (admin token)"),
         (name = "ops", description = "Health, readiness, metrics and this document"),
     )
 )]

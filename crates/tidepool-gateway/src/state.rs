@@ -6,14 +6,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
 use tidepool_core::config::ResidencyConfig;
-use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
+use tidepool_core::{BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
 use tidepool_runtime::PoolRuntime;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::{AlertSink, Alerts};
 use crate::backends::Backends;
+use crate::leak::LeakDetector;
 
 /// The engine behind one served model.
 #[derive(Debug, Clone)]
@@ -81,6 +84,10 @@ struct Inner {
     residency: ResidencyConfig,
     /// Start-up recovery and the price sync have run; until then model requests are 503.
     started: AtomicBool,
+    /// Webhook alerts (disabled without `[[alerts]]`).
+    alerts: Alerts,
+    /// The leaked-key detector (`None`: `[leak_detection] enabled = false`).
+    leak: Option<Mutex<LeakDetector>>,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -100,6 +107,10 @@ pub struct StateOptions {
     pub region: String,
     /// Residency pins per tenant and per project (`[residency]`).
     pub residency: ResidencyConfig,
+    /// The `[[alerts]]` receivers; none: alerts are off.
+    pub alert_sinks: Vec<AlertSink>,
+    /// `[leak_detection]`.
+    pub leak_detection: LeakDetectionConfig,
 }
 
 /// Secrets never reach a log: the admin token is redacted.
@@ -113,6 +124,8 @@ impl std::fmt::Debug for StateOptions {
             .field("backends", &self.backends.is_some())
             .field("region", &self.region)
             .field("residency", &self.residency)
+            .field("alert_sinks", &self.alert_sinks)
+            .field("leak_detection", &self.leak_detection)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +141,8 @@ impl StateOptions {
             backends: None,
             region: tidepool_core::REGION_DEFAULT.to_owned(),
             residency: ResidencyConfig::default(),
+            alert_sinks: Vec::new(),
+            leak_detection: LeakDetectionConfig::default(),
         }
     }
 }
@@ -150,6 +165,8 @@ impl AppState {
             backends,
             region,
             residency,
+            alert_sinks,
+            leak_detection,
         } = options;
         let admin_token_sha256 = admin_token.map(|token| {
             use sha2::Digest as _;
@@ -160,6 +177,15 @@ impl AppState {
             models.into_iter().map(|m| (m.id.clone(), m)).collect();
         assert!(models.len() == count, "served model ids are unique");
         crate::metrics::install();
+        let tasks = TaskTracker::new();
+        // Alert tasks need a runtime; without receivers nothing is spawned.
+        let alerts = Alerts::start(alert_sinks, ledger.clone(), clock.clone(), &tasks);
+        if let Some(backends) = &backends {
+            backends.set_alerts(alerts.clone());
+        }
+        let leak = leak_detection
+            .enabled
+            .then(|| Mutex::new(LeakDetector::new(leak_detection)));
         Self {
             inner: Arc::new(Inner {
                 models,
@@ -167,13 +193,15 @@ impl AppState {
                 limits,
                 billing,
                 admin_token_sha256,
-                tasks: TaskTracker::new(),
+                tasks,
                 clock,
                 pool,
                 backends,
                 region,
                 residency,
                 started: AtomicBool::new(true),
+                alerts,
+                leak,
             }),
         }
     }
@@ -248,6 +276,41 @@ impl AppState {
     /// Every task the gateway spawns goes through this tracker; shutdown closes and waits on it.
     pub fn tasks(&self) -> &TaskTracker {
         &self.inner.tasks
+    }
+
+    /// Webhook alerts: the engine watchdog reports restarts through
+    /// [`Alerts::engine_restarted`].
+    pub fn alerts(&self) -> &Alerts {
+        &self.inner.alerts
+    }
+
+    /// Appends an admin action to the audit log (actor `admin`). Called once the action
+    /// committed; if the append fails the handler answers with that error (503 when the
+    /// database is down), although the action itself took effect — the log line names it.
+    pub(crate) async fn audit_admin(
+        &self,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(), tidepool_ledger::LedgerError> {
+        let appended = self
+            .ledger()
+            .append_audit(
+                &tidepool_ledger::AuditActor::Admin,
+                action,
+                target,
+                &details,
+            )
+            .await;
+        if let Err(error) = &appended {
+            tracing::error!(%error, action, target, "cannot audit an admin action that took effect");
+        }
+        appended.map(drop)
+    }
+
+    /// The leaked-key detector, when enabled.
+    pub(crate) fn leak(&self) -> Option<&Mutex<LeakDetector>> {
+        self.inner.leak.as_ref()
     }
 
     pub(crate) fn now_ms(&self) -> i64 {

@@ -37,7 +37,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::alerts::AlertEvent;
 use crate::error::ApiError;
+use crate::leak::Verdict;
 use crate::metrics;
 use crate::state::AppState;
 
@@ -128,7 +130,21 @@ impl UsageGuard {
             completion_tokens_max,
             idempotency_key,
         };
-        let reservation = self.state.ledger().reserve(&request).await?;
+        let reservation = match self.state.ledger().reserve(&request).await {
+            Ok(reservation) => reservation,
+            Err(error) => {
+                if let tidepool_ledger::LedgerError::InsufficientQuota { scope, .. } = &error {
+                    self.state.alerts().emit(AlertEvent::BudgetReached {
+                        tenant: self.tenant.clone(),
+                        project: self.project.to_string(),
+                        key_id: self.key_id.clone(),
+                        scope: *scope,
+                        at_ms: self.state.now_ms(),
+                    });
+                }
+                return Err(error.into());
+            }
+        };
         self.reservation = Some(reservation);
         Ok(())
     }
@@ -376,6 +392,7 @@ impl UsageGuard {
     ) -> Option<tokio::task::JoinHandle<Result<(), tidepool_ledger::LedgerError>>> {
         let ledger = self.state.ledger().clone();
         let span = self.span.clone();
+        let state = self.state.clone();
         let retry_for = if retry {
             Duration::from_millis(self.state.billing().settle_retry_ms_max)
         } else {
@@ -386,7 +403,7 @@ impl UsageGuard {
             let mut backoff = SETTLE_RETRY_BACKOFF_INITIAL;
             let mut pending = false;
             let written = loop {
-                let written = write_once(&ledger, &entry, finish, &span).await;
+                let written = write_once(&state, &ledger, &entry, finish, &span).await;
                 match &written {
                     Err(error) if error.is_unavailable() && Instant::now() + backoff < deadline => {
                         if !pending {
@@ -432,20 +449,25 @@ const SETTLE_RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Longest wait between two retries of one settlement.
 const SETTLE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// One attempt at the request's ledger write: settle, void, or (never reserved) only record.
+/// One attempt at the request's ledger write: settle, void, or (never reserved) only record;
+/// the leak detector sees the settled cost.
 async fn write_once(
+    state: &AppState,
     ledger: &tidepool_ledger::Ledger,
     entry: &UsageEntry,
     finish: Option<Finish>,
     span: &tracing::Span,
 ) -> Result<(), tidepool_ledger::LedgerError> {
     match finish {
-        Some(finish) => ledger.finish(entry, finish).await.map(|settlement| {
+        Some(finish) => {
+            let settlement = ledger.finish(entry, finish).await?;
             if settlement.capped {
                 tracing::error!(parent: span, request_id = %entry.request_id,
                     "usage exceeded its reservation; billed at the hold");
             }
-        }),
+            observe_spend(state, entry, settlement.cost.0).await;
+            Ok(())
+        }
         None => ledger.record_usage(entry).await.map(|_| ()),
     }
 }
@@ -458,5 +480,22 @@ impl Drop for UsageGuard {
         }
         // The generation (if any) drops after this, with the other fields: the settlement is
         // already tracked by the time the engine sees the cancellation.
+    }
+}
+
+/// Feeds a settled cost to the leaked-key detector; a jump suspends the key.
+async fn observe_spend(state: &AppState, entry: &UsageEntry, cost_nanos: i64) {
+    let Some(leak) = state.leak() else {
+        return;
+    };
+    let verdict = leak
+        .lock()
+        .on_spend(&entry.key_id, state.now_ms(), cost_nanos);
+    if let Verdict::Suspend { reason } = verdict {
+        // The record as the detector needs it: the key's tenant and project.
+        match state.ledger().key(&entry.key_id).await {
+            Ok(record) => crate::suspend::suspend_key(state, &record, &reason).await,
+            Err(error) => tracing::error!(%error, "cannot read a key to suspend"),
+        }
     }
 }

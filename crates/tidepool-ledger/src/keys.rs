@@ -53,12 +53,51 @@ pub(crate) fn parse_key(secret: &str) -> Option<&str> {
     (key_id_ok && body_ok).then_some(key_id)
 }
 
-type KeyRow = (String, String, String, String, i64, Option<i64>);
+type KeyRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
 /// A key row plus its stored hash.
-type KeyAuthRow = (String, String, String, String, i64, Option<i64>, String);
+type KeyAuthRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    String,
+);
+
+/// The columns of a [`KeyRow`], in order (a macro so queries are `concat!`ed literals).
+macro_rules! key_columns {
+    () => {
+        "key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms, suspended_at_ms, \
+         suspended_reason"
+    };
+}
+
+/// Longest suspension reason stored, in bytes.
+pub const SUSPENDED_REASON_BYTES_MAX: usize = 512;
 
 fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
-    let (key_id, tenant, project, name, created_at_ms, revoked_at_ms) = row;
+    let (
+        key_id,
+        tenant,
+        project,
+        name,
+        created_at_ms,
+        revoked_at_ms,
+        suspended_at_ms,
+        suspended_reason,
+    ) = row;
     Ok(ApiKeyRecord {
         key_id: KeyId(key_id),
         tenant: TenantId::new(tenant).map_err(|_| LedgerError::Corrupt { what: "tenant id" })?,
@@ -67,6 +106,8 @@ fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
         name,
         created_at_ms,
         revoked_at_ms,
+        suspended_at_ms,
+        suspended_reason,
     })
 }
 
@@ -153,6 +194,8 @@ impl Ledger {
             name: name.to_owned(),
             created_at_ms: now_ms,
             revoked_at_ms: None,
+            suspended_at_ms: None,
+            suspended_reason: None,
         };
         Ok(CreatedKey { record, secret })
     }
@@ -163,10 +206,12 @@ impl Ledger {
     ) -> Result<Vec<ApiKeyRecord>, LedgerError> {
         let tenant = tenant.map(TenantId::as_str);
         let rows: Vec<KeyRow> = on_store!(&self.store, pool => {
-            sqlx::query_as(
-                "SELECT key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms FROM api_keys \
-                 WHERE ($1 IS NULL OR tenant_id = $1) ORDER BY tenant_id, created_at_ms, key_id",
-            )
+            sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE ($1 IS NULL OR tenant_id = $1) \
+                 ORDER BY tenant_id, created_at_ms, key_id"
+            ))
             .bind(tenant)
             .fetch_all(pool)
             .await?
@@ -196,24 +241,44 @@ impl Ledger {
     }
 
     /// The key record for a presented secret, if it exists and is not revoked. Constant-time in
-    /// the secret.
+    /// the secret. A suspended key is returned with its `suspended_at_ms`: the caller refuses it
+    /// (the gateway's 429 `key_suspended`), so the client learns why instead of a 401.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<ApiKeyRecord>, LedgerError> {
         let Some(key_id) = parse_key(secret) else {
             return Ok(None);
         };
+        let sql = concat!(
+            "SELECT ",
+            key_columns!(),
+            ", secret_sha256 FROM api_keys WHERE key_id = $1"
+        );
         let row: Option<KeyAuthRow> = on_store!(&self.store, pool => {
-            sqlx::query_as(
-                "SELECT key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms, secret_sha256 \
-                 FROM api_keys WHERE key_id = $1",
-            )
-            .bind(key_id)
-            .fetch_optional(pool)
-            .await?
+            sqlx::query_as(sql).bind(key_id).fetch_optional(pool).await?
         });
-        let Some((key_id, tenant, project, name, created_at_ms, revoked_at_ms, stored_hash)) = row
+        let Some((
+            key_id,
+            tenant,
+            project,
+            name,
+            created_at_ms,
+            revoked_at_ms,
+            suspended_at_ms,
+            suspended_reason,
+            stored_hash,
+        )) = row
         else {
             return Ok(None);
         };
+        let row: KeyRow = (
+            key_id,
+            tenant,
+            project,
+            name,
+            created_at_ms,
+            revoked_at_ms,
+            suspended_at_ms,
+            suspended_reason,
+        );
         let presented_hash = sha256_hex(secret);
         let matches: bool = presented_hash
             .as_bytes()
@@ -222,7 +287,72 @@ impl Ledger {
         if !matches || revoked_at_ms.is_some() {
             return Ok(None);
         }
-        key_from_row((key_id, tenant, project, name, created_at_ms, revoked_at_ms)).map(Some)
+        key_from_row(row).map(Some)
+    }
+
+    /// One key's record (revoked or not), by id.
+    pub async fn key(&self, key_id: &KeyId) -> Result<ApiKeyRecord, LedgerError> {
+        let sql = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_id = $1"
+        );
+        let row: Option<KeyRow> = on_store!(&self.store, pool => {
+            sqlx::query_as(sql).bind(&key_id.0).fetch_optional(pool).await?
+        });
+        match row {
+            Some(row) => key_from_row(row),
+            None => Err(LedgerError::KeyNotFound {
+                key_id: key_id.0.clone(),
+            }),
+        }
+    }
+
+    /// Suspends a key: every replica refuses it from its next request until
+    /// [`Ledger::reinstate_key`]. Returns `false` when it was already suspended (the first
+    /// suspension's time and reason are kept).
+    pub async fn suspend_key(&self, key_id: &KeyId, reason: &str) -> Result<bool, LedgerError> {
+        if reason.is_empty() || reason.len() > SUSPENDED_REASON_BYTES_MAX {
+            return Err(LedgerError::OutOfRange {
+                field: "suspension reason",
+            });
+        }
+        let now_ms = self.now_ms();
+        let changed = on_store!(&self.store, pool => {
+            sqlx::query(
+                "UPDATE api_keys SET suspended_at_ms = $2, suspended_reason = $3 \
+                 WHERE key_id = $1 AND suspended_at_ms IS NULL",
+            )
+            .bind(&key_id.0)
+            .bind(now_ms)
+            .bind(reason)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if changed == 0 {
+            // Already suspended, or no such key.
+            self.key(key_id).await?;
+        }
+        Ok(changed == 1)
+    }
+
+    /// Lifts a key's suspension; returns `false` when it was not suspended.
+    pub async fn reinstate_key(&self, key_id: &KeyId) -> Result<bool, LedgerError> {
+        let changed = on_store!(&self.store, pool => {
+            sqlx::query(
+                "UPDATE api_keys SET suspended_at_ms = NULL, suspended_reason = NULL \
+                 WHERE key_id = $1 AND suspended_at_ms IS NOT NULL",
+            )
+            .bind(&key_id.0)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if changed == 0 {
+            self.key(key_id).await?;
+        }
+        Ok(changed == 1)
     }
 }
 

@@ -1,7 +1,8 @@
 //! `tidepool-ledger` owns everything that is money or identity at rest: API keys (only their
 //! SHA-256 is stored), usage entries (exactly one per request id), tenants → projects → keys,
 //! prepaid balances, monthly budgets, the versioned price book, RPM/TPM windows, durable
-//! reservations (reserve → settle | void) and monthly statements. One behavioural suite runs on
+//! reservations (reserve → settle | void), monthly statements, the hash-chained audit log, the
+//! durable outbox of webhook alerts and key suspensions. One behavioural suite runs on
 //! both stores: SQLite (default, embedded, WAL) and PostgreSQL, each with its own `sqlx`
 //! migration set. docs/ledger.md states the guarantees and how each is tested.
 //!
@@ -11,6 +12,7 @@
 #![deny(clippy::arithmetic_side_effects, clippy::float_arithmetic)]
 
 mod accounts;
+mod audit;
 mod batch_sql;
 mod bench;
 mod billing;
@@ -20,6 +22,7 @@ mod error;
 mod keys;
 mod kinds;
 mod month;
+mod outbox;
 pub mod price;
 mod recovery;
 mod schema;
@@ -36,6 +39,11 @@ pub use accounts::{
     Account, BALANCE_NANOS_MAX, BUDGET_NANOS_MAX, BudgetScope, BudgetStatus, CREDIT_NANOS_MAX,
     CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateLimitsChange, RateScope,
 };
+pub use audit::{
+    AUDIT_ACTION_BYTES_MAX, AUDIT_DETAILS_BYTES_MAX, AUDIT_GENESIS_HASH, AUDIT_PAGE_LEN_MAX,
+    AUDIT_TARGET_BYTES_MAX, AuditActor, AuditBreak, AuditEntry, AuditVerdict, canonical_content,
+    chain_hash,
+};
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,
 };
@@ -46,9 +54,15 @@ pub use billing::{
 pub use checkpoint::{WAL_CHECKPOINT_INTERVAL, WAL_SYNC_INTERVAL};
 pub use clock::{Clock, SystemClock};
 pub use error::LedgerError;
-pub use keys::{KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN};
+pub use keys::{
+    KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN, SUSPENDED_REASON_BYTES_MAX,
+};
 pub use kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 pub use month::Month;
+pub use outbox::{
+    ALERT_CLAIM_LEN_MAX, ALERT_ERROR_BYTES_MAX, ALERT_PAYLOAD_BYTES_MAX, ClaimedAlert, NewAlert,
+    OutboxCounts,
+};
 pub use price::{BilledTokens, PriceVersion};
 pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};
 pub use schema::{
@@ -71,6 +85,9 @@ pub struct ApiKeyRecord {
     pub name: String,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    /// Suspended keys authenticate but are refused (`Ledger::suspend_key`).
+    pub suspended_at_ms: Option<i64>,
+    pub suspended_reason: Option<String>,
 }
 
 /// A freshly created key: the only time the secret exists outside the client.
@@ -166,11 +183,8 @@ pub struct Ledger {
     replica_id: Arc<str>,
     writer: tokio::sync::mpsc::Sender<writer::Command>,
     reserver: tokio::sync::mpsc::Sender<billing::ReserveCommand>,
-    /// The writers' gate, also taken by `reserve_in_one_batch` and `finish_in_one_batch` (tests).
-    #[cfg_attr(
-        not(feature = "test-util"),
-        expect(dead_code, reason = "read only by the test-util batch entry point")
-    )]
+    /// The writers' gate, also taken by audit appends, alert claims, and `reserve_in_one_batch`
+    /// and `finish_in_one_batch` (tests).
     gate: store::WriteGate,
     /// What readiness checks ask ([`Ledger::readiness`]).
     probe: schema::Probe,

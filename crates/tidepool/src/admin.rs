@@ -1,5 +1,5 @@
-//! `tidepool keys|tenants|projects|credit|budgets|rate-limits|usage|statement` and `tidepool
-//! models`: thin commands over the ledger and the config that print plain, aligned text (first
+//! `tidepool keys|tenants|projects|credit|budgets|rate-limits|usage|statement|audit` and
+//! `tidepool models`: thin commands over the ledger and the config that print plain, aligned text (first
 //! column first, so scripts can `split()`), or CSV/JSON where a report is asked for. The JSON is
 //! the same as the HTTP API's (`tidepool_gateway::accounts`).
 
@@ -8,8 +8,8 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use tidepool_core::{Config, Currency, KeyId, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_ledger::{
-    BudgetScope, Ledger, LedgerError, Month, ProjectId, RateLimitsChange, RateScope, StatementLine,
-    UsageScope,
+    ApiKeyRecord, AuditActor, BudgetScope, Ledger, LedgerError, Month, ProjectId, RateLimitsChange,
+    RateScope, StatementLine, UsageScope,
 };
 
 #[derive(Debug, clap::Args)]
@@ -45,6 +45,11 @@ enum KeysCommand {
     /// Revoke a key by id; it fails authentication on the next request.
     Revoke {
         /// The key id (the part after `tp-`, as `keys list` shows it).
+        key_id: String,
+    },
+    /// Lift a suspension by the leaked-key detector; the key works on its next request.
+    Reinstate {
+        /// The key id.
         key_id: String,
     },
 }
@@ -277,6 +282,12 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
             let created = ledger
                 .create_key_in_project(&tenant(&name)?, &project(&project_name)?, &label)
                 .await?;
+            audit_admin(
+                &ledger,
+                "key.create",
+                &format!("key:{}", created.record.key_id),
+            )
+            .await?;
             writeln!(out, "{}", created.secret)?;
             writeln!(
                 out,
@@ -290,30 +301,20 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
         KeysCommand::List { tenant: filter } => {
             let filter = filter.as_deref().map(tenant).transpose()?;
             let keys = ledger.list_keys(filter.as_ref()).await?;
-            writeln!(
-                out,
-                "{:<14} {:<20} {:<24} {:>15} STATUS",
-                "KEY_ID", "TENANT", "NAME", "CREATED_MS"
-            )?;
-            for key in keys {
-                let status = if key.revoked_at_ms.is_some() {
-                    "revoked"
-                } else {
-                    "active"
-                };
-                writeln!(
-                    out,
-                    "{:<14} {:<20} {:<24} {:>15} {status}",
-                    key.key_id.to_string(),
-                    key.tenant.as_str(),
-                    key.name,
-                    key.created_at_ms
-                )?;
-            }
+            print_keys(&mut out, &keys)?;
         }
         KeysCommand::Revoke { key_id } => {
             ledger.revoke_key(&KeyId(key_id.clone())).await?;
+            audit_admin(&ledger, "key.revoke", &format!("key:{key_id}")).await?;
             writeln!(out, "revoked {key_id}")?;
+        }
+        KeysCommand::Reinstate { key_id } => {
+            if ledger.reinstate_key(&KeyId(key_id.clone())).await? {
+                audit_admin(&ledger, "key.reinstate", &format!("key:{key_id}")).await?;
+                writeln!(out, "reinstated {key_id}")?;
+            } else {
+                writeln!(out, "{key_id} was not suspended")?;
+            }
         }
     }
     Ok(())
@@ -685,5 +686,108 @@ pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> any
         show(limits.requests_per_minute),
         show(limits.tokens_per_minute)
     )?;
+    Ok(())
+}
+
+/// The `keys list` table.
+fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<14} {:<20} {:<24} {:>15} STATUS",
+        "KEY_ID", "TENANT", "NAME", "CREATED_MS"
+    )?;
+    for key in keys {
+        let status = if key.revoked_at_ms.is_some() {
+            "revoked"
+        } else if key.suspended_at_ms.is_some() {
+            "suspended"
+        } else {
+            "active"
+        };
+        writeln!(
+            out,
+            "{:<14} {:<20} {:<24} {:>15} {status}",
+            key.key_id.to_string(),
+            key.tenant.as_str(),
+            key.name,
+            key.created_at_ms
+        )?;
+    }
+    Ok(())
+}
+
+/// An admin change made from the CLI, in the audit log (actor `admin`, detail `via: cli`).
+async fn audit_admin(ledger: &Ledger, action: &str, target: &str) -> anyhow::Result<()> {
+    ledger
+        .append_audit(
+            &AuditActor::Admin,
+            action,
+            target,
+            &serde_json::json!({ "via": "cli" }),
+        )
+        .await
+        .with_context(|| format!("the change took effect but could not be audited ({action})"))?;
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AuditCommand {
+    /// Recompute every entry's hash and link; print the verdict, exit 1 at the first break.
+    Verify,
+    /// Print entries, oldest first.
+    List {
+        /// Entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Entries to print (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+pub(crate) async fn audit(database_url: &str, args: &AuditArgs) -> anyhow::Result<()> {
+    let ledger = connect(database_url).await?;
+    let mut out = std::io::stdout().lock();
+    match &args.command {
+        AuditCommand::Verify => {
+            let verdict = ledger.verify_audit_chain().await?;
+            match verdict.first_broken {
+                None => writeln!(out, "audit chain ok: {} entries", verdict.entries)?,
+                Some(broken) => {
+                    writeln!(
+                        out,
+                        "audit chain BROKEN at entry {}: {}",
+                        broken.seq, broken.reason
+                    )?;
+                    anyhow::bail!("the audit chain does not verify");
+                }
+            }
+        }
+        AuditCommand::List { after, limit } => {
+            writeln!(
+                out,
+                "{:>8} {:>15} {:<14} {:<18} {:<32} DETAILS",
+                "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET"
+            )?;
+            for entry in ledger.list_audit(*after, *limit).await? {
+                writeln!(
+                    out,
+                    "{:>8} {:>15} {:<14} {:<18} {:<32} {}",
+                    entry.seq,
+                    entry.at_ms,
+                    entry.actor.as_str(),
+                    entry.action,
+                    entry.target,
+                    entry.details
+                )?;
+            }
+        }
+    }
     Ok(())
 }

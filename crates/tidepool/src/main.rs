@@ -112,6 +112,9 @@ enum Command {
     Usage(WithDb<admin::UsageArgs>),
     /// A tenant's monthly statement (line items sum to the balance movement).
     Statement(WithDb<admin::StatementArgs>),
+    /// The tamper-evident audit log: `verify` walks the hash chain (exit 1 if it is broken),
+    /// `list` prints entries.
+    Audit(WithDb<admin::AuditArgs>),
     /// Benchmarks (ratios against baselines measured in the same run).
     Bench(tidepool_bench::BenchArgs),
     /// Run the discrete-event simulator.
@@ -441,6 +444,7 @@ async fn main() -> anyhow::Result<()> {
         Command::RateLimits(c) => admin::rate_limits(&c.db.database_url()?, c.args).await,
         Command::Usage(c) => admin::usage(&c.db.database_url()?, &c.args).await,
         Command::Statement(c) => admin::statement(&c.db.database_url()?, &c.args).await,
+        Command::Audit(c) => admin::audit(&c.db.database_url()?, &c.args).await,
         Command::Bench(args) => tidepool_bench::run(args).await,
         Command::Sim(args) => tidepool_bench::run_sim(&args),
         Command::Plan(args) => tidepool_bench::run_plan(&args),

@@ -43,7 +43,7 @@ const OPTIONAL_KEYS: &[(&str, Kind)] = &[
 ];
 
 /// Values printed as `***`, or with their password replaced, wherever they are shown.
-const SECRET_KEYS: &[&str] = &["server.database_url"];
+const SECRET_KEYS: &[&str] = &["server.database_url", "alerts[].secret"];
 
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +253,13 @@ impl Resolved {
             .map(|(key, value)| {
                 let leaf = format!("{path}.{key}");
                 let shown = if SECRET_KEYS.contains(&strip_indices(&leaf).as_str()) {
-                    Value::String(redact_url(value.as_str().unwrap_or("***")))
+                    // A URL keeps all but its password; any other secret is hidden whole.
+                    let text = value.as_str().unwrap_or("***");
+                    Value::String(if text.contains("://") {
+                        redact_url(text)
+                    } else {
+                        "***".to_owned()
+                    })
                 } else {
                     value.clone()
                 };

@@ -67,6 +67,10 @@ pub(crate) struct Backend {
     latency: Latency,
     attempts_ok: AtomicU64,
     attempts_failed: AtomicU64,
+    /// Whether `breaker_opened` was the last breaker alert sent (half-open counts as open).
+    breaker_reported_open: AtomicBool,
+    /// Where breaker alerts go; set once the gateway's state exists.
+    pub(super) alerts: Arc<std::sync::OnceLock<crate::alerts::Alerts>>,
 }
 
 /// Why a backend could not be set up at start-up.
@@ -105,6 +109,7 @@ impl Backend {
     pub(crate) fn new(
         config: &BackendConfig,
         routing: &RoutingConfig,
+        alerts: Arc<std::sync::OnceLock<crate::alerts::Alerts>>,
     ) -> Result<Self, BackendSetupError> {
         let api_key = read_api_key(config)?;
         let client = reqwest::Client::builder()
@@ -141,6 +146,8 @@ impl Backend {
             latency: Latency::default(),
             attempts_ok: AtomicU64::new(0),
             attempts_failed: AtomicU64::new(0),
+            breaker_reported_open: AtomicBool::new(false),
+            alerts,
         })
     }
 
@@ -159,8 +166,26 @@ impl Backend {
         self.concurrency_max.saturating_sub(free)
     }
 
-    /// Publishes the health and breaker gauges of this backend.
+    /// Publishes the health and breaker gauges of this backend, and a `breaker_opened` /
+    /// `breaker_closed` alert when the breaker changed sides since the last one.
     pub(super) fn publish_state(&self, breaker: BreakerState) {
+        let open = match breaker {
+            BreakerState::Open => Some(true),
+            BreakerState::Closed => Some(false),
+            // A trial in progress: still open as far as alerts go.
+            BreakerState::HalfOpen => None,
+        };
+        if let Some(open) = open
+            && self.breaker_reported_open.swap(open, Ordering::Relaxed) != open
+            && let Some(alerts) = self.alerts.get()
+        {
+            let (backend, region) = (self.id.clone(), self.region.clone());
+            alerts.emit(if open {
+                crate::alerts::AlertEvent::BreakerOpened { backend, region }
+            } else {
+                crate::alerts::AlertEvent::BreakerClosed { backend, region }
+            });
+        }
         crate::metrics::backend_state(
             &self.id,
             &self.region,

@@ -39,6 +39,8 @@ pub struct Backends {
     list: Vec<Arc<Backend>>,
     home_region: String,
     routing: RoutingConfig,
+    /// Where breaker alerts go (shared with every backend; set once).
+    alerts: Arc<std::sync::OnceLock<crate::alerts::Alerts>>,
 }
 
 impl Backends {
@@ -47,15 +49,24 @@ impl Backends {
         routing: &RoutingConfig,
         home_region: &str,
     ) -> Result<Self, BackendSetupError> {
+        let alerts = Arc::new(std::sync::OnceLock::new());
         let list = configs
             .iter()
-            .map(|c| Backend::new(c, routing).map(Arc::new))
+            .map(|c| Backend::new(c, routing, alerts.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             list,
             home_region: home_region.to_owned(),
             routing: routing.clone(),
+            alerts,
         })
+    }
+
+    /// Sends breaker alerts to `alerts` from now on (the first call wins).
+    pub(crate) fn set_alerts(&self, alerts: crate::alerts::Alerts) {
+        if self.alerts.set(alerts).is_err() {
+            tracing::debug!("breaker alerts were already wired");
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -2,6 +2,8 @@
 //! stores through [`both_stores!`] (SQLite in a tempdir, PostgreSQL in a fresh database).
 
 #[cfg(test)]
+mod audit_alerts;
+#[cfg(test)]
 mod batch;
 #[cfg(test)]
 mod billing;
