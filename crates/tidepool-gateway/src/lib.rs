@@ -33,7 +33,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail, UNAVAILABLE_RETRY_AFTER_MS};
 pub use extract::{ApiJson, REQUEST_ID_HEADER};
-pub use load::{LoadedModels, ServeError, load_models, sync_prices};
+pub use load::{LoadedModels, ServeError, load_models, sync_prices, watchdog_config};
 pub use openapi::{ApiDoc, document as openapi_document};
 pub use state::{AppState, ModelEngine, ServedModel, StateOptions};
 use tidepool_core::Config;
