@@ -303,6 +303,7 @@ impl Supervisor {
                 reason,
                 restarts,
                 backoff,
+                down: detected.elapsed(),
                 failed_requests,
                 readmitted_requests: kept,
             };

@@ -612,6 +612,8 @@ fn run_worker(
             reason,
             restarts,
             backoff: delay,
+            // The new context is created right after (a few milliseconds for small models).
+            down: detected.elapsed(),
             failed_requests,
             readmitted_requests,
         };

@@ -216,6 +216,9 @@ pub struct EngineRestart {
     pub restarts: u64,
     /// The wait before this restart (the backoff).
     pub backoff: Duration,
+    /// How long the engine was out: from its stop being detected to the new thread (or
+    /// context) ready to run, the backoff included; models reload after it, on demand.
+    pub down: Duration,
     /// Requests that were running and ended with `EngineError::Restarted`.
     pub failed_requests: u32,
     /// Requests that were queued and were admitted again to the restarted thread.

@@ -174,6 +174,7 @@ impl Watchdog {
             reason,
             restarts,
             backoff,
+            down: detected.elapsed(),
             failed_requests,
             readmitted_requests,
         };
