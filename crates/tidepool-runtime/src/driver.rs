@@ -21,8 +21,7 @@ use tidepool_engine::watchdog::panic_message;
 use tidepool_pool::{Action, Event, PoolCounters, SeqFinished, SeqId};
 
 use crate::phases::{Phase, first_step_extra_ns};
-use crate::watchdog::Signal;
-use crate::{Core, Shared, metrics};
+use crate::{Core, Shared, Signal, metrics};
 
 /// Wait between sweeps while sequences exist (a client leaving is noticed within this).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(20);

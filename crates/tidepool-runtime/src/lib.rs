@@ -90,7 +90,7 @@ pub struct PoolRuntime {
     calibrations: Vec<Calibration>,
     overhead: PoolOverhead,
     /// The watchdog's inbox.
-    signals: SyncSender<watchdog::Signal>,
+    signals: SyncSender<Signal>,
     notices: broadcast::Sender<EngineRestart>,
     /// Each model's `pin`, in configuration order.
     pins: Vec<bool>,
@@ -107,6 +107,23 @@ pub struct PoolOverhead {
     /// (freed compute buffers and saved states the allocator keeps for reuse), from the
     /// measured per-model extras and the saved-KV pool.
     pub pool_overhead_bytes: u64,
+}
+
+/// What the watchdog hears.
+pub(crate) enum Signal {
+    /// The accelerator thread caught a panic and stops; what it salvaged comes along.
+    Exited {
+        salvage: Option<tidepool_engine::multi::Salvage>,
+        reason: String,
+    },
+    /// Restart now instead of waiting out the backoff (fault-injection tests).
+    #[cfg_attr(
+        not(feature = "fault-injection"),
+        expect(dead_code, reason = "sent only by the fault-injection API")
+    )]
+    RestartNow,
+    /// The runtime was dropped.
+    Shutdown,
 }
 
 /// What the request threads and the accelerator thread share.
@@ -380,7 +397,7 @@ impl PoolRuntime {
     /// dead thread).
     #[cfg(feature = "fault-injection")]
     pub fn restart_now(&self) {
-        if self.signals.try_send(watchdog::Signal::RestartNow).is_err() {
+        if self.signals.try_send(Signal::RestartNow).is_err() {
             tracing::debug!("the watchdog's inbox is full or closed");
         }
     }
@@ -514,7 +531,7 @@ impl Drop for PoolRuntime {
     fn drop(&mut self) {
         self.shared.core.lock().shutdown = true;
         self.shared.wake.notify_one();
-        if self.signals.try_send(watchdog::Signal::Shutdown).is_err() {
+        if self.signals.try_send(Signal::Shutdown).is_err() {
             tracing::debug!("the watchdog's inbox is full or closed; it sees the shutdown flag");
         }
     }

@@ -19,7 +19,7 @@ use tidepool_engine::watchdog::{Backoff, EngineRestart, count_restart};
 use tidepool_pool::{Event, Pool};
 use tokio::sync::broadcast;
 
-use crate::{Arrival, Shared, driver};
+use crate::{Arrival, Shared, Signal, driver};
 
 /// How often the watchdog looks at the accelerator thread when nothing reported to it: the
 /// bound on noticing a thread that exited without a word, and the heartbeat's check period.
@@ -31,23 +31,6 @@ const OWED_RETRY_INTERVAL: Duration = Duration::from_millis(2);
 pub(crate) const SIGNALS_BUFFERED_MAX: usize = 8;
 /// The `engine` label and the notices' name of the pool's thread.
 pub(crate) const ENGINE_NAME: &str = "accelerator";
-
-/// What the watchdog hears.
-pub(crate) enum Signal {
-    /// The accelerator thread caught a panic and stops; what it salvaged comes along.
-    Exited {
-        salvage: Option<Salvage>,
-        reason: String,
-    },
-    /// Restart now instead of waiting out the backoff (fault-injection tests).
-    #[cfg_attr(
-        not(feature = "fault-injection"),
-        expect(dead_code, reason = "sent only by the fault-injection API")
-    )]
-    RestartNow,
-    /// The runtime was dropped.
-    Shutdown,
-}
 
 pub(crate) struct Watchdog {
     pub(crate) shared: Arc<Shared>,
