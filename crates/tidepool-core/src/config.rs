@@ -148,6 +148,15 @@ pub struct EngineConfig {
     pub threads: u32,
     /// Most prompt tokens processed in one engine step (llama.cpp `n_batch`).
     pub batch_tokens_max: u32,
+    /// Wait before the watchdog restarts an engine thread that stopped, in ms; doubled for each
+    /// further restart of a streak (docs/operations.md § Watchdog and readiness).
+    pub restart_backoff_initial_ms: u64,
+    /// Longest wait between restarts, in ms; a thread that ran this long before it stopped
+    /// starts a new streak.
+    pub restart_backoff_max_ms: u64,
+    /// A live engine thread with no heartbeat for this long is reported stuck by `/readyz`, in
+    /// ms (it beats between actions and between decode steps, and at least once a second idle).
+    pub heartbeat_stale_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -155,6 +164,9 @@ impl Default for EngineConfig {
         Self {
             threads: 0,
             batch_tokens_max: 512,
+            restart_backoff_initial_ms: 100,
+            restart_backoff_max_ms: 30_000,
+            heartbeat_stale_ms: 30_000,
         }
     }
 }
@@ -619,6 +631,16 @@ impl Config {
             problems.add("engine.batch_tokens_max", "must be at least 1");
         }
         self.validate_alerts(&mut problems);
+        if self.engine.restart_backoff_max_ms < self.engine.restart_backoff_initial_ms {
+            problems.add(
+                "engine.restart_backoff_max_ms",
+                "must be at least engine.restart_backoff_initial_ms",
+            );
+        }
+        if self.engine.heartbeat_stale_ms < 2_000 {
+            // An idle engine thread beats once a second: a tighter bound would flap.
+            problems.add("engine.heartbeat_stale_ms", "must be at least 2000");
+        }
         problems.into_result()
     }
 

@@ -41,6 +41,10 @@ pub enum EngineError {
     Scheduler { reason: String },
     #[error("the engine has shut down")]
     ShutDown,
+    /// The engine's thread stopped while the request ran and was restarted; what was delivered
+    /// stands, the rest is lost (queued requests are admitted again, never failed with this).
+    #[error("the engine thread was restarted while the request ran")]
+    Restarted,
     /// Residency: no healthy backend of the model runs in the regions the tenant is pinned to.
     /// Never answered by a backend outside them.
     #[error("no backend of this model is available in the allowed regions {regions:?}")]

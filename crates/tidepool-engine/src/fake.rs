@@ -6,18 +6,27 @@
 //! sequences when a client's channel is full, and a freed slot within one step of a dropped
 //! receiver. Tokens are words: the tokenizer splits on whitespace, and the `k`-th output token
 //! is a pure function of the prompt, `k` and the seed.
+//!
+//! Its thread is watched like the pool's accelerator thread: a panic is caught, running
+//! sequences end with `EngineError::Restarted`, sequences not started yet and the queue are kept,
+//! and the thread resumes after the restart backoff (counted, logged, broadcast).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tidepool_core::ModelId;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::admission::{LiveStats, admit};
-use crate::output::{Delivery, SeqOutput};
+use crate::output::{Delivery, SeqOutput, fail_owed_until};
 use crate::params::validate_request;
+use crate::watchdog::{
+    Backoff, EngineHealth, EngineRestart, RESTART_NOTICES_BUFFERED_MAX, ThreadWatch,
+    WatchdogConfig, count_restart, panic_message,
+};
 use crate::{
     ChatMessage, EngineError, EngineStats, GenerateRequest, Generation, TextEngine, TokenCount,
     TokenId,
@@ -25,6 +34,10 @@ use crate::{
 
 /// How long the thread waits before retrying when every sequence is held by a full channel.
 const HELD_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Longest wait of an idle thread between heartbeats.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Retry period of a failure owed to a client whose channel was full, during the backoff.
+const OWED_RETRY_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Configuration of a [`FakeEngine`]; start from [`FakeEngineConfig::new`].
 #[derive(Debug, Clone)]
@@ -46,6 +59,8 @@ pub struct FakeEngineConfig {
     pub decode_step_cost: Duration,
     /// `Retry-After` hint returned with `Overloaded`.
     pub overload_retry_after_ms: u32,
+    /// Restart backoff and heartbeat bound of the engine thread.
+    pub watchdog: WatchdogConfig,
 }
 
 impl FakeEngineConfig {
@@ -60,6 +75,7 @@ impl FakeEngineConfig {
             prompt_token_cost: Duration::ZERO,
             decode_step_cost: Duration::ZERO,
             overload_retry_after_ms: 1000,
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
@@ -81,6 +97,8 @@ pub struct FakeEngine {
     stats: Arc<LiveStats>,
     chunks_buffered_max: usize,
     overload_retry_after_ms: u32,
+    watch: Arc<ThreadWatch>,
+    notices: broadcast::Sender<EngineRestart>,
 }
 
 impl FakeEngine {
@@ -100,7 +118,10 @@ impl FakeEngine {
         let (commands, receiver) =
             std::sync::mpsc::sync_channel(usize::try_from(config.queue_len_max).unwrap_or(1));
         let stats = Arc::new(LiveStats::default());
+        let watch = Arc::new(ThreadWatch::new(config.watchdog.heartbeat_stale));
+        let (notices, _) = broadcast::channel(RESTART_NOTICES_BUFFERED_MAX);
         let worker = FakeWorker {
+            watch: Arc::clone(&watch),
             slots: (0..config.seqs_max).map(|_| None).collect(),
             commands: receiver,
             commands_open: true,
@@ -109,9 +130,14 @@ impl FakeEngine {
             prompt_token_cost: config.prompt_token_cost,
             decode_step_cost: config.decode_step_cost,
         };
+        let supervisor = Supervisor {
+            engine: config.model_id.to_string(),
+            backoff: Backoff::new(&config.watchdog),
+            notices: notices.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("tidepool-fake-{}", config.model_id))
-            .spawn(move || worker.run())
+            .spawn(move || supervisor.run(worker))
             .map_err(|e| EngineError::Load {
                 path: "fake".into(),
                 reason: e.to_string(),
@@ -124,7 +150,21 @@ impl FakeEngine {
             stats,
             chunks_buffered_max: usize::try_from(config.chunks_buffered_max).unwrap_or(1),
             overload_retry_after_ms: config.overload_retry_after_ms,
+            watch,
+            notices,
         }))
+    }
+
+    /// A receiver of every later restart of the engine thread.
+    pub fn subscribe_restarts(&self) -> broadcast::Receiver<EngineRestart> {
+        self.notices.subscribe()
+    }
+
+    /// Makes the engine thread panic at its next step, as a crash would (the watchdog's test
+    /// hook).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self) {
+        self.watch.arm_fault();
     }
 
     /// The word the fake model emits for `token` (what a chunk's text is made of).
@@ -221,6 +261,61 @@ impl TextEngine for FakeEngine {
     fn stats(&self) -> EngineStats {
         self.stats.snapshot()
     }
+
+    fn health(&self) -> Option<EngineHealth> {
+        Some(self.watch.health())
+    }
+
+    fn restarts(&self) -> Option<broadcast::Receiver<EngineRestart>> {
+        Some(self.subscribe_restarts())
+    }
+}
+
+/// Runs the worker and restarts it after a panic (same thread, same queue).
+struct Supervisor {
+    engine: String,
+    backoff: Backoff,
+    notices: broadcast::Sender<EngineRestart>,
+}
+
+impl Supervisor {
+    fn run(mut self, mut worker: FakeWorker) {
+        let mut started = Instant::now();
+        loop {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
+            let Err(payload) = outcome else {
+                return;
+            };
+            let detected = Instant::now();
+            worker.watch.set_alive(false);
+            let reason = panic_message(payload.as_ref());
+            let restarts = worker.watch.restarted();
+            count_restart(&self.engine);
+            let backoff = self.backoff.next_delay(started.elapsed());
+            let (owed, kept) = worker.salvage();
+            let failed_requests = u32::try_from(owed.len()).unwrap_or(u32::MAX);
+            tracing::error!(engine = %self.engine, %reason, restarts, failed_requests,
+                backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                "the engine thread panicked; restarting it");
+            fail_owed_until(owed, detected + backoff, OWED_RETRY_INTERVAL);
+            worker.watch.set_alive(true);
+            started = Instant::now();
+            tracing::warn!(engine = %self.engine, restarts, readmitted_requests = kept,
+                "the engine thread restarted");
+            let notice = EngineRestart {
+                engine: self.engine.clone(),
+                reason,
+                restarts,
+                backoff,
+                down: detected.elapsed(),
+                failed_requests,
+                readmitted_requests: kept,
+            };
+            if self.notices.send(notice).is_err() {
+                tracing::debug!("no subscriber for restart notices");
+            }
+        }
+    }
 }
 
 struct FakeSeq {
@@ -230,6 +325,7 @@ struct FakeSeq {
 }
 
 struct FakeWorker {
+    watch: Arc<ThreadWatch>,
     slots: Vec<Option<FakeSeq>>,
     commands: Receiver<Job>,
     commands_open: bool,
@@ -240,15 +336,18 @@ struct FakeWorker {
 }
 
 impl FakeWorker {
-    fn run(mut self) {
+    fn run(&mut self) {
         loop {
+            self.watch.heartbeat.beat();
+            self.watch.fault_point();
             if self.slots.iter().all(Option::is_none) {
                 if !self.commands_open {
                     return;
                 }
-                match self.commands.recv() {
+                match self.commands.recv_timeout(IDLE_WAIT) {
                     Ok(job) => self.admit(job),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while self.commands_open && self.slots.iter().any(Option::is_none) {
@@ -272,6 +371,31 @@ impl FakeWorker {
         }
     }
 
+    /// After a panic: the running sequences' outputs (owed a `Restarted` failure) leave their
+    /// slots; sequences not started yet stay and start over. Returns those outputs and how many
+    /// stayed.
+    fn salvage(&mut self) -> (Vec<SeqOutput>, u32) {
+        let mut owed = Vec::new();
+        let mut kept = 0_u32;
+        for slot in &mut self.slots {
+            match slot.take() {
+                // Running and not finished: it fails (a finished one still sends its `Done`).
+                Some(seq) if seq.prefilled && !seq.job.output.is_finished() => {
+                    self.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    if !seq.job.output.is_closed() {
+                        owed.push(seq.job.output);
+                    }
+                }
+                Some(seq) => {
+                    kept += u32::from(!seq.prefilled);
+                    *slot = Some(seq);
+                }
+                None => {}
+            }
+        }
+        (owed, kept)
+    }
+
     fn admit(&mut self, job: Job) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         if job.output.is_closed() {
@@ -289,6 +413,8 @@ impl FakeWorker {
 
     /// One step: every sequence that is not held prefills (whole prompt) or emits one token.
     fn step(&mut self) -> bool {
+        self.watch.heartbeat.beat();
+        self.watch.fault_point();
         let mut prompt_tokens = 0u32;
         let mut stepped = Vec::with_capacity(self.slots.len());
         for (index, slot) in self.slots.iter_mut().enumerate() {

@@ -4,7 +4,8 @@
 //! drives for many models on one accelerator thread; docs/architecture.md says why both stay),
 //! the candle embedding backend (`embed`), a deterministic fake engine with a cost model (`fake`,
 //! behind the cargo feature `fake`) for scheduler tests and load benchmarks only, and the raw
-//! llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline.
+//! llama-cpp-2 batched loop (`bench`) that benchmarks use as the engine's baseline, and the
+//! watchdog's shared vocabulary (`watchdog`: restart backoff, heartbeat, health, restart notices).
 //!
 //! It never depends on the gateway, the ledger or the pool, and touches tokio only through
 //! `tokio::sync` channels (no runtime). Read [`TextEngine`] and [`GenerationEvent`] first.
@@ -19,6 +20,7 @@ pub mod llama;
 pub mod multi;
 mod output;
 mod params;
+pub mod watchdog;
 
 pub use embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
 pub use error::EngineError;
@@ -167,6 +169,17 @@ pub trait TextEngine: Send + Sync + std::fmt::Debug {
     /// [`GenerateRequest::remote`].
     fn is_remote(&self) -> bool {
         false
+    }
+    /// Liveness of the thread that runs this model (`/readyz`); `None` for an engine without
+    /// a watched thread of its own (remote models; pooled models, whose accelerator thread the
+    /// runtime reports once).
+    fn health(&self) -> Option<watchdog::EngineHealth> {
+        None
+    }
+    /// The restart notices of the thread that runs this model; `None` under the same rule as
+    /// [`TextEngine::health`] (the pool's accelerator thread: `PoolRuntime::subscribe_restarts`).
+    fn restarts(&self) -> Option<tokio::sync::broadcast::Receiver<watchdog::EngineRestart>> {
+        None
     }
 }
 

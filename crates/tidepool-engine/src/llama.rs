@@ -11,13 +11,19 @@
 //! as `llama-server -np N` does), so every slot owns exactly `context_tokens` cells and cannot
 //! starve the others. A finished sequence's KV stays in its slot; a new prompt that shares a
 //! long enough prefix with an idle slot takes that slot and prefills only the rest.
+//!
+//! The thread watches itself: a panic is caught, running sequences end with
+//! `EngineError::Restarted`, the context is freed and created again after the restart backoff
+//! (the weights are kept), and sequences that had not started run on the new context; the queue
+//! is untouched. Each restart is counted, logged and broadcast.
 
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -30,11 +36,15 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::vocab::LlamaVocab;
 use llama_cpp_2::{DecodeError, LogOptions};
 use tidepool_core::ModelId;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::admission::{LiveStats, admit};
-use crate::output::{Delivery, SeqOutput};
+use crate::output::{Delivery, SeqOutput, fail_owed_until};
 use crate::params::{seed_u32, validate_request};
+use crate::watchdog::{
+    Backoff, EngineHealth, EngineRestart, RESTART_NOTICES_BUFFERED_MAX, ThreadWatch,
+    WatchdogConfig, count_restart, panic_message,
+};
 use crate::{
     ChatMessage, EngineError, EngineStats, GenerateRequest, Generation, SamplingParams, TextEngine,
     TokenCount, TokenId,
@@ -50,6 +60,10 @@ pub const BATCH_TOKENS_MAX_DEFAULT: u32 = 512;
 /// How long the engine thread waits before retrying when every sequence is held by a full
 /// client channel (nothing to decode, but work exists): a poll, not a spin.
 const HELD_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// Longest wait of an idle engine thread between heartbeats.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Retry period of a failure owed to a client whose channel was full, during the backoff.
+const OWED_RETRY_INTERVAL: Duration = Duration::from_millis(2);
 
 /// How to load one llama.cpp model. Build it with [`LlamaEngineConfig::new`] and override
 /// fields, so new fields with defaults do not break callers.
@@ -75,6 +89,8 @@ pub struct LlamaEngineConfig {
     pub prefix_reuse_tokens_min: u32,
     /// `Retry-After` hint returned with `Overloaded`.
     pub overload_retry_after_ms: u32,
+    /// Restart backoff and heartbeat bound of the engine thread.
+    pub watchdog: WatchdogConfig,
 }
 
 impl LlamaEngineConfig {
@@ -90,6 +106,7 @@ impl LlamaEngineConfig {
             chunks_buffered_max: 64,
             prefix_reuse_tokens_min: 16,
             overload_retry_after_ms: 1000,
+            watchdog: WatchdogConfig::default(),
         }
     }
 
@@ -344,6 +361,8 @@ pub struct LlamaEngine {
     stats: Arc<LiveStats>,
     chunks_buffered_max: usize,
     overload_retry_after_ms: u32,
+    watch: Arc<ThreadWatch>,
+    notices: broadcast::Sender<EngineRestart>,
 }
 
 impl std::fmt::Debug for LlamaEngine {
@@ -370,15 +389,24 @@ impl LlamaEngine {
         let thread_model = Arc::clone(&model);
         let thread_stats = Arc::clone(&stats);
         let thread_config = config.clone();
+        let watch = Arc::new(ThreadWatch::new(config.watchdog.heartbeat_stale));
+        let (notices, _) = broadcast::channel(RESTART_NOTICES_BUFFERED_MAX);
+        let thread_watch = Arc::clone(&watch);
+        let thread_notices = notices.clone();
         std::thread::Builder::new()
             .name(format!("tidepool-llama-{}", config.model_id))
             .spawn(move || {
+                let watched = Watched {
+                    watch: &thread_watch,
+                    notices: &thread_notices,
+                };
                 run_worker(
                     &thread_model,
                     &thread_config,
-                    receiver,
+                    &receiver,
                     &thread_stats,
                     &ready_tx,
+                    &watched,
                 );
             })
             .map_err(|e| EngineError::Load {
@@ -407,7 +435,21 @@ impl LlamaEngine {
             stats,
             chunks_buffered_max: usize::try_from(config.chunks_buffered_max).unwrap_or(1),
             overload_retry_after_ms: config.overload_retry_after_ms,
+            watch,
+            notices,
         }))
+    }
+
+    /// A receiver of every later restart of the engine thread.
+    pub fn subscribe_restarts(&self) -> broadcast::Receiver<EngineRestart> {
+        self.notices.subscribe()
+    }
+
+    /// Makes the engine thread panic at its next step, as a crash would (the watchdog's test
+    /// hook).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self) {
+        self.watch.arm_fault();
     }
 
     /// The underlying model, e.g. to detokenize in tests.
@@ -465,34 +507,122 @@ impl TextEngine for LlamaEngine {
     fn stats(&self) -> EngineStats {
         self.stats.snapshot()
     }
+
+    fn health(&self) -> Option<EngineHealth> {
+        Some(self.watch.health())
+    }
+
+    fn restarts(&self) -> Option<broadcast::Receiver<EngineRestart>> {
+        Some(self.subscribe_restarts())
+    }
 }
 
+/// What the engine thread shares with its readers about itself.
+struct Watched<'a> {
+    watch: &'a ThreadWatch,
+    notices: &'a broadcast::Sender<EngineRestart>,
+}
+
+/// Thread entry: creates the context, reports start-up, runs the worker, and after a panic frees
+/// the context and creates a new one after the backoff (the weights and the queue are kept;
+/// sequences that had not started run again).
+#[expect(
+    clippy::too_many_lines,
+    reason = "the thread's life in order: start, run, salvage, back off, announce"
+)]
 fn run_worker(
     model: &LlamaModel,
     config: &LlamaEngineConfig,
-    commands: Receiver<Job>,
+    commands: &Receiver<Job>,
     stats: &LiveStats,
     ready: &SyncSender<Result<(), EngineError>>,
+    watched: &Watched<'_>,
 ) {
-    let worker = backend().and_then(|backend| {
-        let ctx = model
-            .new_context(backend, config.context_params())
-            .map_err(|e| EngineError::Load {
-                path: config.path.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(Worker::new(model, ctx, config, commands, stats))
-    });
-    match worker {
-        Ok(mut worker) => {
-            if ready.send(Ok(())).is_ok() {
-                worker.run();
+    let engine = config.model_id.to_string();
+    let mut backoff = Backoff::new(&config.watchdog);
+    let mut first = true;
+    let mut carried: Vec<Job> = Vec::new();
+    loop {
+        let worker = backend().and_then(|backend| {
+            let ctx = model
+                .new_context(backend, config.context_params())
+                .map_err(|e| EngineError::Load {
+                    path: config.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            Ok(Worker::new(
+                model,
+                ctx,
+                config,
+                commands,
+                stats,
+                watched.watch,
+            ))
+        });
+        let mut worker = match worker {
+            Ok(worker) => worker,
+            Err(error) if first => {
+                if ready.send(Err(error)).is_err() {
+                    tracing::error!("engine start-up failed and nobody is waiting for it");
+                }
+                return;
+            }
+            Err(error) => {
+                // Left dead (readiness shows it): a context that cannot be created again will
+                // not be created by trying in a loop.
+                tracing::error!(engine = %engine, %error, "the restarted engine could not create its context");
+                for job in carried {
+                    job.output.fail(error.clone());
+                }
+                return;
+            }
+        };
+        if first {
+            first = false;
+            if ready.send(Ok(())).is_err() {
+                return;
             }
         }
-        Err(error) => {
-            if ready.send(Err(error)).is_err() {
-                tracing::error!("engine start-up failed and nobody is waiting for it");
-            }
+        for job in carried.drain(..) {
+            // Counted queued again: `admit` takes it off.
+            stats.queued.fetch_add(1, Ordering::Relaxed);
+            worker.admit(job);
+        }
+        watched.watch.set_alive(true);
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
+        let Err(payload) = outcome else {
+            return;
+        };
+        let detected = Instant::now();
+        watched.watch.set_alive(false);
+        let reason = panic_message(payload.as_ref());
+        let (owed, jobs) = worker.salvage();
+        if std::panic::catch_unwind(AssertUnwindSafe(move || drop(worker))).is_err() {
+            tracing::error!(engine = %engine, "freeing the stopped context panicked too");
+        }
+        carried = jobs;
+        let restarts = watched.watch.restarted();
+        count_restart(&engine);
+        let delay = backoff.next_delay(started.elapsed());
+        let failed_requests = u32::try_from(owed.len()).unwrap_or(u32::MAX);
+        let readmitted_requests = u32::try_from(carried.len()).unwrap_or(u32::MAX);
+        tracing::error!(engine = %engine, %reason, restarts, failed_requests, readmitted_requests,
+            backoff_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "the engine thread panicked; restarting it");
+        fail_owed_until(owed, detected + delay, OWED_RETRY_INTERVAL);
+        let notice = EngineRestart {
+            engine: engine.clone(),
+            reason,
+            restarts,
+            backoff: delay,
+            // The new context is created right after (a few milliseconds for small models).
+            down: detected.elapsed(),
+            failed_requests,
+            readmitted_requests,
+        };
+        if watched.notices.send(notice).is_err() {
+            tracing::debug!("no subscriber for restart notices");
         }
     }
 }
@@ -528,7 +658,8 @@ struct Worker<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     slots: Vec<Slot>,
-    commands: Receiver<Job>,
+    commands: &'m Receiver<Job>,
+    watch: &'m ThreadWatch,
     commands_open: bool,
     stats: &'m LiveStats,
     batch_tokens_max: usize,
@@ -544,8 +675,9 @@ impl<'m> Worker<'m> {
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         config: &LlamaEngineConfig,
-        commands: Receiver<Job>,
+        commands: &'m Receiver<Job>,
         stats: &'m LiveStats,
+        watch: &'m ThreadWatch,
     ) -> Self {
         let batch_tokens_max = usize::try_from(config.batch_tokens_max).unwrap_or(1);
         let slots = (0..config.seqs_max)
@@ -562,6 +694,7 @@ impl<'m> Worker<'m> {
             batch: LlamaBatch::new(batch_tokens_max, 1),
             slots,
             commands,
+            watch,
             commands_open: true,
             stats,
             batch_tokens_max,
@@ -576,15 +709,18 @@ impl<'m> Worker<'m> {
 
     fn run(&mut self) {
         loop {
+            self.watch.heartbeat.beat();
+            self.watch.fault_point();
             let busy = self.slots.iter().any(|s| s.active.is_some());
             if !busy {
                 if !self.commands_open {
                     return;
                 }
-                // Idle: block until a request arrives instead of spinning.
-                match self.commands.recv() {
+                // Idle: wait for a request instead of spinning, beating once in a while.
+                match self.commands.recv_timeout(IDLE_WAIT) {
                     Ok(job) => self.admit(job),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             self.admit_queued();
@@ -603,6 +739,42 @@ impl<'m> Worker<'m> {
                 }
             }
         }
+    }
+
+    /// After a panic: running sequences leave with their outputs (owed a `Restarted` failure),
+    /// sequences that had not computed anything of their own come back as jobs to run again.
+    fn salvage(&mut self) -> (Vec<SeqOutput>, Vec<Job>) {
+        let mut owed = Vec::new();
+        let mut jobs = Vec::new();
+        for slot in &mut self.slots {
+            let Some(active) = slot.active.take() else {
+                continue;
+            };
+            self.stats.active.fetch_sub(1, Ordering::Relaxed);
+            let cached = usize::try_from(active.output.cached_prompt_tokens()).unwrap_or(0);
+            let started = active.next_token.is_some()
+                || active.output.completion_tokens() > 0
+                || active.prefilled > cached;
+            if active.output.is_closed() {
+                continue;
+            }
+            if active.output.is_finished() {
+                // Its `Done` is owed, not a failure: one last try.
+                let mut output = active.output;
+                if output.deliver() == Delivery::Held {
+                    tracing::warn!("a finished sequence's last events were lost in a restart");
+                }
+            } else if started {
+                owed.push(active.output);
+            } else {
+                jobs.push(Job {
+                    prompt: active.prompt,
+                    sampler: active.sampler,
+                    output: active.output,
+                });
+            }
+        }
+        (owed, jobs)
     }
 
     fn admit_queued(&mut self) {
@@ -780,6 +952,8 @@ impl<'m> Worker<'m> {
 
     /// One engine step. Returns false when there was nothing to decode.
     fn step(&mut self) -> bool {
+        self.watch.heartbeat.beat();
+        self.watch.fault_point();
         self.steps += 1;
         self.plan_step();
         if let Err(error) = self.fill_batch() {

@@ -231,6 +231,66 @@ impl PreparedSeq {
     }
 }
 
+impl PreparedSeq {
+    /// Ends the request with `error` instead of running it (best effort: a full or closed
+    /// channel cannot take it).
+    pub fn fail(self, error: EngineError) {
+        self.output.fail(error);
+    }
+}
+
+/// What an accelerator that stopped abnormally leaves behind ([`Accelerator::salvage`]): the
+/// requests that had not started, which can run again from scratch, and the last events still
+/// owed to clients (a started request's failure, a finished one's `Done`).
+#[derive(Debug, Default)]
+pub struct Salvage {
+    /// Registered requests with no KV and no token yet, in sequence-id order.
+    pub unstarted: Vec<SalvagedSeq>,
+    owed: Vec<Owed>,
+    /// Started requests that end with the failure.
+    pub failed: u32,
+}
+
+/// A request that had not started when its accelerator stopped.
+#[derive(Debug)]
+pub struct SalvagedSeq {
+    pub seq: u64,
+    pub model: usize,
+    pub prepared: PreparedSeq,
+    pub deadlines: Option<TokenDeadlines>,
+}
+
+#[derive(Debug)]
+struct Owed {
+    output: SeqOutput,
+    /// `None`: the sequence finished; its `Done` (and held text) is owed.
+    failure: Option<EngineError>,
+}
+
+impl Salvage {
+    /// Delivers what fits in the clients' channels; `true` once nothing is owed any more (a
+    /// client that left is owed nothing).
+    pub fn flush(&mut self) -> bool {
+        self.owed.retain_mut(|owed| match &owed.failure {
+            Some(error) => !owed.output.try_fail(error),
+            None => owed.output.deliver() == Delivery::Held,
+        });
+        self.owed.is_empty()
+    }
+
+    /// Takes over what `other` still owes (its unstarted requests and counts too).
+    pub fn merge(&mut self, mut other: Salvage) {
+        self.unstarted.append(&mut other.unstarted);
+        self.owed.append(&mut other.owed);
+        self.failed += other.failed;
+    }
+
+    /// Clients still owed a last event.
+    pub fn owed_len(&self) -> usize {
+        self.owed.len()
+    }
+}
+
 /// When each token of a sequence is due: token `k` (0-based) is on time if emitted by
 /// `arrived + ttft + k · tbt` (the token-deadline SLO of `docs/pool.md`).
 #[derive(Debug, Clone, Copy)]
@@ -512,6 +572,57 @@ impl Accelerator {
     /// Sequences known to the accelerator (registered and not yet released or finished).
     pub fn seqs_len(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// Empties the accelerator after its thread stopped abnormally (a panic): requests that
+    /// had not started come back to run again; started ones end with `error` (what they
+    /// delivered stands); finished ones keep their owed `Done`. Loaded models are left for the
+    /// caller to drop with the accelerator.
+    pub fn salvage(&mut self, error: &EngineError) -> Salvage {
+        let mut salvage = Salvage::default();
+        for (id, seq) in std::mem::take(&mut self.seqs) {
+            let started = seq.slot.is_some()
+                || seq.saved.is_some()
+                || !seq.kv_tokens.is_empty()
+                || seq.next_token.is_some()
+                || seq.output.completion_tokens() > 0;
+            if seq.output.is_finished() {
+                salvage.owed.push(Owed {
+                    output: seq.output,
+                    failure: None,
+                });
+            } else if seq.ended || seq.output.is_closed() {
+                // Already told (failed) or gone.
+            } else if started {
+                salvage.failed += 1;
+                salvage.owed.push(Owed {
+                    output: seq.output,
+                    failure: Some(error.clone()),
+                });
+            } else {
+                let prompt_tokens = seq.output.prompt_tokens();
+                let max_tokens = seq.output.max_tokens();
+                salvage.unstarted.push(SalvagedSeq {
+                    seq: id,
+                    model: seq.model,
+                    prepared: PreparedSeq {
+                        prompt: seq.prompt,
+                        sampler: seq.sampler,
+                        output: seq.output,
+                        prompt_tokens,
+                        max_tokens,
+                    },
+                    deadlines: seq.deadlines,
+                });
+            }
+        }
+        for output in std::mem::take(&mut self.draining) {
+            salvage.owed.push(Owed {
+                output,
+                failure: None,
+            });
+        }
+        salvage
     }
 
     /// Hands a prepared request to the accelerator; it runs when the scheduler says so.

@@ -280,6 +280,52 @@ impl SeqOutput {
             tracing::debug!("could not deliver an engine failure: channel full or closed");
         }
     }
+
+    /// Reports a failure if the channel has room; `false` when it is full (try again later). A
+    /// client that left counts as told.
+    pub(crate) fn try_fail(&self, error: &crate::EngineError) -> bool {
+        !matches!(
+            self.tx.try_send(GenerationEvent::Failed(error.clone())),
+            Err(TrySendError::Full(_))
+        )
+    }
+
+    pub(crate) fn prompt_tokens(&self) -> TokenCount {
+        self.prompt_tokens
+    }
+
+    pub(crate) fn cached_prompt_tokens(&self) -> TokenCount {
+        self.cached_prompt_tokens
+    }
+
+    pub(crate) fn max_tokens(&self) -> TokenCount {
+        self.max_tokens
+    }
+}
+
+/// Tells each client in `owed` that its engine restarted, retrying full channels every
+/// `retry` until `until` (the restart backoff's end); past it, one last best-effort try.
+pub(crate) fn fail_owed_until(
+    mut owed: Vec<SeqOutput>,
+    until: std::time::Instant,
+    retry: std::time::Duration,
+) {
+    loop {
+        owed.retain(|output| !output.try_fail(&crate::EngineError::Restarted));
+        let now = std::time::Instant::now();
+        if now >= until {
+            break;
+        }
+        let wait = if owed.is_empty() {
+            until - now
+        } else {
+            retry.min(until - now)
+        };
+        std::thread::sleep(wait);
+    }
+    for output in &owed {
+        output.fail(crate::EngineError::Restarted);
+    }
 }
 
 #[cfg(test)]

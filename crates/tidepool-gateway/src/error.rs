@@ -45,6 +45,7 @@ pub const ERROR_CODES: &[&str] = &[
     "unavailable",
     "no_backend_in_region",
     "backend_failed",
+    "engine_restarted",
 ];
 
 /// Everything a request can fail with.
@@ -391,6 +392,9 @@ fn engine_answer(error: &EngineError) -> Answer {
             Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
         }
         EngineError::ShutDown => Answer::unavailable(),
+        // The engine's thread died under the request and was restarted: retrying is safe.
+        EngineError::Restarted => Answer::new(StatusCode::SERVICE_UNAVAILABLE, "engine_restarted")
+            .retry_after_ms(UNAVAILABLE_RETRY_AFTER_MS),
         EngineError::NoBackendInRegion { .. } => {
             Answer::new(StatusCode::SERVICE_UNAVAILABLE, "no_backend_in_region").public()
         }
@@ -663,6 +667,7 @@ mod tests {
                 status: Some(500),
             }
             .into(),
+            EngineError::Restarted.into(),
         ]
     }
 

@@ -24,6 +24,7 @@ pub mod openai;
 mod openapi;
 pub mod pool;
 mod ratelimit;
+mod restarts;
 mod routes;
 mod state;
 mod suspend;
@@ -38,10 +39,12 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 pub use error::{ApiError, ERROR_CODES, ErrorBody, ErrorDetail, UNAVAILABLE_RETRY_AFTER_MS};
 pub use extract::{ApiJson, REQUEST_ID_HEADER};
-pub use load::{LoadedModels, ServeError, load_models, sync_prices};
+pub use load::{LoadedModels, ServeError, load_models, sync_prices, watchdog_config};
 pub use openapi::{ApiDoc, document as openapi_document};
+pub use restarts::spawn_restart_watch;
 pub use state::{AppState, ModelEngine, ServedModel, StateOptions};
 use tidepool_core::Config;
+pub use tidepool_engine::watchdog::install_panic_policy;
 use tidepool_ledger::Ledger;
 
 /// How long shutdown waits for in-flight settlement writes once the listener has stopped.
@@ -171,6 +174,7 @@ pub async fn serve(
         },
     );
     let database_watch = spawn_database_watch(&state);
+    let restart_watch = spawn_restart_watch(&state);
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
     let sweeper = spawn_sweeper(&state, config);
@@ -200,7 +204,11 @@ pub async fn serve(
         .map_err(ServeError::Serve)?;
     alerts.stop();
     let background = [Some(sweeper), database_watch, prober, starting];
-    shut_down(&tasks, background.into_iter().flatten()).await;
+    shut_down(
+        &tasks,
+        background.into_iter().flatten().chain(restart_watch),
+    )
+    .await;
     Ok(())
 }
 

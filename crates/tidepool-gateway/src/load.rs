@@ -10,6 +10,7 @@ use tidepool_engine::EngineError;
 use tidepool_engine::embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
 use tidepool_engine::llama::{LlamaEngine, LlamaEngineConfig};
 use tidepool_engine::multi::MultiModelConfig;
+use tidepool_engine::watchdog::WatchdogConfig;
 use tidepool_ledger::{Ledger, LedgerError, PriceVersion};
 use tidepool_runtime::{PoolRuntime, PooledModelConfig, RuntimeConfig};
 use tokio_util::task::TaskTracker;
@@ -157,6 +158,7 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
     let first = first.engine.model_id.to_string();
     let mut runtime = RuntimeConfig::new(config.pool.policy, models);
     runtime.pool = config.pool.clone();
+    runtime.watchdog = watchdog_config(config);
     tracing::info!(policy = ?config.pool.policy, models = runtime.models.len(),
         "starting the model pool (measuring each model once)");
     let started = tokio::task::spawn_blocking(move || PoolRuntime::start(&runtime))
@@ -167,6 +169,16 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
             source,
         })?;
     Ok(Some(started))
+}
+
+/// `[engine]`'s restart backoff and heartbeat bound, as the engines take them.
+pub fn watchdog_config(config: &Config) -> WatchdogConfig {
+    let ms = std::time::Duration::from_millis;
+    WatchdogConfig {
+        restart_backoff_initial: ms(config.engine.restart_backoff_initial_ms),
+        restart_backoff_max: ms(config.engine.restart_backoff_max_ms),
+        heartbeat_stale: ms(config.engine.heartbeat_stale_ms),
+    }
 }
 
 async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, ServeError> {
@@ -187,6 +199,7 @@ async fn load_one(config: &Config, model: &ModelConfig) -> Result<ServedModel, S
             engine_config.batch_tokens_max = config.engine.batch_tokens_max.max(model.seqs_max);
             engine_config.queue_len_max = limits.admission_queue_len_max;
             engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
+            engine_config.watchdog = watchdog_config(config);
             tokio::task::spawn_blocking(move || {
                 LlamaEngine::load(engine_config).map(|engine| ServedModel::text(kind, engine))
             })
@@ -232,6 +245,7 @@ fn start_fake(config: &Config, model: &ModelConfig) -> Result<ServedModel, Serve
     engine_config.queue_len_max = limits.admission_queue_len_max;
     engine_config.chunks_buffered_max = limits.stream_chunks_buffered_max;
     engine_config.decode_step_cost = std::time::Duration::from_micros(model.fake_decode_step_us);
+    engine_config.watchdog = watchdog_config(config);
     let kind = model.kind;
     FakeEngine::start(engine_config)
         .map(|engine| ServedModel::text(kind, engine))

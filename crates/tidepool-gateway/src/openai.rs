@@ -3,6 +3,8 @@
 //! ourselves (numbers) are read loosely here and validated in `validate`, so a bad value is a
 //! 400 that names its `param` rather than a generic JSON error.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -302,4 +304,11 @@ pub struct ReadinessChecks {
     pub schema: String,
     /// Start-up recovery of open reservations and the price sync have run.
     pub startup: String,
+    /// Each watched engine thread, by name (`accelerator` for the pool's thread, else the model
+    /// id of an unpooled engine): `ok` when alive with a heartbeat within
+    /// `engine.heartbeat_stale_ms`, else `dead: …` (waiting for its restart) or `stuck: …`.
+    pub engines: BTreeMap<String, String>,
+    /// Each pinned model of the pool (`pin = true`): `ok` when it can be loaded (its file is
+    /// there and its last load did not fail), else why not.
+    pub pinned_models: BTreeMap<String, String>,
 }

@@ -2,6 +2,7 @@
 //! calls one domain function and maps the result; errors become responses only through
 //! `ApiError`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -423,14 +424,19 @@ pub(crate) async fn healthz() -> Json<Health> {
     path = "/readyz",
     tag = "ops",
     responses(
-        (status = 200, description = "Ready: the ledger's database answers, its schema is current (every migration this binary embeds is applied) and start-up recovery has run", body = Readiness),
+        (status = 200, description = "Ready: the ledger's database answers, its schema is current (every migration this binary embeds is applied), start-up recovery has run, every watched engine thread is alive with a fresh heartbeat and every pinned model can be loaded", body = Readiness),
         (status = 503, description = "Not ready (`status: not_ready`); each failing check says why", body = Readiness),
     )
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let ledger = state.ledger().readiness(crate::READYZ_TIMEOUT).await;
     let started = state.is_started();
-    let ready = ledger.is_ready() && started;
+    let (engines, pinned_models) = engine_checks(&state);
+    let engines_ok = engines
+        .values()
+        .chain(pinned_models.values())
+        .all(|v| v == "ok");
+    let ready = ledger.is_ready() && started && engines_ok;
     let startup = if started {
         "ok"
     } else {
@@ -442,6 +448,8 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
             database: ledger.database.to_string(),
             schema: ledger.schema.to_string(),
             startup: startup.to_owned(),
+            engines,
+            pinned_models,
         },
     };
     let status = if ready {
@@ -450,6 +458,29 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// The watched engine threads (the pool's accelerator thread, unpooled engines that report a
+/// health) and the pool's pinned models: `ok` or why not.
+fn engine_checks(state: &AppState) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let verdict = |check: Result<(), String>| check.err().unwrap_or_else(|| "ok".to_owned());
+    let mut engines = BTreeMap::new();
+    let mut pinned = BTreeMap::new();
+    if let Some(pool) = state.pool() {
+        let readiness = pool.readiness();
+        engines.insert("accelerator".to_owned(), verdict(readiness.accelerator));
+        for (model, check) in readiness.pinned {
+            pinned.insert(model.to_string(), verdict(check));
+        }
+    }
+    for served in state.models() {
+        if let ModelEngine::Text(engine) = &served.engine
+            && let Some(health) = engine.health()
+        {
+            engines.insert(served.id.to_string(), verdict(health.check()));
+        }
+    }
+    (engines, pinned)
 }
 
 #[utoipa::path(

@@ -94,9 +94,12 @@ async fn readyz_is_ready_on_a_migrated_database_without_a_key() {
     let app = App::new().await;
     let (status, body) = readyz(&app.router).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The fake engines' threads are watched; the scripted engine has no thread of its own and
+    // there is no pool (so no pinned model).
     assert_eq!(
         body,
-        json!({"status": "ready", "checks": {"database": "ok", "schema": "ok", "startup": "ok"}})
+        json!({"status": "ready", "checks": {"database": "ok", "schema": "ok", "startup": "ok",
+            "engines": {"fake-base": "ok", "fake-chat": "ok"}, "pinned_models": {}}})
     );
 }
 

@@ -6,6 +6,7 @@
 //! With `overlap_transfers = false` the pool emits at most one engine action at a time, so the
 //! engine runs actions strictly one after another, in the order the pool chose.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, Instant};
@@ -16,10 +17,11 @@ use tidepool_engine::EngineError;
 use tidepool_engine::multi::{
     Accelerator, Calibration, FirstStep, MultiModelConfig, StepOutcome, resident_bytes,
 };
+use tidepool_engine::watchdog::panic_message;
 use tidepool_pool::{Action, Event, PoolCounters, SeqFinished, SeqId};
 
 use crate::phases::{Phase, first_step_extra_ns};
-use crate::{Core, Shared, metrics};
+use crate::{Core, Shared, Signal, metrics};
 
 /// Wait between sweeps while sequences exist (a client leaving is noticed within this).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
@@ -29,11 +31,12 @@ const HELD_RETRY_INTERVAL: Duration = Duration::from_millis(2);
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Thread entry: calibrate, hand the measurements to [`crate::PoolRuntime::start`], wait for the
-/// shared state, then drive the pool until shutdown.
+/// shared state, then drive the pool until shutdown (or a panic, reported to the watchdog).
 pub(crate) fn run(
     configs: &[MultiModelConfig],
     calibrated: &SyncSender<Result<Calibrated, EngineError>>,
     shared: &Receiver<Arc<Shared>>,
+    signals: &SyncSender<Signal>,
 ) {
     let mut accelerator = match Accelerator::new(configs.to_vec()) {
         Ok(accelerator) => accelerator,
@@ -70,16 +73,58 @@ pub(crate) fn run(
         return;
     };
     metrics::describe();
-    let mut driver = Driver {
-        shared,
-        accelerator,
-        calibrations,
-        counters: PoolCounters::default(),
-        last_compute: None,
-        flush_pending: false,
+    drive(Driver::new(shared, accelerator, calibrations), signals);
+}
+
+/// Thread entry of a restarted accelerator thread: a fresh [`Accelerator`] (no model loaded)
+/// with the start-up calibration, driving the pool the watchdog rebuilt.
+pub(crate) fn restart(
+    configs: &[MultiModelConfig],
+    calibrations: Vec<Calibration>,
+    shared: Arc<Shared>,
+    signals: &SyncSender<Signal>,
+) {
+    match Accelerator::new(configs.to_vec()) {
+        Ok(accelerator) => drive(Driver::new(shared, accelerator, calibrations), signals),
+        Err(error) => {
+            let reason = format!("the restarted accelerator could not start: {error}");
+            if signals
+                .send(Signal::Exited {
+                    salvage: None,
+                    reason,
+                })
+                .is_err()
+            {
+                tracing::error!("the watchdog is gone");
+            }
+        }
+    }
+}
+
+/// Runs the driver until shutdown. A panic is caught here: the accelerator's sequences are
+/// salvaged (unstarted requests come back, started ones fail with `Restarted`) and handed to the
+/// watchdog, which restarts the thread; a second panic while salvaging loses only the salvage
+/// (clients then see their channel close).
+fn drive(mut driver: Driver, signals: &SyncSender<Signal>) {
+    driver.shared.heartbeat.beat();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
+    let Err(payload) = outcome else {
+        tracing::info!("accelerator thread stopped");
+        return;
     };
-    driver.run();
-    tracing::info!("accelerator thread stopped");
+    let reason = panic_message(payload.as_ref());
+    tracing::error!(%reason, "the accelerator thread panicked");
+    let salvage = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        driver.accelerator.salvage(&EngineError::Restarted)
+    }))
+    .ok();
+    // Models and contexts are freed here, on their own thread, before the next one loads any.
+    if std::panic::catch_unwind(AssertUnwindSafe(move || drop(driver))).is_err() {
+        tracing::error!("freeing the stopped accelerator panicked too");
+    }
+    if signals.send(Signal::Exited { salvage, reason }).is_err() {
+        tracing::error!("the watchdog is gone");
+    }
 }
 
 /// What the accelerator thread measured at start-up.
@@ -134,11 +179,26 @@ struct Driver {
 }
 
 impl Driver {
+    fn new(shared: Arc<Shared>, accelerator: Accelerator, calibrations: Vec<Calibration>) -> Self {
+        Self {
+            shared,
+            accelerator,
+            calibrations,
+            counters: PoolCounters::default(),
+            last_compute: None,
+            flush_pending: false,
+        }
+    }
+
     fn run(&mut self) {
         loop {
+            self.shared.heartbeat.beat();
+            self.shared.fault_point();
             let Some((arrivals, actions)) = self.next_work() else {
                 return;
             };
+            self.shared.heartbeat.beat();
+            self.shared.fault_point();
             for arrival in arrivals {
                 self.accelerator.register(
                     arrival.seq.0,
@@ -201,6 +261,8 @@ impl Driver {
         reason = "one arm per action kind, each timing its phase"
     )]
     fn execute(&mut self, action: Action) {
+        self.shared.heartbeat.beat();
+        self.shared.fault_point();
         let started = Instant::now();
         let event = match action {
             Action::Release { seq, .. } => {
@@ -212,6 +274,9 @@ impl Driver {
                 let loaded = self.accelerator.load(index);
                 let duration_ns = elapsed_ns(started);
                 metrics::loaded(&model, started.elapsed(), loaded.is_ok());
+                if let Some(failure) = self.shared.load_failures.lock().get_mut(index) {
+                    *failure = loaded.as_ref().err().map(ToString::to_string);
+                }
                 if let Ok(phases) = loaded {
                     self.note_phase(index, Phase::Weights, phases.weights_ns);
                     self.note_phase(index, Phase::Context, phases.context_ns);
@@ -270,7 +335,11 @@ impl Driver {
                 // Between steps, the pool may want the turn cut short (a request of this model
                 // waits and nothing else decodes): a short lock per step, ≪ one step's time.
                 let shared = Arc::clone(&self.shared);
-                let mut stop = || shared.core.lock().pool.decode_yield_wanted();
+                let mut stop = || {
+                    shared.heartbeat.beat();
+                    shared.fault_point();
+                    shared.core.lock().pool.decode_yield_wanted()
+                };
                 let index = self.model_index(&model);
                 let outcome = self.accelerator.decode_until(index, &ids, steps, &mut stop);
                 self.note_first_step(index);

@@ -4,20 +4,27 @@
 //! pool under a short lock, so admission errors (queue full, model over the budget) are
 //! synchronous. Every pooled model is a [`TextEngine`] the gateway serves like any other.
 //!
+//! A watchdog thread restarts the accelerator thread when it stops (a panic): running requests
+//! end with `EngineError::Restarted`, queued ones are admitted again to a rebuilt pool, and every
+//! restart is counted, logged and broadcast ([`PoolRuntime::subscribe_restarts`]).
+//!
 //! It depends on the pool and the engine, never on the gateway or the ledger. Read
-//! [`PoolRuntime::start`] first, then the thread loop in [`driver`](crate::driver).
+//! [`PoolRuntime::start`] first, then the thread loop in [`driver`](crate::driver) and the
+//! [`watchdog`](crate::watchdog).
 #![forbid(unsafe_code)]
 
 mod driver;
 mod metrics;
 mod phases;
+mod watchdog;
 
 pub use metrics::{SWITCH_SECONDS, SWITCH_SECONDS_BUCKETS};
 pub use phases::SwitchPhases;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::mpsc::sync_channel;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -25,12 +32,16 @@ use tidepool_core::{ModelId, PoolPolicy, PoolSection, TokenCount};
 use tidepool_engine::multi::{
     Accelerator, Calibration, ModelFrontEnd, MultiModelConfig, PreparedSeq, TokenDeadlines,
 };
+use tidepool_engine::watchdog::{
+    Backoff, EngineHealth, EngineRestart, Heartbeat, RESTART_NOTICES_BUFFERED_MAX, WatchdogConfig,
+};
 use tidepool_engine::{
     ChatMessage, EngineError, EngineStats, GenerateRequest, Generation, TextEngine, TokenId,
 };
 use tidepool_pool::{
     Action, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolStatus, SeqId,
 };
+use tokio::sync::broadcast;
 
 /// One model of the pool.
 #[derive(Debug, Clone)]
@@ -51,6 +62,8 @@ pub struct RuntimeConfig {
     /// `Retry-After` hint of a full queue.
     pub overload_retry_after_ms: u32,
     pub models: Vec<PooledModelConfig>,
+    /// Restart backoff and heartbeat bound of the accelerator thread (`[engine]`).
+    pub watchdog: WatchdogConfig,
 }
 
 impl RuntimeConfig {
@@ -63,18 +76,24 @@ impl RuntimeConfig {
             },
             overload_retry_after_ms: 1000,
             models,
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
 
 /// The pooled models of one accelerator and the thread that runs them. Dropping the last
-/// handle stops the thread after its current action.
+/// handle stops the thread after its current action, and its watchdog.
 #[derive(Debug)]
 pub struct PoolRuntime {
     shared: Arc<Shared>,
     fronts: Vec<Arc<ModelFrontEnd>>,
     calibrations: Vec<Calibration>,
     overhead: PoolOverhead,
+    /// The watchdog's inbox.
+    signals: SyncSender<Signal>,
+    notices: broadcast::Sender<EngineRestart>,
+    /// Each model's `pin`, in configuration order.
+    pins: Vec<bool>,
 }
 
 /// Resident memory of the pooled models that the budget does not charge, in bytes, measured at
@@ -90,6 +109,23 @@ pub struct PoolOverhead {
     pub pool_overhead_bytes: u64,
 }
 
+/// What the watchdog hears.
+pub(crate) enum Signal {
+    /// The accelerator thread caught a panic and stops; what it salvaged comes along.
+    Exited {
+        salvage: Option<tidepool_engine::multi::Salvage>,
+        reason: String,
+    },
+    /// Restart now instead of waiting out the backoff (fault-injection tests).
+    #[cfg_attr(
+        not(feature = "fault-injection"),
+        expect(dead_code, reason = "sent only by the fault-injection API")
+    )]
+    RestartNow,
+    /// The runtime was dropped.
+    Shutdown,
+}
+
 /// What the request threads and the accelerator thread share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -103,9 +139,39 @@ pub(crate) struct Shared {
     pub(crate) switches: Mutex<Vec<SwitchPhases>>,
     slo: (Duration, Duration),
     retry_after_ms: u32,
+    /// Stamped by the accelerator thread between actions and decode steps.
+    pub(crate) heartbeat: Heartbeat,
+    /// The accelerator thread runs (false from its death to its restart).
+    pub(crate) alive: AtomicBool,
+    /// Restarts since start-up.
+    pub(crate) restarts: AtomicU64,
+    heartbeat_stale: Duration,
+    /// Why each model's last load failed (`None`: it loaded, or was never loaded), in
+    /// accelerator order.
+    pub(crate) load_failures: Mutex<Vec<Option<String>>>,
+    /// A panic is wanted at the accelerator thread's next step (only `fault-injection` builds
+    /// can arm it).
+    fault_armed: AtomicBool,
 }
 
 impl Shared {
+    /// The accelerator thread's health, for `/readyz` and the watchdog.
+    pub(crate) fn health(&self) -> EngineHealth {
+        EngineHealth {
+            alive: self.alive.load(Ordering::Acquire),
+            heartbeat_age: self.heartbeat.age(),
+            heartbeat_stale: self.heartbeat_stale,
+            restarts: self.restarts.load(Ordering::Acquire),
+        }
+    }
+
+    /// Where the accelerator thread may be made to panic: a no-op unless a fault was armed,
+    /// which only a `fault-injection` build can do ([`PoolRuntime::inject_panic`]).
+    pub(crate) fn fault_point(&self) {
+        let armed = self.fault_armed.swap(false, Ordering::AcqRel);
+        assert!(!armed, "injected fault: the accelerator thread panics");
+    }
+
     /// Nanoseconds since the runtime started: the pool's clock. Read it under the core lock
     /// so events reach the pool in clock order.
     pub(crate) fn now_ns(&self) -> u64 {
@@ -153,9 +219,14 @@ impl PoolRuntime {
             config.models.iter().map(|m| m.engine.clone()).collect();
         let (calibrated_tx, calibrated_rx) = sync_channel(1);
         let (shared_tx, shared_rx) = sync_channel::<Arc<Shared>>(1);
-        std::thread::Builder::new()
+        let (signals_tx, signals_rx) = sync_channel(watchdog::SIGNALS_BUFFERED_MAX);
+        let thread_configs = engine_configs.clone();
+        let thread_signals = signals_tx.clone();
+        let thread = std::thread::Builder::new()
             .name("tidepool-accelerator".to_owned())
-            .spawn(move || driver::run(&engine_configs, &calibrated_tx, &shared_rx))
+            .spawn(move || {
+                driver::run(&thread_configs, &calibrated_tx, &shared_rx, &thread_signals);
+            })
             .map_err(|e| EngineError::Load {
                 path: std::path::PathBuf::new(),
                 reason: format!("cannot start the accelerator thread: {e}"),
@@ -201,7 +272,14 @@ impl PoolRuntime {
                 Duration::from_millis(config.pool.knobs.tbt_slo_ms),
             ),
             retry_after_ms: config.overload_retry_after_ms,
+            heartbeat: Heartbeat::new(),
+            alive: AtomicBool::new(true),
+            restarts: AtomicU64::new(0),
+            heartbeat_stale: config.watchdog.heartbeat_stale,
+            load_failures: Mutex::new(vec![None; config.models.len()]),
+            fault_armed: AtomicBool::new(false),
         });
+        shared.heartbeat.beat();
         shared_tx
             .send(Arc::clone(&shared))
             .map_err(|_| thread_gone())?;
@@ -220,11 +298,35 @@ impl PoolRuntime {
             tracing::info!(model = %model.engine.model_id, ?calibration, "pooled model calibrated");
         }
         tracing::info!(?overhead, "pool memory overhead measured");
+        let (notices, _) = broadcast::channel(RESTART_NOTICES_BUFFERED_MAX);
+        let watchdog = watchdog::Watchdog {
+            shared: Arc::clone(&shared),
+            configs: engine_configs,
+            calibrations: calibrations.clone(),
+            signals_tx: signals_tx.clone(),
+            signals: signals_rx,
+            thread: Some(thread),
+            started: Instant::now(),
+            backoff: Backoff::new(&config.watchdog),
+            notices: notices.clone(),
+            owed: tidepool_engine::multi::Salvage::default(),
+            stuck_reported: false,
+        };
+        std::thread::Builder::new()
+            .name("tidepool-watchdog".to_owned())
+            .spawn(move || watchdog.run())
+            .map_err(|e| EngineError::Load {
+                path: std::path::PathBuf::new(),
+                reason: format!("cannot start the watchdog thread: {e}"),
+            })?;
         Ok(Arc::new(Self {
             shared,
             fronts,
             calibrations,
             overhead,
+            signals: signals_tx,
+            notices,
+            pins: config.models.iter().map(|m| m.pin).collect(),
         }))
     }
 
@@ -241,6 +343,63 @@ impl PoolRuntime {
                 Some(engine)
             })
             .collect()
+    }
+
+    /// A receiver of every later restart of the accelerator thread (for the audit log and
+    /// alerts). A subscriber more than [`RESTART_NOTICES_BUFFERED_MAX`] notices behind loses the
+    /// oldest (`RecvError::Lagged`); a restart never waits for a subscriber.
+    pub fn subscribe_restarts(&self) -> broadcast::Receiver<EngineRestart> {
+        self.notices.subscribe()
+    }
+
+    /// The accelerator thread's liveness: alive, and how long since its last heartbeat.
+    pub fn health(&self) -> EngineHealth {
+        self.shared.health()
+    }
+
+    /// `/readyz`: the accelerator thread's health check, and for each pinned model whether it
+    /// can be loaded (its file is there and its last load did not fail), in configuration order.
+    pub fn readiness(&self) -> PoolReadiness {
+        let failures = self.shared.load_failures.lock().clone();
+        let pinned = self
+            .fronts
+            .iter()
+            .zip(&self.pins)
+            .zip(failures)
+            .filter(|((_, pin), _)| **pin)
+            .map(|((front, _), failure)| {
+                let path = &front.config().path;
+                let check = if !path.is_file() {
+                    Err(format!("its file {} is missing", path.display()))
+                } else if let Some(failure) = failure {
+                    Err(format!("its last load failed: {failure}"))
+                } else {
+                    Ok(())
+                };
+                (front.model_id().clone(), check)
+            })
+            .collect();
+        PoolReadiness {
+            accelerator: self.health().check(),
+            pinned,
+        }
+    }
+
+    /// Makes the accelerator thread panic at its next step (between actions or decode steps),
+    /// as a crash would: the watchdog's test hook.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self) {
+        self.shared.fault_armed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+
+    /// Cuts a pending restart's backoff short (tests that set a long backoff to observe the
+    /// dead thread).
+    #[cfg(feature = "fault-injection")]
+    pub fn restart_now(&self) {
+        if self.signals.try_send(Signal::RestartNow).is_err() {
+            tracing::debug!("the watchdog's inbox is full or closed");
+        }
     }
 
     /// The pool's state (`GET /v1/pool`).
@@ -372,6 +531,24 @@ impl Drop for PoolRuntime {
     fn drop(&mut self) {
         self.shared.core.lock().shutdown = true;
         self.shared.wake.notify_one();
+        if self.signals.try_send(Signal::Shutdown).is_err() {
+            tracing::debug!("the watchdog's inbox is full or closed; it sees the shutdown flag");
+        }
+    }
+}
+
+/// What `/readyz` needs of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolReadiness {
+    /// The accelerator thread is alive and its heartbeat fresh, else why not.
+    pub accelerator: Result<(), String>,
+    /// Each pinned model and whether it can be loaded, else why not.
+    pub pinned: Vec<(ModelId, Result<(), String>)>,
+}
+
+impl PoolReadiness {
+    pub fn is_ready(&self) -> bool {
+        self.accelerator.is_ok() && self.pinned.iter().all(|(_, check)| check.is_ok())
     }
 }
 

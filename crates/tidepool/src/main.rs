@@ -399,6 +399,8 @@ async fn shutdown_signal() {
 }
 
 async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
+    // Engine threads that panic are restarted by their watchdog; a panic anywhere else aborts.
+    tidepool_gateway::install_panic_policy();
     let mut config = config.clone();
     if let Some(replica_id) = args.replica_id {
         config.billing.replica_id = replica_id;
