@@ -17,8 +17,9 @@ pub mod ids;
 pub mod money;
 
 pub use config::{
-    Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, ModelConfig, ModelKind,
-    PoolKnobs, PoolPolicy, PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+    Backend, BackendConfig, BackendKind, BillingConfig, Config, Limits, LogFormat, ModelConfig,
+    ModelKind, PoolKnobs, PoolPolicy, PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+    TelemetryConfig,
 };
 pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestId, TenantId};
