@@ -45,8 +45,20 @@ fn route_label(path: &str) -> &'static str {
         .unwrap_or("unmatched")
 }
 
+tokio::task_local! {
+    /// The W3C trace id of the request being handled, as its log lines carry it
+    /// (`tidepool_telemetry::continue_trace`); passed on to remote backends.
+    pub(crate) static CURRENT_TRACE_ID: String;
+}
+
+/// The current request's trace id for logs, if called within one.
+pub(crate) fn current_trace_id() -> Option<String> {
+    CURRENT_TRACE_ID.try_with(Clone::clone).ok()
+}
+
 /// Assigns the request id (a well-formed inbound `x-request-id`, else a new `UUIDv7`), opens the
-/// request's root span, and echoes the id on the response.
+/// request's root span (the HTTP server span, a child of the caller's `traceparent` when one
+/// came), and echoes the id on the response.
 pub(crate) async fn request_context(mut request: Request, next: Next) -> Response {
     let request_id = request
         .headers()
@@ -58,9 +70,18 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
     request.extensions_mut().insert(request_id);
     let span = tracing::info_span!(
         "request",
+        otel.name = %format_args!("{} {route}", request.method()),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %request.method(),
+        http.route = route,
+        http.response.status_code = Empty,
         request_id = %request_id,
+        trace_id = Empty,
         method = %request.method(),
         route,
+        tenant = Empty,
+        project = Empty,
         model = Empty,
         api_key_id = Empty,
         stream = Empty,
@@ -69,10 +90,20 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
         ttft_ms = Empty,
         total_ms = Empty,
     );
-    let mut response = CURRENT_REQUEST_ID
-        .scope(request_id, next.run(request).instrument(span))
+    let trace_id = tidepool_telemetry::continue_trace(&span, request.headers());
+    span.record("trace_id", trace_id.as_str());
+    let mut response = CURRENT_TRACE_ID
+        .scope(
+            trace_id,
+            CURRENT_REQUEST_ID.scope(request_id, next.run(request).instrument(span.clone())),
+        )
         .await;
-    metrics::request(route, response.status().as_u16());
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    metrics::request(route, status.as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

@@ -22,6 +22,7 @@ pub mod pool;
 mod ratelimit;
 mod routes;
 mod state;
+mod trace;
 mod usage;
 mod validate;
 
@@ -154,6 +155,7 @@ pub async fn serve(
             backends: backends.clone(),
             region: config.server.region.clone(),
             residency: config.residency.clone(),
+            telemetry: config.telemetry.clone(),
         },
     );
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));

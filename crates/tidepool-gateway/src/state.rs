@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tidepool_core::config::ResidencyConfig;
-use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind};
+use tidepool_core::{BillingConfig, Limits, ModelId, ModelKind, TelemetryConfig};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
 use tidepool_runtime::PoolRuntime;
@@ -79,6 +79,7 @@ struct Inner {
     backends: Option<Arc<Backends>>,
     region: String,
     residency: ResidencyConfig,
+    telemetry: TelemetryConfig,
     /// Start-up recovery and the price sync have run; until then model requests are 503.
     started: AtomicBool,
 }
@@ -100,6 +101,8 @@ pub struct StateOptions {
     pub region: String,
     /// Residency pins per tenant and per project (`[residency]`).
     pub residency: ResidencyConfig,
+    /// `[telemetry]`: which projects may have their text exported on their spans.
+    pub telemetry: TelemetryConfig,
 }
 
 /// Secrets never reach a log: the admin token is redacted.
@@ -113,6 +116,7 @@ impl std::fmt::Debug for StateOptions {
             .field("backends", &self.backends.is_some())
             .field("region", &self.region)
             .field("residency", &self.residency)
+            .field("telemetry", &self.telemetry)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +132,7 @@ impl StateOptions {
             backends: None,
             region: tidepool_core::REGION_DEFAULT.to_owned(),
             residency: ResidencyConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -150,6 +155,7 @@ impl AppState {
             backends,
             region,
             residency,
+            telemetry,
         } = options;
         let admin_token_sha256 = admin_token.map(|token| {
             use sha2::Digest as _;
@@ -173,6 +179,7 @@ impl AppState {
                 backends,
                 region,
                 residency,
+                telemetry,
                 started: AtomicBool::new(true),
             }),
         }
@@ -201,6 +208,11 @@ impl AppState {
     /// apply); `None`: anywhere.
     pub(crate) fn residency_for(&self, tenant: &str, project: &str) -> Option<Vec<String>> {
         self.inner.residency.regions_for(tenant, project)
+    }
+
+    /// `[telemetry]`.
+    pub(crate) fn telemetry(&self) -> &TelemetryConfig {
+        &self.inner.telemetry
     }
 
     /// The region local models run in.
