@@ -99,7 +99,8 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
         )
         .await;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    // As i64: the exporter keeps only i64 (and bool, f64) numbers as numbers.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "error");
     }

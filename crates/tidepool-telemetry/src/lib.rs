@@ -25,7 +25,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Registry};
 
 pub use export::SPANS_DROPPED_TOTAL;
-pub use phase::phase_span;
+pub use phase::phase_spans;
 pub use propagation::{continue_trace, inject, set_list_attribute, set_text_attribute};
 pub use settings::{Settings, TraceExport};
 

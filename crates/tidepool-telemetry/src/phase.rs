@@ -6,9 +6,13 @@ use std::time::{Instant, SystemTime};
 use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-/// Exports a span `name` from `start` to `end` under `parent`; nothing when `parent` is not
-/// exported (tracing off, or not sampled).
-pub fn phase_span(parent: &tracing::Span, name: &'static str, start: Instant, end: Instant) {
+/// Exports one span per `(name, start, end)` under `parent`, all on one reading of the wall
+/// clock (so phases that touch keep touching); nothing when `parent` is not exported (tracing
+/// off, or not sampled).
+pub fn phase_spans(parent: &tracing::Span, phases: &[(&'static str, Instant, Instant)]) {
+    if phases.is_empty() {
+        return;
+    }
     let cx = parent.context();
     if !cx.span().span_context().is_sampled() {
         return;
@@ -20,12 +24,14 @@ pub fn phase_span(parent: &tracing::Span, name: &'static str, start: Instant, en
             .unwrap_or(now_wall)
     };
     let tracer = opentelemetry::global::tracer(crate::TRACER_NAME);
-    let mut span = tracer
-        .span_builder(name)
-        .with_kind(SpanKind::Internal)
-        .with_start_time(wall(start))
-        .start_with_context(&tracer, &cx);
-    span.end_with_timestamp(wall(end.max(start)));
+    for &(name, start, end) in phases {
+        let mut span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(wall(start))
+            .start_with_context(&tracer, &cx);
+        span.end_with_timestamp(wall(end.max(start)));
+    }
 }
 
 /// The monotonic and the wall clock, read together.

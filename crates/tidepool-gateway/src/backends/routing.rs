@@ -133,7 +133,7 @@ fn record_attempt(span: &tracing::Span, result: &Result<(), AttemptError>) {
         Err(AttemptError::ClientGone) => (None, "client_disconnected"),
     };
     if let Some(status) = status {
-        span.record("http.response.status_code", status);
+        span.record("http.response.status_code", i64::from(status));
     }
     span.record("error.type", error);
     span.record("otel.status_code", "error");
