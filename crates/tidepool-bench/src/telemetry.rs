@@ -272,7 +272,7 @@ async fn dropped_spans(client: &reqwest::Client, base: &str) -> anyhow::Result<f
         .lines()
         .filter(|line| line.starts_with(tidepool_telemetry::SPANS_DROPPED_TOTAL))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+        .fold(0.0, |total, value| total + value))
 }
 
 /// One non-stream chat completion; whether it succeeded with its whole body read.

@@ -45,17 +45,6 @@ fn route_label(path: &str) -> &'static str {
         .unwrap_or("unmatched")
 }
 
-tokio::task_local! {
-    /// The W3C trace id of the request being handled, as its log lines carry it
-    /// (`tidepool_telemetry::continue_trace`); passed on to remote backends.
-    pub(crate) static CURRENT_TRACE_ID: String;
-}
-
-/// The current request's trace id for logs, if called within one.
-pub(crate) fn current_trace_id() -> Option<String> {
-    CURRENT_TRACE_ID.try_with(Clone::clone).ok()
-}
-
 /// Assigns the request id (a well-formed inbound `x-request-id`, else a new `UUIDv7`), opens the
 /// request's root span (the HTTP server span, a child of the caller's `traceparent` when one
 /// came), and echoes the id on the response.
@@ -92,7 +81,7 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
     );
     let trace_id = tidepool_telemetry::continue_trace(&span, request.headers());
     span.record("trace_id", trace_id.as_str());
-    let mut response = CURRENT_TRACE_ID
+    let mut response = crate::trace::CURRENT_TRACE_ID
         .scope(
             trace_id,
             CURRENT_REQUEST_ID.scope(request_id, next.run(request).instrument(span.clone())),

@@ -16,6 +16,17 @@ use tidepool_core::ModelId;
 use tidepool_engine::PrefillStart;
 use tracing::field::Empty;
 
+tokio::task_local! {
+    /// The W3C trace id of the request being handled, as its log lines carry it
+    /// (`tidepool_telemetry::continue_trace`); passed on to remote backends.
+    pub(crate) static CURRENT_TRACE_ID: String;
+}
+
+/// The current request's trace id for logs, if called within one.
+pub(crate) fn current_trace_id() -> Option<String> {
+    CURRENT_TRACE_ID.try_with(Clone::clone).ok()
+}
+
 /// `gen_ai.provider.name` of models this process runs.
 pub(crate) const LOCAL_PROVIDER: &str = "tidepool";
 

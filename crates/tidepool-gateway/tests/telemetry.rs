@@ -204,20 +204,7 @@ async fn telemetry_real_model_chat_is_one_span_with_its_phases_in_the_callers_tr
         "reserve",
     ];
     let phases = ["queue wait", "prefill", "decode", "settle"];
-    let mut spans = Vec::new();
-    for _ in 0..100 {
-        flush(&telemetry).await;
-        spans = received.spans();
-        let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-        if wanted
-            .iter()
-            .chain(&phases)
-            .all(|name| names.contains(name))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let spans = wait_for_spans(&telemetry, &received, wanted.iter().chain(&phases)).await;
     let named = |name: &str| {
         spans
             .iter()
@@ -312,6 +299,28 @@ fn assert_no_text(spans: &[Span], text: &str) {
     for exported in &texts {
         assert!(!exported.contains(text), "prompt text exported: {exported}");
     }
+}
+
+/// The spans received once every one of `names` is among them (flushing, a bounded number of
+/// times).
+async fn wait_for_spans<'a>(
+    telemetry: &Arc<tidepool_telemetry::Telemetry>,
+    received: &Received,
+    names: impl Iterator<Item = &'a &'a str> + Clone,
+) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        flush(telemetry).await;
+        spans = received.spans();
+        if names
+            .clone()
+            .all(|name| spans.iter().any(|span| span.name == *name))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spans
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -97,7 +97,7 @@ impl TextEngine for RoutedEngine {
             },
             // Submitted within the model request's span: each attempt is its child.
             span: tracing::Span::current(),
-            trace_id: crate::extract::current_trace_id(),
+            trace_id: crate::trace::current_trace_id(),
         };
         let active = Arc::clone(&self.active);
         active.fetch_add(1, Ordering::Relaxed);
