@@ -461,3 +461,107 @@ async fn json_log_lines_carry_the_request_and_never_the_key() {
     assert_eq!(request_span["tenant"], "acme");
     assert_eq!(request_span["model"], SCRIPTED);
 }
+
+/// An OpenAI-compatible upstream that answers at once and keeps each request's `traceparent`.
+async fn recording_upstream() -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let answer = json!({
+        "id": "chatcmpl-up", "object": "chat.completion", "created": 0, "model": "remote-chat",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    });
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(move |headers: axum::http::HeaderMap, _body: Bytes| {
+                let sink = Arc::clone(&sink);
+                let answer = answer.clone();
+                async move {
+                    let parent = headers
+                        .get("traceparent")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    sink.lock().push(parent);
+                    axum::Json(answer)
+                }
+            }),
+        )
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async {
+                axum::Json(json!({"object": "list", "data": [{"id": "remote-chat",
+                    "object": "model", "owned_by": "test"}]}))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{address}"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_backend_gets_the_traceparent_of_its_attempt_span() {
+    let (endpoint, received) = collector().await;
+    let telemetry_config = telemetry_config(&endpoint);
+    let telemetry = Arc::new(init(&telemetry_config, std::io::sink));
+    let (upstream, seen) = recording_upstream().await;
+    let text = format!(
+        "[[models]]\nid = \"remote-chat\"\nkind = \"chat\"\nbackend = \"remote\"\n\
+         price_input_per_mtok = 1000\nprice_output_per_mtok = 1000\n\n\
+         [[backends]]\nid = \"up\"\nkind = \"upstream\"\nurl = \"{upstream}\"\nregion = \"local\"\n\
+         models = [\"remote-chat\"]\n"
+    );
+    let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect(&format!("sqlite://{}", dir.path().join("l.db").display()))
+        .await
+        .unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    let key = ledger.create_key(&acme, "t").await.unwrap().secret;
+    ledger
+        .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
+        .await
+        .unwrap();
+    tidepool_gateway::sync_prices(&config, &ledger)
+        .await
+        .unwrap();
+    let loaded = load_models(&config).await.unwrap();
+    let mut options = StateOptions::new(config.limits.clone());
+    options.backends = loaded.backends;
+    options.telemetry = telemetry_config;
+    let app = router(AppState::with_options(loaded.models, ledger, options));
+    let body = json!({"model": "remote-chat", "messages": [{"role": "user", "content": "hi"}]});
+    let request = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let sent = seen.lock().clone();
+    assert_eq!(sent.len(), 1, "one attempt: {sent:?}");
+    let parts: Vec<&str> = sent[0].split('-').collect();
+    assert_eq!(parts.len(), 4, "{sent:?}");
+    assert_eq!(parts[1], TRACE_ID, "the backend joins the caller's trace");
+    let names = ["backend attempt up", "chat remote-chat"];
+    let spans = wait_for_spans(&telemetry, &received, names.iter()).await;
+    let attempt = spans
+        .iter()
+        .find(|s| s.name == "backend attempt up")
+        .expect("an attempt span");
+    let chat = spans
+        .iter()
+        .find(|s| s.name == "chat remote-chat")
+        .expect("a chat span");
+    assert_eq!(
+        parts[2],
+        hex(&attempt.span_id),
+        "its parent is the attempt's span"
+    );
+    assert_eq!(attempt.parent_span_id, chat.span_id);
+    assert_eq!(attempt.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(string(chat, "gen_ai.provider.name"), "upstream");
+}
