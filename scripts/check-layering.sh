@@ -5,7 +5,9 @@
 # engine or gateway; the ledger and engine never on the gateway, and never name the pool
 # themselves (they see it only through core's re-exports); the runtime (pool on the engine) never
 # on the gateway, the ledger or the simulator. Only the `tidepool` binary depends on the
-# benchmarks (`tidepool-bench`). Every crate root opens with a `//!` header. Within a crate, the
+# benchmarks (`tidepool-bench`). Telemetry (`tidepool-telemetry`: subscriber, OTLP export, trace
+# context) sits just above core: it knows no request, model or ledger, and the sans-IO crates
+# never pull it in. Every crate root opens with a `//!` header. Within a crate, the
 # top-level modules never depend on each other in a cycle (check-module-cycles.py).
 set -euo pipefail
 fail=0
@@ -34,6 +36,11 @@ forbid_direct tidepool-ledger tidepool-pool
 forbid tidepool-engine tidepool-gateway tidepool-ledger
 forbid_direct tidepool-engine tidepool-pool
 forbid tidepool-runtime tidepool-gateway tidepool-ledger tidepool-sim
+forbid tidepool-telemetry tidepool-gateway tidepool-ledger tidepool-engine tidepool-runtime tidepool-sim
+forbid_direct tidepool-telemetry tidepool-pool
+forbid tidepool-core tidepool-telemetry
+forbid tidepool-pool tidepool-telemetry
+forbid tidepool-sim tidepool-telemetry
 for manifest in crates/*/Cargo.toml; do
   crate=$(basename "$(dirname "$manifest")")
   [[ $crate == tidepool || $crate == tidepool-bench ]] || forbid "$crate" tidepool-bench

@@ -7,7 +7,7 @@
 //! Benchmarks report ratios against a baseline measured in the same run on the same machine
 //! (machines here are noisy; absolute numbers travel badly). Read [`BenchArgs`] and [`run`]
 //! first, then one module per command (`engine`, `pool`, `calibrate`, `failover`, `ledger`,
-//! `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
+//! `telemetry`, `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
 //! `table`, `speed` and `process`, and `common` holds what they all share.
 #![forbid(unsafe_code)]
 
@@ -30,6 +30,7 @@ mod search;
 mod sim;
 mod speed;
 mod table;
+mod telemetry;
 mod workload;
 
 pub use sim::{PlanArgs, SimArgs, run_plan, run_sim};
@@ -63,6 +64,9 @@ enum BenchCommand {
     /// Remote backends: time from a worker's death to the first successful retried request and
     /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
     Failover(failover::FailoverBenchArgs),
+    /// Traces: request latency p50/p99 with tracing off, exporting to a collector, and
+    /// exporting to a collector that is down (fake engine; passes interleaved, same run).
+    Telemetry(telemetry::TelemetryBenchArgs),
 }
 
 /// Runs one `tidepool bench` command.
@@ -75,5 +79,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Pool(args) => pool::run(args).await,
         BenchCommand::Calibrate(args) => calibrate::run(&args),
         BenchCommand::Failover(args) => failover::run(args).await,
+        BenchCommand::Telemetry(args) => telemetry::run(args).await,
     }
 }

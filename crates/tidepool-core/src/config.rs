@@ -45,6 +45,8 @@ pub struct Config {
     pub alerts: Vec<AlertConfig>,
     #[serde(default)]
     pub leak_detection: LeakDetectionConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -329,6 +331,116 @@ impl Default for RoutingConfig {
     }
 }
 
+/// The OTLP encodings the trace exporter speaks.
+pub const OTLP_PROTOCOLS: &[&str] = &["http/protobuf"];
+
+/// How the server writes its log lines to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the request's id, trace id, tenant and model.
+    Json,
+}
+
+/// Traces and logs (`[telemetry]`). Tracing is off unless an OTLP endpoint is set, here or by
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`; the standard `OTEL_*` variables win over these keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of the OTLP/HTTP collector (`/v1/traces` is appended); empty: tracing off.
+    pub otlp_endpoint: String,
+    /// The OTLP encoding; only `http/protobuf` ([`OTLP_PROTOCOLS`]).
+    pub otlp_protocol: String,
+    /// The `service.name` resource attribute of every span.
+    pub service_name: String,
+    /// Share of new traces sampled, 0.0 to 1.0; a caller's sampled flag is followed.
+    pub sample_ratio: f64,
+    /// Finished spans waiting for export; beyond it spans are dropped and counted
+    /// (`tidepool_telemetry_spans_dropped_total`), never waited for.
+    pub export_queue_spans_max: u32,
+    /// Spans in one export request.
+    pub export_batch_spans_max: u32,
+    /// Longest a finished span waits before its batch is sent, in ms.
+    pub export_interval_ms: u64,
+    /// Limit of one export request, in ms; a batch that fails is dropped and counted.
+    pub export_timeout_ms: u64,
+    /// `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `"tenant/project"` whose prompt and completion text may be exported on their spans;
+    /// no other request's text ever is.
+    pub content_projects: Vec<String>,
+}
+
+impl TelemetryConfig {
+    fn validate(&self, problems: &mut Problems) {
+        if !OTLP_PROTOCOLS.contains(&self.otlp_protocol.as_str()) {
+            problems.add(
+                "telemetry.otlp_protocol",
+                format!("must be one of {OTLP_PROTOCOLS:?}"),
+            );
+        }
+        if self.service_name.is_empty() {
+            problems.add("telemetry.service_name", "must not be empty");
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            problems.add("telemetry.sample_ratio", "must be between 0.0 and 1.0");
+        }
+        let mut at_least_one = |name: &str, value: u64| {
+            if value == 0 {
+                problems.add(format!("telemetry.{name}"), "must be at least 1");
+            }
+        };
+        at_least_one("export_queue_spans_max", self.export_queue_spans_max.into());
+        at_least_one("export_batch_spans_max", self.export_batch_spans_max.into());
+        at_least_one("export_interval_ms", self.export_interval_ms);
+        at_least_one("export_timeout_ms", self.export_timeout_ms);
+        if self.export_batch_spans_max > self.export_queue_spans_max {
+            problems.add(
+                "telemetry.export_batch_spans_max",
+                "must not exceed telemetry.export_queue_spans_max",
+            );
+        }
+        for (index, project) in self.content_projects.iter().enumerate() {
+            let parts: Vec<&str> = project.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|part| part.is_empty()) {
+                problems.add(
+                    format!("telemetry.content_projects[{index}]"),
+                    "must be `tenant/project`",
+                );
+            }
+        }
+    }
+
+    /// Whether a request of `tenant`'s `project` may have its text exported.
+    pub fn exports_content_of(&self, tenant: &str, project: &str) -> bool {
+        self.content_projects.iter().any(|entry| {
+            entry
+                .split_once('/')
+                .is_some_and(|(t, p)| t == tenant && p == project)
+        })
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_protocol: "http/protobuf".to_owned(),
+            service_name: "tidepool".to_owned(),
+            sample_ratio: 1.0,
+            export_queue_spans_max: 2048,
+            export_batch_spans_max: 512,
+            export_interval_ms: 1_000,
+            export_timeout_ms: 2_000,
+            log_format: LogFormat::Text,
+            content_projects: Vec::new(),
+        }
+    }
+}
+
 /// Data residency (`[residency]`): which regions a tenant's or a project's requests may run in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -599,6 +711,7 @@ impl Config {
         self.pool.validate(&mut problems);
         self.validate_backends(&mut problems);
         self.routing.validate(&mut problems);
+        self.telemetry.validate(&mut problems);
         let limits = &self.limits;
         if limits.admission_queue_len_max == 0 {
             problems.add("limits.admission_queue_len_max", "must be at least 1");
@@ -957,6 +1070,38 @@ price_output_per_mtok = 600000000
             config_error(&inverted)
                 .contains("pool.decode_steps_min: must be at most decode_steps_max")
         );
+    }
+
+    #[test]
+    fn the_telemetry_section_is_off_by_default_and_validated() {
+        let config = Config::parse(SAMPLE, Path::new("t.toml")).unwrap();
+        assert_eq!(config.telemetry, TelemetryConfig::default());
+        assert!(config.telemetry.otlp_endpoint.is_empty());
+        assert_eq!(config.telemetry.log_format, LogFormat::Text);
+        let on = format!(
+            "{SAMPLE}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\
+             log_format = \"json\"\ncontent_projects = [\"acme/chat\"]\n"
+        );
+        let config = Config::parse(&on, Path::new("t.toml")).unwrap();
+        assert_eq!(config.telemetry.log_format, LogFormat::Json);
+        assert!(config.telemetry.exports_content_of("acme", "chat"));
+        assert!(!config.telemetry.exports_content_of("acme", "other"));
+        assert!(!config.telemetry.exports_content_of("other", "chat"));
+        let bad = format!(
+            "{SAMPLE}\n[telemetry]\notlp_protocol = \"grpc\"\nsample_ratio = 1.5\n\
+             export_queue_spans_max = 0\ncontent_projects = [\"acme\"]\n"
+        );
+        let printed = config_error(&bad);
+        for field in [
+            "telemetry.otlp_protocol",
+            "telemetry.sample_ratio",
+            "telemetry.export_queue_spans_max",
+            "telemetry.content_projects[0]",
+        ] {
+            assert!(printed.contains(field), "{field}: {printed}");
+        }
+        let unknown = format!("{SAMPLE}\n[telemetry]\nendpoint = \"x\"\n");
+        assert!(Config::parse(&unknown, Path::new("t.toml")).is_err());
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub mod money;
 
 pub use config::{
     ALERT_EVENTS, AlertConfig, Backend, BackendConfig, BackendKind, BillingConfig, Config,
-    LeakDetectionConfig, Limits, ModelConfig, ModelKind, PoolKnobs, PoolPolicy, PoolSection,
-    REGION_DEFAULT, ResidencyConfig, RoutingConfig,
+    LeakDetectionConfig, Limits, LogFormat, ModelConfig, ModelKind, PoolKnobs, PoolPolicy,
+    PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig, TelemetryConfig,
 };
 pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestId, TenantId};

@@ -238,16 +238,18 @@ impl TextEngine for FakeEngine {
         let vocab = TokenId::try_from(self.vocab_tokens).unwrap_or(TokenId::MAX);
         let prompt_tokens = validate_request(&request, vocab, self.context_tokens)?;
         let (tx, events) = mpsc::channel(self.chunks_buffered_max);
+        let output = SeqOutput::new(
+            tx,
+            request.params.stop,
+            request.params.max_tokens,
+            prompt_tokens,
+        );
+        let prefill_started = output.prefill_clock();
         let job = Job {
             prompt_hash: hash_prompt(&request.prompt),
             prompt_tokens,
             seed: request.params.seed.unwrap_or(0),
-            output: SeqOutput::new(
-                tx,
-                request.params.stop,
-                request.params.max_tokens,
-                prompt_tokens,
-            ),
+            output,
         };
         admit(
             &self.commands,
@@ -255,7 +257,10 @@ impl TextEngine for FakeEngine {
             job,
             self.overload_retry_after_ms,
         )?;
-        Ok(Generation { events })
+        Ok(Generation {
+            events,
+            prefill_started,
+        })
     }
 
     fn stats(&self) -> EngineStats {
@@ -402,6 +407,7 @@ impl FakeWorker {
             return;
         }
         if let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) {
+            job.output.mark_prefill_started();
             *slot = Some(FakeSeq {
                 job,
                 prefilled: false,

@@ -140,6 +140,25 @@ pub enum GenerationEvent {
 #[derive(Debug)]
 pub struct Generation {
     pub events: mpsc::Receiver<GenerationEvent>,
+    /// When the engine took the sequence out of its queue and began its prefill; unset until
+    /// then, and always for engines that cannot tell (remote ones). Only for trace spans.
+    pub prefill_started: PrefillStart,
+}
+
+/// A moment the engine thread sets once and the gateway reads: when a sequence's prefill began.
+#[derive(Debug, Clone, Default)]
+pub struct PrefillStart(std::sync::Arc<std::sync::OnceLock<std::time::Instant>>);
+
+impl PrefillStart {
+    /// Records now, the first time only.
+    pub fn mark(&self) {
+        // A second mark (a re-prefill after the KV was evicted) keeps the first moment.
+        let _first = self.0.set(std::time::Instant::now());
+    }
+
+    pub fn get(&self) -> Option<std::time::Instant> {
+        self.0.get().copied()
+    }
 }
 
 /// Live counters of one text engine.

@@ -491,6 +491,7 @@ impl TextEngine for LlamaEngine {
             prompt_tokens,
         );
         let prompt = request.prompt.into_iter().map(LlamaToken).collect();
+        let prefill_started = output.prefill_clock();
         admit(
             &self.commands,
             &self.stats,
@@ -501,7 +502,10 @@ impl TextEngine for LlamaEngine {
             },
             self.overload_retry_after_ms,
         )?;
-        Ok(Generation { events })
+        Ok(Generation {
+            events,
+            prefill_started,
+        })
     }
 
     fn stats(&self) -> EngineStats {
@@ -862,6 +866,7 @@ impl<'m> Worker<'m> {
         slot.kv_tokens.truncate(reused);
         let mut output = job.output;
         output.set_cached_prompt_tokens(TokenCount::try_from(reused).unwrap_or(0));
+        output.mark_prefill_started();
         slot.active = Some(Active {
             prompt: job.prompt,
             prefilled: reused,

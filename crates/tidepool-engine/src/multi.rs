@@ -190,6 +190,7 @@ impl ModelFrontEnd {
         let max_tokens = request.params.max_tokens;
         let output = SeqOutput::new(tx, request.params.stop, max_tokens, prompt_tokens);
         let prompt = request.prompt.into_iter().map(LlamaToken).collect();
+        let prefill_started = output.prefill_clock();
         Ok((
             PreparedSeq {
                 prompt,
@@ -198,7 +199,10 @@ impl ModelFrontEnd {
                 prompt_tokens,
                 max_tokens,
             },
-            Generation { events },
+            Generation {
+                events,
+                prefill_started,
+            },
         ))
     }
 }
@@ -853,6 +857,7 @@ impl Accelerator {
             };
             seq.slot = Some(slot);
             seq.kv_tokens.clear();
+            seq.output.mark_prefill_started();
             if let Some(loaded) = state.loaded.as_mut() {
                 loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
             }

@@ -142,6 +142,7 @@ pub(crate) struct SeqOutput {
     cached_prompt_tokens: TokenCount,
     finish: Option<FinishReason>,
     done_sent: bool,
+    prefill_started: crate::PrefillStart,
 }
 
 impl SeqOutput {
@@ -163,7 +164,18 @@ impl SeqOutput {
             cached_prompt_tokens: 0,
             finish: None,
             done_sent: false,
+            prefill_started: crate::PrefillStart::default(),
         }
+    }
+
+    /// The moment the gateway reads from the sequence's `Generation`.
+    pub(crate) fn prefill_clock(&self) -> crate::PrefillStart {
+        self.prefill_started.clone()
+    }
+
+    /// The sequence left the queue: its prefill begins now.
+    pub(crate) fn mark_prefill_started(&self) {
+        self.prefill_started.mark();
     }
 
     pub(crate) fn set_cached_prompt_tokens(&mut self, cached: TokenCount) {

@@ -47,7 +47,8 @@ fn route_label(path: &str) -> &'static str {
 }
 
 /// Assigns the request id (a well-formed inbound `x-request-id`, else a new `UUIDv7`), opens the
-/// request's root span, and echoes the id on the response.
+/// request's root span (the HTTP server span, a child of the caller's `traceparent` when one
+/// came), and echoes the id on the response.
 pub(crate) async fn request_context(mut request: Request, next: Next) -> Response {
     let request_id = request
         .headers()
@@ -59,9 +60,18 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
     request.extensions_mut().insert(request_id);
     let span = tracing::info_span!(
         "request",
+        otel.name = %format_args!("{} {route}", request.method()),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %request.method(),
+        http.route = route,
+        http.response.status_code = Empty,
         request_id = %request_id,
+        trace_id = Empty,
         method = %request.method(),
         route,
+        tenant = Empty,
+        project = Empty,
         model = Empty,
         api_key_id = Empty,
         stream = Empty,
@@ -70,10 +80,21 @@ pub(crate) async fn request_context(mut request: Request, next: Next) -> Respons
         ttft_ms = Empty,
         total_ms = Empty,
     );
-    let mut response = CURRENT_REQUEST_ID
-        .scope(request_id, next.run(request).instrument(span))
+    let trace_id = tidepool_telemetry::continue_trace(&span, request.headers());
+    span.record("trace_id", trace_id.as_str());
+    let mut response = crate::trace::CURRENT_TRACE_ID
+        .scope(
+            trace_id,
+            CURRENT_REQUEST_ID.scope(request_id, next.run(request).instrument(span.clone())),
+        )
         .await;
-    metrics::request(route, response.status().as_u16());
+    let status = response.status();
+    // As i64: the exporter keeps only i64 (and bool, f64) numbers as numbers.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    metrics::request(route, status.as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

@@ -119,6 +119,15 @@ async fn submit(
     guard: &mut UsageGuard,
     mut job: TextJob,
 ) -> Result<(TextJob, u32), ApiError> {
+    if guard.exports_content() {
+        let input = serde_json::json!([{"role": "user",
+            "parts": [{"type": "text", "content": job.prompt_text}]}]);
+        tidepool_telemetry::set_text_attribute(
+            guard.model_span(),
+            "gen_ai.input.messages",
+            input.to_string(),
+        );
+    }
     let (prompt, prompt_tokens, remote) = prepare_prompt(state, guard, &mut job)?;
     let context_tokens = job.engine.context_tokens();
     let max_tokens = match job.max_tokens {
@@ -151,7 +160,8 @@ async fn submit(
         prompt,
         params: job.params.clone(),
     };
-    let generation = job.engine.submit(request)?;
+    // Within the model request's span: a remote model's routing task continues it.
+    let generation = guard.model_span().in_scope(|| job.engine.submit(request))?;
     guard.attach(generation);
     Ok((job, prompt_tokens))
 }
@@ -260,6 +270,7 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
     } else {
         match collect(&state, &mut guard, &job).await {
             Ok((text, finished)) => {
+                export_output(&guard, &text, finished.finish_reason);
                 guard.succeed(
                     finished.usage.prompt_tokens,
                     finished.usage.prompt_tokens_details.cached_tokens,
@@ -311,6 +322,7 @@ async fn collect(
                 cached_prompt_tokens,
                 completion_tokens,
             } => {
+                guard.set_finish_reason(finish_reason_str(finish_reason));
                 let usage = Usage::new(prompt_tokens, completion_tokens, cached_prompt_tokens);
                 return Ok((
                     text,
@@ -322,6 +334,20 @@ async fn collect(
             }
             GenerationEvent::Failed(error) => return Err(error.into()),
         }
+    }
+}
+
+/// The completion on the model request's span, for a project whose text may be exported.
+fn export_output(guard: &UsageGuard, text: &str, finish_reason: FinishReason) {
+    if guard.exports_content() {
+        let output = serde_json::json!([{"role": "assistant",
+            "parts": [{"type": "text", "content": text}],
+            "finish_reason": finish_reason_str(finish_reason)}]);
+        tidepool_telemetry::set_text_attribute(
+            guard.model_span(),
+            "gen_ai.output.messages",
+            output.to_string(),
+        );
     }
 }
 
@@ -524,6 +550,8 @@ fn sse_stream(
         if let Some(opening) = chunker.opening() {
             yield Ok(opening);
         }
+        // The completion, kept only for a project whose text may be exported.
+        let mut exported = guard.exports_content().then(String::new);
         let mut first = first;
         loop {
             let next = match first.take() {
@@ -534,6 +562,9 @@ fn sse_stream(
                 Ok(GenerationEvent::Chunk { text, tokens }) => {
                     timing.chunk();
                     guard.chunk_arrived();
+                                        if let Some(exported) = exported.as_mut() {
+                        exported.push_str(&text);
+                    }
                     // Counted as delivered when handed to the connection.
                     guard.delivered(tokens);
                     if !text.is_empty() {
@@ -542,6 +573,10 @@ fn sse_stream(
                 }
                 Ok(GenerationEvent::Done { finish_reason, prompt_tokens, cached_prompt_tokens, completion_tokens }) => {
                     let usage = Usage::new(prompt_tokens, completion_tokens, cached_prompt_tokens);
+                    if let Some(exported) = exported.take() {
+                        export_output(&guard, &exported, finish_reason);
+                    }
+                    guard.set_finish_reason(finish_reason_str(finish_reason));
                     guard.succeed(prompt_tokens, cached_prompt_tokens, completion_tokens);
                     yield Ok(chunker.finish(finish_reason));
                     if chunker.include_usage {

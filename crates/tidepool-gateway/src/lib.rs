@@ -28,6 +28,7 @@ mod restarts;
 mod routes;
 mod state;
 mod suspend;
+mod trace;
 mod usage;
 mod validate;
 
@@ -171,6 +172,7 @@ pub async fn serve(
             residency: config.residency.clone(),
             alert_sinks,
             leak_detection: config.leak_detection.clone(),
+            telemetry: config.telemetry.clone(),
         },
     );
     let database_watch = spawn_database_watch(&state);

@@ -137,6 +137,7 @@ pub(crate) fn install() {
             return None;
         }
         describe();
+        tidepool_telemetry::describe_metrics();
         Some(handle)
     });
 }

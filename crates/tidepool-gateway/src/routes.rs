@@ -41,7 +41,7 @@ fn text_engine(
     let served = state.model(model).ok_or_else(|| ApiError::ModelNotFound {
         model: model.chars().take(128).collect(),
     })?;
-    guard.set_model(served.id.clone());
+    guard.set_model(served);
     let (allowed, name) = match endpoint {
         Endpoint::Chat => (served.kind == ModelKind::Chat, "/v1/chat/completions"),
         Endpoint::Completions => (
@@ -290,7 +290,7 @@ async fn embed(
         .ok_or_else(|| ApiError::ModelNotFound {
             model: request.model.chars().take(128).collect(),
         })?;
-    guard.set_model(served.id.clone());
+    guard.set_model(served);
     let engine: Arc<dyn EmbeddingEngine> = match &served.engine {
         ModelEngine::Embedding(engine) => Arc::clone(engine),
         ModelEngine::Text(_) => {

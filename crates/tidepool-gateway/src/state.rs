@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use tidepool_core::config::ResidencyConfig;
-use tidepool_core::{BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind};
+use tidepool_core::{
+    BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind, TelemetryConfig,
+};
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{Clock, Ledger, SystemClock};
 use tidepool_runtime::PoolRuntime;
@@ -82,6 +84,7 @@ struct Inner {
     backends: Option<Arc<Backends>>,
     region: String,
     residency: ResidencyConfig,
+    telemetry: TelemetryConfig,
     /// Start-up recovery and the price sync have run; until then model requests are 503.
     started: AtomicBool,
     /// Webhook alerts (disabled without `[[alerts]]`).
@@ -111,6 +114,8 @@ pub struct StateOptions {
     pub alert_sinks: Vec<AlertSink>,
     /// `[leak_detection]`.
     pub leak_detection: LeakDetectionConfig,
+    /// `[telemetry]`: which projects may have their text exported on their spans.
+    pub telemetry: TelemetryConfig,
 }
 
 /// Secrets never reach a log: the admin token is redacted.
@@ -126,6 +131,7 @@ impl std::fmt::Debug for StateOptions {
             .field("residency", &self.residency)
             .field("alert_sinks", &self.alert_sinks)
             .field("leak_detection", &self.leak_detection)
+            .field("telemetry", &self.telemetry)
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +149,7 @@ impl StateOptions {
             residency: ResidencyConfig::default(),
             alert_sinks: Vec::new(),
             leak_detection: LeakDetectionConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -167,6 +174,7 @@ impl AppState {
             residency,
             alert_sinks,
             leak_detection,
+            telemetry,
         } = options;
         let admin_token_sha256 = admin_token.map(|token| {
             use sha2::Digest as _;
@@ -199,6 +207,7 @@ impl AppState {
                 backends,
                 region,
                 residency,
+                telemetry,
                 started: AtomicBool::new(true),
                 alerts,
                 leak,
@@ -229,6 +238,11 @@ impl AppState {
     /// apply); `None`: anywhere.
     pub(crate) fn residency_for(&self, tenant: &str, project: &str) -> Option<Vec<String>> {
         self.inner.residency.regions_for(tenant, project)
+    }
+
+    /// `[telemetry]`.
+    pub(crate) fn telemetry(&self) -> &TelemetryConfig {
+        &self.inner.telemetry
     }
 
     /// The region local models run in.

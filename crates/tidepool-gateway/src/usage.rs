@@ -36,12 +36,14 @@ pub(crate) enum UsageBreadth {
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::alerts::AlertEvent;
 use crate::error::ApiError;
 use crate::leak::Verdict;
 use crate::metrics;
-use crate::state::AppState;
+use crate::state::{AppState, ModelEngine, ServedModel};
+use crate::trace::{self, Phases};
 
 /// The usage entry under construction for one request; settles on drop.
 #[derive(Debug)]
@@ -54,6 +56,12 @@ pub(crate) struct UsageGuard {
     endpoint: &'static str,
     started: Instant,
     span: tracing::Span,
+    /// The model request's span (`trace::model_span`), once the model is known.
+    model_span: tracing::Span,
+    /// When the local generation passed its phases, for the trace.
+    phases: Phases,
+    /// The engine's finish reason, once it said `Done`.
+    finish_reason: Option<&'static str>,
     model: Option<ModelId>,
     prompt_tokens: u32,
     cached_prompt_tokens: u32,
@@ -82,6 +90,8 @@ impl UsageGuard {
     ) -> Self {
         let span = tracing::Span::current();
         span.record("api_key_id", tracing::field::display(&key.key_id));
+        span.record("tenant", key.tenant.as_str());
+        span.record("project", key.project.as_str());
         Self {
             state,
             request_id,
@@ -91,6 +101,9 @@ impl UsageGuard {
             endpoint,
             started,
             span,
+            model_span: tracing::Span::none(),
+            phases: Phases::default(),
+            finish_reason: None,
             model: None,
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
@@ -130,7 +143,15 @@ impl UsageGuard {
             completion_tokens_max,
             idempotency_key,
         };
-        let reservation = match self.state.ledger().reserve(&request).await {
+        let span = tracing::info_span!(parent: &self.model_span, "reserve",
+            otel.status_code = tracing::field::Empty, error.type = tracing::field::Empty);
+        let reserved = self
+            .state
+            .ledger()
+            .reserve(&request)
+            .instrument(span.clone())
+            .await;
+        let reservation = match reserved {
             Ok(reservation) => reservation,
             Err(error) => {
                 if let tidepool_ledger::LedgerError::InsufficientQuota { scope, .. } = &error {
@@ -142,7 +163,9 @@ impl UsageGuard {
                         at_ms: self.state.now_ms(),
                     });
                 }
-                return Err(error.into());
+                let error = ApiError::from(error);
+                trace::record_error(&span, error.code());
+                return Err(error);
             }
         };
         self.reservation = Some(reservation);
@@ -188,9 +211,40 @@ impl UsageGuard {
         self.started
     }
 
-    pub(crate) fn set_model(&mut self, model: ModelId) {
+    /// The request's model is known: names it on the request's span and opens the model
+    /// request's span.
+    pub(crate) fn set_model(&mut self, served: &ServedModel) {
+        let model = served.id.clone();
         self.span.record("model", model.as_str());
+        let provider = match &served.engine {
+            ModelEngine::Text(engine) if engine.is_remote() => None,
+            ModelEngine::Text(_) | ModelEngine::Embedding(_) => Some(trace::LOCAL_PROVIDER),
+        };
+        self.model_span = trace::model_span(
+            self.endpoint,
+            &model,
+            provider,
+            self.tenant.as_str(),
+            self.project.as_str(),
+        );
         self.model = Some(model);
+    }
+
+    /// The model request's span (none before the model is known).
+    pub(crate) fn model_span(&self) -> &tracing::Span {
+        &self.model_span
+    }
+
+    /// Whether this request's project may have its text exported on its span.
+    pub(crate) fn exports_content(&self) -> bool {
+        self.state
+            .telemetry()
+            .exports_content_of(self.tenant.as_str(), self.project.as_str())
+    }
+
+    /// The engine said `Done` for this reason.
+    pub(crate) fn set_finish_reason(&mut self, reason: &'static str) {
+        self.finish_reason = Some(reason);
     }
 
     pub(crate) fn set_prompt_tokens(&mut self, prompt_tokens: u32) {
@@ -199,6 +253,7 @@ impl UsageGuard {
 
     /// Hands the running generation to the guard; dropping the guard cancels it.
     pub(crate) fn attach(&mut self, generation: Generation) {
+        self.phases.submitted(generation.prefill_started.clone());
         self.generation = Some(generation);
     }
 
@@ -214,6 +269,7 @@ impl UsageGuard {
     pub(crate) fn chunk_arrived(&mut self) {
         if self.first_token.is_none() {
             self.first_token = Some(self.started.elapsed());
+            self.phases.first_token();
         }
     }
 
@@ -363,6 +419,7 @@ impl UsageGuard {
         self.span
             .record("completion_tokens", entry.completion_tokens);
         self.span.record("total_ms", entry.latency_ms);
+        self.record_trace(&entry);
 
         let finish = self.reservation.take().map(|_| {
             let nothing_delivered = entry.completion_tokens == 0;
@@ -398,6 +455,8 @@ impl UsageGuard {
         } else {
             Duration::ZERO
         };
+        let settle_span = tracing::info_span!(parent: &self.model_span, "settle",
+            otel.status_code = tracing::field::Empty);
         let write = async move {
             let deadline = Instant::now() + retry_for;
             let mut backoff = SETTLE_RETRY_BACKOFF_INITIAL;
@@ -430,9 +489,11 @@ impl UsageGuard {
                 metrics::usage_write_failure();
                 tracing::error!(parent: &span, %error, request_id = %entry.request_id,
                     "could not write the usage entry");
+                tracing::Span::current().record("otel.status_code", "error");
             }
             written
-        };
+        }
+        .instrument(settle_span);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             Some(self.state.tasks().spawn_on(write, &handle))
         } else {
@@ -469,6 +530,40 @@ async fn write_once(
             Ok(())
         }
         None => ledger.record_usage(entry).await.map(|_| ()),
+    }
+}
+
+impl UsageGuard {
+    /// The outcome on the model request's span, and its derived phase spans.
+    fn record_trace(&self, entry: &UsageEntry) {
+        let span = &self.model_span;
+        if span.is_none() {
+            return;
+        }
+        span.record("gen_ai.usage.input_tokens", i64::from(entry.prompt_tokens));
+        span.record(
+            "gen_ai.usage.output_tokens",
+            i64::from(entry.completion_tokens),
+        );
+        match &entry.status {
+            UsageStatus::Ok => {
+                if let Some(model) = &entry.model {
+                    span.record("gen_ai.response.model", model.as_str());
+                }
+                if let Some(reason) = self.finish_reason {
+                    tidepool_telemetry::set_list_attribute(
+                        span,
+                        "gen_ai.response.finish_reasons",
+                        vec![reason.to_owned()],
+                    );
+                }
+            }
+            UsageStatus::Error { code } => trace::record_error(span, code),
+            UsageStatus::ClientDisconnected => {
+                span.record("error.type", "client_disconnected");
+            }
+        }
+        self.phases.emit(span);
     }
 }
 

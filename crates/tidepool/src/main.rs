@@ -364,13 +364,20 @@ fn config_check(args: &DbArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing() {
+/// Text logs to stderr (stdout carries command output, a new key, tables, for scripts): the
+/// whole life of every command but `serve` and `worker`, and their configuration loading.
+fn text_logs() -> impl tracing::Subscriber + Send + Sync {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr: stdout carries command output (a new key, tables) for scripts.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .finish()
+}
+
+/// The configuration of `serve` and `worker`, loaded before their subscriber exists (its
+/// `[telemetry]` section decides the subscriber): what loading logs goes out as text.
+fn load_for_serving(db: &DbArgs) -> anyhow::Result<Config> {
+    tracing::subscriber::with_default(text_logs(), || db.load())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -398,38 +405,48 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
+/// Serves with the `[telemetry]` subscriber (JSON or text logs, traces when an OTLP endpoint is
+/// set); exports the spans still queued once the server has stopped.
+async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     // Engine threads that panic are restarted by their watchdog; a panic anywhere else aborts.
     tidepool_gateway::install_panic_policy();
-    let mut config = config.clone();
-    if let Some(replica_id) = args.replica_id {
+    if let Some(replica_id) = args.replica_id.clone() {
         config.billing.replica_id = replica_id;
         config.validate()?;
     }
+    let telemetry = tidepool_telemetry::init_stderr(&config.telemetry)?;
+    let served = serve_with(&config, args).await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    served
+}
+
+async fn serve_with(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
     let options = tidepool_gateway::ServeOptions {
         listen: args.listen.unwrap_or_else(|| config.server.listen.clone()),
         database_url: config.server.database_url.clone(),
         admin_token: args.admin_token.filter(|token| !token.is_empty()),
     };
-    tidepool_gateway::serve(&config, &options, shutdown_signal()).await?;
+    tidepool_gateway::serve(config, &options, shutdown_signal()).await?;
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
+        tracing::subscriber::set_global_default(text_logs())?;
+    }
     // A reader that goes away (`tidepool usage … | head`) ends a command's output; a server's
     // errors are never hidden.
     let output_command = !matches!(cli.command, Command::Serve(_) | Command::Worker(_));
     let result = match cli.command {
-        Command::Serve(WithDb { db, args }) => serve(&db.load()?, args).await,
+        Command::Serve(WithDb { db, args }) => serve(load_for_serving(&db)?, args).await,
         Command::Worker(WithDb { db, args }) => {
-            let mut config = db.load()?;
+            let mut config = load_for_serving(&db)?;
             config.server.region = args.region;
             config.server.zone = args.zone;
             config.validate()?;
-            serve(&config, args.serve).await
+            serve(config, args.serve).await
         }
         Command::Migrate(c) => migrate(&c.db.database_url()?, &c.args).await,
         Command::Backends(args) => backends(&args).await,

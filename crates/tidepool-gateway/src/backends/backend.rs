@@ -217,13 +217,18 @@ impl Backend {
         self.publish_state(state);
     }
 
+    /// `worker` or `upstream`: the backend's kind as `/v1/backends` and the traces name it.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
+            BackendKind::Worker => "worker",
+            BackendKind::Upstream => "upstream",
+        }
+    }
+
     pub(crate) fn status(&self) -> BackendStatus {
         BackendStatus {
             id: self.id.clone(),
-            kind: match self.kind {
-                BackendKind::Worker => "worker",
-                BackendKind::Upstream => "upstream",
-            },
+            kind: self.kind_name(),
             url: self.url.clone(),
             region: self.region.clone(),
             zone: self.zone.clone(),

@@ -16,6 +16,7 @@ use tidepool_engine::{
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::backend::Backend;
 use super::upstream::{AttemptError, Call};
@@ -94,6 +95,9 @@ impl TextEngine for RoutedEngine {
                 input,
                 tx,
             },
+            // Submitted within the model request's span: each attempt is its child.
+            span: tracing::Span::current(),
+            trace_id: crate::trace::current_trace_id(),
         };
         let active = Arc::clone(&self.active);
         active.fetch_add(1, Ordering::Relaxed);
@@ -101,7 +105,10 @@ impl TextEngine for RoutedEngine {
             job.run().await;
             active.fetch_sub(1, Ordering::Relaxed);
         });
-        Ok(Generation { events: rx })
+        Ok(Generation {
+            events: rx,
+            prefill_started: tidepool_engine::PrefillStart::default(),
+        })
     }
 
     fn stats(&self) -> EngineStats {
@@ -114,6 +121,22 @@ impl TextEngine for RoutedEngine {
     fn is_remote(&self) -> bool {
         true
     }
+}
+
+/// An attempt's outcome on its span.
+fn record_attempt(span: &tracing::Span, result: &Result<(), AttemptError>) {
+    let (status, error) = match result {
+        Ok(()) => return,
+        Err(AttemptError::Failed { status }) => (*status, "backend_failed"),
+        Err(AttemptError::Rejected { status }) => (Some(*status), "backend_rejected"),
+        Err(AttemptError::Busy) => (Some(429), "backend_busy"),
+        Err(AttemptError::ClientGone) => (None, "client_disconnected"),
+    };
+    if let Some(status) = status {
+        span.record("http.response.status_code", i64::from(status));
+    }
+    span.record("error.type", error);
+    span.record("otel.status_code", "error");
 }
 
 fn no_backend_in_region(model: &ModelId, input: &RemoteInput) -> EngineError {
@@ -137,6 +160,10 @@ struct Job {
     attempts_max: u32,
     /// What each attempt sends, and where the events go.
     call: Call,
+    /// The model request's span.
+    span: tracing::Span,
+    /// The request's trace id as its logs carry it (sent on when spans are not exported).
+    trace_id: Option<String>,
 }
 
 impl Job {
@@ -229,11 +256,34 @@ impl Job {
         delivered: &mut bool,
     ) -> Result<(), AttemptError> {
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(backend.timeout, self.call.stream_from(backend, delivered))
-                .await
-                .unwrap_or(Err(AttemptError::Failed { status: None }));
+        let kind = backend.kind_name();
+        let span = tracing::info_span!(parent: &self.span, "backend attempt",
+            otel.name = %format_args!("backend attempt {}", backend.id),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            tidepool.backend.id = %backend.id,
+            tidepool.backend.kind = kind,
+            tidepool.backend.region = %backend.region,
+            server.address = %backend.url,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let trace = super::upstream::TraceHeaders {
+            span: &span,
+            trace_id: self.trace_id.as_deref(),
+        };
+        let result = tokio::time::timeout(
+            backend.timeout,
+            self.call.stream_from(backend, delivered, trace),
+        )
+        .instrument(span.clone())
+        .await
+        .unwrap_or(Err(AttemptError::Failed { status: None }));
         drop(permit);
+        record_attempt(&span, &result);
+        if result.is_ok() {
+            self.span.record("gen_ai.provider.name", kind);
+        }
         match &result {
             Ok(()) => backend.record(Some(started.elapsed())),
             Err(AttemptError::Failed { .. }) => backend.record(None),

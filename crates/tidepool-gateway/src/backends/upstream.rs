@@ -61,6 +61,14 @@ pub(super) enum AttemptError {
     ClientGone,
 }
 
+/// What an attempt's request carries of its trace: `traceparent` from the attempt's span (or,
+/// with tracing off, the request's trace id for logs).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TraceHeaders<'a> {
+    pub(super) span: &'a tracing::Span,
+    pub(super) trace_id: Option<&'a str>,
+}
+
 /// One request as every attempt sends it, and the channel its events go to.
 #[derive(Debug)]
 pub(super) struct Call {
@@ -111,11 +119,18 @@ impl Call {
     }
 
     /// Sends the request; a 2xx response, or the attempt's error by status.
-    async fn open(&self, backend: &Backend) -> Result<reqwest::Response, AttemptError> {
+    async fn open(
+        &self,
+        backend: &Backend,
+        trace: TraceHeaders<'_>,
+    ) -> Result<reqwest::Response, AttemptError> {
         let (path, body) = self.body(backend);
+        let mut headers = reqwest::header::HeaderMap::new();
+        tidepool_telemetry::inject(trace.span, trace.trace_id, &mut headers);
         let mut request = backend
             .client
             .post(format!("{}{path}", backend.url))
+            .headers(headers)
             .json(&body);
         if let Some(Secret(key)) = &backend.api_key {
             request = request.bearer_auth(key);
@@ -160,8 +175,9 @@ impl Call {
         &self,
         backend: &Backend,
         delivered: &mut bool,
+        trace: TraceHeaders<'_>,
     ) -> Result<(), AttemptError> {
-        let response = self.open(backend).await?;
+        let response = self.open(backend, trace).await?;
         if self.input.buffered {
             return self.finish(whole_answer(backend, response).await?).await;
         }

@@ -95,7 +95,10 @@ impl TextEngine for ScriptedEngine {
             .map_err(|_| EngineError::Overloaded {
                 retry_after_ms: 1500,
             })?;
-        Ok(Generation { events: receiver })
+        Ok(Generation {
+            events: receiver,
+            prefill_started: tidepool_engine::PrefillStart::default(),
+        })
     }
     fn stats(&self) -> EngineStats {
         EngineStats::default()
