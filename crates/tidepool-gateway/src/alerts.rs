@@ -436,7 +436,7 @@ impl Alerts {
             at_ms: inner.clock.now_ms(),
         };
         if inner.tx.try_send(emitted).is_err() {
-            metrics::counter!("tidepool_alerts_dropped_total", "event" => name).increment(1);
+            metrics::counter!(crate::metrics::ALERTS_DROPPED_TOTAL, "event" => name).increment(1);
             tracing::error!(event = name, "alert queue full: event dropped");
         }
     }
@@ -543,7 +543,7 @@ impl Writer {
         if self.held.len() >= ALERT_HELD_LEN_MAX
             && let Some(dropped) = self.held.pop_front()
         {
-            metrics::counter!("tidepool_alerts_dropped_total", "event" => "held_overflow")
+            metrics::counter!(crate::metrics::ALERTS_DROPPED_TOTAL, "event" => "held_overflow")
                 .increment(1);
             tracing::error!(event = %dropped.row.event, sink = %dropped.row.sink_id,
                 "alert memory queue full: oldest held alert dropped");
@@ -579,7 +579,7 @@ impl Writer {
                 .await
             {
                 Ok(()) => {
-                    metrics::counter!("tidepool_alert_deliveries_total", "outcome" => "delivered_direct").increment(1);
+                    metrics::counter!(crate::metrics::ALERT_DELIVERIES_TOTAL, "outcome" => "delivered_direct").increment(1);
                 }
                 Err(reason) => {
                     held.failed = held.failed.saturating_add(1);
@@ -588,7 +588,7 @@ impl Writer {
                             now_ms.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
                         keep.push_back(held);
                     } else {
-                        metrics::counter!("tidepool_alert_deliveries_total", "outcome" => "failed")
+                        metrics::counter!(crate::metrics::ALERT_DELIVERIES_TOTAL, "outcome" => "failed")
                             .increment(1);
                         tracing::error!(sink = %sink.id(), event = %held.row.event, %reason,
                             "alert given up after attempts_max (held in memory)");
@@ -662,7 +662,7 @@ impl Deliverer {
         let outcome = sink.send(&row.event, &delivery, &row.payload, now_ms).await;
         let marked = match outcome {
             Ok(()) => {
-                metrics::counter!("tidepool_alert_deliveries_total", "outcome" => "delivered")
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES_TOTAL, "outcome" => "delivered")
                     .increment(1);
                 self.ledger.mark_alert_delivered(row.id).await
             }
@@ -674,7 +674,7 @@ impl Deliverer {
                 } else {
                     "failed"
                 };
-                metrics::counter!("tidepool_alert_deliveries_total", "outcome" => outcome)
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES_TOTAL, "outcome" => outcome)
                     .increment(1);
                 tracing::warn!(sink = %sink.id(), event = %row.event, %reason, attempt = failed,
                     given_up = retry_in.is_none(), "alert delivery failed");

@@ -24,6 +24,8 @@ pub(crate) const BACKEND_ATTEMPT_DURATION_SECONDS: &str =
     "tidepool_backend_attempt_duration_seconds";
 pub(crate) const SETTLEMENTS_PENDING: &str = "tidepool_settlements_pending";
 pub(crate) const SETTLEMENTS_DEFERRED_TOTAL: &str = "tidepool_settlements_deferred_total";
+pub(crate) const ALERTS_DROPPED_TOTAL: &str = "tidepool_alerts_dropped_total";
+pub(crate) const ALERT_DELIVERIES_TOTAL: &str = "tidepool_alert_deliveries_total";
 
 /// The OpenTelemetry `GenAI` server metrics, in their Prometheus form (dots become underscores,
 /// the unit `s` becomes the `_seconds` suffix, the annotation `{token}` is dropped), with the
@@ -211,6 +213,16 @@ fn describe() {
         SETTLEMENTS_DEFERRED_TOTAL,
         Unit::Count,
         "Usage entries that found the ledger's database unreachable and were kept in memory to retry"
+    );
+    describe_counter!(
+        ALERTS_DROPPED_TOTAL,
+        Unit::Count,
+        "Alert events dropped before delivery (a full queue, or more held in memory than fit during a database outage), by event"
+    );
+    describe_counter!(
+        ALERT_DELIVERIES_TOTAL,
+        Unit::Count,
+        "Webhook delivery attempts, by outcome"
     );
     describe_histogram!(
         GEN_AI_TIME_TO_FIRST_TOKEN,
