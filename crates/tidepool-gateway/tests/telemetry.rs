@@ -157,6 +157,15 @@ async fn real_app(telemetry: TelemetryConfig) -> (axum::Router, String, tempfile
         m.seqs_max = m.seqs_max.min(4);
         m.context_tokens = m.context_tokens.min(1024);
     }
+    app_on(&config, telemetry).await
+}
+
+/// The whole router over `config`'s models (local or remote) on a fresh SQLite ledger that has
+/// their prices, with `telemetry` on its state; and a key of tenant `acme`, which has credit.
+async fn app_on(
+    config: &Config,
+    telemetry: TelemetryConfig,
+) -> (axum::Router, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::connect(&format!("sqlite://{}", dir.path().join("l.db").display()))
         .await
@@ -167,12 +176,13 @@ async fn real_app(telemetry: TelemetryConfig) -> (axum::Router, String, tempfile
         .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
         .await
         .unwrap();
-    tidepool_gateway::sync_prices(&config, &ledger)
+    tidepool_gateway::sync_prices(config, &ledger)
         .await
         .unwrap();
-    let loaded = load_models(&config).await.unwrap();
+    let loaded = load_models(config).await.unwrap();
     let mut options = StateOptions::new(config.limits.clone());
     options.pool = loaded.pool;
+    options.backends = loaded.backends;
     options.telemetry = telemetry;
     let state = AppState::with_options(loaded.models, ledger, options);
     (router(state), key, dir)
@@ -514,24 +524,7 @@ async fn a_remote_backend_gets_the_traceparent_of_its_attempt_span() {
          models = [\"remote-chat\"]\n"
     );
     let config = Config::parse(&text, Path::new("t.toml")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::connect(&format!("sqlite://{}", dir.path().join("l.db").display()))
-        .await
-        .unwrap();
-    let acme = TenantId::new("acme").unwrap();
-    let key = ledger.create_key(&acme, "t").await.unwrap().secret;
-    ledger
-        .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
-        .await
-        .unwrap();
-    tidepool_gateway::sync_prices(&config, &ledger)
-        .await
-        .unwrap();
-    let loaded = load_models(&config).await.unwrap();
-    let mut options = StateOptions::new(config.limits.clone());
-    options.backends = loaded.backends;
-    options.telemetry = telemetry_config;
-    let app = router(AppState::with_options(loaded.models, ledger, options));
+    let (app, key, _dir) = app_on(&config, telemetry_config).await;
     let body = json!({"model": "remote-chat", "messages": [{"role": "user", "content": "hi"}]});
     let request = Request::post("/v1/chat/completions")
         .header("authorization", format!("Bearer {key}"))
