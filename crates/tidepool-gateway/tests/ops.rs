@@ -33,6 +33,26 @@ use tower::ServiceExt as _;
 /// Short, so a request on the stopped database gives up quickly (not what is tested).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The app on a fresh database of its own throwaway PostgreSQL, which the test may stop and
+/// start (a request on the stopped database gives up after [`ACQUIRE_TIMEOUT`]); hold the
+/// cluster and the database for as long as the app runs.
+async fn app_on_throwaway_postgres(
+    options: StateOptions,
+    fake: impl FnOnce(
+        tidepool_engine::fake::FakeEngineConfig,
+    ) -> tidepool_engine::fake::FakeEngineConfig,
+) -> (ThrowawayPostgres, TestDb, App) {
+    let cluster = ThrowawayPostgres::spawn().await;
+    let db = TestDb::postgres_on(cluster.url()).await;
+    let ledger_options = LedgerOptions {
+        acquire_timeout: Some(ACQUIRE_TIMEOUT),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::connect_with(&db.url, ledger_options).await.unwrap();
+    let app = App::on(ledger, None, options, fake).await;
+    (cluster, db, app)
+}
+
 fn chat(model: &str, stream: bool) -> Value {
     json!({
         "model": model,
@@ -164,14 +184,8 @@ async fn behind_schema_answers_503_until_migrated_then_starts_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
-    let cluster = ThrowawayPostgres::spawn().await;
-    let db = TestDb::postgres_on(cluster.url()).await;
-    let options = LedgerOptions {
-        acquire_timeout: Some(ACQUIRE_TIMEOUT),
-        ..LedgerOptions::default()
-    };
-    let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
-    let mut app = App::on(ledger, None, StateOptions::new(Limits::default()), |c| c).await;
+    let (cluster, _db, mut app) =
+        app_on_throwaway_postgres(StateOptions::new(Limits::default()), |c| c).await;
     let credit = app.balance().await;
     let mut served = Vec::new();
     served.extend(serve_chats(&app, &[false, true, false]).await);
@@ -302,16 +316,9 @@ async fn start_stream(app: &mut App) -> (Submitted, axum::body::BodyDataStream, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_cut_off_from_the_database_settle_once_it_returns() {
     use futures::StreamExt as _;
-    let cluster = ThrowawayPostgres::spawn().await;
-    let db = TestDb::postgres_on(cluster.url()).await;
-    let options = LedgerOptions {
-        acquire_timeout: Some(ACQUIRE_TIMEOUT),
-        ..LedgerOptions::default()
-    };
-    let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
     let mut state_options = StateOptions::new(Limits::default());
     state_options.billing.checkpoint_tokens = 2;
-    let mut app = App::on(ledger, None, state_options, |c| c).await;
+    let (cluster, _db, mut app) = app_on_throwaway_postgres(state_options, |c| c).await;
     let credit = app.balance().await;
 
     // Two streams start and deliver their first tokens while the database is up.
@@ -440,22 +447,16 @@ async fn one_request(router: axum::Router, key: String, stream: bool) -> Outcome
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_lost_and_back_under_load_bills_every_delivered_request_once() {
-    let cluster = ThrowawayPostgres::spawn().await;
-    let db = TestDb::postgres_on(cluster.url()).await;
-    let options = LedgerOptions {
-        acquire_timeout: Some(ACQUIRE_TIMEOUT),
-        ..LedgerOptions::default()
-    };
-    let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
-    let app = App::on(ledger, None, StateOptions::new(Limits::default()), |c| {
-        // Each request decodes for about 0.7 s: the ones in flight when the database goes
-        // away settle while it is gone.
-        tidepool_engine::fake::FakeEngineConfig {
-            decode_step_cost: Duration::from_millis(60),
-            ..c
-        }
-    })
-    .await;
+    let (cluster, _db, app) =
+        app_on_throwaway_postgres(StateOptions::new(Limits::default()), |c| {
+            // Each request decodes for about 0.7 s: the ones in flight when the database goes
+            // away settle while it is gone.
+            tidepool_engine::fake::FakeEngineConfig {
+                decode_step_cost: Duration::from_millis(60),
+                ..c
+            }
+        })
+        .await;
     let credit = app.balance().await;
 
     // Eight clients, half streaming, send requests back to back through the whole test.
