@@ -33,15 +33,9 @@ use tidepool_ledger::{CREDIT_NANOS_MAX, Ledger, RateLimits, RateScope};
 use tokio::time::Instant;
 
 use crate::common::{ms, percentile};
+use crate::open_loop;
 use crate::process::ChildServer;
 
-/// Requests each target gets before its first timed pass (connections, first-use allocations).
-const OUTSIDE_WARMUP_REQUESTS: u32 = 50;
-/// Pause between two passes, so the previous target's background work (settlements) is done.
-const OUTSIDE_PASS_GAP: Duration = Duration::from_millis(300);
-/// Requests of one open-loop pass in flight at once; more means the target is not keeping up
-/// with the rate, and the bench fails rather than report a queue.
-const OUTSIDE_IN_FLIGHT_MAX: usize = 1024;
 /// The remote model the gateways route to the instant upstream.
 const OUTSIDE_MODEL: &str = "instant";
 
@@ -549,6 +543,14 @@ struct OutsideTarget {
     child: Option<ChildServer>,
 }
 
+impl OutsideTarget {
+    /// How the logs name it, e.g. `gateway sqlite billing on`.
+    fn label(&self) -> String {
+        let billing = if self.billing { "on" } else { "off" };
+        format!("{} {} billing {billing}", self.target, self.store)
+    }
+}
+
 /// A `tidepool serve` routing [`OUTSIDE_MODEL`] to `upstream`, with billing on or off, on the
 /// ledger at `database_url` (`None`: a SQLite file in its directory); its key is a fresh
 /// tenant's, with credit, and on the billed side generous RPM/TPM limits that every request
@@ -655,30 +657,32 @@ async fn outside(
             );
         }
     }
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    for target in &targets {
-        for _ in 0..OUTSIDE_WARMUP_REQUESTS {
-            anyhow::ensure!(
-                post(&client, &target.url, &target.key).await,
-                "warm-up request to {} failed",
-                target.url
-            );
-        }
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    let mut pass_p99: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    for round in 0..args.outside_passes {
-        let shift = usize::try_from(round).unwrap_or(0) % targets.len();
-        for index in (0..targets.len()).map(|i| (i + shift) % targets.len()) {
-            tokio::time::sleep(OUTSIDE_PASS_GAP).await;
-            let mut taken = open_loop_pass(&client, &targets[index], args).await?;
-            pass_p99[index].push(percentile(&mut taken, 99));
-            samples[index].extend(taken);
-            tracing::info!(round, target = index, "outside pass done");
-        }
-    }
+    let client = open_loop::client()?;
+    // Every request of the run, warm-up and timed: one non-stream chat completion.
+    let body = json!({
+        "model": OUTSIDE_MODEL,
+        "messages": [{"role": "user", "content": "one two three"}],
+        "max_tokens": 8,
+    });
+    let target_names: Vec<String> = targets.iter().map(OutsideTarget::label).collect();
+    let named: Vec<open_loop::Target<'_>> = targets
+        .iter()
+        .zip(&target_names)
+        .map(|(target, name)| open_loop::Target {
+            name,
+            url: &target.url,
+            key: &target.key,
+        })
+        .collect();
+    let (samples, pass_p99) = open_loop::interleaved(
+        &client,
+        &named,
+        &body,
+        args.outside_passes,
+        args.outside_rate_per_s,
+        args.outside_requests,
+    )
+    .await?;
     upstream_server.abort();
     let rows = outside_rows(targets, samples, pass_p99).await?;
     Ok(OutsideReport {
@@ -720,68 +724,4 @@ async fn outside_rows(
         });
     }
     Ok(rows)
-}
-
-/// One non-stream chat completion; whether it succeeded with its whole body read.
-async fn post(client: &reqwest::Client, url: &str, key: &str) -> bool {
-    let body = json!({
-        "model": OUTSIDE_MODEL,
-        "messages": [{"role": "user", "content": "one two three"}],
-        "max_tokens": 8,
-    });
-    match client.post(url).bearer_auth(key).json(&body).send().await {
-        Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// `--outside-requests` requests to one target, one every `1 / rate` seconds whatever the
-/// answers do (open loop).
-async fn open_loop_pass(
-    client: &reqwest::Client,
-    target: &OutsideTarget,
-    args: &LedgerBenchArgs,
-) -> anyhow::Result<Vec<f64>> {
-    let interval = Duration::from_secs(1) / args.outside_rate_per_s;
-    let start = Instant::now() + Duration::from_millis(10);
-    let url: Arc<str> = target.url.as_str().into();
-    let key: Arc<str> = target.key.as_str().into();
-    let mut in_flight = tokio::task::JoinSet::new();
-    let mut samples = Vec::new();
-    let mut failed: u32 = 0;
-    for index in 0..args.outside_requests {
-        let scheduled = start + interval * index;
-        tokio::time::sleep_until(scheduled).await;
-        while let Some(done) = in_flight.try_join_next() {
-            record(done?, &mut samples, &mut failed);
-        }
-        anyhow::ensure!(
-            in_flight.len() < OUTSIDE_IN_FLIGHT_MAX,
-            "{} did not keep up with {} req/s",
-            target.url,
-            args.outside_rate_per_s
-        );
-        let (client, url, key) = (client.clone(), Arc::clone(&url), Arc::clone(&key));
-        in_flight.spawn(async move {
-            // Timed from when the request goes out: the client's own timer resolution (a
-            // millisecond) is not the target's latency. The sends keep their schedule whatever
-            // the answers do, so a slow target still meets the full rate.
-            let sent = Instant::now();
-            let ok = post(&client, &url, &key).await;
-            (ok, ms(sent.elapsed()))
-        });
-    }
-    while let Some(done) = in_flight.join_next().await {
-        record(done?, &mut samples, &mut failed);
-    }
-    anyhow::ensure!(failed == 0, "{failed} requests to {} failed", target.url);
-    Ok(samples)
-}
-
-fn record((ok, latency_ms): (bool, f64), samples: &mut Vec<f64>, failed: &mut u32) {
-    if ok {
-        samples.push(latency_ms);
-    } else {
-        *failed = failed.saturating_add(1);
-    }
 }

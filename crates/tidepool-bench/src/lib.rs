@@ -20,6 +20,7 @@ mod failover;
 mod knobs;
 mod ledger;
 mod measure;
+mod open_loop;
 mod pool;
 mod process;
 mod replay;

@@ -20,19 +20,13 @@ use serde::Serialize;
 use serde_json::json;
 use tidepool_core::{Currency, Nanos, TenantId};
 use tidepool_ledger::{CREDIT_NANOS_MAX, Ledger};
-use tokio::time::Instant;
 
-use crate::common::{ms, percentile};
+use crate::common::percentile;
+use crate::open_loop;
 use crate::process::ChildServer;
 
 /// The fake model every gateway serves.
 const MODEL: &str = "fake-chat";
-/// Requests each target gets before its first timed pass.
-const WARMUP_REQUESTS: u32 = 50;
-/// Pause between two passes (settlements and exports of the previous pass finish).
-const PASS_GAP: Duration = Duration::from_millis(300);
-/// Requests of one pass in flight at once; more means the target is not keeping up.
-const IN_FLIGHT_MAX: usize = 1024;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TelemetryBenchArgs {
@@ -196,35 +190,35 @@ async fn run_in(args: &TelemetryBenchArgs, dir: &Path) -> anyhow::Result<Report>
     let (collector_url, counts, collector_server) = collector().await?;
     let down = closed_endpoint()?;
     let timeout_s = args.startup_timeout_s;
-    let mut targets = vec![
+    let mut targets = [
         gateway(dir, "off", None, timeout_s).await?,
         gateway(dir, "collector-up", Some(&collector_url), timeout_s).await?,
         gateway(dir, "collector-down", Some(&down), timeout_s).await?,
     ];
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    for target in &targets {
-        for _ in 0..WARMUP_REQUESTS {
-            anyhow::ensure!(
-                post(&client, &target.url, &target.key, args.output_tokens).await,
-                "warm-up request to {} failed",
-                target.url
-            );
-        }
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    let mut pass_p99: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    for round in 0..args.passes {
-        let shift = usize::try_from(round).unwrap_or(0) % targets.len();
-        for index in (0..targets.len()).map(|i| (i + shift) % targets.len()) {
-            tokio::time::sleep(PASS_GAP).await;
-            let mut taken = open_loop_pass(&client, &targets[index], args).await?;
-            pass_p99[index].push(percentile(&mut taken, 99));
-            samples[index].extend(taken);
-            tracing::info!(round, target = targets[index].name, "telemetry pass done");
-        }
-    }
+    let client = open_loop::client()?;
+    // Every request of the run, warm-up and timed: one non-stream chat completion.
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "one two three"}],
+        "max_tokens": args.output_tokens,
+    });
+    let named: Vec<open_loop::Target<'_>> = targets
+        .iter()
+        .map(|target| open_loop::Target {
+            name: target.name,
+            url: &target.url,
+            key: &target.key,
+        })
+        .collect();
+    let (samples, pass_p99) = open_loop::interleaved(
+        &client,
+        &named,
+        &body,
+        args.passes,
+        args.rate_per_s,
+        args.requests,
+    )
+    .await?;
     // The last batches go out within the export interval.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut rows = Vec::new();
@@ -273,66 +267,6 @@ async fn dropped_spans(client: &reqwest::Client, base: &str) -> anyhow::Result<f
         .filter(|line| line.starts_with(tidepool_telemetry::SPANS_DROPPED_TOTAL))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, |total, value| total + value))
-}
-
-/// One non-stream chat completion; whether it succeeded with its whole body read.
-async fn post(client: &reqwest::Client, url: &str, key: &str, output_tokens: u32) -> bool {
-    let body = json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "one two three"}],
-        "max_tokens": output_tokens,
-    });
-    match client.post(url).bearer_auth(key).json(&body).send().await {
-        Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// `--requests` requests to one target, one every `1 / rate` seconds whatever the answers do.
-async fn open_loop_pass(
-    client: &reqwest::Client,
-    target: &Target,
-    args: &TelemetryBenchArgs,
-) -> anyhow::Result<Vec<f64>> {
-    let interval = Duration::from_secs(1) / args.rate_per_s;
-    let start = Instant::now() + Duration::from_millis(10);
-    let url: Arc<str> = target.url.as_str().into();
-    let key: Arc<str> = target.key.as_str().into();
-    let mut in_flight = tokio::task::JoinSet::new();
-    let mut samples = Vec::new();
-    let mut failed: u32 = 0;
-    for index in 0..args.requests {
-        tokio::time::sleep_until(start + interval * index).await;
-        while let Some(done) = in_flight.try_join_next() {
-            record(done?, &mut samples, &mut failed);
-        }
-        anyhow::ensure!(
-            in_flight.len() < IN_FLIGHT_MAX,
-            "{} did not keep up with {} req/s",
-            target.url,
-            args.rate_per_s
-        );
-        let (client, url, key) = (client.clone(), Arc::clone(&url), Arc::clone(&key));
-        let tokens = args.output_tokens;
-        in_flight.spawn(async move {
-            let sent = Instant::now();
-            let ok = post(&client, &url, &key, tokens).await;
-            (ok, ms(sent.elapsed()))
-        });
-    }
-    while let Some(done) = in_flight.join_next().await {
-        record(done?, &mut samples, &mut failed);
-    }
-    anyhow::ensure!(failed == 0, "{failed} requests to {} failed", target.url);
-    Ok(samples)
-}
-
-fn record((ok, latency_ms): (bool, f64), samples: &mut Vec<f64>, failed: &mut u32) {
-    if ok {
-        samples.push(latency_ms);
-    } else {
-        *failed = failed.saturating_add(1);
-    }
 }
 
 fn print_report(report: &Report) -> anyhow::Result<()> {
