@@ -361,17 +361,17 @@ impl UsageGuard {
                 // The client gets this error instead of the answer: nothing was delivered, so
                 // the reservation is voided (retried until the store is back) rather than left
                 // open until a sweep, holding the tenant's money.
-                if error.is_unavailable() && finish.is_some() {
+                let retry_void = error.is_unavailable() && finish.is_some();
+                let error = ApiError::from(error);
+                if retry_void {
                     let mut voided = entry;
                     voided.completion_tokens = 0;
                     voided.status = UsageStatus::Error {
-                        code: ApiError::from(tidepool_ledger::LedgerError::WriterFailed)
-                            .code()
-                            .to_owned(),
+                        code: error.code().to_owned(),
                     };
                     drop(self.spawn_write(voided, Some(Finish::Void), true));
                 }
-                Err(error.into())
+                Err(error)
             }
         }
     }
@@ -398,7 +398,8 @@ impl UsageGuard {
             tracing::info!(parent: &self.span, completion_tokens = entry.completion_tokens, "client disconnected");
         }
         metrics::tokens(model_label, entry.prompt_tokens, entry.completion_tokens);
-        metrics::request_duration(model_label, self.started.elapsed());
+        let duration = self.started.elapsed();
+        metrics::request_duration(model_label, duration);
         if let Some(operation) = metrics::gen_ai_operation(self.endpoint) {
             let error_code = match &entry.status {
                 UsageStatus::Ok => None,
@@ -409,7 +410,7 @@ impl UsageGuard {
                 operation,
                 model: model_label,
                 error_code,
-                duration: self.started.elapsed(),
+                duration,
                 input_tokens: entry.prompt_tokens,
                 output_tokens: entry.completion_tokens,
                 first_token: self.first_token,
