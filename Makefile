@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 # PyPI has only its source, so the first install compiles llama.cpp (x86-64-v3, like ours).
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 VENV_LCP := $(CACHE)/venv-llamacpp
+# The browser tests' npm packages (tests/browser/package-lock.json), installed outside the clone.
+NODE_DEPS := $(CACHE)/browser-test
 LISTEN ?= 127.0.0.1:8080
 CONFIG ?= tidepool.toml
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/tidepool
@@ -19,17 +21,18 @@ RELEASE_BIN := $(CARGO_TARGET_DIR)/release/tidepool
 # debootstrap, podman, curl and iproute2: the container image test (scripts/test-image.sh).
 # postgresql: the ledger's PostgreSQL tests start a throwaway cluster with its initdb/pg_ctl when
 # no server answers (TIDEPOOL_TEST_POSTGRES_URL, else 127.0.0.1:5432). haproxy: the multi-host test.
-APT_PACKAGES := cmake clang libclang-dev unzip python3-venv debootstrap podman curl iproute2 postgresql haproxy
+# chromium: the console's browser tests (tests/browser, driven by the npm package playwright-core).
+APT_PACKAGES := cmake clang libclang-dev unzip python3-venv debootstrap podman curl iproute2 postgresql haproxy chromium
 # Tests and load benchmarks build with every cargo feature (the fake engine, `fake`, and the
 # ledger's test fixtures); `make build`/`make run` build the product without them.
 TEST_FEATURES := --all-features
 
-.PHONY: run test deps apt venv venv-llamacpp models build build-bench build-debug lint rust-test python-test k8s-test image-test bench bench-engine peers fmt clean-db
+.PHONY: run test deps apt venv venv-llamacpp browser-deps models build build-bench build-debug lint rust-test python-test browser-test k8s-test image-test bench bench-engine peers fmt clean-db
 
 run: deps models build
 	@scripts/run-embedded.sh "$(RELEASE_BIN)" "$(CONFIG)" "$(LISTEN)"
 
-test: deps models lint rust-test python-test k8s-test image-test
+test: deps models lint rust-test python-test browser-test k8s-test image-test
 
 deps: apt venv
 
@@ -54,6 +57,13 @@ $(VENV_LCP)/.installed-$(LLAMA_CPP_PYTHON_VERSION):
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(VENV_LCP)/bin/pip install -q --disable-pip-version-check "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
+	touch $@
+
+browser-deps: $(NODE_DEPS)/.installed
+$(NODE_DEPS)/.installed: tests/browser/package.json tests/browser/package-lock.json
+	mkdir -p $(NODE_DEPS)
+	cp tests/browser/package.json tests/browser/package-lock.json $(NODE_DEPS)/
+	npm ci --prefix $(NODE_DEPS) --no-audit --no-fund --loglevel=error
 	touch $@
 
 models:
@@ -84,6 +94,12 @@ rust-test:
 python-test: build-debug venv venv-llamacpp
 	TIDEPOOL_BIN=$(DEBUG_BIN) TIDEPOOL_LLAMA_CPP_PYTHON=$(VENV_LCP)/bin/python \
 	  $(PY) -m pytest -q tests/python
+
+# The web console in Debian's chromium against real servers (docs/console.md § Tests);
+# TIDEPOOL_CONSOLE_SCREENSHOTS=1 also rewrites docs/console/*.png.
+browser-test: build-debug browser-deps
+	TIDEPOOL_BIN=$(DEBUG_BIN) NODE_PATH=$(NODE_DEPS)/node_modules \
+	  node --test --test-reporter=spec tests/browser/console.test.js
 
 # The Kubernetes manifests (deploy/k8s), offline: every overlay rendered by the venv's pinned
 # kubectl and validated against several Kubernetes versions' schemas, plus the secret, hardening
