@@ -213,6 +213,21 @@ def test_crd_objects_match_their_schema_and_the_servicemonitor_scrapes_the_gatew
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in ports
         assert endpoint["path"] == "/metrics"
+    # It scrapes the unauthenticated metrics listener, not the public one (where /metrics needs
+    # the admin token): the Service's port leads to the container port `[server] metrics_listen`
+    # names.
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    container = gateway(docs)["spec"]["template"]["spec"]["containers"][0]
+    (container_port,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    mounted = {
+        v["configMap"]["name"]
+        for v in gateway(docs)["spec"]["template"]["spec"].get("volumes", [])
+        if "configMap" in v
+    }
+    configs = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] in mounted]
+    listens = {tomllib.loads(c["data"]["tidepool.toml"])["server"].get("metrics_listen") for c in configs}
+    assert listens == {f"0.0.0.0:{container_port['containerPort']}"}, listens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +443,7 @@ def test_workers_accept_traffic_only_from_gateways(rendered, overlay):
     assert source["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
     assert [p["port"] for p in rule["ports"]] == ["http"]
     gateway_policy = policies["tidepool-gateway"]["spec"]
-    assert [p["port"] for p in gateway_policy["ingress"][0]["ports"]] == ["http"]
+    assert [p["port"] for p in gateway_policy["ingress"][0]["ports"]] == ["http", "metrics"]
 
 
 def test_the_documented_models_loader_pod_is_valid_and_hardened(rendered):

@@ -21,6 +21,8 @@ import pytest
 from conftest import MODELS_DIR, Server, _free_port
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `/v1/backends` is the operator's (docs/access.md).
+ADMIN_TOKEN = "python-tests-admin-token"
 UPSTREAM_KEY = "upstream-secret-key-for-tests"
 STARTUP_S_MAX = 180
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -101,6 +103,7 @@ concurrency_max = 2
 """
     srv = Server(tmp_path_factory.mktemp("gateway"), config)
     srv.env["TP_TEST_LLAMA_CPP_KEY"] = UPSTREAM_KEY
+    srv.env["TIDEPOOL_ADMIN_TOKEN"] = ADMIN_TOKEN
     srv.env["RUST_LOG"] = "info,tidepool_gateway::backends=debug"
     srv.start()
     yield srv
@@ -135,7 +138,7 @@ def test_llama_cpp_python_upstream_answers_and_is_metered(llama_cpp_server, gate
     # The backend's key never shows on the gateway's API or in its log.
     with urllib.request.urlopen(urllib.request.Request(
             gateway.base + "/v1/backends",
-            headers={"Authorization": f"Bearer {via.api_key}"})) as response:
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})) as response:
         listing = response.read().decode()
     assert "llama-cpp-python" in listing and UPSTREAM_KEY not in listing
     assert UPSTREAM_KEY not in gateway.log()

@@ -99,10 +99,10 @@ async fn post(client: &reqwest::Client, base: &str, key: &str, body: &Value) -> 
 }
 
 /// The victim's breaker state on the gateway's `/v1/backends`.
-async fn victim_breaker(client: &reqwest::Client, base: &str, key: &str) -> Option<String> {
+async fn victim_breaker(client: &reqwest::Client, base: &str) -> Option<String> {
     let listing: Value = client
         .get(format!("{base}/v1/backends"))
-        .bearer_auth(key)
+        .bearer_auth(crate::process::BENCH_ADMIN_TOKEN)
         .send()
         .await
         .ok()?
@@ -176,7 +176,7 @@ async fn run_in(args: &FailoverBenchArgs, root: &Path) -> anyhow::Result<()> {
             .start(&["worker", "--region", "a", "--zone", "a-1"], timeout_s)
             .await?;
         let deadline = Instant::now() + Duration::from_secs(timeout_s);
-        while victim_breaker(&client, &base, &key).await.as_deref() != Some("closed") {
+        while victim_breaker(&client, &base).await.as_deref() != Some("closed") {
             if Instant::now() > deadline {
                 bail!("the gateway never saw the restarted victim healthy");
             }
@@ -271,7 +271,7 @@ async fn one_trial(
     let mut detection = None;
     while detection.is_none() || recovered_at.load(Ordering::SeqCst) == 0 {
         if detection.is_none()
-            && victim_breaker(client, base, key)
+            && victim_breaker(client, base)
                 .await
                 .is_some_and(|state| state != "closed")
         {

@@ -31,9 +31,14 @@ fn tidepool_child() -> anyhow::Result<Command> {
     Ok(tidepool_child_of(&std::env::current_exe()?))
 }
 
+/// The admin token of every server a bench starts: the bench reads the operator's endpoints
+/// (`/v1/pool`, `/v1/backends`, `/metrics`).
+pub(crate) const BENCH_ADMIN_TOKEN: &str = "tidepool-bench-admin-token";
+
 /// [`tidepool_child`] of another `tidepool` binary (a build to compare with).
 fn tidepool_child_of(binary: &Path) -> Command {
     let mut command = Command::new(binary);
+    command.env("TIDEPOOL_ADMIN_TOKEN", BENCH_ADMIN_TOKEN);
     for (name, _) in std::env::vars_os() {
         if name
             .to_str()
@@ -257,7 +262,7 @@ impl PoolServer {
         let response = self
             .client
             .get(format!("{}/v1/pool", self.base))
-            .bearer_auth(&self.key)
+            .bearer_auth(BENCH_ADMIN_TOKEN)
             .send()
             .await?;
         let status = response.status();

@@ -258,6 +258,7 @@ async fn run_in(args: &TelemetryBenchArgs, dir: &Path) -> anyhow::Result<Report>
 async fn dropped_spans(client: &reqwest::Client, base: &str) -> anyhow::Result<f64> {
     let text = client
         .get(format!("{base}/metrics"))
+        .bearer_auth(crate::process::BENCH_ADMIN_TOKEN)
         .send()
         .await?
         .text()

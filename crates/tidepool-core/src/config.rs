@@ -68,6 +68,49 @@ pub struct ServerConfig {
     /// as it is: with the schema behind they still start, `GET /readyz` answers 503 and model
     /// requests 503 `unavailable` until it is current, then start-up recovery runs.
     pub migrate_on_start: bool,
+    /// A path prefix every route is served under (`"/gw"`: `/gw/v1/chat/completions`,
+    /// `/gw/console/`), for a reverse proxy that forwards a sub-path without stripping it.
+    /// Empty (default): routes at the root.
+    pub base_path: String,
+    /// A second listener serving only `GET /metrics`, without authentication, for Prometheus
+    /// (e.g. `"0.0.0.0:9464"`). On the public listener `/metrics` needs the admin token either
+    /// way.
+    pub metrics_listen: Option<String>,
+}
+
+/// Longest `server.base_path`, in bytes.
+pub const BASE_PATH_BYTES_MAX: usize = 128;
+
+impl ServerConfig {
+    fn validate(&self, problems: &mut Problems) {
+        let path = &self.base_path;
+        if !path.is_empty() {
+            let well_formed = path.len() <= BASE_PATH_BYTES_MAX
+                && path.starts_with('/')
+                && !path.ends_with('/')
+                && !path.contains("//")
+                && path
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
+            if !well_formed {
+                problems.add(
+                    "server.base_path",
+                    format!(
+                        "must be empty or like \"/gw\": a leading `/`, no trailing `/`, at most \
+                         {BASE_PATH_BYTES_MAX} bytes of letters, digits, `-`, `_`, `.` and `/`"
+                    ),
+                );
+            }
+        }
+        if let Some(address) = &self.metrics_listen
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.add(
+                "server.metrics_listen",
+                "must be an IP address and port, e.g. \"0.0.0.0:9464\"",
+            );
+        }
+    }
 }
 
 /// The database URL's password never reaches a log through `{:?}`.
@@ -80,6 +123,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("region", &self.region)
             .field("zone", &self.zone)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("base_path", &self.base_path)
+            .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
 }
@@ -93,6 +138,8 @@ impl Default for ServerConfig {
             region: REGION_DEFAULT.to_owned(),
             zone: REGION_DEFAULT.to_owned(),
             migrate_on_start: true,
+            base_path: String::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -707,6 +754,7 @@ impl Config {
     /// named by its key), not just the first. Runs once at start-up.
     pub fn validate(&self) -> Result<(), CoreError> {
         let mut problems = Problems::default();
+        self.server.validate(&mut problems);
         self.validate_models(&mut problems);
         self.pool.validate(&mut problems);
         self.validate_backends(&mut problems);

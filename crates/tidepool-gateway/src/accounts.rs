@@ -20,13 +20,14 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::{
-    Account, BudgetScope, LedgerError, ModelUsage, Month, ProjectId, RateLimits, RateScope,
-    Statement, StatementLine, UsageScope,
+    Account, BudgetScope, KeyRole, LedgerError, ModelUsage, Month, ProjectId, RateLimits,
+    RateScope, Statement, StatementLine, UsageScope,
 };
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiJson, authenticate, bearer};
+use crate::extract::{ApiJson, authenticate};
+use crate::principal::{self, Caller};
 use crate::state::AppState;
 use crate::usage::UsageBreadth;
 
@@ -67,7 +68,7 @@ pub struct UsageReport {
 }
 
 /// A parsed query string, or a 400 naming `param`.
-fn query_params<T>(
+pub(crate) fn query_params<T>(
     query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
     param: &'static str,
 ) -> Result<T, ApiError> {
@@ -79,7 +80,7 @@ fn query_params<T>(
         })
 }
 
-fn parse_month(text: Option<&str>) -> Result<Option<Month>, ApiError> {
+pub(crate) fn parse_month(text: Option<&str>) -> Result<Option<Month>, ApiError> {
     text.map(|m| Month::parse(m).map_err(|_| ApiError::invalid_param("month", "must be YYYY-MM")))
         .transpose()
 }
@@ -187,25 +188,11 @@ pub(crate) async fn usage(
 // ---------------------------------------------------------------------------------------------
 // Admin API
 
-/// Checks `Authorization: Bearer <admin token>`. Without a configured token the admin API does
-/// not exist.
-pub(crate) fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if !state.admin_enabled() {
-        return Err(ApiError::RouteNotFound);
-    }
-    let token = bearer(headers).ok_or(ApiError::AdminUnauthorized)?;
-    if state.is_admin_token(token) {
-        Ok(())
-    } else {
-        Err(ApiError::AdminUnauthorized)
-    }
-}
-
-fn tenant_id(text: &str) -> Result<TenantId, ApiError> {
+pub(crate) fn tenant_id(text: &str) -> Result<TenantId, ApiError> {
     TenantId::new(text).map_err(|e| ApiError::invalid_param("tenant", e.to_string()))
 }
 
-fn project_id(text: &str) -> Result<ProjectId, ApiError> {
+pub(crate) fn project_id(text: &str) -> Result<ProjectId, ApiError> {
     ProjectId::new(text).map_err(|e| ApiError::invalid_param("project", e.to_string()))
 }
 
@@ -240,7 +227,10 @@ fn account_out(account: &Account, projects: &[ProjectId]) -> AccountOut {
     }
 }
 
-async fn account_of(state: &AppState, tenant: &TenantId) -> Result<AccountOut, ApiError> {
+pub(crate) async fn account_of(
+    state: &AppState,
+    tenant: &TenantId,
+) -> Result<AccountOut, ApiError> {
     let account = state.ledger().account(tenant).await?;
     let projects = state.ledger().list_projects(tenant).await?;
     Ok(account_out(&account, &projects))
@@ -255,15 +245,37 @@ pub struct CreateTenant {
     pub currency: Option<String>,
 }
 
+/// An operator-only handler: the body runs once [`principal::operator`] passed.
 macro_rules! admin_handler {
     ($state:expr, $headers:expr, $body:block) => {{
         let result: Result<Response, ApiError> = async {
-            admin(&$state, &$headers)?;
+            principal::operator(&$state, &$headers).await?;
             $body
         }
         .await;
         result.unwrap_or_else(IntoResponse::into_response)
     }};
+}
+
+/// A handler any admin may call; the body gets the [`Caller`] and checks the tenant it acts on.
+macro_rules! caller_handler {
+    ($state:expr, $headers:expr, |$caller:ident| $body:block) => {{
+        let result: Result<Response, ApiError> = async {
+            let $caller = principal::any_admin(&$state, &$headers).await?;
+            $body
+        }
+        .await;
+        result.unwrap_or_else(IntoResponse::into_response)
+    }};
+}
+
+/// 404 unless `caller` may act on `tenant` (another tenant looks like nothing at all).
+pub(crate) fn check_tenant(caller: &Caller, tenant: &TenantId) -> Result<(), ApiError> {
+    if caller.may_administer(tenant) {
+        Ok(())
+    } else {
+        Err(ApiError::RouteNotFound)
+    }
 }
 
 #[utoipa::path(post, path = "/admin/tenants", tag = "admin", request_body = CreateTenant,
@@ -306,8 +318,9 @@ pub(crate) async fn get_tenant(
     headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let tenant = tenant_id(&tenant)?;
+        check_tenant(&caller, &tenant)?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
 }
@@ -328,13 +341,15 @@ pub(crate) async fn create_project(
     Path(tenant): Path<String>,
     body: Result<ApiJson<CreateProject>, ApiError>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let ApiJson(body) = body?;
         let tenant = tenant_id(&tenant)?;
+        check_tenant(&caller, &tenant)?;
         let project = project_id(&body.project)?;
         state.ledger().create_project(&tenant, &project).await?;
         state
-            .audit_admin(
+            .audit_as(
+                &caller.audit_actor(),
                 "project.create",
                 &format!("project:{tenant}/{project}"),
                 serde_json::json!({}),
@@ -395,6 +410,8 @@ pub struct CreateKey {
     /// `default` when absent.
     pub project: Option<String>,
     pub name: String,
+    /// `inference` (default) or `tenant-admin`.
+    pub role: Option<String>,
 }
 
 /// A new key: the only time its secret is shown.
@@ -406,6 +423,8 @@ pub struct CreatedKeyOut {
     pub tenant: String,
     pub project: String,
     pub name: String,
+    /// `inference` or `tenant-admin`.
+    pub role: &'static str,
 }
 
 #[utoipa::path(post, path = "/admin/keys", tag = "admin", request_body = CreateKey,
@@ -416,23 +435,32 @@ pub(crate) async fn create_key(
     headers: HeaderMap,
     body: Result<ApiJson<CreateKey>, ApiError>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let ApiJson(body) = body?;
         let tenant = tenant_id(&body.tenant)?;
+        check_tenant(&caller, &tenant)?;
         let project = match body.project.as_deref() {
             Some(project) => project_id(project)?,
             None => ProjectId::default_project(),
         };
+        let role = match body.role.as_deref() {
+            None => KeyRole::Inference,
+            Some(text) => KeyRole::parse(text).ok_or_else(|| {
+                ApiError::invalid_param("role", "must be `inference` or `tenant-admin`")
+            })?,
+        };
         let created = state
             .ledger()
-            .create_key_in_project(&tenant, &project, &body.name)
+            .create_key_with_role(&tenant, &project, &body.name, role)
             .await?;
         state
-            .audit_admin(
+            .audit_as(
+                &caller.audit_actor(),
                 "key.create",
                 &format!("key:{}", created.record.key_id),
                 serde_json::json!({
                     "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
+                    "role": role.as_str(),
                 }),
             )
             .await?;
@@ -443,6 +471,7 @@ pub(crate) async fn create_key(
             tenant: created.record.tenant.to_string(),
             project: created.record.project.to_string(),
             name: created.record.name,
+            role: created.record.role.as_str(),
         };
         Ok((StatusCode::CREATED, Json(out)).into_response())
     })
@@ -456,11 +485,13 @@ pub(crate) async fn revoke_key(
     headers: HeaderMap,
     Path(key_id): Path<String>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let key_id = KeyId(key_id);
+        principal::key_tenant(&state, &caller, &key_id).await?;
         state.ledger().revoke_key(&key_id).await?;
         state
-            .audit_admin(
+            .audit_as(
+                &caller.audit_actor(),
                 "key.revoke",
                 &format!("key:{key_id}"),
                 serde_json::json!({}),
@@ -530,7 +561,7 @@ pub(crate) async fn set_budget(
     headers: HeaderMap,
     body: Result<ApiJson<BudgetRequest>, ApiError>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let ApiJson(body) = body?;
         let scope = budget_scope(
             &body.scope,
@@ -538,6 +569,12 @@ pub(crate) async fn set_budget(
             body.project.as_deref(),
             body.key_id.as_deref(),
         )?;
+        match &scope {
+            BudgetScope::Project { tenant, .. } => check_tenant(&caller, tenant)?,
+            BudgetScope::Key { key_id } => {
+                principal::key_tenant(&state, &caller, key_id).await?;
+            }
+        }
         let limit = body
             .limit
             .as_deref()
@@ -545,7 +582,8 @@ pub(crate) async fn set_budget(
             .transpose()?;
         state.ledger().set_budget(&scope, limit).await?;
         state
-            .audit_admin(
+            .audit_as(
+                &caller.audit_actor(),
                 "budget.set",
                 &budget_target(&scope),
                 serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
@@ -664,9 +702,10 @@ pub(crate) async fn tenant_usage(
     Path(tenant): Path<String>,
     query: Result<Query<AdminUsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let query = query_params(query, "query")?;
         let tenant = tenant_id(&tenant)?;
+        check_tenant(&caller, &tenant)?;
         let scope = match (query.project.as_deref(), query.key_id) {
             (None, None) => UsageScope::Tenant(tenant.clone()),
             (Some(project), None) => UsageScope::Project {
@@ -798,9 +837,10 @@ pub(crate) async fn statement(
     Path(tenant): Path<String>,
     query: Result<Query<StatementQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    admin_handler!(state, headers, {
+    caller_handler!(state, headers, |caller| {
         let query = query_params(query, "month")?;
         let tenant = tenant_id(&tenant)?;
+        check_tenant(&caller, &tenant)?;
         let month = parse_month(Some(&query.month))?
             .ok_or(ApiError::invalid_param("month", "must be YYYY-MM"))?;
         let statement = state.ledger().statement(&tenant, month).await?;

@@ -16,7 +16,6 @@ use tidepool_core::KeyId;
 use tidepool_ledger::{AUDIT_PAGE_LEN_MAX, AuditEntry};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::accounts::admin;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
@@ -95,7 +94,7 @@ pub(crate) async fn list_audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let result: Result<Response, ApiError> = async {
-        admin(&state, &headers)?;
+        crate::principal::operator(&state, &headers).await?;
         let Query(query) = query.map_err(|e| ApiError::InvalidParam {
             param: "query",
             reason: e.body_text(),
@@ -153,7 +152,7 @@ pub(crate) async fn reinstate_key(
     Path(key_id): Path<String>,
 ) -> Response {
     let result: Result<Response, ApiError> = async {
-        admin(&state, &headers)?;
+        crate::principal::operator(&state, &headers).await?;
         let key_id = KeyId(key_id);
         let reinstated = state.ledger().reinstate_key(&key_id).await?;
         if reinstated {

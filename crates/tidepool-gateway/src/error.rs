@@ -36,6 +36,9 @@ pub const ERROR_CODES: &[&str] = &[
     "idempotency_key_reused",
     "duplicate_request_id",
     "invalid_admin_token",
+    "console_signed_out",
+    "console_role_required",
+    "csrf_rejected",
     "model_exceeds_memory_budget",
     "model_busy",
     "resource_not_found",
@@ -88,6 +91,22 @@ pub enum ApiError {
     /// `/admin/*` without the configured admin token (or with none configured).
     #[error("missing or wrong admin token")]
     AdminUnauthorized,
+    /// A console API call without a valid session cookie (absent, expired, or its key revoked).
+    #[error("not signed in to the console, or the session expired: sign in again")]
+    ConsoleSignedOut,
+    /// Console sign-in with a key that has the `inference` role.
+    #[error(
+        "this API key has the `inference` role; the console needs a key with the `tenant-admin` \
+         role, or the admin token"
+    )]
+    ConsoleRoleRequired,
+    /// A mutation authenticated by the console's cookie without the console's header, or from
+    /// another origin.
+    #[error(
+        "cross-site request refused: a cookie-authenticated change needs the \
+         `X-Tidepool-Console: 1` header and a same-origin `Origin`"
+    )]
+    CsrfRejected,
     /// An admin or usage query names something that does not exist.
     #[error("{what} `{id}` does not exist")]
     ResourceNotFound { what: &'static str, id: String },
@@ -174,6 +193,11 @@ impl ApiError {
                 Answer::new(StatusCode::TOO_MANY_REQUESTS, "key_suspended").no_retry()
             }
             Self::AdminUnauthorized => Answer::new(StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            Self::ConsoleSignedOut => Answer::new(StatusCode::UNAUTHORIZED, "console_signed_out"),
+            Self::ConsoleRoleRequired => {
+                Answer::new(StatusCode::FORBIDDEN, "console_role_required").no_retry()
+            }
+            Self::CsrfRejected => Answer::new(StatusCode::FORBIDDEN, "csrf_rejected").no_retry(),
             Self::ModelNotFound { .. } => {
                 Answer::new(StatusCode::NOT_FOUND, "model_not_found").param("model")
             }
@@ -212,6 +236,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             status if status.is_server_error() => "server_error",
             _ => "invalid_request_error",
@@ -572,6 +597,9 @@ mod tests {
             ApiError::model_endpoint_mismatch(model, ModelKind::Embedding, "/v1/chat/completions"),
             ApiError::RequestTooLarge { bytes_max: 1 },
             ApiError::RouteNotFound,
+            ApiError::ConsoleSignedOut,
+            ApiError::ConsoleRoleRequired,
+            ApiError::CsrfRejected,
             ApiError::MethodNotAllowed,
             ApiError::Timeout { timeout_ms: 1 },
             ApiError::Stalled { stall_ms: 1 },

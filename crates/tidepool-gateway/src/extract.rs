@@ -35,9 +35,15 @@ const ROUTES: &[&str] = &[
     "/openapi.json",
 ];
 
-fn route_label(path: &str) -> &'static str {
-    if path.starts_with("/admin/") {
+fn route_label(base_path: &str, path: &str) -> &'static str {
+    let Some(path) = path.strip_prefix(base_path) else {
+        return "unmatched";
+    };
+    if path.starts_with("/admin/") || path == "/admin" {
         return "/admin";
+    }
+    if path.starts_with("/console") {
+        return "/console";
     }
     ROUTES
         .iter()
@@ -49,14 +55,18 @@ fn route_label(path: &str) -> &'static str {
 /// Assigns the request id (a well-formed inbound `x-request-id`, else a new `UUIDv7`), opens the
 /// request's root span (the HTTP server span, a child of the caller's `traceparent` when one
 /// came), and echoes the id on the response.
-pub(crate) async fn request_context(mut request: Request, next: Next) -> Response {
+pub(crate) async fn request_context(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let request_id = request
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| RequestId::parse(value).ok())
         .unwrap_or_default();
-    let route = route_label(request.uri().path());
+    let route = route_label(state.base_path(), request.uri().path());
     request.extensions_mut().insert(request_id);
     let span = tracing::info_span!(
         "request",

@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod backends;
+pub mod console;
 mod error;
 mod extract;
 mod generate;
@@ -23,11 +24,13 @@ mod metrics;
 pub mod openai;
 mod openapi;
 pub mod pool;
+mod principal;
 mod ratelimit;
 mod restarts;
 mod routes;
 mod state;
 mod suspend;
+pub mod tenant_admin;
 mod trace;
 mod usage;
 mod validate;
@@ -51,8 +54,36 @@ use tidepool_ledger::Ledger;
 /// How long shutdown waits for in-flight settlement writes once the listener has stopped.
 pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The whole application, ready to serve or to drive in-process with `tower::ServiceExt`.
+/// The whole application, ready to serve or to drive in-process with `tower::ServiceExt`: every
+/// route under `[server] base_path` when one is set.
 pub fn router(state: AppState) -> Router {
+    let base_path = state.base_path().to_owned();
+    let routes = routes(state.clone());
+    let app = if base_path.is_empty() {
+        routes
+    } else {
+        Router::new()
+            .nest(&base_path, routes)
+            .fallback(routes::not_found)
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        console::csrf_guard,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        state,
+        extract::request_context,
+    ))
+}
+
+/// `GET /metrics` alone, unauthenticated: the router of `[server] metrics_listen`.
+pub fn metrics_router() -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+}
+
+fn routes(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
@@ -71,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/tenants/{tenant}/credits", post(accounts::credit))
         .route("/admin/tenants/{tenant}/usage", get(accounts::tenant_usage))
+        .route("/admin/tenants/{tenant}/keys", get(tenant_admin::list_keys))
         .route(
             "/admin/tenants/{tenant}/statement",
             get(accounts::statement),
@@ -82,20 +114,32 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/keys/{key_id}/reinstate", post(audit::reinstate_key))
         .route("/admin/audit", get(audit::list_audit))
-        .route("/admin/budgets", axum::routing::put(accounts::set_budget))
+        .route(
+            "/admin/budgets",
+            axum::routing::put(accounts::set_budget).get(tenant_admin::list_budgets),
+        )
         .route(
             "/admin/rate-limits",
             axum::routing::put(accounts::set_rate_limits),
         )
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
+        .route("/metrics", get(routes::operator_metrics))
         .route("/openapi.json", get(openapi::openapi))
+        .route("/console", get(console::redirect_to_index))
+        .route("/console/", get(console::index))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/app.css", get(console::app_css))
+        .route(
+            "/console/api/session",
+            get(console::session)
+                .post(console::sign_in)
+                .delete(console::sign_out),
+        )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Bodies are read and bounded by `ApiJson` itself (see `extract::read_body`).
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn(extract::request_context))
         .with_state(state)
 }
 
@@ -173,31 +217,17 @@ pub async fn serve(
             alert_sinks,
             leak_detection: config.leak_detection.clone(),
             telemetry: config.telemetry.clone(),
+            base_path: config.server.base_path.clone(),
         },
     );
+    let metrics_server =
+        spawn_metrics_listener(&state, config.server.metrics_listen.as_deref()).await?;
     let database_watch = spawn_database_watch(&state);
     let restart_watch = spawn_restart_watch(&state);
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
     let sweeper = spawn_sweeper(&state, config);
-    let listener = tokio::net::TcpListener::bind(&options.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            listen: options.listen.clone(),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind {
-        listen: options.listen.clone(),
-        source,
-    })?;
-    // SSE writes one small frame per token: with Nagle on, a frame can wait for the peer's
-    // delayed ACK (40 ms on Linux). Measured by `tidepool bench failover` (p99 of a streamed hop).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    tracing::info!(listen = %local, "tidepool is serving");
+    let listener = bind_public(&options.listen).await?;
     let tasks = state.tasks().clone();
     let alerts = state.alerts().clone();
     axum::serve(listener, router(state))
@@ -205,13 +235,63 @@ pub async fn serve(
         .await
         .map_err(ServeError::Serve)?;
     alerts.stop();
-    let background = [Some(sweeper), database_watch, prober, starting];
+    let background = [
+        Some(sweeper),
+        database_watch,
+        prober,
+        starting,
+        metrics_server,
+    ];
     shut_down(
         &tasks,
         background.into_iter().flatten().chain(restart_watch),
     )
     .await;
     Ok(())
+}
+
+/// The public listener, with `TCP_NODELAY` on every connection: SSE writes one small frame per
+/// token, and with Nagle on a frame can wait for the peer's delayed ACK (40 ms on Linux).
+/// Measured by `tidepool bench failover` (p99 of a streamed hop).
+async fn bind_public(
+    listen: &str,
+) -> Result<impl axum::serve::Listener<Addr = std::net::SocketAddr>, ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        listen: listen.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(listen = %local, "tidepool is serving");
+    Ok(axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    }))
+}
+
+/// Serves `GET /metrics` on `[server] metrics_listen`, for Prometheus, until shutdown.
+async fn spawn_metrics_listener(
+    state: &AppState,
+    address: Option<&str>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| ServeError::Bind {
+            listen: address.to_owned(),
+            source,
+        })?;
+    tracing::info!(listen = address, "metrics are served on their own listener");
+    Ok(Some(state.tasks().spawn(async move {
+        if let Err(error) = axum::serve(listener, metrics_router()).await {
+            tracing::error!(%error, "the metrics listener stopped");
+        }
+    })))
 }
 
 /// After the listener stopped: aborts the background loops, then drains the task tracker

@@ -10,10 +10,12 @@ use utoipa::{Modify, OpenApi};
 
 use crate::accounts;
 use crate::audit;
+use crate::console;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai;
 use crate::pool;
 use crate::routes;
+use crate::tenant_admin;
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -46,7 +48,12 @@ use crate::routes;
         pool::unload_model,
         routes::healthz,
         routes::readyz,
-        routes::metrics,
+        routes::operator_metrics,
+        tenant_admin::list_keys,
+        tenant_admin::list_budgets,
+        console::sign_in,
+        console::session,
+        console::sign_out,
         openapi,
     ),
     components(schemas(
@@ -65,7 +72,8 @@ use crate::routes;
         (name = "openai", description = "OpenAI-compatible endpoints"),
         (name = "billing", description = "A key's own usage and cost"),
         (name = "pool", description = "The model pool: residency, queues, memory"),
-        (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements, the audit log (admin token)"),
+        (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements, the audit log: the admin token, or for a tenant's own keys, budgets, usage and statement a `tenant-admin` key"),
+        (name = "console", description = "The web console's sessions (an HttpOnly, SameSite=Strict cookie)"),
         (name = "ops", description = "Health, readiness, metrics and this document"),
     )
 )]

@@ -1,20 +1,19 @@
 //! The model pool over HTTP: `GET /v1/pool` (what is resident, queued and in flight, what each
 //! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use serde::Serialize;
-use tidepool_core::{ModelId, RequestId};
+use tidepool_core::ModelId;
 use tidepool_engine::multi::Calibration;
 use tidepool_pool::PoolStatus;
 use tidepool_runtime::{PoolRuntime, SwitchPhases};
 use utoipa::ToSchema;
 
-use crate::accounts::admin;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::authenticate;
+use crate::principal::operator;
 use crate::state::AppState;
 
 /// `GET /v1/pool`.
@@ -343,23 +342,18 @@ pub struct BackendsOut {
     get,
     path = "/v1/backends",
     tag = "pool",
-    security(("bearer" = [])),
+    security(("admin" = [])),
     responses(
         (status = 200, description = "Every remote backend: region, zone, health, breaker, latency (never its API key)", body = BackendsOut),
-        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 401, description = "`invalid_admin_token`", body = ErrorBody),
+        (status = 404, description = "`not_found`: not the operator (an API key), or no admin token is configured", body = ErrorBody),
     )
 )]
-pub(crate) async fn backends_status(
-    State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-) -> Response {
-    let mut guard = match authenticate(&state, &headers, request_id, "backends").await {
-        Ok(guard) => guard,
-        Err(error) => return error.into_response(),
-    };
+pub(crate) async fn backends_status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = operator(&state, &headers).await {
+        return error.into_response();
+    }
     let data = state.backends().map(|b| b.status()).unwrap_or_default();
-    guard.succeed(0, 0, 0);
     Json(BackendsOut {
         object: "list",
         region: state.region().to_owned(),
@@ -379,29 +373,21 @@ fn no_pool() -> ApiError {
     get,
     path = "/v1/pool",
     tag = "pool",
-    security(("bearer" = [])),
+    security(("admin" = [])),
     responses(
         (status = 200, description = "The model pool: per model state, queue, in-flight, memory, last switch", body = PoolOut),
-        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
-        (status = 404, description = "`resource_not_found`: no pooled model is served", body = ErrorBody),
+        (status = 401, description = "`invalid_admin_token`", body = ErrorBody),
+        (status = 404, description = "`not_found`: not the operator; `resource_not_found`: no pooled model is served", body = ErrorBody),
     )
 )]
-pub(crate) async fn pool_status(
-    State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-) -> Response {
-    let mut guard = match authenticate(&state, &headers, request_id, "pool").await {
-        Ok(guard) => guard,
-        Err(error) => return error.into_response(),
-    };
-    let Some(runtime) = state.pool() else {
-        let error = no_pool();
-        guard.fail(&error);
+pub(crate) async fn pool_status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = operator(&state, &headers).await {
         return error.into_response();
+    }
+    let Some(runtime) = state.pool() else {
+        return no_pool().into_response();
     };
     let status = runtime.status();
-    guard.succeed(0, 0, 0);
     Json(pool_out(runtime, &status)).into_response()
 }
 
@@ -414,7 +400,9 @@ pub(crate) async fn load_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    model_request(&state, &headers, &id, "load").unwrap_or_else(IntoResponse::into_response)
+    model_request(&state, &headers, &id, "load")
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 #[utoipa::path(post, path = "/admin/models/{id}/unload", tag = "admin",
@@ -426,16 +414,18 @@ pub(crate) async fn unload_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    model_request(&state, &headers, &id, "unload").unwrap_or_else(IntoResponse::into_response)
+    model_request(&state, &headers, &id, "unload")
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn model_request(
+async fn model_request(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
     requested: &'static str,
 ) -> Result<Response, ApiError> {
-    admin(state, headers)?;
+    operator(state, headers).await?;
     let runtime = state.pool().ok_or_else(no_pool)?;
     let not_found = || ApiError::ResourceNotFound {
         what: "pooled model",

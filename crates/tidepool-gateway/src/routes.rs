@@ -487,8 +487,26 @@ fn engine_checks(state: &AppState) -> (BTreeMap<String, String>, BTreeMap<String
     get,
     path = "/metrics",
     tag = "ops",
-    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"))
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Prometheus text exposition (on `[server] metrics_listen` without authentication)", body = String, content_type = "text/plain"),
+        (status = 401, description = "`invalid_admin_token`", body = ErrorBody),
+        (status = 404, description = "`not_found`: an API key, or no admin token is configured", body = ErrorBody),
+    )
 )]
+/// `GET /metrics` on the public listener: the operator's (admin token), like `/v1/pool`. An
+/// unauthenticated scrape goes to `[server] metrics_listen`.
+pub(crate) async fn operator_metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Response {
+    match crate::principal::operator(&state, &headers).await {
+        Ok(()) => metrics().await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The Prometheus exposition of every metric.
 pub(crate) async fn metrics() -> Response {
     (
         [(

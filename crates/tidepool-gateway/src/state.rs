@@ -78,6 +78,10 @@ struct Inner {
     billing: BillingConfig,
     /// SHA-256 of the admin token; `None`: the admin API answers 404.
     admin_token_sha256: Option<[u8; 32]>,
+    /// The key console session cookies are signed with (`console.rs`).
+    console_key: [u8; 32],
+    /// `[server] base_path`: "" or a prefix like "/gw".
+    base_path: String,
     tasks: TaskTracker,
     clock: Arc<dyn Clock>,
     pool: Option<Arc<PoolRuntime>>,
@@ -116,6 +120,8 @@ pub struct StateOptions {
     pub leak_detection: LeakDetectionConfig,
     /// `[telemetry]`: which projects may have their text exported on their spans.
     pub telemetry: TelemetryConfig,
+    /// `[server] base_path`: every route is served under it ("" or e.g. "/gw").
+    pub base_path: String,
 }
 
 /// Secrets never reach a log: the admin token is redacted.
@@ -150,6 +156,7 @@ impl StateOptions {
             alert_sinks: Vec::new(),
             leak_detection: LeakDetectionConfig::default(),
             telemetry: TelemetryConfig::default(),
+            base_path: String::new(),
         }
     }
 }
@@ -175,11 +182,13 @@ impl AppState {
             alert_sinks,
             leak_detection,
             telemetry,
+            base_path,
         } = options;
-        let admin_token_sha256 = admin_token.map(|token| {
+        let admin_token_sha256: Option<[u8; 32]> = admin_token.map(|token| {
             use sha2::Digest as _;
             sha2::Sha256::digest(token.as_bytes()).into()
         });
+        let console_key = console_key(admin_token_sha256.as_ref());
         let count = models.len();
         let models: BTreeMap<ModelId, ServedModel> =
             models.into_iter().map(|m| (m.id.clone(), m)).collect();
@@ -201,6 +210,8 @@ impl AppState {
                 limits,
                 billing,
                 admin_token_sha256,
+                console_key,
+                base_path,
                 tasks,
                 clock,
                 pool,
@@ -287,6 +298,16 @@ impl AppState {
         self.inner.admin_token_sha256.is_some()
     }
 
+    /// The key console sessions are signed with.
+    pub(crate) fn console_key(&self) -> &[u8; 32] {
+        &self.inner.console_key
+    }
+
+    /// `[server] base_path` ("" or a prefix like "/gw").
+    pub fn base_path(&self) -> &str {
+        &self.inner.base_path
+    }
+
     /// Every task the gateway spawns goes through this tracker; shutdown closes and waits on it.
     pub fn tasks(&self) -> &TaskTracker {
         &self.inner.tasks
@@ -307,14 +328,21 @@ impl AppState {
         target: &str,
         details: serde_json::Value,
     ) -> Result<(), tidepool_ledger::LedgerError> {
+        self.audit_as(&tidepool_ledger::AuditActor::Admin, action, target, details)
+            .await
+    }
+
+    /// Appends an audit entry for an action `actor` took.
+    pub(crate) async fn audit_as(
+        &self,
+        actor: &tidepool_ledger::AuditActor,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(), tidepool_ledger::LedgerError> {
         let appended = self
             .ledger()
-            .append_audit(
-                &tidepool_ledger::AuditActor::Admin,
-                action,
-                target,
-                &details,
-            )
+            .append_audit(actor, action, target, &details)
             .await;
         if let Err(error) = &appended {
             tracing::error!(%error, action, target, "cannot audit an admin action that took effect");
@@ -334,5 +362,22 @@ impl AppState {
     /// Unix seconds, for OpenAI `created` fields.
     pub(crate) fn now_s(&self) -> i64 {
         self.now_ms().div_euclid(1000)
+    }
+}
+
+/// Console sessions are signed with a key derived from the admin token, so every replica that
+/// shares the token accepts them and changing the token ends them; without a token, a key drawn
+/// at start-up (sessions then end with the process).
+fn console_key(admin_token_sha256: Option<&[u8; 32]>) -> [u8; 32] {
+    use hmac::Mac as _;
+    match admin_token_sha256 {
+        Some(token_sha256) => hmac::Hmac::<sha2::Sha256>::new_from_slice(token_sha256).map_or_else(
+            |_| rand::random(),
+            |mut mac| {
+                mac.update(b"tidepool console session v1");
+                mac.finalize().into_bytes().into()
+            },
+        ),
+        None => rand::random(),
     }
 }

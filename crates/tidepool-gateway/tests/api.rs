@@ -814,7 +814,7 @@ async fn metrics_expose_requests_tokens_and_latency_histograms() {
         .await;
     body_bytes(response).await;
     app.settle().await;
-    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let text = String::from_utf8(body_bytes(app.get_admin("/metrics").await).await).unwrap();
     for needle in [
         "tidepool_requests_total{route=\"/v1/chat/completions\",code=\"200\"}",
         "tidepool_tokens_total{model=\"fake-chat\",kind=\"completion\"}",
@@ -848,7 +848,7 @@ async fn metrics_expose_the_gen_ai_histograms_with_the_conventions_buckets() {
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     app.settle().await;
-    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let text = String::from_utf8(body_bytes(app.get_admin("/metrics").await).await).unwrap();
     let chat = r#"gen_ai_operation_name="chat",gen_ai_provider_name="tidepool",gen_ai_request_model="fake-chat""#;
     for needle in [
         // The first and last boundaries the semantic conventions give each histogram.
@@ -891,14 +891,15 @@ async fn a_thousand_unknown_model_names_add_no_metric_series() {
     expect_error(first, StatusCode::NOT_FOUND, "model_not_found").await;
     app.settle().await;
     // `/metrics` counts its own requests: the first scrape adds its series.
-    body_bytes(app.get("/metrics").await).await;
-    let before = series(&String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap());
+    body_bytes(app.get_admin("/metrics").await).await;
+    let before =
+        series(&String::from_utf8(body_bytes(app.get_admin("/metrics").await).await).unwrap());
     for i in 1..=1000 {
         let response = app.post("/v1/chat/completions", &unknown(i)).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
     }
     app.settle().await;
-    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let text = String::from_utf8(body_bytes(app.get_admin("/metrics").await).await).unwrap();
     let after = series(&text);
     let added: Vec<_> = after.difference(&before).collect();
     assert!(added.is_empty(), "new series: {added:?}");

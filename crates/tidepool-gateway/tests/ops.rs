@@ -246,7 +246,7 @@ async fn database_loss_fails_closed_and_the_ledger_stays_exact() {
 
 /// The value of an unlabelled gauge in the `/metrics` text, 0 when absent.
 async fn gauge(app: &App, name: &str) -> f64 {
-    let text = String::from_utf8(body_bytes(app.get("/metrics").await).await).unwrap();
+    let text = String::from_utf8(body_bytes(app.get_admin("/metrics").await).await).unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

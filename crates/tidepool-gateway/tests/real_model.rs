@@ -288,7 +288,7 @@ impl RealApp {
     }
 
     async fn pool_model_state(&self) -> String {
-        let pool = json_of(self.call("GET", "/v1/pool", &self.key).await).await;
+        let pool = json_of(self.call("GET", "/v1/pool", ADMIN_TOKEN).await).await;
         pool["models"][0]["state"]
             .as_str()
             .unwrap_or_default()
@@ -319,7 +319,7 @@ async fn real_model_pool_status_and_operator_load_unload_over_http() {
     // finished sequence to the pool right after, so wait for the counter (a state, not a time).
     let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
     let pool = loop {
-        let pool = json_of(app.call("GET", "/v1/pool", &app.key).await).await;
+        let pool = json_of(app.call("GET", "/v1/pool", ADMIN_TOKEN).await).await;
         if pool["counters"]["requests_finished"] == 1 {
             break pool;
         }

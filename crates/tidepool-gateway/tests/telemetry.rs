@@ -344,7 +344,12 @@ fn hex(bytes: &[u8]) -> String {
 /// The value of a Prometheus counter summed over its labels, from `/metrics`.
 async fn counter(app: &App, name: &str) -> f64 {
     let response = app
-        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .send(
+            Request::get("/metrics")
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await;
     let text = String::from_utf8(body_bytes(response).await).unwrap();
     text.lines()

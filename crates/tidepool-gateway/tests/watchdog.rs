@@ -27,6 +27,9 @@ use tidepool_core::ModelKind;
 use tidepool_core::{Config, Nanos, RequestId, TenantId};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_gateway::{AppState, ServedModel, StateOptions, load_models, router};
+
+/// The operator's token of these tests' apps.
+const WATCHDOG_ADMIN_TOKEN: &str = "watchdog-admin-token";
 use tidepool_ledger::{Ledger, UsageStatus};
 use tidepool_runtime::PoolRuntime;
 use tower::ServiceExt as _;
@@ -72,6 +75,7 @@ async fn app_with(
         .await
         .unwrap();
     let mut options = StateOptions::new(config.limits.clone());
+    options.admin_token = Some(WATCHDOG_ADMIN_TOKEN.to_owned());
     options.pool = pool;
     let state = AppState::with_options(models, ledger.clone(), options);
     App {
@@ -116,8 +120,12 @@ impl App {
         self.router.clone().oneshot(request).await.unwrap()
     }
 
+    /// `GET path` as the operator (`/metrics` is the operator's).
     async fn get(&self, path: &str) -> (StatusCode, String) {
-        let request = Request::get(path).body(Body::empty()).unwrap();
+        let request = Request::get(path)
+            .header("authorization", format!("Bearer {WATCHDOG_ADMIN_TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)

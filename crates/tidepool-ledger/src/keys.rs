@@ -9,7 +9,7 @@ use tidepool_core::{KeyId, TenantId};
 
 use crate::accounts::ProjectId;
 use crate::store::on_store;
-use crate::{ApiKeyRecord, CreatedKey, Ledger, LedgerError};
+use crate::{ApiKeyRecord, CreatedKey, KeyRole, Ledger, LedgerError};
 
 /// Every key starts with this.
 pub const KEY_PREFIX: &str = "tp-";
@@ -53,6 +53,19 @@ pub(crate) fn parse_key(secret: &str) -> Option<&str> {
     (key_id_ok && body_ok).then_some(key_id)
 }
 
+/// A fresh key id and the whole key (`tp-<key_id>-<secret>`).
+fn new_key() -> (String, String) {
+    let mut rng = rand::rng();
+    let key_id = random_string(&mut rng, KEY_ID_ALPHABET, KEY_ID_LEN);
+    let body = random_string(&mut rng, BASE62_ALPHABET, KEY_SECRET_LEN);
+    let secret = format!("{KEY_PREFIX}{key_id}-{body}");
+    assert!(
+        parse_key(&secret) == Some(key_id.as_str()),
+        "generated keys parse back"
+    );
+    (key_id, secret)
+}
+
 type KeyRow = (
     String,
     String,
@@ -62,6 +75,7 @@ type KeyRow = (
     Option<i64>,
     Option<i64>,
     Option<String>,
+    String,
 );
 /// A key row plus its stored hash.
 type KeyAuthRow = (
@@ -74,13 +88,14 @@ type KeyAuthRow = (
     Option<i64>,
     Option<String>,
     String,
+    String,
 );
 
 /// The columns of a [`KeyRow`], in order (a macro so queries are `concat!`ed literals).
 macro_rules! key_columns {
     () => {
         "key_id, tenant_id, project_id, name, created_at_ms, revoked_at_ms, suspended_at_ms, \
-         suspended_reason"
+         suspended_reason, role"
     };
 }
 
@@ -97,6 +112,7 @@ fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
         revoked_at_ms,
         suspended_at_ms,
         suspended_reason,
+        role,
     ) = row;
     Ok(ApiKeyRecord {
         key_id: KeyId(key_id),
@@ -108,6 +124,7 @@ fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
         revoked_at_ms,
         suspended_at_ms,
         suspended_reason,
+        role: KeyRole::parse(&role).ok_or(LedgerError::Corrupt { what: "key role" })?,
     })
 }
 
@@ -131,20 +148,23 @@ impl Ledger {
         project: &ProjectId,
         name: &str,
     ) -> Result<CreatedKey, LedgerError> {
+        self.create_key_with_role(tenant, project, name, KeyRole::Inference)
+            .await
+    }
+
+    /// Creates a key with `role` in `project` of `tenant` (creating both if needed, as
+    /// [`Ledger::create_key_in_project`]).
+    pub async fn create_key_with_role(
+        &self,
+        tenant: &TenantId,
+        project: &ProjectId,
+        name: &str,
+        role: KeyRole,
+    ) -> Result<CreatedKey, LedgerError> {
         if name.is_empty() || name.len() > KEY_NAME_BYTES_MAX {
             return Err(LedgerError::OutOfRange { field: "key name" });
         }
-        let (key_id, secret) = {
-            let mut rng = rand::rng();
-            let key_id = random_string(&mut rng, KEY_ID_ALPHABET, KEY_ID_LEN);
-            let body = random_string(&mut rng, BASE62_ALPHABET, KEY_SECRET_LEN);
-            let secret = format!("{KEY_PREFIX}{key_id}-{body}");
-            (key_id, secret)
-        };
-        assert!(
-            parse_key(&secret) == Some(key_id.as_str()),
-            "generated keys parse back"
-        );
+        let (key_id, secret) = new_key();
         let hash = sha256_hex(&secret);
         let now_ms = self.now_ms();
         on_store!(&self.store, pool => {
@@ -175,7 +195,7 @@ impl Ledger {
             .await?;
             sqlx::query(
                 "INSERT INTO api_keys (key_id, tenant_id, project_id, name, secret_sha256, \
-                 created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                 created_at_ms, role) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&key_id)
             .bind(tenant.as_str())
@@ -183,6 +203,7 @@ impl Ledger {
             .bind(name)
             .bind(&hash)
             .bind(now_ms)
+            .bind(role.as_str())
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -196,6 +217,7 @@ impl Ledger {
             revoked_at_ms: None,
             suspended_at_ms: None,
             suspended_reason: None,
+            role,
         };
         Ok(CreatedKey { record, secret })
     }
@@ -264,6 +286,7 @@ impl Ledger {
             revoked_at_ms,
             suspended_at_ms,
             suspended_reason,
+            role,
             stored_hash,
         )) = row
         else {
@@ -278,6 +301,7 @@ impl Ledger {
             revoked_at_ms,
             suspended_at_ms,
             suspended_reason,
+            role,
         );
         let presented_hash = sha256_hex(secret);
         let matches: bool = presented_hash

@@ -16,6 +16,7 @@ mod audit;
 mod batch_sql;
 mod bench;
 mod billing;
+mod budgets;
 mod checkpoint;
 mod clock;
 mod error;
@@ -51,6 +52,7 @@ pub use billing::{
     HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RESERVE_BATCH_LEN_MAX,
     RESERVE_QUEUE_LEN_MAX, RateLimitStatus, Reservation, ReserveRequest, WindowStatus,
 };
+pub use budgets::TENANT_BUDGETS_LEN_MAX;
 pub use checkpoint::{WAL_CHECKPOINT_INTERVAL, WAL_SYNC_INTERVAL};
 pub use clock::{Clock, SystemClock};
 pub use error::LedgerError;
@@ -88,6 +90,37 @@ pub struct ApiKeyRecord {
     /// Suspended keys authenticate but are refused (`Ledger::suspend_key`).
     pub suspended_at_ms: Option<i64>,
     pub suspended_reason: Option<String>,
+    pub role: KeyRole,
+}
+
+/// What an API key may do beyond calling models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyRole {
+    /// The model endpoints and the key's own usage (`GET /v1/usage`).
+    #[default]
+    Inference,
+    /// Also its tenant's keys, budgets, usage and statement, through the admin API and the
+    /// console; never another tenant's, never the operator's endpoints.
+    TenantAdmin,
+}
+
+impl KeyRole {
+    /// The stored and wire spelling: `inference` or `tenant-admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inference => "inference",
+            Self::TenantAdmin => "tenant-admin",
+        }
+    }
+
+    /// The role a spelling names, if any.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "inference" => Some(Self::Inference),
+            "tenant-admin" => Some(Self::TenantAdmin),
+            _ => None,
+        }
+    }
 }
 
 /// A freshly created key: the only time the secret exists outside the client.

@@ -6,20 +6,33 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
+
 use tidepool_core::{Config, Currency, KeyId, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_ledger::{
-    ApiKeyRecord, AuditActor, BudgetScope, Ledger, LedgerError, Month, ProjectId, RateLimitsChange,
-    RateScope, StatementLine, UsageScope,
+    ApiKeyRecord, AuditActor, BudgetScope, KeyRole, Ledger, LedgerError, Month, ProjectId,
+    RateLimitsChange, RateScope, StatementLine, UsageScope,
 };
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct KeysArgs {
     #[command(subcommand)]
-    command: KeysCommand,
+    pub(crate) command: KeysCommand,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
+}
+
+/// `--url`: administer a running gateway through its HTTP admin API (`remote.rs`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RemoteArgs {
+    /// Administer a running gateway through its HTTP admin API (e.g. `http://127.0.0.1:8080`,
+    /// with its `[server] base_path` if it has one) instead of opening the database; the admin
+    /// token is read from `TIDEPOOL_ADMIN_TOKEN`.
+    #[arg(long = "url", env = "TIDEPOOL_ADMIN_URL", global = true)]
+    pub(crate) url: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum KeysCommand {
+pub(crate) enum KeysCommand {
     /// Create a key; it is printed once, alone on the first line, and never stored.
     Create {
         /// Tenant (billing customer) the key belongs to; it must exist (`tidepool tenants
@@ -35,6 +48,10 @@ enum KeysCommand {
         /// The project it bills to (created if new).
         #[arg(long, env = "TIDEPOOL_PROJECT", default_value = "default")]
         project: String,
+        /// `inference` (the model endpoints) or `tenant-admin` (also the tenant's keys,
+        /// budgets, usage and statement, and the console).
+        #[arg(long, default_value = "inference")]
+        role: String,
     },
     /// List keys (never their secrets).
     List {
@@ -94,11 +111,13 @@ pub(crate) struct StatementArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct TenantsArgs {
     #[command(subcommand)]
-    command: TenantsCommand,
+    pub(crate) command: TenantsCommand,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum TenantsCommand {
+pub(crate) enum TenantsCommand {
     /// Create a tenant (a billing customer) with an empty prepaid account.
     Create {
         tenant: String,
@@ -134,11 +153,13 @@ enum ProjectsCommand {
 #[derive(Debug, clap::Args)]
 pub(crate) struct CreditArgs {
     #[command(subcommand)]
-    command: CreditCommand,
+    pub(crate) command: CreditCommand,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum CreditCommand {
+pub(crate) enum CreditCommand {
     /// Add prepaid credit to a tenant's balance.
     Add {
         #[arg(long, env = "TIDEPOOL_TENANT")]
@@ -154,22 +175,24 @@ enum CreditCommand {
 #[derive(Debug, clap::Args)]
 pub(crate) struct BudgetsArgs {
     #[command(subcommand)]
-    command: BudgetsCommand,
+    pub(crate) command: BudgetsCommand,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
 }
 
 /// Which budget: `--tenant T --project P` or `--key-id K`.
 #[derive(Debug, clap::Args)]
-struct BudgetTarget {
+pub(crate) struct BudgetTarget {
     #[arg(long, requires = "project", conflicts_with = "key_id")]
-    tenant: Option<String>,
+    pub(crate) tenant: Option<String>,
     #[arg(long, requires = "tenant")]
-    project: Option<String>,
+    pub(crate) project: Option<String>,
     #[arg(long)]
-    key_id: Option<String>,
+    pub(crate) key_id: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum BudgetsCommand {
+pub(crate) enum BudgetsCommand {
     /// Set a monthly budget (whole currency units per calendar month, UTC).
     Set {
         #[command(flatten)]
@@ -235,6 +258,11 @@ enum RateLimitsCommand {
     },
 }
 
+pub(crate) fn key_role(value: &str) -> anyhow::Result<KeyRole> {
+    KeyRole::parse(value)
+        .with_context(|| format!("invalid role `{value}`: `inference` or `tenant-admin`"))
+}
+
 fn tenant(value: &str) -> anyhow::Result<TenantId> {
     TenantId::new(value).with_context(|| format!("invalid tenant `{value}`"))
 }
@@ -269,7 +297,9 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
             create_tenant,
             name: label,
             project: project_name,
+            role,
         } => {
+            let role = key_role(&role)?;
             if !create_tenant {
                 match ledger.account(&tenant(&name)?).await {
                     Err(LedgerError::TenantNotFound { .. }) => anyhow::bail!(
@@ -280,7 +310,7 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
                 }
             }
             let created = ledger
-                .create_key_in_project(&tenant(&name)?, &project(&project_name)?, &label)
+                .create_key_with_role(&tenant(&name)?, &project(&project_name)?, &label, role)
                 .await?;
             audit_admin(
                 &ledger,
@@ -291,11 +321,13 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
             writeln!(out, "{}", created.secret)?;
             writeln!(
                 out,
-                "key_id {}  tenant {}  project {}  name {}  (the key above is shown only this once)",
+                "key_id {}  tenant {}  project {}  name {}  role {}  (the key above is shown only \
+                 this once)",
                 created.record.key_id,
                 created.record.tenant,
                 created.record.project,
-                created.record.name
+                created.record.name,
+                created.record.role.as_str()
             )?;
         }
         KeysCommand::List { tenant: filter } => {
@@ -693,8 +725,8 @@ pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> any
 fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::Result<()> {
     writeln!(
         out,
-        "{:<14} {:<20} {:<24} {:>15} STATUS",
-        "KEY_ID", "TENANT", "NAME", "CREATED_MS"
+        "{:<14} {:<20} {:<24} {:<12} {:>15} STATUS",
+        "KEY_ID", "TENANT", "NAME", "ROLE", "CREATED_MS"
     )?;
     for key in keys {
         let status = if key.revoked_at_ms.is_some() {
@@ -706,10 +738,11 @@ fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::R
         };
         writeln!(
             out,
-            "{:<14} {:<20} {:<24} {:>15} {status}",
+            "{:<14} {:<20} {:<24} {:<12} {:>15} {status}",
             key.key_id.to_string(),
             key.tenant.as_str(),
             key.name,
+            key.role.as_str(),
             key.created_at_ms
         )?;
     }
@@ -733,11 +766,13 @@ async fn audit_admin(ledger: &Ledger, action: &str, target: &str) -> anyhow::Res
 #[derive(Debug, clap::Args)]
 pub(crate) struct AuditArgs {
     #[command(subcommand)]
-    command: AuditCommand,
+    pub(crate) command: AuditCommand,
+    #[command(flatten)]
+    pub(crate) remote: RemoteArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
-enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Recompute every entry's hash and link; print the verdict, exit 1 at the first break.
     Verify,
     /// Print entries, oldest first.

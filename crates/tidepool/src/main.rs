@@ -3,6 +3,7 @@
 //! `bench`, `sim` and `plan` → `tidepool-bench`). No domain logic lives here.
 
 mod admin;
+mod remote;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -191,9 +192,9 @@ struct BackendsArgs {
     /// The gateway's base URL.
     #[arg(long, env = "TIDEPOOL_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// An API key of the gateway.
-    #[arg(long, env = "TIDEPOOL_API_KEY", hide_env_values = true)]
-    api_key: String,
+    /// The gateway's admin token (`/v1/backends` is the operator's).
+    #[arg(long, env = "TIDEPOOL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
     /// Limit of the request, in ms.
     #[arg(long, env = "TIDEPOOL_TIMEOUT_MS", default_value_t = 5_000)]
     timeout_ms: u64,
@@ -257,7 +258,7 @@ async fn backends(args: &BackendsArgs) -> anyhow::Result<()> {
     let url = format!("{}/v1/backends", args.url.trim_end_matches('/'));
     let response = reqwest::Client::new()
         .get(&url)
-        .bearer_auth(&args.api_key)
+        .bearer_auth(&args.admin_token)
         .timeout(std::time::Duration::from_millis(args.timeout_ms))
         .send()
         .await
@@ -451,19 +452,34 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(c) => migrate(&c.db.database_url()?, &c.args).await,
         Command::Backends(args) => backends(&args).await,
         Command::Health(args) => health(&args).await,
-        Command::Keys(c) => admin::keys(&c.db.database_url()?, c.args).await,
+        Command::Keys(c) => match remote::client(c.args.remote.url.as_deref())? {
+            Some(client) => remote::keys(&client, c.args.command).await,
+            None => admin::keys(&c.db.database_url()?, c.args).await,
+        },
         Command::Models(args) => admin::models(&args.load()?),
         Command::Config(ConfigCommandArgs {
             command: ConfigCommand::Check(args),
         }) => config_check(&args),
-        Command::Tenants(c) => admin::tenants(&c.db.database_url()?, c.args).await,
+        Command::Tenants(c) => match remote::client(c.args.remote.url.as_deref())? {
+            Some(client) => remote::tenants(&client, c.args.command).await,
+            None => admin::tenants(&c.db.database_url()?, c.args).await,
+        },
         Command::Projects(c) => admin::projects(&c.db.database_url()?, c.args).await,
-        Command::Credit(c) => admin::credit(&c.db.database_url()?, c.args).await,
-        Command::Budgets(c) => admin::budgets(&c.db.database_url()?, c.args).await,
+        Command::Credit(c) => match remote::client(c.args.remote.url.as_deref())? {
+            Some(client) => remote::credit(&client, c.args.command).await,
+            None => admin::credit(&c.db.database_url()?, c.args).await,
+        },
+        Command::Budgets(c) => match remote::client(c.args.remote.url.as_deref())? {
+            Some(client) => remote::budgets(&client, c.args.command).await,
+            None => admin::budgets(&c.db.database_url()?, c.args).await,
+        },
         Command::RateLimits(c) => admin::rate_limits(&c.db.database_url()?, c.args).await,
         Command::Usage(c) => admin::usage(&c.db.database_url()?, &c.args).await,
         Command::Statement(c) => admin::statement(&c.db.database_url()?, &c.args).await,
-        Command::Audit(c) => admin::audit(&c.db.database_url()?, &c.args).await,
+        Command::Audit(c) => match remote::client(c.args.remote.url.as_deref())? {
+            Some(client) => remote::audit(&client, &c.args.command).await,
+            None => admin::audit(&c.db.database_url()?, &c.args).await,
+        },
         Command::Bench(args) => tidepool_bench::run(args).await,
         Command::Sim(args) => tidepool_bench::run_sim(&args),
         Command::Plan(args) => tidepool_bench::run_plan(&args),

@@ -35,6 +35,7 @@ pub const ENV_SEPARATOR: &str = "__";
 /// type; `[]` stands for any index of an array. A unit test keeps this list complete.
 const OPTIONAL_KEYS: &[(&str, Kind)] = &[
     ("server.models_dir", Kind::String),
+    ("server.metrics_listen", Kind::String),
     ("pool.memory_bytes_max", Kind::Integer),
     ("pool.memory_models_max", Kind::Integer),
     ("models[].keep_alive_ms", Kind::Integer),

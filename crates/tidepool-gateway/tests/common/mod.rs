@@ -264,6 +264,15 @@ impl App {
         self.send(request).await
     }
 
+    /// `GET path` as the operator (`/metrics`, `/v1/pool`, `/v1/backends`).
+    pub(crate) async fn get_admin(&self, path: &str) -> Response<Body> {
+        let request = Request::get(path)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
+        self.send(request).await
+    }
+
     /// Waits until every spawned settlement write has finished (a signal, not a sleep).
     pub(crate) async fn settle(&self) {
         let tasks = self.state.tasks();

@@ -34,6 +34,10 @@ impl Drop for TempDir {
     }
 }
 
+/// The admin token every server these tests start is given (`/metrics`, `/v1/backends` and
+/// `/admin/*` are the operator's).
+pub(crate) const ADMIN_TOKEN: &str = "process-tests-admin-token";
+
 pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
@@ -102,8 +106,14 @@ impl Server {
 
     /// Whether `tidepool args…` exits 0.
     pub(crate) fn succeeds(&self, args: &[&str]) -> bool {
+        self.succeeds_with_env(args, &[])
+    }
+
+    /// Whether `tidepool args…` with extra environment variables exits 0.
+    pub(crate) fn succeeds_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> bool {
         Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .output()
             .unwrap()
@@ -112,8 +122,14 @@ impl Server {
     }
 
     pub(crate) fn run(&self, args: &[&str]) -> String {
+        self.run_with_env(args, &[])
+    }
+
+    /// `tidepool args…` with extra environment variables; its stdout (it must succeed).
+    pub(crate) fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let out = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&self.dir)
             .env("TIDEPOOL_MODELS_DIR", models_dir())
             .output()
@@ -178,6 +194,7 @@ impl Server {
             .current_dir(&self.dir)
             .env("TIDEPOOL_MODELS_DIR", models_dir())
             .env("RUST_LOG", "info")
+            .env("TIDEPOOL_ADMIN_TOKEN", ADMIN_TOKEN)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -228,7 +245,10 @@ impl Server {
 
     /// Chat completions served so far, from this server's own `/metrics`.
     pub(crate) async fn chat_requests_seen(&self) -> u64 {
-        let text = reqwest::get(format!("{}/metrics", self.base()))
+        let text = reqwest::Client::new()
+            .get(format!("{}/metrics", self.base()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
             .await
             .unwrap()
             .text()

@@ -13,3 +13,4 @@ mod harness;
 mod multihost;
 mod netns;
 mod regions;
+mod remote_cli;

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tidepool_ledger::UsageStatus;
 
 use crate::harness::{
-    GATEWAY_MODEL, POLL, Server, TempDir, backend_toml, chat, content_chunks, data_lines,
-    fake_worker, fake_worker_config, free_port, write_key,
+    ADMIN_TOKEN, GATEWAY_MODEL, POLL, Server, TempDir, backend_toml, chat, content_chunks,
+    data_lines, fake_worker, fake_worker_config, free_port, write_key,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +118,7 @@ async fn multi_process_failover_two_regions_kill_worker_then_region_loses_nothin
     // Visibility: the dead workers' breakers are open, the live ones closed; no key is shown.
     let listing = client
         .get(format!("{base}/v1/backends"))
-        .bearer_auth(&free_key)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -137,13 +137,16 @@ async fn multi_process_failover_two_regions_kill_worker_then_region_loses_nothin
         !listing.to_string().contains("tp-"),
         "no API key on /v1/backends"
     );
-    let cli = gateway.cli_backends(&free_key);
+    let cli = gateway.cli_backends();
     assert!(cli.contains("us1") && cli.contains("open"), "{cli}");
 }
 
 impl Server {
-    fn cli_backends(&self, key: &str) -> String {
-        self.run(&["backends", "--url", &self.base(), "--api-key", key])
+    fn cli_backends(&self) -> String {
+        self.run_with_env(
+            &["backends", "--url", &self.base()],
+            &[("TIDEPOOL_ADMIN_TOKEN", ADMIN_TOKEN)],
+        )
     }
 }
 
@@ -369,7 +372,7 @@ async fn real_model_upstream_backend_answers_streams_and_meters_like_local() {
     // The secret never shows: not in the gateway's log, not on `/v1/backends`.
     let listing = client
         .get(format!("{}/v1/backends", gateway.base()))
-        .bearer_auth(&tenant_key)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
