@@ -214,9 +214,10 @@ function bar(value, max, label) {
     h('div', { class: 'bar-label' }, label));
 }
 
-function table({ caption, columns, rows, foot, id }) {
+function table({ caption, label, columns, rows, foot, id }) {
   const head = h('tr', {}, columns.map((c) => h('th', { scope: 'col', class: c.num ? 'num' : null }, c.label)));
-  return h('div', { class: 'table-wrap' },
+  // Focusable, so a table wider than the page can be scrolled from the keyboard.
+  return h('div', { class: 'table-wrap', tabindex: 0, role: 'region', 'aria-label': label || caption },
     h('table', { id },
       caption ? h('caption', {}, caption) : null,
       h('thead', {}, head),
@@ -1066,6 +1067,7 @@ async function pageBilling(ctx) {
     h('h2', {}, 'Monthly budgets'),
     table({
       id: 'budgets-table',
+      label: 'Monthly budgets',
       caption: budgetRows.length ? null : 'No budgets are set; spending is limited by the balance only.',
       columns: [{ label: 'Scope' }, { label: 'Project or key' }, { label: 'Month' }, { label: 'Limit', num: true }, { label: 'Spent', num: true }, { label: 'Reserved', num: true }, { label: 'Used' }],
       rows: budgetRows,
@@ -1219,7 +1221,7 @@ async function pageBackends(ctx) {
         id: 'backends-table',
         caption: rows.length ? 'Remote backends' : 'No remote backends are configured.',
         columns: [{ label: 'Backend' }, { label: 'Kind' }, { label: 'URL' }, { label: 'Region / zone' }, { label: 'Models' }, { label: 'Health' },
-          { label: 'Breaker' }, { label: 'Latency (moving average)', num: true }, { label: 'In flight / max', num: true }, { label: 'Attempts ok / failed', num: true }],
+          { label: 'Breaker' }, { label: 'Latency (average)', num: true }, { label: 'In flight / max', num: true }, { label: 'Attempts ok / failed', num: true }],
         rows,
       }),
       updatedNote());

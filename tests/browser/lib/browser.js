@@ -97,7 +97,11 @@ const POLLING_PAGES = ['pool', 'backends'];
 
 /** Waits until the console rendered page `name` (the `data-page` of `<main>`). */
 async function ready(page, name) {
-  await page.waitForSelector(`main[data-page="${name}"][data-state="ready"]`);
+  const main = `main[data-page="${name}"]`;
+  await page.waitForSelector(`${main}[data-state="ready"], ${main}[data-state="error"]`);
+  if ((await page.getAttribute('main', 'data-state')) === 'error') {
+    throw new Error(`the ${name} page failed: ${await page.textContent('#banner')}`);
+  }
 }
 
 /**
