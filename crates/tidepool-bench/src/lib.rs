@@ -7,7 +7,7 @@
 //! Benchmarks report ratios against a baseline measured in the same run on the same machine
 //! (machines here are noisy; absolute numbers travel badly). Read [`BenchArgs`] and [`run`]
 //! first, then one module per command (`engine`, `pool`, `calibrate`, `failover`, `ledger`,
-//! `telemetry`, `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
+//! `rollups`, `telemetry`, `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
 //! `table`, `speed` and `process`, and `common` holds what they all share.
 #![forbid(unsafe_code)]
 
@@ -26,6 +26,7 @@ mod process;
 mod replay;
 mod report;
 mod resident;
+mod rollups;
 mod score;
 mod search;
 mod sim;
@@ -65,6 +66,9 @@ enum BenchCommand {
     /// Remote backends: time from a worker's death to the first successful retried request and
     /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
     Failover(failover::FailoverBenchArgs),
+    /// Usage rollups: one tenant's 30-day usage read from the daily rollup vs summed from the
+    /// raw usage entries, p50/p95/p99 over a million seeded entries (SQLite and PostgreSQL).
+    Rollups(rollups::RollupsBenchArgs),
     /// Traces: request latency p50/p99 with tracing off, exporting to a collector, and
     /// exporting to a collector that is down (fake engine; passes interleaved, same run).
     Telemetry(telemetry::TelemetryBenchArgs),
@@ -81,5 +85,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Calibrate(args) => calibrate::run(&args),
         BenchCommand::Failover(args) => failover::run(args).await,
         BenchCommand::Telemetry(args) => telemetry::run(args).await,
+        BenchCommand::Rollups(args) => rollups::run(args).await,
     }
 }

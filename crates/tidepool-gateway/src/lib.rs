@@ -94,7 +94,10 @@ fn routes(state: AppState) -> Router {
         .route("/v1/backends", get(pool::backends_status))
         .route("/admin/models/{id}/load", post(pool::load_model))
         .route("/admin/models/{id}/unload", post(pool::unload_model))
-        .route("/admin/tenants", post(accounts::create_tenant))
+        .route(
+            "/admin/tenants",
+            post(accounts::create_tenant).get(tenant_admin::list_tenants),
+        )
         .route("/admin/tenants/{tenant}", get(accounts::get_tenant))
         .route(
             "/admin/tenants/{tenant}/projects",
@@ -103,6 +106,10 @@ fn routes(state: AppState) -> Router {
         .route("/admin/tenants/{tenant}/credits", post(accounts::credit))
         .route("/admin/tenants/{tenant}/usage", get(accounts::tenant_usage))
         .route("/admin/tenants/{tenant}/keys", get(tenant_admin::list_keys))
+        .route(
+            "/admin/tenants/{tenant}/usage/daily",
+            get(tenant_admin::daily_usage),
+        )
         .route(
             "/admin/tenants/{tenant}/statement",
             get(accounts::statement),

@@ -51,6 +51,8 @@ use crate::tenant_admin;
         routes::operator_metrics,
         tenant_admin::list_keys,
         tenant_admin::list_budgets,
+        tenant_admin::daily_usage,
+        tenant_admin::list_tenants,
         console::sign_in,
         console::session,
         console::sign_out,

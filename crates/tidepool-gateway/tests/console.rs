@@ -117,6 +117,7 @@ fn operator_calls() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("GET", "/v1/backends", None),
         ("GET", "/metrics", None),
         ("GET", "/admin/audit", None),
+        ("GET", "/admin/tenants", None),
         ("POST", "/admin/tenants", Some(json!({"tenant": "evil"}))),
         (
             "POST",
@@ -192,6 +193,7 @@ async fn tenants_are_isolated(ledger: Ledger) {
         "/admin/tenants/{t}/usage",
         "/admin/tenants/{t}/statement?month={m}",
         "/admin/budgets?tenant={t}",
+        "/admin/tenants/{t}/usage/daily?days=30",
     ];
     for template in reads {
         let own = template.replace("{t}", "acme").replace("{m}", &month);
@@ -531,4 +533,88 @@ async fn metrics_need_the_admin_token_on_the_public_listener_and_nothing_on_thei
     assert_eq!(response.status(), StatusCode::OK);
     let text = String::from_utf8(common::body_bytes(response).await).unwrap();
     assert!(text.contains("tidepool_"), "{text}");
+}
+
+#[tokio::test]
+#[expect(clippy::too_many_lines, reason = "seed, then compare two views of it")]
+async fn the_daily_usage_chart_and_every_tenants_spend_add_up_to_the_ledger() {
+    let app = App::new().await;
+    let (admin_key, _) = key(&app.ledger, "acme", "console", KeyRole::TenantAdmin).await;
+    for (model, tokens) in [("fake-chat", 3), ("fake-chat", 5), ("fake-base", 4)] {
+        let path = if model == "fake-base" {
+            "/v1/completions"
+        } else {
+            "/v1/chat/completions"
+        };
+        let body = if model == "fake-base" {
+            json!({"model": model, "prompt": "one two three", "max_tokens": tokens})
+        } else {
+            json!({"model": model, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": tokens})
+        };
+        let response = app.post(path, &body).await;
+        assert_eq!(response.status(), StatusCode::OK, "{model}");
+    }
+    app.settle().await;
+    let (status, _, usage) = Call::new("GET", "/v1/usage?scope=tenant")
+        .bearer(&app.key)
+        .send(&app.router)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    let (status, _, daily) = Call::new("GET", "/admin/tenants/acme/usage/daily?days=30")
+        .bearer(&admin_key)
+        .send(&app.router)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{daily}");
+    let sum = |rows: &Value, field: &str| -> i64 {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row[field].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        sum(&daily["data"], "cost_nanos"),
+        usage["total_cost_nanos"].as_i64().unwrap()
+    );
+    assert!(sum(&daily["data"], "cost_nanos") > 0, "{daily}");
+    // Model requests: the rollup also counts calls that named no model (`GET /v1/usage`
+    // itself, requests refused before a model was resolved), at no cost.
+    let model_rows: Value = daily["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| !row["model"].is_null())
+        .cloned()
+        .collect();
+    for field in ["requests", "prompt_tokens", "completion_tokens"] {
+        assert_eq!(
+            sum(&model_rows, field),
+            sum(&usage["data"], field),
+            "{field}: {daily} against {usage}"
+        );
+    }
+    let (status, _, value) = Call::new("GET", "/admin/tenants/acme/usage/daily?days=0")
+        .bearer(&admin_key)
+        .send(&app.router)
+        .await;
+    assert_eq!(
+        (status, value["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("days"))
+    );
+
+    let (status, _, tenants) = Call::new("GET", "/admin/tenants")
+        .bearer(ADMIN_TOKEN)
+        .send(&app.router)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{tenants}");
+    let acme = tenants["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .expect("acme is listed");
+    assert_eq!(
+        acme["month_cost_nanos"], usage["total_cost_nanos"],
+        "{tenants}"
+    );
 }

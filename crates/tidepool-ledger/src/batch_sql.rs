@@ -154,6 +154,25 @@ pub(crate) struct UsageRow<'a> {
     pub(crate) cached_input_per_mtok_nanos: i64,
 }
 
+/// What one batch adds to one row of the daily usage rollup: the sums of its usage rows with
+/// that `(tenant, project, key, model, day)` (see `rollup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DailyRow<'a> {
+    pub(crate) tenant: &'a str,
+    /// `""` for usage entries without a project (money-free entries).
+    pub(crate) project: &'a str,
+    pub(crate) key_id: &'a str,
+    /// `""` for usage entries without a model.
+    pub(crate) model: &'a str,
+    /// Days since 1970-01-01 (UTC) of the entries' `created_at_ms`.
+    pub(crate) day: i64,
+    pub(crate) requests: i64,
+    pub(crate) prompt_tokens: i64,
+    pub(crate) cached_prompt_tokens: i64,
+    pub(crate) completion_tokens: i64,
+    pub(crate) cost_nanos: i64,
+}
+
 /// The columns of a [`ReservationRow`], for `RETURNING` (a macro, so that `concat!` can build
 /// static SQL with it).
 macro_rules! resolved_columns {
@@ -161,6 +180,27 @@ macro_rules! resolved_columns {
         "request_id, tenant_id, project_id, key_id, model, month, currency, \
          price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
          cached_input_per_mtok_nanos, prompt_tokens_max, completion_tokens_max, hold_nanos"
+    };
+}
+
+/// The columns of `usage_daily` in [`DailyRow`]'s order (a macro, for `concat!`).
+macro_rules! daily_columns {
+    () => {
+        "tenant_id, project_id, key_id, model, day, requests, prompt_tokens, \
+         cached_prompt_tokens, completion_tokens, cost_nanos"
+    };
+}
+
+/// The end of both stores' rollup upserts: an existing row gets the sums added (a macro, for
+/// `concat!`).
+macro_rules! daily_upsert {
+    () => {
+        " ON CONFLICT (tenant_id, project_id, key_id, model, day) DO UPDATE SET \
+         requests = usage_daily.requests + excluded.requests, \
+         prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
+         cached_prompt_tokens = usage_daily.cached_prompt_tokens + excluded.cached_prompt_tokens, \
+         completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
+         cost_nanos = usage_daily.cost_nanos + excluded.cost_nanos"
     };
 }
 
@@ -225,6 +265,8 @@ fn push_locked_rows<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &BatchInpu
 pub(crate) const RESERVATION_BINDS: usize = 17;
 /// Bind parameters of one [`UsageRow`] in SQLite's multi-row insert.
 pub(crate) const USAGE_BINDS: usize = 20;
+/// Bind parameters of one [`DailyRow`] in SQLite's multi-row upsert.
+pub(crate) const DAILY_BINDS: usize = 10;
 /// SQLite's limit on bind parameters in one statement (`SQLITE_MAX_VARIABLE_NUMBER`).
 pub(crate) const SQLITE_BINDS_MAX: usize = 32_766;
 
@@ -275,6 +317,10 @@ pub(crate) trait BatchSql {
     async fn read_states(&mut self, request_ids: &[String]) -> Result<Vec<StateRow>, sqlx::Error>;
     /// Inserts usage rows, skipping request ids that already have one; rows inserted.
     async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error>;
+    /// Adds each row's sums to its row of the daily rollup (created at zero where missing), in
+    /// the caller's order — sorted by key, so two writers never lock two rollup rows in
+    /// opposite orders. The keys must be distinct (one row per key and batch).
+    async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error>;
 }
 
 fn push_list<'a>(query: &mut QueryBuilder<'a, Sqlite>, values: impl IntoIterator<Item = &'a str>) {
@@ -440,6 +486,32 @@ impl BatchSql for SqliteConnection {
         });
         query.push(" ON CONFLICT (request_id) DO NOTHING");
         Ok(query.build().execute(&mut *self).await?.rows_affected())
+    }
+
+    async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut query = QueryBuilder::<Sqlite>::new(concat!(
+            "INSERT INTO usage_daily (",
+            daily_columns!(),
+            ") "
+        ));
+        query.push_values(rows, |mut b, r| {
+            b.push_bind(r.tenant)
+                .push_bind(r.project)
+                .push_bind(r.key_id)
+                .push_bind(r.model)
+                .push_bind(r.day)
+                .push_bind(r.requests)
+                .push_bind(r.prompt_tokens)
+                .push_bind(r.cached_prompt_tokens)
+                .push_bind(r.completion_tokens)
+                .push_bind(r.cost_nanos);
+        });
+        query.push(daily_upsert!());
+        query.build().execute(&mut *self).await?;
+        Ok(())
     }
 }
 
@@ -671,6 +743,37 @@ impl BatchSql for PgConnection {
         .execute(&mut *self)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(concat!(
+            "INSERT INTO usage_daily (",
+            daily_columns!(),
+            ") SELECT d.tenant_id, d.project_id, d.key_id, d.model, d.day, d.requests, \
+             d.prompt_tokens, d.cached_prompt_tokens, d.completion_tokens, d.cost_nanos \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+             WITH ORDINALITY AS d(tenant_id, project_id, key_id, model, day, requests, \
+             prompt_tokens, cached_prompt_tokens, completion_tokens, cost_nanos, n) \
+             ORDER BY d.n",
+            daily_upsert!()
+        ))
+        .bind(column(rows, |r| r.tenant))
+        .bind(column(rows, |r| r.project))
+        .bind(column(rows, |r| r.key_id))
+        .bind(column(rows, |r| r.model))
+        .bind(column(rows, |r| r.day))
+        .bind(column(rows, |r| r.requests))
+        .bind(column(rows, |r| r.prompt_tokens))
+        .bind(column(rows, |r| r.cached_prompt_tokens))
+        .bind(column(rows, |r| r.completion_tokens))
+        .bind(column(rows, |r| r.cost_nanos))
+        .execute(&mut *self)
+        .await?;
+        Ok(())
     }
 }
 

@@ -26,6 +26,7 @@ mod month;
 mod outbox;
 pub mod price;
 mod recovery;
+mod rollup;
 mod schema;
 mod statement;
 mod store;
@@ -46,7 +47,9 @@ pub use audit::{
     chain_hash,
 };
 pub use bench::{
-    BENCH_CONCURRENCY_MAX, BENCH_SETTLES_MAX, SettleBench, bench_price, bench_settles,
+    BENCH_CONCURRENCY_MAX, BENCH_SEED_DIMENSION_MAX, BENCH_SETTLES_MAX, BENCH_USAGE_ROWS_MAX,
+    BenchDatabase, SeededUsage, SettleBench, UsageSeed, bench_price, bench_seed_usage,
+    bench_settles,
 };
 pub use billing::{
     HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RESERVE_BATCH_LEN_MAX,
@@ -60,13 +63,16 @@ pub use keys::{
     KEY_ID_LEN, KEY_NAME_BYTES_MAX, KEY_PREFIX, KEY_SECRET_LEN, SUSPENDED_REASON_BYTES_MAX,
 };
 pub use kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
-pub use month::Month;
+pub use month::{Day, Month};
 pub use outbox::{
     ALERT_CLAIM_LEN_MAX, ALERT_ERROR_BYTES_MAX, ALERT_PAYLOAD_BYTES_MAX, ClaimedAlert, NewAlert,
     OutboxCounts,
 };
 pub use price::{BilledTokens, PriceVersion};
 pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};
+pub use rollup::{
+    DailyUsage, TENANT_SPEND_TENANTS_MAX, TenantSpend, USAGE_DAILY_DAYS_MAX, USAGE_DAILY_ROWS_MAX,
+};
 pub use schema::{
     Check, MigrateReport, MigrationId, Readiness, SchemaStatus, migrate, schema_status,
 };

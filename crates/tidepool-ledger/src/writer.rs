@@ -2,21 +2,24 @@
 //! a bounded channel and await its own outcome; one writer task per `Ledger` drains up to
 //! [`SETTLE_BATCH_LEN_MAX`] commands and applies them in one transaction with a handful of
 //! statements — one update that resolves the open reservations and reads them back, one read of
-//! the others, one usage insert (on PostgreSQL each one prepared statement with whole columns
-//! bound as arrays, see `batch_sql`), one balance update per tenant and one per budget row — so
-//! the cost of a commit is shared by the whole batch. Replies go out only after the commit: an
-//! `Ok` is durable (docs/ledger.md, "Durability"). If a batch fails as a whole, each command is
-//! retried alone so one bad command cannot fail its neighbours. Reservations have their own
-//! group-committed writer (`billing`).
+//! the others, one usage insert, one upsert of the daily usage rollup (`rollup`; on PostgreSQL
+//! each one prepared statement with whole columns bound as arrays, see `batch_sql`), one balance
+//! update per tenant and one per budget row — so the cost of a commit is shared by the whole
+//! batch. Replies go out only after the commit: an `Ok` is durable (docs/ledger.md,
+//! "Durability"). If a batch fails as a whole, each command is retried alone so one bad command
+//! cannot fail its neighbours. Reservations have their own group-committed writer (`billing`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch_sql::{BatchSql as _, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow};
+use crate::batch_sql::{
+    BatchSql as _, DAILY_BINDS, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
+};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
+use crate::rollup::daily_rows;
 use crate::store::{Store, on_store, to_i64};
 use crate::usage::{status_parts, validate_entry};
 use crate::{Clock, LedgerError, UsageEntry};
@@ -33,6 +36,10 @@ const _: () = assert!(
 const _: () = assert!(
     SETTLE_BATCH_LEN_MAX * USAGE_BINDS < SQLITE_BINDS_MAX,
     "a batch fits SQLite's bind limit"
+);
+const _: () = assert!(
+    SETTLE_BATCH_LEN_MAX * DAILY_BINDS < SQLITE_BINDS_MAX,
+    "a batch's rollup rows fit SQLite's bind limit"
 );
 /// Rate windows older than this are deleted by the writer.
 const RATE_WINDOW_RETENTION_MS: i64 = 180_000;
@@ -650,6 +657,9 @@ impl Writer {
                     // reserved request): refuse the batch; one-by-one retry isolates it.
                     return Err(LedgerError::Invariant { what: "usage row already exists for a reserved request" });
                 }
+                // Their daily rollup: every row was inserted, so all of them count; one upsert
+                // per (tenant, project, key, model, day), before the account rows are locked.
+                tx.add_usage_daily(&daily_rows(&rows)?).await?;
 
                 // 5. Balances and budgets, in the global lock order.
                 let mut deltas = Deltas::default();

@@ -2,7 +2,8 @@
 // 200 requests concurrently, checkpoints some, settles some, and is killed with SIGKILL while
 // that is in flight. A new process with the same replica id then runs `recover()`. Whatever the
 // kill interrupted, the ledger must come back consistent: no open reservation, every reservation
-// with exactly one usage entry, `balance = credits − Σ billed costs`, statement reconciled.
+// with exactly one usage entry, `balance = credits − Σ billed costs`, statement reconciled, the
+// daily rollup equal to the entries.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -163,5 +164,7 @@ async fn kill_9_mid_flight(db: Arc<TestDb>) {
         restarted.recover().await.unwrap(),
         tidepool_ledger::RecoveryReport::default()
     );
+    // Whatever the kill cut short, the daily rollup holds exactly the entries that committed.
+    crate::rollups::assert_rollup_exact(&db).await;
 }
 both_stores!(kill_9_mid_flight_on, kill_9_mid_flight);

@@ -16,6 +16,8 @@ mod keys_usage;
 #[cfg(test)]
 mod model;
 #[cfg(test)]
+mod rollups;
+#[cfg(test)]
 mod schema;
 #[cfg(test)]
 mod throwaway;
