@@ -699,8 +699,13 @@ async function pageUsage(ctx) {
   const tableBox = h('div', { id: 'usage-table-box' });
   const exportButton = h('button', { type: 'button', id: 'usage-export', class: 'quiet' }, 'Export CSV');
 
-  const keyOf = (row) => (view.group === 'project' ? row.project : view.group === 'key' ? row.key_id : row.model);
-  const labelOf = (key) => (view.group === 'key' ? keyLabel(key, names) : key);
+  // A request refused before it reserved has no project, one that failed before its model was
+  // resolved no model: those rows group under the empty key.
+  const keyOf = (row) => (view.group === 'project' ? row.project : view.group === 'key' ? row.key_id : row.model) ?? '';
+  const labelOf = (key) => {
+    if (key === '') return '(none)';
+    return view.group === 'key' ? keyLabel(key, names) : key;
+  };
   let tableRows = [];
 
   const redraw = () => {
@@ -923,7 +928,7 @@ async function pageKeys(ctx) {
           td(h('code', {}, k.key_id)),
           td(k.project),
           td(badge(k.role || 'inference', k.role === 'tenant-admin' ? 'info' : 'idle')),
-          td(formatTime(k.created_at_ms)),
+          td(formatTime(k.created_at_ms), false, { class: 'nowrap' }),
           td([statusOf(k), details.length ? h('div', { class: 'muted' }, details.join('; ')) : null], false, { class: 'status' }),
           td(action));
       }) : [h('tr', {}, h('td', { colspan: 7 }, 'No keys yet.'))],
@@ -1262,7 +1267,7 @@ async function pageAudit(ctx) {
     h('a', { href: '#/audit' }, 'Newest'));
   const rows = [...entries].reverse().map((e) => h('tr', { dataset: { seq: e.seq } },
     td(formatInt(e.seq), true),
-    td(formatTime(e.at_ms)),
+    td(formatTime(e.at_ms), false, { class: 'nowrap' }),
     td(h('code', {}, e.actor)),
     h('th', { scope: 'row' }, e.action),
     td(h('code', {}, e.target)),
