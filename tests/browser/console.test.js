@@ -5,7 +5,8 @@
 // playwright-core; axe-core checks accessibility inside each page. Every test also fails on an
 // uncaught page error, a failed request or an unexpected HTTP error status.
 //
-// Run with `make browser-test`; TIDEPOOL_CONSOLE_SCREENSHOTS=1 also writes docs/console/*.png.
+// Run with `make browser-test`; TIDEPOOL_CONSOLE_SCREENSHOTS=1 also writes docs/console/*.png,
+// TIDEPOOL_KEEP_TEST_DIRS=1 keeps each server's directory (database, config, log).
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
@@ -128,7 +129,11 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  for (const server of [sub, gateway, worker]) if (server) await server.stop();
+  for (const server of [sub, gateway, worker]) {
+    if (!server) continue;
+    await server.stop();
+    server.removeDir();
+  }
 });
 
 /**

@@ -164,6 +164,12 @@ class Tidepool {
     if (!done) await this.kill();
   }
 
+  /** Deletes the temp directory (database, config, log) unless TIDEPOOL_KEEP_TEST_DIRS=1. */
+  removeDir() {
+    if (process.env.TIDEPOOL_KEEP_TEST_DIRS === '1') return;
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
   /** One HTTP call: `{ status, text, json }` (json parsed when the body is JSON). */
   async request(method, route, { body, bearer, headers = {} } = {}) {
     const init = { method, headers: { ...headers }, signal: AbortSignal.timeout(REQUEST_MS_MAX) };
