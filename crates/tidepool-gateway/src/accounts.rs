@@ -27,7 +27,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, authenticate, bearer};
-use crate::state::AppState;
+use crate::state::{AppState, admin_audit};
 use crate::usage::UsageBreadth;
 
 /// Query of `GET /v1/usage`.
@@ -282,13 +282,9 @@ pub(crate) async fn create_tenant(
                 .map_err(|e| ApiError::invalid_param("currency", e.to_string()))?,
             None => Currency::USD,
         };
-        state.ledger().create_tenant(&tenant, currency).await?;
         state
-            .audit_admin(
-                "tenant.create",
-                &format!("tenant:{tenant}"),
-                serde_json::json!({ "currency": currency.to_string() }),
-            )
+            .ledger()
+            .create_tenant(&tenant, currency, &admin_audit())
             .await?;
         Ok((
             StatusCode::CREATED,
@@ -332,13 +328,9 @@ pub(crate) async fn create_project(
         let ApiJson(body) = body?;
         let tenant = tenant_id(&tenant)?;
         let project = project_id(&body.project)?;
-        state.ledger().create_project(&tenant, &project).await?;
         state
-            .audit_admin(
-                "project.create",
-                &format!("project:{tenant}/{project}"),
-                serde_json::json!({}),
-            )
+            .ledger()
+            .create_project(&tenant, &project, &admin_audit())
             .await?;
         Ok((
             StatusCode::CREATED,
@@ -375,13 +367,9 @@ pub(crate) async fn credit(
         if amount <= Nanos::ZERO {
             return Err(ApiError::invalid_param("amount", "must be positive"));
         }
-        state.ledger().credit(&tenant, amount, &body.note).await?;
         state
-            .audit_admin(
-                "tenant.credit",
-                &format!("tenant:{tenant}"),
-                serde_json::json!({ "amount_nanos": amount.0, "note": body.note }),
-            )
+            .ledger()
+            .credit(&tenant, amount, &body.note, &admin_audit())
             .await?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
@@ -425,16 +413,7 @@ pub(crate) async fn create_key(
         };
         let created = state
             .ledger()
-            .create_key_in_project(&tenant, &project, &body.name)
-            .await?;
-        state
-            .audit_admin(
-                "key.create",
-                &format!("key:{}", created.record.key_id),
-                serde_json::json!({
-                    "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
-                }),
-            )
+            .create_key_in_project(&tenant, &project, &body.name, &admin_audit())
             .await?;
         let out = CreatedKeyOut {
             object: "api_key",
@@ -458,14 +437,7 @@ pub(crate) async fn revoke_key(
 ) -> Response {
     admin_handler!(state, headers, {
         let key_id = KeyId(key_id);
-        state.ledger().revoke_key(&key_id).await?;
-        state
-            .audit_admin(
-                "key.revoke",
-                &format!("key:{key_id}"),
-                serde_json::json!({}),
-            )
-            .await?;
+        state.ledger().revoke_key(&key_id, &admin_audit()).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
@@ -514,14 +486,6 @@ fn budget_scope(
     }
 }
 
-/// The audit target of a budget: `project:<tenant>/<project>` or `key:<key id>`.
-fn budget_target(scope: &BudgetScope) -> String {
-    match scope {
-        BudgetScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
-        BudgetScope::Key { key_id } => format!("key:{key_id}"),
-    }
-}
-
 #[utoipa::path(put, path = "/admin/budgets", tag = "admin", request_body = BudgetRequest,
     security(("admin" = [])),
     responses((status = 200, body = BudgetOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -543,13 +507,9 @@ pub(crate) async fn set_budget(
             .as_deref()
             .map(|text| amount("limit", text))
             .transpose()?;
-        state.ledger().set_budget(&scope, limit).await?;
         state
-            .audit_admin(
-                "budget.set",
-                &budget_target(&scope),
-                serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
-            )
+            .ledger()
+            .set_budget(&scope, limit, &admin_audit())
             .await?;
         let status = state.ledger().budget(&scope).await?;
         Ok(Json(BudgetOut {
@@ -622,21 +582,7 @@ pub(crate) async fn set_rate_limits(
                     requests_per_minute: body.requests_per_minute,
                     tokens_per_minute: body.tokens_per_minute,
                 },
-            )
-            .await?;
-        let target = match &scope {
-            RateScope::Key { key_id } => format!("key:{key_id}"),
-            RateScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
-            RateScope::Model { model } => format!("model:{model}"),
-        };
-        state
-            .audit_admin(
-                "rate_limits.set",
-                &target,
-                serde_json::json!({
-                    "requests_per_minute": body.requests_per_minute,
-                    "tokens_per_minute": body.tokens_per_minute,
-                }),
+                &admin_audit(),
             )
             .await?;
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -1,5 +1,6 @@
 //! The model pool over HTTP: `GET /v1/pool` (what is resident, queued and in flight, what each
-//! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`.
+//! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`
+//! (audited).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -15,7 +16,7 @@ use utoipa::ToSchema;
 use crate::accounts::admin;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::authenticate;
-use crate::state::AppState;
+use crate::state::{AppState, admin_audit};
 
 /// `GET /v1/pool`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -414,7 +415,9 @@ pub(crate) async fn load_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    model_request(&state, &headers, &id, "load").unwrap_or_else(IntoResponse::into_response)
+    model_request(&state, &headers, &id, "load")
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 #[utoipa::path(post, path = "/admin/models/{id}/unload", tag = "admin",
@@ -426,10 +429,14 @@ pub(crate) async fn unload_model(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    model_request(&state, &headers, &id, "unload").unwrap_or_else(IntoResponse::into_response)
+    model_request(&state, &headers, &id, "unload")
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn model_request(
+/// Asks the pool to load or unload a model, audited as `model.load` / `model.unload` once the
+/// pool took the request.
+async fn model_request(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
@@ -448,13 +455,19 @@ fn model_request(
         runtime.request_unload(&model)
     };
     result?;
-    let status = runtime.status();
-    let state_now = status
+    let state_now = runtime
+        .status()
         .models
         .iter()
         .find(|m| m.model == model)
         .map(|m| serde_plain(&m.state))
         .unwrap_or_default();
+    let details = serde_json::json!({ "state": state_now });
+    let action = format!("model.{requested}");
+    let target = format!("model:{model}");
+    state
+        .audit_event(&admin_audit(), &action, &target, &details)
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(ModelRequestOut {

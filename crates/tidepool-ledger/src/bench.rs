@@ -7,6 +7,7 @@ use std::time::Duration;
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tokio::task::JoinSet;
 
+use crate::audit::AuditContext;
 use crate::billing::ReserveRequest;
 use crate::price::PriceVersion;
 use crate::{Ledger, LedgerError, UsageEntry, UsageStatus};
@@ -120,12 +121,18 @@ pub async fn bench_settles(
     let ledger = Ledger::connect(database_url).await?;
     let tenant = TenantId::new(format!("bench-{}", uuid::Uuid::now_v7().simple()))?;
     let model = ModelId::new("bench-model").map_err(tidepool_core::CoreError::from)?;
-    ledger.create_tenant(&tenant, Currency::USD).await?;
+    let audit = &AuditContext::SYSTEM;
+    ledger.create_tenant(&tenant, Currency::USD, audit).await?;
     ledger
-        .credit(&tenant, Nanos(crate::accounts::CREDIT_NANOS_MAX), "bench")
+        .credit(
+            &tenant,
+            Nanos(crate::accounts::CREDIT_NANOS_MAX),
+            "bench",
+            audit,
+        )
         .await?;
-    ledger.set_price(&bench_price(model.clone())).await?;
-    let key = ledger.create_key(&tenant, "bench").await?;
+    ledger.set_price(&bench_price(model.clone()), audit).await?;
+    let key = ledger.create_key(&tenant, "bench", audit).await?;
     let key_id = key.record.key_id;
 
     let ids: Vec<RequestId> = (0..settles).map(|_| RequestId::new()).collect();
