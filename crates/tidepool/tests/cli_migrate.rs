@@ -53,6 +53,13 @@ fn tidepool(dir: &Path, args: &[&str]) -> Command {
     command
 }
 
+/// What `migrate` prints once every migration this binary embeds is applied.
+fn schema_current() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tidepool-ledger/migrations/sqlite");
+    let migrations = std::fs::read_dir(dir).unwrap().count();
+    format!("schema current ({migrations} migrations)")
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -264,21 +271,4 @@ async fn concurrent_migrate_processes_on_one_postgres_database_all_succeed() {
         succeeded(&check, "migrate --check");
     })
     .await;
-}
-
-/// `schema current (N migrations)` for this build's N: every migration file of the ledger.
-fn schema_current() -> String {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tidepool-ledger/migrations/sqlite"
-    );
-    let count = std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|entry| {
-            entry
-                .as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
-        })
-        .count();
-    format!("schema current ({count} migrations)")
 }
