@@ -1,10 +1,10 @@
 //! `tidepool-ledger` owns everything that is money or identity at rest: API keys (only their
-//! SHA-256 is stored), usage entries (exactly one per request id), tenants → projects → keys,
-//! prepaid balances, monthly budgets, the versioned price book, RPM/TPM windows, durable
-//! reservations (reserve → settle | void), monthly statements, the hash-chained audit log, the
-//! durable outbox of webhook alerts and key suspensions. One behavioural suite runs on
-//! both stores: SQLite (default, embedded, WAL) and PostgreSQL, each with its own `sqlx`
-//! migration set. docs/ledger.md states the guarantees and how each is tested.
+//! SHA-256 is stored), usage entries (exactly one per request id) and their daily rollups
+//! (`rollup`), tenants → projects → keys, prepaid balances, monthly budgets, the versioned price
+//! book, RPM/TPM windows, durable reservations (reserve → settle | void), monthly statements, the
+//! hash-chained audit log, the durable outbox of webhook alerts and key suspensions. One
+//! behavioural suite runs on both stores: SQLite (default, embedded, WAL) and PostgreSQL, each
+//! with its own `sqlx` migration set. docs/ledger.md states the guarantees and how each is tested.
 //!
 //! It never depends on the gateway, the engine or the pool. Read [`Ledger`] first, then
 //! [`Ledger::reserve`], [`Ledger::settle`] and the rounding rule in [`price`].
