@@ -71,13 +71,6 @@ fn tidepool(dir: &Path, args: &[&str]) -> Command {
     command
 }
 
-/// What `migrate` prints once every migration this binary embeds is applied.
-fn schema_current() -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tidepool-ledger/migrations/sqlite");
-    let migrations = std::fs::read_dir(dir).unwrap().count();
-    format!("schema current ({migrations} migrations)")
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
