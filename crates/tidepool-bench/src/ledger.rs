@@ -29,7 +29,7 @@ use serde_json::json;
 use tidepool_core::{BillingConfig, Currency, Limits, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_gateway::{AppState, ServedModel, StateOptions, router};
-use tidepool_ledger::{CREDIT_NANOS_MAX, Ledger, RateLimits, RateScope};
+use tidepool_ledger::{AuditContext, CREDIT_NANOS_MAX, Ledger, RateLimits, RateScope};
 use tokio::time::Instant;
 
 use crate::common::{ms, percentile};
@@ -320,7 +320,9 @@ async fn gateway(
             ..StateOptions::new(Limits::default())
         },
     );
-    let key = ledger.create_key(tenant, "bench").await?;
+    let key = ledger
+        .create_key(tenant, "bench", &AuditContext::ADMIN)
+        .await?;
     // Quotas on the metered side: generous limits that every request passes, so the windows
     // are updated on every request like in production.
     if enforce {
@@ -354,6 +356,7 @@ async fn generous_rate_limits(
                 requests_per_minute: Some(1_000_000),
                 tokens_per_minute: Some(1_000_000_000),
             },
+            &AuditContext::ADMIN,
         )
         .await?;
     Ok(())
@@ -362,9 +365,16 @@ async fn generous_rate_limits(
 /// A fresh tenant with (nearly) unlimited credit, named for this run.
 async fn bench_tenant(ledger: &Ledger) -> anyhow::Result<TenantId> {
     let tenant = TenantId::new(format!("bench-{}", std::process::id()))?;
-    ledger.create_tenant(&tenant, Currency::USD).await?;
     ledger
-        .credit(&tenant, Nanos(CREDIT_NANOS_MAX), "bench")
+        .create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
+        .await?;
+    ledger
+        .credit(
+            &tenant,
+            Nanos(CREDIT_NANOS_MAX),
+            "bench",
+            &AuditContext::ADMIN,
+        )
         .await?;
     Ok(tenant)
 }
@@ -379,7 +389,10 @@ async fn overhead(args: &LedgerBenchArgs, urls: &[String]) -> anyhow::Result<Vec
             .with_context(|| format!("overhead ledger on {url}"))?;
         let tenant = bench_tenant(&ledger).await?;
         ledger
-            .set_price(&tidepool_ledger::bench_price(ModelId::new("bench-fake")?))
+            .set_price(
+                &tidepool_ledger::bench_price(ModelId::new("bench-fake")?),
+                &AuditContext::ADMIN,
+            )
             .await?;
         let metered = gateway(&ledger, true, args, &tenant).await?;
         let plain = gateway(&ledger, false, args, &tenant).await?;
@@ -593,11 +606,20 @@ async fn outside_gateway(
     let key = {
         let ledger = Ledger::connect(child.database_url()).await?;
         let tenant = TenantId::new(format!("bench-{name}-{}", std::process::id()))?;
-        ledger.create_tenant(&tenant, Currency::USD).await?;
         ledger
-            .credit(&tenant, Nanos(CREDIT_NANOS_MAX), "bench")
+            .create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
             .await?;
-        let key = ledger.create_key(&tenant, "bench").await?;
+        ledger
+            .credit(
+                &tenant,
+                Nanos(CREDIT_NANOS_MAX),
+                "bench",
+                &AuditContext::ADMIN,
+            )
+            .await?;
+        let key = ledger
+            .create_key(&tenant, "bench", &AuditContext::ADMIN)
+            .await?;
         if billing {
             generous_rate_limits(&ledger, &key.record.key_id).await?;
         }

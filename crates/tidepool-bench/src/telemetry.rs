@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::json;
 use tidepool_core::{Currency, Nanos, TenantId};
-use tidepool_ledger::{CREDIT_NANOS_MAX, Ledger};
+use tidepool_ledger::{AuditContext, CREDIT_NANOS_MAX, Ledger};
 
 use crate::common::percentile;
 use crate::open_loop;
@@ -168,11 +168,21 @@ async fn gateway(
     let key = {
         let ledger = Ledger::connect(child.database_url()).await?;
         let tenant = TenantId::new(format!("bench-{name}-{}", std::process::id()))?;
-        ledger.create_tenant(&tenant, Currency::USD).await?;
         ledger
-            .credit(&tenant, Nanos(CREDIT_NANOS_MAX), "bench")
+            .create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
             .await?;
-        ledger.create_key(&tenant, "bench").await?.secret
+        ledger
+            .credit(
+                &tenant,
+                Nanos(CREDIT_NANOS_MAX),
+                "bench",
+                &AuditContext::ADMIN,
+            )
+            .await?;
+        ledger
+            .create_key(&tenant, "bench", &AuditContext::ADMIN)
+            .await?
+            .secret
     };
     child
         .start(&["serve"], timeout_s)

@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::{CoreError, FieldError, ModelId, Nanos, TokenCount, money::Currency};
 
 mod alerts;
+mod audit;
 mod sources;
 
 pub use alerts::{ALERT_EVENTS, ALERT_SINKS_MAX, AlertConfig, LeakDetectionConfig};
+pub use audit::{AUDIT_CHECKPOINT_KEY_ENV_DEFAULT, AuditConfig};
 
 pub use sources::{
     ENV_PREFIX, ENV_SEPARATOR, Resolved, Source, database_location, is_config_var, redact_url,
@@ -47,6 +49,9 @@ pub struct Config {
     pub leak_detection: LeakDetectionConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The audit log's signed checkpoints.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -805,7 +810,7 @@ impl Config {
         problems.into_result()
     }
 
-    /// `[[alerts]]` and `[leak_detection]`.
+    /// `[[alerts]]`, `[leak_detection]` and `[audit]`.
     fn validate_alerts(&self, problems: &mut Problems) {
         let mut errors = Vec::new();
         if self.alerts.len() > ALERT_SINKS_MAX {
@@ -822,6 +827,7 @@ impl Config {
             alert.validate(index, &mut errors);
         }
         self.leak_detection.validate(&mut errors);
+        self.audit.validate(&mut errors);
         for (field, reason) in errors {
             problems.add(field, reason);
         }

@@ -28,7 +28,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, authenticate};
 use crate::principal::{self, Caller};
-use crate::state::AppState;
+use crate::state::{AppState, admin_audit, audit_context};
 use crate::usage::UsageBreadth;
 
 /// Query of `GET /v1/usage`.
@@ -294,13 +294,9 @@ pub(crate) async fn create_tenant(
                 .map_err(|e| ApiError::invalid_param("currency", e.to_string()))?,
             None => Currency::USD,
         };
-        state.ledger().create_tenant(&tenant, currency).await?;
         state
-            .audit_admin(
-                "tenant.create",
-                &format!("tenant:{tenant}"),
-                serde_json::json!({ "currency": currency.to_string() }),
-            )
+            .ledger()
+            .create_tenant(&tenant, currency, &admin_audit())
             .await?;
         Ok((
             StatusCode::CREATED,
@@ -346,14 +342,9 @@ pub(crate) async fn create_project(
         let tenant = tenant_id(&tenant)?;
         check_tenant(&caller, &tenant)?;
         let project = project_id(&body.project)?;
-        state.ledger().create_project(&tenant, &project).await?;
         state
-            .audit_as(
-                &caller.audit_actor(),
-                "project.create",
-                &format!("project:{tenant}/{project}"),
-                serde_json::json!({}),
-            )
+            .ledger()
+            .create_project(&tenant, &project, &audit_context(caller.audit_actor()))
             .await?;
         Ok((
             StatusCode::CREATED,
@@ -390,13 +381,9 @@ pub(crate) async fn credit(
         if amount <= Nanos::ZERO {
             return Err(ApiError::invalid_param("amount", "must be positive"));
         }
-        state.ledger().credit(&tenant, amount, &body.note).await?;
         state
-            .audit_admin(
-                "tenant.credit",
-                &format!("tenant:{tenant}"),
-                serde_json::json!({ "amount_nanos": amount.0, "note": body.note }),
-            )
+            .ledger()
+            .credit(&tenant, amount, &body.note, &admin_audit())
             .await?;
         Ok(Json(account_of(&state, &tenant).await?).into_response())
     })
@@ -451,17 +438,12 @@ pub(crate) async fn create_key(
         };
         let created = state
             .ledger()
-            .create_key_with_role(&tenant, &project, &body.name, role)
-            .await?;
-        state
-            .audit_as(
-                &caller.audit_actor(),
-                "key.create",
-                &format!("key:{}", created.record.key_id),
-                serde_json::json!({
-                    "tenant": tenant.as_str(), "project": project.as_str(), "name": body.name,
-                    "role": role.as_str(),
-                }),
+            .create_key_with_role(
+                &tenant,
+                &project,
+                &body.name,
+                role,
+                &audit_context(caller.audit_actor()),
             )
             .await?;
         let out = CreatedKeyOut {
@@ -488,14 +470,9 @@ pub(crate) async fn revoke_key(
     caller_handler!(state, headers, |caller| {
         let key_id = KeyId(key_id);
         principal::key_tenant(&state, &caller, &key_id).await?;
-        state.ledger().revoke_key(&key_id).await?;
         state
-            .audit_as(
-                &caller.audit_actor(),
-                "key.revoke",
-                &format!("key:{key_id}"),
-                serde_json::json!({}),
-            )
+            .ledger()
+            .revoke_key(&key_id, &audit_context(caller.audit_actor()))
             .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
@@ -545,14 +522,6 @@ fn budget_scope(
     }
 }
 
-/// The audit target of a budget: `project:<tenant>/<project>` or `key:<key id>`.
-fn budget_target(scope: &BudgetScope) -> String {
-    match scope {
-        BudgetScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
-        BudgetScope::Key { key_id } => format!("key:{key_id}"),
-    }
-}
-
 #[utoipa::path(put, path = "/admin/budgets", tag = "admin", request_body = BudgetRequest,
     security(("admin" = [])),
     responses((status = 200, body = BudgetOut), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -580,14 +549,9 @@ pub(crate) async fn set_budget(
             .as_deref()
             .map(|text| amount("limit", text))
             .transpose()?;
-        state.ledger().set_budget(&scope, limit).await?;
         state
-            .audit_as(
-                &caller.audit_actor(),
-                "budget.set",
-                &budget_target(&scope),
-                serde_json::json!({ "limit_nanos": limit.map(|l| l.0) }),
-            )
+            .ledger()
+            .set_budget(&scope, limit, &audit_context(caller.audit_actor()))
             .await?;
         let status = state.ledger().budget(&scope).await?;
         Ok(Json(BudgetOut {
@@ -660,21 +624,7 @@ pub(crate) async fn set_rate_limits(
                     requests_per_minute: body.requests_per_minute,
                     tokens_per_minute: body.tokens_per_minute,
                 },
-            )
-            .await?;
-        let target = match &scope {
-            RateScope::Key { key_id } => format!("key:{key_id}"),
-            RateScope::Project { tenant, project } => format!("project:{tenant}/{project}"),
-            RateScope::Model { model } => format!("model:{model}"),
-        };
-        state
-            .audit_admin(
-                "rate_limits.set",
-                &target,
-                serde_json::json!({
-                    "requests_per_minute": body.requests_per_minute,
-                    "tokens_per_minute": body.tokens_per_minute,
-                }),
+                &admin_audit(),
             )
             .await?;
         Ok(StatusCode::NO_CONTENT.into_response())

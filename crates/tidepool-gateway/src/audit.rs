@@ -1,7 +1,9 @@
 //! The audit surface of the admin API: `GET /admin/audit` (the hash-chained log, paginated, with
-//! the chain's verdict) and `POST /admin/keys/{key_id}/reinstate` (lifts a leaked-key
-//! suspension). Every admin handler audits its change with `AppState::audit_admin` once it
-//! committed.
+//! the chain's verdict, or as JSON lines) and `POST /admin/keys/{key_id}/reinstate` (lifts a
+//! leaked-key suspension). Every admin handler passes `state::admin_audit()` to its ledger call,
+//! which appends the audit entry in the change's own transaction; events that change nothing in
+//! the ledger (a model loaded or unloaded, a request refused by residency) go through
+//! `AppState::audit_event`. [`audit_checkpointing`] reads `[audit]` for the server and the CLI.
 #![expect(
     unused_qualifications,
     reason = "utoipa's `params(..)` expansion qualifies the query types it is given"
@@ -9,15 +11,34 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tidepool_core::KeyId;
-use tidepool_ledger::{AUDIT_PAGE_LEN_MAX, AuditEntry};
+use tidepool_core::config::AuditConfig;
+use tidepool_ledger::{
+    AUDIT_PAGE_LEN_MAX, AuditCheckpoint, AuditCheckpointing, AuditEntry, AuditKey, LedgerError,
+};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::state::AppState;
+use crate::load::ServeError;
+use crate::state::{AppState, admin_audit};
+
+/// The ledger's checkpointing from `[audit]`: `None` when the key's variable is unset or empty.
+pub fn audit_checkpointing(config: &AuditConfig) -> Result<Option<AuditCheckpointing>, ServeError> {
+    let Some(key) = config.checkpoint_key() else {
+        return Ok(None);
+    };
+    let key = AuditKey::new(key).map_err(|_| ServeError::AuditKey {
+        var: config.checkpoint_key_env.clone(),
+    })?;
+    Ok(Some(AuditCheckpointing {
+        key,
+        every_entries: config.checkpoint_every_entries,
+        interval_ms: config.checkpoint_interval_ms,
+    }))
+}
 
 /// Entries of a `GET /admin/audit` page when `limit` is absent.
 pub const AUDIT_PAGE_LEN_DEFAULT: u32 = 100;
@@ -30,6 +51,10 @@ pub struct AuditQuery {
     pub after: Option<i64>,
     /// Entries per page: 1 to 1000, default 100.
     pub limit: Option<u32>,
+    /// `json` (default): a page with the chain's verdict; `jsonl`: the page's entries only, one
+    /// JSON object per line (`application/x-ndjson`), for export (the next page starts after the
+    /// last line's `seq`).
+    pub format: Option<String>,
 }
 
 /// One audit entry.
@@ -44,11 +69,14 @@ pub struct AuditEntryOut {
     /// The action's details (a JSON object).
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
+    /// The request that made the change (`x-request-id`), if any.
+    pub request_id: Option<String>,
     pub prev_hash: String,
     pub hash: String,
 }
 
-fn entry_out(entry: AuditEntry) -> AuditEntryOut {
+/// The JSON form of an entry, also each line of an export.
+pub fn entry_out(entry: AuditEntry) -> AuditEntryOut {
     AuditEntryOut {
         seq: entry.seq,
         at_ms: entry.at_ms,
@@ -58,6 +86,7 @@ fn entry_out(entry: AuditEntry) -> AuditEntryOut {
         // The stored text is what the hash covers; shown parsed (it was JSON when written).
         details: serde_json::from_str(&entry.details)
             .unwrap_or(serde_json::Value::String(entry.details)),
+        request_id: entry.request_id,
         prev_hash: entry.prev_hash,
         hash: entry.hash,
     }
@@ -78,13 +107,48 @@ pub struct AuditPage {
     pub first_broken_reason: Option<String>,
     /// Entries the verification read.
     pub chain_entries: u64,
+    /// Signed checkpoints the verification checked against their entries.
+    pub chain_checkpoints: u64,
+    /// Whether the checkpoints' signatures were checked (a checkpoint key is configured).
+    pub checkpoint_signatures_checked: bool,
+    /// The newest checkpoint that verified: keep a copy outside the database.
+    pub latest_checkpoint: Option<AuditCheckpointOut>,
+}
+
+/// A signed checkpoint of the audit chain: entry `seq` had hash `hash`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditCheckpointOut {
+    pub seq: i64,
+    pub hash: String,
+    pub created_at_ms: i64,
+    /// HMAC-SHA256 (hex) of the other fields under the checkpoint key.
+    pub hmac: String,
+}
+
+fn checkpoint_out(checkpoint: AuditCheckpoint) -> AuditCheckpointOut {
+    AuditCheckpointOut {
+        seq: checkpoint.seq,
+        hash: checkpoint.hash,
+        created_at_ms: checkpoint.created_at_ms,
+        hmac: checkpoint.hmac,
+    }
+}
+
+/// Entries as JSON lines, each ending with a newline.
+pub fn jsonl(entries: Vec<AuditEntry>) -> Result<String, serde_json::Error> {
+    let mut out = String::new();
+    for entry in entries {
+        out.push_str(&serde_json::to_string(&entry_out(entry))?);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 #[utoipa::path(get, path = "/admin/audit", tag = "admin", params(AuditQuery),
     security(("admin" = [])),
     responses(
-        (status = 200, description = "A page of the audit log, oldest first, with the whole chain's verdict", body = AuditPage),
-        (status = 400, description = "`invalid_request_error` (`limit` out of 1..=1000)", body = ErrorBody),
+        (status = 200, description = "A page of the audit log, oldest first, with the whole chain's verdict; with `format=jsonl`, the page's entries as JSON lines", body = AuditPage),
+        (status = 400, description = "`invalid_request_error` (`limit` out of 1..=1000, `format` not `json` or `jsonl`)", body = ErrorBody),
         (status = 401, description = "`invalid_admin_token`", body = ErrorBody),
         (status = 503, description = "`unavailable`", body = ErrorBody),
     ))]
@@ -106,9 +170,28 @@ pub(crate) async fn list_audit(
                 format!("must be 1 to {AUDIT_PAGE_LEN_MAX}"),
             ));
         }
+        let as_lines = match query.format.as_deref() {
+            None | Some("json") => false,
+            Some("jsonl") => true,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "format",
+                    "must be `json` or `jsonl`",
+                ));
+            }
+        };
         let after = query.after.unwrap_or(0);
         let entries = state.ledger().list_audit(after, limit).await?;
-        let verdict = state.ledger().verify_audit_chain().await?;
+        if as_lines {
+            let body = jsonl(entries).map_err(|_| {
+                ApiError::Ledger(LedgerError::Corrupt {
+                    what: "audit entry",
+                })
+            })?;
+            let content_type = HeaderValue::from_static("application/x-ndjson");
+            return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
+        }
+        let verdict = state.ledger().verify_audit_chain(None).await?;
         let full = entries.len() == usize::try_from(limit).unwrap_or(usize::MAX);
         let next_after = if full {
             entries.last().map(|e| e.seq)
@@ -123,6 +206,9 @@ pub(crate) async fn list_audit(
             first_broken_seq: verdict.first_broken.as_ref().map(|b| b.seq),
             first_broken_reason: verdict.first_broken.map(|b| b.reason.to_owned()),
             chain_entries: verdict.entries,
+            chain_checkpoints: verdict.checkpoints,
+            checkpoint_signatures_checked: verdict.signatures_checked,
+            latest_checkpoint: verdict.latest_checkpoint.map(checkpoint_out),
         })
         .into_response())
     }
@@ -154,16 +240,10 @@ pub(crate) async fn reinstate_key(
     let result: Result<Response, ApiError> = async {
         crate::principal::operator(&state, &headers).await?;
         let key_id = KeyId(key_id);
-        let reinstated = state.ledger().reinstate_key(&key_id).await?;
-        if reinstated {
-            state
-                .audit_admin(
-                    "key.reinstate",
-                    &format!("key:{key_id}"),
-                    serde_json::json!({}),
-                )
-                .await?;
-        }
+        let reinstated = state
+            .ledger()
+            .reinstate_key(&key_id, &admin_audit())
+            .await?;
         Ok((
             StatusCode::OK,
             Json(ReinstatedOut {

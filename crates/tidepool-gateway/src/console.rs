@@ -12,13 +12,12 @@
 //! DELETE) that rides on it must also carry `X-Tidepool-Console: 1` and, when the browser sends
 //! an `Origin`, the server's own ([`csrf_guard`]).
 
+use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
-use tidepool_core::RequestId;
 use tidepool_ledger::KeyRole;
 use utoipa::ToSchema;
 
@@ -27,7 +26,7 @@ use crate::extract::ApiJson;
 use crate::principal::{
     Caller, Claims, SESSION_COOKIE, cookie_value, live_key, session_caller, sign, verify,
 };
-use crate::state::AppState;
+use crate::state::{AppState, audit_context};
 
 /// How long a console session lasts, in seconds (12 hours).
 pub const SESSION_TTL_S: i64 = 12 * 60 * 60;
@@ -111,7 +110,6 @@ fn session_out(caller: &Caller, expires_at: Option<i64>) -> SessionOut {
     ))]
 pub(crate) async fn sign_in(
     State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
     body: Result<ApiJson<SignIn>, ApiError>,
 ) -> Response {
     let result = async {
@@ -157,11 +155,11 @@ pub(crate) async fn sign_in(
             Caller::Key(record) => format!("key:{}", record.key_id),
         };
         state
-            .audit_as(
-                &caller.audit_actor(),
+            .audit_event(
+                &audit_context(caller.audit_actor()),
                 "console.sign_in",
                 &target,
-                serde_json::json!({ "request_id": request_id.to_string() }),
+                &serde_json::json!({}),
             )
             .await?;
         let mut response = Json(session_out(&caller, Some(expires_at))).into_response();

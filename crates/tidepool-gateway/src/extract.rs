@@ -207,7 +207,7 @@ pub(crate) async fn authenticate(
     if let Some(leak) = state.leak() {
         let verdict = leak.lock().on_request(&record.key_id, state.now_ms());
         if let Verdict::Suspend { reason } = verdict {
-            crate::suspend::suspend_key(state, &record, &reason).await;
+            crate::suspend::suspend_key(state, &record, &reason, request_id).await;
             return Err(ApiError::KeySuspended {
                 key_id: record.key_id,
                 reason,

@@ -367,6 +367,7 @@ async fn open_ledger(config: &Config, options: &ServeOptions) -> Result<Ledger, 
         tidepool_ledger::LedgerOptions {
             replica_id: config.billing.replica_id.clone(),
             migrate: config.server.migrate_on_start,
+            audit_checkpoints: audit::audit_checkpointing(&config.audit)?,
             ..tidepool_ledger::LedgerOptions::default()
         },
     )

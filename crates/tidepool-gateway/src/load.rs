@@ -43,6 +43,12 @@ pub enum ServeError {
     Backend(#[from] BackendSetupError),
     #[error(transparent)]
     Alert(#[from] crate::alerts::AlertSetupError),
+    /// `[audit] checkpoint_key_env` names a variable whose key is too short.
+    #[error(
+        "the audit checkpoint key in `{var}` is shorter than {} bytes",
+        tidepool_ledger::AUDIT_CHECKPOINT_KEY_BYTES_MIN
+    )]
+    AuditKey { var: String },
     /// `backend = "fake"` in a binary built without the cargo feature `fake`.
     #[error(
         "model `{model}` has backend = \"fake\": the fake engine is for tests and load benchmarks \
@@ -275,7 +281,10 @@ pub async fn sync_prices(config: &Config, ledger: &Ledger) -> Result<(), ServeEr
             output_per_mtok: model.price_output_per_mtok,
             cached_input_per_mtok: model.price_cached_input_per_mtok,
         };
-        if ledger.sync_price(&price).await? {
+        if ledger
+            .sync_price(&price, &tidepool_ledger::AuditContext::SYSTEM)
+            .await?
+        {
             tracing::info!(model = %model.id, "price book updated from the config");
         }
     }

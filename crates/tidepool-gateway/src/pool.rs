@@ -1,5 +1,6 @@
 //! The model pool over HTTP: `GET /v1/pool` (what is resident, queued and in flight, what each
-//! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`.
+//! model costs in memory and time) and the operator's `POST /admin/models/{id}/load|unload`
+//! (audited).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -14,7 +15,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::principal::operator;
-use crate::state::AppState;
+use crate::state::{AppState, admin_audit};
 
 /// `GET /v1/pool`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -419,6 +420,8 @@ pub(crate) async fn unload_model(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Asks the pool to load or unload a model, audited as `model.load` / `model.unload` once the
+/// pool took the request.
 async fn model_request(
     state: &AppState,
     headers: &HeaderMap,
@@ -438,13 +441,19 @@ async fn model_request(
         runtime.request_unload(&model)
     };
     result?;
-    let status = runtime.status();
-    let state_now = status
+    let state_now = runtime
+        .status()
         .models
         .iter()
         .find(|m| m.model == model)
         .map(|m| serde_plain(&m.state))
         .unwrap_or_default();
+    let details = serde_json::json!({ "state": state_now });
+    let action = format!("model.{requested}");
+    let target = format!("model:{model}");
+    state
+        .audit_event(&admin_audit(), &action, &target, &details)
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(ModelRequestOut {

@@ -6,7 +6,7 @@
 //! lags loses the oldest ones (logged).
 
 use tidepool_engine::watchdog::EngineRestart;
-use tidepool_ledger::AuditActor;
+use tidepool_ledger::AuditContext;
 use tokio::sync::broadcast::{Receiver, error::RecvError};
 use tokio::task::JoinHandle;
 
@@ -62,7 +62,7 @@ async fn record(state: &AppState, notice: &EngineRestart) {
     let target = format!("engine:{}", notice.engine);
     if let Err(error) = state
         .ledger()
-        .append_audit(&AuditActor::System, "engine.restart", &target, &details)
+        .append_audit(&AuditContext::SYSTEM, "engine.restart", &target, &details)
         .await
     {
         tracing::error!(%error, engine = %notice.engine, "cannot audit an engine restart");

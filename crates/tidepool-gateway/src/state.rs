@@ -12,13 +12,29 @@ use tidepool_core::{
     BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind, TelemetryConfig,
 };
 use tidepool_engine::{EmbeddingEngine, TextEngine};
-use tidepool_ledger::{Clock, Ledger, SystemClock};
+use tidepool_ledger::{AuditActor, AuditContext, Clock, Ledger, SystemClock};
 use tidepool_runtime::PoolRuntime;
 use tokio_util::task::TaskTracker;
 
 use crate::alerts::{AlertSink, Alerts};
 use crate::backends::Backends;
+use crate::error::CURRENT_REQUEST_ID;
 use crate::leak::LeakDetector;
+
+/// The audit context of a change `actor` makes while serving the current request: with its
+/// request id when there is one. Every audited ledger call takes one.
+pub(crate) fn audit_context(actor: AuditActor) -> AuditContext {
+    let context = AuditContext::new(actor);
+    match CURRENT_REQUEST_ID.try_with(|id| *id) {
+        Ok(request_id) => context.with_request_id(request_id),
+        Err(_) => context,
+    }
+}
+
+/// The audit context of an operator's change through the admin API.
+pub(crate) fn admin_audit() -> AuditContext {
+    audit_context(AuditActor::Admin)
+}
 
 /// The engine behind one served model.
 #[derive(Debug, Clone)]
@@ -319,33 +335,21 @@ impl AppState {
         &self.inner.alerts
     }
 
-    /// Appends an admin action to the audit log (actor `admin`). Called once the action
-    /// committed; if the append fails the handler answers with that error (503 when the
-    /// database is down), although the action itself took effect — the log line names it.
-    pub(crate) async fn audit_admin(
+    /// Appends an event that changes nothing in the ledger (a model loaded, a request refused by
+    /// residency) to the audit log; a failure is logged, and returned.
+    pub(crate) async fn audit_event(
         &self,
+        audit: &AuditContext,
         action: &str,
         target: &str,
-        details: serde_json::Value,
-    ) -> Result<(), tidepool_ledger::LedgerError> {
-        self.audit_as(&tidepool_ledger::AuditActor::Admin, action, target, details)
-            .await
-    }
-
-    /// Appends an audit entry for an action `actor` took.
-    pub(crate) async fn audit_as(
-        &self,
-        actor: &tidepool_ledger::AuditActor,
-        action: &str,
-        target: &str,
-        details: serde_json::Value,
+        details: &serde_json::Value,
     ) -> Result<(), tidepool_ledger::LedgerError> {
         let appended = self
             .ledger()
-            .append_audit(actor, action, target, &details)
+            .append_audit(audit, action, target, details)
             .await;
         if let Err(error) = &appended {
-            tracing::error!(%error, action, target, "cannot audit an admin action that took effect");
+            tracing::error!(%error, action, target, "cannot audit an event");
         }
         appended.map(drop)
     }

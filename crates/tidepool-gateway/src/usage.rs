@@ -22,8 +22,8 @@
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 use tidepool_engine::{Generation, GenerationEvent};
 use tidepool_ledger::{
-    ApiKeyRecord, Finish, ProjectId, RateLimitStatus, Reservation, ReserveRequest, UsageEntry,
-    UsageScope, UsageStatus,
+    ApiKeyRecord, AuditActor, AuditContext, Finish, ProjectId, RateLimitStatus, Reservation,
+    ReserveRequest, UsageEntry, UsageScope, UsageStatus,
 };
 
 /// How wide a caller's `/v1/usage` query is; always within the caller's own tenant.
@@ -309,11 +309,39 @@ impl UsageGuard {
         self.outcome = Some(UsageStatus::Ok);
     }
 
-    /// The request failed; the entry keeps the counts gathered so far.
+    /// The request failed; the entry keeps the counts gathered so far. A refusal by residency
+    /// is audited (`residency.deny`, actor the key), off the request's path.
     pub(crate) fn fail(&mut self, error: &ApiError) {
         self.outcome = Some(UsageStatus::Error {
             code: error.code().to_owned(),
         });
+        if let ApiError::Engine(tidepool_engine::EngineError::NoBackendInRegion { regions }) = error
+        {
+            self.audit_residency_denial(regions);
+        }
+    }
+
+    fn audit_residency_denial(&self, regions: &[String]) {
+        let audit = AuditContext::new(AuditActor::Key(self.key_id.clone()))
+            .with_request_id(self.request_id);
+        let target = format!("project:{}/{}", self.tenant, self.project);
+        let details = serde_json::json!({
+            "model": self.model.as_ref().map(ModelId::as_str),
+            "endpoint": self.endpoint,
+            "regions": regions,
+        });
+        let state = self.state.clone();
+        let append = async move {
+            // A failure is logged by `audit_event`; the refusal stands either way.
+            drop(
+                state
+                    .audit_event(&audit, "residency.deny", &target, &details)
+                    .await,
+            );
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.state.tasks().spawn_on(append, &handle);
+        }
     }
 
     fn entry(&mut self) -> UsageEntry {
@@ -590,7 +618,9 @@ async fn observe_spend(state: &AppState, entry: &UsageEntry, cost_nanos: i64) {
     if let Verdict::Suspend { reason } = verdict {
         // The record as the detector needs it: the key's tenant and project.
         match state.ledger().key(&entry.key_id).await {
-            Ok(record) => crate::suspend::suspend_key(state, &record, &reason).await,
+            Ok(record) => {
+                crate::suspend::suspend_key(state, &record, &reason, entry.request_id).await;
+            }
             Err(error) => tracing::error!(%error, "cannot read a key to suspend"),
         }
     }

@@ -37,7 +37,7 @@ use tidepool_core::{AlertConfig, LeakDetectionConfig, Limits};
 use tidepool_gateway::StateOptions;
 use tidepool_gateway::alerts::{AlertEvent, AlertSink};
 use tidepool_ledger::testing::{Kind, ManualClock, TestDb, ThrowawayPostgres};
-use tidepool_ledger::{Ledger, LedgerOptions};
+use tidepool_ledger::{AuditContext, Ledger, LedgerOptions};
 use tokio::sync::mpsc;
 
 const SECRET: &str = "whsec-test-secret";
@@ -337,6 +337,7 @@ async fn a_bursting_key_is_suspended_alerted_audited_and_reinstated() {
         keys_tracked_max: 1_000,
     };
     let app = sqlite_app(options).await;
+    let setup = last_audit_seq(&app.ledger).await;
 
     let suspended_at = steady_then_burst(&app, &clock).await;
     assert!(suspended_at < 240, "within the burst's minute");
@@ -360,7 +361,8 @@ async fn a_bursting_key_is_suspended_alerted_audited_and_reinstated() {
     assert_eq!(hook.bad_signatures.load(Ordering::SeqCst), 0);
 
     // The audit entry, and a chain that verifies.
-    let page = json(app.send(admin("GET", "/admin/audit?limit=10", None)).await).await;
+    let path = format!("/admin/audit?after={setup}&limit=10");
+    let page = json(app.send(admin("GET", &path, None)).await).await;
     assert_eq!(page["chain_ok"], true, "{page}");
     let entries = page["data"].as_array().unwrap();
     let suspension = entries
@@ -369,6 +371,15 @@ async fn a_bursting_key_is_suspended_alerted_audited_and_reinstated() {
         .expect("an audit entry");
     assert_eq!(suspension["actor"], "system");
     assert_eq!(suspension["target"], format!("key:{}", app.key_id));
+    assert!(
+        suspension["request_id"].is_string(),
+        "the request that tripped the detector: {suspension}"
+    );
+    assert_eq!(
+        suspension["details"]["before"]["suspended_at_ms"],
+        Value::Null
+    );
+    assert!(suspension["details"]["after"]["suspended_at_ms"].is_i64());
 
     // An operator reinstates it; the key works again and the reinstatement is audited.
     let path = format!("/admin/keys/{}/reinstate", app.key_id);
@@ -376,7 +387,11 @@ async fn a_bursting_key_is_suspended_alerted_audited_and_reinstated() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json(response).await["reinstated"], true);
     assert_eq!(chat(&app, &app.key).await.status(), StatusCode::OK);
-    let page = json(app.send(admin("GET", "/admin/audit", None)).await).await;
+    let page = json(
+        app.send(admin("GET", &format!("/admin/audit?after={setup}"), None))
+            .await,
+    )
+    .await;
     let actions: Vec<&str> = page["data"]
         .as_array()
         .unwrap()
@@ -391,6 +406,8 @@ async fn a_bursting_key_is_suspended_alerted_audited_and_reinstated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_actions_are_audited_and_tampering_shows_over_http() {
     let (app, url) = sqlite_app_at(StateOptions::new(Limits::default())).await;
+    // The fixture's own key, credit and prices are audited too.
+    let setup = last_audit_seq(&app.ledger).await;
     let response = app
         .send(admin(
             "POST",
@@ -421,10 +438,12 @@ async fn admin_actions_are_audited_and_tampering_shows_over_http() {
         .await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 
-    let page = json(app.send(admin("GET", "/admin/audit?limit=2", None)).await).await;
+    let path = format!("/admin/audit?after={setup}&limit=2");
+    let page = json(app.send(admin("GET", &path, None)).await).await;
     assert_eq!(page["chain_ok"], true, "{page}");
-    assert_eq!(page["next_after"], 2);
-    let rest = json(app.send(admin("GET", "/admin/audit?after=2", None)).await).await;
+    assert_eq!(page["next_after"], setup + 2);
+    let path = format!("/admin/audit?after={}", setup + 2);
+    let rest = json(app.send(admin("GET", &path, None)).await).await;
     let actions: Vec<String> = page["data"]
         .as_array()
         .unwrap()
@@ -436,6 +455,12 @@ async fn admin_actions_are_audited_and_tampering_shows_over_http() {
         actions,
         vec!["key.create", "tenant.credit", "budget.set", "key.revoke"]
     );
+    expect_before_and_after(&rest["data"]);
+    expect_jsonl_export(&app, setup, &rest["data"][0]).await;
+    let bad = app
+        .send(admin("GET", "/admin/audit?format=csv", None))
+        .await;
+    expect_error(bad, StatusCode::BAD_REQUEST, "invalid_request_error").await;
     let bad = app
         .send(admin("GET", "/admin/audit?limit=100000", None))
         .await;
@@ -445,19 +470,80 @@ async fn admin_actions_are_audited_and_tampering_shows_over_http() {
     expect_error(tenant, StatusCode::NOT_FOUND, "not_found").await;
 
     // A direct edit of a stored entry breaks the chain, and the API says where.
-    let verdict = app.ledger.verify_audit_chain().await.unwrap();
+    let verdict = app.ledger.verify_audit_chain(None).await.unwrap();
     assert!(verdict.is_ok());
-    tamper_sqlite(&url).await;
+    tamper_sqlite(&url, setup + 2).await;
     let page = json(app.send(admin("GET", "/admin/audit", None)).await).await;
     assert_eq!(page["chain_ok"], false);
-    assert_eq!(page["first_broken_seq"], 2);
+    assert_eq!(page["first_broken_seq"], setup + 2);
 }
 
-/// Rewrites the second audit entry's details through a connection of its own.
-async fn tamper_sqlite(url: &str) {
+/// The budget and revocation entries name the request that made them, and what they replaced.
+fn expect_before_and_after(data: &Value) {
+    let budget = &data[0];
+    assert!(budget["request_id"].is_string(), "{budget}");
+    assert_eq!(
+        budget["details"]["before"]["limit_nanos"],
+        Value::Null,
+        "{budget}"
+    );
+    assert_eq!(
+        budget["details"]["after"]["limit_nanos"], 1_000_000_000,
+        "{budget}"
+    );
+    let revoke = &data[1];
+    assert_eq!(
+        revoke["details"]["before"]["revoked_at_ms"],
+        Value::Null,
+        "{revoke}"
+    );
+    assert!(
+        revoke["details"]["after"]["revoked_at_ms"].is_i64(),
+        "{revoke}"
+    );
+}
+
+/// `GET /admin/audit?format=jsonl` after the fixture: the four admin entries as JSON lines, the
+/// third (`budget`) the same object as in the JSON page.
+async fn expect_jsonl_export(app: &App, setup: i64, budget: &Value) {
+    let path = format!("/admin/audit?after={setup}&format=jsonl");
+    let response = app.send(admin("GET", &path, None)).await;
+    assert_eq!(response.status(), StatusCode::OK, "an export");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/x-ndjson",
+        "JSON lines"
+    );
+    let body = body_bytes(response).await;
+    let lines: Vec<Value> = std::str::from_utf8(&body)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (setup + 1..=setup + 4).collect::<Vec<_>>(),
+        "the four admin entries, in order"
+    );
+    assert_eq!(lines[2], *budget, "the same object as the JSON page");
+}
+
+/// The sequence number of the newest audit entry (0: none).
+async fn last_audit_seq(ledger: &Ledger) -> i64 {
+    let entries = ledger
+        .list_audit(0, tidepool_ledger::AUDIT_PAGE_LEN_MAX)
+        .await
+        .unwrap();
+    entries.last().map_or(0, |e| e.seq)
+}
+
+/// Rewrites audit entry `seq`'s details through a connection of its own.
+async fn tamper_sqlite(url: &str, seq: i64) {
     use sqlx::Connection as _;
     let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
-    sqlx::query("UPDATE audit_log SET details = '{\"amount_nanos\":1}' WHERE seq = 2")
+    sqlx::query("UPDATE audit_log SET details = '{\"amount_nanos\":1}' WHERE seq = $1")
+        .bind(seq)
         .execute(&mut conn)
         .await
         .unwrap();
@@ -512,6 +598,7 @@ async fn budget_reached_is_sent_once_per_budget_and_month() {
         .set_budget(
             &tidepool_ledger::BudgetScope::Key { key_id },
             Some(tidepool_core::Nanos(1)),
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();

@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tidepool_engine::{FinishReason, GenerationEvent};
 use tidepool_gateway::ERROR_CODES;
-use tidepool_ledger::UsageStatus;
+use tidepool_ledger::{AuditContext, UsageStatus};
 
 fn chat_body(model: &str, extra: &Value) -> Value {
     let mut body = json!({
@@ -281,7 +281,10 @@ async fn revoked_key_fails_at_once() {
     let app = App::new().await;
     assert_eq!(app.get("/v1/models").await.status(), StatusCode::OK);
     app.ledger
-        .revoke_key(&tidepool_core::KeyId(app.key_id.clone()))
+        .revoke_key(
+            &tidepool_core::KeyId(app.key_id.clone()),
+            &AuditContext::ADMIN,
+        )
         .await
         .unwrap();
     expect_error(
@@ -951,7 +954,7 @@ fn errors_md_lists_exactly_the_error_codes() {
 /// unpinned project are served, and a tenant pin intersects with a project pin.
 #[tokio::test]
 async fn residency_pins_projects_and_tenants_to_regions() {
-    use tidepool_core::TenantId;
+    use tidepool_core::{Nanos, TenantId};
     use tidepool_ledger::ProjectId;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
@@ -976,7 +979,7 @@ async fn residency_pins_projects_and_tenants_to_regions() {
             let tenant = TenantId::new(tenant).unwrap();
             let project = ProjectId::new(project).unwrap();
             ledger
-                .create_key_in_project(&tenant, &project, "pinned")
+                .create_key_in_project(&tenant, &project, "pinned", &AuditContext::ADMIN)
                 .await
                 .unwrap()
                 .secret
@@ -991,6 +994,10 @@ async fn residency_pins_projects_and_tenants_to_regions() {
     assert_eq!(app.post("/v1/chat/completions", &body).await.status(), 200);
     assert_eq!(send(key_in("acme", "eu-only").await).await.status(), 200);
     let refused = send(key_in("acme", "us-only").await).await;
+    let refused_id = refused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let error = expect_error(
         refused,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1004,11 +1011,10 @@ async fn residency_pins_projects_and_tenants_to_regions() {
         key_in("globex", "apac").await,
         key_in("globex", "web").await,
     );
-    let globex = TenantId::new("globex").unwrap();
-    app.ledger
-        .credit(&globex, tidepool_core::Nanos(CREDIT_NANOS), "tests")
-        .await
-        .unwrap();
+    let (globex, credit) = (TenantId::new("globex").unwrap(), Nanos(CREDIT_NANOS));
+    let admin = &AuditContext::ADMIN;
+    let credited = app.ledger.credit(&globex, credit, "tests", admin).await;
+    credited.unwrap();
     let nowhere = send(apac_key).await;
     expect_error(
         nowhere,
@@ -1017,4 +1023,33 @@ async fn residency_pins_projects_and_tenants_to_regions() {
     )
     .await;
     assert_eq!(send(web_key).await.status(), 200);
+    expect_denials_audited(&app, &refused_id).await;
+}
+
+/// Each residency refusal of `residency_pins_projects_and_tenants_to_regions` is audited, by the
+/// key that was refused, with its request id (`refused_id`: the first one's).
+async fn expect_denials_audited(app: &App, refused_id: &str) {
+    app.settle().await;
+    let entries = app.ledger.list_audit(0, 1000).await.unwrap();
+    let denials: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "residency.deny")
+        .collect();
+    let targets: Vec<&str> = denials.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        ["project:acme/us-only", "project:globex/apac"],
+        "one entry per refusal"
+    );
+    let first = denials[0];
+    assert_eq!(first.request_id.as_deref(), Some(refused_id), "{first:?}");
+    assert!(
+        matches!(first.actor, tidepool_ledger::AuditActor::Key(_)),
+        "{first:?}"
+    );
+    let details: Value = serde_json::from_str(&first.details).unwrap();
+    assert_eq!(details["regions"], json!(["us"]), "{details}");
+    assert_eq!(details["model"], FAKE_CHAT, "{details}");
+    let verdict = app.ledger.verify_audit_chain(None).await.unwrap();
+    assert!(verdict.is_ok(), "{verdict:?}");
 }

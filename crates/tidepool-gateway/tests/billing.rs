@@ -27,7 +27,8 @@ use tidepool_engine::{EngineError, GenerationEvent};
 use tidepool_gateway::StateOptions;
 use tidepool_ledger::testing::{Kind, TestDb};
 use tidepool_ledger::{
-    BudgetScope, Ledger, LedgerOptions, Month, ProjectId, RateLimits, RateScope, UsageStatus,
+    AuditContext, BudgetScope, Ledger, LedgerOptions, Month, ProjectId, RateLimits, RateScope,
+    UsageStatus,
 };
 use tower::ServiceExt as _;
 
@@ -85,7 +86,11 @@ async fn a_request_is_billed_its_exact_cost_at_its_price_snapshot() {
 async fn an_unaffordable_request_is_429_insufficient_quota_before_any_compute() {
     let mut app = App::new().await;
     let broke = TenantId::new("broke").unwrap();
-    let key = app.ledger.create_key(&broke, "k").await.unwrap();
+    let key = app
+        .ledger
+        .create_key(&broke, "k", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let pending = spawn_post(&app, &key.secret, &chat(SCRIPTED, 4));
     // Whichever comes first: the answer, or the engine receiving the request (a failure).
     let outcome = tokio::select! {
@@ -260,6 +265,7 @@ async fn rate_limits_answer_with_openai_headers() {
                 requests_per_minute: Some(2),
                 tokens_per_minute: None,
             },
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
@@ -334,7 +340,7 @@ async fn usage_is_scoped_to_the_callers_own_tenant() {
     // Another tenant's key sees none of acme's traffic, whatever scope it asks for.
     let other = app
         .ledger
-        .create_key(&TenantId::new("globex").unwrap(), "k")
+        .create_key(&TenantId::new("globex").unwrap(), "k", &AuditContext::ADMIN)
         .await
         .unwrap();
     for scope in ["key", "project", "tenant"] {
@@ -611,7 +617,7 @@ async fn two_hundred_against_a_budget_of_fifty(db: Arc<TestDb>, replicas: usize)
     let budget = each * 51;
     apps[0]
         .ledger
-        .set_budget(&project, Some(Nanos(budget)))
+        .set_budget(&project, Some(Nanos(budget)), &AuditContext::ADMIN)
         .await
         .unwrap();
     let balance_before = apps[0].balance().await;

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tidepool_core::{Limits, TenantId};
 use tidepool_gateway::StateOptions;
 use tidepool_ledger::testing::{Kind, TestDb};
-use tidepool_ledger::{KeyRole, Ledger, ProjectId};
+use tidepool_ledger::{AuditContext, KeyRole, Ledger, ProjectId};
 use tower::ServiceExt as _;
 
 /// One request with any credentials; the status, headers and JSON body (`null` if none).
@@ -104,6 +104,7 @@ async fn key(ledger: &Ledger, tenant: &str, name: &str, role: KeyRole) -> (Strin
             &ProjectId::default_project(),
             name,
             role,
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
@@ -425,7 +426,7 @@ async fn console_sessions_ride_on_a_signed_cookie_and_refuse_cross_site_changes(
 
     // Revoking the session's key ends the session at once.
     app.ledger
-        .revoke_key(&tidepool_core::KeyId(admin_key_id))
+        .revoke_key(&tidepool_core::KeyId(admin_key_id), &AuditContext::ADMIN)
         .await
         .unwrap();
     let (status, _, _) = Call::new("GET", "/admin/tenants/acme/keys")

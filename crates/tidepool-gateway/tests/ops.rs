@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tidepool_core::{Config, Limits, Nanos, RequestId, TenantId};
 use tidepool_gateway::{AppState, StateOptions, UNAVAILABLE_RETRY_AFTER_MS, router};
 use tidepool_ledger::testing::{TestDb, ThrowawayPostgres};
-use tidepool_ledger::{Ledger, LedgerOptions, UsageStatus};
+use tidepool_ledger::{AuditContext, Ledger, LedgerOptions, UsageStatus};
 use tower::ServiceExt as _;
 
 /// Short, so a request on the stopped database gives up quickly (not what is tested).
@@ -171,7 +171,7 @@ async fn behind_schema_answers_503_until_migrated_then_starts_up() {
     let (status, body) = readyz(&router).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let key = ledger
-        .create_key(&TenantId::new("acme").unwrap(), "k")
+        .create_key(&TenantId::new("acme").unwrap(), "k", &AuditContext::ADMIN)
         .await
         .unwrap();
     let request = Request::get("/v1/models")

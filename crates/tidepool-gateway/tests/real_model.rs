@@ -16,7 +16,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tidepool_core::{Config, RequestId, TenantId};
 use tidepool_gateway::{AppState, ModelEngine, StateOptions, load_models, router};
-use tidepool_ledger::{Ledger, UsageEntry, UsageStatus};
+use tidepool_ledger::{AuditContext, Ledger, UsageEntry, UsageStatus};
 use tower::ServiceExt as _;
 
 const CHAT: &str = "smollm2-135m-instruct";
@@ -50,9 +50,18 @@ async fn real_app(model: &str) -> RealApp {
         .await
         .unwrap();
     let acme = TenantId::new("acme").unwrap();
-    let key = ledger.create_key(&acme, "real").await.unwrap().secret;
+    let key = ledger
+        .create_key(&acme, "real", &AuditContext::ADMIN)
+        .await
+        .unwrap()
+        .secret;
     ledger
-        .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
+        .credit(
+            &acme,
+            tidepool_core::Nanos(1_000_000_000_000),
+            "tests",
+            &AuditContext::ADMIN,
+        )
         .await
         .unwrap();
     tidepool_gateway::sync_prices(&config, &ledger)
@@ -379,4 +388,28 @@ async fn real_model_pool_status_and_operator_load_unload_over_http() {
     );
     // Served after the round trip, from the reloaded weights.
     assert_eq!(app.post("/v1/completions", &body).await.status(), 200);
+    expect_model_requests_audited(&app.ledger).await;
+}
+
+/// The operator's unload and load requests are audited, with their request ids; the refused
+/// ones are not.
+async fn expect_model_requests_audited(ledger: &Ledger) {
+    let entries = ledger.list_audit(0, 1000).await.unwrap();
+    let models: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action.starts_with("model."))
+        .collect();
+    let actions: Vec<(&str, &str)> = models
+        .iter()
+        .map(|e| (e.action.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("model.unload", "model:smollm2-135m-instruct"),
+            ("model.load", "model:smollm2-135m-instruct")
+        ],
+        "one entry per accepted request"
+    );
+    assert!(models.iter().all(|e| e.request_id.is_some()), "{models:?}");
 }

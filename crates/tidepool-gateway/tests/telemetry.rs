@@ -38,7 +38,7 @@ use prost::Message as _;
 use serde_json::{Value, json};
 use tidepool_core::{Config, LogFormat, TelemetryConfig, TenantId};
 use tidepool_gateway::{AppState, StateOptions, load_models, router};
-use tidepool_ledger::Ledger;
+use tidepool_ledger::{AuditContext, Ledger};
 use tower::ServiceExt as _;
 
 const CHAT: &str = "smollm2-135m-instruct";
@@ -171,9 +171,18 @@ async fn app_on(
         .await
         .unwrap();
     let acme = TenantId::new("acme").unwrap();
-    let key = ledger.create_key(&acme, "real").await.unwrap().secret;
+    let key = ledger
+        .create_key(&acme, "real", &AuditContext::ADMIN)
+        .await
+        .unwrap()
+        .secret;
     ledger
-        .credit(&acme, tidepool_core::Nanos(1_000_000_000_000), "tests")
+        .credit(
+            &acme,
+            tidepool_core::Nanos(1_000_000_000_000),
+            "tests",
+            &AuditContext::ADMIN,
+        )
         .await
         .unwrap();
     tidepool_gateway::sync_prices(config, &ledger)

@@ -27,10 +27,10 @@ use tidepool_core::ModelKind;
 use tidepool_core::{Config, Nanos, RequestId, TenantId};
 use tidepool_engine::fake::{FakeEngine, FakeEngineConfig};
 use tidepool_gateway::{AppState, ServedModel, StateOptions, load_models, router};
+use tidepool_ledger::{AuditContext, Ledger, UsageStatus};
 
 /// The operator's token of these tests' apps.
 const WATCHDOG_ADMIN_TOKEN: &str = "watchdog-admin-token";
-use tidepool_ledger::{Ledger, UsageStatus};
 use tidepool_runtime::PoolRuntime;
 use tower::ServiceExt as _;
 
@@ -66,9 +66,13 @@ async fn app_with(
         .await
         .unwrap();
     let tenant = TenantId::new("acme").unwrap();
-    let key = ledger.create_key(&tenant, "watchdog").await.unwrap().secret;
+    let key = ledger
+        .create_key(&tenant, "watchdog", &AuditContext::ADMIN)
+        .await
+        .unwrap()
+        .secret;
     ledger
-        .credit(&tenant, Nanos(CREDIT), "tests")
+        .credit(&tenant, Nanos(CREDIT), "tests", &AuditContext::ADMIN)
         .await
         .unwrap();
     tidepool_gateway::sync_prices(config, &ledger)
@@ -425,7 +429,7 @@ async fn expect_restart_audited(ledger: &Ledger, engine: &str) {
     assert_eq!(details["failed_requests"], 1, "{details}");
     assert_eq!(details["restarts"], 1, "{details}");
     assert!(
-        ledger.verify_audit_chain().await.unwrap().is_ok(),
+        ledger.verify_audit_chain(None).await.unwrap().is_ok(),
         "the chain verifies"
     );
 }

@@ -1,11 +1,13 @@
 //! Tenants → projects → keys, prepaid balances, credits, monthly budgets, the price book and
 //! RPM/TPM limits: the administrative side of the ledger. Every write here is a short
-//! transaction; the hot path (reserve/settle) lives in `billing` and `writer`.
+//! transaction that locks the audit head first and appends its audit entry before it commits
+//! (`audit`); the hot path (reserve/settle) lives in `billing` and `writer`.
 
 use std::fmt;
 
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, TenantId};
 
+use crate::audit::{AuditContext, AuditSql as _, Change};
 use crate::month::Month;
 use crate::price::PriceVersion;
 use crate::store::on_store;
@@ -153,25 +155,119 @@ fn money_overflow(what: &'static str) -> LedgerError {
     LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what })
 }
 
+/// The audit target of a tenant: `tenant:<id>`.
+fn tenant_target(tenant: &TenantId) -> String {
+    format!("tenant:{tenant}")
+}
+
+/// The audit target of a project: `project:<tenant>/<project>`.
+fn project_target(tenant: &TenantId, project: &ProjectId) -> String {
+    format!("project:{tenant}/{project}")
+}
+
+impl BudgetScope {
+    /// The audit target: `project:<tenant>/<project>` or `key:<key id>`.
+    pub(crate) fn audit_target(&self) -> String {
+        match self {
+            Self::Project { tenant, project } => project_target(tenant, project),
+            Self::Key { key_id } => format!("key:{key_id}"),
+        }
+    }
+}
+
+impl RateScope {
+    /// The audit target: `key:<key id>`, `project:<tenant>/<project>` or `model:<id>`.
+    pub(crate) fn audit_target(&self) -> String {
+        match self {
+            Self::Key { key_id } => format!("key:{key_id}"),
+            Self::Project { tenant, project } => project_target(tenant, project),
+            Self::Model { model } => format!("model:{model}"),
+        }
+    }
+}
+
+/// Which of the two writes of the price book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PriceWrite {
+    /// A given version ([`Ledger::set_price`]).
+    Set,
+    /// The configured prices, from now on if they changed ([`Ledger::sync_price`]).
+    Sync,
+}
+
+/// `(effective_from_ms, currency, input, output, cached input)` of a price version.
+type PriceRow = (i64, String, i64, i64, i64);
+
+/// The version of model `$1` in force at `$2`, as a [`PriceRow`].
+const PRICE_AT_SQL: &str = "SELECT effective_from_ms, currency, input_per_mtok_nanos, \
+     output_per_mtok_nanos, cached_input_per_mtok_nanos FROM prices WHERE model = $1 \
+     AND effective_from_ms <= $2 ORDER BY effective_from_ms DESC LIMIT 1";
+
+fn price_from_row(model: &ModelId, row: PriceRow) -> Result<PriceVersion, LedgerError> {
+    let (effective_from_ms, currency, input, output, cached) = row;
+    Ok(PriceVersion {
+        model: model.clone(),
+        effective_from_ms,
+        currency: Currency::parse(&currency)
+            .map_err(|_| LedgerError::Corrupt { what: "currency" })?,
+        input_per_mtok: Nanos(input),
+        output_per_mtok: Nanos(output),
+        cached_input_per_mtok: Nanos(cached),
+    })
+}
+
+/// A price version in an audit entry's details.
+fn price_details(price: &PriceVersion) -> serde_json::Value {
+    serde_json::json!({
+        "effective_from_ms": price.effective_from_ms,
+        "currency": price.currency.as_str(),
+        "input_per_mtok_nanos": price.input_per_mtok.0,
+        "output_per_mtok_nanos": price.output_per_mtok.0,
+        "cached_input_per_mtok_nanos": price.cached_input_per_mtok.0,
+    })
+}
+
+fn rate_limits_from_row(
+    row: Option<(Option<i64>, Option<i64>)>,
+) -> Result<RateLimits, LedgerError> {
+    let (rpm, tpm) = row.unwrap_or_default();
+    let limit = |value: Option<i64>| {
+        value
+            .map(u32::try_from)
+            .transpose()
+            .map_err(|_| LedgerError::Corrupt { what: "rate limit" })
+    };
+    Ok(RateLimits {
+        requests_per_minute: limit(rpm)?,
+        tokens_per_minute: limit(tpm)?,
+    })
+}
+
 impl Ledger {
-    /// Creates a tenant with an empty account in `currency`, and its default project. Creating
-    /// an existing tenant again is a no-op; asking for a different currency is an error.
+    /// Creates a tenant with an empty account in `currency`, and its default project, audited as
+    /// `tenant.create`. Creating an existing tenant again is a no-op (nothing audited); asking
+    /// for a different currency is an error.
     pub async fn create_tenant(
         &self,
         tenant: &TenantId,
         currency: Currency,
+        audit: &AuditContext,
     ) -> Result<(), LedgerError> {
-        let now_ms = self.now_ms();
-        let stored: String = on_store!(&self.store, pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(
+        let _gate = self.gate.enter().await;
+        on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let created = sqlx::query(
                 "INSERT INTO tenants (tenant_id, created_at_ms) VALUES ($1, $2) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
             .bind(tenant.as_str())
             .bind(now_ms)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
             sqlx::query(
                 "INSERT INTO accounts (tenant_id, currency, balance_nanos, reserved_nanos) \
                  VALUES ($1, $2, 0, 0) ON CONFLICT (tenant_id) DO NOTHING",
@@ -193,43 +289,70 @@ impl Ledger {
                 .bind(tenant.as_str())
                 .fetch_one(&mut *tx)
                 .await?;
+            if stored != currency.as_str() {
+                return Err(LedgerError::TenantCurrencyConflict {
+                    tenant: tenant.clone(),
+                    existing: Currency::parse(&stored)
+                        .map_err(|_| LedgerError::Corrupt { what: "currency" })?,
+                    requested: currency,
+                });
+            }
+            if created {
+                let change = Change {
+                    action: "tenant.create",
+                    target: tenant_target(tenant),
+                    details: serde_json::json!({ "currency": currency.as_str() }),
+                };
+                self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            }
             tx.commit().await?;
-            stored
         });
-        if stored == currency.as_str() {
-            Ok(())
-        } else {
-            Err(LedgerError::TenantCurrencyConflict {
-                tenant: tenant.clone(),
-                existing: Currency::parse(&stored)
-                    .map_err(|_| LedgerError::Corrupt { what: "currency" })?,
-                requested: currency,
-            })
-        }
+        Ok(())
     }
 
-    /// Creates a project under an existing tenant (no-op if it exists).
+    /// Creates a project under an existing tenant, audited as `project.create` (no-op if it
+    /// exists: nothing audited).
     pub async fn create_project(
         &self,
         tenant: &TenantId,
         project: &ProjectId,
+        audit: &AuditContext,
     ) -> Result<(), LedgerError> {
-        let now_ms = self.now_ms();
-        self.account(tenant).await?;
+        let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
-            sqlx::query(
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let exists: Option<String> = sqlx::query_scalar("SELECT tenant_id FROM accounts WHERE tenant_id = $1")
+                .bind(tenant.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(LedgerError::TenantNotFound { tenant: tenant.clone() });
+            }
+            let created = sqlx::query(
                 "INSERT INTO projects (tenant_id, project_id, created_at_ms) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant_id, project_id) DO NOTHING",
             )
             .bind(tenant.as_str())
             .bind(project.as_str())
             .bind(now_ms)
-            .execute(pool)
-            .await?;
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if created {
+                let change = Change {
+                    action: "project.create",
+                    target: project_target(tenant, project),
+                    details: serde_json::json!({}),
+                };
+                self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }
-
     /// The projects of a tenant, ordered by id.
     pub async fn list_projects(&self, tenant: &TenantId) -> Result<Vec<ProjectId>, LedgerError> {
         let rows: Vec<String> = on_store!(&self.store, pool => {
@@ -274,12 +397,14 @@ impl Ledger {
         Ok(account)
     }
 
-    /// Adds prepaid credit to a tenant's balance and records it for the statement.
+    /// Adds prepaid credit to a tenant's balance and records it for the statement, audited as
+    /// `tenant.credit` (balance before and after).
     pub async fn credit(
         &self,
         tenant: &TenantId,
         amount: Nanos,
         note: &str,
+        audit: &AuditContext,
     ) -> Result<Account, LedgerError> {
         if amount <= Nanos::ZERO || amount.0 > CREDIT_NANOS_MAX {
             return Err(LedgerError::OutOfRange {
@@ -291,21 +416,32 @@ impl Ledger {
                 field: "credit note",
             });
         }
-        let now_ms = self.now_ms();
-        let month = Month::of_ms(now_ms).to_string();
         let credit_id = uuid::Uuid::now_v7().to_string();
-        let updated: Option<i64> = on_store!(&self.store, pool => {
-            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
-            let updated: Option<i64> = sqlx::query_scalar(
-                "UPDATE accounts SET balance_nanos = balance_nanos + $2 \
-                 WHERE tenant_id = $1 AND balance_nanos <= $3 - $2 RETURNING balance_nanos",
-            )
-            .bind(tenant.as_str())
-            .bind(amount.0)
-            .bind(BALANCE_NANOS_MAX)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if updated.is_some() {
+        {
+            let _gate = self.gate.enter().await;
+            on_store!(&self.store, pool => {
+                let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+                let head = tx.lock_audit_head().await?;
+                let now_ms = self.now_ms();
+                let before: Option<i64> =
+                    sqlx::query_scalar("SELECT balance_nanos FROM accounts WHERE tenant_id = $1")
+                        .bind(tenant.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(before) = before else {
+                    return Err(LedgerError::TenantNotFound { tenant: tenant.clone() });
+                };
+                let after: Option<i64> = sqlx::query_scalar(
+                    "UPDATE accounts SET balance_nanos = balance_nanos + $2 \
+                     WHERE tenant_id = $1 AND balance_nanos <= $3 - $2 RETURNING balance_nanos",
+                )
+                .bind(tenant.as_str())
+                .bind(amount.0)
+                .bind(BALANCE_NANOS_MAX)
+                .fetch_optional(&mut *tx)
+                .await?;
+                // The balance would pass its maximum.
+                let after = after.ok_or_else(|| money_overflow("balance after credit"))?;
                 sqlx::query(
                     "INSERT INTO credits (credit_id, tenant_id, amount_nanos, month, created_at_ms, note) \
                      VALUES ($1, $2, $3, $4, $5, $6)",
@@ -313,29 +449,37 @@ impl Ledger {
                 .bind(&credit_id)
                 .bind(tenant.as_str())
                 .bind(amount.0)
-                .bind(&month)
+                .bind(Month::of_ms(now_ms).to_string())
                 .bind(now_ms)
                 .bind(note)
                 .execute(&mut *tx)
                 .await?;
+                let change = Change {
+                    action: "tenant.credit",
+                    target: tenant_target(tenant),
+                    details: serde_json::json!({
+                        "amount_nanos": amount.0,
+                        "note": note,
+                        "credit_id": credit_id,
+                        "before": { "balance_nanos": before },
+                        "after": { "balance_nanos": after },
+                    }),
+                };
+                self.append_in(&mut *tx, head, audit, now_ms, change).await?;
                 tx.commit().await?;
-            }
-            updated
-        });
-        if updated.is_none() {
-            // Either no such tenant, or the balance would pass its maximum.
-            self.account(tenant).await?;
-            return Err(money_overflow("balance after credit"));
+            });
         }
         self.account(tenant).await
     }
 
-    /// Sets (or with `None` removes) the monthly budget of a project or key. Takes effect for the
-    /// next reservation; what the month already used still counts.
+    /// Sets (or with `None` removes) the monthly budget of a project or key, audited as
+    /// `budget.set` (limit before and after; setting the limit it has is a no-op, not audited).
+    /// Takes effect for the next reservation; what the month already used still counts.
     pub async fn set_budget(
         &self,
         scope: &BudgetScope,
         limit: Option<Nanos>,
+        audit: &AuditContext,
     ) -> Result<(), LedgerError> {
         if let Some(limit) = limit
             && (limit < Nanos::ZERO || limit.0 > BUDGET_NANOS_MAX)
@@ -343,27 +487,51 @@ impl Ledger {
             return Err(LedgerError::OutOfRange { field: "budget" });
         }
         let (kind, id) = scope.parts();
+        let after = limit.map(|l| l.0);
+        let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
-            match limit {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let before: Option<i64> = sqlx::query_scalar(
+                "SELECT limit_nanos FROM budgets WHERE scope = $1 AND scope_id = $2",
+            )
+            .bind(kind)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if before == after {
+                return Ok(());
+            }
+            match after {
                 Some(limit) => sqlx::query(
                     "INSERT INTO budgets (scope, scope_id, limit_nanos) VALUES ($1, $2, $3) \
                      ON CONFLICT (scope, scope_id) DO UPDATE SET limit_nanos = excluded.limit_nanos",
                 )
                 .bind(kind)
                 .bind(&id)
-                .bind(limit.0)
-                .execute(pool)
+                .bind(limit)
+                .execute(&mut *tx)
                 .await?,
                 None => sqlx::query("DELETE FROM budgets WHERE scope = $1 AND scope_id = $2")
                     .bind(kind)
                     .bind(&id)
-                    .execute(pool)
+                    .execute(&mut *tx)
                     .await?,
             };
+            let change = Change {
+                action: "budget.set",
+                target: scope.audit_target(),
+                details: serde_json::json!({
+                    "before": { "limit_nanos": before },
+                    "after": { "limit_nanos": after },
+                }),
+            };
+            self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            tx.commit().await?;
         });
         Ok(())
     }
-
     /// A budget's limit and this month's use of it (month by the ledger's clock).
     pub async fn budget(&self, scope: &BudgetScope) -> Result<BudgetStatus, LedgerError> {
         let (kind, id) = scope.parts();
@@ -396,15 +564,77 @@ impl Ledger {
         })
     }
 
-    /// Adds a price version. Versions are immutable: a different price for an existing
-    /// `(model, effective_from_ms)` is an error, the same one is a no-op.
-    pub async fn set_price(&self, price: &PriceVersion) -> Result<(), LedgerError> {
+    /// Adds a price version, audited as `price.set` (with the version it supersedes as
+    /// `before`). Versions are immutable: a different price for an existing
+    /// `(model, effective_from_ms)` is an error, the same one is a no-op (not audited).
+    pub async fn set_price(
+        &self,
+        price: &PriceVersion,
+        audit: &AuditContext,
+    ) -> Result<(), LedgerError> {
         price.validate()?;
+        self.add_price_version(price, PriceWrite::Set, audit)
+            .await
+            .map(drop)
+    }
+
+    /// Makes `price` (its `effective_from_ms` ignored) the model's price from now on, unless the
+    /// prices in force already equal it; audited as `price.sync`. For syncing the price book
+    /// from `tidepool.toml` at start-up: returns whether a new version was added.
+    pub async fn sync_price(
+        &self,
+        price: &PriceVersion,
+        audit: &AuditContext,
+    ) -> Result<bool, LedgerError> {
+        price.validate()?;
+        self.add_price_version(price, PriceWrite::Sync, audit).await
+    }
+
+    /// One transaction for [`Ledger::set_price`] and [`Ledger::sync_price`]: reads the version
+    /// in force, adds the new one unless it changes nothing, audits it.
+    async fn add_price_version(
+        &self,
+        price: &PriceVersion,
+        write: PriceWrite,
+        audit: &AuditContext,
+    ) -> Result<bool, LedgerError> {
+        let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let effective_from_ms = match write {
+                PriceWrite::Set => price.effective_from_ms,
+                PriceWrite::Sync => now_ms,
+            };
+            let price = PriceVersion { effective_from_ms, ..price.clone() };
+            let row: Option<PriceRow> = sqlx::query_as(PRICE_AT_SQL)
+                .bind(price.model.as_str())
+                .bind(effective_from_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let before = row.map(|row| price_from_row(&price.model, row)).transpose()?;
+            match &before {
+                // Syncing: the prices in force are these already.
+                Some(current) if write == PriceWrite::Sync && current.same_prices(&price) => {
+                    return Ok(false);
+                }
+                // Setting: this version exists already.
+                Some(current) if current.effective_from_ms == effective_from_ms => {
+                    return if *current == price {
+                        Ok(false)
+                    } else {
+                        Err(LedgerError::PriceVersionConflict {
+                            model: price.model.clone(),
+                            effective_from_ms,
+                        })
+                    };
+                }
+                _ => {}
+            }
             sqlx::query(
                 "INSERT INTO prices (model, effective_from_ms, currency, input_per_mtok_nanos, \
-                 output_per_mtok_nanos, cached_input_per_mtok_nanos) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (model, effective_from_ms) DO NOTHING",
+                 output_per_mtok_nanos, cached_input_per_mtok_nanos) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(price.model.as_str())
             .bind(price.effective_from_ms)
@@ -412,34 +642,23 @@ impl Ledger {
             .bind(price.input_per_mtok.0)
             .bind(price.output_per_mtok.0)
             .bind(price.cached_input_per_mtok.0)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
-        });
-        match self.price_at(&price.model, price.effective_from_ms).await? {
-            Some(stored) if stored == *price => Ok(()),
-            _ => Err(LedgerError::PriceVersionConflict {
-                model: price.model.clone(),
-                effective_from_ms: price.effective_from_ms,
-            }),
-        }
-    }
-
-    /// Makes `price` (its `effective_from_ms` ignored) the model's price from now on, unless the
-    /// prices in force already equal it. For syncing the price book from `tidepool.toml` at
-    /// start-up: returns whether a new version was added.
-    pub async fn sync_price(&self, price: &PriceVersion) -> Result<bool, LedgerError> {
-        let now_ms = self.now_ms();
-        if let Some(current) = self.price_at(&price.model, now_ms).await?
-            && current.same_prices(price)
-        {
-            return Ok(false);
-        }
-        self.set_price(&PriceVersion {
-            effective_from_ms: now_ms,
-            ..price.clone()
+            let change = Change {
+                action: match write {
+                    PriceWrite::Set => "price.set",
+                    PriceWrite::Sync => "price.sync",
+                },
+                target: format!("model:{}", price.model),
+                details: serde_json::json!({
+                    "before": before.as_ref().map(price_details),
+                    "after": price_details(&price),
+                }),
+            };
+            self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            tx.commit().await?;
+            Ok(true)
         })
-        .await?;
-        Ok(true)
     }
 
     /// The price version of `model` in force at `at_ms`.
@@ -448,83 +667,98 @@ impl Ledger {
         model: &ModelId,
         at_ms: i64,
     ) -> Result<Option<PriceVersion>, LedgerError> {
-        let row: Option<(i64, String, i64, i64, i64)> = on_store!(&self.store, pool => {
-            sqlx::query_as(
-                "SELECT effective_from_ms, currency, input_per_mtok_nanos, output_per_mtok_nanos, \
-                 cached_input_per_mtok_nanos FROM prices WHERE model = $1 AND effective_from_ms <= $2 \
-                 ORDER BY effective_from_ms DESC LIMIT 1",
-            )
-            .bind(model.as_str())
-            .bind(at_ms)
-            .fetch_optional(pool)
-            .await?
+        let row: Option<PriceRow> = on_store!(&self.store, pool => {
+            sqlx::query_as(PRICE_AT_SQL)
+                .bind(model.as_str())
+                .bind(at_ms)
+                .fetch_optional(pool)
+                .await?
         });
-        row.map(|(effective_from_ms, currency, input, output, cached)| {
-            Ok(PriceVersion {
-                model: model.clone(),
-                effective_from_ms,
-                currency: Currency::parse(&currency)
-                    .map_err(|_| LedgerError::Corrupt { what: "currency" })?,
-                input_per_mtok: Nanos(input),
-                output_per_mtok: Nanos(output),
-                cached_input_per_mtok: Nanos(cached),
-            })
-        })
-        .transpose()
+        row.map(|row| price_from_row(model, row)).transpose()
     }
-
-    /// Sets the RPM/TPM limits of a key, project or model (`None` fields are unlimited).
+    /// Sets the RPM/TPM limits of a key, project or model (`None` fields are unlimited),
+    /// audited as `rate_limits.set` (limits before and after; a no-op is not audited).
     pub async fn set_rate_limits(
         &self,
         scope: &RateScope,
         limits: RateLimits,
+        audit: &AuditContext,
     ) -> Result<(), LedgerError> {
         let change = RateLimitsChange {
             requests_per_minute: Some(limits.requests_per_minute),
             tokens_per_minute: Some(limits.tokens_per_minute),
         };
-        self.write_rate_limits(scope, change).await
+        self.write_rate_limits(scope, change, audit).await.map(drop)
     }
 
     /// Changes only the limits `change` names, keeping the other as it is, and returns the
-    /// limits now set.
+    /// limits now set; audited as [`Ledger::set_rate_limits`].
     pub async fn change_rate_limits(
         &self,
         scope: &RateScope,
         change: RateLimitsChange,
+        audit: &AuditContext,
     ) -> Result<RateLimits, LedgerError> {
-        self.write_rate_limits(scope, change).await?;
-        self.rate_limits(scope).await
+        self.write_rate_limits(scope, change, audit).await
     }
 
-    /// One statement, so a concurrent change of the limit `change` leaves alone is not lost.
+    /// Reads the limits and writes the changed ones in one transaction; the audit head's lock
+    /// orders it after every other change of rate limits, so none is lost.
     async fn write_rate_limits(
         &self,
         scope: &RateScope,
         change: RateLimitsChange,
-    ) -> Result<(), LedgerError> {
+        audit: &AuditContext,
+    ) -> Result<RateLimits, LedgerError> {
         let (kind, id) = scope.parts();
-        let rpm = change.requests_per_minute.flatten().map(i64::from);
-        let tpm = change.tokens_per_minute.flatten().map(i64::from);
+        let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
-            sqlx::query(
-                "INSERT INTO rate_limits (scope, scope_id, requests_per_minute, tokens_per_minute) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, scope_id) DO UPDATE SET \
-                 requests_per_minute = CASE WHEN $5 THEN excluded.requests_per_minute \
-                 ELSE rate_limits.requests_per_minute END, \
-                 tokens_per_minute = CASE WHEN $6 THEN excluded.tokens_per_minute \
-                 ELSE rate_limits.tokens_per_minute END",
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+                "SELECT requests_per_minute, tokens_per_minute FROM rate_limits \
+                 WHERE scope = $1 AND scope_id = $2",
             )
             .bind(kind)
             .bind(&id)
-            .bind(rpm)
-            .bind(tpm)
-            .bind(change.requests_per_minute.is_some())
-            .bind(change.tokens_per_minute.is_some())
-            .execute(pool)
+            .fetch_optional(&mut *tx)
             .await?;
-        });
-        Ok(())
+            let before = rate_limits_from_row(row)?;
+            let after = RateLimits {
+                requests_per_minute: change
+                    .requests_per_minute
+                    .unwrap_or(before.requests_per_minute),
+                tokens_per_minute: change.tokens_per_minute.unwrap_or(before.tokens_per_minute),
+            };
+            if after == before {
+                return Ok(after);
+            }
+            sqlx::query(
+                "INSERT INTO rate_limits (scope, scope_id, requests_per_minute, tokens_per_minute) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (scope, scope_id) DO UPDATE SET \
+                 requests_per_minute = excluded.requests_per_minute, \
+                 tokens_per_minute = excluded.tokens_per_minute",
+            )
+            .bind(kind)
+            .bind(&id)
+            .bind(after.requests_per_minute.map(i64::from))
+            .bind(after.tokens_per_minute.map(i64::from))
+            .execute(&mut *tx)
+            .await?;
+            let limits = |l: RateLimits| serde_json::json!({
+                "requests_per_minute": l.requests_per_minute,
+                "tokens_per_minute": l.tokens_per_minute,
+            });
+            let change = Change {
+                action: "rate_limits.set",
+                target: scope.audit_target(),
+                details: serde_json::json!({ "before": limits(before), "after": limits(after) }),
+            };
+            self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            tx.commit().await?;
+            Ok(after)
+        })
     }
 
     /// The RPM/TPM limits set on a key, project or model (both `None` if none are).
@@ -540,16 +774,6 @@ impl Ledger {
             .fetch_optional(pool)
             .await?
         });
-        let (rpm, tpm) = row.unwrap_or_default();
-        let limit = |value: Option<i64>| {
-            value
-                .map(u32::try_from)
-                .transpose()
-                .map_err(|_| LedgerError::Corrupt { what: "rate limit" })
-        };
-        Ok(RateLimits {
-            requests_per_minute: limit(rpm)?,
-            tokens_per_minute: limit(tpm)?,
-        })
+        rate_limits_from_row(row)
     }
 }

@@ -10,6 +10,7 @@ use sqlx::{Connection as _, PgConnection, QueryBuilder};
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tokio::task::JoinSet;
 
+use crate::audit::AuditContext;
 use crate::batch_sql::{BatchSql as _, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow};
 use crate::billing::ReserveRequest;
 use crate::month::{Day, Month};
@@ -127,12 +128,18 @@ pub async fn bench_settles(
     let ledger = Ledger::connect(database_url).await?;
     let tenant = TenantId::new(format!("bench-{}", uuid::Uuid::now_v7().simple()))?;
     let model = ModelId::new("bench-model").map_err(tidepool_core::CoreError::from)?;
-    ledger.create_tenant(&tenant, Currency::USD).await?;
+    let audit = &AuditContext::SYSTEM;
+    ledger.create_tenant(&tenant, Currency::USD, audit).await?;
     ledger
-        .credit(&tenant, Nanos(crate::accounts::CREDIT_NANOS_MAX), "bench")
+        .credit(
+            &tenant,
+            Nanos(crate::accounts::CREDIT_NANOS_MAX),
+            "bench",
+            audit,
+        )
         .await?;
-    ledger.set_price(&bench_price(model.clone())).await?;
-    let key = ledger.create_key(&tenant, "bench").await?;
+    ledger.set_price(&bench_price(model.clone()), audit).await?;
+    let key = ledger.create_key(&tenant, "bench", audit).await?;
     let key_id = key.record.key_id;
 
     let ids: Vec<RequestId> = (0..settles).map(|_| RequestId::new()).collect();
@@ -263,6 +270,10 @@ fn check_seed(seed: &UsageSeed) -> Result<(), LedgerError> {
 /// entries go in transactions of a thousand, each writing its entries and their rollup with the
 /// two statements the settle writer uses. No reservation, balance or budget moves: the entries
 /// are history to read back. Ends with `ANALYZE`, so the planner knows the tables' sizes.
+#[expect(
+    clippy::too_many_lines,
+    reason = "accounts, then the entries in batches: one seeding, read top to bottom"
+)]
 pub async fn bench_seed_usage(
     ledger: &Ledger,
     seed: &UsageSeed,
@@ -274,13 +285,22 @@ pub async fn bench_seed_usage(
     let mut keys = Vec::new();
     for t in 0..seed.tenants {
         let tenant = TenantId::new(format!("bench-{run}-t{t}"))?;
-        ledger.create_tenant(&tenant, Currency::USD).await?;
+        ledger
+            .create_tenant(&tenant, Currency::USD, &AuditContext::SYSTEM)
+            .await?;
         for p in 0..seed.projects {
             let project = ProjectId::new(format!("p{p}"))?;
-            ledger.create_project(&tenant, &project).await?;
+            ledger
+                .create_project(&tenant, &project, &AuditContext::SYSTEM)
+                .await?;
             for k in 0..seed.keys_per_project {
                 let key = ledger
-                    .create_key_in_project(&tenant, &project, &format!("bench-{k}"))
+                    .create_key_in_project(
+                        &tenant,
+                        &project,
+                        &format!("bench-{k}"),
+                        &AuditContext::SYSTEM,
+                    )
                     .await?;
                 keys.push(SeedKey {
                     tenant: tenant.clone(),
@@ -296,7 +316,7 @@ pub async fn bench_seed_usage(
         let model =
             ModelId::new(format!("bench-model-{m}")).map_err(tidepool_core::CoreError::from)?;
         let price = bench_price(model);
-        ledger.set_price(&price).await?;
+        ledger.set_price(&price, &AuditContext::SYSTEM).await?;
         prices.push(price);
     }
     let keys_per_tenant = seed.projects.saturating_mul(seed.keys_per_project);

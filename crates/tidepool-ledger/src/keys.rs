@@ -1,6 +1,7 @@
 //! API keys: `tp-<key_id>-<secret>`. Only the SHA-256 of the whole key is stored; the key id is
 //! the public lookup handle, and the hash comparison is constant-time. There is no cache, so a
-//! revoke takes effect on the next request.
+//! revoke takes effect on the next request. Creating, revoking, suspending and reinstating a key
+//! are audited in their own transaction.
 
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -8,6 +9,7 @@ use subtle::ConstantTimeEq;
 use tidepool_core::{KeyId, TenantId};
 
 use crate::accounts::ProjectId;
+use crate::audit::{AuditContext, AuditSql as _, Change};
 use crate::store::on_store;
 use crate::{ApiKeyRecord, CreatedKey, KeyRole, Ledger, LedgerError};
 
@@ -53,19 +55,6 @@ pub(crate) fn parse_key(secret: &str) -> Option<&str> {
     (key_id_ok && body_ok).then_some(key_id)
 }
 
-/// A fresh key id and the whole key (`tp-<key_id>-<secret>`).
-fn new_key() -> (String, String) {
-    let mut rng = rand::rng();
-    let key_id = random_string(&mut rng, KEY_ID_ALPHABET, KEY_ID_LEN);
-    let body = random_string(&mut rng, BASE62_ALPHABET, KEY_SECRET_LEN);
-    let secret = format!("{KEY_PREFIX}{key_id}-{body}");
-    assert!(
-        parse_key(&secret) == Some(key_id.as_str()),
-        "generated keys parse back"
-    );
-    (key_id, secret)
-}
-
 type KeyRow = (
     String,
     String,
@@ -102,6 +91,45 @@ macro_rules! key_columns {
 /// Longest suspension reason stored, in bytes.
 pub const SUSPENDED_REASON_BYTES_MAX: usize = 512;
 
+/// A change of a key's state ([`Ledger::revoke_key`], [`Ledger::suspend_key`],
+/// [`Ledger::reinstate_key`]).
+#[derive(Debug, Clone, Copy)]
+enum KeyChange<'a> {
+    Revoke,
+    Suspend { reason: &'a str },
+    Reinstate,
+}
+
+impl ApiKeyRecord {
+    /// A key as created: active, at time 0.
+    fn new(key_id: KeyId, tenant: TenantId, project: ProjectId, name: &str) -> Self {
+        Self {
+            key_id,
+            tenant,
+            project,
+            name: name.to_owned(),
+            created_at_ms: 0,
+            revoked_at_ms: None,
+            suspended_at_ms: None,
+            suspended_reason: None,
+            role: KeyRole::Inference,
+        }
+    }
+}
+
+/// A new key id and its secret `tp-<key_id>-<secret>`.
+fn new_key() -> (String, String) {
+    let mut rng = rand::rng();
+    let key_id = random_string(&mut rng, KEY_ID_ALPHABET, KEY_ID_LEN);
+    let body = random_string(&mut rng, BASE62_ALPHABET, KEY_SECRET_LEN);
+    let secret = format!("{KEY_PREFIX}{key_id}-{body}");
+    assert!(
+        parse_key(&secret) == Some(key_id.as_str()),
+        "generated keys parse back"
+    );
+    (key_id, secret)
+}
+
 fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
     let (
         key_id,
@@ -130,53 +158,61 @@ fn key_from_row(row: KeyRow) -> Result<ApiKeyRecord, LedgerError> {
 
 impl Ledger {
     /// Creates a key for `tenant` (creating the tenant if needed, with a USD account) in the
-    /// tenant's default project.
+    /// tenant's default project; audited as `key.create`.
     pub async fn create_key(
         &self,
         tenant: &TenantId,
         name: &str,
+        audit: &AuditContext,
     ) -> Result<CreatedKey, LedgerError> {
-        self.create_key_in_project(tenant, &ProjectId::default_project(), name)
+        self.create_key_in_project(tenant, &ProjectId::default_project(), name, audit)
             .await
     }
 
     /// Creates a key in `project` of `tenant` (creating both if needed; a new tenant gets a USD
-    /// account — use [`Ledger::create_tenant`] first for another currency).
+    /// account — use [`Ledger::create_tenant`] first for another currency); audited as
+    /// `key.create`, whose details say whether the tenant or the project was created with it.
     pub async fn create_key_in_project(
         &self,
         tenant: &TenantId,
         project: &ProjectId,
         name: &str,
+        audit: &AuditContext,
     ) -> Result<CreatedKey, LedgerError> {
-        self.create_key_with_role(tenant, project, name, KeyRole::Inference)
+        self.create_key_with_role(tenant, project, name, KeyRole::Inference, audit)
             .await
     }
 
     /// Creates a key with `role` in `project` of `tenant` (creating both if needed, as
-    /// [`Ledger::create_key_in_project`]).
+    /// [`Ledger::create_key_in_project`]), audited in the same transaction.
     pub async fn create_key_with_role(
         &self,
         tenant: &TenantId,
         project: &ProjectId,
         name: &str,
         role: KeyRole,
+        audit: &AuditContext,
     ) -> Result<CreatedKey, LedgerError> {
         if name.is_empty() || name.len() > KEY_NAME_BYTES_MAX {
             return Err(LedgerError::OutOfRange { field: "key name" });
         }
         let (key_id, secret) = new_key();
         let hash = sha256_hex(&secret);
-        let now_ms = self.now_ms();
-        on_store!(&self.store, pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(
+        let _gate = self.gate.enter().await;
+        let now_ms = on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let tenant_created = sqlx::query(
                 "INSERT INTO tenants (tenant_id, created_at_ms) VALUES ($1, $2) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
             .bind(tenant.as_str())
             .bind(now_ms)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
             sqlx::query(
                 "INSERT INTO accounts (tenant_id, currency, balance_nanos, reserved_nanos) \
                  VALUES ($1, 'USD', 0, 0) ON CONFLICT (tenant_id) DO NOTHING",
@@ -184,7 +220,7 @@ impl Ledger {
             .bind(tenant.as_str())
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
+            let project_created = sqlx::query(
                 "INSERT INTO projects (tenant_id, project_id, created_at_ms) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant_id, project_id) DO NOTHING",
             )
@@ -192,7 +228,9 @@ impl Ledger {
             .bind(project.as_str())
             .bind(now_ms)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
             sqlx::query(
                 "INSERT INTO api_keys (key_id, tenant_id, project_id, name, secret_sha256, \
                  created_at_ms, role) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -206,18 +244,21 @@ impl Ledger {
             .bind(role.as_str())
             .execute(&mut *tx)
             .await?;
+            let details = serde_json::json!({
+                "tenant": tenant.as_str(), "project": project.as_str(), "name": name,
+                "role": role.as_str(),
+                "tenant_created": tenant_created, "project_created": project_created,
+            });
+            let target = format!("key:{key_id}");
+            let change = Change { action: "key.create", target, details };
+            self.append_in(&mut *tx, head, audit, now_ms, change).await?;
             tx.commit().await?;
+            now_ms
         });
         let record = ApiKeyRecord {
-            key_id: KeyId(key_id),
-            tenant: tenant.clone(),
-            project: project.clone(),
-            name: name.to_owned(),
             created_at_ms: now_ms,
-            revoked_at_ms: None,
-            suspended_at_ms: None,
-            suspended_reason: None,
             role,
+            ..ApiKeyRecord::new(KeyId(key_id), tenant.clone(), project.clone(), name)
         };
         Ok(CreatedKey { record, secret })
     }
@@ -241,25 +282,16 @@ impl Ledger {
         rows.into_iter().map(key_from_row).collect()
     }
 
-    /// Revokes a key; it fails authentication at once. Revoking twice keeps the first time.
-    pub async fn revoke_key(&self, key_id: &KeyId) -> Result<(), LedgerError> {
-        let now_ms = self.now_ms();
-        let found: Option<(String,)> = on_store!(&self.store, pool => {
-            sqlx::query_as(
-                "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) \
-                 WHERE key_id = $1 RETURNING key_id",
-            )
-            .bind(&key_id.0)
-            .bind(now_ms)
-            .fetch_optional(pool)
-            .await?
-        });
-        match found {
-            Some(_) => Ok(()),
-            None => Err(LedgerError::KeyNotFound {
-                key_id: key_id.0.clone(),
-            }),
-        }
+    /// Revokes a key; it fails authentication at once. Audited as `key.revoke`; revoking twice
+    /// keeps the first time (and audits nothing).
+    pub async fn revoke_key(
+        &self,
+        key_id: &KeyId,
+        audit: &AuditContext,
+    ) -> Result<(), LedgerError> {
+        self.change_key(key_id, audit, KeyChange::Revoke)
+            .await
+            .map(drop)
     }
 
     /// The key record for a presented secret, if it exists and is not revoked. Constant-time in
@@ -333,50 +365,106 @@ impl Ledger {
     }
 
     /// Suspends a key: every replica refuses it from its next request until
-    /// [`Ledger::reinstate_key`]. Returns `false` when it was already suspended (the first
-    /// suspension's time and reason are kept).
-    pub async fn suspend_key(&self, key_id: &KeyId, reason: &str) -> Result<bool, LedgerError> {
+    /// [`Ledger::reinstate_key`]. Audited as `key.suspend`. Returns `false` when it was already
+    /// suspended (the first suspension's time and reason are kept, nothing is audited).
+    pub async fn suspend_key(
+        &self,
+        key_id: &KeyId,
+        reason: &str,
+        audit: &AuditContext,
+    ) -> Result<bool, LedgerError> {
         if reason.is_empty() || reason.len() > SUSPENDED_REASON_BYTES_MAX {
             return Err(LedgerError::OutOfRange {
                 field: "suspension reason",
             });
         }
-        let now_ms = self.now_ms();
-        let changed = on_store!(&self.store, pool => {
-            sqlx::query(
-                "UPDATE api_keys SET suspended_at_ms = $2, suspended_reason = $3 \
-                 WHERE key_id = $1 AND suspended_at_ms IS NULL",
-            )
-            .bind(&key_id.0)
-            .bind(now_ms)
-            .bind(reason)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        if changed == 0 {
-            // Already suspended, or no such key.
-            self.key(key_id).await?;
-        }
-        Ok(changed == 1)
+        self.change_key(key_id, audit, KeyChange::Suspend { reason })
+            .await
     }
 
-    /// Lifts a key's suspension; returns `false` when it was not suspended.
-    pub async fn reinstate_key(&self, key_id: &KeyId) -> Result<bool, LedgerError> {
-        let changed = on_store!(&self.store, pool => {
+    /// Lifts a key's suspension, audited as `key.reinstate`; returns `false` when it was not
+    /// suspended (nothing audited).
+    pub async fn reinstate_key(
+        &self,
+        key_id: &KeyId,
+        audit: &AuditContext,
+    ) -> Result<bool, LedgerError> {
+        self.change_key(key_id, audit, KeyChange::Reinstate).await
+    }
+
+    /// One transaction for the three changes of a key's state: reads the state under the audit
+    /// head's lock, changes it if the change applies, audits it with the state before and after.
+    /// `false`: the change did not apply (nothing written).
+    async fn change_key(
+        &self,
+        key_id: &KeyId,
+        audit: &AuditContext,
+        key_change: KeyChange<'_>,
+    ) -> Result<bool, LedgerError> {
+        let sql = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_id = $1"
+        );
+        let _gate = self.gate.enter().await;
+        on_store!(&self.store, pool => {
+            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            let head = tx.lock_audit_head().await?;
+            let now_ms = self.now_ms();
+            let row: Option<KeyRow> = sqlx::query_as(sql).bind(&key_id.0).fetch_optional(&mut *tx).await?;
+            let Some(row) = row else {
+                return Err(LedgerError::KeyNotFound { key_id: key_id.0.clone() });
+            };
+            let before = key_from_row(row)?;
+            let mut after = before.clone();
+            let (action, applies) = match key_change {
+                KeyChange::Revoke => {
+                    after.revoked_at_ms = Some(now_ms);
+                    ("key.revoke", before.revoked_at_ms.is_none())
+                }
+                KeyChange::Suspend { reason } => {
+                    after.suspended_at_ms = Some(now_ms);
+                    after.suspended_reason = Some(reason.to_owned());
+                    ("key.suspend", before.suspended_at_ms.is_none())
+                }
+                KeyChange::Reinstate => {
+                    after.suspended_at_ms = None;
+                    after.suspended_reason = None;
+                    ("key.reinstate", before.suspended_at_ms.is_some())
+                }
+            };
+            if !applies {
+                return Ok(false);
+            }
             sqlx::query(
-                "UPDATE api_keys SET suspended_at_ms = NULL, suspended_reason = NULL \
-                 WHERE key_id = $1 AND suspended_at_ms IS NOT NULL",
+                "UPDATE api_keys SET revoked_at_ms = $2, suspended_at_ms = $3, \
+                 suspended_reason = $4 WHERE key_id = $1",
             )
             .bind(&key_id.0)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        if changed == 0 {
-            self.key(key_id).await?;
-        }
-        Ok(changed == 1)
+            .bind(after.revoked_at_ms)
+            .bind(after.suspended_at_ms)
+            .bind(after.suspended_reason.as_deref())
+            .execute(&mut *tx)
+            .await?;
+            let state = |key: &ApiKeyRecord| serde_json::json!({
+                "revoked_at_ms": key.revoked_at_ms,
+                "suspended_at_ms": key.suspended_at_ms,
+                "suspended_reason": key.suspended_reason,
+            });
+            let change = Change {
+                action,
+                target: format!("key:{key_id}"),
+                details: serde_json::json!({
+                    "tenant": before.tenant.as_str(),
+                    "project": before.project.as_str(),
+                    "before": state(&before),
+                    "after": state(&after),
+                }),
+            };
+            self.append_in(&mut *tx, head, audit, now_ms, change).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 }
 

@@ -1,10 +1,10 @@
 //! `tidepool-ledger` owns everything that is money or identity at rest: API keys (only their
-//! SHA-256 is stored), usage entries (exactly one per request id), tenants → projects → keys,
-//! prepaid balances, monthly budgets, the versioned price book, RPM/TPM windows, durable
-//! reservations (reserve → settle | void), monthly statements, the hash-chained audit log, the
-//! durable outbox of webhook alerts and key suspensions. One behavioural suite runs on
-//! both stores: SQLite (default, embedded, WAL) and PostgreSQL, each with its own `sqlx`
-//! migration set. docs/ledger.md states the guarantees and how each is tested.
+//! SHA-256 is stored), usage entries (exactly one per request id) and their daily rollups
+//! (`rollup`), tenants → projects → keys, prepaid balances, monthly budgets, the versioned price
+//! book, RPM/TPM windows, durable reservations (reserve → settle | void), monthly statements, the
+//! hash-chained audit log, the durable outbox of webhook alerts and key suspensions. One
+//! behavioural suite runs on both stores: SQLite (default, embedded, WAL) and PostgreSQL, each
+//! with its own `sqlx` migration set. docs/ledger.md states the guarantees and how each is tested.
 //!
 //! It never depends on the gateway, the engine or the pool. Read [`Ledger`] first, then
 //! [`Ledger::reserve`], [`Ledger::settle`] and the rounding rule in [`price`].
@@ -42,9 +42,10 @@ pub use accounts::{
     CREDIT_NOTE_BYTES_MAX, DEFAULT_PROJECT, ProjectId, RateLimits, RateLimitsChange, RateScope,
 };
 pub use audit::{
-    AUDIT_ACTION_BYTES_MAX, AUDIT_DETAILS_BYTES_MAX, AUDIT_GENESIS_HASH, AUDIT_PAGE_LEN_MAX,
-    AUDIT_TARGET_BYTES_MAX, AuditActor, AuditBreak, AuditEntry, AuditVerdict, canonical_content,
-    chain_hash,
+    AUDIT_ACTION_BYTES_MAX, AUDIT_ACTOR_BYTES_MAX, AUDIT_CHECKPOINT_KEY_BYTES_MIN,
+    AUDIT_DETAILS_BYTES_MAX, AUDIT_GENESIS_HASH, AUDIT_PAGE_LEN_MAX, AUDIT_REQUEST_ID_BYTES_MAX,
+    AUDIT_TARGET_BYTES_MAX, AuditActor, AuditAnchor, AuditBreak, AuditCheckpoint,
+    AuditCheckpointing, AuditContext, AuditEntry, AuditKey, AuditVerdict, chain_hash,
 };
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SEED_DIMENSION_MAX, BENCH_SETTLES_MAX, BENCH_USAGE_ROWS_MAX,
@@ -198,6 +199,9 @@ pub struct LedgerOptions {
     /// How long taking a pooled connection may wait; `None`: the store's default
     /// ([`POSTGRES_ACQUIRE_TIMEOUT`], 30 s for SQLite).
     pub acquire_timeout: Option<std::time::Duration>,
+    /// Signed checkpoints of the audit log; `None`: none are written, and verification cannot
+    /// check the signatures of those that exist.
+    pub audit_checkpoints: Option<AuditCheckpointing>,
 }
 
 impl Default for LedgerOptions {
@@ -207,14 +211,15 @@ impl Default for LedgerOptions {
             clock: Arc::new(SystemClock),
             migrate: true,
             acquire_timeout: None,
+            audit_checkpoints: None,
         }
     }
 }
 
 /// The ledger handle: cheap to clone, safe to share across tasks. Each handle made by `connect*`
-/// owns one reserve writer task and one settle writer task, and on SQLite one WAL checkpointer
-/// task (they stop when the last clone is dropped); two handles on one PostgreSQL behave as two
-/// gateway replicas.
+/// owns one reserve writer task and one settle writer task, on SQLite one WAL checkpointer task,
+/// and with [`LedgerOptions::audit_checkpoints`] one audit checkpoint task (they stop when the
+/// last clone is dropped); two handles on one PostgreSQL behave as two gateway replicas.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     store: Store,
@@ -227,6 +232,8 @@ pub struct Ledger {
     gate: store::WriteGate,
     /// What readiness checks ask ([`Ledger::readiness`]).
     probe: schema::Probe,
+    /// The audit log's checkpoint key and cadence, if any.
+    audit: Option<Arc<AuditCheckpointing>>,
 }
 
 impl Ledger {
@@ -300,6 +307,16 @@ impl Ledger {
                 reserve_tx.downgrade(),
             ));
         }
+        let audit = options.audit_checkpoints.map(Arc::new);
+        if let Some(checkpointing) = &audit {
+            tokio::spawn(audit::run_checkpoints(
+                store.clone(),
+                gate.clone(),
+                options.clock.clone(),
+                checkpointing.clone(),
+                reserve_tx.downgrade(),
+            ));
+        }
         Ok(Self {
             store,
             clock: options.clock,
@@ -308,6 +325,7 @@ impl Ledger {
             reserver: reserve_tx,
             gate,
             probe,
+            audit,
         })
     }
 

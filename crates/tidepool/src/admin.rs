@@ -9,8 +9,8 @@ use anyhow::Context as _;
 
 use tidepool_core::{Config, Currency, KeyId, ModelId, ModelKind, Nanos, TenantId};
 use tidepool_ledger::{
-    ApiKeyRecord, AuditActor, BudgetScope, KeyRole, Ledger, LedgerError, Month, ProjectId,
-    RateLimitsChange, RateScope, StatementLine, UsageScope,
+    ApiKeyRecord, AuditAnchor, AuditContext, BudgetScope, KeyRole, Ledger, LedgerError,
+    LedgerOptions, Month, ProjectId, RateLimitsChange, RateScope, StatementLine, UsageScope,
 };
 
 #[derive(Debug, clap::Args)]
@@ -288,8 +288,29 @@ async fn connect(database_url: &str) -> anyhow::Result<Ledger> {
     })
 }
 
-pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+/// The ledger of `config`, with the audit checkpoint key of its `[audit]` section (changes made
+/// here are audited, and checkpointed when due; `audit verify` checks signatures with it).
+async fn connect_audited(config: &Config) -> anyhow::Result<Ledger> {
+    let database_url = &config.server.database_url;
+    let options = LedgerOptions {
+        audit_checkpoints: tidepool_gateway::audit::audit_checkpointing(&config.audit)?,
+        ..LedgerOptions::default()
+    };
+    Ledger::connect_with(database_url, options)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the ledger at {}",
+                tidepool_core::config::redact_url(database_url)
+            )
+        })
+}
+
+/// Changes made from the CLI are the operator's, outside any request.
+const AUDIT: &AuditContext = &AuditContext::ADMIN;
+
+pub(crate) async fn keys(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         KeysCommand::Create {
@@ -310,14 +331,14 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
                 }
             }
             let created = ledger
-                .create_key_with_role(&tenant(&name)?, &project(&project_name)?, &label, role)
+                .create_key_with_role(
+                    &tenant(&name)?,
+                    &project(&project_name)?,
+                    &label,
+                    role,
+                    AUDIT,
+                )
                 .await?;
-            audit_admin(
-                &ledger,
-                "key.create",
-                &format!("key:{}", created.record.key_id),
-            )
-            .await?;
             writeln!(out, "{}", created.secret)?;
             writeln!(
                 out,
@@ -336,13 +357,11 @@ pub(crate) async fn keys(database_url: &str, args: KeysArgs) -> anyhow::Result<(
             print_keys(&mut out, &keys)?;
         }
         KeysCommand::Revoke { key_id } => {
-            ledger.revoke_key(&KeyId(key_id.clone())).await?;
-            audit_admin(&ledger, "key.revoke", &format!("key:{key_id}")).await?;
+            ledger.revoke_key(&KeyId(key_id.clone()), AUDIT).await?;
             writeln!(out, "revoked {key_id}")?;
         }
         KeysCommand::Reinstate { key_id } => {
-            if ledger.reinstate_key(&KeyId(key_id.clone())).await? {
-                audit_admin(&ledger, "key.reinstate", &format!("key:{key_id}")).await?;
+            if ledger.reinstate_key(&KeyId(key_id.clone()), AUDIT).await? {
                 writeln!(out, "reinstated {key_id}")?;
             } else {
                 writeln!(out, "{key_id} was not suspended")?;
@@ -548,8 +567,8 @@ fn print_account(
     Ok(())
 }
 
-pub(crate) async fn tenants(database_url: &str, args: TenantsArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+pub(crate) async fn tenants(config: &Config, args: TenantsArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         TenantsCommand::Create {
@@ -558,7 +577,7 @@ pub(crate) async fn tenants(database_url: &str, args: TenantsArgs) -> anyhow::Re
         } => {
             let id = tenant(&name)?;
             ledger
-                .create_tenant(&id, Currency::parse(&currency)?)
+                .create_tenant(&id, Currency::parse(&currency)?, AUDIT)
                 .await?;
             print_account(&mut out, &ledger.account(&id).await?)?;
         }
@@ -573,8 +592,8 @@ pub(crate) async fn tenants(database_url: &str, args: TenantsArgs) -> anyhow::Re
     Ok(())
 }
 
-pub(crate) async fn projects(database_url: &str, args: ProjectsArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+pub(crate) async fn projects(config: &Config, args: ProjectsArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         ProjectsCommand::Create {
@@ -582,7 +601,7 @@ pub(crate) async fn projects(database_url: &str, args: ProjectsArgs) -> anyhow::
             project: project_name,
         } => {
             ledger
-                .create_project(&tenant(&name)?, &project(&project_name)?)
+                .create_project(&tenant(&name)?, &project(&project_name)?, AUDIT)
                 .await?;
             writeln!(out, "{name}/{project_name}")?;
         }
@@ -595,8 +614,8 @@ pub(crate) async fn projects(database_url: &str, args: ProjectsArgs) -> anyhow::
     Ok(())
 }
 
-pub(crate) async fn credit(database_url: &str, args: CreditArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+pub(crate) async fn credit(config: &Config, args: CreditArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         CreditCommand::Add {
@@ -605,7 +624,7 @@ pub(crate) async fn credit(database_url: &str, args: CreditArgs) -> anyhow::Resu
             note,
         } => {
             let account = ledger
-                .credit(&tenant(&name)?, amount(&value)?, &note)
+                .credit(&tenant(&name)?, amount(&value)?, &note, AUDIT)
                 .await?;
             print_account(&mut out, &account)?;
         }
@@ -626,18 +645,20 @@ fn budget_scope(target: &BudgetTarget) -> anyhow::Result<BudgetScope> {
     }
 }
 
-pub(crate) async fn budgets(database_url: &str, args: BudgetsArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+pub(crate) async fn budgets(config: &Config, args: BudgetsArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     let target = match args.command {
         BudgetsCommand::Set { target, limit } => {
             ledger
-                .set_budget(&budget_scope(&target)?, Some(amount(&limit)?))
+                .set_budget(&budget_scope(&target)?, Some(amount(&limit)?), AUDIT)
                 .await?;
             target
         }
         BudgetsCommand::Clear { target } => {
-            ledger.set_budget(&budget_scope(&target)?, None).await?;
+            ledger
+                .set_budget(&budget_scope(&target)?, None, AUDIT)
+                .await?;
             target
         }
         BudgetsCommand::Show { target } => target,
@@ -686,13 +707,13 @@ fn rate_scope(target: &RateTarget) -> anyhow::Result<RateScope> {
 
 /// `rate-limits [--rpm N|--clear-rpm] [--tpm N|--clear-tpm]` and `rate-limits show`: both print
 /// the limits in force afterwards.
-pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> anyhow::Result<()> {
+pub(crate) async fn rate_limits(config: &Config, args: RateLimitsArgs) -> anyhow::Result<()> {
     let edit = |value: Option<u32>, clear: bool| if clear { Some(None) } else { value.map(Some) };
     let change = RateLimitsChange {
         requests_per_minute: edit(args.rpm, args.clear_rpm),
         tokens_per_minute: edit(args.tpm, args.clear_tpm),
     };
-    let ledger = connect(database_url).await?;
+    let ledger = connect_audited(config).await?;
     let limits = match &args.command {
         Some(RateLimitsCommand::Show { target }) => {
             anyhow::ensure!(
@@ -707,7 +728,7 @@ pub(crate) async fn rate_limits(database_url: &str, args: RateLimitsArgs) -> any
                 "nothing to change: give --rpm, --tpm, --clear-rpm or --clear-tpm (or use `rate-limits show`)"
             );
             ledger
-                .change_rate_limits(&rate_scope(&args.target)?, change)
+                .change_rate_limits(&rate_scope(&args.target)?, change, AUDIT)
                 .await?
         }
     };
@@ -749,20 +770,6 @@ fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::R
     Ok(())
 }
 
-/// An admin change made from the CLI, in the audit log (actor `admin`, detail `via: cli`).
-async fn audit_admin(ledger: &Ledger, action: &str, target: &str) -> anyhow::Result<()> {
-    ledger
-        .append_audit(
-            &AuditActor::Admin,
-            action,
-            target,
-            &serde_json::json!({ "via": "cli" }),
-        )
-        .await
-        .with_context(|| format!("the change took effect but could not be audited ({action})"))?;
-    Ok(())
-}
-
 #[derive(Debug, clap::Args)]
 pub(crate) struct AuditArgs {
     #[command(subcommand)]
@@ -773,8 +780,14 @@ pub(crate) struct AuditArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum AuditCommand {
-    /// Recompute every entry's hash and link; print the verdict, exit 1 at the first break.
-    Verify,
+    /// Recompute every entry's hash and link and check every checkpoint (its signature too when
+    /// the checkpoint key is set); print the verdict, exit 1 naming the first bad entry.
+    Verify {
+        /// `SEQ:HASH` of an entry kept outside the database (a checkpoint `verify` printed
+        /// before): the log must still hold that entry with that hash.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<String>,
+    },
     /// Print entries, oldest first.
     List {
         /// Entries after this sequence number.
@@ -783,46 +796,119 @@ pub(crate) enum AuditCommand {
         /// Entries to print (1 to 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// One JSON object per line (the export's form) instead of the table.
+        #[arg(long)]
+        jsonl: bool,
+    },
+    /// Write every entry after `--after`, oldest first, as JSON lines (the same objects as
+    /// `GET /admin/audit`).
+    Export {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
     },
 }
 
-pub(crate) async fn audit(database_url: &str, args: &AuditArgs) -> anyhow::Result<()> {
-    let ledger = connect(database_url).await?;
+pub(crate) async fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
+    let ledger = connect_audited(config).await?;
     let mut out = std::io::stdout().lock();
     match &args.command {
-        AuditCommand::Verify => {
-            let verdict = ledger.verify_audit_chain().await?;
-            match verdict.first_broken {
-                None => writeln!(out, "audit chain ok: {} entries", verdict.entries)?,
-                Some(broken) => {
-                    writeln!(
-                        out,
-                        "audit chain BROKEN at entry {}: {}",
-                        broken.seq, broken.reason
-                    )?;
-                    anyhow::bail!("the audit chain does not verify");
-                }
-            }
+        AuditCommand::Verify { expect_head } => {
+            verify_audit(&ledger, config, expect_head.as_deref(), &mut out).await
         }
-        AuditCommand::List { after, limit } => {
+        AuditCommand::List {
+            after,
+            limit,
+            jsonl,
+        } => {
+            let entries = ledger.list_audit(*after, *limit).await?;
+            if *jsonl {
+                write!(out, "{}", tidepool_gateway::audit::jsonl(entries)?)?;
+                return Ok(());
+            }
             writeln!(
                 out,
-                "{:>8} {:>15} {:<14} {:<18} {:<32} DETAILS",
-                "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET"
+                "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} DETAILS",
+                "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET", "REQUEST_ID"
             )?;
-            for entry in ledger.list_audit(*after, *limit).await? {
+            for entry in entries {
                 writeln!(
                     out,
-                    "{:>8} {:>15} {:<14} {:<18} {:<32} {}",
+                    "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} {}",
                     entry.seq,
                     entry.at_ms,
                     entry.actor.as_str(),
                     entry.action,
                     entry.target,
+                    entry.request_id.as_deref().unwrap_or("-"),
                     entry.details
                 )?;
             }
+            Ok(())
         }
+        AuditCommand::Export { after } => {
+            let mut after = *after;
+            loop {
+                let entries = ledger
+                    .list_audit(after, tidepool_ledger::AUDIT_PAGE_LEN_MAX)
+                    .await?;
+                let Some(last) = entries.last().map(|e| e.seq) else {
+                    return Ok(());
+                };
+                write!(out, "{}", tidepool_gateway::audit::jsonl(entries)?)?;
+                after = last;
+            }
+        }
+    }
+}
+
+/// `audit verify [--expect-head SEQ:HASH]`: the verdict, the latest checkpoint to keep, and an
+/// error naming the first bad entry.
+async fn verify_audit(
+    ledger: &Ledger,
+    config: &Config,
+    expect_head: Option<&str>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let anchor = expect_head
+        .map(str::parse::<AuditAnchor>)
+        .transpose()
+        .context("--expect-head takes SEQ:HASH (a sequence number and 64 hex digits)")?;
+    let verdict = ledger.verify_audit_chain(anchor.as_ref()).await?;
+    let signatures = if verdict.signatures_checked {
+        "signatures checked".to_owned()
+    } else {
+        format!(
+            "signatures NOT checked: no checkpoint key (set {})",
+            config.audit.checkpoint_key_env
+        )
+    };
+    if let Some(broken) = &verdict.first_broken {
+        writeln!(
+            out,
+            "audit chain BROKEN at entry {}: {}",
+            broken.seq, broken.reason
+        )?;
+        writeln!(
+            out,
+            "read {} entries and {} checkpoints before it ({signatures})",
+            verdict.entries, verdict.checkpoints
+        )?;
+        anyhow::bail!("the audit chain does not verify (entry {})", broken.seq);
+    }
+    writeln!(
+        out,
+        "audit chain ok: {} entries, {} checkpoints ({signatures})",
+        verdict.entries, verdict.checkpoints
+    )?;
+    if let Some(checkpoint) = &verdict.latest_checkpoint {
+        writeln!(
+            out,
+            "latest checkpoint: {}:{} (keep a copy elsewhere; pass it as --expect-head)",
+            checkpoint.seq, checkpoint.hash
+        )?;
+    }
+    if let Some(last) = &verdict.last {
+        writeln!(out, "last entry: {last}")?;
     }
     Ok(())
 }

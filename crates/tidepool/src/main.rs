@@ -113,8 +113,8 @@ enum Command {
     Usage(WithDb<admin::UsageArgs>),
     /// A tenant's monthly statement (line items sum to the balance movement).
     Statement(WithDb<admin::StatementArgs>),
-    /// The tamper-evident audit log: `verify` walks the hash chain (exit 1 if it is broken),
-    /// `list` prints entries.
+    /// The tamper-evident audit log: `verify` walks the hash chain and its signed checkpoints
+    /// (exit 1 naming the first bad entry), `list` prints entries, `export` writes JSON lines.
     Audit(WithDb<admin::AuditArgs>),
     /// Benchmarks (ratios against baselines measured in the same run).
     Bench(tidepool_bench::BenchArgs),
@@ -454,7 +454,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Health(args) => health(&args).await,
         Command::Keys(c) => match remote::client(c.args.remote.url.as_deref())? {
             Some(client) => remote::keys(&client, c.args.command).await,
-            None => admin::keys(&c.db.database_url()?, c.args).await,
+            None => admin::keys(&c.db.load()?, c.args).await,
         },
         Command::Models(args) => admin::models(&args.load()?),
         Command::Config(ConfigCommandArgs {
@@ -462,23 +462,23 @@ async fn main() -> anyhow::Result<()> {
         }) => config_check(&args),
         Command::Tenants(c) => match remote::client(c.args.remote.url.as_deref())? {
             Some(client) => remote::tenants(&client, c.args.command).await,
-            None => admin::tenants(&c.db.database_url()?, c.args).await,
+            None => admin::tenants(&c.db.load()?, c.args).await,
         },
-        Command::Projects(c) => admin::projects(&c.db.database_url()?, c.args).await,
+        Command::Projects(c) => admin::projects(&c.db.load()?, c.args).await,
         Command::Credit(c) => match remote::client(c.args.remote.url.as_deref())? {
             Some(client) => remote::credit(&client, c.args.command).await,
-            None => admin::credit(&c.db.database_url()?, c.args).await,
+            None => admin::credit(&c.db.load()?, c.args).await,
         },
         Command::Budgets(c) => match remote::client(c.args.remote.url.as_deref())? {
             Some(client) => remote::budgets(&client, c.args.command).await,
-            None => admin::budgets(&c.db.database_url()?, c.args).await,
+            None => admin::budgets(&c.db.load()?, c.args).await,
         },
-        Command::RateLimits(c) => admin::rate_limits(&c.db.database_url()?, c.args).await,
+        Command::RateLimits(c) => admin::rate_limits(&c.db.load()?, c.args).await,
         Command::Usage(c) => admin::usage(&c.db.database_url()?, &c.args).await,
         Command::Statement(c) => admin::statement(&c.db.database_url()?, &c.args).await,
         Command::Audit(c) => match remote::client(c.args.remote.url.as_deref())? {
             Some(client) => remote::audit(&client, &c.args.command).await,
-            None => admin::audit(&c.db.database_url()?, &c.args).await,
+            None => admin::audit(&c.db.load()?, &c.args).await,
         },
         Command::Bench(args) => tidepool_bench::run(args).await,
         Command::Sim(args) => tidepool_bench::run_sim(&args),

@@ -89,6 +89,25 @@ impl AdminClient {
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
+
+    /// `GET path` answered with text (JSON lines).
+    async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("reading {url}"))?;
+        anyhow::ensure!(status.is_success(), "GET {url}: {status}: {text}");
+        Ok(text)
+    }
 }
 
 /// `tidepool keys … --url`.
@@ -356,29 +375,65 @@ pub(crate) async fn budgets(client: &AdminClient, command: BudgetsCommand) -> an
     }
 }
 
+/// `audit verify --url`: the gateway verifies the chain (`chain_ok` of `GET /admin/audit`).
+async fn verify(
+    client: &AdminClient,
+    out: &mut impl std::io::Write,
+    expect_head: Option<&str>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        expect_head.is_none(),
+        "--expect-head checks the database itself: run `audit verify` without --url"
+    );
+    let page = client.get("/admin/audit?limit=1").await?;
+    if page["chain_ok"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "audit chain ok: {} entries",
+            page["chain_entries"].as_u64().unwrap_or(0)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "audit chain BROKEN at entry {}: {}",
+            page["first_broken_seq"].as_i64().unwrap_or(-1),
+            page["first_broken_reason"].as_str().unwrap_or("?")
+        )?;
+        anyhow::bail!("the audit chain does not verify");
+    }
+    Ok(())
+}
+
 /// `tidepool audit … --url`: the chain is verified by the gateway.
 pub(crate) async fn audit(client: &AdminClient, command: &AuditCommand) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match command {
-        AuditCommand::Verify => {
-            let page = client.get("/admin/audit?limit=1").await?;
-            if page["chain_ok"].as_bool() == Some(true) {
-                writeln!(
-                    out,
-                    "audit chain ok: {} entries",
-                    page["chain_entries"].as_u64().unwrap_or(0)
-                )?;
-            } else {
-                writeln!(
-                    out,
-                    "audit chain BROKEN at entry {}: {}",
-                    page["first_broken_seq"].as_i64().unwrap_or(-1),
-                    page["first_broken_reason"].as_str().unwrap_or("?")
-                )?;
-                anyhow::bail!("the audit chain does not verify");
-            }
+        AuditCommand::Verify { expect_head } => {
+            verify(client, &mut out, expect_head.as_deref()).await?;
         }
-        AuditCommand::List { after, limit } => {
+        AuditCommand::Export { after } => {
+            let text = client
+                .get_text(&format!("/admin/audit?format=jsonl&after={after}"))
+                .await?;
+            out.write_all(text.as_bytes())?;
+        }
+        AuditCommand::List {
+            after,
+            limit,
+            jsonl: true,
+        } => {
+            let text = client
+                .get_text(&format!(
+                    "/admin/audit?format=jsonl&after={after}&limit={limit}"
+                ))
+                .await?;
+            out.write_all(text.as_bytes())?;
+        }
+        AuditCommand::List {
+            after,
+            limit,
+            jsonl: false,
+        } => {
             let page = client
                 .get(&format!("/admin/audit?after={after}&limit={limit}"))
                 .await?;

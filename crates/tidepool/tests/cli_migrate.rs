@@ -24,6 +24,24 @@ const POLL: Duration = Duration::from_millis(50);
 /// `tidepool migrate` processes started at once on one database.
 const MIGRATORS: usize = 4;
 
+/// What `migrate` prints once every migration of this build is applied (counted from the
+/// ledger's migration files, so a new migration needs no edit here).
+fn schema_current() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tidepool-ledger/migrations/sqlite");
+    let migrations = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|ext| ext == "sql")
+        })
+        .count();
+    format!("schema current ({migrations} migrations)")
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -264,21 +282,4 @@ async fn concurrent_migrate_processes_on_one_postgres_database_all_succeed() {
         succeeded(&check, "migrate --check");
     })
     .await;
-}
-
-/// `schema current (N migrations)` for this build's N: every migration file of the ledger.
-fn schema_current() -> String {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tidepool-ledger/migrations/sqlite"
-    );
-    let count = std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|entry| {
-            entry
-                .as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
-        })
-        .count();
-    format!("schema current ({count} migrations)")
 }

@@ -17,7 +17,7 @@ use tidepool_engine::{
     Generation, GenerationEvent, TextEngine, TokenId,
 };
 use tidepool_gateway::{AppState, ServedModel, StateOptions, router};
-use tidepool_ledger::{Ledger, PriceVersion, UsageEntry};
+use tidepool_ledger::{AuditContext, Ledger, PriceVersion, UsageEntry};
 use tokio::sync::{mpsc, oneshot};
 use tower::ServiceExt as _;
 
@@ -191,15 +191,21 @@ impl App {
         fake: impl FnOnce(FakeEngineConfig) -> FakeEngineConfig,
     ) -> Self {
         let acme = TenantId::new("acme").unwrap();
-        let created = ledger.create_key(&acme, "tests").await.unwrap();
+        let created = ledger
+            .create_key(&acme, "tests", &AuditContext::ADMIN)
+            .await
+            .unwrap();
         if ledger.account(&acme).await.unwrap().balance == Nanos::ZERO {
             ledger
-                .credit(&acme, Nanos(CREDIT_NANOS), "tests")
+                .credit(&acme, Nanos(CREDIT_NANOS), "tests", &AuditContext::ADMIN)
                 .await
                 .unwrap();
         }
         for model in [FAKE_CHAT, FAKE_BASE, SCRIPTED, EMBED] {
-            ledger.set_price(&price(model)).await.unwrap();
+            ledger
+                .set_price(&price(model), &AuditContext::ADMIN)
+                .await
+                .unwrap();
         }
         if options.admin_token.is_none() {
             options.admin_token = Some(ADMIN_TOKEN.to_owned());

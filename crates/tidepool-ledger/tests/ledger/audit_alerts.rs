@@ -11,7 +11,7 @@ use crate::common::{self, TestDb};
 use serde_json::json;
 use sqlx::Connection;
 use tidepool_core::{KeyId, TenantId};
-use tidepool_ledger::{AuditActor, LedgerError, NewAlert};
+use tidepool_ledger::{AuditContext, LedgerError, NewAlert};
 
 async fn execute(db: &TestDb, sql: &str) {
     match db.kind {
@@ -28,12 +28,12 @@ async fn execute(db: &TestDb, sql: &str) {
 
 async fn chain_verifies_and_tampering_is_detected(db: Arc<TestDb>) {
     let ledger = db.ledger().await;
-    let verdict = ledger.verify_audit_chain().await.unwrap();
+    let verdict = ledger.verify_audit_chain(None).await.unwrap();
     assert!(verdict.is_ok(), "an empty chain verifies");
     for index in 0..5 {
         let entry = ledger
             .append_audit(
-                &AuditActor::Admin,
+                &AuditContext::ADMIN.with_request_id(format!("req-{index}")),
                 "tenant.credit",
                 "tenant:acme",
                 &json!({ "amount_nanos": index }),
@@ -41,9 +41,10 @@ async fn chain_verifies_and_tampering_is_detected(db: Arc<TestDb>) {
             .await
             .unwrap();
         assert_eq!(entry.seq, index + 1);
+        assert_eq!(entry.request_id, Some(format!("req-{index}")));
         db.clock.advance(1);
     }
-    let verdict = ledger.verify_audit_chain().await.unwrap();
+    let verdict = ledger.verify_audit_chain(None).await.unwrap();
     assert_eq!(verdict.entries, 5);
     assert!(verdict.is_ok(), "{verdict:?}");
     let page = ledger.list_audit(2, 2).await.unwrap();
@@ -63,7 +64,7 @@ async fn chain_verifies_and_tampering_is_detected(db: Arc<TestDb>) {
         "UPDATE audit_log SET details = '{\"amount_nanos\":999}' WHERE seq = 3",
     )
     .await;
-    let verdict = ledger.verify_audit_chain().await.unwrap();
+    let verdict = ledger.verify_audit_chain(None).await.unwrap();
     let broken = verdict.first_broken.expect("tampering is detected");
     assert_eq!(broken.seq, 3, "{broken:?}");
     execute(
@@ -72,16 +73,16 @@ async fn chain_verifies_and_tampering_is_detected(db: Arc<TestDb>) {
     )
     .await;
     assert!(
-        ledger.verify_audit_chain().await.unwrap().is_ok(),
+        ledger.verify_audit_chain(None).await.unwrap().is_ok(),
         "restored"
     );
 
     // Deleting one in the middle, or the last one, is caught too.
     execute(&db, "DELETE FROM audit_log WHERE seq = 5").await;
-    let broken = ledger.verify_audit_chain().await.unwrap().first_broken;
+    let broken = ledger.verify_audit_chain(None).await.unwrap().first_broken;
     assert_eq!(broken.map(|b| b.seq), Some(5), "a truncated log");
     execute(&db, "DELETE FROM audit_log WHERE seq = 2").await;
-    let broken = ledger.verify_audit_chain().await.unwrap().first_broken;
+    let broken = ledger.verify_audit_chain(None).await.unwrap().first_broken;
     assert_eq!(broken.map(|b| b.seq), Some(2), "a gap");
 }
 both_stores!(
@@ -100,7 +101,7 @@ async fn concurrent_appends_from_two_replicas_keep_one_chain(db: Arc<TestDb>) {
             tasks.spawn(async move {
                 ledger
                     .append_audit(
-                        &AuditActor::System,
+                        &AuditContext::SYSTEM,
                         "test.append",
                         &format!("replica:{name}"),
                         &json!({ "index": index }),
@@ -117,7 +118,7 @@ async fn concurrent_appends_from_two_replicas_keep_one_chain(db: Arc<TestDb>) {
     seqs.sort_unstable();
     let expected: Vec<i64> = (1..=2 * per_replica).collect();
     assert_eq!(seqs, expected, "every append got its own sequence number");
-    let verdict = replica_b.verify_audit_chain().await.unwrap();
+    let verdict = replica_b.verify_audit_chain(None).await.unwrap();
     assert!(verdict.is_ok(), "{verdict:?}");
     assert_eq!(verdict.entries, u64::try_from(2 * per_replica).unwrap());
 }
@@ -219,18 +220,25 @@ async fn suspended_keys_authenticate_with_their_reason_until_reinstated(db: Arc<
     let replica_a = db.ledger().await;
     let replica_b = db.ledger().await;
     let created = replica_a
-        .create_key(&TenantId::new("acme").unwrap(), "laptop")
+        .create_key(
+            &TenantId::new("acme").unwrap(),
+            "laptop",
+            &AuditContext::ADMIN,
+        )
         .await
         .unwrap();
     let key_id = &created.record.key_id;
     assert!(
         replica_a
-            .suspend_key(key_id, "request rate 20x its usual")
+            .suspend_key(key_id, "request rate 20x its usual", &AuditContext::ADMIN)
             .await
             .unwrap()
     );
     assert!(
-        !replica_a.suspend_key(key_id, "again").await.unwrap(),
+        !replica_a
+            .suspend_key(key_id, "again", &AuditContext::ADMIN)
+            .await
+            .unwrap(),
         "kept the first"
     );
     let seen = replica_b
@@ -243,8 +251,18 @@ async fn suspended_keys_authenticate_with_their_reason_until_reinstated(db: Arc<
         seen.suspended_reason.as_deref(),
         Some("request rate 20x its usual")
     );
-    assert!(replica_b.reinstate_key(key_id).await.unwrap());
-    assert!(!replica_b.reinstate_key(key_id).await.unwrap());
+    assert!(
+        replica_b
+            .reinstate_key(key_id, &AuditContext::ADMIN)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !replica_b
+            .reinstate_key(key_id, &AuditContext::ADMIN)
+            .await
+            .unwrap()
+    );
     let seen = replica_a
         .authenticate(&created.secret)
         .await
@@ -253,7 +271,7 @@ async fn suspended_keys_authenticate_with_their_reason_until_reinstated(db: Arc<
     assert_eq!(seen.suspended_at_ms, None);
     assert!(matches!(
         replica_a
-            .suspend_key(&KeyId("nosuchkey000".into()), "x")
+            .suspend_key(&KeyId("nosuchkey000".into()), "x", &AuditContext::ADMIN)
             .await,
         Err(LedgerError::KeyNotFound { .. })
     ));

@@ -24,8 +24,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::{
-    BudgetScope, Finish, Ledger, LedgerError, ProjectId, RESERVE_BATCH_LEN_MAX, RateLimits,
-    RateScope, Reservation, ReservationState, ReserveRequest, UsageEntry, UsageStatus,
+    AuditContext, BudgetScope, Finish, Ledger, LedgerError, ProjectId, RESERVE_BATCH_LEN_MAX,
+    RateLimits, RateScope, Reservation, ReservationState, ReserveRequest, UsageEntry, UsageStatus,
 };
 
 use crate::billing::{CACHED, INPUT, OUTPUT, price_v};
@@ -63,31 +63,46 @@ fn tenant(name: &str) -> TenantId {
 async fn world(db: Arc<TestDb>) -> World {
     let ledger = db.ledger().await;
     let (acme, globex, euro) = (tenant("acme"), tenant("globex"), tenant("euro"));
-    ledger.create_tenant(&acme, Currency::USD).await.unwrap();
-    ledger.create_tenant(&globex, Currency::USD).await.unwrap();
     ledger
-        .create_tenant(&euro, Currency::parse("EUR").unwrap())
+        .create_tenant(&acme, Currency::USD, &AuditContext::ADMIN)
         .await
         .unwrap();
     ledger
-        .credit(&acme, Nanos(20_000_000), "prepaid")
+        .create_tenant(&globex, Currency::USD, &AuditContext::ADMIN)
         .await
         .unwrap();
     ledger
-        .credit(&globex, Nanos(2_500_000), "prepaid")
+        .create_tenant(&euro, Currency::parse("EUR").unwrap(), &AuditContext::ADMIN)
         .await
         .unwrap();
     ledger
-        .credit(&euro, Nanos(5_000_000), "prepaid")
+        .credit(&acme, Nanos(20_000_000), "prepaid", &AuditContext::ADMIN)
         .await
         .unwrap();
-    ledger.set_price(&price_v(0, INPUT, OUTPUT)).await.unwrap();
+    ledger
+        .credit(&globex, Nanos(2_500_000), "prepaid", &AuditContext::ADMIN)
+        .await
+        .unwrap();
+    ledger
+        .credit(&euro, Nanos(5_000_000), "prepaid", &AuditContext::ADMIN)
+        .await
+        .unwrap();
+    ledger
+        .set_price(&price_v(0, INPUT, OUTPUT), &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut gemma = price_v(0, 80_000_000, 300_000_000);
     gemma.model = ModelId::new(MODELS[1]).unwrap();
     gemma.cached_input_per_mtok = Nanos(CACHED);
-    ledger.set_price(&gemma).await.unwrap();
+    ledger
+        .set_price(&gemma, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let analytics = ProjectId::new("analytics").unwrap();
-    ledger.create_project(&acme, &analytics).await.unwrap();
+    ledger
+        .create_project(&acme, &analytics, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut keys = Vec::new();
     for (t, project) in [
         (&acme, ProjectId::default_project()),
@@ -97,12 +112,15 @@ async fn world(db: Arc<TestDb>) -> World {
         (&acme, ProjectId::default_project()),
     ] {
         let key = ledger
-            .create_key_in_project(t, &project, "client")
+            .create_key_in_project(t, &project, "client", &AuditContext::ADMIN)
             .await
             .unwrap();
         keys.push(key.record.key_id);
     }
-    ledger.revoke_key(&keys[4]).await.unwrap();
+    ledger
+        .revoke_key(&keys[4], &AuditContext::ADMIN)
+        .await
+        .unwrap();
     // A key id no database knows.
     keys.push(KeyId("nosuchkey000".to_owned()));
     ledger
@@ -111,6 +129,7 @@ async fn world(db: Arc<TestDb>) -> World {
                 key_id: keys[0].clone(),
             },
             Some(Nanos(7_000_000)),
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
@@ -121,6 +140,7 @@ async fn world(db: Arc<TestDb>) -> World {
                 project: analytics.clone(),
             },
             Some(Nanos(4_000_000)),
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
@@ -156,6 +176,7 @@ async fn world(db: Arc<TestDb>) -> World {
                     requests_per_minute: rpm,
                     tokens_per_minute: tpm,
                 },
+                &AuditContext::ADMIN,
             )
             .await
             .unwrap();
@@ -386,12 +407,12 @@ async fn batch_equals_one_by_one(db_batched: Arc<TestDb>) {
                     let name = ["acme", "globex", "euro"][rng.random_range(0..3)];
                     batched
                         .ledger
-                        .credit(&tenant(name), amount, "top-up")
+                        .credit(&tenant(name), amount, "top-up", &AuditContext::ADMIN)
                         .await
                         .unwrap();
                     single
                         .ledger
-                        .credit(&tenant(name), amount, "top-up")
+                        .credit(&tenant(name), amount, "top-up", &AuditContext::ADMIN)
                         .await
                         .unwrap();
                 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::price::cost_of;
 use tidepool_ledger::{
-    BilledTokens, BudgetScope, Finish, Ledger, LedgerError, Month, PriceVersion, ProjectId,
-    QuotaScope, RateKind, RateLimits, RateLimitsChange, RateScope, ReservationState,
+    AuditContext, BilledTokens, BudgetScope, Finish, Ledger, LedgerError, Month, PriceVersion,
+    ProjectId, QuotaScope, RateKind, RateLimits, RateLimitsChange, RateScope, ReservationState,
     ReserveRequest, StatementLine, UsageEntry, UsageStatus,
 };
 
@@ -49,12 +49,24 @@ pub(crate) fn price_v(effective_from_ms: i64, input: i64, output: i64) -> PriceV
 
 pub(crate) async fn fixture(ledger: Ledger, credit: Nanos) -> Fixture {
     let tenant = TenantId::new("acme").unwrap();
-    ledger.create_tenant(&tenant, Currency::USD).await.unwrap();
+    ledger
+        .create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     if credit > Nanos::ZERO {
-        ledger.credit(&tenant, credit, "prepaid").await.unwrap();
+        ledger
+            .credit(&tenant, credit, "prepaid", &AuditContext::ADMIN)
+            .await
+            .unwrap();
     }
-    ledger.set_price(&price_v(0, INPUT, OUTPUT)).await.unwrap();
-    let key = ledger.create_key(&tenant, "laptop").await.unwrap();
+    ledger
+        .set_price(&price_v(0, INPUT, OUTPUT), &AuditContext::ADMIN)
+        .await
+        .unwrap();
+    let key = ledger
+        .create_key(&tenant, "laptop", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     Fixture {
         ledger,
         tenant,
@@ -292,21 +304,28 @@ async fn admission_errors(db: Arc<TestDb>) {
     // Another tenant may use the same idempotency key.
     let globex = TenantId::new("globex").unwrap();
     f.ledger
-        .create_tenant(&globex, Currency::USD)
+        .create_tenant(&globex, Currency::USD, &AuditContext::ADMIN)
         .await
         .unwrap();
     f.ledger
-        .credit(&globex, Nanos(1_000_000), "prepaid")
+        .credit(&globex, Nanos(1_000_000), "prepaid", &AuditContext::ADMIN)
         .await
         .unwrap();
-    let other_key = f.ledger.create_key(&globex, "ci").await.unwrap();
+    let other_key = f
+        .ledger
+        .create_key(&globex, "ci", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut theirs = f.request(10, 10);
     theirs.key_id = other_key.record.key_id.clone();
     theirs.idempotency_key = Some("order-42".to_owned());
     f.ledger.reserve(&theirs).await.unwrap();
 
     // A revoked key cannot reserve, even with a valid earlier authentication.
-    f.ledger.revoke_key(&other_key.record.key_id).await.unwrap();
+    f.ledger
+        .revoke_key(&other_key.record.key_id, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut revoked = f.request(1, 1);
     revoked.key_id = other_key.record.key_id;
     assert!(matches!(
@@ -317,18 +336,24 @@ async fn admission_errors(db: Arc<TestDb>) {
     // A currency mismatch between account and price is refused.
     let euro = TenantId::new("euro").unwrap();
     f.ledger
-        .create_tenant(&euro, Currency::parse("EUR").unwrap())
+        .create_tenant(&euro, Currency::parse("EUR").unwrap(), &AuditContext::ADMIN)
         .await
         .unwrap();
     assert!(matches!(
-        f.ledger.create_tenant(&euro, Currency::USD).await,
+        f.ledger
+            .create_tenant(&euro, Currency::USD, &AuditContext::ADMIN)
+            .await,
         Err(LedgerError::TenantCurrencyConflict { .. })
     ));
     f.ledger
-        .credit(&euro, Nanos(1_000_000), "prepaid")
+        .credit(&euro, Nanos(1_000_000), "prepaid", &AuditContext::ADMIN)
         .await
         .unwrap();
-    let euro_key = f.ledger.create_key(&euro, "k").await.unwrap();
+    let euro_key = f
+        .ledger
+        .create_key(&euro, "k", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut in_euro = f.request(1, 1);
     in_euro.key_id = euro_key.record.key_id;
     assert!(matches!(
@@ -349,11 +374,15 @@ async fn budgets_per_month(db: Arc<TestDb>) {
         project: ProjectId::default_project(),
     };
     f.ledger
-        .set_budget(&key_scope, Some(Nanos(hold.0 * 3)))
+        .set_budget(&key_scope, Some(Nanos(hold.0 * 3)), &AuditContext::ADMIN)
         .await
         .unwrap();
     f.ledger
-        .set_budget(&project_scope, Some(Nanos(hold.0 * 4)))
+        .set_budget(
+            &project_scope,
+            Some(Nanos(hold.0 * 4)),
+            &AuditContext::ADMIN,
+        )
         .await
         .unwrap();
 
@@ -383,8 +412,15 @@ async fn budgets_per_month(db: Arc<TestDb>) {
     open.push(f.ledger.reserve(&f.request(10, 10)).await.unwrap());
 
     // The project budget binds across keys.
-    f.ledger.set_budget(&key_scope, None).await.unwrap();
-    let key2 = f.ledger.create_key(&f.tenant, "second").await.unwrap();
+    f.ledger
+        .set_budget(&key_scope, None, &AuditContext::ADMIN)
+        .await
+        .unwrap();
+    let key2 = f
+        .ledger
+        .create_key(&f.tenant, "second", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let mut via_key2 = f.request(100, 100);
     via_key2.key_id = key2.record.key_id.clone();
     f.ledger.reserve(&via_key2).await.unwrap();
@@ -437,6 +473,7 @@ async fn fifty_of_two_hundred(db: Arc<TestDb>, replicas: usize, limit_by_budget:
                     key_id: f.key_id.clone(),
                 },
                 Some(room),
+                &AuditContext::ADMIN,
             )
             .await
             .unwrap();
@@ -513,9 +550,17 @@ async fn price_change_mid_month(db: Arc<TestDb>) {
 
     db.clock.advance(86_400_000);
     let v2 = price_v(T0_MS + 86_400_000, INPUT * 2, OUTPUT * 3);
-    assert!(f.ledger.sync_price(&v2).await.unwrap());
     assert!(
-        !f.ledger.sync_price(&v2).await.unwrap(),
+        f.ledger
+            .sync_price(&v2, &AuditContext::ADMIN)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.ledger
+            .sync_price(&v2, &AuditContext::ADMIN)
+            .await
+            .unwrap(),
         "same prices add no version"
     );
     let after = f.ledger.reserve(&f.request(1000, 1000)).await.unwrap();
@@ -554,7 +599,9 @@ async fn price_change_mid_month(db: Arc<TestDb>) {
     assert_eq!(billed_before.cost, cost(1000, 1000, &v1));
     assert_eq!(billed_after.cost, cost(1000, 1000, &v2));
     assert!(matches!(
-        f.ledger.set_price(&price_v(0, 1, 1)).await,
+        f.ledger
+            .set_price(&price_v(0, 1, 1), &AuditContext::ADMIN)
+            .await,
         Err(LedgerError::PriceVersionConflict { .. })
     ));
 
@@ -715,6 +762,7 @@ async fn rate_limits(db: Arc<TestDb>) {
                 requests_per_minute: Some(3),
                 tokens_per_minute: None,
             },
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
@@ -757,11 +805,12 @@ async fn rate_limits(db: Arc<TestDb>) {
                 requests_per_minute: None,
                 tokens_per_minute: Some(1000),
             },
+            &AuditContext::ADMIN,
         )
         .await
         .unwrap();
     f.ledger
-        .set_rate_limits(&key_scope, RateLimits::default())
+        .set_rate_limits(&key_scope, RateLimits::default(), &AuditContext::ADMIN)
         .await
         .unwrap();
     db.clock.advance(60_000);
@@ -810,7 +859,11 @@ async fn rate_limit_changes_merge(db: Arc<TestDb>) {
         (change(Some(Some(5)), Some(None)), limits(Some(5), None)),
     ];
     for (step, expected) in steps {
-        let now = f.ledger.change_rate_limits(&scope, step).await.unwrap();
+        let now = f
+            .ledger
+            .change_rate_limits(&scope, step, &AuditContext::ADMIN)
+            .await
+            .unwrap();
         assert_eq!(now, expected, "{step:?}");
         assert_eq!(f.ledger.rate_limits(&scope).await.unwrap(), expected);
     }
@@ -820,7 +873,7 @@ async fn rate_limit_changes_merge(db: Arc<TestDb>) {
     };
     let now = f
         .ledger
-        .change_rate_limits(&model, change(None, Some(Some(7))))
+        .change_rate_limits(&model, change(None, Some(Some(7))), &AuditContext::ADMIN)
         .await
         .unwrap();
     assert_eq!(now, limits(None, Some(7)));
@@ -857,10 +910,13 @@ both_stores!(bench_settles_smoke_on, bench_settles_smoke);
 async fn usage_scopes(db: Arc<TestDb>) {
     let f = fixture(db.ledger().await, Nanos(1_000_000_000)).await;
     let team = ProjectId::new("team").unwrap();
-    f.ledger.create_project(&f.tenant, &team).await.unwrap();
+    f.ledger
+        .create_project(&f.tenant, &team, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let team_key = f
         .ledger
-        .create_key_in_project(&f.tenant, &team, "ci")
+        .create_key_in_project(&f.tenant, &team, "ci", &AuditContext::ADMIN)
         .await
         .unwrap();
     let price = price_v(0, INPUT, OUTPUT);
@@ -960,12 +1016,18 @@ both_stores!(usage_scopes_on, usage_scopes);
 
 async fn fixture_other_tenant(ledger: &Ledger) -> ReserveRequest {
     let globex = TenantId::new("globex").unwrap();
-    ledger.create_tenant(&globex, Currency::USD).await.unwrap();
     ledger
-        .credit(&globex, Nanos(1_000_000), "prepaid")
+        .create_tenant(&globex, Currency::USD, &AuditContext::ADMIN)
         .await
         .unwrap();
-    let key = ledger.create_key(&globex, "k").await.unwrap();
+    ledger
+        .credit(&globex, Nanos(1_000_000), "prepaid", &AuditContext::ADMIN)
+        .await
+        .unwrap();
+    let key = ledger
+        .create_key(&globex, "k", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     ReserveRequest {
         request_id: RequestId::new(),
         key_id: key.record.key_id,

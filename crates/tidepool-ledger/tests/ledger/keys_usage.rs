@@ -8,7 +8,7 @@ use crate::both_stores;
 use crate::common::{self, T0_MS, TestDb};
 use sqlx::Connection;
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
-use tidepool_ledger::{LedgerError, NO_MODEL, UsageEntry, UsageStatus};
+use tidepool_ledger::{AuditContext, LedgerError, NO_MODEL, UsageEntry, UsageStatus};
 
 fn tenant(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
@@ -58,7 +58,10 @@ async fn stored_hashes(db: &TestDb) -> Vec<String> {
 async fn keys_roundtrip(db: Arc<TestDb>) {
     let ledger = db.ledger().await;
     let acme = tenant("acme");
-    let created = ledger.create_key(&acme, "laptop").await.unwrap();
+    let created = ledger
+        .create_key(&acme, "laptop", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let secret = &created.secret;
     assert!(secret.starts_with("tp-"));
     assert_eq!(secret.len(), 3 + 12 + 1 + 43);
@@ -86,7 +89,10 @@ async fn keys_roundtrip(db: Arc<TestDb>) {
         None
     );
 
-    let other = ledger.create_key(&tenant("globex"), "ci").await.unwrap();
+    let other = ledger
+        .create_key(&tenant("globex"), "ci", &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let all = ledger.list_keys(None).await.unwrap();
     assert_eq!(all.len(), 2);
     let only_acme = ledger.list_keys(Some(&acme)).await.unwrap();
@@ -99,7 +105,7 @@ async fn revoke_is_immediate_across_replicas(db: Arc<TestDb>) {
     let replica_a = db.ledger().await;
     let replica_b = db.ledger().await;
     let created = replica_a
-        .create_key(&tenant("acme"), "laptop")
+        .create_key(&tenant("acme"), "laptop", &AuditContext::ADMIN)
         .await
         .unwrap();
     assert!(
@@ -110,20 +116,26 @@ async fn revoke_is_immediate_across_replicas(db: Arc<TestDb>) {
             .is_some()
     );
     db.clock.advance(5);
-    replica_a.revoke_key(&created.record.key_id).await.unwrap();
+    replica_a
+        .revoke_key(&created.record.key_id, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     assert_eq!(replica_b.authenticate(&created.secret).await.unwrap(), None);
     assert_eq!(replica_a.authenticate(&created.secret).await.unwrap(), None);
     let listed = replica_b.list_keys(None).await.unwrap();
     assert_eq!(listed[0].revoked_at_ms, Some(T0_MS + 5));
     // Revoking again keeps the first revocation time.
     db.clock.advance(5);
-    replica_b.revoke_key(&created.record.key_id).await.unwrap();
+    replica_b
+        .revoke_key(&created.record.key_id, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     assert_eq!(
         replica_b.list_keys(None).await.unwrap()[0].revoked_at_ms,
         Some(T0_MS + 5)
     );
     let missing = replica_a
-        .revoke_key(&KeyId("nosuchkey000".to_owned()))
+        .revoke_key(&KeyId("nosuchkey000".to_owned()), &AuditContext::ADMIN)
         .await;
     assert!(matches!(missing, Err(LedgerError::KeyNotFound { .. })));
 }

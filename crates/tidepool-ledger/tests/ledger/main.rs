@@ -4,6 +4,8 @@
 #[cfg(test)]
 mod audit_alerts;
 #[cfg(test)]
+mod audit_checkpoints;
+#[cfg(test)]
 mod batch;
 #[cfg(test)]
 mod billing;

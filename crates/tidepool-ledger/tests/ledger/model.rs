@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tidepool_core::{Nanos, RequestId};
 use tidepool_ledger::price::{cost_of, hold_for};
-use tidepool_ledger::{BilledTokens, BudgetScope, LedgerError, Month, QuotaScope};
+use tidepool_ledger::{AuditContext, BilledTokens, BudgetScope, LedgerError, Month, QuotaScope};
 
 use crate::billing::{INPUT, OUTPUT, fixture, price_v};
 use crate::both_stores;
@@ -82,7 +82,7 @@ async fn ledger_state_machine(db: Arc<TestDb>) {
                 0..=9 => {
                     let amount = rng.random_range(1..2_000_000i64);
                     ledger
-                        .credit(&f.tenant, Nanos(amount), "top-up")
+                        .credit(&f.tenant, Nanos(amount), "top-up", &AuditContext::ADMIN)
                         .await
                         .unwrap();
                     model.credits += amount;
@@ -187,7 +187,7 @@ async fn ledger_state_machine(db: Arc<TestDb>) {
                         .random_bool(0.7)
                         .then(|| model.spent + rng.random_range(0..3_000_000i64));
                     ledger
-                        .set_budget(&key_scope, limit.map(Nanos))
+                        .set_budget(&key_scope, limit.map(Nanos), &AuditContext::ADMIN)
                         .await
                         .unwrap();
                     model.key_budget = limit;

@@ -24,9 +24,9 @@ use sqlx::Connection as _;
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::price::cost_of;
 use tidepool_ledger::{
-    BilledTokens, DailyUsage, Day, Finish, Ledger, LedgerError, LedgerOptions, PriceVersion,
-    ProjectId, Reservation, ReserveRequest, USAGE_DAILY_DAYS_MAX, USAGE_DAILY_ROWS_MAX, UsageEntry,
-    UsageScope, UsageStatus,
+    AuditContext, BilledTokens, DailyUsage, Day, Finish, Ledger, LedgerError, LedgerOptions,
+    PriceVersion, ProjectId, Reservation, ReserveRequest, USAGE_DAILY_DAYS_MAX,
+    USAGE_DAILY_ROWS_MAX, UsageEntry, UsageScope, UsageStatus,
 };
 
 use crate::both_stores;
@@ -293,16 +293,23 @@ async fn setup(db: &TestDb) -> World {
             output_per_mtok: Nanos(output),
             cached_input_per_mtok: Nanos(cached),
         };
-        a.set_price(&price).await.unwrap();
+        a.set_price(&price, &AuditContext::ADMIN).await.unwrap();
         prices.push(price);
     }
     let mut tenants = Vec::new();
     for t in 0..3 {
         let tenant = TenantId::new(format!("tenant-{t}")).unwrap();
-        a.create_tenant(&tenant, Currency::USD).await.unwrap();
-        a.credit(&tenant, Nanos(1_000_000_000_000_000), "prepaid")
+        a.create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
             .await
             .unwrap();
+        a.credit(
+            &tenant,
+            Nanos(1_000_000_000_000_000),
+            "prepaid",
+            &AuditContext::ADMIN,
+        )
+        .await
+        .unwrap();
         let mut keys = Vec::new();
         for project in [
             ProjectId::default_project(),
@@ -310,7 +317,12 @@ async fn setup(db: &TestDb) -> World {
         ] {
             for k in 0..2 {
                 let key = a
-                    .create_key_in_project(&tenant, &project, &format!("key-{k}"))
+                    .create_key_in_project(
+                        &tenant,
+                        &project,
+                        &format!("key-{k}"),
+                        &AuditContext::ADMIN,
+                    )
                     .await
                     .unwrap();
                 keys.push((project.clone(), key.record.key_id));
@@ -956,7 +968,10 @@ both_stores!(migration_backfill, migration_backfills_rollup);
 async fn read_limits_and_bad_ranges(db: Arc<TestDb>) {
     let ledger = db.ledger().await;
     let acme = TenantId::new("acme").unwrap();
-    ledger.create_tenant(&acme, Currency::USD).await.unwrap();
+    ledger
+        .create_tenant(&acme, Currency::USD, &AuditContext::ADMIN)
+        .await
+        .unwrap();
     let day = Day::of_ms(T0_MS);
     let days_error = |result: Result<Vec<DailyUsage>, LedgerError>| {
         matches!(result, Err(LedgerError::OutOfRange { field: "days" }))

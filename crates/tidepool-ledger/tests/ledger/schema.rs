@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use tidepool_core::{Currency, TenantId};
-use tidepool_ledger::{Check, Ledger, LedgerError, LedgerOptions};
+use tidepool_ledger::{AuditContext, Check, Ledger, LedgerError, LedgerOptions};
 
 use crate::both_stores;
 use crate::common::{Kind, TestDb};
@@ -81,7 +81,10 @@ async fn concurrent_connects_migrate_once(db: Arc<TestDb>) {
     // Every handle works on the schema.
     for (index, ledger) in ledgers.iter().enumerate() {
         let tenant = TenantId::new(format!("t{index}")).unwrap();
-        ledger.create_tenant(&tenant, Currency::USD).await.unwrap();
+        ledger
+            .create_tenant(&tenant, Currency::USD, &AuditContext::ADMIN)
+            .await
+            .unwrap();
     }
 }
 both_stores!(concurrent_connects, concurrent_connects_migrate_once);
@@ -123,7 +126,10 @@ async fn unmigrated_schema_is_behind_until_migrate(db: Arc<TestDb>) {
     let readiness = ledger.readiness(READINESS_TIMEOUT).await;
     assert!(readiness.is_ready(), "{readiness:?}");
     // The handle made before the migration works now.
-    ledger.create_tenant(&acme, Currency::USD).await.unwrap();
+    ledger
+        .create_tenant(&acme, Currency::USD, &AuditContext::ADMIN)
+        .await
+        .unwrap();
 
     let again = tidepool_ledger::migrate(&db.url).await.unwrap();
     assert!(again.applied.is_empty(), "{again:?}");
