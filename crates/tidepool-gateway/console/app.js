@@ -1275,6 +1275,7 @@ async function pageAudit(ctx) {
   return [
     h('h1', {}, 'Audit log'),
     h('p', { id: 'audit-chain', dataset: { chainOk: String(page.chain_ok) } }, verdict),
+    checkpointNote(page),
     pager,
     table({
       id: 'audit-table',
@@ -1283,6 +1284,19 @@ async function pageAudit(ctx) {
       rows,
     }),
   ];
+}
+
+/** What the signed checkpoints of the audit chain add to its verdict. */
+function checkpointNote(page) {
+  const count = Number(page.chain_checkpoints ?? 0);
+  if (count === 0) return h('p', { class: 'muted' }, 'No signed checkpoint yet.');
+  const signatures = page.checkpoint_signatures_checked
+    ? 'their signatures verified'
+    : 'their signatures not checked (no checkpoint key is configured)';
+  const latest = page.latest_checkpoint;
+  return h('p', { class: 'muted', id: 'audit-checkpoints' },
+    `${formatInt(count)} signed checkpoint${count === 1 ? '' : 's'} checked against the entries, ${signatures}`,
+    latest ? `; the newest covers entry ${latest.seq} (${formatTime(latest.created_at_ms)}).` : '.');
 }
 
 // ---------------------------------------------------------------------------------------------
