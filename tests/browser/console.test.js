@@ -264,6 +264,56 @@ test('keys: a new key\'s secret is shown once; once revoked, the API refuses it'
   }
 });
 
+/** Presses Tab until `selector` has the focus (at most `pressesMax` times). */
+async function tabTo(page, selector, pressesMax = 40) {
+  for (let i = 0; i < pressesMax; i += 1) {
+    if (await page.evaluate((sel) => document.activeElement && document.activeElement.matches(sel), selector)) return;
+    await page.keyboard.press('Tab');
+  }
+  throw new Error(`${selector} never got the focus`);
+}
+
+test('keyboard: sign in, change pages, create and revoke a key without a mouse', { timeout: TEST_MS_MAX }, async () => {
+  const { context, page, watcher } = await B.newPage(browser);
+  try {
+    watcher.allowSignedOutCheck();
+    await page.goto(gateway.consoleUrl('#/keys'));
+    await B.ready(page, 'signin');
+    await tabTo(page, '#signin-secret');
+    await page.keyboard.type(keys.acmeAdmin.key);
+    await page.keyboard.press('Enter');
+    await B.ready(page, 'keys');
+
+    await tabTo(page, '#nav-list a[href="#/billing"]');
+    await page.keyboard.press('Enter');
+    await B.ready(page, 'billing');
+    await tabTo(page, '#nav-list a[href="#/keys"]');
+    await page.keyboard.press('Enter');
+    await B.ready(page, 'keys');
+
+    await tabTo(page, '#key-name');
+    await page.keyboard.type('keyboard');
+    await page.keyboard.press('Enter');
+    await page.waitForSelector('#secret-dialog[open]');
+    assert.equal(await page.evaluate(() => document.activeElement.id), 'secret-value', 'the dialog takes the focus');
+    await page.keyboard.press('Escape');
+    await page.waitForFunction(() => !document.getElementById('secret-dialog').open);
+    assert.equal(await page.inputValue('#secret-value'), '', 'closing the dialog forgets the secret');
+
+    const keyId = await page.getAttribute('#keys-table tbody tr[data-key-id]:has-text("keyboard")', 'data-key-id');
+    await tabTo(page, `button[data-revoke="${keyId}"]`);
+    await page.keyboard.press('Enter');
+    await page.waitForSelector('#confirm-dialog[open]');
+    assert.equal(await page.evaluate(() => document.activeElement.id), 'confirm-cancel', 'the safe choice has the focus');
+    await page.keyboard.press('Tab');
+    await page.keyboard.press('Enter');
+    await page.waitForSelector(`#keys-table tr[data-key-id="${keyId}"].revoked`);
+    watcher.assertClean('keyboard');
+  } finally {
+    await context.close();
+  }
+});
+
 test('usage: the chart\'s and the table\'s totals equal the ledger\'s; the CSV export carries them', { timeout: TEST_MS_MAX }, async () => {
   // What a key of the tenant is told; that call is a (free) request of its own, recorded once
   // it answered, so the ledger's report is read after it shows up there.
