@@ -1008,10 +1008,9 @@ async function pageBilling(ctx) {
   if (!tenant) return chooseTenant('Billing');
   const monthParam = ctx.params.get('month');
   const month = isMonth(monthParam) ? monthParam : currentMonth();
-  const [account, budgets] = await Promise.all([
-    api('GET', `../admin/tenants/${enc(tenant)}`, undefined, ctx),
-    api('GET', `../admin/budgets?tenant=${enc(tenant)}`, undefined, ctx),
-  ]);
+  // The account carries the tenant's budgets: with the session check and the statement, the
+  // page stays within its three calls.
+  const account = await api('GET', `../admin/tenants/${enc(tenant)}`, undefined, ctx);
   const currency = account.currency;
   const money = (n) => formatNanos(n, currency);
 
@@ -1020,7 +1019,7 @@ async function pageBilling(ctx) {
     h('div', { class: 'card' }, h('dt', {}, 'Reserved by requests in flight'), h('dd', { dataset: { nanos: account.reserved_nanos } }, money(account.reserved_nanos))),
     h('div', { class: 'card' }, h('dt', {}, 'Available'), h('dd', { dataset: { nanos: account.available_nanos } }, money(account.available_nanos))));
 
-  const budgetRows = (budgets.data || []).map((b) => {
+  const budgetRows = (account.budgets || []).map((b) => {
     const used = BigInt(b.spent_nanos) + BigInt(b.reserved_nanos);
     const limit = b.limit_nanos === null || b.limit_nanos === undefined ? null : BigInt(b.limit_nanos);
     return h('tr', {},
@@ -1057,8 +1056,8 @@ async function pageBilling(ctx) {
       show.disabled = false;
     }
   });
-  // The statement comes with the page when the page's call budget allows it (a page opened
-  // from another console page); on a fresh load it waits for "Show statement".
+  // The statement comes with the page (the third call on a fresh load), unless the page's call
+  // budget is spent; then it waits for "Show statement".
   if (ctx.calls < ctx.budget) {
     await loadStatement(month, ctx);
   } else {

@@ -20,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tidepool_ledger::{
-    Account, BudgetScope, KeyRole, LedgerError, ModelUsage, Month, ProjectId, RateLimits,
-    RateScope, Statement, StatementLine, UsageScope,
+    Account, BudgetScope, BudgetStatus, KeyRole, LedgerError, ModelUsage, Month, ProjectId,
+    RateLimits, RateScope, Statement, StatementLine, UsageScope,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -213,9 +213,48 @@ pub struct AccountOut {
     /// What new requests may still reserve: balance − reserved.
     pub available_nanos: i64,
     pub projects: Vec<String>,
+    /// The budgets of its projects and keys, with this month's use (as `GET /admin/budgets`).
+    pub budgets: Vec<BudgetItemOut>,
 }
 
-fn account_out(account: &Account, projects: &[ProjectId]) -> AccountOut {
+/// One budget and this month's use of it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetItemOut {
+    /// Always `budget`.
+    pub object: &'static str,
+    /// `project` or `key`.
+    pub scope: &'static str,
+    pub project: Option<String>,
+    pub key_id: Option<String>,
+    pub month: String,
+    pub limit_nanos: Option<i64>,
+    pub reserved_nanos: i64,
+    pub spent_nanos: i64,
+}
+
+/// The JSON form of one budget.
+pub(crate) fn budget_item((scope, status): (BudgetScope, BudgetStatus)) -> BudgetItemOut {
+    let (scope, project, key_id) = match scope {
+        BudgetScope::Project { project, .. } => ("project", Some(project.to_string()), None),
+        BudgetScope::Key { key_id } => ("key", None, Some(key_id.0)),
+    };
+    BudgetItemOut {
+        object: "budget",
+        scope,
+        project,
+        key_id,
+        month: status.month.to_string(),
+        limit_nanos: status.limit.map(|limit| limit.0),
+        reserved_nanos: status.reserved.0,
+        spent_nanos: status.spent.0,
+    }
+}
+
+fn account_out(
+    account: &Account,
+    projects: &[ProjectId],
+    budgets: Vec<(BudgetScope, BudgetStatus)>,
+) -> AccountOut {
     AccountOut {
         object: "account",
         tenant: account.tenant.to_string(),
@@ -224,6 +263,7 @@ fn account_out(account: &Account, projects: &[ProjectId]) -> AccountOut {
         reserved_nanos: account.reserved.0,
         available_nanos: account.available().0,
         projects: projects.iter().map(ToString::to_string).collect(),
+        budgets: budgets.into_iter().map(budget_item).collect(),
     }
 }
 
@@ -233,7 +273,8 @@ pub(crate) async fn account_of(
 ) -> Result<AccountOut, ApiError> {
     let account = state.ledger().account(tenant).await?;
     let projects = state.ledger().list_projects(tenant).await?;
-    Ok(account_out(&account, &projects))
+    let budgets = state.ledger().tenant_budgets(tenant).await?;
+    Ok(account_out(&account, &projects, budgets))
 }
 
 /// `POST /admin/tenants`.

@@ -14,10 +14,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tidepool_ledger::{ApiKeyRecord, BudgetScope, Day, Month, USAGE_DAILY_DAYS_MAX};
+use tidepool_ledger::{ApiKeyRecord, Day, Month, USAGE_DAILY_DAYS_MAX};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::accounts::{check_tenant, parse_month, query_params, tenant_id};
+use crate::accounts::{
+    BudgetItemOut, budget_item, check_tenant, parse_month, query_params, tenant_id,
+};
 use crate::error::{ApiError, ErrorBody};
 use crate::principal;
 use crate::state::AppState;
@@ -93,21 +95,6 @@ pub struct BudgetsQuery {
     pub tenant: String,
 }
 
-/// One budget and this month's use of it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct BudgetItemOut {
-    /// Always `budget`.
-    pub object: &'static str,
-    /// `project` or `key`.
-    pub scope: &'static str,
-    pub project: Option<String>,
-    pub key_id: Option<String>,
-    pub month: String,
-    pub limit_nanos: Option<i64>,
-    pub reserved_nanos: i64,
-    pub spent_nanos: i64,
-}
-
 /// A tenant's budgets.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BudgetList {
@@ -131,27 +118,7 @@ pub(crate) async fn list_budgets(
         let caller = principal::any_admin(&state, &headers).await?;
         check_tenant(&caller, &tenant)?;
         let budgets = state.ledger().tenant_budgets(&tenant).await?;
-        let data = budgets
-            .into_iter()
-            .map(|(scope, status)| {
-                let (scope, project, key_id) = match scope {
-                    BudgetScope::Project { project, .. } => {
-                        ("project", Some(project.to_string()), None)
-                    }
-                    BudgetScope::Key { key_id } => ("key", None, Some(key_id.0)),
-                };
-                BudgetItemOut {
-                    object: "budget",
-                    scope,
-                    project,
-                    key_id,
-                    month: status.month.to_string(),
-                    limit_nanos: status.limit.map(|limit| limit.0),
-                    reserved_nanos: status.reserved.0,
-                    spent_nanos: status.spent.0,
-                }
-            })
-            .collect();
+        let data = budgets.into_iter().map(budget_item).collect();
         Ok::<_, ApiError>(Json(BudgetList {
             object: "list",
             data,
