@@ -551,7 +551,7 @@ fn describe(line: &StatementLine) -> (&'static str, i64, String, String) {
     }
 }
 
-fn print_account(
+pub(crate) fn print_account(
     out: &mut impl std::io::Write,
     account: &tidepool_ledger::Account,
 ) -> anyhow::Result<()> {
@@ -664,6 +664,14 @@ pub(crate) async fn budgets(config: &Config, args: BudgetsArgs) -> anyhow::Resul
         BudgetsCommand::Show { target } => target,
     };
     let status = ledger.budget(&budget_scope(&target)?).await?;
+    print_budget(&mut out, &status)
+}
+
+/// A budget's line: `month … limit … spent … reserved …`.
+pub(crate) fn print_budget(
+    out: &mut impl std::io::Write,
+    status: &tidepool_ledger::BudgetStatus,
+) -> anyhow::Result<()> {
     let limit = status
         .limit
         .map_or_else(|| "none".to_owned(), |l| l.to_string());
@@ -743,7 +751,10 @@ pub(crate) async fn rate_limits(config: &Config, args: RateLimitsArgs) -> anyhow
 }
 
 /// The `keys list` table.
-fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::Result<()> {
+pub(crate) fn print_keys(
+    out: &mut impl std::io::Write,
+    keys: &[ApiKeyRecord],
+) -> anyhow::Result<()> {
     writeln!(
         out,
         "{:<14} {:<20} {:<24} {:<12} {:>15} STATUS",
@@ -765,6 +776,43 @@ fn print_keys(out: &mut impl std::io::Write, keys: &[ApiKeyRecord]) -> anyhow::R
             key.name,
             key.role.as_str(),
             key.created_at_ms
+        )?;
+    }
+    Ok(())
+}
+
+/// One line of the `audit list` table.
+pub(crate) struct AuditRow<'a> {
+    pub(crate) seq: i64,
+    pub(crate) at_ms: i64,
+    pub(crate) actor: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) target: &'a str,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) details: &'a dyn std::fmt::Display,
+}
+
+/// The `audit list` table: a header, then one line per entry.
+pub(crate) fn print_audit_table<'a>(
+    out: &mut impl std::io::Write,
+    rows: impl IntoIterator<Item = AuditRow<'a>>,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} DETAILS",
+        "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET", "REQUEST_ID"
+    )?;
+    for row in rows {
+        writeln!(
+            out,
+            "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} {}",
+            row.seq,
+            row.at_ms,
+            row.actor,
+            row.action,
+            row.target,
+            row.request_id.unwrap_or("-"),
+            row.details
         )?;
     }
     Ok(())
@@ -825,25 +873,16 @@ pub(crate) async fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<(
                 write!(out, "{}", tidepool_gateway::audit::jsonl(entries)?)?;
                 return Ok(());
             }
-            writeln!(
-                out,
-                "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} DETAILS",
-                "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET", "REQUEST_ID"
-            )?;
-            for entry in entries {
-                writeln!(
-                    out,
-                    "{:>8} {:>15} {:<14} {:<18} {:<32} {:<36} {}",
-                    entry.seq,
-                    entry.at_ms,
-                    entry.actor.as_str(),
-                    entry.action,
-                    entry.target,
-                    entry.request_id.as_deref().unwrap_or("-"),
-                    entry.details
-                )?;
-            }
-            Ok(())
+            let rows = entries.iter().map(|entry| AuditRow {
+                seq: entry.seq,
+                at_ms: entry.at_ms,
+                actor: entry.actor.as_str(),
+                action: &entry.action,
+                target: &entry.target,
+                request_id: entry.request_id.as_deref(),
+                details: &entry.details,
+            });
+            print_audit_table(&mut out, rows)
         }
         AuditCommand::Export { after } => {
             let mut after = *after;

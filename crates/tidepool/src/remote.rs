@@ -8,10 +8,12 @@ use std::io::Write as _;
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
+use tidepool_core::{Currency, KeyId, Nanos, TenantId};
+use tidepool_ledger::{Account, ApiKeyRecord, BudgetStatus, Month, ProjectId};
 
 use crate::admin::{
-    AuditCommand, BudgetTarget, BudgetsCommand, CreditCommand, KeysCommand, TenantsCommand,
-    key_role,
+    AuditCommand, AuditRow, BudgetTarget, BudgetsCommand, CreditCommand, KeysCommand,
+    TenantsCommand, key_role, print_account, print_audit_table, print_budget, print_keys,
 };
 
 /// Limit of one admin request, in milliseconds.
@@ -169,34 +171,11 @@ async fn list_keys(
 ) -> anyhow::Result<()> {
     let tenant = tenant.context("with --url, `keys list` needs --tenant")?;
     let keys = client.get(&format!("/admin/tenants/{tenant}/keys")).await?;
-    writeln!(
-        out,
-        "{:<14} {:<20} {:<24} {:<12} {:>15} STATUS",
-        "KEY_ID", "TENANT", "NAME", "ROLE", "CREATED_MS"
-    )?;
-    for key in keys["data"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let status = if !key["revoked_at_ms"].is_null() {
-            "revoked"
-        } else if !key["suspended_at_ms"].is_null() {
-            "suspended"
-        } else {
-            "active"
-        };
-        writeln!(
-            out,
-            "{:<14} {:<20} {:<24} {:<12} {:>15} {status}",
-            key["key_id"].as_str().unwrap_or("-"),
-            key["tenant"].as_str().unwrap_or("-"),
-            key["name"].as_str().unwrap_or("-"),
-            key["role"].as_str().unwrap_or("-"),
-            key["created_at_ms"].as_i64().unwrap_or(0),
-        )?;
-    }
-    Ok(())
+    let keys = items(&keys)
+        .iter()
+        .map(key_record)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    print_keys(out, &keys)
 }
 
 /// `keys create --url`: the tenant is checked (or created) first, as on the database path.
@@ -252,24 +231,65 @@ async fn create_key(
     Ok(())
 }
 
-fn print_account(out: &mut impl std::io::Write, account: &Value) -> anyhow::Result<()> {
-    let nanos = |key: &str| account[key].as_i64().unwrap_or(0);
-    writeln!(
-        out,
-        "{:<20} balance {} {}  reserved {}  available {}",
-        account["tenant"].as_str().unwrap_or("-"),
-        tidepool_core::Nanos(nanos("balance_nanos")),
-        account["currency"].as_str().unwrap_or("-"),
-        tidepool_core::Nanos(nanos("reserved_nanos")),
-        tidepool_core::Nanos(nanos("available_nanos")),
-    )?;
-    Ok(())
+/// The `data` array of a list answer (empty when absent).
+fn items(list: &Value) -> &[Value] {
+    list["data"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// A string field of an answer.
+fn field<'a>(value: &'a Value, key: &str) -> anyhow::Result<&'a str> {
+    value[key]
+        .as_str()
+        .with_context(|| format!("the gateway's answer has no `{key}`"))
+}
+
+/// An integer field of nano-units (0 when absent).
+fn nanos(value: &Value, key: &str) -> Nanos {
+    Nanos(value[key].as_i64().unwrap_or(0))
+}
+
+/// A key as `GET /admin/tenants/{tenant}/keys` lists it.
+fn key_record(key: &Value) -> anyhow::Result<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        key_id: KeyId(field(key, "key_id")?.to_owned()),
+        tenant: TenantId::new(field(key, "tenant")?)?,
+        project: ProjectId::new(field(key, "project")?)?,
+        name: field(key, "name")?.to_owned(),
+        created_at_ms: key["created_at_ms"].as_i64().unwrap_or(0),
+        revoked_at_ms: key["revoked_at_ms"].as_i64(),
+        suspended_at_ms: key["suspended_at_ms"].as_i64(),
+        suspended_reason: key["suspended_reason"].as_str().map(ToOwned::to_owned),
+        role: key_role(field(key, "role")?)?,
+    })
+}
+
+/// An account as `GET /admin/tenants/{tenant}` answers it.
+fn account(account: &Value) -> anyhow::Result<Account> {
+    Ok(Account {
+        tenant: TenantId::new(field(account, "tenant")?)?,
+        currency: Currency::parse(field(account, "currency")?)?,
+        balance: nanos(account, "balance_nanos"),
+        reserved: nanos(account, "reserved_nanos"),
+    })
+}
+
+/// A budget as `PUT /admin/budgets` and `GET /admin/budgets` answer it.
+fn budget_status(budget: &Value) -> anyhow::Result<BudgetStatus> {
+    Ok(BudgetStatus {
+        limit: budget["limit_nanos"].as_i64().map(Nanos),
+        month: Month::parse(field(budget, "month")?)?,
+        reserved: nanos(budget, "reserved_nanos"),
+        spent: nanos(budget, "spent_nanos"),
+    })
 }
 
 /// `tidepool tenants … --url`.
 pub(crate) async fn tenants(client: &AdminClient, command: TenantsCommand) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let account = match command {
+    let answer = match command {
         TenantsCommand::Create { tenant, currency } => {
             client
                 .call(
@@ -281,7 +301,7 @@ pub(crate) async fn tenants(client: &AdminClient, command: TenantsCommand) -> an
         }
         TenantsCommand::Show { tenant } => client.get(&format!("/admin/tenants/{tenant}")).await?,
     };
-    print_account(&mut out, &account)
+    print_account(&mut out, &account(&answer)?)
 }
 
 /// `tidepool credit add … --url`.
@@ -291,14 +311,14 @@ pub(crate) async fn credit(client: &AdminClient, command: CreditCommand) -> anyh
         amount,
         note,
     } = command;
-    let account = client
+    let answer = client
         .call(
             reqwest::Method::POST,
             &format!("/admin/tenants/{tenant}/credits"),
             Some(json!({ "amount": amount, "note": note })),
         )
         .await?;
-    print_account(&mut std::io::stdout().lock(), &account)
+    print_account(&mut std::io::stdout().lock(), &account(&answer)?)
 }
 
 fn budget_body(target: &BudgetTarget, limit: Option<&str>) -> anyhow::Result<Value> {
@@ -309,21 +329,6 @@ fn budget_body(target: &BudgetTarget, limit: Option<&str>) -> anyhow::Result<Val
         (None, None, Some(key_id)) => json!({ "scope": "key", "key_id": key_id, "limit": limit }),
         _ => anyhow::bail!("give --tenant and --project, or --key-id"),
     })
-}
-
-fn print_budget(out: &mut impl std::io::Write, budget: &Value) -> anyhow::Result<()> {
-    let limit = budget["limit_nanos"].as_i64().map_or_else(
-        || "none".to_owned(),
-        |l| tidepool_core::Nanos(l).to_string(),
-    );
-    writeln!(
-        out,
-        "month {}  limit {limit}  reserved {}  spent {}",
-        budget["month"].as_str().unwrap_or("-"),
-        tidepool_core::Nanos(budget["reserved_nanos"].as_i64().unwrap_or(0)),
-        tidepool_core::Nanos(budget["spent_nanos"].as_i64().unwrap_or(0)),
-    )?;
-    Ok(())
 }
 
 /// `tidepool budgets … --url`.
@@ -338,7 +343,7 @@ pub(crate) async fn budgets(client: &AdminClient, command: BudgetsCommand) -> an
                     Some(budget_body(&target, Some(&limit))?),
                 )
                 .await?;
-            print_budget(&mut out, &budget)
+            print_budget(&mut out, &budget_status(&budget)?)
         }
         BudgetsCommand::Clear { target } => {
             let budget = client
@@ -348,7 +353,7 @@ pub(crate) async fn budgets(client: &AdminClient, command: BudgetsCommand) -> an
                     Some(budget_body(&target, None)?),
                 )
                 .await?;
-            print_budget(&mut out, &budget)
+            print_budget(&mut out, &budget_status(&budget)?)
         }
         BudgetsCommand::Show { target } => {
             let (Some(tenant), Some(project)) = (&target.tenant, &target.project) else {
@@ -366,7 +371,7 @@ pub(crate) async fn budgets(client: &AdminClient, command: BudgetsCommand) -> an
                 })
                 .cloned();
             if let Some(budget) = found {
-                print_budget(&mut out, &budget)
+                print_budget(&mut out, &budget_status(&budget)?)
             } else {
                 writeln!(out, "no budget on {tenant}/{project}")?;
                 Ok(())
@@ -437,27 +442,16 @@ pub(crate) async fn audit(client: &AdminClient, command: &AuditCommand) -> anyho
             let page = client
                 .get(&format!("/admin/audit?after={after}&limit={limit}"))
                 .await?;
-            writeln!(
-                out,
-                "{:>8} {:>15} {:<14} {:<18} {:<32} DETAILS",
-                "SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET"
-            )?;
-            for entry in page["data"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
-                writeln!(
-                    out,
-                    "{:>8} {:>15} {:<14} {:<18} {:<32} {}",
-                    entry["seq"].as_i64().unwrap_or(0),
-                    entry["at_ms"].as_i64().unwrap_or(0),
-                    entry["actor"].as_str().unwrap_or("-"),
-                    entry["action"].as_str().unwrap_or("-"),
-                    entry["target"].as_str().unwrap_or("-"),
-                    entry["details"]
-                )?;
-            }
+            let rows = items(&page).iter().map(|entry| AuditRow {
+                seq: entry["seq"].as_i64().unwrap_or(0),
+                at_ms: entry["at_ms"].as_i64().unwrap_or(0),
+                actor: entry["actor"].as_str().unwrap_or("-"),
+                action: entry["action"].as_str().unwrap_or("-"),
+                target: entry["target"].as_str().unwrap_or("-"),
+                request_id: entry["request_id"].as_str(),
+                details: &entry["details"],
+            });
+            print_audit_table(&mut out, rows)?;
         }
     }
     Ok(())
