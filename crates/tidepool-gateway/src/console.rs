@@ -23,9 +23,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::ApiJson;
-use crate::principal::{
-    Caller, Claims, SESSION_COOKIE, cookie_value, live_key, session_caller, sign, verify,
-};
+use crate::principal::{self, Caller, Claims, SESSION_COOKIE, cookie_value, live_key, sign};
 use crate::state::{AppState, audit_context};
 
 /// How long a console session lasts, in seconds (12 hours).
@@ -176,11 +174,8 @@ pub(crate) async fn sign_in(
         (status = 401, description = "`console_signed_out`", body = ErrorBody),
     ))]
 pub(crate) async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let expires_at = cookie_value(&headers)
-        .and_then(|value| verify(&state, value))
-        .map(|claims| claims.e);
-    match session_caller(&state, &headers).await {
-        Ok(Some(caller)) => Json(session_out(&caller, expires_at)).into_response(),
+    match principal::session(&state, &headers).await {
+        Ok(Some((caller, claims))) => Json(session_out(&caller, Some(claims.e))).into_response(),
         Ok(None) => ApiError::ConsoleSignedOut.into_response(),
         Err(error) => error.into_response(),
     }

@@ -9,6 +9,7 @@ use axum::response::Response;
 use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 use tidepool_core::RequestId;
+use tidepool_ledger::ApiKeyRecord;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
@@ -180,6 +181,17 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// A key that authenticated, unless it is suspended (refused with its reason on every replica).
+pub(crate) fn unsuspended(record: ApiKeyRecord) -> Result<ApiKeyRecord, ApiError> {
+    if record.suspended_at_ms.is_some() {
+        return Err(ApiError::KeySuspended {
+            key_id: record.key_id,
+            reason: record.suspended_reason.unwrap_or_default(),
+        });
+    }
+    Ok(record)
+}
+
 /// Checks `Authorization: Bearer <key>` and opens the request's usage entry.
 pub(crate) async fn authenticate(
     state: &AppState,
@@ -198,12 +210,7 @@ pub(crate) async fn authenticate(
         .authenticate(secret)
         .await?
         .ok_or(ApiError::InvalidApiKey)?;
-    if record.suspended_at_ms.is_some() {
-        return Err(ApiError::KeySuspended {
-            key_id: record.key_id,
-            reason: record.suspended_reason.unwrap_or_default(),
-        });
-    }
+    let record = unsuspended(record)?;
     if let Some(leak) = state.leak() {
         let verdict = leak.lock().on_request(&record.key_id, state.now_ms());
         if let Verdict::Suspend { reason } = verdict {

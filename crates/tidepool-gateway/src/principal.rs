@@ -20,7 +20,7 @@ use tidepool_core::{KeyId, TenantId};
 use tidepool_ledger::{ApiKeyRecord, AuditActor, KeyRole};
 
 use crate::error::ApiError;
-use crate::extract::bearer;
+use crate::extract::{bearer, unsuspended};
 use crate::state::AppState;
 
 /// An authenticated caller of an admin endpoint.
@@ -70,13 +70,7 @@ pub(crate) async fn caller(
 
 /// A key that authenticated, unless it is suspended.
 pub(crate) fn live_key(record: ApiKeyRecord) -> Result<Caller, ApiError> {
-    if record.suspended_at_ms.is_some() {
-        return Err(ApiError::KeySuspended {
-            key_id: record.key_id,
-            reason: record.suspended_reason.unwrap_or_default(),
-        });
-    }
-    Ok(Caller::Key(record))
+    unsuspended(record).map(Caller::Key)
 }
 
 /// Only the operator passes. Without a configured admin token the operator endpoints do not
@@ -181,7 +175,7 @@ pub(crate) fn sign(state: &AppState, claims: &Claims) -> Result<String, ApiError
 }
 
 /// The claims of a well-signed, unexpired cookie value.
-pub(crate) fn verify(state: &AppState, value: &str) -> Option<Claims> {
+fn verify(state: &AppState, value: &str) -> Option<Claims> {
     if value.len() > SESSION_COOKIE_BYTES_MAX {
         return None;
     }
@@ -214,13 +208,28 @@ pub(crate) async fn session_caller(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<Option<Caller>, ApiError> {
+    Ok(session(state, headers).await?.map(|(caller, _)| caller))
+}
+
+/// The caller a request's console cookie names and the cookie's claims; `None` when there is no
+/// valid session.
+pub(crate) async fn session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(Caller, Claims)>, ApiError> {
     let Some(claims) = cookie_value(headers).and_then(|value| verify(state, value)) else {
         return Ok(None);
     };
-    match (claims.r.as_str(), claims.k) {
+    let caller = claims_caller(state, &claims).await?;
+    Ok(caller.map(|caller| (caller, claims)))
+}
+
+/// What verified claims name, re-checked against the ledger.
+async fn claims_caller(state: &AppState, claims: &Claims) -> Result<Option<Caller>, ApiError> {
+    match (claims.r.as_str(), &claims.k) {
         ("operator", None) if state.admin_enabled() => Ok(Some(Caller::Operator)),
         ("tenant-admin", Some(key_id)) => {
-            let record = match state.ledger().key(&KeyId(key_id)).await {
+            let record = match state.ledger().key(&KeyId(key_id.clone())).await {
                 Ok(record) => record,
                 Err(tidepool_ledger::LedgerError::KeyNotFound { .. }) => return Ok(None),
                 Err(error) => return Err(error.into()),
