@@ -45,12 +45,13 @@ pub(crate) struct AdminClient {
 }
 
 impl AdminClient {
-    async fn call(
+    /// The answer's body; an error status becomes an error quoting the API's message and code.
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<String> {
         let url = format!("{}{path}", self.base);
         let mut request = self
             .http
@@ -82,10 +83,21 @@ impl AdminClient {
                 .unwrap_or(text);
             anyhow::bail!("{method} {url}: {status}: {message}");
         }
+        Ok(text)
+    }
+
+    /// The answer's JSON (`null` for an empty body).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let text = self.send(method, path, body).await?;
         if text.is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text).with_context(|| format!("{url} answered non-JSON"))
+        serde_json::from_str(&text).with_context(|| format!("{path} answered non-JSON"))
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -94,21 +106,7 @@ impl AdminClient {
 
     /// `GET path` answered with text (JSON lines).
     async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .with_context(|| format!("reading {url}"))?;
-        anyhow::ensure!(status.is_success(), "GET {url}: {status}: {text}");
-        Ok(text)
+        self.send(reqwest::Method::GET, path, None).await
     }
 }
 
