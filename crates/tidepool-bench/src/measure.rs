@@ -293,6 +293,7 @@ impl<'a> Measure<'a> {
                     ..SamplingParams::default()
                 },
                 remote: None,
+                class: tidepool_engine::RequestClass::Online,
             })?;
             self.accelerator.register(id, self.model, prepared, None);
             live.ids.push(id);

@@ -8,10 +8,10 @@ use uuid::Uuid;
 
 use crate::CoreError;
 
+pub use tidepool_pool::ids::SLUG_BYTES_MAX;
 /// A served model's id: owned by `tidepool-pool` (the bottom crate, so core's `[pool]` section
 /// can embed the pool's knobs), re-exported here.
-pub use tidepool_pool::ModelId;
-pub use tidepool_pool::ids::SLUG_BYTES_MAX;
+pub use tidepool_pool::{ModelId, RequestClass};
 
 /// Checks a slug: 1..=64 bytes of `[a-z0-9._-]`, starting with a letter or digit (the same
 /// rule as [`ModelId`]'s).

@@ -22,7 +22,7 @@ pub use config::{
     PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig, TelemetryConfig,
 };
 pub use error::{CoreError, FieldError};
-pub use ids::{KeyId, ModelId, RequestId, TenantId};
+pub use ids::{KeyId, ModelId, RequestClass, RequestId, TenantId};
 pub use money::{Currency, Nanos};
 
 /// A count of tokens. `u32` is explicit: no single request comes near 4 billion tokens, and every

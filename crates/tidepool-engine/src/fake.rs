@@ -497,6 +497,7 @@ mod tests {
                 seed: Some(seed),
                 ..SamplingParams::default()
             },
+            class: crate::RequestClass::Online,
         }
     }
 

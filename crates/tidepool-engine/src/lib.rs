@@ -27,6 +27,7 @@ pub use error::EngineError;
 #[cfg(any(test, feature = "fake"))]
 pub use fake::{FakeEngine, FakeEngineConfig};
 pub use llama::{LlamaEngine, LlamaEngineConfig};
+pub use tidepool_core::RequestClass;
 use tidepool_core::{ModelId, RequestId, TokenCount};
 use tokio::sync::{mpsc, oneshot};
 
@@ -83,6 +84,8 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// What a remote engine sends instead of tokens; local engines ignore it.
     pub remote: Option<RemoteInput>,
+    /// Online (the API's calls) or batch (a `/v1/batches` line: idle capacity only).
+    pub class: RequestClass,
 }
 
 /// The prompt as the client gave it, for an engine that forwards it over HTTP.

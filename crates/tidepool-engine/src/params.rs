@@ -141,6 +141,7 @@ mod tests {
                 max_tokens: 8,
                 ..SamplingParams::default()
             },
+            class: crate::RequestClass::Online,
         };
         assert_eq!(validate_request(&request, 10, 11).ok(), Some(3));
         assert!(matches!(

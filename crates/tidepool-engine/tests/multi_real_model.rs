@@ -60,6 +60,7 @@ fn request(front: &ModelFrontEnd, user: &str, max_tokens: u32) -> GenerateReques
             max_tokens,
             ..SamplingParams::default()
         },
+        class: tidepool_engine::RequestClass::Online,
     }
 }
 

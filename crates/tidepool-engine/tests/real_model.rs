@@ -78,6 +78,7 @@ fn submit(engine: &LlamaEngine, prompt: &[TokenId], params: SamplingParams) -> G
             request_id: RequestId::new(),
             prompt: prompt.to_vec(),
             params,
+            class: tidepool_engine::RequestClass::Online,
         })
         .unwrap()
 }
@@ -334,6 +335,7 @@ fn real_model_full_queue_is_overloaded() {
         request_id: RequestId::new(),
         prompt: prompt.clone(),
         params: greedy(4),
+        class: tidepool_engine::RequestClass::Online,
     });
     assert!(
         matches!(refused, Err(EngineError::Overloaded { .. })),
@@ -350,6 +352,7 @@ fn real_model_context_too_long_is_rejected_at_submit() {
         request_id: RequestId::new(),
         prompt,
         params: greedy(100),
+        class: tidepool_engine::RequestClass::Online,
     });
     assert!(
         matches!(
@@ -366,6 +369,7 @@ fn real_model_context_too_long_is_rejected_at_submit() {
         request_id: RequestId::new(),
         prompt: vec![-1],
         params: greedy(1),
+        class: tidepool_engine::RequestClass::Online,
     });
     assert!(matches!(
         bad_token,

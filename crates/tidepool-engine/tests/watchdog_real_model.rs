@@ -43,6 +43,7 @@ fn request(engine: &LlamaEngine, user: &str, max_tokens: u32) -> GenerateRequest
             max_tokens,
             ..SamplingParams::default()
         },
+        class: tidepool_engine::RequestClass::Online,
     }
 }
 

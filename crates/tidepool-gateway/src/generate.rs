@@ -159,6 +159,7 @@ async fn submit(
         request_id: guard.request_id(),
         prompt,
         params: job.params.clone(),
+        class: tidepool_engine::RequestClass::Online,
     };
     // Within the model request's span: a remote model's routing task continues it.
     let generation = guard.model_span().in_scope(|| job.engine.submit(request))?;

@@ -136,9 +136,12 @@ impl Store {
             Self::Sqlite(pool) => {
                 // No advisory lock on SQLite: a concurrent migrator may win the race to a
                 // migration, and this run's transaction rolls back. Run again: it finds the
-                // migration applied.
+                // migration applied. Each lost race means another migrator applied one more
+                // migration, so a run loses at most once per migration: one attempt more than
+                // there are migrations always finishes.
+                let attempts_max = SQLITE_MIGRATOR.iter().count() + 1;
                 let mut outcome = Ok(());
-                for _ in 0..RETRY_ATTEMPTS_MAX {
+                for _ in 0..attempts_max {
                     outcome = SQLITE_MIGRATOR.run(pool).await;
                     if outcome.is_ok() {
                         break;

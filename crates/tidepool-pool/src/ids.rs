@@ -114,3 +114,16 @@ mod tests {
         }
     }
 }
+
+/// Which traffic a request belongs to. `Online` requests are the API's interactive calls;
+/// `Batch` requests (lines of a `/v1/batches` job) run only on capacity online traffic leaves
+/// idle and never take an accelerator, a slot or a switch from an online request.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestClass {
+    #[default]
+    Online,
+    Batch,
+}

@@ -22,7 +22,7 @@ pub mod status;
 pub use config::{CostEstimate, ModelSpec, PoolConfig, memory_budget};
 pub use error::PoolError;
 pub use event::{Action, ActionId, Event, SeqFinished, SeqId};
-pub use ids::{ModelId, PoolPolicy};
+pub use ids::{ModelId, PoolPolicy, RequestClass};
 pub use knobs::{KnobProblem, PoolKnobs};
 pub use pool::Pool;
 pub use status::{

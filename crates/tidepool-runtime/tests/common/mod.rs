@@ -66,6 +66,7 @@ pub(crate) fn request(
             max_tokens,
             ..SamplingParams::default()
         },
+        class: tidepool_engine::RequestClass::Online,
     }
 }
 
