@@ -109,6 +109,8 @@ pub(crate) fn simulate_rows(
             memory_models_max: None,
             // One accelerator: nothing to place.
             placement_moves_max: 0,
+            search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+            instances: tidepool_sim::Instances::One,
             placement: None,
         };
         let real = at_run_speed.then_some(&row.actions);

@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use tidepool_core::config::{Resolved, Source};
 use tidepool_core::{PoolPolicy, PoolSection};
 use tidepool_sim::{
-    Arrivals, MarketSpec, PoolKnobs, Popularity, Profile, Progress, SimSpec, Workload, market,
-    plan, plan_svg, read_azure_trace, read_model_trace, sim_svg, simulate,
+    Arrivals, Instances, MarketSpec, PlacementFile, PoolKnobs, Popularity, Profile, Progress,
+    SimSpec, Workload, market, placement_file, plan, plan_placement_file, plan_svg,
+    read_azure_trace, read_model_trace, sim_svg, simulate,
 };
 
 use crate::common::parse_policy;
@@ -76,6 +77,15 @@ pub(crate) struct WorkloadArgs {
         default_value_t = tidepool_sim::PLACEMENT_MOVES_MAX
     )]
     placement_moves_max: u32,
+    /// The placement search (and `sim`'s instance sizing) runs on the workload's first this
+    /// many requests when it is longer; the placement found is kept only if it beats the first
+    /// one on the whole workload (0: always the whole workload).
+    #[arg(
+        long,
+        env = "TIDEPOOL_SIM_SEARCH_SAMPLE_REQUESTS",
+        default_value_t = tidepool_sim::SEARCH_SAMPLE_REQUESTS
+    )]
+    search_sample_requests: u64,
 }
 
 /// Arguments of `tidepool sim`.
@@ -88,12 +98,21 @@ pub struct SimArgs {
     policy: Option<String>,
     #[arg(long, env = "TIDEPOOL_SIM_ACCELERATORS", default_value_t = 10)]
     accelerators: u32,
-    /// Start from the placement of an earlier `tidepool sim` report (its `per_model[]` model ids
-    /// must be this market's) instead of placing afresh; with `--placement-moves-max 0` that
-    /// placement is simulated as it is (e.g. one searched on another seed's traffic).
+    /// Instances per model: `auto` (each model as many as it needs alone to reach
+    /// `--target-attainment`, sized on the search sample) or `one` (a model on one accelerator).
+    #[arg(long, env = "TIDEPOOL_SIM_INSTANCES", default_value = "auto")]
+    instances: String,
+    /// `--instances auto`: the attainment each model's instances must reach alone, in 0..=1.
+    #[arg(long, env = "TIDEPOOL_SIM_TARGET_ATTAINMENT", default_value_t = 0.99)]
+    target_attainment: f64,
+    /// Start from a placement instead of placing afresh: a placement file (`.toml`, as `tidepool
+    /// plan` and `tidepool sim` write) or an earlier `tidepool sim` report (`.json`); its model
+    /// ids must be this market's. With `--placement-moves-max 0` it is simulated as it is (e.g.
+    /// one searched on another seed's traffic).
     #[arg(long, env = "TIDEPOOL_SIM_PLACEMENT")]
     placement: Option<PathBuf>,
-    /// JSON report; the SVG plot goes next to it (same name, `.svg`).
+    /// JSON report; the SVG plot and the placement file go next to it (same name, `.svg` and
+    /// `.placement.toml`).
     #[arg(long, env = "TIDEPOOL_SIM_OUT", default_value = "sim-out/sim.json")]
     out: PathBuf,
 }
@@ -110,7 +129,8 @@ pub struct PlanArgs {
     /// `dedicated` as the baseline and the file's `[pool] policy`).
     #[arg(long, env = "TIDEPOOL_PLAN_POLICIES", value_delimiter = ',')]
     policies: Option<Vec<String>>,
-    /// JSON report; the SVG plot goes next to it (same name, `.svg`).
+    /// JSON report; the SVG plot and the answer's placement file (`token`'s, else `swap-lru`'s,
+    /// else `dedicated`'s) go next to it (same name, `.svg` and `.placement.toml`).
     #[arg(long, env = "TIDEPOOL_PLAN_OUT", default_value = "sim-out/plan.json")]
     out: PathBuf,
 }
@@ -210,6 +230,8 @@ fn sim_spec(
     server: Option<&ServerPool>,
     flags: &KnobArgs,
     placement_moves_max: u32,
+    search_sample_requests: u64,
+    instances: Instances,
 ) -> SimSpec {
     let mut knobs = PoolKnobs::default();
     let mut memory_models_max = None;
@@ -231,6 +253,8 @@ fn sim_spec(
         knobs: flags.apply(knobs),
         memory_models_max,
         placement_moves_max,
+        search_sample_requests,
+        instances,
         placement: None,
     }
 }
@@ -243,6 +267,13 @@ fn write_outputs(out: &Path, json: &[u8], svg: &str) -> anyhow::Result<PathBuf> 
     let svg_path = out.with_extension("svg");
     std::fs::write(&svg_path, svg).with_context(|| format!("write {}", svg_path.display()))?;
     Ok(svg_path)
+}
+
+/// Writes `file` next to `out` (same name, `.placement.toml`); returns its path.
+fn write_placement(out: &Path, file: &PlacementFile) -> anyhow::Result<PathBuf> {
+    let path = out.with_extension("placement.toml");
+    std::fs::write(&path, file.to_toml()?).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
 }
 
 /// A progress line on stderr for long runs (the sim crate stays free of indicatif).
@@ -261,16 +292,46 @@ fn progress_bar(total_hint: u64) -> impl FnMut(Progress) {
     }
 }
 
-/// The placement of an earlier `tidepool sim` report, checked against this market's models.
-fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<u32>> {
+/// A placement to start from: a placement file (`.toml`) or an earlier `tidepool sim` report,
+/// checked against this market's models.
+fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<Vec<u32>>> {
     #[derive(serde::Deserialize)]
     struct Placed {
         model: String,
         accelerator: u32,
+        #[serde(default)]
+        instances: Vec<u32>,
     }
     #[derive(serde::Deserialize)]
     struct Placement {
         per_model: Vec<Placed>,
+    }
+    if path.extension().is_some_and(|e| e == "toml") {
+        let file = PlacementFile::load(path)?;
+        let known: Vec<tidepool_core::ModelId> = workload
+            .models
+            .iter()
+            .map(|m| tidepool_core::ModelId::new(m.id.clone()))
+            .collect::<Result<_, _>>()?;
+        file.check_models(&known)?;
+        let placement: Vec<Vec<u32>> = workload
+            .models
+            .iter()
+            .map(|m| file.instances(&m.id))
+            .collect();
+        if let Some(missing) = workload
+            .models
+            .iter()
+            .zip(&placement)
+            .find(|(_, a)| a.is_empty())
+        {
+            anyhow::bail!(
+                "{}: places no instance of `{}`",
+                path.display(),
+                missing.0.id
+            );
+        }
+        return Ok(placement);
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let report: Placement = serde_json::from_str(&text)
@@ -286,7 +347,17 @@ fn read_placement(path: &Path, workload: &Workload) -> anyhow::Result<Vec<u32>> 
         "{}: its models are not this market's (same --models and model trace needed)",
         path.display()
     );
-    Ok(report.per_model.iter().map(|p| p.accelerator).collect())
+    Ok(report
+        .per_model
+        .into_iter()
+        .map(|p| {
+            if p.instances.is_empty() {
+                vec![p.accelerator]
+            } else {
+                p.instances
+            }
+        })
+        .collect())
 }
 
 pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
@@ -297,6 +368,13 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
         (None, None) => PoolPolicy::Token,
     };
     let (profile, workload) = args.workload.build()?;
+    let instances = match args.instances.as_str() {
+        "auto" => Instances::Sized {
+            target_attainment: args.target_attainment,
+        },
+        "one" => Instances::One,
+        other => anyhow::bail!("unknown --instances `{other}` (auto, one)"),
+    };
     let mut spec = sim_spec(
         profile,
         policy,
@@ -304,6 +382,8 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
         server.as_ref(),
         &args.workload.knobs,
         args.workload.placement_moves_max,
+        args.workload.search_sample_requests,
+        instances,
     );
     if let Some(path) = &args.placement {
         spec.placement = Some(read_placement(path, &workload)?);
@@ -315,15 +395,32 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&report)?,
         &sim_svg(&report),
     )?;
+    let policy_name = serde_json::to_value(report.policy)?
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let placement = write_placement(
+        &args.out,
+        &placement_file(
+            &report,
+            format!(
+                "tidepool sim: {policy_name} on {} accelerators of the {} profile, {:.2} % token-deadline attainment",
+                report.accelerators,
+                report.profile,
+                report.attainment * 100.0
+            ),
+        ),
+    )?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{} on {} accelerators, {} models, {} requests: attainment {:.2} % (lenient {:.2} %), goodput {:.0} tok/s, p99 TTFT {:.0} ms, utilization {:.1} %, {:.2} switches/s, {} placement moves",
+        "{} on {} accelerators, {} models ({} instances), {} requests: attainment {:.2} % (lenient {:.2} %), goodput {:.0} tok/s, p99 TTFT {:.0} ms, utilization {:.1} %, {:.2} switches/s, {} placement moves",
         serde_json::to_value(report.policy)?
             .as_str()
             .unwrap_or_default(),
         report.accelerators,
         report.models,
+        report.instances,
         report.requests,
         report.attainment * 100.0,
         report.attainment_lenient * 100.0,
@@ -335,9 +432,10 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "report: {}  plot: {}",
+        "report: {}  plot: {}  placement: {}",
         args.out.display(),
-        svg.display()
+        svg.display(),
+        placement.display()
     )?;
     Ok(())
 }
@@ -367,6 +465,8 @@ pub fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
         server.as_ref(),
         &args.workload.knobs,
         args.workload.placement_moves_max,
+        args.workload.search_sample_requests,
+        Instances::One,
     );
     let mut report_progress = |_: Progress| {};
     let report = plan(
@@ -381,15 +481,22 @@ pub fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&report)?,
         &plan_svg(&report),
     )?;
+    let placement = plan_placement_file(&report)
+        .map(|file| write_placement(&args.out, &file))
+        .transpose()?;
     let mut out = std::io::stdout().lock();
     for line in &report.summary {
         writeln!(out, "{line}")?;
     }
     writeln!(
         out,
-        "report: {}  plot: {}",
+        "report: {}  plot: {}  placement: {}",
         args.out.display(),
-        svg.display()
+        svg.display(),
+        placement.map_or_else(
+            || "none (no answer)".to_owned(),
+            |p| p.display().to_string()
+        )
     )?;
     Ok(())
 }
@@ -408,6 +515,8 @@ pub(crate) fn run_bench_sim(args: &BenchSimArgs) -> anyhow::Result<()> {
         memory_models_max: None,
         // The speed of the simulator itself: one pass, no placement search.
         placement_moves_max: 0,
+        search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        instances: Instances::One,
         placement: None,
     };
     let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
@@ -490,6 +599,8 @@ file = "smol.gguf"
             Some(&server),
             &KnobArgs::default(),
             0,
+            0,
+            Instances::One,
         );
         assert_eq!(planned.knobs, runtime.knobs);
         assert_eq!(planned.policy, runtime.policy);
@@ -535,6 +646,8 @@ file = "smol.gguf"
             Some(&server),
             &flags,
             0,
+            0,
+            Instances::One,
         );
         assert_eq!(
             flagged.knobs,
@@ -560,6 +673,8 @@ file = "smol.gguf"
             None,
             &KnobArgs::default(),
             0,
+            0,
+            Instances::One,
         );
         assert_eq!(plain.knobs, PoolKnobs::default());
         assert_eq!(plain.profile, profile);
@@ -576,6 +691,8 @@ file = "smol.gguf"
             Some(&by_count),
             &KnobArgs::default(),
             0,
+            0,
+            Instances::One,
         );
         assert_eq!(planned.memory_models_max, Some(1));
     }

@@ -32,6 +32,10 @@ pub enum CoreError {
     InvalidAmount { value: String },
     #[error("unknown currency code `{code}`")]
     UnknownCurrency { code: String },
+    /// A placement file (`tidepool plan`'s) that cannot be followed; `code` is stable
+    /// (`placement_version`, `placement_unknown_model`, …).
+    #[error("invalid placement ({code}): {reason}")]
+    PlacementInvalid { code: &'static str, reason: String },
 }
 
 /// One problem in the configuration: what it is about (a key such as `pool.ttft_slo_ms` or

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod money;
+pub mod placement;
 
 pub use config::{
     ALERT_EVENTS, AlertConfig, Backend, BackendConfig, BackendKind, BillingConfig, Config,
@@ -24,6 +25,7 @@ pub use config::{
 pub use error::{CoreError, FieldError};
 pub use ids::{KeyId, ModelId, RequestClass, RequestId, TenantId};
 pub use money::{Currency, Nanos};
+pub use placement::{PLACEMENT_VERSION, PlacementFile};
 
 /// A count of tokens. `u32` is explicit: no single request comes near 4 billion tokens, and every
 /// place that adds counts up uses `u64`.

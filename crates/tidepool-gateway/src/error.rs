@@ -487,6 +487,7 @@ fn core_answer(error: &CoreError) -> Answer {
         CoreError::ConfigRead { .. }
         | CoreError::ConfigParse { .. }
         | CoreError::ConfigInvalid { .. }
+        | CoreError::PlacementInvalid { .. }
         | CoreError::MoneyOverflow { .. } => {
             Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
         }

@@ -57,6 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         knobs: knobs(),
         memory_models_max: None,
         placement_moves_max: moves,
+        search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        instances: tidepool_sim::Instances::One,
         placement: None,
     };
     match args.get(1).map(String::as_str) {

@@ -8,19 +8,28 @@
 #![forbid(unsafe_code)]
 
 pub mod calibrate;
+pub mod demand;
+pub mod dispatch;
 pub mod error;
+mod par;
+pub mod placement;
 pub mod plan;
 pub mod profile;
 mod run;
+mod search;
 pub mod sim;
 pub mod svg;
 pub mod workload;
 
+pub use demand::{Demand, size};
+pub use dispatch::Dispatcher;
 pub use error::SimError;
-pub use plan::{PlanAnswer, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
+pub use placement::{PLACEMENT_VERSION, PlacementFile, placement_file, plan_placement_file};
+pub use plan::{PlanAnswer, PlanModel, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
 pub use sim::{
-    ModelReport, PLACEMENT_MOVES_MAX, Progress, Report, SimSpec, h100_sweep_knobs, place, simulate,
+    AcceleratorReport, Instances, ModelReport, PLACEMENT_MOVES_MAX, Progress, Report,
+    SEARCH_SAMPLE_REQUESTS, SimSpec, batch1_load_ns, h100_sweep_knobs, place, simulate,
 };
 /// The scheduler's knobs: the pool's own struct, with the server's defaults.
 pub use tidepool_pool::PoolKnobs;

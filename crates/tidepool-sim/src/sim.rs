@@ -1,11 +1,14 @@
-//! One simulated configuration: place the market's models on accelerators, run each accelerator
-//! through the real pool, and fold the outcomes into a [`Report`].
+//! One simulated configuration: size each model's instances, place them on accelerators, fix
+//! each request's instance ([`crate::dispatch`]), run each accelerator through the real pool
+//! (on every core: they are independent once dispatch is fixed), search the placement
+//! ([`crate::search`]) and fold the outcomes into a [`Report`].
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidepool_core::{ModelId, PoolPolicy};
 use tidepool_pool::{PoolConfig, PoolKnobs};
 
 use crate::SimError;
+use crate::demand::{Demand, size};
 use crate::profile::{Costs, Profile, as_f64, model_spec};
 use crate::run::{AccOutcome, AccRun, SeqSim, Slo};
 use crate::workload::{Request, Workload};
@@ -17,6 +20,10 @@ pub const ACCELERATORS_MAX: u32 = 4096;
 /// both (on the 40- and 80-model conversation markets the search stopped by itself after at
 /// most 14 moves, `PlanPoint::placement_moves`).
 pub const PLACEMENT_MOVES_MAX: u32 = 32;
+/// Default size of the placement search's sample (`SimSpec::search_sample_requests`): a longer
+/// workload is searched on its first this many requests, and the placement found is kept only
+/// if it beats the first one on the whole workload.
+pub const SEARCH_SAMPLE_REQUESTS: u64 = 50_000;
 
 /// The knobs the H100 figures of docs/bench/sim.md were measured with — not a default (the
 /// simulator runs [`PoolKnobs::default`], the server's, unless told otherwise): the SLOs of the
@@ -52,9 +59,29 @@ pub struct SimSpec {
     pub memory_models_max: Option<u32>,
     /// Moves of the placement search after the initial placement (0: keep it as placed).
     pub placement_moves_max: u32,
-    /// The initial placement (accelerator of each market model, in market order) instead of
-    /// [`place`]'s, e.g. an earlier report's to check it on other traffic.
-    pub placement: Option<Vec<u32>>,
+    /// The placement search runs on the workload's first this many requests when it is longer
+    /// (0: always on the whole workload); see [`SEARCH_SAMPLE_REQUESTS`].
+    pub search_sample_requests: u64,
+    /// How many instances each model gets.
+    pub instances: Instances,
+    /// The initial placement (the accelerators of each market model's instances, in market
+    /// order) instead of [`place`]'s, e.g. an earlier report's to check it on other traffic.
+    /// It sets the instance counts too.
+    pub placement: Option<Vec<Vec<u32>>>,
+}
+
+/// How many instances (accelerators holding it) each model gets; never more than the
+/// accelerators.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Instances {
+    /// One each: a model lives on one accelerator.
+    One,
+    /// Each model as many as it needs alone ([`crate::demand::size`], on the search sample):
+    /// the fewest whole accelerators on which its own traffic reaches `target_attainment`.
+    Sized { target_attainment: f64 },
+    /// Counts (and predicted loads) sized beforehand, e.g. by the planner on the whole trace.
+    Given(Demand),
 }
 
 /// Progress of a long run, for a progress bar the caller draws.
@@ -68,7 +95,10 @@ pub struct Progress {
 pub struct ModelReport {
     pub model: String,
     pub family: String,
+    /// The accelerator of its first instance.
     pub accelerator: u32,
+    /// The accelerators of all its instances, in index order (dispatch ties go to the first).
+    pub instances: Vec<u32>,
     pub requests: u64,
     pub tokens_owed: u64,
     pub tokens_on_time: u64,
@@ -117,46 +147,75 @@ pub struct Report {
     #[serde(default)]
     pub decode_by_batch: tidepool_pool::DecodeByBatch,
     pub switches_per_s: f64,
-    /// Models the placement search moved (`per_model[].accelerator` is the final placement).
+    /// Instances the placement search moved (`per_model[].instances` is the final placement).
     #[serde(default)]
     pub placement_moves: u32,
+    /// Requests the placement search ran on (the whole workload, or its first
+    /// `search_sample_requests`); 0 without a search.
+    #[serde(default)]
+    pub search_requests: u64,
+    /// Model instances over all accelerators.
+    #[serde(default)]
+    pub instances: u32,
     pub per_model: Vec<ModelReport>,
+    pub per_accelerator: Vec<AcceleratorReport>,
 }
 
-/// Model → accelerator. Longest-processing-time first: models in decreasing order of their
-/// estimated busy time (prefill + decode at batch 1 of all their requests; ties by index) go
-/// to the accelerator with the least estimated work. `dedicated` additionally requires every
-/// model of an accelerator to fit its memory at once (with as many accelerators as models,
-/// this is one model per accelerator).
-pub fn place(spec: &SimSpec, workload: &Workload) -> Result<Vec<u32>, SimError> {
-    let n = spec.accelerators;
-    if n == 0 || n > ACCELERATORS_MAX {
+/// One accelerator: the models it holds an instance of and how its requests fared.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AcceleratorReport {
+    pub accelerator: u32,
+    pub models: Vec<String>,
+    pub requests: u64,
+    pub tokens_owed: u64,
+    pub tokens_on_time: u64,
+    pub attainment: f64,
+    /// Compute-busy time over the run's makespan.
+    pub utilization: f64,
+}
+
+/// Instances → accelerators (each model's accelerators, ascending). Longest-processing-time
+/// first over instances: each model's predicted load (`load_ns`: busy time alone, or the
+/// batch-1 estimate [`batch1_load_ns`]) is split evenly over its `instances`, and instances in
+/// decreasing order of their share (ties by model, then instance) go to the accelerator with
+/// the least predicted work that does not hold the model yet. `dedicated` additionally requires
+/// every model of an accelerator to fit its memory at once (with as many accelerators as
+/// instances, this is one instance per accelerator).
+pub fn place(
+    spec: &SimSpec,
+    workload: &Workload,
+    instances: &[u32],
+    load_ns: &[f64],
+) -> Result<Vec<Vec<u32>>, SimError> {
+    let n = accelerators(spec)?;
+    let models = workload.models.len();
+    if instances.len() != models || load_ns.len() != models {
         return Err(SimError::WorkloadInvalid {
-            reason: "accelerators must be in 1..=4096",
+            reason: "one instance count and load per market model",
         });
     }
     let fams = &spec.profile.families;
-    let mut work = vec![0.0_f64; workload.models.len()];
-    for r in &workload.requests {
-        let model = &workload.models[usize::try_from(r.model).unwrap_or(0)];
-        let costs = Costs::new(&spec.profile.accelerator, &fams[model.family]);
-        let p = f64::from(r.prompt_tokens);
-        let ctx = p + f64::from(r.output_tokens) / 2.0;
-        work[usize::try_from(r.model).unwrap_or(0)] += as_f64(costs.prefill_ns(p, p * p))
-            + f64::from(r.output_tokens) * as_f64(costs.decode_ns(1.0, ctx));
+    let mut items: Vec<(usize, u32, f64)> = Vec::new();
+    for (m, (&k, &load)) in instances.iter().zip(load_ns).enumerate() {
+        let k = k.clamp(1, acc_u32(n));
+        for slot in 0..k {
+            items.push((m, slot, load / f64::from(k)));
+        }
     }
-    let mut order: Vec<usize> = (0..workload.models.len()).collect();
-    order.sort_by(|&a, &b| work[b].total_cmp(&work[a]).then(a.cmp(&b)));
-    let n_usize = usize::try_from(n).unwrap_or(1);
-    let mut load = vec![0.0_f64; n_usize];
-    let mut bytes = vec![0_u64; n_usize];
-    let mut count = vec![0_u32; n_usize];
-    let mut placement = vec![0_u32; workload.models.len()];
+    items.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+    let mut load = vec![0.0_f64; n];
+    let mut bytes = vec![0_u64; n];
+    let mut count = vec![0_u32; n];
+    let mut placement = vec![Vec::new(); models];
     let memory = spec.profile.accelerator.memory_bytes;
-    for model in order {
+    for (model, _, share) in items {
         let need = fams[workload.models[model].family].resident_bytes();
-        let fits = |a: usize| spec.policy != PoolPolicy::Dedicated || bytes[a] + need <= memory;
-        let best = (0..n_usize)
+        let held: &Vec<u32> = &placement[model];
+        let fits = |a: usize| {
+            !held.contains(&acc_u32(a))
+                && (spec.policy != PoolPolicy::Dedicated || bytes[a] + need <= memory)
+        };
+        let best = (0..n)
             .filter(|&a| fits(a))
             .min_by(|&a, &b| {
                 load[a]
@@ -167,12 +226,45 @@ pub fn place(spec: &SimSpec, workload: &Workload) -> Result<Vec<u32>, SimError> 
             .ok_or(SimError::WorkloadInvalid {
                 reason: "dedicated: the models do not fit these accelerators",
             })?;
-        load[best] += work[model];
+        load[best] += share;
         bytes[best] += need;
         count[best] += 1;
-        placement[model] = u32::try_from(best).unwrap_or(0);
+        placement[model].push(acc_u32(best));
+    }
+    for accs in &mut placement {
+        accs.sort_unstable();
     }
     Ok(placement)
+}
+
+/// Each model's estimated busy time at batch 1 (prefill + decode of all its requests), the
+/// load [`place`] balances when nothing better is known.
+pub fn batch1_load_ns(spec: &SimSpec, workload: &Workload) -> Vec<f64> {
+    let fams = &spec.profile.families;
+    let mut work = vec![0.0_f64; workload.models.len()];
+    for r in &workload.requests {
+        let m = usize::try_from(r.model).unwrap_or(0);
+        let Some(model) = workload.models.get(m) else {
+            continue;
+        };
+        let costs = Costs::new(&spec.profile.accelerator, &fams[model.family]);
+        let p = f64::from(r.prompt_tokens);
+        let ctx = p + f64::from(r.output_tokens) / 2.0;
+        work[m] += as_f64(costs.prefill_ns(p, p * p))
+            + f64::from(r.output_tokens) * as_f64(costs.decode_ns(1.0, ctx));
+    }
+    work
+}
+
+/// `spec.accelerators` checked, as a count.
+fn accelerators(spec: &SimSpec) -> Result<usize, SimError> {
+    let n = spec.accelerators;
+    if n == 0 || n > ACCELERATORS_MAX {
+        return Err(SimError::WorkloadInvalid {
+            reason: "accelerators must be in 1..=4096",
+        });
+    }
+    Ok(usize::try_from(n).unwrap_or(1))
 }
 
 fn pool_config(
@@ -215,8 +307,171 @@ fn pool_config(
     Ok((cfg, costs, ids))
 }
 
-/// Runs one configuration. Accelerators are independent (static placement), so they are
-/// simulated one after the other; `progress` is called every 65,536 arrivals and at the end.
+/// What one accelerator holds: `(model, instance)` pairs in model order, the instance being
+/// the accelerator's rank among the model's accelerators. With every model's instance count
+/// fixed, it determines the accelerator's requests, hence its whole simulation: the key of the
+/// placement search's cache.
+pub(crate) type AccKey = Vec<(u32, u32)>;
+
+/// Each accelerator's [`AccKey`] under `placement` (each model's accelerators ascending).
+pub(crate) fn keys(placement: &[Vec<u32>], accelerators: usize) -> Vec<AccKey> {
+    let mut keys = vec![Vec::new(); accelerators];
+    for (m, accs) in placement.iter().enumerate() {
+        for (slot, &a) in accs.iter().enumerate() {
+            if let Some(key) = keys.get_mut(usize::try_from(a).unwrap_or(usize::MAX)) {
+                key.push((acc_u32(m), acc_u32(slot)));
+            }
+        }
+    }
+    keys
+}
+
+/// One workload with each model's requests split over its instances: everything needed to
+/// simulate any accelerator from its [`AccKey`].
+pub(crate) struct Routed<'a> {
+    pub(crate) spec: &'a SimSpec,
+    pub(crate) workload: &'a Workload,
+    /// Per model, per instance: request indices in arrival order.
+    routes: Vec<Vec<Vec<u32>>>,
+}
+
+impl<'a> Routed<'a> {
+    pub(crate) fn new(spec: &'a SimSpec, workload: &'a Workload, instances: &[u32]) -> Self {
+        let mut by_model: Vec<Vec<u32>> = vec![Vec::new(); workload.models.len()];
+        for (i, r) in workload.requests.iter().enumerate() {
+            if let Some(list) = by_model.get_mut(usize::try_from(r.model).unwrap_or(usize::MAX)) {
+                list.push(acc_u32(i));
+            }
+        }
+        let routes = by_model
+            .iter()
+            .enumerate()
+            .map(|(m, indices)| {
+                let k = instances.get(m).copied().unwrap_or(1);
+                crate::dispatch::split(
+                    &workload.requests,
+                    indices,
+                    usize::try_from(k).unwrap_or(1),
+                    spec.knobs.ttft_slo_ms,
+                    spec.knobs.tbt_slo_ms,
+                )
+            })
+            .collect();
+        Self {
+            spec,
+            workload,
+            routes,
+        }
+    }
+
+    /// Simulates accelerator `acc` holding `key` (`None` if it holds nothing).
+    pub(crate) fn run(&self, acc: u32, key: &AccKey) -> Result<Option<Outcome>, SimError> {
+        let members: Vec<(usize, &[u32])> = key
+            .iter()
+            .map(|&(m, slot)| {
+                let m = usize::try_from(m).unwrap_or(usize::MAX);
+                let list = self
+                    .routes
+                    .get(m)
+                    .and_then(|r| r.get(usize::try_from(slot).unwrap_or(usize::MAX)))
+                    .map_or(&[][..], Vec::as_slice);
+                (m, list)
+            })
+            .collect();
+        run_acc(self.spec, self.workload, acc, &members, &mut || {})
+    }
+
+    /// Every accelerator's outcome, on every core.
+    pub(crate) fn run_all(&self, keys: &[AccKey]) -> Result<Vec<Option<Outcome>>, SimError> {
+        let indexed: Vec<(u32, &AccKey)> = keys
+            .iter()
+            .enumerate()
+            .map(|(a, k)| (acc_u32(a), k))
+            .collect();
+        crate::par::map(&indexed, |&(a, key)| self.run(a, key))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The instance counts and predicted loads `spec` asks for, counts within `1..=accelerators`.
+fn instance_plan(
+    spec: &SimSpec,
+    workload: &Workload,
+    accelerators: usize,
+) -> Result<(Vec<u32>, Vec<f64>), SimError> {
+    let models = workload.models.len();
+    let cap = acc_u32(accelerators);
+    match &spec.instances {
+        Instances::One => Ok((vec![1; models], batch1_load_ns(spec, workload))),
+        Instances::Sized { target_attainment } => {
+            let sample = search_sample(workload, spec.search_sample_requests);
+            let demand = size(
+                spec,
+                sample.as_ref().unwrap_or(workload),
+                *target_attainment,
+                cap,
+            )?;
+            Ok((
+                demand.instances,
+                demand.busy_ns.iter().map(|&b| as_f64(b)).collect(),
+            ))
+        }
+        Instances::Given(demand) => {
+            if demand.instances.len() != models || demand.busy_ns.len() != models {
+                return Err(SimError::WorkloadInvalid {
+                    reason: "instances: one count per market model",
+                });
+            }
+            Ok((
+                demand.instances.iter().map(|&k| k.clamp(1, cap)).collect(),
+                demand.busy_ns.iter().map(|&b| as_f64(b)).collect(),
+            ))
+        }
+    }
+}
+
+/// The workload's first `requests_max` requests, if it has more (0: never).
+pub(crate) fn search_sample(workload: &Workload, requests_max: u64) -> Option<Workload> {
+    let max = usize::try_from(requests_max).unwrap_or(usize::MAX);
+    (max > 0 && workload.requests.len() > max).then(|| Workload {
+        models: workload.models.clone(),
+        requests: workload.requests[..max].to_vec(),
+        prompts_capped: 0,
+        warm: workload.warm.clone(),
+    })
+}
+
+/// A given placement checked: one non-empty list of distinct accelerators below
+/// `accelerators` per market model; returned with each list ascending.
+fn checked_placement(
+    given: &[Vec<u32>],
+    models: usize,
+    accelerators: usize,
+) -> Result<Vec<Vec<u32>>, SimError> {
+    let mut placement = given.to_vec();
+    let fits = placement.len() == models
+        && placement.iter_mut().all(|accs| {
+            accs.sort_unstable();
+            let len = accs.len();
+            accs.dedup();
+            !accs.is_empty()
+                && accs.len() == len
+                && accs
+                    .iter()
+                    .all(|&a| usize::try_from(a).is_ok_and(|a| a < accelerators))
+        });
+    if !fits {
+        return Err(SimError::WorkloadInvalid {
+            reason: "placement: per market model, distinct accelerators below --accelerators",
+        });
+    }
+    Ok(placement)
+}
+
+/// Runs one configuration. Accelerators are independent once each request's instance is
+/// fixed, so they run on every core; `progress` is called when the first pass and when the
+/// whole run is done.
 pub fn simulate(
     spec: &SimSpec,
     workload: &Workload,
@@ -228,51 +483,74 @@ pub fn simulate(
             reason: problem.reason,
         });
     }
+    let n = accelerators(spec)?;
     let mut placement = match &spec.placement {
-        None => place(spec, workload)?,
-        Some(given) => {
-            let fits = given.len() == workload.models.len()
-                && given.iter().all(|&a| a < spec.accelerators);
-            if !fits {
-                return Err(SimError::WorkloadInvalid {
-                    reason: "placement: one accelerator below --accelerators per market model",
-                });
-            }
-            given.clone()
+        None => {
+            let (counts, loads) = instance_plan(spec, workload, n)?;
+            place(spec, workload, &counts, &loads)?
         }
+        Some(given) => checked_placement(given, workload.models.len(), n)?,
     };
+    let counts: Vec<u32> = placement.iter().map(|a| acc_u32(a.len())).collect();
     let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
-    let mut done = 0_u64;
-    let mut tick = || {
-        done += 1;
-        if done.is_multiple_of(65_536) {
-            progress(Progress {
-                requests_done: done,
-                requests_total: total,
-            });
+    let routed = Routed::new(spec, workload, &counts);
+    let mut current = keys(&placement, n);
+    let mut outcomes = routed.run_all(&current)?;
+    progress(Progress {
+        requests_done: total / 2,
+        requests_total: total,
+    });
+    let (mut moves, mut search_requests) = (0, 0);
+    if spec.policy != PoolPolicy::Dedicated && spec.placement_moves_max > 0 && n > 1 {
+        let sample = search_sample(workload, spec.search_sample_requests);
+        let searched_on = sample.as_ref().unwrap_or(workload);
+        search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
+        let found = crate::search::improve(spec, searched_on, &counts, &placement)?;
+        if found.moves > 0 {
+            let next = keys(&found.placement, n);
+            let changed: Vec<(u32, &AccKey)> = (0..n)
+                .filter(|&a| next[a] != current[a])
+                .map(|a| (acc_u32(a), &next[a]))
+                .collect();
+            let rerun: Vec<Option<Outcome>> =
+                crate::par::map(&changed, |&(a, key)| routed.run(a, key))
+                    .into_iter()
+                    .collect::<Result<_, _>>()?;
+            let before: u64 = changed
+                .iter()
+                .map(|&(a, _)| missed(outcomes[usize::try_from(a).unwrap_or(0)].as_ref()))
+                .sum();
+            let after: u64 = rerun.iter().map(|o| missed(o.as_ref())).sum();
+            // On the whole workload every kept move lowered the missed tokens; on a sample,
+            // the whole workload confirms the placement or the first one stays.
+            if sample.is_none() || after < before {
+                for ((a, _), outcome) in changed.iter().zip(rerun) {
+                    outcomes[usize::try_from(*a).unwrap_or(0)] = outcome;
+                }
+                placement = found.placement;
+                current = next;
+                moves = found.moves;
+            }
         }
-    };
-    let mut outcomes: Vec<Option<Outcome>> = Vec::new();
-    for acc in 0..spec.accelerators {
-        outcomes.push(run_acc(spec, workload, &placement, acc, &mut tick)?);
     }
-    let moves = if spec.policy == PoolPolicy::Dedicated {
-        0
-    } else {
-        improve_placement(spec, workload, &mut placement, &mut outcomes)?
-    };
+    debug_assert_eq!(
+        current,
+        keys(&placement, n),
+        "outcomes follow the placement"
+    );
     progress(Progress {
         requests_done: total,
         requests_total: total,
     });
     let outcomes: Vec<Outcome> = outcomes.into_iter().flatten().collect();
-    let mut report = fold(spec, workload, &outcomes);
+    let mut report = fold(spec, workload, &placement, &outcomes);
     report.placement_moves = moves;
+    report.search_requests = search_requests;
     Ok(report)
 }
 
 /// Tokens an accelerator's requests owed but did not get on time.
-fn missed(outcome: Option<&Outcome>) -> u64 {
+pub(crate) fn missed(outcome: Option<&Outcome>) -> u64 {
     outcome.map_or(0, |o| {
         o.result
             .seqs
@@ -282,153 +560,51 @@ fn missed(outcome: Option<&Outcome>) -> u64 {
     })
 }
 
-/// Local search over the placement (`SimSpec::placement_moves_max`): each move takes one model
-/// off the accelerator (holding two or more models) that misses the most tokens and puts it on
-/// one of the two that miss the fewest, choosing the move that lowers the pair's missed tokens
-/// the most. Accelerators are independent, so a trial re-simulates only the two it changes.
-/// Stops when no move helps. Returns the moves made.
-fn improve_placement(
-    spec: &SimSpec,
-    workload: &Workload,
-    placement: &mut [u32],
-    outcomes: &mut [Option<Outcome>],
-) -> Result<u32, SimError> {
-    let n = outcomes.len();
-    let mut moves = 0;
-    while moves < spec.placement_moves_max {
-        let miss: Vec<u64> = outcomes.iter().map(|o| missed(o.as_ref())).collect();
-        let models_on = |a: usize| placement.iter().filter(|&&p| p == acc_u32(a)).count();
-        let Some(from) = (0..n)
-            .filter(|&a| miss[a] > 0 && models_on(a) >= 2)
-            .max_by_key(|&a| (miss[a], std::cmp::Reverse(a)))
-        else {
-            break;
-        };
-        let mut targets: Vec<usize> = (0..n).filter(|&a| a != from).collect();
-        targets.sort_by_key(|&a| (miss[a], a));
-        targets.truncate(2);
-        let Some(best) = best_move(spec, workload, placement, &miss, from, &targets)? else {
-            break;
-        };
-        placement[best.model] = acc_u32(best.to);
-        outcomes[from] = best.from_outcome;
-        outcomes[best.to] = best.to_outcome;
-        moves += 1;
-    }
-    Ok(moves)
-}
-
-/// One trial move of the placement search and what the two accelerators it changes gave.
-struct Move {
-    gain: u64,
-    model: usize,
-    to: usize,
-    from_outcome: Option<Outcome>,
-    to_outcome: Option<Outcome>,
-}
-
-/// The move of one of `from`'s models to one of `targets` that lowers the pair's missed
-/// tokens the most (ties: the first tried, models and targets in order), if any does. The
-/// trials are independent simulations, so they run on every core (`std::thread::scope`); the
-/// choice is made afterwards in trial order, so the result does not depend on the core count.
-fn best_move(
-    spec: &SimSpec,
-    workload: &Workload,
-    placement: &[u32],
-    miss: &[u64],
-    from: usize,
-    targets: &[usize],
-) -> Result<Option<Move>, SimError> {
-    let trials: Vec<(usize, usize)> = (0..placement.len())
-        .filter(|&m| placement[m] == acc_u32(from))
-        .flat_map(|m| targets.iter().map(move |&to| (m, to)))
-        .collect();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .clamp(1, trials.len().max(1));
-    let chunk = trials.len().div_ceil(workers).max(1);
-    let run = |&(model, to): &(usize, usize)| -> Result<Move, SimError> {
-        let mut trial = placement.to_vec();
-        trial[model] = acc_u32(to);
-        let mut noop = || {};
-        let from_outcome = run_acc(spec, workload, &trial, acc_u32(from), &mut noop)?;
-        let to_outcome = run_acc(spec, workload, &trial, acc_u32(to), &mut noop)?;
-        let before = miss[from] + miss[to];
-        let after = missed(from_outcome.as_ref()) + missed(to_outcome.as_ref());
-        Ok(Move {
-            gain: before.saturating_sub(after),
-            model,
-            to,
-            from_outcome,
-            to_outcome,
-        })
-    };
-    let results: Vec<Result<Move, SimError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = trials
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(run).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    let mut best: Option<Move> = None;
-    for result in results {
-        let trial = result?;
-        if trial.gain > 0 && best.as_ref().is_none_or(|b| trial.gain > b.gain) {
-            best = Some(trial);
-        }
-    }
-    Ok(best)
-}
-
 /// An accelerator index (below `ACCELERATORS_MAX`) as the placement stores it.
-fn acc_u32(acc: usize) -> u32 {
+pub(crate) fn acc_u32(acc: usize) -> u32 {
     u32::try_from(acc).unwrap_or(u32::MAX)
 }
 
-/// Simulates accelerator `acc` under `placement` (`None` if no model is placed on it).
-fn run_acc(
+/// Simulates accelerator `acc` holding `members` — each a market model with the request
+/// indices its instance here serves (`None` if it holds none).
+pub(crate) fn run_acc(
     spec: &SimSpec,
     workload: &Workload,
-    placement: &[u32],
     acc: u32,
+    members: &[(usize, &[u32])],
     tick: &mut dyn FnMut(),
 ) -> Result<Option<Outcome>, SimError> {
+    if members.is_empty() {
+        return Ok(None);
+    }
     let slo = Slo {
         ttft_ns: spec.knobs.ttft_slo_ms * 1_000_000,
         tbt_ns: spec.knobs.tbt_slo_ms * 1_000_000,
     };
-    let models: Vec<usize> = (0..workload.models.len())
-        .filter(|&m| placement[m] == acc)
-        .collect();
-    if models.is_empty() {
-        return Ok(None);
-    }
-    let local: std::collections::BTreeMap<usize, usize> =
-        models.iter().enumerate().map(|(i, &m)| (m, i)).collect();
-    let requests: Vec<(usize, Request)> = workload
-        .requests
+    let models: Vec<usize> = members.iter().map(|&(m, _)| m).collect();
+    let mut indexed: Vec<(u32, usize)> = members
         .iter()
-        .filter_map(|r| {
-            local
-                .get(&usize::try_from(r.model).unwrap_or(0))
-                .map(|&l| (l, *r))
+        .enumerate()
+        .flat_map(|(local, (_, list))| list.iter().map(move |&i| (i, local)))
+        .collect();
+    indexed.sort_unstable();
+    let requests: Vec<(usize, Request)> = indexed
+        .iter()
+        .filter_map(|&(i, local)| {
+            workload
+                .requests
+                .get(usize::try_from(i).unwrap_or(usize::MAX))
+                .map(|r| (local, *r))
         })
         .collect();
     let (cfg, costs, ids) = pool_config(spec, workload, &models)?;
     let warm: Vec<usize> = workload
         .warm
         .iter()
-        .filter_map(|m| {
-            local
-                .get(&usize::try_from(*m).unwrap_or(usize::MAX))
-                .copied()
+        .filter_map(|&w| {
+            models
+                .iter()
+                .position(|&m| usize::try_from(w).is_ok_and(|w| w == m))
         })
         .collect();
     let result = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(tick)?;
@@ -441,11 +617,11 @@ fn run_acc(
 }
 
 /// One accelerator's models (market indices), requests (local model index) and outcome.
-struct Outcome {
+pub(crate) struct Outcome {
     acc: u32,
     models: Vec<usize>,
     requests: Vec<(usize, Request)>,
-    result: AccOutcome,
+    pub(crate) result: AccOutcome,
 }
 
 /// Sums over accelerators, in accelerator order.
@@ -460,21 +636,33 @@ struct Totals {
     counters: tidepool_pool::PoolCounters,
 }
 
-fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
-    let mut per_model: Vec<ModelReport> = workload
+/// One empty report per market model, with its instances.
+fn model_reports(spec: &SimSpec, workload: &Workload, placement: &[Vec<u32>]) -> Vec<ModelReport> {
+    workload
         .models
         .iter()
-        .map(|m| ModelReport {
+        .zip(placement)
+        .map(|(m, accs)| ModelReport {
             model: m.id.clone(),
             family: spec.profile.families[m.family].name.clone(),
-            accelerator: 0,
+            accelerator: accs.first().copied().unwrap_or(0),
+            instances: accs.clone(),
             requests: 0,
             tokens_owed: 0,
             tokens_on_time: 0,
             attainment: 1.0,
             decode_by_batch: tidepool_pool::DecodeByBatch::default(),
         })
-        .collect();
+        .collect()
+}
+
+fn fold(
+    spec: &SimSpec,
+    workload: &Workload,
+    placement: &[Vec<u32>],
+    outcomes: &[Outcome],
+) -> Report {
+    let mut per_model = model_reports(spec, workload, placement);
     let mut t = Totals::default();
     for o in outcomes {
         accumulate(&mut per_model, o, &mut t);
@@ -488,6 +676,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
     let start_ns = workload.requests.first().map_or(0, |r| r.at_ns);
     let makespan_s = as_f64(t.end_ns.saturating_sub(start_ns)) / 1e9;
     t.ttft_ns.sort_unstable();
+    let per_accelerator = per_accelerator(spec, &per_model, outcomes, makespan_s);
     let (ttft_ns, busy_ns, counters) = (&t.ttft_ns, t.busy_ns, t.counters);
     Report {
         profile: spec.profile.name.clone(),
@@ -528,20 +717,60 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         decode_by_batch: counters.decode_by_batch,
         switches_per_s: per_s(as_f64(counters.loads), makespan_s),
         placement_moves: 0,
+        search_requests: 0,
+        instances: u32::try_from(placement.iter().map(Vec::len).sum::<usize>()).unwrap_or(u32::MAX),
         per_model,
+        per_accelerator,
     }
+}
+
+/// Each accelerator's models and how its requests fared, in accelerator order.
+fn per_accelerator(
+    spec: &SimSpec,
+    per_model: &[ModelReport],
+    outcomes: &[Outcome],
+    makespan_s: f64,
+) -> Vec<AcceleratorReport> {
+    let mut out: Vec<AcceleratorReport> = (0..spec.accelerators)
+        .map(|accelerator| AcceleratorReport {
+            accelerator,
+            models: Vec::new(),
+            requests: 0,
+            tokens_owed: 0,
+            tokens_on_time: 0,
+            attainment: 1.0,
+            utilization: 0.0,
+        })
+        .collect();
+    for o in outcomes {
+        let Some(acc) = out.get_mut(usize::try_from(o.acc).unwrap_or(usize::MAX)) else {
+            continue;
+        };
+        acc.models = o
+            .models
+            .iter()
+            .map(|&m| per_model[m].model.clone())
+            .collect();
+        for s in &o.result.seqs {
+            acc.requests += 1;
+            acc.tokens_owed += u64::from(s.output_tokens);
+            acc.tokens_on_time += u64::from(s.on_time);
+        }
+        acc.attainment = ratio(acc.tokens_on_time, acc.tokens_owed);
+        acc.utilization = per_s(as_f64(o.result.compute_busy_ns) / 1e9, makespan_s);
+    }
+    out
 }
 
 fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
     for &m in &o.models {
-        per_model[m].accelerator = o.acc;
         if let Some((_, by)) = o
             .result
             .decode_by_model
             .iter()
             .find(|(id, _)| *id == per_model[m].model)
         {
-            per_model[m].decode_by_batch = *by;
+            per_model[m].decode_by_batch = per_model[m].decode_by_batch.saturating_add(by);
         }
     }
     for ((local, _), s) in o.requests.iter().zip(&o.result.seqs) {

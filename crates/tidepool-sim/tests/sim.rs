@@ -57,6 +57,8 @@ fn spec(profile: Profile, policy: PoolPolicy, accelerators: u32) -> SimSpec {
         },
         memory_models_max: None,
         placement_moves_max: 0,
+        search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        instances: tidepool_sim::Instances::One,
         placement: None,
     }
 }
@@ -396,7 +398,11 @@ fn placement_search_only_keeps_moves_that_help() {
         serde_json::to_string(&run(16)).unwrap()
     );
     // The reported placement, given back as the starting point, reproduces the result.
-    let placement: Vec<u32> = searched.per_model.iter().map(|m| m.accelerator).collect();
+    let placement: Vec<Vec<u32>> = searched
+        .per_model
+        .iter()
+        .map(|m| m.instances.clone())
+        .collect();
     let given = SimSpec {
         placement: Some(placement.clone()),
         ..spec(profile.clone(), PoolPolicy::Token, 2)

@@ -136,6 +136,21 @@ struct ServeArgs {
     /// `[billing].replica_id`); stable across restarts.
     #[arg(long, env = "TIDEPOOL_REPLICA_ID")]
     replica_id: Option<String>,
+    /// A placement file written by `tidepool plan` (or `tidepool sim`): this process serves
+    /// the models it places on `--accelerator` (plus the models it does not place at all, such
+    /// as embedding models); a model alone on its accelerator is pinned. An unknown model or
+    /// accelerator is refused at start-up with the placement's error code.
+    #[arg(long, env = "TIDEPOOL_PLACEMENT")]
+    placement: Option<PathBuf>,
+    /// With `--placement`: which of the plan's accelerators this process is (one process per
+    /// accelerator).
+    #[arg(
+        long,
+        env = "TIDEPOOL_ACCELERATOR",
+        default_value_t = 0,
+        requires = "placement"
+    )]
+    accelerator: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -415,7 +430,26 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         config.billing.replica_id = replica_id;
         config.validate()?;
     }
+    let placed = match &args.placement {
+        Some(path) => {
+            let placement = tidepool_core::PlacementFile::load(path)
+                .with_context(|| format!("placement {}", path.display()))?;
+            Some((
+                path.clone(),
+                placement.apply(&mut config, args.accelerator)?,
+            ))
+        }
+        None => None,
+    };
     let telemetry = tidepool_telemetry::init_stderr(&config.telemetry)?;
+    if let Some((path, served)) = placed {
+        tracing::info!(
+            placement = %path.display(),
+            accelerator = args.accelerator,
+            models = ?served,
+            "serving the placement's models for this accelerator"
+        );
+    }
     let served = serve_with(&config, args).await;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     served

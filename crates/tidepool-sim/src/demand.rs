@@ -1,0 +1,148 @@
+//! Per-model sizing: how many whole accelerators each model needs on its own traffic. It is
+//! the `dedicated` baseline of the planner (each model on the fewest accelerators of its own
+//! that reach the target, not one per model) and the instance count the pooled policies start
+//! from (the head of the popularity curve gets several instances, the tail one to share).
+
+use serde::{Deserialize, Serialize};
+use tidepool_core::PoolPolicy;
+
+use crate::SimError;
+use crate::dispatch::split;
+use crate::sim::{SimSpec, run_acc};
+use crate::workload::Workload;
+
+/// Per market model: its instances and what they reached alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Demand {
+    /// The attainment each model had to reach on its own traffic.
+    pub target_attainment: f64,
+    /// The fewest instances, each a whole `dedicated` accelerator, on which the model's
+    /// requests (split by [`crate::dispatch::Dispatcher`]) reach the target; at most the bound
+    /// the sizing was given (then `attainment` is below the target).
+    pub instances: Vec<u32>,
+    /// The model's attainment on that many accelerators.
+    pub attainment: Vec<f64>,
+    /// Compute-busy time of the model alone on one accelerator: its predicted load, which the
+    /// first placement balances.
+    pub busy_ns: Vec<u64>,
+}
+
+impl Demand {
+    /// Every model reached the target within the bound.
+    pub fn met(&self) -> bool {
+        self.attainment.iter().all(|&a| a >= self.target_attainment)
+    }
+
+    /// Accelerators of the `dedicated` baseline: the sum of the instances.
+    pub fn accelerators(&self) -> u32 {
+        self.instances
+            .iter()
+            .fold(0_u32, |sum, &k| sum.saturating_add(k))
+    }
+}
+
+/// Sizes every model (on every core): for k = 1, 2, … up to `instances_max`, the model's own
+/// requests split over k accelerators of its own under `dedicated` (the spec's profile, knobs
+/// and budget), until its attainment reaches `target_attainment`. One fewer misses the target
+/// (each k below the answer was simulated), assuming attainment grows with instances.
+pub fn size(
+    spec: &SimSpec,
+    workload: &Workload,
+    target_attainment: f64,
+    instances_max: u32,
+) -> Result<Demand, SimError> {
+    if !(0.0..=1.0).contains(&target_attainment) {
+        return Err(SimError::WorkloadInvalid {
+            reason: "target attainment must be in 0..=1",
+        });
+    }
+    let alone = SimSpec {
+        policy: PoolPolicy::Dedicated,
+        placement_moves_max: 0,
+        placement: None,
+        ..spec.clone()
+    };
+    let mut by_model: Vec<Vec<u32>> = vec![Vec::new(); workload.models.len()];
+    for (i, r) in workload.requests.iter().enumerate() {
+        if let Some(list) = by_model.get_mut(usize::try_from(r.model).unwrap_or(usize::MAX)) {
+            list.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+    }
+    let models: Vec<usize> = (0..workload.models.len()).collect();
+    let sized = crate::par::map(&models, |&m| {
+        size_one(
+            &alone,
+            workload,
+            m,
+            &by_model[m],
+            target_attainment,
+            instances_max,
+        )
+    });
+    let mut demand = Demand {
+        target_attainment,
+        instances: Vec::with_capacity(models.len()),
+        attainment: Vec::with_capacity(models.len()),
+        busy_ns: Vec::with_capacity(models.len()),
+    };
+    for result in sized {
+        let (k, attainment, busy_ns) = result?;
+        demand.instances.push(k);
+        demand.attainment.push(attainment);
+        demand.busy_ns.push(busy_ns);
+    }
+    Ok(demand)
+}
+
+/// One model: (instances, attainment there, busy time alone on one).
+fn size_one(
+    alone: &SimSpec,
+    workload: &Workload,
+    model: usize,
+    requests: &[u32],
+    target_attainment: f64,
+    instances_max: u32,
+) -> Result<(u32, f64, u64), SimError> {
+    let mut busy_one = 0;
+    let mut last = (1, 1.0);
+    for k in 1..=instances_max.max(1) {
+        let parts = split(
+            &workload.requests,
+            requests,
+            usize::try_from(k).unwrap_or(1),
+            alone.knobs.ttft_slo_ms,
+            alone.knobs.tbt_slo_ms,
+        );
+        let (mut owed, mut on_time) = (0_u64, 0_u64);
+        for (slot, part) in parts.iter().enumerate() {
+            let acc = u32::try_from(slot).unwrap_or(u32::MAX);
+            let Some(outcome) = run_acc(
+                alone,
+                workload,
+                acc,
+                &[(model, part.as_slice())],
+                &mut || {},
+            )?
+            else {
+                continue;
+            };
+            for s in &outcome.result.seqs {
+                owed += u64::from(s.output_tokens);
+                on_time += u64::from(s.on_time);
+            }
+            if k == 1 {
+                busy_one = outcome.result.compute_busy_ns;
+            }
+        }
+        let attainment = if owed == 0 {
+            1.0
+        } else {
+            crate::profile::as_f64(on_time) / crate::profile::as_f64(owed)
+        };
+        last = (k, attainment);
+        if attainment >= target_attainment {
+            break;
+        }
+    }
+    Ok((last.0, last.1, busy_one))
+}
