@@ -110,6 +110,7 @@ pub(crate) fn simulate_rows(
             // One accelerator: nothing to place.
             placement_moves_max: 0,
             search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+            search_until_attainment: None,
             instances: tidepool_sim::Instances::One,
             placement: None,
         };

@@ -254,6 +254,7 @@ fn sim_spec(
         memory_models_max,
         placement_moves_max,
         search_sample_requests,
+        search_until_attainment: None,
         instances,
         placement: None,
     }
@@ -516,6 +517,7 @@ pub(crate) fn run_bench_sim(args: &BenchSimArgs) -> anyhow::Result<()> {
         // The speed of the simulator itself: one pass, no placement search.
         placement_moves_max: 0,
         search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        search_until_attainment: None,
         instances: Instances::One,
         placement: None,
     };

@@ -1,5 +1,8 @@
-//! Dev tooling: the "Aegaeon question" and the speed benchmark, as reported in docs/bench/sim.md.
-//! `cargo run --release -p tidepool-sim --example aegaeon -- [speed|plan MODELS|sim POLICY N MODELS]`
+//! Dev tooling: the "Aegaeon question" and the speed benchmarks, as reported in docs/bench/sim.md.
+//! `cargo run --release -p tidepool-sim --example aegaeon -- [speed|plan MODELS|sim POLICY N MODELS
+//! |market sim|plan REQUESTS MODELS ACCELERATORS]`; `market` times what `tidepool sim` /
+//! `tidepool plan` do by default (the server's knobs, instances sized at 99 %, the placement
+//! search) on a Zipf(1) market at 20 req/s Poisson.
 //! Environment: `PROFILE` (name or TOML path), `MOVES` (placement search), `STEPS_MIN`,
 //! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs).
 
@@ -58,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         memory_models_max: None,
         placement_moves_max: moves,
         search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        search_until_attainment: None,
         instances: tidepool_sim::Instances::One,
         placement: None,
     };
@@ -81,6 +85,68 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 start.elapsed().as_secs_f64(),
                 report.attainment
             )?;
+        }
+        Some("market") => {
+            let what = args.get(2).map_or("sim", String::as_str);
+            let requests: u64 = args.get(3).map_or(Ok(1_000_000), |s| s.parse())?;
+            let models: u32 = args.get(4).map_or(Ok(80), |s| s.parse())?;
+            let n: u32 = args.get(5).map_or(Ok(16), |s| s.parse())?;
+            let m = MarketSpec {
+                models,
+                popularity: Popularity::Zipf { s: 1.0 },
+                arrivals: Arrivals::Poisson {
+                    rate_per_s: 20.0,
+                    #[expect(clippy::cast_precision_loss, reason = "dev tooling")]
+                    duration_s: requests as f64 / 20.0,
+                },
+                seed: 7,
+            };
+            let workload = market(&m, &rows, &profile)?;
+            let shipped = SimSpec {
+                knobs: PoolKnobs::default(),
+                instances: tidepool_sim::Instances::Sized {
+                    target_attainment: 0.99,
+                },
+                ..spec(PoolPolicy::Token, n)
+            };
+            let start = Instant::now();
+            if what == "plan" {
+                let report = plan(
+                    &shipped,
+                    &workload,
+                    0.99,
+                    &[
+                        PoolPolicy::Dedicated,
+                        PoolPolicy::SwapLru,
+                        PoolPolicy::Token,
+                    ],
+                    &mut |_| {},
+                )?;
+                for p in &report.points {
+                    writeln!(
+                        out,
+                        "{:?} {} on {} requests: att {:.4}, {} moves",
+                        p.policy, p.accelerators, p.requests, p.attainment, p.placement_moves
+                    )?;
+                }
+                for line in &report.summary {
+                    writeln!(out, "{line}")?;
+                }
+            } else {
+                let r = simulate(&shipped, &workload, &mut |_| {})?;
+                writeln!(
+                    out,
+                    "{} requests, {} models, {} instances on {} accelerators: attainment {:.4}, {} moves on {} requests",
+                    r.requests,
+                    r.models,
+                    r.instances,
+                    r.accelerators,
+                    r.attainment,
+                    r.placement_moves,
+                    r.search_requests
+                )?;
+            }
+            writeln!(out, "{:.2}s", start.elapsed().as_secs_f64())?;
         }
         Some("sim") => {
             let policy = match args[2].as_str() {

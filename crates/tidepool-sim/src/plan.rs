@@ -172,6 +172,7 @@ pub fn plan(
                 accelerators,
                 placement: None,
                 instances: Instances::Given(demand.clone()),
+                search_until_attainment: Some(target_attainment),
                 ..spec.clone()
             };
             let report = simulate(&s, on, progress)?;

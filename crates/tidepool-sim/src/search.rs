@@ -46,8 +46,19 @@ pub(crate) fn improve(
     let mut current = keys(&placement, n);
     fill(&routed, &mut cache, current.iter())?;
     let mut moves = 0;
+    let owed: u64 = workload
+        .requests
+        .iter()
+        .map(|r| u64::from(r.output_tokens))
+        .sum();
+    let enough_missed = spec.search_until_attainment.map(|target| {
+        crate::profile::f64_ns((1.0 - target.clamp(0.0, 1.0)) * crate::profile::as_f64(owed))
+    });
     while moves < spec.placement_moves_max {
         let miss: Vec<u64> = current.iter().map(|k| cached(&cache, k)).collect();
+        if enough_missed.is_some_and(|enough| miss.iter().sum::<u64>() <= enough) {
+            break;
+        }
         let Some(from) = (0..n)
             .filter(|&a| miss[a] > 0 && current[a].len() >= 2)
             .max_by_key(|&a| (miss[a], std::cmp::Reverse(a)))

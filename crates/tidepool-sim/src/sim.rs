@@ -62,6 +62,10 @@ pub struct SimSpec {
     /// The placement search runs on the workload's first this many requests when it is longer
     /// (0: always on the whole workload); see [`SEARCH_SAMPLE_REQUESTS`].
     pub search_sample_requests: u64,
+    /// Stop the placement search once the placement reaches this attainment (`None`: search
+    /// until no move helps). The planner sets its target: a probe only has to tell whether its
+    /// size can meet it.
+    pub search_until_attainment: Option<f64>,
     /// How many instances each model gets.
     pub instances: Instances,
     /// The initial placement (the accelerators of each market model's instances, in market
@@ -494,48 +498,19 @@ pub fn simulate(
     let counts: Vec<u32> = placement.iter().map(|a| acc_u32(a.len())).collect();
     let total = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
     let routed = Routed::new(spec, workload, &counts);
-    let mut current = keys(&placement, n);
-    let mut outcomes = routed.run_all(&current)?;
+    let mut outcomes = routed.run_all(&keys(&placement, n))?;
     progress(Progress {
         requests_done: total / 2,
         requests_total: total,
     });
-    let (mut moves, mut search_requests) = (0, 0);
-    if spec.policy != PoolPolicy::Dedicated && spec.placement_moves_max > 0 && n > 1 {
-        let sample = search_sample(workload, spec.search_sample_requests);
-        let searched_on = sample.as_ref().unwrap_or(workload);
-        search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
-        let found = crate::search::improve(spec, searched_on, &counts, &placement)?;
-        if found.moves > 0 {
-            let next = keys(&found.placement, n);
-            let changed: Vec<(u32, &AccKey)> = (0..n)
-                .filter(|&a| next[a] != current[a])
-                .map(|a| (acc_u32(a), &next[a]))
-                .collect();
-            let rerun: Vec<Option<Outcome>> =
-                crate::par::map(&changed, |&(a, key)| routed.run(a, key))
-                    .into_iter()
-                    .collect::<Result<_, _>>()?;
-            let before: u64 = changed
-                .iter()
-                .map(|&(a, _)| missed(outcomes[usize::try_from(a).unwrap_or(0)].as_ref()))
-                .sum();
-            let after: u64 = rerun.iter().map(|o| missed(o.as_ref())).sum();
-            // On the whole workload every kept move lowered the missed tokens; on a sample,
-            // the whole workload confirms the placement or the first one stays.
-            if sample.is_none() || after < before {
-                for ((a, _), outcome) in changed.iter().zip(rerun) {
-                    outcomes[usize::try_from(*a).unwrap_or(0)] = outcome;
-                }
-                placement = found.placement;
-                current = next;
-                moves = found.moves;
-            }
-        }
-    }
-    debug_assert_eq!(
-        current,
-        keys(&placement, n),
+    let (moves, search_requests) =
+        search_and_confirm(spec, &routed, &counts, &mut placement, &mut outcomes)?;
+    let current = keys(&placement, n);
+    debug_assert!(
+        outcomes
+            .iter()
+            .zip(&current)
+            .all(|(o, key)| o.is_some() != key.is_empty()),
         "outcomes follow the placement"
     );
     progress(Progress {
@@ -547,6 +522,66 @@ pub fn simulate(
     report.placement_moves = moves;
     report.search_requests = search_requests;
     Ok(report)
+}
+
+/// The placement search (unless `dedicated`, a single accelerator, no moves allowed, or the
+/// first pass already reaches `search_until_attainment`) and its confirmation: the
+/// accelerators the found placement changes are simulated on the whole workload, and
+/// `placement` and `outcomes` take the found placement if it was searched on the whole
+/// workload or misses fewer tokens there. Returns the moves kept and the requests searched on.
+fn search_and_confirm(
+    spec: &SimSpec,
+    routed: &Routed<'_>,
+    counts: &[u32],
+    placement: &mut Vec<Vec<u32>>,
+    outcomes: &mut [Option<Outcome>],
+) -> Result<(u32, u64), SimError> {
+    let workload = routed.workload;
+    let n = outcomes.len();
+    let owed: u64 = workload
+        .requests
+        .iter()
+        .map(|r| u64::from(r.output_tokens))
+        .sum();
+    let first_missed: u64 = outcomes.iter().map(|o| missed(o.as_ref())).sum();
+    let good_enough = spec
+        .search_until_attainment
+        .is_some_and(|target| as_f64(owed.saturating_sub(first_missed)) >= target * as_f64(owed));
+    if spec.policy == PoolPolicy::Dedicated || spec.placement_moves_max == 0 || n < 2 || good_enough
+    {
+        return Ok((0, 0));
+    }
+    let sample = search_sample(workload, spec.search_sample_requests);
+    let searched_on = sample.as_ref().unwrap_or(workload);
+    let search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
+    let found = crate::search::improve(spec, searched_on, counts, placement)?;
+    if found.moves == 0 {
+        return Ok((0, search_requests));
+    }
+    let current = keys(placement, n);
+    let next = keys(&found.placement, n);
+    let changed: Vec<(u32, &AccKey)> = (0..n)
+        .filter(|&a| next[a] != current[a])
+        .map(|a| (acc_u32(a), &next[a]))
+        .collect();
+    let rerun: Vec<Option<Outcome>> = crate::par::map(&changed, |&(a, key)| routed.run(a, key))
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let before: u64 = changed
+        .iter()
+        .map(|&(a, _)| missed(outcomes[usize::try_from(a).unwrap_or(0)].as_ref()))
+        .sum();
+    let after: u64 = rerun.iter().map(|o| missed(o.as_ref())).sum();
+    // On the whole workload every kept move lowered the missed tokens; on a sample, the whole
+    // workload confirms the placement or the first one stays.
+    if sample.is_some() && after >= before {
+        return Ok((0, search_requests));
+    }
+    for ((a, _), outcome) in changed.iter().zip(rerun) {
+        outcomes[usize::try_from(*a).unwrap_or(0)] = outcome;
+    }
+    *placement = found.placement;
+    Ok((found.moves, search_requests))
 }
 
 /// Tokens an accelerator's requests owed but did not get on time.

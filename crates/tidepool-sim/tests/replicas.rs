@@ -33,6 +33,7 @@ fn spec(profile: Profile, policy: PoolPolicy, accelerators: u32) -> SimSpec {
         memory_models_max: None,
         placement_moves_max: 8,
         search_sample_requests: 0,
+        search_until_attainment: None,
         instances: Instances::One,
         placement: None,
     }
@@ -291,6 +292,7 @@ fn the_incremental_search_equals_a_full_simulation_of_its_placement() {
     let sampled = simulate(
         &SimSpec {
             search_sample_requests: 200,
+            search_until_attainment: None,
             ..base
         },
         &workload,

@@ -58,6 +58,7 @@ fn spec(profile: Profile, policy: PoolPolicy, accelerators: u32) -> SimSpec {
         memory_models_max: None,
         placement_moves_max: 0,
         search_sample_requests: tidepool_sim::SEARCH_SAMPLE_REQUESTS,
+        search_until_attainment: None,
         instances: tidepool_sim::Instances::One,
         placement: None,
     }
