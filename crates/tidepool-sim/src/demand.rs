@@ -3,43 +3,13 @@
 //! that reach the target, not one per model) and the instance count the pooled policies start
 //! from (the head of the popularity curve gets several instances, the tail one to share).
 
-use serde::{Deserialize, Serialize};
 use tidepool_core::PoolPolicy;
 
 use crate::SimError;
+use crate::accel::run_acc;
 use crate::dispatch::split;
-use crate::sim::{SimSpec, run_acc};
+use crate::spec::{Demand, SimSpec};
 use crate::workload::Workload;
-
-/// Per market model: its instances and what they reached alone.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Demand {
-    /// The attainment each model had to reach on its own traffic.
-    pub target_attainment: f64,
-    /// The fewest instances, each a whole `dedicated` accelerator, on which the model's
-    /// requests (split by [`crate::dispatch::Dispatcher`]) reach the target; at most the bound
-    /// the sizing was given (then `attainment` is below the target).
-    pub instances: Vec<u32>,
-    /// The model's attainment on that many accelerators.
-    pub attainment: Vec<f64>,
-    /// Compute-busy time of the model alone on one accelerator: its predicted load, which the
-    /// first placement balances.
-    pub busy_ns: Vec<u64>,
-}
-
-impl Demand {
-    /// Every model reached the target within the bound.
-    pub fn met(&self) -> bool {
-        self.attainment.iter().all(|&a| a >= self.target_attainment)
-    }
-
-    /// Accelerators of the `dedicated` baseline: the sum of the instances.
-    pub fn accelerators(&self) -> u32 {
-        self.instances
-            .iter()
-            .fold(0_u32, |sum, &k| sum.saturating_add(k))
-    }
-}
 
 /// Sizes every model (on every core): for k = 1, 2, … up to `instances_max`, the model's own
 /// requests split over k accelerators of its own under `dedicated` (the spec's profile, knobs

@@ -7,6 +7,7 @@
 //! [`plan()`] (fewest accelerators per policy).
 #![forbid(unsafe_code)]
 
+mod accel;
 pub mod calibrate;
 pub mod demand;
 pub mod dispatch;
@@ -18,17 +19,18 @@ pub mod profile;
 mod run;
 mod search;
 pub mod sim;
+pub mod spec;
 pub mod svg;
 pub mod workload;
 
-pub use demand::{Demand, size};
+pub use demand::size;
 pub use dispatch::Dispatcher;
 pub use error::SimError;
 pub use placement::{PLACEMENT_VERSION, PlacementFile, placement_file, plan_placement_file};
 pub use plan::{PlanAnswer, PlanModel, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
 pub use sim::{
-    AcceleratorReport, Instances, ModelReport, PLACEMENT_MOVES_MAX, Progress, Report,
+    AcceleratorReport, Demand, Instances, ModelReport, PLACEMENT_MOVES_MAX, Progress, Report,
     SEARCH_SAMPLE_REQUESTS, SimSpec, batch1_load_ns, h100_sweep_knobs, place, simulate,
 };
 /// The scheduler's knobs: the pool's own struct, with the server's defaults.

@@ -13,8 +13,9 @@ use serde::Serialize;
 use tidepool_core::PoolPolicy;
 
 use crate::SimError;
-use crate::demand::{Demand, size};
-use crate::sim::{Instances, Progress, Report, SimSpec, search_sample, simulate};
+use crate::accel::search_sample;
+use crate::demand::size;
+use crate::sim::{Demand, Instances, Progress, Report, SimSpec, simulate};
 use crate::svg::{Series, line_chart};
 use crate::workload::Workload;
 

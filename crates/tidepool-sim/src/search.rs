@@ -14,7 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::SimError;
-use crate::sim::{AccKey, Routed, SimSpec, acc_u32, keys, missed};
+use crate::accel::{AccKey, Routed, acc_u32, keys, missed};
+use crate::spec::SimSpec;
 use crate::workload::Workload;
 
 /// The placement the search ended with and the moves it made.

@@ -3,27 +3,19 @@
 //! (on every core: they are independent once dispatch is fixed), search the placement
 //! ([`crate::search`]) and fold the outcomes into a [`Report`].
 
-use serde::{Deserialize, Serialize};
-use tidepool_core::{ModelId, PoolPolicy};
-use tidepool_pool::{PoolConfig, PoolKnobs};
+use serde::Serialize;
+use tidepool_core::PoolPolicy;
+use tidepool_pool::PoolKnobs;
 
 use crate::SimError;
-use crate::demand::{Demand, size};
-use crate::profile::{Costs, Profile, as_f64, model_spec};
-use crate::run::{AccOutcome, AccRun, SeqSim, Slo};
-use crate::workload::{Request, Workload};
-
-/// Accelerators in one simulation.
-pub const ACCELERATORS_MAX: u32 = 4096;
-/// Default bound on the placement search's moves (`SimSpec::placement_moves_max`), a bound on
-/// planning time: each move tries every model of one accelerator on two others, re-simulating
-/// both (on the 40- and 80-model conversation markets the search stopped by itself after at
-/// most 14 moves, `PlanPoint::placement_moves`).
-pub const PLACEMENT_MOVES_MAX: u32 = 32;
-/// Default size of the placement search's sample (`SimSpec::search_sample_requests`): a longer
-/// workload is searched on its first this many requests, and the placement found is kept only
-/// if it beats the first one on the whole workload.
-pub const SEARCH_SAMPLE_REQUESTS: u64 = 50_000;
+use crate::accel::{AccKey, Outcome, Routed, acc_u32, keys, missed, search_sample};
+use crate::demand::size;
+use crate::profile::{Costs, as_f64};
+use crate::run::SeqSim;
+pub use crate::spec::{
+    ACCELERATORS_MAX, Demand, Instances, PLACEMENT_MOVES_MAX, SEARCH_SAMPLE_REQUESTS, SimSpec,
+};
+use crate::workload::Workload;
 
 /// The knobs the H100 figures of docs/bench/sim.md were measured with — not a default (the
 /// simulator runs [`PoolKnobs::default`], the server's, unless told otherwise): the SLOs of the
@@ -42,50 +34,6 @@ pub fn h100_sweep_knobs() -> PoolKnobs {
         turn_quota_ms_max: 1000,
         ..PoolKnobs::default()
     }
-}
-
-/// Everything one simulation needs besides the workload.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimSpec {
-    pub profile: Profile,
-    pub policy: PoolPolicy,
-    pub accelerators: u32,
-    /// The scheduler's knobs, SLOs included: the server's defaults ([`PoolKnobs::default`]),
-    /// a `tidepool.toml`'s `[pool]`, or flags on top of either.
-    pub knobs: PoolKnobs,
-    /// `[pool] memory_models_max`: each accelerator's budget fits this many of its largest
-    /// models plus the saved-state pool, as on a server ([`tidepool_pool::memory_budget`]);
-    /// `None`: the profile's `memory_bytes`.
-    pub memory_models_max: Option<u32>,
-    /// Moves of the placement search after the initial placement (0: keep it as placed).
-    pub placement_moves_max: u32,
-    /// The placement search runs on the workload's first this many requests when it is longer
-    /// (0: always on the whole workload); see [`SEARCH_SAMPLE_REQUESTS`].
-    pub search_sample_requests: u64,
-    /// Stop the placement search once the placement reaches this attainment (`None`: search
-    /// until no move helps). The planner sets its target: a probe only has to tell whether its
-    /// size can meet it.
-    pub search_until_attainment: Option<f64>,
-    /// How many instances each model gets.
-    pub instances: Instances,
-    /// The initial placement (the accelerators of each market model's instances, in market
-    /// order) instead of [`place`]'s, e.g. an earlier report's to check it on other traffic.
-    /// It sets the instance counts too.
-    pub placement: Option<Vec<Vec<u32>>>,
-}
-
-/// How many instances (accelerators holding it) each model gets; never more than the
-/// accelerators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
-pub enum Instances {
-    /// One each: a model lives on one accelerator.
-    One,
-    /// Each model as many as it needs alone ([`crate::demand::size`], on the search sample):
-    /// the fewest whole accelerators on which its own traffic reaches `target_attainment`.
-    Sized { target_attainment: f64 },
-    /// Counts (and predicted loads) sized beforehand, e.g. by the planner on the whole trace.
-    Given(Demand),
 }
 
 /// Progress of a long run, for a progress bar the caller draws.
@@ -271,133 +219,6 @@ fn accelerators(spec: &SimSpec) -> Result<usize, SimError> {
     Ok(usize::try_from(n).unwrap_or(1))
 }
 
-fn pool_config(
-    spec: &SimSpec,
-    workload: &Workload,
-    models: &[usize],
-) -> Result<(PoolConfig, Vec<Costs>, Vec<ModelId>), SimError> {
-    let acc = &spec.profile.accelerator;
-    let mut specs = Vec::with_capacity(models.len());
-    let mut costs = Vec::with_capacity(models.len());
-    let mut ids = Vec::with_capacity(models.len());
-    for &m in models {
-        let model = &workload.models[m];
-        let family = &spec.profile.families[model.family];
-        let c = Costs::new(acc, family);
-        let id = ModelId::new(model.id.clone()).map_err(|_| SimError::WorkloadInvalid {
-            reason: "model ids must be slugs",
-        })?;
-        let mut model_spec = model_spec(id.clone(), family, &c, acc.kv_paged);
-        if let Some(estimate) = model.estimate {
-            model_spec.estimate = estimate;
-        }
-        specs.push(model_spec);
-        costs.push(c);
-        ids.push(id);
-    }
-    let memory_bytes_max = match spec.memory_models_max {
-        None => acc.memory_bytes,
-        models_max @ Some(_) => {
-            tidepool_pool::memory_budget(None, models_max, acc.kv_saved_bytes_max, &specs)
-        }
-    };
-    let mut cfg = PoolConfig::new(spec.policy, memory_bytes_max, specs);
-    // What the accelerator can do comes from the profile, never from the knobs.
-    cfg.kv_saved_bytes_max = acc.kv_saved_bytes_max;
-    cfg.saved_kv_in_memory_budget = acc.saved_kv_in_memory_budget;
-    cfg.overlap_transfers = acc.overlap_transfers;
-    cfg.kv_paged = acc.kv_paged;
-    cfg.knobs = spec.knobs;
-    Ok((cfg, costs, ids))
-}
-
-/// What one accelerator holds: `(model, instance)` pairs in model order, the instance being
-/// the accelerator's rank among the model's accelerators. With every model's instance count
-/// fixed, it determines the accelerator's requests, hence its whole simulation: the key of the
-/// placement search's cache.
-pub(crate) type AccKey = Vec<(u32, u32)>;
-
-/// Each accelerator's [`AccKey`] under `placement` (each model's accelerators ascending).
-pub(crate) fn keys(placement: &[Vec<u32>], accelerators: usize) -> Vec<AccKey> {
-    let mut keys = vec![Vec::new(); accelerators];
-    for (m, accs) in placement.iter().enumerate() {
-        for (slot, &a) in accs.iter().enumerate() {
-            if let Some(key) = keys.get_mut(usize::try_from(a).unwrap_or(usize::MAX)) {
-                key.push((acc_u32(m), acc_u32(slot)));
-            }
-        }
-    }
-    keys
-}
-
-/// One workload with each model's requests split over its instances: everything needed to
-/// simulate any accelerator from its [`AccKey`].
-pub(crate) struct Routed<'a> {
-    pub(crate) spec: &'a SimSpec,
-    pub(crate) workload: &'a Workload,
-    /// Per model, per instance: request indices in arrival order.
-    routes: Vec<Vec<Vec<u32>>>,
-}
-
-impl<'a> Routed<'a> {
-    pub(crate) fn new(spec: &'a SimSpec, workload: &'a Workload, instances: &[u32]) -> Self {
-        let mut by_model: Vec<Vec<u32>> = vec![Vec::new(); workload.models.len()];
-        for (i, r) in workload.requests.iter().enumerate() {
-            if let Some(list) = by_model.get_mut(usize::try_from(r.model).unwrap_or(usize::MAX)) {
-                list.push(acc_u32(i));
-            }
-        }
-        let routes = by_model
-            .iter()
-            .enumerate()
-            .map(|(m, indices)| {
-                let k = instances.get(m).copied().unwrap_or(1);
-                crate::dispatch::split(
-                    &workload.requests,
-                    indices,
-                    usize::try_from(k).unwrap_or(1),
-                    spec.knobs.ttft_slo_ms,
-                    spec.knobs.tbt_slo_ms,
-                )
-            })
-            .collect();
-        Self {
-            spec,
-            workload,
-            routes,
-        }
-    }
-
-    /// Simulates accelerator `acc` holding `key` (`None` if it holds nothing).
-    pub(crate) fn run(&self, acc: u32, key: &AccKey) -> Result<Option<Outcome>, SimError> {
-        let members: Vec<(usize, &[u32])> = key
-            .iter()
-            .map(|&(m, slot)| {
-                let m = usize::try_from(m).unwrap_or(usize::MAX);
-                let list = self
-                    .routes
-                    .get(m)
-                    .and_then(|r| r.get(usize::try_from(slot).unwrap_or(usize::MAX)))
-                    .map_or(&[][..], Vec::as_slice);
-                (m, list)
-            })
-            .collect();
-        run_acc(self.spec, self.workload, acc, &members, &mut || {})
-    }
-
-    /// Every accelerator's outcome, on every core.
-    pub(crate) fn run_all(&self, keys: &[AccKey]) -> Result<Vec<Option<Outcome>>, SimError> {
-        let indexed: Vec<(u32, &AccKey)> = keys
-            .iter()
-            .enumerate()
-            .map(|(a, k)| (acc_u32(a), k))
-            .collect();
-        crate::par::map(&indexed, |&(a, key)| self.run(a, key))
-            .into_iter()
-            .collect()
-    }
-}
-
 /// The instance counts and predicted loads `spec` asks for, counts within `1..=accelerators`.
 fn instance_plan(
     spec: &SimSpec,
@@ -433,17 +254,6 @@ fn instance_plan(
             ))
         }
     }
-}
-
-/// The workload's first `requests_max` requests, if it has more (0: never).
-pub(crate) fn search_sample(workload: &Workload, requests_max: u64) -> Option<Workload> {
-    let max = usize::try_from(requests_max).unwrap_or(usize::MAX);
-    (max > 0 && workload.requests.len() > max).then(|| Workload {
-        models: workload.models.clone(),
-        requests: workload.requests[..max].to_vec(),
-        prompts_capped: 0,
-        warm: workload.warm.clone(),
-    })
 }
 
 /// A given placement checked: one non-empty list of distinct accelerators below
@@ -582,81 +392,6 @@ fn search_and_confirm(
     }
     *placement = found.placement;
     Ok((found.moves, search_requests))
-}
-
-/// Tokens an accelerator's requests owed but did not get on time.
-pub(crate) fn missed(outcome: Option<&Outcome>) -> u64 {
-    outcome.map_or(0, |o| {
-        o.result
-            .seqs
-            .iter()
-            .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
-            .sum()
-    })
-}
-
-/// An accelerator index (below `ACCELERATORS_MAX`) as the placement stores it.
-pub(crate) fn acc_u32(acc: usize) -> u32 {
-    u32::try_from(acc).unwrap_or(u32::MAX)
-}
-
-/// Simulates accelerator `acc` holding `members` — each a market model with the request
-/// indices its instance here serves (`None` if it holds none).
-pub(crate) fn run_acc(
-    spec: &SimSpec,
-    workload: &Workload,
-    acc: u32,
-    members: &[(usize, &[u32])],
-    tick: &mut dyn FnMut(),
-) -> Result<Option<Outcome>, SimError> {
-    if members.is_empty() {
-        return Ok(None);
-    }
-    let slo = Slo {
-        ttft_ns: spec.knobs.ttft_slo_ms * 1_000_000,
-        tbt_ns: spec.knobs.tbt_slo_ms * 1_000_000,
-    };
-    let models: Vec<usize> = members.iter().map(|&(m, _)| m).collect();
-    let mut indexed: Vec<(u32, usize)> = members
-        .iter()
-        .enumerate()
-        .flat_map(|(local, (_, list))| list.iter().map(move |&i| (i, local)))
-        .collect();
-    indexed.sort_unstable();
-    let requests: Vec<(usize, Request)> = indexed
-        .iter()
-        .filter_map(|&(i, local)| {
-            workload
-                .requests
-                .get(usize::try_from(i).unwrap_or(usize::MAX))
-                .map(|r| (local, *r))
-        })
-        .collect();
-    let (cfg, costs, ids) = pool_config(spec, workload, &models)?;
-    let warm: Vec<usize> = workload
-        .warm
-        .iter()
-        .filter_map(|&w| {
-            models
-                .iter()
-                .position(|&m| usize::try_from(w).is_ok_and(|w| w == m))
-        })
-        .collect();
-    let result = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(tick)?;
-    Ok(Some(Outcome {
-        acc,
-        models,
-        requests,
-        result,
-    }))
-}
-
-/// One accelerator's models (market indices), requests (local model index) and outcome.
-pub(crate) struct Outcome {
-    acc: u32,
-    models: Vec<usize>,
-    requests: Vec<(usize, Request)>,
-    pub(crate) result: AccOutcome,
 }
 
 /// Sums over accelerators, in accelerator order.
