@@ -20,7 +20,8 @@ pub use error::SimError;
 pub use plan::{PlanAnswer, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
 pub use sim::{
-    ModelReport, PLACEMENT_MOVES_MAX, Progress, Report, SimSpec, h100_sweep_knobs, place, simulate,
+    BatchReport, ModelReport, PLACEMENT_MOVES_MAX, Progress, Report, SimSpec, h100_sweep_knobs,
+    place, simulate,
 };
 /// The scheduler's knobs: the pool's own struct, with the server's defaults.
 pub use tidepool_pool::PoolKnobs;

@@ -121,6 +121,30 @@ pub struct Report {
     #[serde(default)]
     pub placement_moves: u32,
     pub per_model: Vec<ModelReport>,
+    /// Batch-class requests, apart from every online figure above (absent without any).
+    #[serde(default, skip_serializing_if = "BatchReport::is_empty")]
+    pub batch: BatchReport,
+}
+
+/// Batch-class requests of a run (docs/pool.md §3.7): they run on capacity the online requests
+/// leave idle, so they have no deadline here; what counts is that they finish, and when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct BatchReport {
+    pub requests: u64,
+    /// Requests that emitted every token.
+    pub finished: u64,
+    pub rejected: u64,
+    pub tokens: u64,
+    /// From the first batch arrival to the last batch token, in seconds.
+    pub makespan_s: f64,
+    /// Batch sequences preempted for online work (and recomputed on resume).
+    pub preemptions: u64,
+}
+
+impl BatchReport {
+    fn is_empty(&self) -> bool {
+        self.requests == 0
+    }
 }
 
 /// Model → accelerator. Longest-processing-time first: models in decreasing order of their
@@ -277,6 +301,7 @@ fn missed(outcome: Option<&Outcome>) -> u64 {
         o.result
             .seqs
             .iter()
+            .filter(|s| !s.batch)
             .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
             .sum()
     })
@@ -458,6 +483,9 @@ struct Totals {
     busy_ns: u64,
     end_ns: u64,
     counters: tidepool_pool::PoolCounters,
+    batch: BatchReport,
+    batch_first_ns: Option<u64>,
+    batch_last_ns: u64,
 }
 
 fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
@@ -484,7 +512,7 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
     }
     let owed: u64 = per_model.iter().map(|m| m.tokens_owed).sum();
     let on_time: u64 = per_model.iter().map(|m| m.tokens_on_time).sum();
-    let requests = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
+    let requests = online_requests(workload);
     let start_ns = workload.requests.first().map_or(0, |r| r.at_ns);
     let makespan_s = as_f64(t.end_ns.saturating_sub(start_ns)) / 1e9;
     t.ttft_ns.sort_unstable();
@@ -529,6 +557,27 @@ fn fold(spec: &SimSpec, workload: &Workload, outcomes: &[Outcome]) -> Report {
         switches_per_s: per_s(as_f64(counters.loads), makespan_s),
         placement_moves: 0,
         per_model,
+        batch: batch_report(&t),
+    }
+}
+
+/// Online requests of the workload (batch ones are reported apart).
+fn online_requests(workload: &Workload) -> u64 {
+    let online = workload
+        .requests
+        .iter()
+        .filter(|r| r.class == tidepool_pool::RequestClass::Online)
+        .count();
+    u64::try_from(online).unwrap_or(u64::MAX)
+}
+
+fn batch_report(t: &Totals) -> BatchReport {
+    BatchReport {
+        preemptions: t.counters.batch_preemptions,
+        makespan_s: t.batch_first_ns.map_or(0.0, |first| {
+            as_f64(t.batch_last_ns.saturating_sub(first)) / 1e9
+        }),
+        ..t.batch
     }
 }
 
@@ -545,6 +594,18 @@ fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
         }
     }
     for ((local, _), s) in o.requests.iter().zip(&o.result.seqs) {
+        if s.batch {
+            t.batch.requests += 1;
+            t.batch.rejected += u64::from(s.rejected);
+            t.batch.finished += u64::from(!s.rejected && s.emitted == s.output_tokens);
+            t.batch.tokens += u64::from(s.emitted);
+            t.batch_first_ns = Some(
+                t.batch_first_ns
+                    .map_or(s.arrival_ns, |f| f.min(s.arrival_ns)),
+            );
+            t.batch_last_ns = t.batch_last_ns.max(s.last_token_ns);
+            continue;
+        }
         book(&mut per_model[o.models[*local]], s);
         t.lenient_sum += s.lenient_score();
         t.all_on_time += u64::from(!s.rejected && s.on_time == s.output_tokens);
