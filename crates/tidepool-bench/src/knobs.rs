@@ -77,6 +77,7 @@ impl KnobArgs {
                 .round_resident_first
                 .unwrap_or(knobs.round_resident_first),
             prefill_riders: self.prefill_riders.unwrap_or(knobs.prefill_riders),
+            batch_queue_max: knobs.batch_queue_max,
         }
     }
 }

@@ -7,11 +7,12 @@
 //! Benchmarks report ratios against a baseline measured in the same run on the same machine
 //! (machines here are noisy; absolute numbers travel badly). Read [`BenchArgs`] and [`run`]
 //! first, then one module per command (`engine`, `pool`, `calibrate`, `failover`, `ledger`,
-//! `rollups`, `telemetry`, `sim`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
+//! `rollups`, `telemetry`, `sim`, `batch`); the pool benchmark's parts are `workload`, `client`, `score`, `replay`, `report`,
 //! `table`, `speed` and `process`, and `common` holds what they all share.
 #![forbid(unsafe_code)]
 
 mod actions;
+mod batch;
 mod calibrate;
 mod client;
 mod common;
@@ -63,6 +64,10 @@ enum BenchCommand {
     /// Measure the local models through the pool's engine path and write a simulator profile
     /// (TOML) fitted from the samples.
     Calibrate(calibrate::CalibrateArgs),
+    /// Batch-class requests on the real pooled runtime: online p99 TTFT and token-deadline
+    /// attainment with and without 1,000 batch requests (passes interleaved), and the batch's
+    /// completion time and throughput on the idle pool.
+    Batch(batch::BatchBenchArgs),
     /// Remote backends: time from a worker's death to the first successful retried request and
     /// requests lost over N trials; the latency the gateway adds over a direct call (same run).
     Failover(failover::FailoverBenchArgs),
@@ -84,6 +89,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Pool(args) => pool::run(args).await,
         BenchCommand::Calibrate(args) => calibrate::run(&args),
         BenchCommand::Failover(args) => failover::run(args).await,
+        BenchCommand::Batch(args) => batch::run(args).await,
         BenchCommand::Telemetry(args) => telemetry::run(args).await,
         BenchCommand::Rollups(args) => rollups::run(args).await,
     }

@@ -306,6 +306,7 @@ pub(crate) fn planned_requests(schedule: &[BenchRequest]) -> Vec<Request> {
             model: u32::try_from(r.model).unwrap_or(u32::MAX),
             prompt_tokens: r.prompt_tokens,
             output_tokens: r.output_tokens,
+            class: tidepool_core::RequestClass::Online,
         })
         .collect()
 }
@@ -334,6 +335,7 @@ pub(crate) fn replay_requests(
                     .unwrap_or(request.prompt_tokens)
                     .max(1),
                 output_tokens,
+                class: tidepool_core::RequestClass::Online,
             })
         })
         .collect()
@@ -436,13 +438,15 @@ pub(crate) mod tests {
                     at_ns: 10_000_000,
                     model: 1,
                     prompt_tokens: 43,
-                    output_tokens: 5
+                    output_tokens: 5,
+                    class: tidepool_core::RequestClass::Online,
                 },
                 Request {
                     at_ns: 20_000_000,
                     model: 0,
                     prompt_tokens: 50,
-                    output_tokens: 12
+                    output_tokens: 12,
+                    class: tidepool_core::RequestClass::Online,
                 },
             ]
         );

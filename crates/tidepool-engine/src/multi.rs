@@ -42,7 +42,9 @@ use crate::llama::{
 };
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
-use crate::{ChatMessage, EngineError, GenerateRequest, Generation, TokenCount, TokenId};
+use crate::{
+    ChatMessage, EngineError, GenerateRequest, Generation, RequestClass, TokenCount, TokenId,
+};
 
 /// How to run one model on an [`Accelerator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +190,7 @@ impl ModelFrontEnd {
         let buffered = usize::try_from(self.config.chunks_buffered_max).unwrap_or(1);
         let (tx, events) = mpsc::channel(buffered);
         let max_tokens = request.params.max_tokens;
+        let class = request.class;
         let output = SeqOutput::new(tx, request.params.stop, max_tokens, prompt_tokens);
         let prompt = request.prompt.into_iter().map(LlamaToken).collect();
         let prefill_started = output.prefill_clock();
@@ -198,6 +201,7 @@ impl ModelFrontEnd {
                 output,
                 prompt_tokens,
                 max_tokens,
+                class,
             },
             Generation {
                 events,
@@ -214,6 +218,7 @@ pub struct PreparedSeq {
     output: SeqOutput,
     prompt_tokens: TokenCount,
     max_tokens: TokenCount,
+    class: RequestClass,
 }
 
 impl std::fmt::Debug for PreparedSeq {
@@ -221,6 +226,7 @@ impl std::fmt::Debug for PreparedSeq {
         f.debug_struct("PreparedSeq")
             .field("prompt_tokens", &self.prompt_tokens)
             .field("max_tokens", &self.max_tokens)
+            .field("class", &self.class)
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +238,12 @@ impl PreparedSeq {
 
     pub fn max_tokens(&self) -> TokenCount {
         self.max_tokens
+    }
+
+    /// Online or batch: a batch sequence has no token deadlines and is preempted by dropping
+    /// its cells (recomputed on resume), see [`Accelerator::save`].
+    pub fn class(&self) -> RequestClass {
+        self.class
     }
 }
 
@@ -312,6 +324,8 @@ pub struct FinishedSeq {
     pub tokens_emitted: u32,
     /// Of those, emitted by their deadline.
     pub tokens_on_time: u32,
+    /// The request's class: batch tokens count apart from online attainment.
+    pub class: RequestClass,
 }
 
 /// What a prefill or decode action did.
@@ -485,6 +499,7 @@ struct Seq {
     cancel_reported: bool,
     deadlines: Option<TokenDeadlines>,
     tokens_on_time: u32,
+    class: RequestClass,
 }
 
 impl Seq {
@@ -493,6 +508,7 @@ impl Seq {
             seq,
             tokens_emitted: self.output.completion_tokens(),
             tokens_on_time: self.tokens_on_time,
+            class: self.class,
         }
     }
 }
@@ -615,6 +631,7 @@ impl Accelerator {
                         output: seq.output,
                         prompt_tokens,
                         max_tokens,
+                        class: seq.class,
                     },
                     deadlines: seq.deadlines,
                 });
@@ -641,6 +658,7 @@ impl Accelerator {
             prompt,
             sampler,
             output,
+            class,
             ..
         } = prepared;
         let previous = self.seqs.insert(
@@ -658,6 +676,7 @@ impl Accelerator {
                 cancel_reported: false,
                 deadlines,
                 tokens_on_time: 0,
+                class,
             },
         );
         assert!(previous.is_none(), "sequence ids are unique");
@@ -722,7 +741,9 @@ impl Accelerator {
         }
     }
 
-    /// Moves a sequence's KV out of its context slot; returns the bytes it now occupies.
+    /// Moves a sequence's KV out of its context slot; returns the bytes it now occupies. A
+    /// batch sequence is preempted: its cells are dropped and only its tokens kept (4 bytes
+    /// each), recomputed by [`Accelerator::restore`].
     pub fn save(&mut self, seq_id: u64) -> u64 {
         let Some(seq) = self.seqs.get_mut(&seq_id) else {
             return 0;
@@ -738,7 +759,8 @@ impl Accelerator {
             .loaded
             .as_ref()
             .and_then(|l| sliding_window_tokens(l.borrow_owner()));
-        let beyond_window = window.is_some_and(|w| seq.kv_tokens.len() > w);
+        let beyond_window =
+            window.is_some_and(|w| seq.kv_tokens.len() > w) || seq.class == RequestClass::Batch;
         let mut saved = Saved::Recompute;
         if let Some(loaded) = state.loaded.as_mut() {
             loaded.with_dependent_mut(|_, ctx| {
@@ -805,6 +827,11 @@ impl Accelerator {
             seq.output.fail(error);
             seq.ended = true;
         }
+    }
+
+    /// The class of a registered sequence (`None`: not registered or gone).
+    pub fn seq_class(&self, seq_id: u64) -> Option<RequestClass> {
+        self.seqs.get(&seq_id).map(|s| s.class)
     }
 
     /// Forgets a sequence (its client left): frees its slot or saved state.
@@ -1322,6 +1349,7 @@ impl Accelerator {
                 seq: id,
                 tokens_emitted: 0,
                 tokens_on_time: 0,
+                class: RequestClass::Online,
             };
         };
         let report = seq.report(id);

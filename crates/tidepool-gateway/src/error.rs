@@ -520,6 +520,7 @@ impl From<tidepool_pool::PoolError> for ApiError {
             .into(),
             // An operator's load or unload queues no request: these are scheduler faults (500).
             error @ (PoolError::QueueFull { .. }
+            | PoolError::BatchQueueFull { .. }
             | PoolError::RequestTooLong { .. }
             | PoolError::DuplicateSeq { .. }
             | PoolError::UnknownAction { .. }

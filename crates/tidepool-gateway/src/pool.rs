@@ -34,10 +34,31 @@ pub struct PoolOut {
     /// Resident memory the start-up calibration left behind once every model was freed again
     /// (part of the cold process), measured.
     pub calibration_residue_bytes: u64,
-    /// Requests waiting for their prefill, all models together.
+    /// Online requests waiting for their prefill, all models together (batch ones: `batch`).
     pub queued: u32,
     pub models: Vec<PoolModelOut>,
     pub counters: PoolCountersOut,
+    /// Batch-class requests, counted apart from the online ones (docs/pool.md §3.7).
+    pub batch: PoolBatchOut,
+}
+
+/// Batch-class requests in the pool: they run only on capacity online requests leave idle.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolBatchOut {
+    /// Waiting for a context slot, never started.
+    pub queued: u32,
+    /// In a context (running, or idle there while online work runs elsewhere).
+    pub in_flight: u32,
+    /// Started, then preempted for online work: waiting to be recomputed into a slot.
+    pub preempted: u32,
+    /// `[pool] batch_queue_max`: the bound on the three together.
+    pub queue_max: u32,
+    /// Since start: batch requests admitted and finished, preemptions, resumes, tokens.
+    pub admitted: u64,
+    pub finished: u64,
+    pub preemptions: u64,
+    pub resumes: u64,
+    pub tokens: u64,
 }
 
 /// One pooled model.
@@ -317,6 +338,17 @@ fn pool_out(runtime: &PoolRuntime, status: &PoolStatus) -> PoolOut {
                 decode: c.in_flight_ns.decode,
             },
             decode_by_batch: DecodeByBatchOut::of(&c.decode_by_batch),
+        },
+        batch: PoolBatchOut {
+            queued: status.batch.queued,
+            in_flight: status.batch.in_flight,
+            preempted: status.batch.preempted,
+            queue_max: status.batch.queue_max,
+            admitted: c.batch_admitted,
+            finished: c.batch_finished,
+            preemptions: c.batch_preemptions,
+            resumes: c.batch_resumes,
+            tokens: c.batch_tokens,
         },
     }
 }

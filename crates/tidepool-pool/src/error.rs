@@ -29,6 +29,9 @@ pub enum PoolError {
     /// The bounded admission queue is full (gateway: 429 with Retry-After).
     #[error("admission queue is full ({admission_queue_len_max} requests waiting)")]
     QueueFull { admission_queue_len_max: u32 },
+    /// The bounded batch queue is full (`PoolKnobs::batch_queue_max` batch sequences held).
+    #[error("batch queue is full ({batch_queue_max} batch requests held)")]
+    BatchQueueFull { batch_queue_max: u32 },
     /// A sequence id was submitted twice.
     /// An operator's unload that cannot happen now (dedicated policy, pinned, loading or busy).
     #[error("model `{model}` cannot be unloaded now: {reason}")]

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::ModelId;
+use crate::{ModelId, RequestClass};
 use serde::{Deserialize, Serialize};
 
 /// One request's sequence, chosen by the driver (unique for the pool's lifetime).
@@ -40,12 +40,16 @@ pub struct SeqFinished {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A new request. Admission errors come back as `Err` and leave the pool unchanged.
+    /// `class`: `Batch` requests run only on capacity online requests leave idle
+    /// (docs/pool.md §3.7); absent in serialized events it is `Online`.
     RequestArrived {
         now_ns: u64,
         seq: SeqId,
         model: ModelId,
         prompt_tokens: u32,
         max_tokens: u32,
+        #[serde(default)]
+        class: RequestClass,
     },
     /// The client went away. Unknown or finished sequences are ignored.
     Cancelled { now_ns: u64, seq: SeqId },

@@ -57,6 +57,10 @@ pub struct PoolKnobs {
     /// on llama.cpp with a KV stream per sequence a mixed batch is split into equal-length
     /// micro-batches, so a rider costs about a decode step of its own (docs/pool.md §3.1).
     pub prefill_riders: bool,
+    /// Batch-class sequences the pool holds at once (queued, running and preempted, all
+    /// models); past it a batch request is refused (`BatchQueueFull`). Online requests have
+    /// their own bound (`admission_queue_len_max`) and never count here.
+    pub batch_queue_max: u32,
 }
 
 /// The server's defaults, used by the simulator and the benchmarks too unless overridden.
@@ -76,6 +80,7 @@ impl Default for PoolKnobs {
             prefill_cold_lazy: false,
             round_resident_first: false,
             prefill_riders: false,
+            batch_queue_max: 4096,
         }
     }
 }
@@ -103,6 +108,7 @@ impl PoolKnobs {
             ("decode_steps_min", self.decode_steps_min.into()),
             ("decode_steps_max", self.decode_steps_max.into()),
             ("turn_quota_ms_max", self.turn_quota_ms_max),
+            ("batch_queue_max", self.batch_queue_max.into()),
         ];
         let mut problems: Vec<KnobProblem> = at_least_one
             .into_iter()

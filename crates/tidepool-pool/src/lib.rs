@@ -10,6 +10,7 @@
 //! and [`PoolKnobs`].
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -26,5 +27,6 @@ pub use ids::{ModelId, PoolPolicy, RequestClass};
 pub use knobs::{KnobProblem, PoolKnobs};
 pub use pool::Pool;
 pub use status::{
-    ActionNs, DECODE_BATCH_BUCKETS, DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency,
+    ActionNs, BatchStatus, DECODE_BATCH_BUCKETS, DecodeByBatch, ModelStatus, PoolCounters,
+    PoolStatus, Residency,
 };

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::{ModelId, PoolPolicy};
+use crate::{ModelId, PoolPolicy, RequestClass};
 
 use crate::PoolError;
 use crate::config::{CostEstimate, ModelSpec, PoolConfig};
 use crate::event::{Action, ActionId, Event, SeqFinished, SeqId};
-use crate::status::{DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency};
+use crate::status::{BatchStatus, DecodeByBatch, ModelStatus, PoolCounters, PoolStatus, Residency};
 
 /// Where a sequence's KV cells are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,9 @@ pub(crate) enum Phase {
 #[derive(Debug, Clone)]
 pub(crate) struct SeqState {
     pub(crate) model: usize,
+    /// `Batch`: lives in `Pool::batch_q` / `ModelState::batch_decoding`, never in the online
+    /// queues and rounds (docs/pool.md §3.7).
+    pub(crate) class: RequestClass,
     pub(crate) arrival_ns: u64,
     pub(crate) prompt_tokens: u32,
     pub(crate) max_tokens: u32,
@@ -73,6 +76,9 @@ pub(crate) struct ModelState {
     pub(crate) residency: Residency,
     pub(crate) prefill_q: VecDeque<SeqId>,
     pub(crate) decoding: BTreeSet<SeqId>,
+    /// Batch sequences with cells in the context (or a slot reserved by an in-flight prefill,
+    /// restore or preemption): decoded only while no online request is in the pool.
+    pub(crate) batch_decoding: BTreeSet<SeqId>,
     /// Context slots in use or reserved (`≤ seqs_max`).
     pub(crate) in_ctx: u32,
     /// In-flight actions touching this model.
@@ -100,6 +106,7 @@ impl ModelState {
         self.busy == 0
             && self.in_ctx == 0
             && self.decoding.is_empty()
+            && self.batch_decoding.is_empty()
             && self.prefill_q.is_empty()
             && self.pending == 0
             && self.saved_bytes == 0
@@ -110,6 +117,7 @@ impl ModelState {
             residency: Residency::Cold,
             prefill_q: VecDeque::new(),
             decoding: BTreeSet::new(),
+            batch_decoding: BTreeSet::new(),
             in_ctx: 0,
             busy: 0,
             last_used_ns: 0,
@@ -148,6 +156,10 @@ pub(crate) struct InFlight {
     pub(crate) work: Work,
     /// When the pool handed the action out.
     pub(crate) issued_ns: u64,
+    /// Batch work (a batch sequence's prefill, decode, preemption or resume, or a load or
+    /// eviction for batch work): it leaves the online bookkeeping (LRU order, estimates,
+    /// switch spacing) as it was.
+    pub(crate) batch: bool,
 }
 
 /// One decode turn of the round: a chunk of a model's decoding sequences and its step count.
@@ -205,6 +217,12 @@ pub struct Pool {
     pub(crate) ledger: Ledger,
     pub(crate) kv_reserved_bytes: u64,
     pub(crate) counters: PoolCounters,
+    /// Batch sequences waiting for a context slot, FCFS; preempted ones go back to the front.
+    pub(crate) batch_q: VecDeque<SeqId>,
+    /// Batch sequences tracked (queued, in a context or preempted), `≤ batch_queue_max`.
+    pub(crate) batch_len: u32,
+    /// The model whose batch decode turn ran last (batch turns rotate over models).
+    pub(crate) batch_turn_model: usize,
 }
 
 impl Pool {
@@ -272,6 +290,9 @@ impl Pool {
             ledger: Ledger::default(),
             kv_reserved_bytes: 0,
             counters: PoolCounters::default(),
+            batch_q: VecDeque::new(),
+            batch_len: 0,
+            batch_turn_model: 0,
         })
     }
 
@@ -304,9 +325,10 @@ impl Pool {
                 model,
                 prompt_tokens,
                 max_tokens,
+                class,
                 ..
             } => {
-                self.admit(seq, &model, prompt_tokens, max_tokens)?;
+                self.admit(seq, &model, prompt_tokens, max_tokens, class)?;
             }
             Event::Cancelled { seq, .. } => self.cancel(seq, actions),
             Event::LoadRequested { model, .. } => self.request_load(&model)?,
@@ -317,7 +339,7 @@ impl Pool {
                 ..
             } => {
                 let done = self.take(action, "load", |w| matches!(w, Work::Load))?;
-                self.finish_load(done.model, duration_ns);
+                self.finish_load(done.model, duration_ns, done.batch);
             }
             Event::UnloadFinished { action, .. } => {
                 let done = self.take(action, "evict", |w| matches!(w, Work::Evict))?;
@@ -361,8 +383,9 @@ impl Pool {
         model: &ModelId,
         prompt_tokens: u32,
         max_tokens: u32,
+        class: RequestClass,
     ) -> Result<(), PoolError> {
-        let result = self.admission_check(seq, model, prompt_tokens, max_tokens);
+        let result = self.admission_check(seq, model, prompt_tokens, max_tokens, class);
         let index = match result {
             Ok(index) => index,
             Err(error) => {
@@ -371,14 +394,20 @@ impl Pool {
             }
         };
         let token = self.cfg.policy == PoolPolicy::Token;
+        let batch = class == RequestClass::Batch;
         let state = SeqState {
             model: index,
+            class,
             arrival_ns: self.now_ns,
             prompt_tokens,
             max_tokens,
             emitted: 0,
             kv: Kv::None,
-            phase: if token { Phase::Pending } else { Phase::Queued },
+            phase: if token && !batch {
+                Phase::Pending
+            } else {
+                Phase::Queued
+            },
             in_action: false,
             cancelled: false,
             reserved_bytes: 0,
@@ -389,6 +418,13 @@ impl Pool {
             },
         };
         self.seqs.insert(seq, state);
+        self.counters.requests_admitted += 1;
+        if batch {
+            self.batch_q.push_back(seq);
+            self.batch_len += 1;
+            self.counters.batch_admitted += 1;
+            return Ok(());
+        }
         let m = &mut self.models[index];
         m.last_used_ns = self.now_ns;
         if token {
@@ -398,7 +434,6 @@ impl Pool {
             m.prefill_q.push_back(seq);
         }
         self.queued_len += 1;
-        self.counters.requests_admitted += 1;
         Ok(())
     }
 
@@ -408,6 +443,7 @@ impl Pool {
         model: &ModelId,
         prompt_tokens: u32,
         max_tokens: u32,
+        class: RequestClass,
     ) -> Result<usize, PoolError> {
         let Some(&index) = self.index.get(model) else {
             return Err(PoolError::ModelNotFound {
@@ -438,7 +474,13 @@ impl Pool {
         if self.seqs.contains_key(&seq) {
             return Err(PoolError::DuplicateSeq { seq });
         }
-        if self.queued_len >= self.cfg.knobs.admission_queue_len_max {
+        if class == RequestClass::Batch {
+            if self.batch_len >= self.cfg.knobs.batch_queue_max {
+                return Err(PoolError::BatchQueueFull {
+                    batch_queue_max: self.cfg.knobs.batch_queue_max,
+                });
+            }
+        } else if self.queued_len >= self.cfg.knobs.admission_queue_len_max {
             return Err(PoolError::QueueFull {
                 admission_queue_len_max: self.cfg.knobs.admission_queue_len_max,
             });
@@ -520,6 +562,12 @@ impl Pool {
             return;
         }
         let (model, phase) = (state.model, state.phase);
+        if state.class == RequestClass::Batch {
+            self.batch_q.retain(|s| *s != seq);
+            self.counters.requests_cancelled += 1;
+            self.finish_seq(seq, true, actions);
+            return;
+        }
         match phase {
             Phase::Pending => {
                 self.pending.retain(|s| *s != seq);
@@ -546,9 +594,20 @@ impl Pool {
             !state.in_action,
             "a sequence inside an in-flight action cannot finish"
         );
+        let batch = state.class == RequestClass::Batch;
         let model = &mut self.models[state.model];
         model.decoding.remove(&seq);
-        model.last_used_ns = self.now_ns;
+        if batch {
+            model.batch_decoding.remove(&seq);
+            self.batch_q.retain(|s| *s != seq);
+            assert!(self.batch_len > 0, "batch count underflow");
+            self.batch_len -= 1;
+            if !state.cancelled && !release {
+                self.counters.batch_finished += 1;
+            }
+        } else {
+            model.last_used_ns = self.now_ns;
+        }
         let model_id = self.cfg.models[state.model].id.clone();
         match state.kv {
             Kv::None => {}
@@ -620,7 +679,9 @@ impl Pool {
         *kind = kind.saturating_add(took_ns);
         let model = &mut self.models[done.model];
         model.busy -= 1;
-        model.last_used_ns = self.now_ns;
+        if !done.batch {
+            model.last_used_ns = self.now_ns;
+        }
         let (seqs, riders): (&[SeqId], &[SeqId]) = match &done.work {
             Work::Save(seq) | Work::Restore(seq) => (std::slice::from_ref(seq), &[]),
             Work::Prefill(seqs, riders) => (seqs, riders),
@@ -635,7 +696,7 @@ impl Pool {
         Ok(done)
     }
 
-    fn finish_load(&mut self, model: usize, duration_ns: u64) {
+    fn finish_load(&mut self, model: usize, duration_ns: u64, batch: bool) {
         let now_ns = self.now_ns;
         let m = &mut self.models[model];
         assert_eq!(
@@ -644,7 +705,9 @@ impl Pool {
             "load finished for a non-loading model"
         );
         m.residency = Residency::Resident;
-        m.last_used_ns = now_ns;
+        if !batch {
+            m.last_used_ns = now_ns;
+        }
         m.load_requested = false;
         m.load_ns = ewma(m.load_ns, duration_ns);
     }
@@ -681,13 +744,23 @@ impl Pool {
         };
         state.kv = Kv::Saved { bytes };
         let (model, cancelled, ctx_kv) = (state.model, state.cancelled, state.ctx_kv_bytes);
+        let batch = state.class == RequestClass::Batch;
         assert!(
             self.models[model].in_ctx > 0,
             "slot count underflow on save"
         );
         self.models[model].in_ctx -= 1;
         self.ledger.ctx_kv_bytes -= ctx_kv;
-        self.counters.kv_saves += 1;
+        if batch {
+            // Preempted: back to the front of the batch queue, recomputed on resume.
+            self.models[model].batch_decoding.remove(&seq);
+            self.counters.batch_preemptions += 1;
+            if !cancelled {
+                self.batch_q.push_front(seq);
+            }
+        } else {
+            self.counters.kv_saves += 1;
+        }
         if cancelled {
             self.finish_seq(seq, true, actions);
         }
@@ -703,9 +776,15 @@ impl Pool {
         };
         state.kv = Kv::InCtx;
         let (model, cancelled) = (state.model, state.cancelled);
+        let batch = state.class == RequestClass::Batch;
         self.models[model].saved_bytes -= bytes;
         self.ledger.saved_bytes -= bytes;
-        self.counters.kv_restores += 1;
+        if batch {
+            self.models[model].batch_decoding.insert(seq);
+            self.counters.batch_resumes += 1;
+        } else {
+            self.counters.kv_restores += 1;
+        }
         if cancelled {
             self.finish_seq(seq, true, actions);
         }
@@ -727,7 +806,10 @@ impl Pool {
         let prefill = riders.is_some();
         if !prefill && steps > 0 {
             let m = &mut self.models[done.model];
-            m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
+            if !done.batch {
+                // Batch turns leave the online estimates as online work measured them.
+                m.decode_step_ns = ewma(m.decode_step_ns, duration_ns / u64::from(steps)).max(1);
+            }
             m.decode_by_batch.record(seqs.len(), steps, duration_ns);
             self.counters.decode_steps += u64::from(steps);
             self.counters
@@ -752,13 +834,22 @@ impl Pool {
                 None => state.emitted.saturating_add(steps),
             };
             let emitted = emitted.min(state.max_tokens);
+            let batch = state.class == RequestClass::Batch;
             if index >= prompts {
                 self.counters.rider_tokens += u64::from(emitted.saturating_sub(state.emitted));
+            }
+            if batch {
+                self.counters.batch_tokens += u64::from(emitted.saturating_sub(state.emitted));
             }
             state.emitted = emitted;
             if index < prompts && prefill {
                 state.phase = Phase::Decoding;
-                self.models[done.model].decoding.insert(seq);
+                let m = &mut self.models[done.model];
+                if batch {
+                    m.batch_decoding.insert(seq);
+                } else {
+                    m.decoding.insert(seq);
+                }
             }
             if reported.is_some() || state.emitted >= state.max_tokens {
                 self.finish_seq(seq, false, actions);
@@ -766,13 +857,25 @@ impl Pool {
         }
     }
 
-    /// Emits one engine action and books everything it reserves.
+    /// Emits one engine action of online work and books everything it reserves.
     pub(crate) fn emit(&mut self, model: usize, work: Work, actions: &mut Vec<Action>) {
+        self.emit_as(model, work, false, actions);
+    }
+
+    /// Emits one engine action, online or batch work (docs/pool.md §3.7), and books it.
+    pub(crate) fn emit_as(
+        &mut self,
+        model: usize,
+        work: Work,
+        batch: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        self.check_classes(&work, batch);
         let id = ActionId(self.next_action);
         self.next_action += 1;
         let model_id = self.cfg.models[model].id.clone();
         let action = match &work {
-            Work::Load => self.book_load(id, model, model_id),
+            Work::Load => self.book_load(id, model, model_id, batch),
             Work::Evict => self.book_evict(id, model, model_id),
             Work::Save(seq) => self.book_save(id, model, model_id, *seq),
             Work::Restore(seq) => self.book_restore(id, model, model_id, *seq),
@@ -801,6 +904,7 @@ impl Pool {
                 model,
                 work,
                 issued_ns,
+                batch,
             },
         );
         actions.push(action);
@@ -863,7 +967,7 @@ impl Pool {
         }
     }
 
-    fn book_load(&mut self, id: ActionId, model: usize, model_id: ModelId) -> Action {
+    fn book_load(&mut self, id: ActionId, model: usize, model_id: ModelId, batch: bool) -> Action {
         let bytes = self.cfg.models[model].resident_bytes();
         let m = &mut self.models[model];
         assert_eq!(
@@ -873,7 +977,10 @@ impl Pool {
         );
         m.residency = Residency::Loading;
         m.last_switch_ns = Some(self.now_ns);
-        self.last_load_ns = Some(self.now_ns);
+        if !batch {
+            // `token` spaces online switches from the last online load only.
+            self.last_load_ns = Some(self.now_ns);
+        }
         self.ledger.resident_bytes += bytes;
         self.counters.loads += 1;
         Action::Load {
@@ -893,7 +1000,13 @@ impl Pool {
         };
         assert_eq!(state.kv, Kv::InCtx, "save of a sequence not in the context");
         assert!(!state.in_action, "save of a sequence inside an action");
-        let bytes = spec.saved_bytes(u64::from(state.prompt_tokens) + u64::from(state.emitted));
+        // A batch sequence is preempted by dropping its cells: the engine keeps its tokens and
+        // recomputes them on resume, so nothing is charged to the saved-KV pool.
+        let bytes = if state.class == RequestClass::Batch {
+            0
+        } else {
+            spec.saved_bytes(u64::from(state.prompt_tokens) + u64::from(state.emitted))
+        };
         state.kv = Kv::Saving { bytes };
         state.in_action = true;
         self.models[model].saved_bytes += bytes;
@@ -972,16 +1085,21 @@ impl Pool {
             Residency::Resident,
             "prefill of a non-resident model"
         );
+        let mut online = 0_u32;
         for seq in seqs {
-            assert_eq!(
-                m.prefill_q.front(),
-                Some(seq),
-                "prefill takes its model's queue in order"
-            );
-            m.prefill_q.pop_front();
             let Some(state) = self.seqs.get_mut(seq) else {
+                unreachable_state("prefill of an unknown sequence");
                 continue;
             };
+            if state.class == RequestClass::Online {
+                assert_eq!(
+                    m.prefill_q.front(),
+                    Some(seq),
+                    "prefill takes its model's queue in order"
+                );
+                m.prefill_q.pop_front();
+                online += 1;
+            }
             assert_eq!(
                 state.phase,
                 Phase::Queued,
@@ -998,7 +1116,7 @@ impl Pool {
             m.in_ctx <= self.cfg.models[model].seqs_max,
             "prefill past the context's slots"
         );
-        self.queued_len -= count;
+        self.queued_len -= online;
         self.counters.prefills += 1;
         Action::Prefill {
             id,
@@ -1104,7 +1222,9 @@ impl Pool {
         let queued = self
             .seqs
             .values()
-            .filter(|s| matches!(s.phase, Phase::Pending | Phase::Queued))
+            .filter(|s| {
+                s.class == RequestClass::Online && matches!(s.phase, Phase::Pending | Phase::Queued)
+            })
             .count();
         assert_eq!(
             u32::try_from(queued).ok(),
@@ -1115,6 +1235,7 @@ impl Pool {
             self.queued_len <= self.cfg.knobs.admission_queue_len_max,
             "admission queue over its bound"
         );
+        self.check_batch_invariants();
     }
 
     /// Per-model context slots and saved bytes, and the paged KV in contexts, recounted from the
@@ -1165,6 +1286,12 @@ impl Pool {
         let mut in_flight = vec![0_u32; self.models.len()];
         let mut ctx_kv = vec![0_u64; self.models.len()];
         for state in self.seqs.values() {
+            if state.class == RequestClass::Batch {
+                if state.kv.holds_slot() {
+                    ctx_kv[state.model] += state.ctx_kv_bytes;
+                }
+                continue;
+            }
             match state.phase {
                 Phase::Pending | Phase::Queued => queued[state.model] += 1,
                 Phase::Prefilling | Phase::Decoding => in_flight[state.model] += 1,
@@ -1213,7 +1340,32 @@ impl Pool {
             queued: self.queued_len,
             models,
             counters: self.counters,
+            batch: self.batch_status(),
         }
+    }
+
+    /// The batch-class sequences now (part of [`Pool::status`], cheaper on its own).
+    pub fn batch_status(&self) -> BatchStatus {
+        let mut batch = BatchStatus {
+            queue_max: self.cfg.knobs.batch_queue_max,
+            ..BatchStatus::default()
+        };
+        if self.batch_len == 0 {
+            return batch;
+        }
+        for state in self.seqs.values() {
+            if state.class != RequestClass::Batch {
+                continue;
+            }
+            if state.kv.holds_slot() {
+                batch.in_flight += 1;
+            } else if state.phase == Phase::Queued {
+                batch.queued += 1;
+            } else {
+                batch.preempted += 1;
+            }
+        }
+        batch
     }
 
     /// True when nothing is queued, running or in flight.

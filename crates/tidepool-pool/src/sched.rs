@@ -12,13 +12,22 @@ use crate::status::Residency;
 const NEVER: u64 = u64::MAX;
 
 impl Pool {
-    /// Emits every action that can start now: at most one per free lane.
+    /// Emits every action that can start now: at most one per free lane. Online work first;
+    /// a batch preemption before any online transfer; batch work only when no online request
+    /// is in the pool (docs/pool.md §3.7).
     pub(crate) fn schedule(&mut self, actions: &mut Vec<Action>) {
         if self.cfg.policy == PoolPolicy::Token {
             self.promote_pending();
         }
         loop {
             let mut progressed = false;
+            // A batch sequence in the way of online work leaves first (a slot clear, ≪ a step).
+            if self.transfer_free()
+                && let Some((model, work)) = self.batch_preemption()
+            {
+                self.emit_as(model, work, true, actions);
+                progressed = true;
+            }
             if self.compute_free() {
                 progressed |= self.try_compute(actions);
             }
@@ -27,6 +36,9 @@ impl Pool {
             {
                 self.emit(model, work, actions);
                 progressed = true;
+            }
+            if !progressed {
+                progressed = self.try_batch(actions);
             }
             if !progressed {
                 break;
@@ -42,7 +54,12 @@ impl Pool {
     /// asks between steps; the simulator asks when a request arrives during a turn. The
     /// completion event then reports the steps actually run, and the prefill credit the turn
     /// earned starts the waiting request next.
+    ///
+    /// A batch decode turn yields as soon as an online request is in the pool.
     pub fn decode_yield_wanted(&self) -> bool {
+        if self.batch_yield_wanted() {
+            return true;
+        }
         let Some(model) = self.in_flight.values().find_map(|f| match f.work {
             Work::Decode(..) => Some(f.model),
             _ => None,
@@ -62,11 +79,11 @@ impl Pool {
             && self.prefill_candidate() == Some(model)
     }
 
-    fn compute_free(&self) -> bool {
+    pub(crate) fn compute_free(&self) -> bool {
         !self.compute_busy && (self.cfg.overlap_transfers || !self.transfer_busy)
     }
 
-    fn transfer_free(&self) -> bool {
+    pub(crate) fn transfer_free(&self) -> bool {
         !self.transfer_busy && (self.cfg.overlap_transfers || !self.compute_busy)
     }
 
@@ -765,7 +782,7 @@ impl Pool {
 
     /// Loads `model` into free memory, else evicts the least recently used resident, unpinned
     /// model that `evictable` allows (ties by index).
-    fn load_or_evict_lru(
+    pub(crate) fn load_or_evict_lru(
         &self,
         model: usize,
         evictable: impl Fn(&ModelState) -> bool,
@@ -794,11 +811,16 @@ impl Pool {
     }
 
     /// When model `i` may be scaled to zero, if it is idle and has a keep-alive.
+    /// Never while batch sequences wait for the model: a batch load does not refresh
+    /// `last_used_ns` (the online LRU order), so the model would go again at once.
     fn keep_alive_expiry(&self, i: usize) -> Option<u64> {
         let spec = &self.cfg.models[i];
         let m = &self.models[i];
-        let idle = m.residency == Residency::Resident && !spec.pin && m.is_idle();
         let keep_alive_ms = spec.keep_alive_ms?;
+        let idle = m.residency == Residency::Resident
+            && !spec.pin
+            && m.is_idle()
+            && !self.batch_waits_for(i);
         idle.then(|| {
             m.last_used_ns
                 .saturating_add(keep_alive_ms.saturating_mul(1_000_000))

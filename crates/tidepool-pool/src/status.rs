@@ -159,6 +159,22 @@ pub struct PoolCounters {
     /// Decode steps and their time by batch size.
     #[serde(default)]
     pub decode_by_batch: DecodeByBatch,
+    /// Batch-class requests admitted (also counted in `requests_admitted`).
+    #[serde(default)]
+    pub batch_admitted: u64,
+    /// Batch-class requests finished (also counted in `requests_finished`).
+    #[serde(default)]
+    pub batch_finished: u64,
+    /// Batch sequences preempted for online work (cells dropped, recomputed on resume). Not
+    /// counted in `kv_saves`, which stays the online policy's own.
+    #[serde(default)]
+    pub batch_preemptions: u64,
+    /// Preempted batch sequences brought back into a context (not counted in `kv_restores`).
+    #[serde(default)]
+    pub batch_resumes: u64,
+    /// Tokens batch sequences emitted (prefills and decode turns).
+    #[serde(default)]
+    pub batch_tokens: u64,
 }
 
 impl PoolCounters {
@@ -191,6 +207,13 @@ impl PoolCounters {
                 .saturating_add(other.requests_rejected),
             in_flight_ns: self.in_flight_ns.saturating_add(&other.in_flight_ns),
             decode_by_batch: self.decode_by_batch.saturating_add(&other.decode_by_batch),
+            batch_admitted: self.batch_admitted.saturating_add(other.batch_admitted),
+            batch_finished: self.batch_finished.saturating_add(other.batch_finished),
+            batch_preemptions: self
+                .batch_preemptions
+                .saturating_add(other.batch_preemptions),
+            batch_resumes: self.batch_resumes.saturating_add(other.batch_resumes),
+            batch_tokens: self.batch_tokens.saturating_add(other.batch_tokens),
         }
     }
 }
@@ -204,9 +227,27 @@ pub struct PoolStatus {
     pub memory_bytes_used: u64,
     pub kv_saved_bytes: u64,
     pub kv_saved_bytes_max: u64,
+    /// Online requests waiting for their prefill (batch ones are in `batch`).
     pub queued: u32,
     pub models: Vec<ModelStatus>,
     pub counters: PoolCounters,
+    /// Batch-class sequences, counted apart from the online ones above.
+    #[serde(default)]
+    pub batch: BatchStatus,
+}
+
+/// Batch-class sequences now (docs/pool.md §3.7). `ModelStatus::queued` and `in_flight` and
+/// `PoolStatus::queued` count online requests only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStatus {
+    /// Waiting for a context slot, never started.
+    pub queued: u32,
+    /// In a context (prefilling, decoding, or idle there while online work runs elsewhere).
+    pub in_flight: u32,
+    /// Started, then preempted for online work: waiting to be recomputed into a slot.
+    pub preempted: u32,
+    /// `PoolKnobs::batch_queue_max`: the bound on the three together.
+    pub queue_max: u32,
 }
 
 #[cfg(test)]

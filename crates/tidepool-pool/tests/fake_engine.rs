@@ -4,6 +4,9 @@
 //! action. After every event: the ledger recount matches and the budget holds. At the end:
 //! every admitted request finished (no starvation), within a bound, with token indices
 //! 0..n emitted exactly once, and replaying the event log gives the identical action log.
+//! The same streams run again with a share of batch-class requests (docs/pool.md §3.7): the
+//! pool's own assertions (batch work never starts while an online request is in the pool,
+//! classes never mix in an action) hold, and the batch finishes too.
 //! Failures print the seed; replay one with `TIDEPOOL_SEED=n cargo nextest run -p tidepool-pool`.
 
 #![expect(
@@ -20,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use tidepool_pool::ModelId;
 use tidepool_pool::{
     Action, ActionId, CostEstimate, Event, ModelSpec, Pool, PoolConfig, PoolError, PoolPolicy,
-    SeqFinished, SeqId,
+    RequestClass, SeqFinished, SeqId,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -32,10 +35,13 @@ struct Request {
     model: ModelId,
     prompt_tokens: u32,
     max_tokens: u32,
+    class: RequestClass,
 }
 
 #[derive(Debug, Default)]
 struct FakeEngine {
+    /// Batch-class sequences: preempted ones keep only their tokens (no saved state bytes).
+    batch: BTreeSet<SeqId>,
     loaded: BTreeSet<ModelId>,
     loading: BTreeSet<ModelId>,
     /// seq -> (model, tokens emitted so far) for sequences in a context.
@@ -142,6 +148,7 @@ fn requests(cfg: &PoolConfig, rng: &mut ChaCha8Rng) -> Vec<Request> {
                 model: model.id.clone(),
                 prompt_tokens: rng.random_range(1..200),
                 max_tokens: rng.random_range(1..120),
+                class: RequestClass::Online,
             }
         })
         .collect()
@@ -216,6 +223,7 @@ impl Run {
             self.engine
                 .saved
                 .iter()
+                .filter(|(seq, _)| !self.engine.batch.contains(seq))
                 .map(|(seq, (id, n))| {
                     spec(id).saved_bytes(u64::from(self.engine.prompt_tokens[seq]) + u64::from(*n))
                 })
@@ -534,6 +542,7 @@ impl Run {
 )]
 fn run(
     seed: u64,
+    batch_share: f64,
 ) -> (
     PoolConfig,
     Vec<Event>,
@@ -542,7 +551,14 @@ fn run(
 ) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let cfg = config(seed, &mut rng);
-    let requests = requests(&cfg, &mut rng);
+    let mut requests = requests(&cfg, &mut rng);
+    // Classes from a stream of their own, so the online streams stay those of `batch_share` 0.
+    let mut classes = ChaCha8Rng::seed_from_u64(seed ^ 0xba7c_4000);
+    for req in &mut requests {
+        if batch_share > 0.0 && classes.random_bool(batch_share) {
+            req.class = RequestClass::Batch;
+        }
+    }
     let overlap = cfg.overlap_transfers;
     let mut r = Run {
         pool: Pool::new(cfg.clone()).unwrap(),
@@ -559,12 +575,16 @@ fn run(
     for req in &requests {
         r.engine.max_tokens.insert(req.seq, req.max_tokens);
         r.engine.prompt_tokens.insert(req.seq, req.prompt_tokens);
+        if req.class == RequestClass::Batch {
+            r.engine.batch.insert(req.seq);
+        }
         let event = Event::RequestArrived {
             now_ns: req.at_ns,
             seq: req.seq,
             model: req.model.clone(),
             prompt_tokens: req.prompt_tokens,
             max_tokens: req.max_tokens,
+            class: req.class,
         };
         r.push(req.at_ns, event);
         if rng.random_bool(0.05) {
@@ -594,7 +614,9 @@ fn run(
         events_max -= 1;
         assert!(
             events_max > 0,
-            "seed {seed}: livelock (event budget exhausted)"
+            "seed {seed}: livelock (event budget exhausted); last actions {:?}; {:?}",
+            &r.actions[r.actions.len().saturating_sub(12)..],
+            r.pool.status()
         );
         r.complete(&event);
         let (seq, arrival) = match &event {
@@ -609,9 +631,14 @@ fn run(
             }
             (Ok(()), _)
             | (Err(PoolError::ModelBusy { .. } | PoolError::ModelTooLarge { .. }), None) => {}
-            (Err(PoolError::QueueFull { .. } | PoolError::ModelTooLarge { .. }), Some(seq))
-                if arrival =>
-            {
+            (
+                Err(
+                    PoolError::QueueFull { .. }
+                    | PoolError::BatchQueueFull { .. }
+                    | PoolError::ModelTooLarge { .. },
+                ),
+                Some(seq),
+            ) if arrival => {
                 r.rejected.insert(seq);
             }
             (Err(e), _) => panic!("seed {seed}: unexpected error {e}"),
@@ -699,7 +726,7 @@ fn random_event_streams_keep_every_invariant() {
     let (mut paged_saves, mut paged_evictions) = (0, 0);
     for seed in seeds() {
         println!("seed {seed}");
-        let (cfg, _, _, counters) = run(seed);
+        let (cfg, _, _, counters) = run(seed, 0.0);
         if cfg.policy == PoolPolicy::Token {
             saves += counters.kv_saves;
             restores += counters.kv_restores;
@@ -736,12 +763,30 @@ fn random_event_streams_keep_every_invariant() {
 #[test]
 fn replayed_events_give_identical_actions() {
     for seed in seeds().into_iter().take(60) {
-        let (cfg, log, actions, _) = run(seed);
+        let (cfg, log, actions, _) = run(seed, 0.3);
         let mut pool = Pool::new(cfg).unwrap();
         let mut replayed = Vec::new();
         for event in log {
             let _ignored = pool.handle(event, &mut replayed);
         }
         assert_eq!(replayed, actions, "seed {seed}: replay diverged");
+    }
+}
+
+#[test]
+fn random_event_streams_with_a_batch_keep_every_invariant() {
+    let (mut preemptions, mut resumes, mut finished) = (0, 0, 0);
+    for seed in seeds() {
+        let (_, _, _, counters) = run(seed, 0.3);
+        preemptions += counters.batch_preemptions;
+        resumes += counters.batch_resumes;
+        finished += counters.batch_finished;
+    }
+    println!("batch: {finished} finished, {preemptions} preemptions, {resumes} resumes");
+    if std::env::var("TIDEPOOL_SEED").is_err() {
+        assert!(
+            finished > 1000 && preemptions > 100 && resumes > 100,
+            "weak coverage"
+        );
     }
 }

@@ -91,6 +91,7 @@ fn run(cfg: PoolConfig, requests: &[(u64, &str, u32, u32)]) -> Outcome {
             model: ModelId::new(model).unwrap(),
             prompt_tokens,
             max_tokens,
+            class: tidepool_pool::RequestClass::Online,
         };
         queue.insert((at_ns, order), event);
         order += 1;

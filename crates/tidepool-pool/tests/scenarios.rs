@@ -48,6 +48,7 @@ fn arrive(
         model: ModelId::new(name).unwrap(),
         prompt_tokens: 10,
         max_tokens,
+        class: tidepool_pool::RequestClass::Online,
     };
     pool.handle(event, &mut out).map(|()| out)
 }

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::MutexGuard;
 use tidepool_core::ModelId;
-use tidepool_engine::EngineError;
 use tidepool_engine::multi::{
     Accelerator, Calibration, FirstStep, MultiModelConfig, StepOutcome, resident_bytes,
 };
 use tidepool_engine::watchdog::panic_message;
+use tidepool_engine::{EngineError, RequestClass};
 use tidepool_pool::{Action, Event, PoolCounters, SeqFinished, SeqId};
 
 use crate::phases::{Phase, first_step_extra_ns};
@@ -200,11 +200,13 @@ impl Driver {
             self.shared.heartbeat.beat();
             self.shared.fault_point();
             for arrival in arrivals {
+                // Batch requests have no token deadlines: they never count in attainment.
+                let online = arrival.prepared.class() == RequestClass::Online;
                 self.accelerator.register(
                     arrival.seq.0,
                     arrival.model,
                     arrival.prepared,
-                    Some(arrival.deadlines),
+                    online.then_some(arrival.deadlines),
                 );
             }
             for action in actions {
@@ -290,8 +292,13 @@ impl Driver {
                 Completion::Unload { id }
             }
             Action::SaveKv { id, seq, model } => {
+                let batch = self.accelerator.seq_class(seq.0) == Some(RequestClass::Batch);
                 let bytes = self.accelerator.save(seq.0);
                 let index = self.model_index(&model);
+                if batch {
+                    // A batch preemption drops cells: not a switch phase.
+                    return self.complete(Completion::Saved { id, bytes });
+                }
                 self.note_phase(index, Phase::KvSave, elapsed_ns(started));
                 if let Some(phases) = self.shared.switches.lock().get_mut(index) {
                     phases.kv_save_bytes = bytes;
@@ -299,8 +306,13 @@ impl Driver {
                 Completion::Saved { id, bytes }
             }
             Action::RestoreKv { id, seq, model } => {
+                let batch = self.accelerator.seq_class(seq.0) == Some(RequestClass::Batch);
                 self.accelerator.restore(seq.0);
                 let index = self.model_index(&model);
+                if batch {
+                    // A batch resume recomputes the sequence: not a switch phase.
+                    return self.complete(Completion::Restored { id });
+                }
                 self.note_phase(index, Phase::KvRestore, elapsed_ns(started));
                 self.note_first_step(index);
                 Completion::Restored { id }
@@ -352,6 +364,11 @@ impl Driver {
                 }
             }
         };
+        self.complete(event);
+    }
+
+    /// Reports an action's completion to the pool.
+    fn complete(&mut self, event: Completion) {
         let shared = Arc::clone(&self.shared);
         let mut core = shared.core.lock();
         let now_ns = shared.now_ns();
@@ -414,6 +431,7 @@ impl Driver {
         let counters = core.pool.counters();
         metrics::counters(&self.counters, &counters);
         metrics::memory(core.pool.memory_bytes_used(), &counters);
+        metrics::batch(&core.pool.batch_status());
         self.counters = counters;
     }
 

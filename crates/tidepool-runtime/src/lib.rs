@@ -473,6 +473,7 @@ impl PoolRuntime {
             model: front.model_id().clone(),
             prompt_tokens: prepared.prompt_tokens(),
             max_tokens: prepared.max_tokens(),
+            class: prepared.class(),
         };
         if let Err(error) = core.pool.handle(event, &mut actions) {
             metrics::rejected(front.model_id(), &error);
@@ -492,9 +493,11 @@ impl PoolRuntime {
 
     fn admission_error(&self, error: PoolError, prepared: &PreparedSeq) -> EngineError {
         match error {
-            PoolError::QueueFull { .. } => EngineError::Overloaded {
-                retry_after_ms: self.shared.retry_after_ms,
-            },
+            PoolError::QueueFull { .. } | PoolError::BatchQueueFull { .. } => {
+                EngineError::Overloaded {
+                    retry_after_ms: self.shared.retry_after_ms,
+                }
+            }
             PoolError::ModelTooLarge {
                 bytes_needed,
                 memory_bytes_max,

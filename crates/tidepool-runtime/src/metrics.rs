@@ -7,8 +7,9 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use tidepool_core::ModelId;
+use tidepool_engine::RequestClass;
 use tidepool_engine::multi::StepOutcome;
-use tidepool_pool::{PoolCounters, PoolError};
+use tidepool_pool::{BatchStatus, PoolCounters, PoolError};
 
 use crate::phases::Phase;
 
@@ -72,6 +73,7 @@ pub(crate) fn describe() {
         "tidepool_pool_requests_rejected_total",
         "Requests the pool refused at admission"
     );
+    describe_batch();
     describe_gauge!(
         "tidepool_pool_memory_bytes_used",
         Unit::Bytes,
@@ -83,9 +85,38 @@ pub(crate) fn describe() {
     );
 }
 
+/// The batch-class series (docs/pool.md §3.7).
+fn describe_batch() {
+    describe_counter!(
+        "tidepool_pool_batch_requests_admitted_total",
+        "Batch-class requests the pool admitted"
+    );
+    describe_counter!(
+        "tidepool_pool_batch_requests_finished_total",
+        "Batch-class requests the pool finished"
+    );
+    describe_counter!(
+        "tidepool_pool_batch_preemptions_total",
+        "Batch sequences preempted for online work (cells dropped, recomputed on resume)"
+    );
+    describe_counter!(
+        "tidepool_pool_batch_resumes_total",
+        "Preempted batch sequences recomputed into a context"
+    );
+    describe_counter!(
+        "tidepool_pool_batch_tokens_total",
+        "Completion tokens of batch-class requests (never in the online attainment)"
+    );
+    describe_gauge!(
+        "tidepool_pool_batch_sequences",
+        "Batch-class sequences by state: queued, in_flight (in a context), preempted"
+    );
+}
+
 pub(crate) fn rejected(model: &ModelId, error: &PoolError) {
     let reason = match error {
         PoolError::QueueFull { .. } => "queue_full",
+        PoolError::BatchQueueFull { .. } => "batch_queue_full",
         PoolError::ModelTooLarge { .. } => "model_too_large",
         PoolError::RequestTooLong { .. } => "request_too_long",
         _ => "other",
@@ -111,17 +142,17 @@ pub(crate) fn switched() {
     counter!("tidepool_pool_switches_total").increment(1);
 }
 
+/// Online tokens of the finished sequences, and of those on time (the attainment SLO); batch
+/// sequences' tokens are counted by the pool (`tidepool_pool_batch_tokens_total`) instead.
 pub(crate) fn finished(model: &ModelId, outcome: &StepOutcome) {
-    let emitted: u64 = outcome
-        .finished
-        .iter()
-        .map(|f| u64::from(f.tokens_emitted))
-        .sum();
-    let on_time: u64 = outcome
-        .finished
-        .iter()
-        .map(|f| u64::from(f.tokens_on_time))
-        .sum();
+    let online = || {
+        outcome
+            .finished
+            .iter()
+            .filter(|f| f.class == RequestClass::Online)
+    };
+    let emitted: u64 = online().map(|f| u64::from(f.tokens_emitted)).sum();
+    let on_time: u64 = online().map(|f| u64::from(f.tokens_on_time)).sum();
     if emitted > 0 {
         counter!("tidepool_pool_tokens_total", "model" => model.to_string()).increment(emitted);
         counter!("tidepool_pool_tokens_on_time_total", "model" => model.to_string())
@@ -142,6 +173,27 @@ pub(crate) fn counters(before: &PoolCounters, after: &PoolCounters) {
         .increment(delta(before.rider_tokens, after.rider_tokens));
     counter!("tidepool_pool_switches_deferred_total")
         .increment(delta(before.switches_deferred, after.switches_deferred));
+    counter!("tidepool_pool_batch_requests_admitted_total")
+        .increment(delta(before.batch_admitted, after.batch_admitted));
+    counter!("tidepool_pool_batch_requests_finished_total")
+        .increment(delta(before.batch_finished, after.batch_finished));
+    counter!("tidepool_pool_batch_preemptions_total")
+        .increment(delta(before.batch_preemptions, after.batch_preemptions));
+    counter!("tidepool_pool_batch_resumes_total")
+        .increment(delta(before.batch_resumes, after.batch_resumes));
+    counter!("tidepool_pool_batch_tokens_total")
+        .increment(delta(before.batch_tokens, after.batch_tokens));
+}
+
+/// The batch sequences by state (`GET /v1/pool`'s `batch`).
+pub(crate) fn batch(status: &BatchStatus) {
+    for (state, n) in [
+        ("queued", status.queued),
+        ("in_flight", status.in_flight),
+        ("preempted", status.preempted),
+    ] {
+        gauge!("tidepool_pool_batch_sequences", "state" => state).set(f64::from(n));
+    }
 }
 
 /// Memory used and models not cold. A load is counted when it starts and an eviction when it

@@ -225,6 +225,7 @@ impl Watchdog {
                 model: model.clone(),
                 prompt_tokens: arrival.prepared.prompt_tokens(),
                 max_tokens: arrival.prepared.max_tokens(),
+                class: arrival.prepared.class(),
             };
             match core.pool.handle(event, &mut actions) {
                 Ok(()) => {

@@ -156,6 +156,7 @@ pub(crate) fn missed(outcome: Option<&Outcome>) -> u64 {
         o.result
             .seqs
             .iter()
+            .filter(|s| !s.batch)
             .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
             .sum()
     })

@@ -96,7 +96,7 @@ fn size_one(
             else {
                 continue;
             };
-            for s in &outcome.result.seqs {
+            for s in outcome.result.seqs.iter().filter(|s| !s.batch) {
                 owed += u64::from(s.output_tokens);
                 on_time += u64::from(s.on_time);
             }

@@ -109,6 +109,7 @@ mod tests {
                 model: 0,
                 prompt_tokens: 1,
                 output_tokens: 1,
+                class: tidepool_pool::RequestClass::Online,
             }],
             &[0],
             1,

@@ -30,8 +30,8 @@ pub use placement::{PLACEMENT_VERSION, PlacementFile, placement_file, plan_place
 pub use plan::{PlanAnswer, PlanModel, PlanPoint, PlanReport, plan, plan_svg, sim_svg};
 pub use profile::Profile;
 pub use sim::{
-    AcceleratorReport, Demand, Instances, ModelReport, PLACEMENT_MOVES_MAX, Progress, Report,
-    SEARCH_SAMPLE_REQUESTS, SimSpec, batch1_load_ns, h100_sweep_knobs, place, simulate,
+    AcceleratorReport, BatchReport, Demand, Instances, ModelReport, PLACEMENT_MOVES_MAX, Progress,
+    Report, SEARCH_SAMPLE_REQUESTS, SimSpec, batch1_load_ns, h100_sweep_knobs, place, simulate,
 };
 /// The scheduler's knobs: the pool's own struct, with the server's defaults.
 pub use tidepool_pool::PoolKnobs;

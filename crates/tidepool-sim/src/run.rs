@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use tidepool_core::ModelId;
-use tidepool_pool::{Action, Event, Pool, PoolConfig, PoolError, SeqFinished, SeqId};
+use tidepool_pool::{Action, Event, Pool, PoolConfig, PoolError, RequestClass, SeqFinished, SeqId};
 
 use crate::SimError;
 use crate::profile::{Costs, as_f64};
@@ -23,6 +23,8 @@ pub(crate) struct SeqSim {
     pub(crate) first_token_ns: Option<u64>,
     pub(crate) last_token_ns: u64,
     pub(crate) rejected: bool,
+    /// A batch-class request: reported apart, never in the attainment.
+    pub(crate) batch: bool,
     // Aegaeon's lenient score: reference point and on-schedule time.
     ref_ns: u64,
     ref_k: u32,
@@ -136,6 +138,7 @@ impl<'a> AccRun<'a> {
                 output_tokens: r.output_tokens,
                 ref_ns: r.at_ns + slo.ttft_ns,
                 last_token_ns: r.at_ns,
+                batch: r.class == RequestClass::Batch,
                 ..SeqSim::default()
             })
             .collect();
@@ -210,7 +213,7 @@ impl<'a> AccRun<'a> {
                 seqs: self.pool.seqs_len(),
             });
         }
-        let end_ns = self.seqs.iter().map(|s| s.last_token_ns).max().unwrap_or(0);
+        let end_ns = online_end_ns(&self.seqs);
         let mut counters = self.pool.counters();
         counters.loads = counters.loads.saturating_sub(self.warm_loads);
         counters.evictions = counters.evictions.saturating_sub(self.warm_evictions);
@@ -258,6 +261,7 @@ impl<'a> AccRun<'a> {
             model: self.ids[model].clone(),
             prompt_tokens: request.prompt_tokens,
             max_tokens: request.output_tokens,
+            class: request.class,
         };
         match self.feed(event) {
             Ok(()) => {
@@ -266,6 +270,7 @@ impl<'a> AccRun<'a> {
             }
             Err(SimError::Pool(
                 PoolError::QueueFull { .. }
+                | PoolError::BatchQueueFull { .. }
                 | PoolError::RequestTooLong { .. }
                 | PoolError::ModelTooLarge { .. },
             )) => {
@@ -337,11 +342,7 @@ impl<'a> AccRun<'a> {
                 );
             }
             Action::SaveKv { id, model, seq } => {
-                let s = &self.seqs[Self::seq_index(*seq)];
-                let tokens = u64::from(s.prompt_tokens) + u64::from(s.emitted);
-                let costs = &self.costs[self.model(model)];
-                let d = costs.save_ns(tokens);
-                let bytes = tokens * costs.kv_bytes_per_token;
+                let (d, bytes) = self.save_cost(model, *seq);
                 self.set_transfer(
                     now_ns + d,
                     Event::KvSaved {
@@ -352,9 +353,7 @@ impl<'a> AccRun<'a> {
                 );
             }
             Action::RestoreKv { id, model, seq } => {
-                let s = &self.seqs[Self::seq_index(*seq)];
-                let tokens = u64::from(s.prompt_tokens) + u64::from(s.emitted);
-                let d = self.costs[self.model(model)].restore_ns(tokens);
+                let d = self.restore_ns(model, *seq);
                 self.set_transfer(
                     now_ns + d,
                     Event::KvRestored {
@@ -378,6 +377,31 @@ impl<'a> AccRun<'a> {
                 steps,
             } => self.decode(*id, self.model(model), seqs, *steps, now_ns),
             Action::Release { .. } => {}
+        }
+    }
+
+    /// A save's time and bytes: a batch preemption drops the cells and keeps the tokens.
+    fn save_cost(&self, model: &ModelId, seq: SeqId) -> (u64, u64) {
+        let s = &self.seqs[Self::seq_index(seq)];
+        let tokens = u64::from(s.prompt_tokens) + u64::from(s.emitted);
+        let costs = &self.costs[self.model(model)];
+        if s.batch {
+            (costs.save_ns(0), tokens * 4)
+        } else {
+            (costs.save_ns(tokens), tokens * costs.kv_bytes_per_token)
+        }
+    }
+
+    /// A restore's time: a batch resume recomputes its tokens (a prefill of them).
+    fn restore_ns(&self, model: &ModelId, seq: SeqId) -> u64 {
+        let s = &self.seqs[Self::seq_index(seq)];
+        let tokens = u64::from(s.prompt_tokens) + u64::from(s.emitted);
+        let costs = &self.costs[self.model(model)];
+        if s.batch {
+            let t = as_f64(tokens);
+            costs.prefill_ns(t, t * t)
+        } else {
+            costs.restore_ns(tokens)
         }
     }
 
@@ -567,6 +591,15 @@ impl<'a> AccRun<'a> {
             finished,
         }
     }
+}
+
+/// The online makespan's end: the last online token (batch requests are reported apart).
+fn online_end_ns(seqs: &[SeqSim]) -> u64 {
+    seqs.iter()
+        .filter(|s| !s.batch)
+        .map(|s| s.last_token_ns)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Where a decode turn starts, its step budget and an optional cut time.

@@ -111,6 +111,30 @@ pub struct Report {
     pub instances: u32,
     pub per_model: Vec<ModelReport>,
     pub per_accelerator: Vec<AcceleratorReport>,
+    /// Batch-class requests, apart from every online figure above (absent without any).
+    #[serde(default, skip_serializing_if = "BatchReport::is_empty")]
+    pub batch: BatchReport,
+}
+
+/// Batch-class requests of a run (docs/pool.md §3.7): they run on capacity the online requests
+/// leave idle, so they have no deadline here; what counts is that they finish, and when.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct BatchReport {
+    pub requests: u64,
+    /// Requests that emitted every token.
+    pub finished: u64,
+    pub rejected: u64,
+    pub tokens: u64,
+    /// From the first batch arrival to the last batch token, in seconds.
+    pub makespan_s: f64,
+    /// Batch sequences preempted for online work (and recomputed on resume).
+    pub preemptions: u64,
+}
+
+impl BatchReport {
+    fn is_empty(&self) -> bool {
+        self.requests == 0
+    }
 }
 
 /// One accelerator: the models it holds an instance of and how its requests fared.
@@ -351,6 +375,7 @@ fn search_and_confirm(
     let owed: u64 = workload
         .requests
         .iter()
+        .filter(|r| r.class == tidepool_pool::RequestClass::Online)
         .map(|r| u64::from(r.output_tokens))
         .sum();
     let first_missed: u64 = outcomes.iter().map(|o| missed(o.as_ref())).sum();
@@ -404,6 +429,9 @@ struct Totals {
     busy_ns: u64,
     end_ns: u64,
     counters: tidepool_pool::PoolCounters,
+    batch: BatchReport,
+    batch_first_ns: Option<u64>,
+    batch_last_ns: u64,
 }
 
 /// One empty report per market model, with its instances.
@@ -442,7 +470,7 @@ fn fold(
     }
     let owed: u64 = per_model.iter().map(|m| m.tokens_owed).sum();
     let on_time: u64 = per_model.iter().map(|m| m.tokens_on_time).sum();
-    let requests = u64::try_from(workload.requests.len()).unwrap_or(u64::MAX);
+    let requests = online_requests(workload);
     let start_ns = workload.requests.first().map_or(0, |r| r.at_ns);
     let makespan_s = as_f64(t.end_ns.saturating_sub(start_ns)) / 1e9;
     t.ttft_ns.sort_unstable();
@@ -491,6 +519,27 @@ fn fold(
         instances: u32::try_from(placement.iter().map(Vec::len).sum::<usize>()).unwrap_or(u32::MAX),
         per_model,
         per_accelerator,
+        batch: batch_report(&t),
+    }
+}
+
+/// Online requests of the workload (batch ones are reported apart).
+fn online_requests(workload: &Workload) -> u64 {
+    let online = workload
+        .requests
+        .iter()
+        .filter(|r| r.class == tidepool_pool::RequestClass::Online)
+        .count();
+    u64::try_from(online).unwrap_or(u64::MAX)
+}
+
+fn batch_report(t: &Totals) -> BatchReport {
+    BatchReport {
+        preemptions: t.counters.batch_preemptions,
+        makespan_s: t.batch_first_ns.map_or(0.0, |first| {
+            as_f64(t.batch_last_ns.saturating_sub(first)) / 1e9
+        }),
+        ..t.batch
     }
 }
 
@@ -544,6 +593,18 @@ fn accumulate(per_model: &mut [ModelReport], o: &Outcome, t: &mut Totals) {
         }
     }
     for ((local, _), s) in o.requests.iter().zip(&o.result.seqs) {
+        if s.batch {
+            t.batch.requests += 1;
+            t.batch.rejected += u64::from(s.rejected);
+            t.batch.finished += u64::from(!s.rejected && s.emitted == s.output_tokens);
+            t.batch.tokens += u64::from(s.emitted);
+            t.batch_first_ns = Some(
+                t.batch_first_ns
+                    .map_or(s.arrival_ns, |f| f.min(s.arrival_ns)),
+            );
+            t.batch_last_ns = t.batch_last_ns.max(s.last_token_ns);
+            continue;
+        }
         book(&mut per_model[o.models[*local]], s);
         t.lenient_sum += s.lenient_score();
         t.all_on_time += u64::from(!s.rejected && s.on_time == s.output_tokens);

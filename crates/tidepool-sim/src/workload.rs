@@ -24,6 +24,10 @@ pub struct Request {
     pub model: u32,
     pub prompt_tokens: u32,
     pub output_tokens: u32,
+    /// `Batch`: runs on capacity online requests leave idle and is reported apart
+    /// ([`crate::sim::BatchReport`]); never counted in the attainment.
+    #[serde(default)]
+    pub class: tidepool_pool::RequestClass,
 }
 
 /// One model of the market: its id and its profile family.
@@ -304,6 +308,7 @@ impl Workload {
             model,
             prompt_tokens,
             output_tokens,
+            class: tidepool_pool::RequestClass::Online,
         });
     }
 

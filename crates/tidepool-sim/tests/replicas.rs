@@ -65,6 +65,7 @@ fn hot_market(profile: &Profile, tail: u32, duration_s: u64) -> Workload {
             model: 0,
             prompt_tokens: 2700,
             output_tokens: 450,
+            class: tidepool_pool::RequestClass::Online,
         });
         at += HOT_GAP_NS;
     }
@@ -76,6 +77,7 @@ fn hot_market(profile: &Profile, tail: u32, duration_s: u64) -> Workload {
                 model: t + 1,
                 prompt_tokens: 1000,
                 output_tokens: 200,
+                class: tidepool_pool::RequestClass::Online,
             });
             at += 20 * s;
         }

@@ -259,6 +259,7 @@ fn warm_models_are_resident_before_the_first_request() {
         model: 0,
         prompt_tokens: 32,
         output_tokens: 4,
+        class: tidepool_pool::RequestClass::Online,
     }];
     let run = |warm: Vec<u32>| {
         let mut workload = Workload::replay(&profile, models.clone(), requests.clone()).unwrap();
@@ -301,12 +302,14 @@ fn a_request_arriving_mid_turn_cuts_the_turn_at_the_next_step() {
             model: 0,
             prompt_tokens: 16,
             output_tokens: 400,
+            class: tidepool_pool::RequestClass::Online,
         },
         tidepool_sim::Request {
             at_ns: 500_000_000,
             model: 0,
             prompt_tokens: 16,
             output_tokens: 4,
+            class: tidepool_pool::RequestClass::Online,
         },
     ];
     let mut workload = Workload::replay(&profile, models, requests).unwrap();
@@ -452,4 +455,103 @@ fn paged_kv_keeps_more_models_resident() {
         p.tokens_on_time,
         u.tokens_on_time
     );
+}
+
+/// The same online trace with and without a 1,000-request batch (docs/pool.md §3.7) on the CPU
+/// profile: the online attainment is the same within one percentage point and the online p99
+/// TTFT within one decode turn (the batch yields at the next step; its preemptions and the
+/// resumes' recomputes run only while no online request is in the pool), and the batch
+/// finishes, preempted where online work arrived.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: the trace, the batch, both policies and their comparison"
+)]
+fn a_batch_leaves_the_online_attainment_as_it_was() {
+    let profile = Profile::load("cpu-devvm").unwrap();
+    let models = vec![
+        tidepool_sim::workload::MarketModel {
+            id: "a".to_owned(),
+            family: 0,
+            estimate: None,
+        },
+        tidepool_sim::workload::MarketModel {
+            id: "b".to_owned(),
+            family: 1,
+            estimate: None,
+        },
+    ];
+    let spec_m = MarketSpec {
+        models: 2,
+        popularity: Popularity::Zipf { s: 1.0 },
+        // Azure conversation lengths on two CPU models: a load the pool keeps up with.
+        arrivals: Arrivals::Poisson {
+            rate_per_s: 0.05,
+            duration_s: 600.0,
+        },
+        seed: 3,
+    };
+    let online = market(&spec_m, &trace(), &profile).unwrap().requests;
+    let batch: Vec<tidepool_sim::Request> = (0..1000_u32)
+        .map(|i| tidepool_sim::Request {
+            // Submitted over the first minute, as a batch job's lines are fed to the pool.
+            at_ns: u64::from(i) * 60_000_000,
+            model: i % 2,
+            prompt_tokens: 24 + i % 40,
+            output_tokens: 8 + i % 24,
+            class: tidepool_pool::RequestClass::Batch,
+        })
+        .collect();
+    let mut spec = spec(profile.clone(), PoolPolicy::SwapLru, 1);
+    spec.knobs.ttft_slo_ms = 5000;
+    spec.knobs.tbt_slo_ms = 250;
+    // One decode turn of the slowest model at a full batch (Gemma, 4 sequences: 64.6 ms a step).
+    let turn_ms = f64::from(spec.knobs.decode_steps_min) * 64.6;
+    for policy in [PoolPolicy::SwapLru, PoolPolicy::Token] {
+        spec.policy = policy;
+        let run = |requests: Vec<tidepool_sim::Request>| {
+            let mut workload = Workload::replay(&profile, models.clone(), requests).unwrap();
+            workload.warm = vec![0, 1];
+            simulate(&spec, &workload, &mut |_| {}).unwrap()
+        };
+        let alone = run(online.clone());
+        let mut all = online.clone();
+        all.extend(batch.iter().copied());
+        let shared = run(all);
+        println!(
+            "{policy:?}: attainment {:.4} alone, {:.4} with the batch; TTFT p99 {:.0} / {:.0} ms; \
+             batch {} finished in {:.1} s, {} preemptions",
+            alone.attainment,
+            shared.attainment,
+            alone.ttft_ms_p99,
+            shared.ttft_ms_p99,
+            shared.batch.finished,
+            shared.batch.makespan_s,
+            shared.batch.preemptions
+        );
+        assert_eq!(shared.requests, alone.requests, "online requests only");
+        assert_eq!(shared.tokens_owed, alone.tokens_owed);
+        assert!(
+            shared.attainment >= alone.attainment - 0.01,
+            "{policy:?}: {} with the batch against {} alone",
+            shared.attainment,
+            alone.attainment
+        );
+        assert!(
+            shared.ttft_ms_p99 <= alone.ttft_ms_p99 + turn_ms,
+            "{policy:?}: TTFT p99 {} ms with the batch against {} ms alone",
+            shared.ttft_ms_p99,
+            alone.ttft_ms_p99
+        );
+        assert_eq!(
+            (shared.batch.requests, shared.batch.finished),
+            (1000, 1000),
+            "{policy:?}: the batch finishes"
+        );
+        assert!(
+            shared.batch.preemptions > 0,
+            "{policy:?}: online work arrived while the batch ran"
+        );
+        assert_eq!(alone.batch, tidepool_sim::BatchReport::default());
+    }
 }
