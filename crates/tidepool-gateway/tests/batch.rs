@@ -328,11 +328,11 @@ async fn validation_reports_every_bad_line_with_its_number_and_code() {
 #[tokio::test]
 async fn bad_requests_to_the_files_and_batches_endpoints_have_stable_codes() {
     let mut options = StateOptions::new(Limits::default());
-    options.batch.file_bytes_max = 100;
+    options.batch.file_bytes_max = 1000;
     let fresh = on_fresh_sqlite(options, None).await;
     let app = &fresh.app;
     let too_large = app
-        .send(upload_request(&app.key, "batch", &"x".repeat(101)))
+        .send(upload_request(&app.key, "batch", &"x".repeat(1001)))
         .await;
     expect_error(too_large, StatusCode::PAYLOAD_TOO_LARGE, "file_too_large").await;
     let wrong_purpose = app.send(upload_request(&app.key, "fine-tune", "{}")).await;
