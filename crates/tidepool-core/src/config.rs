@@ -52,6 +52,49 @@ pub struct Config {
     /// The audit log's signed checkpoints.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The Batch API (`/v1/files`, `/v1/batches`; docs/batch.md).
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+/// `[batch]`: the Batch API's storage, limits and runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Run batches in this process (the runner task). Off, the API still accepts files and
+    /// batches, and another replica runs them.
+    pub runner_enabled: bool,
+    /// Where file contents live. Unset: `batch-files` next to the SQLite database file (or in
+    /// the working directory with PostgreSQL, where every replica must share one volume).
+    pub files_dir: Option<PathBuf>,
+    /// Largest uploaded file, in bytes (OpenAI: 200 MB).
+    pub file_bytes_max: u64,
+    /// Most lines (requests) in one batch's input file (OpenAI: 50,000).
+    pub batch_lines_max: u64,
+    /// Longest line of an input file, in bytes (a line is one request body and its envelope).
+    pub line_bytes_max: u64,
+    /// Lines of one batch running at once.
+    pub lines_in_flight_max: u32,
+    /// How often an idle runner looks for work, in ms.
+    pub poll_interval_ms: u64,
+    /// How long a runner's claim on a batch lasts without renewal, in ms; a replica that dies
+    /// mid-batch leaves it to another after this.
+    pub lease_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            runner_enabled: true,
+            files_dir: None,
+            file_bytes_max: 200_000_000,
+            batch_lines_max: 50_000,
+            line_bytes_max: 1_048_576,
+            lines_in_flight_max: 4,
+            poll_interval_ms: 1_000,
+            lease_ms: 60_000,
+        }
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -248,6 +291,20 @@ pub struct BillingConfig {
     /// the store returns); must be below `stale_reservation_ms`, so the owner settles before any
     /// sweep does.
     pub settle_retry_ms_max: u64,
+    /// What a batch line costs, in parts per million of the online price (500,000 = half).
+    pub batch_discount_ppm: u32,
+    /// Per-model overrides of `batch_discount_ppm`, by model id.
+    pub batch_discount_ppm_models: std::collections::BTreeMap<String, u32>,
+}
+
+impl BillingConfig {
+    /// The batch discount of `model`, in parts per million of its online price.
+    pub fn batch_discount_ppm_of(&self, model: &str) -> u32 {
+        self.batch_discount_ppm_models
+            .get(model)
+            .copied()
+            .unwrap_or(self.batch_discount_ppm)
+    }
 }
 
 impl Default for BillingConfig {
@@ -258,6 +315,8 @@ impl Default for BillingConfig {
             checkpoint_tokens: 32,
             stale_reservation_ms: 3_600_000,
             settle_retry_ms_max: 1_800_000,
+            batch_discount_ppm: 500_000,
+            batch_discount_ppm_models: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -793,6 +852,7 @@ impl Config {
                 "must be below billing.stale_reservation_ms",
             );
         }
+        self.validate_batch(&mut problems);
         if self.engine.batch_tokens_max == 0 {
             problems.add("engine.batch_tokens_max", "must be at least 1");
         }
@@ -808,6 +868,41 @@ impl Config {
             problems.add("engine.heartbeat_stale_ms", "must be at least 2000");
         }
         problems.into_result()
+    }
+
+    /// `[batch]` and the batch discounts of `[billing]`.
+    fn validate_batch(&self, problems: &mut Problems) {
+        for (model, ppm) in std::iter::once((&String::new(), &self.billing.batch_discount_ppm))
+            .chain(&self.billing.batch_discount_ppm_models)
+        {
+            if *ppm > 1_000_000 {
+                let field = if model.is_empty() {
+                    "billing.batch_discount_ppm".to_owned()
+                } else {
+                    format!("billing.batch_discount_ppm_models.{model}")
+                };
+                problems.add(field, "must be at most 1000000 (the online price)");
+            }
+        }
+        let batch = &self.batch;
+        if batch.file_bytes_max == 0 {
+            problems.add("batch.file_bytes_max", "must be at least 1");
+        }
+        if batch.batch_lines_max == 0 {
+            problems.add("batch.batch_lines_max", "must be at least 1");
+        }
+        if batch.line_bytes_max < 1024 {
+            problems.add("batch.line_bytes_max", "must be at least 1024");
+        }
+        if batch.lines_in_flight_max == 0 || batch.lines_in_flight_max > 1024 {
+            problems.add("batch.lines_in_flight_max", "must be 1 to 1024");
+        }
+        if batch.poll_interval_ms == 0 {
+            problems.add("batch.poll_interval_ms", "must be at least 1");
+        }
+        if batch.lease_ms < 1_000 {
+            problems.add("batch.lease_ms", "must be at least 1000");
+        }
     }
 
     /// `[[alerts]]`, `[leak_detection]` and `[audit]`.

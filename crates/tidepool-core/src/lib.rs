@@ -18,8 +18,8 @@ pub mod money;
 pub mod placement;
 
 pub use config::{
-    ALERT_EVENTS, AlertConfig, Backend, BackendConfig, BackendKind, BillingConfig, Config,
-    LeakDetectionConfig, Limits, LogFormat, ModelConfig, ModelKind, PoolKnobs, PoolPolicy,
+    ALERT_EVENTS, AlertConfig, Backend, BackendConfig, BackendKind, BatchConfig, BillingConfig,
+    Config, LeakDetectionConfig, Limits, LogFormat, ModelConfig, ModelKind, PoolKnobs, PoolPolicy,
     PoolSection, REGION_DEFAULT, ResidencyConfig, RoutingConfig, TelemetryConfig,
 };
 pub use error::{CoreError, FieldError};

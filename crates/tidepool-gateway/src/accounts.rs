@@ -65,6 +65,15 @@ pub struct UsageReport {
     pub currency: String,
     pub data: Vec<ModelUsageOut>,
     pub total_cost_nanos: i64,
+    /// The part of `data` and `total_cost_nanos` that batch lines made (docs/batch.md).
+    pub batch: BatchUsageOut,
+}
+
+/// Requests and cost of batch lines, at the batch price.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct BatchUsageOut {
+    pub requests: u64,
+    pub cost_nanos: i64,
 }
 
 /// A parsed query string, or a 400 naming `param`.
@@ -128,6 +137,7 @@ pub fn usage_report(
         currency: currency.to_string(),
         data,
         total_cost_nanos: total.0,
+        batch: BatchUsageOut::default(),
     })
 }
 
@@ -170,7 +180,13 @@ pub(crate) async fn usage(
         let scope = guard.usage_scope(breadth);
         let account = state.ledger().account(guard.tenant()).await?;
         let rows = state.ledger().usage_summary(&scope, month).await?;
-        usage_report(&scope, month, account.currency, rows)
+        let mut report = usage_report(&scope, month, account.currency, rows)?;
+        let (requests, cost_nanos) = state.ledger().batch_usage(&scope, month).await?;
+        report.batch = BatchUsageOut {
+            requests,
+            cost_nanos,
+        };
+        Ok(report)
     }
     .await;
     match result {
@@ -717,7 +733,13 @@ pub(crate) async fn tenant_usage(
         let month = parse_month(query.month.as_deref())?;
         let account = state.ledger().account(&tenant).await?;
         let rows = state.ledger().usage_summary(&scope, month).await?;
-        Ok(Json(usage_report(&scope, month, account.currency, rows)?).into_response())
+        let mut report = usage_report(&scope, month, account.currency, rows)?;
+        let (requests, cost_nanos) = state.ledger().batch_usage(&scope, month).await?;
+        report.batch = BatchUsageOut {
+            requests,
+            cost_nanos,
+        };
+        Ok(Json(report).into_response())
     })
 }
 

@@ -42,6 +42,11 @@ pub const ERROR_CODES: &[&str] = &[
     "model_exceeds_memory_budget",
     "model_busy",
     "resource_not_found",
+    "file_too_large",
+    "file_not_found",
+    "batch_not_found",
+    "invalid_batch_file",
+    "batch_not_cancellable",
     "request_timeout",
     "stream_stalled",
     "internal_error",
@@ -117,6 +122,21 @@ pub enum ApiError {
     /// (`[server] migrate_on_start = false`) and waits for it to be current.
     #[error("the server is starting: its database is not ready yet")]
     Starting,
+    /// A `/v1/files` upload past `[batch] file_bytes_max`.
+    #[error("the file is larger than {bytes_max} bytes")]
+    FileTooLarge { bytes_max: u64 },
+    /// No such file for this tenant (another tenant's files are not found either).
+    #[error("no file with id `{id}`")]
+    FileNotFound { id: String },
+    /// No such batch for this tenant (another tenant's batches are not found either).
+    #[error("no batch with id `{id}`")]
+    BatchNotFound { id: String },
+    /// A file that cannot be a batch's input: wrong purpose, or not a well-formed upload.
+    #[error("invalid batch file: {reason}")]
+    InvalidBatchFile { reason: String },
+    /// `POST /v1/batches/{id}/cancel` of a batch that has ended or is ending.
+    #[error("batch `{id}` is {status} and cannot be cancelled")]
+    BatchNotCancellable { id: String, status: &'static str },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -221,6 +241,18 @@ impl ApiError {
                 Answer::new(StatusCode::NOT_FOUND, "resource_not_found")
             }
             Self::ModelBusy { .. } => Answer::new(StatusCode::CONFLICT, "model_busy"),
+            Self::FileTooLarge { .. } => {
+                Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "file_too_large").param("file")
+            }
+            Self::FileNotFound { .. } => Answer::new(StatusCode::NOT_FOUND, "file_not_found"),
+            Self::BatchNotFound { .. } => Answer::new(StatusCode::NOT_FOUND, "batch_not_found"),
+            Self::InvalidBatchFile { .. } => {
+                Answer::new(StatusCode::BAD_REQUEST, "invalid_batch_file")
+            }
+            // The SDK retries 409 by default; the batch will not become cancellable.
+            Self::BatchNotCancellable { .. } => {
+                Answer::new(StatusCode::CONFLICT, "batch_not_cancellable").no_retry()
+            }
             Self::Starting => Answer::unavailable().public(),
             Self::Engine(error) => engine_answer(error),
             Self::Ledger(error) => ledger_answer(error),
@@ -682,6 +714,14 @@ mod tests {
                 reason: "busy",
             },
             ApiError::Starting,
+            ApiError::FileTooLarge { bytes_max: 1 },
+            ApiError::FileNotFound { id: "f".into() },
+            ApiError::BatchNotFound { id: "b".into() },
+            ApiError::InvalidBatchFile { reason: "x".into() },
+            ApiError::BatchNotCancellable {
+                id: "b".into(),
+                status: "completed",
+            },
             EngineError::ExceedsMemoryBudget {
                 bytes_needed: 2,
                 memory_bytes_max: 1,

@@ -29,6 +29,8 @@ const ROUTES: &[&str] = &[
     "/v1/embeddings",
     "/v1/models",
     "/v1/usage",
+    "/v1/files",
+    "/v1/batches",
     "/v1/backends",
     "/healthz",
     "/readyz",
@@ -45,6 +47,15 @@ fn route_label(base_path: &str, path: &str) -> &'static str {
     }
     if path.starts_with("/console") {
         return "/console";
+    }
+    // One label per API family: ids in the path would make the label set unbounded.
+    for family in ["/v1/files", "/v1/batches"] {
+        if path
+            .strip_prefix(family)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            return family;
+        }
     }
     ROUTES
         .iter()
@@ -204,12 +215,23 @@ pub(crate) async fn authenticate(
     if !state.is_started() {
         return Err(ApiError::Starting);
     }
-    let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
-    let record = state
-        .ledger()
-        .authenticate(secret)
-        .await?
-        .ok_or(ApiError::InvalidApiKey)?;
+    // A batch line runs as the key that created its batch (never a header a client could
+    // forge: the runner sets a task-local around the request), re-read so that a key revoked
+    // since is refused.
+    let record = if let Ok(key_id) = crate::batch::BATCH_LINE.try_with(|line| line.key_id.clone()) {
+        let record = state.ledger().key(&key_id).await?;
+        if record.revoked_at_ms.is_some() {
+            return Err(ApiError::InvalidApiKey);
+        }
+        record
+    } else {
+        let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
+        state
+            .ledger()
+            .authenticate(secret)
+            .await?
+            .ok_or(ApiError::InvalidApiKey)?
+    };
     let record = unsuspended(record)?;
     if let Some(leak) = state.leak() {
         let verdict = leak.lock().on_request(&record.key_id, state.now_ms());

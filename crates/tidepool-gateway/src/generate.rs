@@ -159,7 +159,7 @@ async fn submit(
         request_id: guard.request_id(),
         prompt,
         params: job.params.clone(),
-        class: tidepool_engine::RequestClass::Online,
+        class: guard.request_class(),
     };
     // Within the model request's span: a remote model's routing task continues it.
     let generation = guard.model_span().in_scope(|| job.engine.submit(request))?;
@@ -278,9 +278,11 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
                     finished.usage.completion_tokens,
                 );
                 let request_id = guard.request_id();
+                let body = whole_body(&state, request_id, &job, text, finished);
+                guard.set_batch_body(&body);
                 // Billed before it is sent (`settle_before_reply`).
                 match guard.settle_before_reply().await {
-                    Ok(()) => whole_response(&state, request_id, &job, text, finished),
+                    Ok(()) => Json(body).into_response(),
                     Err(error) => error.into_response(),
                 }
             }
@@ -360,17 +362,25 @@ fn response_id(flavor: Flavor, request_id: RequestId) -> String {
     format!("{prefix}{}", request_id.0.simple())
 }
 
-fn whole_response(
+/// A whole (non-streamed) answer of either endpoint.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WholeBody {
+    Chat(ChatCompletion),
+    Completion(Completion),
+}
+
+fn whole_body(
     state: &AppState,
     request_id: RequestId,
     job: &TextJob,
     text: String,
     finished: Finished,
-) -> Response {
+) -> WholeBody {
     let id = response_id(job.flavor, request_id);
     let finish_reason = finish_reason_str(finished.finish_reason);
     match job.flavor {
-        Flavor::Chat => Json(ChatCompletion {
+        Flavor::Chat => WholeBody::Chat(ChatCompletion {
             id,
             object: "chat.completion",
             created: state.now_s(),
@@ -385,9 +395,8 @@ fn whole_response(
                 finish_reason,
             }],
             usage: finished.usage,
-        })
-        .into_response(),
-        Flavor::Completion => Json(Completion {
+        }),
+        Flavor::Completion => WholeBody::Completion(Completion {
             id,
             object: "text_completion",
             created: state.now_s(),
@@ -399,8 +408,7 @@ fn whole_response(
                 finish_reason: Some(finish_reason),
             }],
             usage: Some(Some(finished.usage)),
-        })
-        .into_response(),
+        }),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod backends;
+pub mod batch;
 pub mod console;
 mod error;
 mod extract;
@@ -83,6 +84,7 @@ pub fn metrics_router() -> Router {
         .fallback(routes::not_found)
 }
 
+#[expect(clippy::too_many_lines, reason = "the route table, one route per line")]
 fn routes(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
@@ -90,6 +92,18 @@ fn routes(state: AppState) -> Router {
         .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/v1/usage", get(accounts::usage))
+        .route("/v1/files", post(batch::upload_file).get(batch::list_files))
+        .route(
+            "/v1/files/{id}",
+            get(batch::retrieve_file).delete(batch::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batch::file_content))
+        .route(
+            "/v1/batches",
+            post(batch::create_batch).get(batch::list_batches),
+        )
+        .route("/v1/batches/{id}", get(batch::retrieve_batch))
+        .route("/v1/batches/{id}/cancel", post(batch::cancel_batch))
         .route("/v1/pool", get(pool::pool_status))
         .route("/v1/backends", get(pool::backends_status))
         .route("/admin/models/{id}/load", post(pool::load_model))
@@ -187,6 +201,10 @@ pub const READYZ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connects the ledger, loads every configured model, and serves until `shutdown` resolves; then
 /// stops accepting, finishes in-flight requests and drains the task tracker (settlement writes).
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up, serving and shutdown, in order"
+)]
 pub async fn serve(
     config: &Config,
     options: &ServeOptions,
@@ -225,6 +243,10 @@ pub async fn serve(
             leak_detection: config.leak_detection.clone(),
             telemetry: config.telemetry.clone(),
             base_path: config.server.base_path.clone(),
+            batch: tidepool_core::BatchConfig {
+                files_dir: Some(batch::files_dir_for(&config.batch, &options.database_url)),
+                ..config.batch.clone()
+            },
         },
     );
     let metrics_server =
@@ -234,6 +256,10 @@ pub async fn serve(
     let starting = (!schema_current).then(|| start_up_when_current(&state, config.clone()));
     let prober = backends.map(|backends| state.tasks().spawn(backends.probe_forever()));
     let sweeper = spawn_sweeper(&state, config);
+    let batch_runner = config
+        .batch
+        .runner_enabled
+        .then(|| batch::spawn_runner(&state));
     let listener = bind_public(&options.listen).await?;
     let tasks = state.tasks().clone();
     let alerts = state.alerts().clone();
@@ -244,6 +270,7 @@ pub async fn serve(
     alerts.stop();
     let background = [
         Some(sweeper),
+        batch_runner,
         database_watch,
         prober,
         starting,

@@ -10,6 +10,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::accounts;
 use crate::audit;
+use crate::batch;
 use crate::console;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai;
@@ -30,6 +31,15 @@ use crate::tenant_admin;
         routes::embeddings,
         routes::models,
         accounts::usage,
+        batch::files::upload_file,
+        batch::files::list_files,
+        batch::files::retrieve_file,
+        batch::files::file_content,
+        batch::files::delete_file,
+        batch::api::create_batch,
+        batch::api::list_batches,
+        batch::api::retrieve_batch,
+        batch::api::cancel_batch,
         accounts::create_tenant,
         accounts::get_tenant,
         accounts::create_project,
@@ -73,6 +83,7 @@ use crate::tenant_admin;
     tags(
         (name = "openai", description = "OpenAI-compatible endpoints"),
         (name = "billing", description = "A key's own usage and cost"),
+        (name = "batch", description = "OpenAI's Batch API: files of requests run at the batch price (docs/batch.md)"),
         (name = "pool", description = "The model pool: residency, queues, memory"),
         (name = "admin", description = "Tenants, keys, credit, budgets, limits, statements, the audit log: the admin token, or for a tenant's own keys, budgets, usage and statement a `tenant-admin` key"),
         (name = "console", description = "The web console's sessions (an HttpOnly, SameSite=Strict cookie)"),

@@ -243,6 +243,7 @@ pub(crate) async fn embeddings(
     match embed(&state, &mut guard, &headers, body).await {
         Ok(response) => {
             guard.succeed(response.usage.prompt_tokens, 0, 0);
+            guard.set_batch_body(&response);
             let rate_limits = guard.rate_limits();
             // Billed before it is sent (`UsageGuard::settle_before_reply`).
             if let Err(error) = guard.settle_before_reply().await {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 use tidepool_core::config::ResidencyConfig;
 use tidepool_core::{
-    BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind, TelemetryConfig,
+    BatchConfig, BillingConfig, LeakDetectionConfig, Limits, ModelId, ModelKind, TelemetryConfig,
 };
 use tidepool_engine::{EmbeddingEngine, TextEngine};
 use tidepool_ledger::{AuditActor, AuditContext, Clock, Ledger, SystemClock};
@@ -111,6 +111,9 @@ struct Inner {
     alerts: Alerts,
     /// The leaked-key detector (`None`: `[leak_detection] enabled = false`).
     leak: Option<Mutex<LeakDetector>>,
+    /// `[batch]`, with `files_dir` resolved.
+    batch: BatchConfig,
+    files_dir: std::path::PathBuf,
 }
 
 /// Everything [`AppState`] is built from besides models and ledger.
@@ -138,6 +141,9 @@ pub struct StateOptions {
     pub telemetry: TelemetryConfig,
     /// `[server] base_path`: every route is served under it ("" or e.g. "/gw").
     pub base_path: String,
+    /// `[batch]`; an unset `files_dir` means `batch-files` in the working directory
+    /// (`tidepool serve` resolves it next to the SQLite database: [`crate::batch::files_dir_for`]).
+    pub batch: BatchConfig,
 }
 
 /// Secrets never reach a log: the admin token is redacted.
@@ -154,6 +160,7 @@ impl std::fmt::Debug for StateOptions {
             .field("alert_sinks", &self.alert_sinks)
             .field("leak_detection", &self.leak_detection)
             .field("telemetry", &self.telemetry)
+            .field("batch", &self.batch)
             .finish_non_exhaustive()
     }
 }
@@ -173,6 +180,7 @@ impl StateOptions {
             leak_detection: LeakDetectionConfig::default(),
             telemetry: TelemetryConfig::default(),
             base_path: String::new(),
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -199,7 +207,12 @@ impl AppState {
             leak_detection,
             telemetry,
             base_path,
+            batch,
         } = options;
+        let files_dir = batch
+            .files_dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(crate::batch::FILES_DIR_DEFAULT));
         let admin_token_sha256: Option<[u8; 32]> = admin_token.map(|token| {
             use sha2::Digest as _;
             sha2::Sha256::digest(token.as_bytes()).into()
@@ -238,6 +251,8 @@ impl AppState {
                 started: AtomicBool::new(true),
                 alerts,
                 leak,
+                batch,
+                files_dir,
             }),
         }
     }
@@ -352,6 +367,16 @@ impl AppState {
             tracing::error!(%error, action, target, "cannot audit an event");
         }
         appended.map(drop)
+    }
+
+    /// `[batch]`.
+    pub fn batch_config(&self) -> &BatchConfig {
+        &self.inner.batch
+    }
+
+    /// Where batch file contents live.
+    pub fn files_dir(&self) -> &std::path::Path {
+        &self.inner.files_dir
     }
 
     /// The leaked-key detector, when enabled.

@@ -22,8 +22,8 @@
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 use tidepool_engine::{Generation, GenerationEvent};
 use tidepool_ledger::{
-    ApiKeyRecord, AuditActor, AuditContext, Finish, ProjectId, RateLimitStatus, Reservation,
-    ReserveRequest, UsageEntry, UsageScope, UsageStatus,
+    ApiKeyRecord, AuditActor, AuditContext, Finish, NewBatchLine, ProjectId, RateLimitStatus,
+    Reservation, ReserveClass, ReserveRequest, UsageEntry, UsageScope, UsageStatus,
 };
 
 /// How wide a caller's `/v1/usage` query is; always within the caller's own tenant.
@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::alerts::AlertEvent;
+use crate::batch::{BATCH_LINE, BatchLineContext};
 use crate::error::ApiError;
 use crate::leak::Verdict;
 use crate::metrics;
@@ -78,6 +79,10 @@ pub(crate) struct UsageGuard {
     generation: Option<Generation>,
     /// The entry was written by [`UsageGuard::settle_before_reply`]; `Drop` has nothing to do.
     written: bool,
+    /// The batch line this request runs, when the batch runner sent it (`batch::BATCH_LINE`).
+    batch_line: Option<BatchLineContext>,
+    /// A batch line's response body (JSON text), recorded with its settlement.
+    batch_body: Option<String>,
 }
 
 impl UsageGuard {
@@ -114,7 +119,45 @@ impl UsageGuard {
             checkpointed: 0,
             generation: None,
             written: false,
+            batch_line: BATCH_LINE.try_with(Clone::clone).ok(),
+            batch_body: None,
         }
+    }
+
+    /// The engine's scheduling class: batch lines run on idle capacity.
+    pub(crate) fn request_class(&self) -> tidepool_engine::RequestClass {
+        if self.batch_line.is_some() {
+            tidepool_engine::RequestClass::Batch
+        } else {
+            tidepool_engine::RequestClass::Online
+        }
+    }
+
+    /// A batch line's successful response body, written with its settlement (so the line is
+    /// answered exactly when it is billed). A no-op for online requests.
+    pub(crate) fn set_batch_body(&mut self, body: &impl serde::Serialize) {
+        if self.batch_line.is_some() {
+            match serde_json::to_string(body) {
+                Ok(text) => self.batch_body = Some(text),
+                Err(error) => tracing::error!(%error, "cannot serialize a batch line's response"),
+            }
+        }
+    }
+
+    /// The line result to record with the settlement: only for a batch line that succeeded.
+    fn batch_result(&self, entry: &UsageEntry) -> Option<NewBatchLine> {
+        let line = self.batch_line.as_ref()?;
+        let body = self.batch_body.clone()?;
+        (entry.status == UsageStatus::Ok).then(|| NewBatchLine {
+            batch_id: line.batch_id.clone(),
+            custom_id: line.custom_id.clone(),
+            line: line.line,
+            succeeded: true,
+            status_code: Some(200),
+            body: Some(body),
+            error_code: None,
+            error_message: None,
+        })
     }
 
     /// Admission: reserves the most this request can cost against the tenant's balance, the
@@ -135,6 +178,13 @@ impl UsageGuard {
                 what: "a reservation names its model",
             }));
         };
+        let class = if self.batch_line.is_some() {
+            ReserveClass::Batch {
+                discount_ppm: self.state.billing().batch_discount_ppm_of(model.as_str()),
+            }
+        } else {
+            ReserveClass::Online
+        };
         let request = ReserveRequest {
             request_id: self.request_id,
             key_id: self.key_id.clone(),
@@ -142,6 +192,7 @@ impl UsageGuard {
             prompt_tokens,
             completion_tokens_max,
             idempotency_key,
+            class,
         };
         let span = tracing::info_span!(parent: &self.model_span, "reserve",
             otel.status_code = tracing::field::Empty, error.type = tracing::field::Empty);
@@ -479,6 +530,7 @@ impl UsageGuard {
         let ledger = self.state.ledger().clone();
         let span = self.span.clone();
         let state = self.state.clone();
+        let line = self.batch_result(&entry);
         let retry_for = if retry {
             Duration::from_millis(self.state.billing().settle_retry_ms_max)
         } else {
@@ -491,7 +543,8 @@ impl UsageGuard {
             let mut backoff = SETTLE_RETRY_BACKOFF_INITIAL;
             let mut pending = false;
             let written = loop {
-                let written = write_once(&state, &ledger, &entry, finish, &span).await;
+                let written =
+                    write_once(&state, &ledger, &entry, finish, line.as_ref(), &span).await;
                 match &written {
                     Err(error) if error.is_unavailable() && Instant::now() + backoff < deadline => {
                         if !pending {
@@ -546,20 +599,28 @@ async fn write_once(
     ledger: &tidepool_ledger::Ledger,
     entry: &UsageEntry,
     finish: Option<Finish>,
+    line: Option<&NewBatchLine>,
     span: &tracing::Span,
 ) -> Result<(), tidepool_ledger::LedgerError> {
-    match finish {
-        Some(finish) => {
-            let settlement = ledger.finish(entry, finish).await?;
-            if settlement.capped {
-                tracing::error!(parent: span, request_id = %entry.request_id,
-                    "usage exceeded its reservation; billed at the hold");
-            }
-            observe_spend(state, entry, settlement.cost.0).await;
-            Ok(())
+    let Some(finish) = finish else {
+        ledger.record_usage(entry).await?;
+        // Billing off: no money moves, so the line's result is recorded on its own.
+        if let Some(line) = line {
+            let request_id = entry.request_id.to_string();
+            ledger.record_batch_line(line, Some(&request_id)).await?;
         }
-        None => ledger.record_usage(entry).await.map(|_| ()),
+        return Ok(());
+    };
+    let settlement = match line {
+        Some(line) => ledger.settle_batch_line(entry, finish, line).await?,
+        None => ledger.finish(entry, finish).await?,
+    };
+    if settlement.capped {
+        tracing::error!(parent: span, request_id = %entry.request_id,
+            "usage exceeded its reservation; billed at the hold");
     }
+    observe_spend(state, entry, settlement.cost.0).await;
+    Ok(())
 }
 
 impl UsageGuard {

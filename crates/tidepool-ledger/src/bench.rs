@@ -154,6 +154,7 @@ pub async fn bench_settles(
             prompt_tokens: 100,
             completion_tokens_max: 100,
             idempotency_key: None,
+            class: crate::ReserveClass::Online,
         };
         async move { l.reserve(&request).await.map(drop) }
     })

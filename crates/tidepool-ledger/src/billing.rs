@@ -72,6 +72,20 @@ pub struct ReserveRequest {
     pub completion_tokens_max: TokenCount,
     /// The client's `Idempotency-Key`, if any (unique per tenant, forever).
     pub idempotency_key: Option<String>,
+    /// Online (the default) or a batch line.
+    pub class: ReserveClass,
+}
+
+/// How a request is admitted and priced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReserveClass {
+    /// At the online price, counted against every RPM/TPM window.
+    #[default]
+    Online,
+    /// A batch line: priced at `discount_ppm` parts per million of the online price
+    /// ([`PriceVersion::discounted`]) and not counted against the RPM/TPM windows (those meter
+    /// online traffic); balance and budgets hold it like any request.
+    Batch { discount_ppm: u32 },
 }
 
 /// One window of one limit, for `x-ratelimit-*` headers.
@@ -435,6 +449,10 @@ impl Book {
             output_per_mtok: Nanos(output),
             cached_input_per_mtok: Nanos(cached),
         };
+        let price = match request.class {
+            ReserveClass::Online => price,
+            ReserveClass::Batch { discount_ppm } => price.discounted(discount_ppm)?,
+        };
         let hold = hold_for(request.prompt_tokens, request.completion_tokens_max, &price)?;
         if hold.0 > HOLD_NANOS_MAX {
             return Err(LedgerError::OutOfRange {
@@ -493,11 +511,15 @@ impl Book {
         // 3. RPM/TPM windows of key, model and project (the stores' sort order of the scopes).
         let mut rate_limits = RateLimitStatus::default();
         let mut windows: Vec<(ScopeKey, i64, i64)> = Vec::with_capacity(3);
-        for row in [
-            ("key".to_owned(), request.key_id.0.clone()),
-            ("model".to_owned(), request.model.as_str().to_owned()),
-            ("project".to_owned(), project_scope),
-        ] {
+        let rate_rows = match request.class {
+            ReserveClass::Online => vec![
+                ("key".to_owned(), request.key_id.0.clone()),
+                ("model".to_owned(), request.model.as_str().to_owned()),
+                ("project".to_owned(), project_scope),
+            ],
+            ReserveClass::Batch { .. } => Vec::new(),
+        };
+        for row in rate_rows {
             let Some((rpm, tpm)) = self.rate_limits.get(&row).copied() else {
                 continue;
             };

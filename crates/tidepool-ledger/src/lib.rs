@@ -14,6 +14,7 @@
 mod accounts;
 mod audit;
 mod batch_sql;
+mod batches;
 mod bench;
 mod billing;
 mod budgets;
@@ -47,6 +48,10 @@ pub use audit::{
     AUDIT_TARGET_BYTES_MAX, AuditActor, AuditAnchor, AuditBreak, AuditCheckpoint,
     AuditCheckpointing, AuditContext, AuditEntry, AuditKey, AuditVerdict, chain_hash,
 };
+pub use batches::{
+    BATCH_PAGE_LEN_MAX, BATCH_TEXT_BYTES_MAX, BatchFile, BatchLineRecord, BatchRecord, BatchStatus,
+    BatchTotals, NewBatchLine,
+};
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SEED_DIMENSION_MAX, BENCH_SETTLES_MAX, BENCH_USAGE_ROWS_MAX,
     BenchDatabase, SeededUsage, SettleBench, UsageSeed, bench_price, bench_seed_usage,
@@ -54,7 +59,8 @@ pub use bench::{
 };
 pub use billing::{
     HOLD_NANOS_MAX, IDEMPOTENCY_KEY_BYTES_MAX, RATE_WINDOW_MS, RESERVE_BATCH_LEN_MAX,
-    RESERVE_QUEUE_LEN_MAX, RateLimitStatus, Reservation, ReserveRequest, WindowStatus,
+    RESERVE_QUEUE_LEN_MAX, RateLimitStatus, Reservation, ReserveClass, ReserveRequest,
+    WindowStatus,
 };
 pub use budgets::TENANT_BUDGETS_LEN_MAX;
 pub use checkpoint::{WAL_CHECKPOINT_INTERVAL, WAL_SYNC_INTERVAL};
@@ -69,7 +75,7 @@ pub use outbox::{
     ALERT_CLAIM_LEN_MAX, ALERT_ERROR_BYTES_MAX, ALERT_PAYLOAD_BYTES_MAX, ClaimedAlert, NewAlert,
     OutboxCounts,
 };
-pub use price::{BilledTokens, PriceVersion};
+pub use price::{BilledTokens, DISCOUNT_PPM_FULL, PriceVersion};
 pub use recovery::{INTERRUPTED_CODE, RECOVERED_ENDPOINT, RECOVERY_PAGE_LEN_MAX, RecoveryReport};
 pub use rollup::{
     DailyUsage, TENANT_SPEND_TENANTS_MAX, TenantSpend, USAGE_DAILY_DAYS_MAX, USAGE_DAILY_ROWS_MAX,

@@ -11,6 +11,14 @@
 //! per request means a request is never billed below its exact price and never more than one
 //! nano-unit above it, and the cost is monotonic in every token count. That monotonicity is what
 //! lets a reservation's hold (the cost of the largest usage it admits) bound its settlement.
+//!
+//! Batch lines are billed at a discount given in parts per million of the online price
+//! (`[billing] batch_discount_ppm`, default 500,000 = half price). The discount applies to the
+//! price snapshot the reservation takes, each per-million price rounded **up** to a whole
+//! nano-unit ([`PriceVersion::discounted`]); the request's cost then follows the rule above. So
+//! a batch line never costs less than the discount's exact share, and for prices that are
+//! multiples of `1_000_000 / gcd(ppm, 1_000_000)` nano-units (every whole cent per million at
+//! 50 %) it is exactly that share, up to the per-request rounding.
 
 use tidepool_core::{Currency, ModelId, Nanos, TokenCount};
 
@@ -50,6 +58,36 @@ impl PriceVersion {
             && self.input_per_mtok == other.input_per_mtok
             && self.output_per_mtok == other.output_per_mtok
             && self.cached_input_per_mtok == other.cached_input_per_mtok
+    }
+}
+
+/// A discount of nothing: the online price, in parts per million.
+pub const DISCOUNT_PPM_FULL: u32 = 1_000_000;
+
+impl PriceVersion {
+    /// These prices at `ppm` parts per million (at most [`DISCOUNT_PPM_FULL`]), each rounded up
+    /// to a whole nano-unit per million tokens.
+    pub fn discounted(&self, ppm: u32) -> Result<Self, LedgerError> {
+        if ppm > DISCOUNT_PPM_FULL {
+            return Err(LedgerError::OutOfRange {
+                field: "batch discount",
+            });
+        }
+        let scale = |price: Nanos, field: &'static str| -> Result<Nanos, LedgerError> {
+            let scaled = price_u128(price, field)?
+                .checked_mul(u128::from(ppm))
+                .map(|p| p.div_ceil(u128::from(DISCOUNT_PPM_FULL)))
+                .ok_or(LedgerError::OutOfRange { field })?;
+            i64::try_from(scaled)
+                .map(Nanos)
+                .map_err(|_| LedgerError::OutOfRange { field })
+        };
+        Ok(Self {
+            input_per_mtok: scale(self.input_per_mtok, "input price")?,
+            output_per_mtok: scale(self.output_per_mtok, "output price")?,
+            cached_input_per_mtok: scale(self.cached_input_per_mtok, "cached input price")?,
+            ..self.clone()
+        })
     }
 }
 
@@ -177,7 +215,47 @@ mod tests {
         assert!(cost_of(t, &price(-1, 0, 0)).is_err());
     }
 
+    #[test]
+    fn discount_rounds_each_price_up() {
+        let p = price(50_000_000, 200_000_000, 25_000_001);
+        let half = p.discounted(500_000).unwrap();
+        assert_eq!(half.input_per_mtok, Nanos(25_000_000));
+        assert_eq!(half.output_per_mtok, Nanos(100_000_000));
+        assert_eq!(half.cached_input_per_mtok, Nanos(12_500_001));
+        assert_eq!(p.discounted(DISCOUNT_PPM_FULL).unwrap(), p);
+        assert_eq!(p.discounted(0).unwrap().output_per_mtok, Nanos::ZERO);
+        assert!(p.discounted(DISCOUNT_PPM_FULL + 1).is_err());
+        // 1 nano per Mtok at a third: rounds up to 1, never to 0.
+        assert_eq!(
+            price(1, 1, 1).discounted(333_333).unwrap().input_per_mtok,
+            Nanos(1)
+        );
+        // A batch line at 50 % of even prices costs exactly half the online cost.
+        let t = BilledTokens {
+            prompt_tokens: 37,
+            cached_prompt_tokens: 0,
+            completion_tokens: 8,
+        };
+        assert_eq!(cost_of(t, &half).unwrap().0 * 2, cost_of(t, &p).unwrap().0);
+    }
+
     proptest! {
+        #[test]
+        fn discounted_cost_bounds_the_exact_share(
+            prompt in 0u32..1_000_000, completion in 0u32..1_000_000, ppm in 0u32..=1_000_000,
+            input in 0i64..1_000_000_000_000, output in 0i64..1_000_000_000_000,
+        ) {
+            let p = price(input, output, 0);
+            let t = BilledTokens { prompt_tokens: prompt, cached_prompt_tokens: 0, completion_tokens: completion };
+            let online = u128::try_from(cost_of(t, &p).unwrap().0).unwrap();
+            let batch = u128::try_from(cost_of(t, &p.discounted(ppm).unwrap()).unwrap().0).unwrap();
+            let exact = u128::from(prompt) * u128::try_from(input).unwrap()
+                + u128::from(completion) * u128::try_from(output).unwrap();
+            // Never below the discount's exact share of the exact price, never above online.
+            prop_assert!(batch * 1_000_000 * 1_000_000 >= exact * u128::from(ppm));
+            prop_assert!(batch <= online);
+        }
+
         #[test]
         fn cost_is_exact_ceiling(
             prompt in 0u32.., cached_share in 0u32..=100, completion in 0u32..,

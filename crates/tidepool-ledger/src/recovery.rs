@@ -103,6 +103,7 @@ impl Ledger {
                     .send(Command::Finish {
                         entry,
                         finish,
+                        line: None,
                         reply,
                     })
                     .await

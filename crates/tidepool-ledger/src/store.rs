@@ -139,7 +139,7 @@ impl Store {
                 // migration applied. Each lost race means another migrator applied one more
                 // migration, so a run loses at most once per migration: one attempt more than
                 // there are migrations always finishes.
-                let attempts_max = SQLITE_MIGRATOR.iter().count() + 1;
+                let attempts_max = SQLITE_MIGRATOR.iter().count().saturating_add(1);
                 let mut outcome = Ok(());
                 for _ in 0..attempts_max {
                     outcome = SQLITE_MIGRATOR.run(pool).await;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch_sql::{
     BatchSql as _, DAILY_BINDS, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
 };
+use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::daily_rows;
@@ -73,6 +74,8 @@ pub(crate) enum Command {
     Finish {
         entry: UsageEntry,
         finish: Finish,
+        /// A batch line's result, written in the settlement's transaction.
+        line: Option<Box<NewBatchLine>>,
         reply: oneshot::Sender<Result<Settlement, LedgerError>>,
     },
     Checkpoint {
@@ -81,6 +84,9 @@ pub(crate) enum Command {
         reply: CheckpointReply,
     },
 }
+
+/// One command of a settle batch: the entry, how it resolves, and a batch line's result.
+type Item<'a> = (&'a UsageEntry, Finish, Option<&'a NewBatchLine>);
 
 /// Where a checkpoint's outcome goes.
 type CheckpointReply = oneshot::Sender<Result<(), LedgerError>>;
@@ -235,6 +241,8 @@ enum Outcome<'a> {
         row: BilledRow<'a>,
         finish: Finish,
         capped: bool,
+        /// A batch line's result to record with the settlement.
+        line: Option<&'a NewBatchLine>,
     },
 }
 
@@ -258,11 +266,37 @@ impl crate::Ledger {
         entry: &UsageEntry,
         finish: Finish,
     ) -> Result<Settlement, LedgerError> {
+        self.finish_with_line(entry, finish, None).await
+    }
+
+    /// Settles or voids a batch line's request and records the line's result in the same
+    /// transaction (group-committed with other settlements). If the line already has a result
+    /// (it ran before, e.g. on a replica whose lease lapsed), this request is **voided** instead
+    /// and its result dropped: a line is billed once and answered once. Idempotent per request
+    /// id like [`Self::settle`].
+    pub async fn settle_batch_line(
+        &self,
+        entry: &UsageEntry,
+        finish: Finish,
+        line: &NewBatchLine,
+    ) -> Result<Settlement, LedgerError> {
+        validate_line(line)?;
+        self.finish_with_line(entry, finish, Some(Box::new(line.clone())))
+            .await
+    }
+
+    async fn finish_with_line(
+        &self,
+        entry: &UsageEntry,
+        finish: Finish,
+        line: Option<Box<NewBatchLine>>,
+    ) -> Result<Settlement, LedgerError> {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(Command::Finish {
                 entry: entry.clone(),
                 finish,
+                line,
                 reply,
             })
             .await
@@ -291,7 +325,7 @@ impl crate::Ledger {
             rx,
             last_cleanup_ms: i64::MIN,
         };
-        let items: Vec<(&UsageEntry, Finish)> = items.iter().map(|(e, f)| (e, *f)).collect();
+        let items: Vec<Item<'_>> = items.iter().map(|(e, f)| (e, *f, None)).collect();
         writer.finish_batch_retrying(&items).await
     }
 
@@ -367,8 +401,9 @@ impl Writer {
                 Command::Finish {
                     entry,
                     finish,
+                    line,
                     reply,
-                } => finishes.push((entry, finish, reply)),
+                } => finishes.push((entry, finish, line, reply)),
                 Command::Checkpoint {
                     request_id,
                     completion_tokens,
@@ -382,16 +417,19 @@ impl Writer {
         if finishes.is_empty() {
             return;
         }
-        let items: Vec<(&UsageEntry, Finish)> = finishes.iter().map(|(e, f, _)| (e, *f)).collect();
+        let items: Vec<Item<'_>> = finishes
+            .iter()
+            .map(|(e, f, l, _)| (e, *f, l.as_deref()))
+            .collect();
         match self.finish_batch_retrying(&items).await {
             Ok(results) => {
                 assert!(results.len() == finishes.len(), "one result per command");
-                for ((_, _, reply), result) in finishes.into_iter().zip(results) {
+                for ((_, _, _, reply), result) in finishes.into_iter().zip(results) {
                     drop(reply.send(result));
                 }
             }
             Err(err) if items.len() == 1 => {
-                if let Some((_, _, reply)) = finishes.into_iter().next() {
+                if let Some((_, _, _, reply)) = finishes.into_iter().next() {
                     drop(reply.send(Err(err)));
                 }
             }
@@ -399,14 +437,17 @@ impl Writer {
                 // The database is out of reach: one by one would wait out the connection
                 // timeout once per command. Every caller gets the failure now and may retry.
                 tracing::warn!(error = %err, len = items.len(), "settle batch failed: the database is unreachable");
-                for (_, _, reply) in finishes {
+                for (_, _, _, reply) in finishes {
                     drop(reply.send(Err(LedgerError::WriterFailed)));
                 }
             }
             Err(err) => {
                 tracing::warn!(error = %err, len = items.len(), "settle batch failed; applying one by one");
-                for (entry, finish, reply) in finishes {
-                    let result = match self.finish_batch_retrying(&[(&entry, finish)]).await {
+                for (entry, finish, line, reply) in finishes {
+                    let result = match self
+                        .finish_batch_retrying(&[(&entry, finish, line.as_deref())])
+                        .await
+                    {
                         Ok(mut results) => results.pop().unwrap_or(Err(LedgerError::WriterFailed)),
                         Err(err) => Err(err),
                     };
@@ -447,7 +488,7 @@ impl Writer {
 
     async fn finish_batch_retrying(
         &self,
-        items: &[(&UsageEntry, Finish)],
+        items: &[Item<'_>],
     ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
         let mut attempt: u32 = 0;
         loop {
@@ -484,7 +525,7 @@ impl Writer {
     #[expect(clippy::too_many_lines, reason = "one transaction, read top to bottom")]
     async fn finish_batch(
         &self,
-        items: &[(&UsageEntry, Finish)],
+        items: &[Item<'_>],
     ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
         assert!(!items.is_empty(), "batches are never empty");
         assert!(
@@ -497,7 +538,7 @@ impl Writer {
         // reservation moves to.
         let mut entry_errors: Vec<Option<LedgerError>> = Vec::with_capacity(items.len());
         let mut first_valid: BTreeMap<String, usize> = BTreeMap::new();
-        for (index, (entry, _)) in items.iter().enumerate() {
+        for (index, (entry, _, _)) in items.iter().enumerate() {
             let checked =
                 validate_entry(entry).and_then(|()| to_i64(entry.latency_ms, "latency_ms"));
             match checked {
@@ -516,7 +557,7 @@ impl Writer {
             .filter(|(_, index)| {
                 items
                     .get(**index)
-                    .is_some_and(|(_, f)| *f == Finish::Settle)
+                    .is_some_and(|(_, f, _)| *f == Finish::Settle)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -538,7 +579,7 @@ impl Writer {
             // unknown.
             let others: Vec<String> = items
                 .iter()
-                .map(|(e, _)| e.request_id.to_string())
+                .map(|(e, _, _)| e.request_id.to_string())
                 .filter(|id| !held.contains_key(id))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
@@ -550,11 +591,33 @@ impl Writer {
                 }
             }
 
+            // 2b. Batch lines that already have a result: their request is billed nothing (its
+            // reservation reads `settled` at zero cost when the command asked to settle).
+            let mut answered: BTreeSet<(String, String)> = BTreeSet::new();
+            for (_, _, line) in items {
+                if let Some(line) = line {
+                    let found: Option<(i64,)> = sqlx::query_as(
+                        "SELECT line FROM batch_lines WHERE batch_id = $1 AND custom_id = $2",
+                    )
+                    .bind(&line.batch_id)
+                    .bind(&line.custom_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if found.is_some() {
+                        answered.insert((line.batch_id.clone(), line.custom_id.clone()));
+                    }
+                }
+            }
+            let already_answered = |line: Option<&NewBatchLine>| {
+                line.is_some_and(|l| answered.contains(&(l.batch_id.clone(), l.custom_id.clone())))
+            };
+
             // 3. Decide each command in order; a request finished twice in one batch counts once.
             let mut outcomes: Vec<Outcome<'_>> = Vec::with_capacity(items.len());
             let mut decided: BTreeMap<String, (ReservationState, Nanos)> = BTreeMap::new();
-            for (index, (entry, finish)) in items.iter().enumerate() {
+            for (index, (entry, finish, line)) in items.iter().enumerate() {
                 let id = entry.request_id.to_string();
+                let finish = if already_answered(*line) { &Finish::Void } else { finish };
                 let entry_error = entry_errors.get_mut(index).and_then(Option::take);
                 let outcome = if let Some(h) = held.get(&id) {
                     // Open before this batch.
@@ -578,7 +641,7 @@ impl Writer {
                                     Finish::Void => ReservationState::Voided,
                                 };
                                 decided.insert(id, (state, cost));
-                                Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped }
+                                Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped, line: *line }
                             }
                             // The reservation moved already: this command may not apply, and a
                             // later one for the same request might. Nothing is committed; alone,
@@ -657,6 +720,35 @@ impl Writer {
                     // reserved request): refuse the batch; one-by-one retry isolates it.
                     return Err(LedgerError::Invariant { what: "usage row already exists for a reserved request" });
                 }
+                // Batch lines' results, in the same transaction as their money; a line that got
+                // a result meanwhile fails the batch (each command is then retried alone and
+                // finds it answered, so its request is voided).
+                for outcome in &outcomes {
+                    let Outcome::Apply { row, line: Some(line), .. } = outcome else {
+                        continue;
+                    };
+                    if already_answered(Some(*line)) {
+                        continue;
+                    }
+                    let request_id = row.entry.request_id.to_string();
+                    let inserted = insert_line!(
+                        &mut *tx,
+                        line,
+                        Some(request_id.as_str()),
+                        i64::from(row.entry.prompt_tokens),
+                        i64::from(row.entry.completion_tokens),
+                        row.cost.0,
+                        now_ms
+                    )?;
+                    if !inserted {
+                        return Err(LedgerError::Invariant { what: "a batch line was answered twice" });
+                    }
+                    sqlx::query("UPDATE usage_entries SET batch_id = $1 WHERE request_id = $2")
+                        .bind(&line.batch_id)
+                        .bind(&request_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 // Their daily rollup: every row was inserted, so all of them count; one upsert
                 // per (tenant, project, key, model, day), before the account rows are locked.
                 tx.add_usage_daily(&daily_rows(&rows)?).await?;
@@ -705,7 +797,7 @@ impl Writer {
                 .into_iter()
                 .map(|outcome| match outcome {
                     Outcome::Reply(result) => result,
-                    Outcome::Apply { row, finish, capped } => Ok(Settlement {
+                    Outcome::Apply { row, finish, capped, .. } => Ok(Settlement {
                         request_id: row.entry.request_id,
                         state: match finish {
                             Finish::Settle => ReservationState::Settled,

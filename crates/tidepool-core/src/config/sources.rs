@@ -41,6 +41,7 @@ const OPTIONAL_KEYS: &[(&str, Kind)] = &[
     ("models[].keep_alive_ms", Kind::Integer),
     ("backends[].api_key_env", Kind::String),
     ("backends[].api_key_file", Kind::String),
+    ("batch.files_dir", Kind::String),
 ];
 
 /// Values printed as `***`, or with their password replaced, wherever they are shown.

@@ -162,6 +162,11 @@ pub(crate) struct App {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// A fresh name for a scratch directory.
+fn uuid_like() -> String {
+    RequestId::new().to_string()
+}
+
 pub(crate) fn id(value: &str) -> ModelId {
     ModelId::new(value).unwrap()
 }
@@ -209,6 +214,13 @@ impl App {
         }
         if options.admin_token.is_none() {
             options.admin_token = Some(ADMIN_TOKEN.to_owned());
+        }
+        // Batch files next to the test's database, never in the working directory.
+        if options.batch.files_dir.is_none() {
+            options.batch.files_dir = Some(match &dir {
+                Some(dir) => dir.path().join("batch-files"),
+                None => std::env::temp_dir().join(format!("tidepool-batch-{}", uuid_like())),
+            });
         }
         let fake_chat = FakeEngine::start(fake(FakeEngineConfig::new(id(FAKE_CHAT)))).unwrap();
         let fake_base = FakeEngine::start(FakeEngineConfig::new(id(FAKE_BASE))).unwrap();

@@ -204,6 +204,7 @@ impl World {
             prompt_tokens: drawn.prompt_tokens,
             completion_tokens_max: drawn.completion_tokens_max,
             idempotency_key: drawn.idempotency_key.clone(),
+            class: tidepool_ledger::ReserveClass::Online,
         }
     }
 

@@ -84,6 +84,7 @@ impl Fixture {
             prompt_tokens: prompt,
             completion_tokens_max: completion_max,
             idempotency_key: None,
+            class: tidepool_ledger::ReserveClass::Online,
         }
     }
 
@@ -1035,5 +1036,6 @@ async fn fixture_other_tenant(ledger: &Ledger) -> ReserveRequest {
         prompt_tokens: 1,
         completion_tokens_max: 1,
         idempotency_key: None,
+        class: tidepool_ledger::ReserveClass::Online,
     }
 }

@@ -47,6 +47,7 @@ async fn child() {
                 prompt_tokens: 100,
                 completion_tokens_max: 100,
                 idempotency_key: None,
+                class: tidepool_ledger::ReserveClass::Online,
             };
             let reservation = ledger.reserve(&request).await.unwrap();
             ready_tx.send(()).await.unwrap();

@@ -8,6 +8,8 @@ mod audit_checkpoints;
 #[cfg(test)]
 mod batch;
 #[cfg(test)]
+mod batches;
+#[cfg(test)]
 mod billing;
 #[cfg(test)]
 mod common;

@@ -200,6 +200,7 @@ impl World {
             prompt_tokens: prompt,
             completion_tokens_max: completion_max,
             idempotency_key: None,
+            class: tidepool_ledger::ReserveClass::Online,
         };
         let ledger = if on_b { &self.b } else { &self.a };
         let reservation = ledger.reserve(&request).await.unwrap();
