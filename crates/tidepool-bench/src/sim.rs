@@ -11,7 +11,7 @@ use tidepool_core::config::{Resolved, Source};
 use tidepool_core::{PoolPolicy, PoolSection};
 use tidepool_sim::{
     Arrivals, Instances, MarketSpec, PlacementFile, PoolKnobs, Popularity, Profile, Progress,
-    SimSpec, Workload, market, placement_file, plan, plan_placement_file, plan_svg,
+    Report, SimSpec, Workload, market, placement_file, plan, plan_placement_file, plan_svg,
     read_azure_trace, read_model_trace, sim_svg, simulate,
 };
 
@@ -218,6 +218,29 @@ impl ServerPool {
     }
 }
 
+/// The placement search's bounds: moves at most, and the requests it searches on (0: all).
+#[derive(Debug, Clone, Copy)]
+struct Search {
+    moves_max: u32,
+    sample_requests: u64,
+}
+
+impl Search {
+    /// No search: the first placement stands.
+    #[cfg(test)]
+    const NONE: Self = Self {
+        moves_max: 0,
+        sample_requests: 0,
+    };
+
+    fn of(workload: &WorkloadArgs) -> Self {
+        Self {
+            moves_max: workload.placement_moves_max,
+            sample_requests: workload.search_sample_requests,
+        }
+    }
+}
+
 /// The simulation of `policy` on `accelerators` of `profile`: the server's knobs (`server`'s
 /// `[pool]`, else [`PoolKnobs::default`]) with the flags on top, and the server's budget where
 /// its `[pool]` sets one (`memory_bytes_max` per accelerator, else `memory_models_max`; the
@@ -229,8 +252,7 @@ fn sim_spec(
     accelerators: u32,
     server: Option<&ServerPool>,
     flags: &KnobArgs,
-    placement_moves_max: u32,
-    search_sample_requests: u64,
+    search: Search,
     instances: Instances,
 ) -> SimSpec {
     let mut knobs = PoolKnobs::default();
@@ -252,8 +274,8 @@ fn sim_spec(
         accelerators,
         knobs: flags.apply(knobs),
         memory_models_max,
-        placement_moves_max,
-        search_sample_requests,
+        placement_moves_max: search.moves_max,
+        search_sample_requests: search.sample_requests,
         search_until_attainment: None,
         instances,
         placement: None,
@@ -382,8 +404,7 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
         args.accelerators,
         server.as_ref(),
         &args.workload.knobs,
-        args.workload.placement_moves_max,
-        args.workload.search_sample_requests,
+        Search::of(&args.workload),
         instances,
     );
     if let Some(path) = &args.placement {
@@ -412,6 +433,16 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
             ),
         ),
     )?;
+    print_sim_summary(&report, &args.out, &svg, &placement)
+}
+
+/// The sim command's two lines: the report's headline figures, and where its files went.
+fn print_sim_summary(
+    report: &Report,
+    out_path: &Path,
+    svg: &Path,
+    placement: &Path,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -434,7 +465,7 @@ pub fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "report: {}  plot: {}  placement: {}",
-        args.out.display(),
+        out_path.display(),
         svg.display(),
         placement.display()
     )?;
@@ -465,8 +496,7 @@ pub fn run_plan(args: &PlanArgs) -> anyhow::Result<()> {
         1,
         server.as_ref(),
         &args.workload.knobs,
-        args.workload.placement_moves_max,
-        args.workload.search_sample_requests,
+        Search::of(&args.workload),
         Instances::One,
     );
     let mut report_progress = |_: Progress| {};
@@ -600,8 +630,7 @@ file = "smol.gguf"
             1,
             Some(&server),
             &KnobArgs::default(),
-            0,
-            0,
+            Search::NONE,
             Instances::One,
         );
         assert_eq!(planned.knobs, runtime.knobs);
@@ -647,8 +676,7 @@ file = "smol.gguf"
             1,
             Some(&server),
             &flags,
-            0,
-            0,
+            Search::NONE,
             Instances::One,
         );
         assert_eq!(
@@ -674,8 +702,7 @@ file = "smol.gguf"
             1,
             None,
             &KnobArgs::default(),
-            0,
-            0,
+            Search::NONE,
             Instances::One,
         );
         assert_eq!(plain.knobs, PoolKnobs::default());
@@ -692,8 +719,7 @@ file = "smol.gguf"
             1,
             Some(&by_count),
             &KnobArgs::default(),
-            0,
-            0,
+            Search::NONE,
             Instances::One,
         );
         assert_eq!(planned.memory_models_max, Some(1));
