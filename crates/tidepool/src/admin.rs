@@ -414,7 +414,13 @@ pub(crate) async fn usage(database_url: &str, args: &UsageArgs) -> anyhow::Resul
     let month = args.month.as_deref().map(month).transpose()?;
     let account = ledger.account(&tenant).await?;
     let rows = ledger.usage_summary(&scope, month).await?;
-    let report = tidepool_gateway::accounts::usage_report(&scope, month, account.currency, rows)?;
+    let mut report =
+        tidepool_gateway::accounts::usage_report(&scope, month, account.currency, rows)?;
+    let (requests, cost_nanos) = ledger.batch_usage(&scope, month).await?;
+    report.batch = tidepool_gateway::accounts::BatchUsageOut {
+        requests,
+        cost_nanos,
+    };
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
