@@ -76,6 +76,30 @@ def test_stream_matches_non_stream_and_reports_usage(client):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_repeated_system_prompt_reports_cached_tokens(server, client):
+    """The pooled engine reuses a repeated ~600-token system prompt: the SDK sees
+    `usage.prompt_tokens_details.cached_tokens` (0 the first time, all but the last prompt token
+    after), the same greedy answer, and the ledger row stores the same count."""
+    rules = "".join(
+        f"Rule {i}: boats in berth {i} leave before the tide turns and report their cargo.\n" for i in range(1, 27)
+    )
+    messages = [
+        {"role": "system", "content": "You are the harbour master's assistant. Python check.\n" + rules},
+        {"role": "user", "content": "Which berth leaves first?"},
+    ]
+    kwargs = dict(model=CHAT, messages=messages, max_tokens=12, temperature=0)
+    first = client.chat.completions.create(**kwargs)
+    raw = client.chat.completions.with_raw_response.create(**kwargs)
+    second = raw.parse()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    row = server.usage_row(raw.headers["x-request-id"])
+    assert row["cached_prompt_tokens"] == second.usage.prompt_tokens_details.cached_tokens
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+
+
 def test_stream_without_include_usage_has_no_usage_chunk(client):
     chunks = list(client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=8, stream=True))
     assert chunks and all(c.usage is None for c in chunks)

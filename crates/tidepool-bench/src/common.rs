@@ -64,6 +64,21 @@ pub(crate) fn prompt_for(request: u32, tokens: u32) -> String {
     text
 }
 
+/// A system prompt of about `tokens` tokens (SmolLM2's tokenizer), the same for every request:
+/// the shared prefix of the prefix-cache workload.
+pub(crate) fn shared_prefix(tokens: u32) -> String {
+    let mut text = String::from("You are the harbour master's assistant. Rules follow.");
+    // One rule is about 17 tokens.
+    for rule in 0..tokens.div_ceil(17) {
+        text.push_str(" Rule ");
+        text.push_str(&rule.to_string());
+        text.push_str(": boats in berth ");
+        text.push_str(&rule.to_string());
+        text.push_str(" leave before the tide turns and report cargo.");
+    }
+    text
+}
+
 /// A loopback port free right now (a race with other processes is possible but harmless here).
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

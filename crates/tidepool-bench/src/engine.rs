@@ -9,6 +9,9 @@
 //! `--repeats` passes run every level on every system in a rotating order, each system's
 //! figures summing its passes, so the machine's drift falls on all three alike; every prompt is
 //! unique (no prompt cache can answer it) and each server gets one untimed warm-up request.
+//! `--shared-prefix-tokens N` opens every prompt with one shared system prompt of about N tokens
+//! instead: the prefix-cache workload, where both servers reuse the prefix's KV (llama-server's
+//! `cache_prompt` is on by default).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::client::{data_events, event_text};
-use crate::common::{SMOLLM2_FILE, ms, percentile, prompt_for};
+use crate::common::{SMOLLM2_FILE, ms, percentile, prompt_for, shared_prefix};
 use crate::process::{LlamaServer, TidepoolServer};
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +72,21 @@ pub(crate) struct EngineBenchArgs {
     /// Tidepool with `[pool] prefill_riders = true` (decoding streams ride in prefills).
     #[arg(long, env = "TIDEPOOL_BENCH_PREFILL_RIDERS")]
     prefill_riders: bool,
+    /// A shared system prompt of about this many tokens opens every request (the unique part
+    /// follows): the prefix-cache workload. 0: every prompt differs from its first words.
+    #[arg(long, env = "TIDEPOOL_BENCH_SHARED_PREFIX_TOKENS", default_value_t = 0)]
+    shared_prefix_tokens: u32,
+}
+
+impl EngineBenchArgs {
+    /// The prompt of request `number`: the shared prefix (if any), then its unique text.
+    fn prompt(&self, number: u32) -> String {
+        let unique = prompt_for(number, self.prompt_tokens);
+        if self.shared_prefix_tokens == 0 {
+            return unique;
+        }
+        format!("{}\n{unique}", shared_prefix(self.shared_prefix_tokens))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +119,8 @@ struct LevelReport {
 struct EngineReport {
     model: String,
     prompt_tokens: u32,
+    /// Tokens of the system prompt every request shares (about), 0 for none.
+    shared_prefix_tokens: u32,
     output_tokens: u32,
     repeats: u32,
     raw: Vec<LevelReport>,
@@ -167,7 +187,8 @@ fn default_model_path() -> PathBuf {
 
 /// The prompt number of one request: unique per (pass, concurrency level, round, stream), so no
 /// request repeats an earlier level's prompt and no server can answer it from a prompt cache
-/// (llama-server reuses a slot whose cached prompt matches; Tidepool does not).
+/// (llama-server and Tidepool reuse a slot whose cached prompt matches) beyond the shared
+/// prefix of `--shared-prefix-tokens`.
 fn request_number(numbers: RequestNumbers, round: u32, stream: u32) -> u32 {
     numbers
         .pass
@@ -216,6 +237,7 @@ pub(crate) async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         prompt_tokens: args.prompt_tokens,
+        shared_prefix_tokens: args.shared_prefix_tokens,
         output_tokens: args.output_tokens,
         ..EngineReport::default()
     };
@@ -371,7 +393,7 @@ fn raw_level(
     let mut samples = Samples::default();
     for round in 0..rounds_for(args, numbers.concurrency) {
         let prompts: Vec<String> = (0..numbers.concurrency)
-            .map(|i| prompt_for(request_number(numbers, round, i), args.prompt_tokens))
+            .map(|i| args.prompt(request_number(numbers, round, i)))
             .collect();
         samples.merge(raw_batch(model_path, &prompts, args.output_tokens)?);
     }
@@ -426,17 +448,16 @@ async fn http_level(
         let url = format!("{base}/v1/completions");
         let key = key.map(str::to_owned);
         let model = model.to_owned();
-        let (prompt_tokens, output_tokens, rounds) = (
-            args.prompt_tokens,
-            args.output_tokens,
-            rounds_for(args, numbers.concurrency),
-        );
+        let (output_tokens, rounds) = (args.output_tokens, rounds_for(args, numbers.concurrency));
+        let prompts: Vec<String> = (0..rounds)
+            .map(|round| args.prompt(request_number(numbers, round, stream)))
+            .collect();
         async move {
             let mut samples = Samples::default();
-            for round in 0..rounds {
+            for prompt in prompts {
                 let body = serde_json::json!({
                     "model": model,
-                    "prompt": prompt_for(request_number(numbers, round, stream), prompt_tokens),
+                    "prompt": prompt,
                     "max_tokens": output_tokens,
                     "temperature": 0,
                     "stream": true,
@@ -470,7 +491,7 @@ async fn warm_up(
     let client = reqwest::Client::new();
     let body = serde_json::json!({
         "model": model,
-        "prompt": prompt_for(WARM_UP_REQUEST, args.prompt_tokens),
+        "prompt": args.prompt(WARM_UP_REQUEST),
         "max_tokens": 8,
         "temperature": 0,
         "stream": true,

@@ -751,9 +751,14 @@ pub struct ModelConfig {
     /// Price per million completion tokens, nano-units.
     #[serde(default)]
     pub price_output_per_mtok: Nanos,
-    /// Price per million cached prompt tokens, nano-units.
-    #[serde(default)]
-    pub price_cached_input_per_mtok: Nanos,
+    /// Price per million cached prompt tokens (a prefix served from the prompt cache),
+    /// nano-units; unset = `price_input_per_mtok` (cached tokens are never free by accident).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_cached_input_per_mtok: Option<Nanos>,
+    /// Pooled llama.cpp models: prompt tokens whose KV the model's idle slots keep for prefix
+    /// reuse, over all its slots (least recently used cleared first); 0 turns reuse off.
+    #[serde(default = "default_prefix_cache_tokens_max")]
+    pub prefix_cache_tokens_max: TokenCount,
     /// Which engine runs it.
     #[serde(default)]
     pub backend: Backend,
@@ -767,6 +772,18 @@ pub struct ModelConfig {
     /// memory is needed.
     #[serde(default)]
     pub keep_alive_ms: Option<u64>,
+}
+
+fn default_prefix_cache_tokens_max() -> TokenCount {
+    16_384
+}
+
+impl ModelConfig {
+    /// The price of a cached prompt token: the configured one, else the input price.
+    pub fn cached_input_price(&self) -> Nanos {
+        self.price_cached_input_per_mtok
+            .unwrap_or(self.price_input_per_mtok)
+    }
 }
 
 fn default_context_tokens() -> TokenCount {
@@ -954,10 +971,7 @@ impl Config {
             for (name, price) in [
                 ("price_input_per_mtok", model.price_input_per_mtok),
                 ("price_output_per_mtok", model.price_output_per_mtok),
-                (
-                    "price_cached_input_per_mtok",
-                    model.price_cached_input_per_mtok,
-                ),
+                ("price_cached_input_per_mtok", model.cached_input_price()),
             ] {
                 if price.0 < 0 {
                     problems.add(field(name), "prices are never negative");
@@ -1163,6 +1177,27 @@ price_output_per_mtok = 600000000
         assert_eq!(config.models[0].price_output_per_mtok, Nanos(600_000_000));
         assert_eq!(config.pool.policy, PoolPolicy::SwapLru);
         assert!(config.pool.enabled);
+    }
+
+    #[test]
+    fn an_unset_cached_input_price_is_the_input_price_never_zero() {
+        let unset = format!("{SAMPLE}price_input_per_mtok = 50000000\n");
+        let model = &Config::parse(&unset, Path::new("t.toml")).unwrap().models[0];
+        assert_eq!(model.price_cached_input_per_mtok, None);
+        assert_eq!(model.cached_input_price(), Nanos(50_000_000));
+        assert_eq!(model.prefix_cache_tokens_max, 16_384);
+        let set = format!("{unset}price_cached_input_per_mtok = 25000000\n");
+        let model = &Config::parse(&set, Path::new("t.toml")).unwrap().models[0];
+        assert_eq!(model.cached_input_price(), Nanos(25_000_000));
+        // An explicit zero is a choice, and stays zero.
+        let free = format!("{unset}price_cached_input_per_mtok = 0\n");
+        let model = &Config::parse(&free, Path::new("t.toml")).unwrap().models[0];
+        assert_eq!(model.cached_input_price(), Nanos(0));
+        let negative = format!("{unset}price_cached_input_per_mtok = -1\n");
+        assert!(matches!(
+            Config::parse(&negative, Path::new("t.toml")),
+            Err(CoreError::ConfigInvalid { .. })
+        ));
     }
 
     #[test]

@@ -532,7 +532,7 @@ mod tests {
             Some(&GenerationEvent::Done {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 3,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: Some(0),
                 completion_tokens: 5,
             })
         );

@@ -20,6 +20,7 @@ pub mod llama;
 pub mod multi;
 mod output;
 mod params;
+mod prefix;
 pub mod watchdog;
 
 pub use embed::{CandleEmbeddingConfig, CandleEmbeddingEngine};
@@ -130,8 +131,10 @@ pub enum GenerationEvent {
     Done {
         finish_reason: FinishReason,
         prompt_tokens: TokenCount,
-        /// Prompt tokens whose KV was reused from a resident prefix rather than computed.
-        cached_prompt_tokens: TokenCount,
+        /// Prompt tokens whose KV was reused from a resident prefix rather than computed (part
+        /// of `prompt_tokens`). `None`: not known (a remote backend that does not report it);
+        /// the local engines always know.
+        cached_prompt_tokens: Option<TokenCount>,
         completion_tokens: TokenCount,
     },
     /// Generation failed after admission.

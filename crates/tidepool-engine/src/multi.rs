@@ -42,9 +42,15 @@ use crate::llama::{
 };
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
+use crate::prefix::PrefixCache;
 use crate::{
     ChatMessage, EngineError, GenerateRequest, Generation, RequestClass, TokenCount, TokenId,
 };
+
+/// Default [`MultiModelConfig::prefix_cache_tokens_max`].
+pub const PREFIX_CACHE_TOKENS_MAX_DEFAULT: TokenCount = 16_384;
+/// Default [`MultiModelConfig::prefix_reuse_tokens_min`] (as the per-model engine's).
+pub const PREFIX_REUSE_TOKENS_MIN_DEFAULT: TokenCount = 16;
 
 /// How to run one model on an [`Accelerator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +68,13 @@ pub struct MultiModelConfig {
     pub batch_tokens_max: u32,
     /// Events buffered per request channel.
     pub chunks_buffered_max: u32,
+    /// Prompt-prefix cache: tokens whose KV the model's idle slots keep for reuse by a later
+    /// prompt with the same prefix, summed over the model's slots; past it the least recently
+    /// used idle slot is cleared. 0 turns reuse off. The KV lives in the model's context, whose
+    /// cells are allocated (and counted by the pool) when it loads, so this costs no memory.
+    pub prefix_cache_tokens_max: TokenCount,
+    /// Shortest shared prefix, in tokens, worth reusing from an idle slot.
+    pub prefix_reuse_tokens_min: TokenCount,
 }
 
 impl MultiModelConfig {
@@ -74,6 +87,8 @@ impl MultiModelConfig {
             threads: 0,
             batch_tokens_max: 512,
             chunks_buffered_max: 64,
+            prefix_cache_tokens_max: PREFIX_CACHE_TOKENS_MAX_DEFAULT,
+            prefix_reuse_tokens_min: PREFIX_REUSE_TOKENS_MIN_DEFAULT,
         }
     }
 
@@ -471,6 +486,11 @@ struct ModelSlotState {
     /// Why the last load failed; the pool believes the model resident, so its sequences fail.
     broken: Option<EngineError>,
     free_slots: BTreeSet<i32>,
+    /// Free slots whose KV still holds a finished sequence's tokens (positions `0..len`), for
+    /// prefix reuse; every key is in `free_slots`. See [`PrefixCache`].
+    cache: PrefixCache,
+    /// Sliding-window size of the loaded model (reuse stays inside it).
+    window_tokens: Option<usize>,
     batch: Option<LlamaBatch<'static>>,
     first_step: FirstStepWatch,
 }
@@ -500,6 +520,32 @@ struct Seq {
     deadlines: Option<TokenDeadlines>,
     tokens_on_time: u32,
     class: RequestClass,
+}
+
+impl ModelSlotState {
+    /// Takes a free slot for a sequence whose prompt is `prompt` (empty: a restore), and the
+    /// prefix of the prompt whose KV the slot already holds (`0`: none). The slot leaves the
+    /// prefix cache; its KV past the prefix is the caller's to clear ([`keep_prefix`]).
+    fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(i32, usize)> {
+        let min = usize::try_from(self.config.prefix_reuse_tokens_min)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let (slot, reuse) = if let Some(hit) = self.cache.best_match(prompt, min) {
+            hit
+        } else {
+            // An empty slot (the lowest: few micro-batches), else the least recently used.
+            let empty = self
+                .free_slots
+                .iter()
+                .copied()
+                .find(|s| !self.cache.holds(*s));
+            (empty.or_else(|| self.cache.least_recent())?, 0)
+        };
+        let taken = self.free_slots.remove(&slot);
+        assert!(taken, "a cached slot is a free slot");
+        self.cache.forget(slot);
+        Some((slot, reuse))
+    }
 }
 
 impl Seq {
@@ -575,6 +621,8 @@ impl Accelerator {
                     loaded: None,
                     broken: None,
                     free_slots: BTreeSet::new(),
+                    cache: PrefixCache::default(),
+                    window_tokens: None,
                     batch: None,
                     first_step: FirstStepWatch::default(),
                 })
@@ -699,6 +747,11 @@ impl Accelerator {
                 state.free_slots = (0..state.config.seqs_max)
                     .filter_map(|s| i32::try_from(s).ok())
                     .collect();
+                state.cache = PrefixCache::default();
+                state.window_tokens = state
+                    .loaded
+                    .as_ref()
+                    .and_then(|l| sliding_window_tokens(l.borrow_owner()));
                 state.batch = Some(LlamaBatch::new(state.config.batch_tokens(), 1));
                 state.first_step = FirstStepWatch {
                     armed: true,
@@ -736,6 +789,8 @@ impl Accelerator {
             state.loaded = None;
             state.broken = None;
             state.free_slots.clear();
+            state.cache = PrefixCache::default();
+            state.window_tokens = None;
             state.batch = None;
             state.first_step = FirstStepWatch::default();
         }
@@ -797,16 +852,19 @@ impl Accelerator {
             return;
         };
         let capacity = state.config.batch_tokens();
-        let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
+        if state.loaded.is_none() || state.batch.is_none() {
             seq.output
                 .fail(state.broken.clone().unwrap_or(EngineError::ShutDown));
             seq.ended = true;
             return;
-        };
-        let Some(slot) = state.free_slots.pop_first() else {
+        }
+        let Some(slot) = state.take_slot(&[]).map(|(slot, _)| slot) else {
             tracing::error!(seq = seq_id, "restore with no free slot");
             seq.output.fail(EngineError::Decode { code: -3 });
             seq.ended = true;
+            return;
+        };
+        let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
             return;
         };
         let tokens = &seq.kv_tokens;
@@ -876,24 +934,34 @@ impl Accelerator {
                 outcome.finished.push(self.finish(id));
                 continue;
             }
-            let Some(slot) = state.free_slots.pop_first() else {
+            let Some((slot, reuse)) = state.take_slot(&seq.prompt) else {
                 tracing::error!(seq = id, "prefill with no free slot");
                 seq.output.fail(EngineError::Decode { code: -3 });
                 outcome.finished.push(self.finish(id));
                 continue;
             };
             seq.slot = Some(slot);
-            seq.kv_tokens.clear();
-            seq.output.mark_prefill_started();
+            let mut reused = 0;
             if let Some(loaded) = state.loaded.as_mut() {
-                loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
+                reused = loaded.with_dependent_mut(|_, ctx| keep_prefix(ctx, slot, reuse));
             }
+            seq.kv_tokens.clear();
+            seq.kv_tokens
+                .extend_from_slice(seq.prompt.get(..reused).unwrap_or(&[]));
+            seq.output
+                .set_cached_prompt_tokens(TokenCount::try_from(reused).unwrap_or(0));
+            seq.output.mark_prefill_started();
             members.push(Member { seq: id, slot });
         }
-        // Feed the prompts in batches of at most `batch_tokens_max` tokens, first come first.
+        // Feed the prompts but their last tokens in batches of at most `batch_tokens_max`
+        // tokens, first come first, each from the end of what its slot holds (a reused prefix,
+        // or an earlier batch); then the last tokens together, with logits. The last token is
+        // always computed in a batch of last tokens, with or without a reused prefix: llama.cpp's
+        // CPU kernels do not give bit-identical rows for different batch shapes, and this keeps
+        // greedy output the same with and without a cache hit.
         let mut cursor = 0;
-        let mut offset = 0;
-        while cursor < members.len() || riders_pending {
+        let mut tails_pending = !members.is_empty();
+        while cursor < members.len() || riders_pending || tails_pending {
             let Some(state) = self.models.get_mut(model) else {
                 break;
             };
@@ -916,6 +984,7 @@ impl Accelerator {
             if std::mem::take(&mut riders_pending) {
                 add_failed = !add_next_tokens(&mut self.seqs, batch, &live_riders, &mut rows);
             }
+            let mut body_added = false;
             while !add_failed
                 && cursor < members.len()
                 && usize::try_from(batch.n_tokens()).unwrap_or(0) < limit
@@ -925,35 +994,37 @@ impl Accelerator {
                 };
                 let Some(seq) = self.seqs.get_mut(&member.seq) else {
                     cursor += 1;
-                    offset = 0;
                     continue;
                 };
+                let offset = seq.kv_tokens.len();
+                let body_len = seq.prompt.len().saturating_sub(1);
                 let room = limit - usize::try_from(batch.n_tokens()).unwrap_or(0);
-                let end = (offset + room).min(seq.prompt.len());
+                let end = (offset + room).min(body_len);
                 for index in offset..end {
                     let Some(&token) = seq.prompt.get(index) else {
                         break;
                     };
-                    let last = index + 1 == seq.prompt.len();
-                    if last {
-                        rows.push((member.seq, batch.n_tokens()));
-                    }
                     let pos = i32::try_from(index).unwrap_or(i32::MAX);
-                    if batch.add(token, pos, &[member.slot], last).is_err() {
+                    if batch.add(token, pos, &[member.slot], false).is_err() {
                         add_failed = true;
                         break;
                     }
+                    body_added = true;
                     seq.kv_tokens.push(token);
                 }
-                if end == seq.prompt.len() {
+                if end >= body_len {
                     cursor += 1;
-                    offset = 0;
-                } else {
-                    offset = end;
                 }
                 if add_failed {
                     break;
                 }
+            }
+            if !add_failed && tails_pending && cursor >= members.len() && !body_added {
+                tails_pending = false;
+                add_failed = !add_last_tokens(&mut self.seqs, batch, &members, &mut rows);
+            }
+            if !add_failed && batch.n_tokens() == 0 {
+                continue;
             }
             let decoded = if add_failed {
                 Err(EngineError::Decode { code: -1 })
@@ -1354,7 +1425,13 @@ impl Accelerator {
         };
         let report = seq.report(id);
         if let Some(slot) = seq.slot.take() {
-            self.free_slot(seq.model, slot);
+            // A sequence that finished normally leaves its KV for a later prompt's prefix; a
+            // failed or abandoned one's is of no use.
+            if seq.output.is_finished() {
+                self.park_slot(seq.model, slot, std::mem::take(&mut seq.kv_tokens));
+            } else {
+                self.free_slot(seq.model, slot);
+            }
         }
         if seq.output.deliver() == Delivery::Held {
             self.draining.push(seq.output);
@@ -1368,8 +1445,34 @@ impl Accelerator {
         };
         if let Some(loaded) = state.loaded.as_mut() {
             loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
+            state.cache.forget(slot);
             state.free_slots.insert(slot);
         }
+    }
+
+    /// Frees `slot` keeping the KV of `tokens` in it for prefix reuse (within the model's
+    /// `prefix_cache_tokens_max`: the least recently used idle slots are cleared to fit).
+    fn park_slot(&mut self, model: usize, slot: i32, tokens: Vec<LlamaToken>) {
+        let Some(state) = self.models.get_mut(model) else {
+            return;
+        };
+        let Some(loaded) = state.loaded.as_mut() else {
+            return;
+        };
+        let bound = usize::try_from(state.config.prefix_cache_tokens_max).unwrap_or(usize::MAX);
+        let beyond_window = state.window_tokens.is_some_and(|w| tokens.len() > w);
+        let cleared = if beyond_window {
+            // Partial removal is unreliable past a sliding window: nothing to reuse.
+            vec![slot]
+        } else {
+            state.cache.park(slot, tokens, bound)
+        };
+        loaded.with_dependent_mut(|_, ctx| {
+            for &cleared_slot in &cleared {
+                clear_slot(ctx, cleared_slot);
+            }
+        });
+        state.free_slots.insert(slot);
     }
 }
 
@@ -1390,6 +1493,35 @@ fn add_next_tokens(
         };
         let pos = i32::try_from(seq.kv_tokens.len()).unwrap_or(i32::MAX);
         rows.push((member.seq, batch.n_tokens()));
+        if batch.add(token, pos, &[member.slot], true).is_err() {
+            return false;
+        }
+        seq.kv_tokens.push(token);
+    }
+    true
+}
+
+/// Adds each member's last prompt token (its body is in its slot) to `batch` with logits, its
+/// row recorded in `rows`. False if the batch is full.
+fn add_last_tokens(
+    seqs: &mut BTreeMap<u64, Seq>,
+    batch: &mut LlamaBatch<'static>,
+    members: &[Member],
+    rows: &mut Vec<(u64, i32)>,
+) -> bool {
+    for member in members {
+        let Some(seq) = seqs.get_mut(&member.seq) else {
+            continue;
+        };
+        let index = seq.kv_tokens.len();
+        if seq.ended || index + 1 != seq.prompt.len() {
+            continue;
+        }
+        let Some(&token) = seq.prompt.get(index) else {
+            continue;
+        };
+        rows.push((member.seq, batch.n_tokens()));
+        let pos = i32::try_from(index).unwrap_or(i32::MAX);
         if batch.add(token, pos, &[member.slot], true).is_err() {
             return false;
         }
@@ -1488,6 +1620,22 @@ fn status_bytes(key: &str) -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
+}
+
+/// Keeps the first `reuse` positions of `slot`'s KV and clears the rest; returns how many are
+/// kept (0, the slot cleared, when llama.cpp could not remove just the tail).
+fn keep_prefix(ctx: &mut LlamaContext<'_>, slot: i32, reuse: usize) -> usize {
+    if reuse > 0 {
+        let seq = u32::try_from(slot).ok();
+        let pos = u32::try_from(reuse).ok();
+        let removed = ctx.clear_kv_cache_seq(seq, pos, None).unwrap_or(false);
+        let pos_max = ctx.kv_cache_seq_pos_max(slot);
+        if removed && usize::try_from(pos_max + 1).ok() == Some(reuse) {
+            return reuse;
+        }
+    }
+    clear_slot(ctx, slot);
+    0
 }
 
 fn clear_slot(ctx: &mut LlamaContext<'_>, slot: i32) {

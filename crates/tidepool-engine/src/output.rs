@@ -273,7 +273,7 @@ impl SeqOutput {
         let done = GenerationEvent::Done {
             finish_reason,
             prompt_tokens: self.prompt_tokens,
-            cached_prompt_tokens: self.cached_prompt_tokens,
+            cached_prompt_tokens: Some(self.cached_prompt_tokens),
             completion_tokens: self.completion_tokens,
         };
         match self.tx.try_send(done) {
@@ -449,7 +449,7 @@ mod tests {
             Some(GenerationEvent::Done {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 5,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: Some(0),
                 completion_tokens: 3,
             })
         );

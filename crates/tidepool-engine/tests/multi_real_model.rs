@@ -370,3 +370,217 @@ fn real_model_batch_in_reverse_slot_order_keeps_each_output() {
     }
     assert_eq!(accelerator.seqs_len(), 0);
 }
+
+/// A system prompt of about 600 tokens (SmolLM2's tokenizer), the same every time.
+#[expect(clippy::format_collect, reason = "26 short lines, built once per test")]
+fn long_system_prompt() -> String {
+    let rules: String = (1..=26)
+        .map(|rule| {
+            format!(
+                "Rule {rule}: boats in berth {rule} leave before the tide turns and report their cargo.\n"
+            )
+        })
+        .collect();
+    format!("You are the harbour master's assistant. Rules follow.\n{rules}")
+}
+
+/// A chat request with the long system prompt and `user`.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn system_request(front: &ModelFrontEnd, system: &str, user: &str) -> GenerateRequest {
+    let messages = [
+        ChatMessage {
+            role: "system".to_owned(),
+            content: system.to_owned(),
+        },
+        ChatMessage {
+            role: "user".to_owned(),
+            content: user.to_owned(),
+        },
+    ];
+    let text = if front.model_id().as_str() == "gemma" {
+        format!("{system}\n{user}")
+    } else {
+        front.apply_chat_template(&messages).unwrap()
+    };
+    GenerateRequest {
+        remote: None,
+        request_id: RequestId::new(),
+        prompt: front.tokenize(&text).unwrap(),
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: 24,
+            ..SamplingParams::default()
+        },
+        class: tidepool_engine::RequestClass::Online,
+    }
+}
+
+/// Text, completion tokens and cached prompt tokens of a finished generation.
+#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
+fn collect_cached(mut generation: Generation) -> (String, u32, u32, u32) {
+    let mut text = String::new();
+    loop {
+        match generation.events.try_recv() {
+            Ok(GenerationEvent::Chunk { text: piece, .. }) => text.push_str(&piece),
+            Ok(GenerationEvent::Done {
+                completion_tokens,
+                prompt_tokens,
+                cached_prompt_tokens,
+                ..
+            }) => {
+                let cached = cached_prompt_tokens.unwrap_or(u32::MAX);
+                return (text, completion_tokens, prompt_tokens, cached);
+            }
+            Ok(GenerationEvent::Failed(error)) => panic!("generation failed: {error}"),
+            Err(error) => panic!("generation did not finish: {error}"),
+        }
+    }
+}
+
+/// Runs `request` as sequence `seq` straight through on `accelerator`.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn run_one(
+    front: &ModelFrontEnd,
+    accelerator: &mut Accelerator,
+    seq: u64,
+    request: GenerateRequest,
+) -> (String, u32, u32, u32) {
+    let (prepared, generation) = front.prepare(request).unwrap();
+    accelerator.register(seq, 0, prepared, None);
+    run_straight(accelerator, 0, seq);
+    collect_cached(generation)
+}
+
+/// Prefix reuse in the pooled engine: a finished sequence leaves its KV in its slot, and a
+/// later prompt with the same prefix prefills only the rest. Greedy output with and without the
+/// cache hit is identical; the reused count is reported; a bound of 0 turns reuse off.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: cold runs, warm runs, then reuse turned off"
+)]
+fn real_model_prefix_reuse_keeps_output_and_reports_cached_tokens() {
+    let mut config = smollm2();
+    config.context_tokens = 1024;
+    let system = long_system_prompt();
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let questions = ["Which berth leaves first?", "What must boats report?"];
+    // Without reuse: a fresh accelerator per question.
+    let mut cold = Vec::new();
+    for question in questions {
+        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+        accelerator.load(0).unwrap();
+        let outcome = run_one(
+            &front,
+            &mut accelerator,
+            1,
+            system_request(&front, &system, question),
+        );
+        assert_eq!(outcome.3, 0, "a cold context has nothing to reuse");
+        cold.push(outcome);
+    }
+    let prompt_tokens = cold[0].2;
+    assert!(
+        (550..=800).contains(&prompt_tokens),
+        "a ~600-token prompt ({prompt_tokens})"
+    );
+    // One warm accelerator: the same request again, then the other question.
+    let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+    accelerator.load(0).unwrap();
+    let first = run_one(
+        &front,
+        &mut accelerator,
+        1,
+        system_request(&front, &system, questions[0]),
+    );
+    assert_eq!(first, cold[0]);
+    let again = run_one(
+        &front,
+        &mut accelerator,
+        2,
+        system_request(&front, &system, questions[0]),
+    );
+    assert_eq!(again.3, prompt_tokens - 1, "all but the last token reused");
+    assert_eq!(
+        (&again.0, again.1, again.2),
+        (&cold[0].0, cold[0].1, cold[0].2)
+    );
+    let other = run_one(
+        &front,
+        &mut accelerator,
+        3,
+        system_request(&front, &system, questions[1]),
+    );
+    assert!(
+        other.3 > prompt_tokens / 2 && other.3 < other.2,
+        "the system prompt is reused, the question is not ({other:?})"
+    );
+    assert_eq!(
+        (&other.0, other.1, other.2),
+        (&cold[1].0, cold[1].1, cold[1].2)
+    );
+    assert!(!cold[0].0.is_empty() && cold[0].0 != cold[1].0);
+
+    // Bound 0: nothing is kept.
+    let mut off = config.clone();
+    off.prefix_cache_tokens_max = 0;
+    let mut accelerator = Accelerator::new(vec![off]).unwrap();
+    accelerator.load(0).unwrap();
+    run_one(
+        &front,
+        &mut accelerator,
+        1,
+        system_request(&front, &system, questions[0]),
+    );
+    let again = run_one(
+        &front,
+        &mut accelerator,
+        2,
+        system_request(&front, &system, questions[0]),
+    );
+    assert_eq!(again.3, 0);
+    assert_eq!(again.0, cold[0].0);
+}
+
+/// Gemma-3 has sliding-window attention (512 tokens): a prefix is reused only while the kept
+/// sequence is inside the window, and the output stays the same either way.
+#[test]
+fn real_model_prefix_reuse_stays_inside_a_sliding_window() {
+    let mut config = gemma();
+    config.context_tokens = 1024;
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let short = "The harbour has ten berths and one crane. Boats report their cargo.";
+    let long = long_system_prompt();
+    for (system, reused) in [(short, true), (long.as_str(), false)] {
+        let mut cold_acc = Accelerator::new(vec![config.clone()]).unwrap();
+        cold_acc.load(0).unwrap();
+        let cold = run_one(
+            &front,
+            &mut cold_acc,
+            1,
+            system_request(&front, system, "Which berth?"),
+        );
+        let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+        accelerator.load(0).unwrap();
+        run_one(
+            &front,
+            &mut accelerator,
+            1,
+            system_request(&front, system, "Which berth?"),
+        );
+        let again = run_one(
+            &front,
+            &mut accelerator,
+            2,
+            system_request(&front, system, "Which berth?"),
+        );
+        assert_eq!(again.3 > 0, reused, "{system:.20}: {again:?}");
+        assert_eq!((&again.0, again.1), (&cold.0, cold.1));
+    }
+}

@@ -112,7 +112,7 @@ fn finish(generation: Generation) -> Outcome {
                     chunks,
                     finish_reason,
                     prompt_tokens,
-                    cached_prompt_tokens,
+                    cached_prompt_tokens: cached_prompt_tokens.unwrap_or(u32::MAX),
                     completion_tokens,
                 };
             }

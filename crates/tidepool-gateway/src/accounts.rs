@@ -46,10 +46,17 @@ pub struct UsageQuery {
 pub struct ModelUsageOut {
     pub model: String,
     pub requests: u64,
+    /// Every prompt token, cached ones included.
     pub prompt_tokens: u64,
+    /// Part of `prompt_tokens` served from a cached prefix, where known.
     pub cached_prompt_tokens: u64,
+    /// Requests whose remote backend did not report cached tokens (billed as uncached input).
+    pub cached_unknown_requests: u64,
     pub completion_tokens: u64,
     pub cost_nanos: i64,
+    /// The cached prompt tokens' share of `cost_nanos` (at each price's cached-input rate,
+    /// rounded up).
+    pub cached_input_cost_nanos: i64,
 }
 
 /// `GET /v1/usage` and `GET /admin/tenants/{tenant}/usage`.
@@ -123,8 +130,10 @@ pub fn usage_report(
             requests: row.requests,
             prompt_tokens: row.prompt_tokens,
             cached_prompt_tokens: row.cached_prompt_tokens,
+            cached_unknown_requests: row.cached_unknown_requests,
             completion_tokens: row.completion_tokens,
             cost_nanos: row.cost.0,
+            cached_input_cost_nanos: row.cached_input_cost.0,
         });
     }
     Ok(UsageReport {
@@ -191,7 +200,7 @@ pub(crate) async fn usage(
     .await;
     match result {
         Ok(report) => {
-            guard.succeed(0, 0, 0);
+            guard.succeed(0, Some(0), 0);
             Json(report).into_response()
         }
         Err(error) => {
@@ -754,11 +763,16 @@ pub struct StatementLineOut {
     pub model: Option<String>,
     pub requests: Option<u64>,
     pub prompt_tokens: Option<u64>,
+    /// Part of `prompt_tokens` served from a cached prefix, where known.
     pub cached_prompt_tokens: Option<u64>,
+    /// Requests whose remote backend did not report cached tokens (billed as uncached input).
+    pub cached_unknown_requests: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub input_per_mtok_nanos: Option<i64>,
     pub output_per_mtok_nanos: Option<i64>,
     pub cached_input_per_mtok_nanos: Option<i64>,
+    /// The cached tokens' share of the line (unsigned, rounded up).
+    pub cached_input_amount_nanos: Option<i64>,
     /// Signed: credits positive, usage negative.
     pub amount_nanos: i64,
 }
@@ -793,10 +807,12 @@ pub fn statement_out(statement: &Statement) -> StatementOut {
                 requests: None,
                 prompt_tokens: None,
                 cached_prompt_tokens: None,
+                cached_unknown_requests: None,
                 completion_tokens: None,
                 input_per_mtok_nanos: None,
                 output_per_mtok_nanos: None,
                 cached_input_per_mtok_nanos: None,
+                cached_input_amount_nanos: None,
                 amount_nanos: amount.0,
             },
             StatementLine::Usage {
@@ -804,7 +820,9 @@ pub fn statement_out(statement: &Statement) -> StatementOut {
                 requests,
                 prompt_tokens,
                 cached_prompt_tokens,
+                cached_unknown_requests,
                 completion_tokens,
+                cached_input_cost,
                 amount,
             } => StatementLineOut {
                 kind: "usage",
@@ -814,10 +832,12 @@ pub fn statement_out(statement: &Statement) -> StatementOut {
                 requests: Some(*requests),
                 prompt_tokens: Some(*prompt_tokens),
                 cached_prompt_tokens: Some(*cached_prompt_tokens),
+                cached_unknown_requests: Some(*cached_unknown_requests),
                 completion_tokens: Some(*completion_tokens),
                 input_per_mtok_nanos: Some(price.input_per_mtok.0),
                 output_per_mtok_nanos: Some(price.output_per_mtok.0),
                 cached_input_per_mtok_nanos: Some(price.cached_input_per_mtok.0),
+                cached_input_amount_nanos: Some(cached_input_cost.0),
                 amount_nanos: amount.0,
             },
         })

@@ -218,20 +218,21 @@ pub(crate) async fn authenticate(
     // A batch line runs as the key that created its batch (never a header a client could
     // forge: the runner sets a task-local around the request), re-read so that a key revoked
     // since is refused.
-    let record = if let Ok(key_id) = crate::batch::BATCH_LINE.try_with(|line| line.key_id.clone()) {
-        let record = state.ledger().key(&key_id).await?;
-        if record.revoked_at_ms.is_some() {
-            return Err(ApiError::InvalidApiKey);
-        }
-        record
-    } else {
-        let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
-        state
-            .ledger()
-            .authenticate(secret)
-            .await?
-            .ok_or(ApiError::InvalidApiKey)?
-    };
+    let record =
+        if let Ok(key_id) = crate::batch_line::BATCH_LINE.try_with(|line| line.key_id.clone()) {
+            let record = state.ledger().key(&key_id).await?;
+            if record.revoked_at_ms.is_some() {
+                return Err(ApiError::InvalidApiKey);
+            }
+            record
+        } else {
+            let secret = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
+            state
+                .ledger()
+                .authenticate(secret)
+                .await?
+                .ok_or(ApiError::InvalidApiKey)?
+        };
     let record = unsuspended(record)?;
     if let Some(leak) = state.leak() {
         let verdict = leak.lock().on_request(&record.key_id, state.now_ms());

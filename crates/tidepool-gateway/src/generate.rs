@@ -274,7 +274,7 @@ pub(crate) async fn respond(state: AppState, mut guard: UsageGuard, job: TextJob
                 export_output(&guard, &text, finished.finish_reason);
                 guard.succeed(
                     finished.usage.prompt_tokens,
-                    finished.usage.prompt_tokens_details.cached_tokens,
+                    finished.usage.cached_tokens(),
                     finished.usage.completion_tokens,
                 );
                 let request_id = guard.request_id();

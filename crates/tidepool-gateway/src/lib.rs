@@ -15,6 +15,7 @@ pub mod alerts;
 pub mod audit;
 pub mod backends;
 pub mod batch;
+mod batch_line;
 pub mod console;
 mod error;
 mod extract;

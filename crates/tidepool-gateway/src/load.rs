@@ -151,6 +151,7 @@ async fn start_pool(config: &Config) -> Result<Option<Arc<PoolRuntime>>, ServeEr
             engine.threads = config.engine.threads;
             engine.batch_tokens_max = config.engine.batch_tokens_max.max(m.seqs_max);
             engine.chunks_buffered_max = config.limits.stream_chunks_buffered_max;
+            engine.prefix_cache_tokens_max = m.prefix_cache_tokens_max;
             PooledModelConfig {
                 engine,
                 pin: m.pin,
@@ -279,7 +280,7 @@ pub async fn sync_prices(config: &Config, ledger: &Ledger) -> Result<(), ServeEr
             currency: model.currency,
             input_per_mtok: model.price_input_per_mtok,
             output_per_mtok: model.price_output_per_mtok,
-            cached_input_per_mtok: model.price_cached_input_per_mtok,
+            cached_input_per_mtok: model.cached_input_price(),
         };
         if ledger
             .sync_price(&price, &tidepool_ledger::AuditContext::SYSTEM)

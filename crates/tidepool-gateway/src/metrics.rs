@@ -12,6 +12,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub(crate) const REQUESTS_TOTAL: &str = "tidepool_requests_total";
 pub(crate) const TOKENS_TOTAL: &str = "tidepool_tokens_total";
+/// Prompt tokens served from a cached prefix, per model (part of `tokens_total{kind="prompt"}`):
+/// the prefix-cache hit rate is `rate(tidepool_prompt_tokens_cached_total[5m]) /
+/// rate(tidepool_tokens_total{kind="prompt"}[5m])`.
+pub(crate) const PROMPT_TOKENS_CACHED_TOTAL: &str = "tidepool_prompt_tokens_cached_total";
+/// Successful requests whose backend did not report cached prompt tokens, per model.
+pub(crate) const PROMPT_CACHE_UNREPORTED_TOTAL: &str =
+    "tidepool_prompt_cache_unreported_requests_total";
 pub(crate) const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tidepool_time_to_first_token_seconds";
 pub(crate) const INTER_TOKEN_LATENCY_SECONDS: &str = "tidepool_inter_token_latency_seconds";
 pub(crate) const REQUEST_DURATION_SECONDS: &str = "tidepool_request_duration_seconds";
@@ -159,6 +166,16 @@ fn describe() {
         Unit::Count,
         "Tokens processed, by model and kind (prompt|completion)"
     );
+    describe_counter!(
+        PROMPT_TOKENS_CACHED_TOTAL,
+        Unit::Count,
+        "Prompt tokens served from a cached prefix (KV reused, billed at the cached-input price), by model; part of tidepool_tokens_total{kind=\"prompt\"}"
+    );
+    describe_counter!(
+        PROMPT_CACHE_UNREPORTED_TOTAL,
+        Unit::Count,
+        "Successful requests whose remote backend did not report cached prompt tokens (billed as uncached input), by model"
+    );
     describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,
         Unit::Seconds,
@@ -267,6 +284,15 @@ pub(crate) fn tokens(model: &str, prompt_tokens: u32, completion_tokens: u32) {
         .increment(u64::from(prompt_tokens));
     counter!(TOKENS_TOTAL, "model" => model, "kind" => "completion")
         .increment(u64::from(completion_tokens));
+}
+
+/// A successful request's cached prompt tokens (`None`: its backend did not report them).
+pub(crate) fn cached_prompt_tokens(model: &str, cached: Option<u32>) {
+    match cached {
+        Some(cached) => counter!(PROMPT_TOKENS_CACHED_TOTAL, "model" => model.to_owned())
+            .increment(u64::from(cached)),
+        None => counter!(PROMPT_CACHE_UNREPORTED_TOTAL, "model" => model.to_owned()).increment(1),
+    }
 }
 
 pub(crate) fn time_to_first_token(model: &str, elapsed: Duration) {

@@ -115,27 +115,39 @@ pub struct EmbeddingRequest {
 /// `prompt_tokens_details`.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema, PartialEq, Eq)]
 pub struct PromptTokensDetails {
-    /// Prompt tokens whose KV was reused from a resident prefix.
+    /// Prompt tokens whose KV was reused from a cached prefix (part of `prompt_tokens`, billed
+    /// at the cached-input price); 0 when nothing was reused.
     pub cached_tokens: u32,
 }
 
 /// Token counts of one request, from the model's own tokenizer.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema, PartialEq, Eq)]
 pub struct Usage {
+    /// Every prompt token, cached ones included (OpenAI's convention).
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
-    pub prompt_tokens_details: PromptTokensDetails,
+    /// Always present for Tidepool's own engines; absent when a remote backend did not say how
+    /// many prompt tokens it served from its cache (they are billed as uncached input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32, cached_tokens: u32) -> Self {
+    /// `cached_tokens`: `None` when not known.
+    pub fn new(prompt_tokens: u32, completion_tokens: u32, cached_tokens: Option<u32>) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
-            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+            prompt_tokens_details: cached_tokens
+                .map(|cached_tokens| PromptTokensDetails { cached_tokens }),
         }
+    }
+
+    /// Cached prompt tokens, if known.
+    pub fn cached_tokens(&self) -> Option<u32> {
+        self.prompt_tokens_details.map(|d| d.cached_tokens)
     }
 }
 

@@ -242,7 +242,7 @@ pub(crate) async fn embeddings(
     let mut guard = authenticated!(state, headers, request_id, "embeddings");
     match embed(&state, &mut guard, &headers, body).await {
         Ok(response) => {
-            guard.succeed(response.usage.prompt_tokens, 0, 0);
+            guard.succeed(response.usage.prompt_tokens, Some(0), 0);
             guard.set_batch_body(&response);
             let rate_limits = guard.rate_limits();
             // Billed before it is sent (`UsageGuard::settle_before_reply`).
@@ -402,7 +402,7 @@ pub(crate) async fn models(
             context_length: model.context_tokens,
         })
         .collect();
-    guard.succeed(0, 0, 0);
+    guard.succeed(0, Some(0), 0);
     Json(ModelList {
         object: "list",
         data,

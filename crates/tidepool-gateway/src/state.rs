@@ -142,7 +142,7 @@ pub struct StateOptions {
     /// `[server] base_path`: every route is served under it ("" or e.g. "/gw").
     pub base_path: String,
     /// `[batch]`; an unset `files_dir` means `batch-files` in the working directory
-    /// (`tidepool serve` resolves it next to the SQLite database: [`crate::batch::files_dir_for`]).
+    /// (`tidepool serve` resolves it next to the SQLite database: [`crate::batch_line::files_dir_for`]).
     pub batch: BatchConfig,
 }
 
@@ -212,7 +212,7 @@ impl AppState {
         let files_dir = batch
             .files_dir
             .clone()
-            .unwrap_or_else(|| std::path::PathBuf::from(crate::batch::FILES_DIR_DEFAULT));
+            .unwrap_or_else(|| std::path::PathBuf::from(crate::batch_line::FILES_DIR_DEFAULT));
         let admin_token_sha256: Option<[u8; 32]> = admin_token.map(|token| {
             use sha2::Digest as _;
             sha2::Sha256::digest(token.as_bytes()).into()

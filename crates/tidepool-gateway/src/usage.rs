@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::alerts::AlertEvent;
-use crate::batch::{BATCH_LINE, BatchLineContext};
+use crate::batch_line::{BATCH_LINE, BatchLineContext};
 use crate::error::ApiError;
 use crate::leak::Verdict;
 use crate::metrics;
@@ -65,7 +65,8 @@ pub(crate) struct UsageGuard {
     finish_reason: Option<&'static str>,
     model: Option<ModelId>,
     prompt_tokens: u32,
-    cached_prompt_tokens: u32,
+    /// `None`: the backend did not report it (stored as unknown, billed as uncached input).
+    cached_prompt_tokens: Option<u32>,
     /// Completion tokens handed to the client so far (final count once `outcome` is `Ok`).
     completion_tokens: u32,
     outcome: Option<UsageStatus>,
@@ -111,7 +112,7 @@ impl UsageGuard {
             finish_reason: None,
             model: None,
             prompt_tokens: 0,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: Some(0),
             completion_tokens: 0,
             outcome: None,
             reservation: None,
@@ -353,7 +354,13 @@ impl UsageGuard {
     }
 
     /// The request succeeded with these final counts.
-    pub(crate) fn succeed(&mut self, prompt_tokens: u32, cached: u32, completion_tokens: u32) {
+    /// `cached`: prompt tokens served from a cached prefix, `None` when the backend did not say.
+    pub(crate) fn succeed(
+        &mut self,
+        prompt_tokens: u32,
+        cached: Option<u32>,
+        completion_tokens: u32,
+    ) {
         self.prompt_tokens = prompt_tokens;
         self.cached_prompt_tokens = cached;
         self.completion_tokens = completion_tokens;
@@ -409,7 +416,12 @@ impl UsageGuard {
             endpoint: self.endpoint.to_owned(),
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
-            cached_prompt_tokens: self.cached_prompt_tokens,
+            // Never more than the prompt: a backend's odd count cannot make settlement fail.
+            cached_prompt_tokens: self
+                .cached_prompt_tokens
+                .unwrap_or(0)
+                .min(self.prompt_tokens),
+            cached_prompt_tokens_unknown: self.cached_prompt_tokens.is_none(),
             status,
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             created_at_ms: self.state.now_ms(),
@@ -477,6 +489,12 @@ impl UsageGuard {
             tracing::info!(parent: &self.span, completion_tokens = entry.completion_tokens, "client disconnected");
         }
         metrics::tokens(model_label, entry.prompt_tokens, entry.completion_tokens);
+        if entry.status == UsageStatus::Ok {
+            metrics::cached_prompt_tokens(
+                model_label,
+                (!entry.cached_prompt_tokens_unknown).then_some(entry.cached_prompt_tokens),
+            );
+        }
         let duration = self.started.elapsed();
         metrics::request_duration(model_label, duration);
         if let Some(operation) = metrics::gen_ai_operation(self.endpoint) {

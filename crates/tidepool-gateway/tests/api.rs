@@ -630,7 +630,7 @@ async fn engine_done_sets_finish_reason_stop_and_usage_from_the_engine() {
             .send(GenerationEvent::Done {
                 finish_reason: FinishReason::Stop,
                 prompt_tokens: 2,
-                cached_prompt_tokens: 1,
+                cached_prompt_tokens: Some(1),
                 completion_tokens: 3,
             })
             .await
@@ -653,6 +653,49 @@ async fn engine_done_sets_finish_reason_stop_and_usage_from_the_engine() {
             usage.completion_tokens
         ),
         (2, 1, 3)
+    );
+}
+
+/// A backend that does not say how many prompt tokens it served from its cache: the answer
+/// has no `prompt_tokens_details`, and the ledger stores the count as unknown (0, flagged),
+/// not as a reported 0. (Scripted engine: only the gateway's handling is under test.)
+#[tokio::test]
+async fn unreported_cached_tokens_are_stored_as_unknown() {
+    let mut app = App::new().await;
+    let router = app.router.clone();
+    let request = post(
+        "/v1/completions",
+        &app.key,
+        json!({"model": SCRIPTED, "prompt": "x y", "max_tokens": 5}).to_string(),
+    );
+    let call = async move { tower::ServiceExt::oneshot(router, request).await.unwrap() };
+    let feed = async {
+        let s = app.submission().await;
+        s.events
+            .send(GenerationEvent::Done {
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: 2,
+                cached_prompt_tokens: None,
+                completion_tokens: 3,
+            })
+            .await
+            .unwrap();
+        s
+    };
+    let (response, _submitted) = tokio::join!(call, feed);
+    let usage = app.usage_of(&response).await;
+    let body = json(response).await;
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5})
+    );
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.cached_prompt_tokens,
+            usage.cached_prompt_tokens_unknown
+        ),
+        (2, 0, true)
     );
 }
 

@@ -236,7 +236,7 @@ async fn finish(events: &tokio::sync::mpsc::Sender<GenerationEvent>, completion:
         .send(GenerationEvent::Done {
             finish_reason: FinishReason::Stop,
             prompt_tokens: 2,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: Some(0),
             completion_tokens: completion,
         })
         .await
@@ -687,6 +687,7 @@ async fn a_settled_line_that_already_has_a_result_is_voided_not_billed_twice() {
         prompt_tokens: 10,
         completion_tokens: 10,
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: tidepool_ledger::UsageStatus::Ok,
         latency_ms: 1,
         created_at_ms: 1,

@@ -342,7 +342,7 @@ async fn streams_cut_off_from_the_database_settle_once_it_returns() {
         .send(tidepool_engine::GenerationEvent::Done {
             finish_reason: tidepool_engine::FinishReason::Length,
             prompt_tokens: finished_prompt,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: Some(0),
             completion_tokens: 5,
         })
         .await

@@ -413,3 +413,195 @@ async fn expect_model_requests_audited(ledger: &Ledger) {
     );
     assert!(models.iter().all(|e| e.request_id.is_some()), "{models:?}");
 }
+
+/// A system prompt of about 600 SmolLM2 tokens, the same every time.
+#[expect(clippy::format_collect, reason = "26 short lines, built once per test")]
+fn long_system_prompt() -> String {
+    let rules: String = (1..=26)
+        .map(|rule| {
+            format!(
+                "Rule {rule}: boats in berth {rule} leave before the tide turns and report their cargo.\n"
+            )
+        })
+        .collect();
+    format!("You are the harbour master's assistant. Rules follow.\n{rules}")
+}
+
+/// The value of one Prometheus sample line `name{labels} value`, 0 if absent.
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// The default (pooled) path reuses a repeated ~600-token system prompt: the second request
+/// reports cached tokens, answers exactly the same at temperature 0, costs less by exactly the
+/// price difference of the cached tokens, and the cached counts agree across the response, the
+/// ledger's entries, `/v1/usage`, the statement and `/metrics`; the final stream chunk carries
+/// them too.
+#[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario followed through response, ledger, usage, statement and metrics"
+)]
+async fn real_model_repeated_system_prompt_is_cached_billed_at_the_cached_price_and_counted() {
+    let app = real_app(CHAT).await;
+    assert!(
+        app.state.pool().is_some(),
+        "the shipped config pools the model"
+    );
+    let body = json!({
+        "model": CHAT, "max_tokens": 16, "temperature": 0,
+        "messages": [
+            {"role": "system", "content": long_system_prompt()},
+            {"role": "user", "content": "Which berth leaves first?"},
+        ],
+    });
+    let mut answers = Vec::new();
+    let mut entries = Vec::new();
+    for _ in 0..2 {
+        let response = app.post("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let id = request_id(&response);
+        answers.push(json_of(response).await);
+        entries.push(app.usage(&id).await);
+    }
+    let (first, second) = (&answers[0], &answers[1]);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((550..=800).contains(&prompt), "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, prompt - 1, "all but the last prompt token reused");
+    assert_eq!(
+        second["usage"]["prompt_tokens"], prompt,
+        "cached tokens are part of the prompt"
+    );
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+    assert_eq!(
+        first["usage"]["completion_tokens"],
+        second["usage"]["completion_tokens"]
+    );
+    let completion = first["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| (
+                u64::from(e.cached_prompt_tokens),
+                e.cached_prompt_tokens_unknown
+            ))
+            .collect::<Vec<_>>(),
+        [(0, false), (cached, false)]
+    );
+
+    // The price book: tidepool.toml's input, cached-input and output prices for SmolLM2.
+    let config = Config::parse(include_str!("../../../tidepool.toml"), Path::new("t")).unwrap();
+    let model = config
+        .models
+        .iter()
+        .find(|m| m.id.as_str() == CHAT)
+        .unwrap();
+    let (input, cached_input, output) = (
+        u64::try_from(model.price_input_per_mtok.0).unwrap(),
+        u64::try_from(model.cached_input_price().0).unwrap(),
+        u64::try_from(model.price_output_per_mtok.0).unwrap(),
+    );
+    assert!(
+        cached_input < input,
+        "the shipped cached price is a discount"
+    );
+    let cost = |cached: u64| {
+        ((prompt - cached) * input + cached * cached_input + completion * output)
+            .div_ceil(1_000_000)
+    };
+    let (cold, warm) = (cost(0), cost(cached));
+    // 602 tokens × (0.05 − 0.025) USD per million = 15,050 nano-USD cheaper.
+    assert_eq!(cold - warm, cached * (input - cached_input) / 1_000_000);
+
+    // A streamed third request: the final chunk's usage says the same.
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    let response = app.post("/v1/chat/completions", &stream_body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let id = request_id(&response);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let lines = data_lines(&bytes);
+    let last: Value = serde_json::from_str(&lines[lines.len() - 2]).unwrap();
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"], cached,
+        "{last}"
+    );
+    let third = app.usage(&id).await;
+    assert_eq!(u64::from(third.cached_prompt_tokens), cached);
+
+    // `/v1/usage`: the three requests' counts and costs, the cached part priced on its own.
+    let response = app.call("GET", "/v1/usage", &app.key).await;
+    let usage = json_of(response).await;
+    let row = &usage["data"][0];
+    assert_eq!(row["model"], CHAT);
+    assert_eq!(row["requests"], 3);
+    assert_eq!(row["prompt_tokens"], 3 * prompt);
+    assert_eq!(row["cached_prompt_tokens"], 2 * cached);
+    assert_eq!(row["cached_unknown_requests"], 0);
+    assert_eq!(row["cost_nanos"], cold + 2 * warm);
+    assert_eq!(
+        row["cached_input_cost_nanos"],
+        (2 * cached * cached_input).div_ceil(1_000_000)
+    );
+
+    // The statement's usage line agrees.
+    let month = tidepool_ledger::Month::of_ms(entries[0].created_at_ms);
+    let path = format!("/admin/tenants/acme/statement?month={month}");
+    let statement = json_of(app.call("GET", &path, ADMIN_TOKEN).await).await;
+    let line = statement["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "usage")
+        .unwrap()
+        .clone();
+    assert_eq!(line["cached_prompt_tokens"], 2 * cached, "{statement}");
+    assert_eq!(line["cached_input_per_mtok_nanos"], cached_input);
+    assert_eq!(
+        line["amount_nanos"],
+        -i64::try_from(cold + 2 * warm).unwrap()
+    );
+
+    // `/metrics`: cached prompt tokens per model, next to the prompt-token counter.
+    let text = String::from_utf8(
+        axum::body::to_bytes(
+            app.call("GET", "/metrics", ADMIN_TOKEN).await.into_body(),
+            usize::MAX,
+        )
+        .await
+        .unwrap()
+        .to_vec(),
+    )
+    .unwrap();
+    let label = format!("{{model=\"{CHAT}\"}}");
+    assert_eq!(
+        metric(
+            &text,
+            &format!("tidepool_prompt_tokens_cached_total{label}")
+        ),
+        2 * cached,
+        "{text}"
+    );
+    let prompt_total = text
+        .lines()
+        .find(|l| {
+            l.starts_with("tidepool_tokens_total{")
+                && l.contains(&format!("model=\"{CHAT}\""))
+                && l.contains("kind=\"prompt\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap();
+    assert_eq!(prompt_total, 3 * prompt);
+}

@@ -140,6 +140,8 @@ pub(crate) struct UsageRow<'a> {
     pub(crate) prompt_tokens: i64,
     pub(crate) completion_tokens: i64,
     pub(crate) cached_prompt_tokens: i64,
+    /// 1: the cached count is unknown (see `UsageEntry::cached_prompt_tokens_unknown`).
+    pub(crate) cached_prompt_tokens_unknown: i64,
     pub(crate) status: &'static str,
     pub(crate) error_code: Option<&'a str>,
     pub(crate) latency_ms: i64,
@@ -169,6 +171,8 @@ pub(crate) struct DailyRow<'a> {
     pub(crate) requests: i64,
     pub(crate) prompt_tokens: i64,
     pub(crate) cached_prompt_tokens: i64,
+    /// Requests whose cached prompt tokens are unknown.
+    pub(crate) cached_unknown_requests: i64,
     pub(crate) completion_tokens: i64,
     pub(crate) cost_nanos: i64,
 }
@@ -187,7 +191,7 @@ macro_rules! resolved_columns {
 macro_rules! daily_columns {
     () => {
         "tenant_id, project_id, key_id, model, day, requests, prompt_tokens, \
-         cached_prompt_tokens, completion_tokens, cost_nanos"
+         cached_prompt_tokens, cached_unknown_requests, completion_tokens, cost_nanos"
     };
 }
 
@@ -199,6 +203,7 @@ macro_rules! daily_upsert {
          requests = usage_daily.requests + excluded.requests, \
          prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
          cached_prompt_tokens = usage_daily.cached_prompt_tokens + excluded.cached_prompt_tokens, \
+         cached_unknown_requests = usage_daily.cached_unknown_requests + excluded.cached_unknown_requests, \
          completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
          cost_nanos = usage_daily.cost_nanos + excluded.cost_nanos"
     };
@@ -460,7 +465,7 @@ impl BatchSql for SqliteConnection {
              prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
              latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
              price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-             cached_input_per_mtok_nanos) ",
+             cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) ",
         );
         query.push_values(rows, |mut b, r| {
             b.push_bind(r.request_id.as_str())
@@ -482,7 +487,8 @@ impl BatchSql for SqliteConnection {
                 .push_bind(r.price_effective_from_ms)
                 .push_bind(r.input_per_mtok_nanos)
                 .push_bind(r.output_per_mtok_nanos)
-                .push_bind(r.cached_input_per_mtok_nanos);
+                .push_bind(r.cached_input_per_mtok_nanos)
+                .push_bind(r.cached_prompt_tokens_unknown);
         });
         query.push(" ON CONFLICT (request_id) DO NOTHING");
         Ok(query.build().execute(&mut *self).await?.rows_affected())
@@ -506,6 +512,7 @@ impl BatchSql for SqliteConnection {
                 .push_bind(r.requests)
                 .push_bind(r.prompt_tokens)
                 .push_bind(r.cached_prompt_tokens)
+                .push_bind(r.cached_unknown_requests)
                 .push_bind(r.completion_tokens)
                 .push_bind(r.cost_nanos);
         });
@@ -713,11 +720,11 @@ impl BatchSql for PgConnection {
              prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
              latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
              price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-             cached_input_per_mtok_nanos) \
+             cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
              $12::bigint[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
-             $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[]) \
+             $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[]) \
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(column(rows, |r| r.request_id.as_str()))
@@ -740,6 +747,7 @@ impl BatchSql for PgConnection {
         .bind(column(rows, |r| r.input_per_mtok_nanos))
         .bind(column(rows, |r| r.output_per_mtok_nanos))
         .bind(column(rows, |r| r.cached_input_per_mtok_nanos))
+        .bind(column(rows, |r| r.cached_prompt_tokens_unknown))
         .execute(&mut *self)
         .await?;
         Ok(done.rows_affected())
@@ -753,11 +761,14 @@ impl BatchSql for PgConnection {
             "INSERT INTO usage_daily (",
             daily_columns!(),
             ") SELECT d.tenant_id, d.project_id, d.key_id, d.model, d.day, d.requests, \
-             d.prompt_tokens, d.cached_prompt_tokens, d.completion_tokens, d.cost_nanos \
+             d.prompt_tokens, d.cached_prompt_tokens, d.cached_unknown_requests, \
+             d.completion_tokens, d.cost_nanos \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], \
+             $11::bigint[]) \
              WITH ORDINALITY AS d(tenant_id, project_id, key_id, model, day, requests, \
-             prompt_tokens, cached_prompt_tokens, completion_tokens, cost_nanos, n) \
+             prompt_tokens, cached_prompt_tokens, cached_unknown_requests, completion_tokens, \
+             cost_nanos, n) \
              ORDER BY d.n",
             daily_upsert!()
         ))
@@ -769,6 +780,7 @@ impl BatchSql for PgConnection {
         .bind(column(rows, |r| r.requests))
         .bind(column(rows, |r| r.prompt_tokens))
         .bind(column(rows, |r| r.cached_prompt_tokens))
+        .bind(column(rows, |r| r.cached_unknown_requests))
         .bind(column(rows, |r| r.completion_tokens))
         .bind(column(rows, |r| r.cost_nanos))
         .execute(&mut *self)

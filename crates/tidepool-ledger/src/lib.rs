@@ -168,7 +168,11 @@ pub struct UsageEntry {
     pub endpoint: String,
     pub prompt_tokens: TokenCount,
     pub completion_tokens: TokenCount,
+    /// Part of `prompt_tokens` served from a cached prefix (0 when unknown).
     pub cached_prompt_tokens: TokenCount,
+    /// The backend did not report its cached prompt tokens: `cached_prompt_tokens` is 0 and
+    /// every prompt token is billed as uncached input, but the entry says "unknown", not 0.
+    pub cached_prompt_tokens_unknown: bool,
     pub status: UsageStatus,
     pub latency_ms: u64,
     pub created_at_ms: i64,

@@ -107,6 +107,21 @@ fn price_u128(price: Nanos, field: &'static str) -> Result<u128, LedgerError> {
         .map_err(|_| LedgerError::OutOfRange { field })
 }
 
+/// What `cached_tokens` cost at `cached_input_per_mtok` (rounded up): the cached tokens' share
+/// of a statement line or a usage report.
+pub fn cached_input_cost(
+    cached_tokens: u64,
+    cached_input_per_mtok: Nanos,
+) -> Result<Nanos, LedgerError> {
+    let overflow = || LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what: "cost" });
+    let scaled = u128::from(cached_tokens)
+        .checked_mul(price_u128(cached_input_per_mtok, "cached input price")?)
+        .ok_or_else(overflow)?;
+    i64::try_from(scaled.div_ceil(TOKENS_PER_PRICE_UNIT))
+        .map(Nanos)
+        .map_err(|_| overflow())
+}
+
 /// The cost of `tokens` at `price`, by the rounding rule in the module docs.
 pub fn cost_of(tokens: BilledTokens, price: &PriceVersion) -> Result<Nanos, LedgerError> {
     let overflow = || LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what: "cost" });

@@ -145,6 +145,7 @@ fn recovery_entry(row: OpenRow, now_ms: i64) -> Result<(UsageEntry, Finish), Led
             0
         },
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Error {
             code: INTERRUPTED_CODE.to_owned(),
         },

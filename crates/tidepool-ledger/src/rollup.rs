@@ -65,8 +65,8 @@ pub struct TenantSpend {
 /// The key of one rollup row: tenant, project, key, model, day.
 type DailyKey<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
 
-/// Sums of `(requests, prompt, cached prompt, completion, cost)`.
-type DailySums = [i64; 5];
+/// Sums of `(requests, prompt, cached prompt, cached unknown, completion, cost)`.
+type DailySums = [i64; 6];
 
 fn add_sums(slot: &mut DailySums, add: DailySums) -> Result<(), LedgerError> {
     for (total, value) in slot.iter_mut().zip(add) {
@@ -90,6 +90,7 @@ pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>,
                 1,
                 row.prompt_tokens,
                 row.cached_prompt_tokens,
+                row.cached_prompt_tokens_unknown,
                 row.completion_tokens,
                 row.cost_nanos,
             ],
@@ -98,7 +99,7 @@ pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>,
     Ok(sums
         .into_iter()
         .map(|((tenant, project, key_id, model, day), sums)| {
-            let [requests, prompt, cached, completion, cost] = sums;
+            let [requests, prompt, cached, cached_unknown, completion, cost] = sums;
             DailyRow {
                 tenant,
                 project,
@@ -108,6 +109,7 @@ pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>,
                 requests,
                 prompt_tokens: prompt,
                 cached_prompt_tokens: cached,
+                cached_unknown_requests: cached_unknown,
                 completion_tokens: completion,
                 cost_nanos: cost,
             }

@@ -27,8 +27,14 @@ pub enum StatementLine {
         price: PriceVersion,
         requests: u64,
         prompt_tokens: u64,
+        /// Part of `prompt_tokens` served from a cached prefix, where known.
         cached_prompt_tokens: u64,
+        /// Requests whose backend did not report cached tokens (billed as uncached input).
+        cached_unknown_requests: u64,
         completion_tokens: u64,
+        /// The cached tokens' share of the line at its cached-input price (rounded up; not
+        /// signed).
+        cached_input_cost: Nanos,
         amount: Nanos,
     },
 }
@@ -52,7 +58,20 @@ pub struct Statement {
     pub closing_balance: Nanos,
 }
 
-type UsageLineRow = (String, i64, String, i64, i64, i64, i64, i64, i64, i64, i64);
+type UsageLineRow = (
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
 
 fn overflow() -> LedgerError {
     LedgerError::Core(tidepool_core::CoreError::MoneyOverflow { what: "statement" })
@@ -105,7 +124,8 @@ impl Ledger {
                 "SELECT model, price_effective_from_ms, currency, input_per_mtok_nanos, \
                  output_per_mtok_nanos, cached_input_per_mtok_nanos, COUNT(*), \
                  CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_prompt_tokens) AS BIGINT), \
-                 CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cost_nanos) AS BIGINT) \
+                 CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cost_nanos) AS BIGINT), \
+                 CAST(SUM(cached_prompt_tokens_unknown) AS BIGINT) \
                  FROM usage_entries WHERE tenant_id = $1 AND month = $2 \
                  GROUP BY model, price_effective_from_ms, currency, input_per_mtok_nanos, \
                  output_per_mtok_nanos, cached_input_per_mtok_nanos \
@@ -127,6 +147,10 @@ impl Ledger {
     }
 
     /// The statement of `tenant` for `month`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one query, then its rows folded in order"
+    )]
     pub async fn statement(
         &self,
         tenant: &TenantId,
@@ -154,6 +178,7 @@ impl Ledger {
             cached_prompt,
             completion,
             cost,
+            cached_unknown,
         ) in rows.usage
         {
             let price = PriceVersion {
@@ -167,11 +192,16 @@ impl Ledger {
                 cached_input_per_mtok: Nanos(cached),
             };
             let amount = Nanos(0).checked_sub(Nanos(cost)).ok_or_else(overflow)?;
+            let cached_prompt_tokens = to_u64(cached_prompt, "cached token sum")?;
+            let cached_input_cost =
+                crate::price::cached_input_cost(cached_prompt_tokens, price.cached_input_per_mtok)?;
             lines.push(StatementLine::Usage {
                 price,
                 requests: to_u64(requests, "request count")?,
                 prompt_tokens: to_u64(prompt, "prompt token sum")?,
-                cached_prompt_tokens: to_u64(cached_prompt, "cached token sum")?,
+                cached_prompt_tokens,
+                cached_unknown_requests: to_u64(cached_unknown, "cached unknown count")?,
+                cached_input_cost,
                 completion_tokens: to_u64(completion, "completion token sum")?,
                 amount,
             });

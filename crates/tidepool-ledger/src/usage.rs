@@ -62,6 +62,7 @@ type UsageRow = (
     Option<String>,
     i64,
     i64,
+    i64,
 );
 
 fn entry_from_row(row: UsageRow) -> Result<UsageEntry, LedgerError> {
@@ -78,6 +79,7 @@ fn entry_from_row(row: UsageRow) -> Result<UsageEntry, LedgerError> {
         code,
         latency,
         created,
+        cached_unknown,
     ) = row;
     Ok(UsageEntry {
         request_id: RequestId::parse(&request_id)
@@ -92,6 +94,7 @@ fn entry_from_row(row: UsageRow) -> Result<UsageEntry, LedgerError> {
         prompt_tokens: to_tokens(prompt, "prompt tokens")?,
         completion_tokens: to_tokens(completion, "completion tokens")?,
         cached_prompt_tokens: to_tokens(cached, "cached prompt tokens")?,
+        cached_prompt_tokens_unknown: cached_unknown != 0,
         status: status_from_parts(&status, code)?,
         latency_ms: to_u64(latency, "latency")?,
         created_at_ms: created,
@@ -134,6 +137,7 @@ impl Ledger {
             requests: 1,
             prompt_tokens: i64::from(entry.prompt_tokens),
             cached_prompt_tokens: i64::from(entry.cached_prompt_tokens),
+            cached_unknown_requests: i64::from(entry.cached_prompt_tokens_unknown),
             completion_tokens: i64::from(entry.completion_tokens),
             cost_nanos: 0,
         };
@@ -143,8 +147,8 @@ impl Ledger {
             let inserted = sqlx::query(
                 "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
                  prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-                 latency_ms, created_at_ms) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+                 latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
                  WHERE NOT EXISTS (SELECT 1 FROM reservations WHERE request_id = $1) \
                  ON CONFLICT (request_id) DO NOTHING",
             )
@@ -160,6 +164,7 @@ impl Ledger {
             .bind(code)
             .bind(latency_ms)
             .bind(entry.created_at_ms)
+            .bind(i64::from(entry.cached_prompt_tokens_unknown))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -182,7 +187,8 @@ impl Ledger {
             sqlx::query_as(
                 "SELECT request_id, tenant_id, key_id, model, endpoint, prompt_tokens, \
                  completion_tokens, cached_prompt_tokens, status, error_code, latency_ms, \
-                 created_at_ms FROM usage_entries WHERE request_id = $1",
+                 created_at_ms, cached_prompt_tokens_unknown FROM usage_entries \
+                 WHERE request_id = $1",
             )
             .bind(request_id.to_string())
             .fetch_optional(pool)
@@ -316,16 +322,28 @@ pub struct ModelUsage {
     pub model: String,
     pub requests: u64,
     pub prompt_tokens: u64,
+    /// Part of `prompt_tokens` served from a cached prefix, where known.
     pub cached_prompt_tokens: u64,
+    /// Requests whose backend did not report cached tokens (billed as uncached input).
+    pub cached_unknown_requests: u64,
     pub completion_tokens: u64,
     /// Sum of the billed costs, in the tenant's currency.
     pub cost: tidepool_core::Nanos,
+    /// The cached prompt tokens' share of `cost`: each price version's cached tokens at its
+    /// cached-input price, rounded up (per-request rounding can make `cost` a few nano-units
+    /// more than the sum of its parts).
+    pub cached_input_cost: tidepool_core::Nanos,
 }
 
-type ModelUsageRow = (String, i64, i64, i64, i64, i64);
+/// `(model, cached input price, requests, prompt, cached, cached unknown, completion, cost)`.
+type ModelUsageRow = (String, i64, i64, i64, i64, i64, i64, i64);
 
 impl Ledger {
     /// Per-model usage and cost within `scope`, for requests created in `month` (UTC) or ever.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one query, then its rows folded in order"
+    )]
     pub async fn usage_summary(
         &self,
         scope: &UsageScope,
@@ -335,8 +353,10 @@ impl Ledger {
             let mut query = sqlx::QueryBuilder::new("SELECT COALESCE(model, ");
             query.push_bind(NO_MODEL);
             query.push(
-                ") AS m, COUNT(*), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+                ") AS m, COALESCE(cached_input_per_mtok_nanos, 0) AS cp, COUNT(*), \
+                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
                  CAST(COALESCE(SUM(cached_prompt_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(cached_prompt_tokens_unknown), 0) AS BIGINT), \
                  CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
                  CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) FROM usage_entries WHERE tenant_id = ",
             );
@@ -361,20 +381,49 @@ impl Ledger {
                 query.push(" AND created_at_ms < ");
                 query.push_bind(month.end_ms());
             }
-            query.push(" GROUP BY m ORDER BY m");
+            query.push(" GROUP BY m, cp ORDER BY m, cp");
             query.build_query_as().fetch_all(pool).await?
         });
-        rows.into_iter()
-            .map(|(model, requests, prompt, cached, completion, cost)| {
-                Ok(ModelUsage {
-                    model,
-                    requests: to_u64(requests, "request count")?,
-                    prompt_tokens: to_u64(prompt, "prompt token sum")?,
-                    cached_prompt_tokens: to_u64(cached, "cached token sum")?,
-                    completion_tokens: to_u64(completion, "completion token sum")?,
-                    cost: tidepool_core::Nanos(cost),
-                })
-            })
-            .collect()
+        let sum = |a: u64, b: u64| {
+            a.checked_add(b)
+                .ok_or(LedgerError::OutOfRange { field: "usage sum" })
+        };
+        let mut out: Vec<ModelUsage> = Vec::new();
+        for (model, cached_price, requests, prompt, cached, unknown, completion, cost) in rows {
+            let cached_tokens = to_u64(cached, "cached token sum")?;
+            let cached_input_cost =
+                crate::price::cached_input_cost(cached_tokens, tidepool_core::Nanos(cached_price))?;
+            let row = ModelUsage {
+                model,
+                requests: to_u64(requests, "request count")?,
+                prompt_tokens: to_u64(prompt, "prompt token sum")?,
+                cached_prompt_tokens: cached_tokens,
+                cached_unknown_requests: to_u64(unknown, "cached unknown count")?,
+                completion_tokens: to_u64(completion, "completion token sum")?,
+                cost: tidepool_core::Nanos(cost),
+                cached_input_cost,
+            };
+            match out.last_mut() {
+                Some(last) if last.model == row.model => {
+                    last.requests = sum(last.requests, row.requests)?;
+                    last.prompt_tokens = sum(last.prompt_tokens, row.prompt_tokens)?;
+                    last.cached_prompt_tokens =
+                        sum(last.cached_prompt_tokens, row.cached_prompt_tokens)?;
+                    last.cached_unknown_requests =
+                        sum(last.cached_unknown_requests, row.cached_unknown_requests)?;
+                    last.completion_tokens = sum(last.completion_tokens, row.completion_tokens)?;
+                    last.cost = last
+                        .cost
+                        .checked_add(row.cost)
+                        .ok_or(LedgerError::OutOfRange { field: "usage sum" })?;
+                    last.cached_input_cost = last
+                        .cached_input_cost
+                        .checked_add(row.cached_input_cost)
+                        .ok_or(LedgerError::OutOfRange { field: "usage sum" })?;
+                }
+                _ => out.push(row),
+            }
+        }
+        Ok(out)
     }
 }

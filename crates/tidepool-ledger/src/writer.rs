@@ -699,6 +699,9 @@ impl Writer {
                             prompt_tokens: i64::from(row.entry.prompt_tokens),
                             completion_tokens: i64::from(row.entry.completion_tokens),
                             cached_prompt_tokens: i64::from(row.entry.cached_prompt_tokens),
+                            cached_prompt_tokens_unknown: i64::from(
+                                row.entry.cached_prompt_tokens_unknown,
+                            ),
                             status,
                             error_code: code,
                             latency_ms: row.latency_ms,

@@ -421,9 +421,17 @@ pub(crate) async fn usage(database_url: &str, args: &UsageArgs) -> anyhow::Resul
         requests,
         cost_nanos,
     };
+    print_usage(&report, args.format)
+}
+
+/// A usage report as JSON, CSV or a table.
+fn print_usage(
+    report: &tidepool_gateway::accounts::UsageReport,
+    format: Format,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    match args.format {
-        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(report)?)?,
         Format::Csv => {
             writeln!(
                 out,

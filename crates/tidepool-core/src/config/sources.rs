@@ -39,6 +39,7 @@ const OPTIONAL_KEYS: &[(&str, Kind)] = &[
     ("pool.memory_bytes_max", Kind::Integer),
     ("pool.memory_models_max", Kind::Integer),
     ("models[].keep_alive_ms", Kind::Integer),
+    ("models[].price_cached_input_per_mtok", Kind::Integer),
     ("backends[].api_key_env", Kind::String),
     ("backends[].api_key_file", Kind::String),
     ("batch.files_dir", Kind::String),

@@ -233,7 +233,11 @@ impl Call {
                 // billed at the upper bound it was reserved at (docs/regions.md).
                 tracing::warn!(model = %self.model,
                     "backend reported no usage; prompt billed at its reserved upper bound");
-                (prompt_tokens_bound(&self.input.prompt), 0, buffered.chunks)
+                (
+                    prompt_tokens_bound(&self.input.prompt),
+                    None,
+                    buffered.chunks,
+                )
             });
         // `[DONE]` without a finish reason is a cut answer, not a complete one (llama-cpp-python
         // ends a stream that way when another request wants its lock): a failed attempt.
@@ -272,8 +276,7 @@ struct Buffered {
     tokens: TokenCount,
     chunks: TokenCount,
     finish: Option<FinishReason>,
-    /// prompt, cached prompt, completion tokens.
-    usage: Option<(TokenCount, TokenCount, TokenCount)>,
+    usage: Option<BackendUsage>,
 }
 
 /// A non-stream answer (`chat.completion` or `text_completion` JSON) as one buffered result.
@@ -356,30 +359,45 @@ pub(crate) enum Parsed {
     /// Text, and the finish reason when the same chunk ends the choice.
     Text(String, Option<FinishReason>),
     Finish(FinishReason),
-    Usage((TokenCount, TokenCount, TokenCount)),
+    Usage(BackendUsage),
     Done,
     Error,
     Malformed,
     Nothing,
 }
 
-fn token_field(value: &Value, pointer: &str) -> TokenCount {
-    value
-        .pointer(pointer)
-        .and_then(Value::as_u64)
-        .and_then(|n| TokenCount::try_from(n).ok())
-        .unwrap_or(0)
-}
+/// A backend's usage: every prompt token (cached ones included), the cached ones when the
+/// backend said (`None`: not reported, billed as uncached input), completion tokens.
+pub(crate) type BackendUsage = (TokenCount, Option<TokenCount>, TokenCount);
 
-/// An answer's (or a chunk's) `usage`: prompt, cached prompt and completion tokens.
-fn usage_of(value: &Value) -> Option<(TokenCount, TokenCount, TokenCount)> {
-    value.get("usage").filter(|u| u.is_object()).map(|usage| {
-        (
-            token_field(usage, "/prompt_tokens"),
-            token_field(usage, "/prompt_tokens_details/cached_tokens"),
-            token_field(usage, "/completion_tokens"),
-        )
-    })
+/// An answer's (or a chunk's) `usage`, normalised to OpenAI's convention (`prompt_tokens`
+/// includes the cached part): OpenAI and vLLM report `prompt_tokens_details.cached_tokens`;
+/// Anthropic-style usage reports `cache_read_input_tokens` (and `cache_creation_input_tokens`)
+/// *beside* an `input_tokens`/`prompt_tokens` that excludes them, so they are added back.
+fn usage_of(value: &Value) -> Option<BackendUsage> {
+    let usage = value.get("usage").filter(|u| u.is_object())?;
+    let optional = |pointer: &str| {
+        usage
+            .pointer(pointer)
+            .and_then(Value::as_u64)
+            .and_then(|n| TokenCount::try_from(n).ok())
+    };
+    let prompt = optional("/prompt_tokens").or_else(|| optional("/input_tokens"));
+    let completion = optional("/completion_tokens")
+        .or_else(|| optional("/output_tokens"))
+        .unwrap_or(0);
+    if let Some(cached) = optional("/prompt_tokens_details/cached_tokens") {
+        return Some((prompt.unwrap_or(0), Some(cached), completion));
+    }
+    if let Some(read) = optional("/cache_read_input_tokens") {
+        let created = optional("/cache_creation_input_tokens").unwrap_or(0);
+        let prompt = prompt
+            .unwrap_or(0)
+            .saturating_add(read)
+            .saturating_add(created);
+        return Some((prompt, Some(read), completion));
+    }
+    Some((prompt.unwrap_or(0), None, completion))
 }
 
 /// A choice's `finish_reason`: `length`, any other reason as `stop`, or none yet.
@@ -458,7 +476,19 @@ mod tests {
             parse_data(
                 r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#
             ),
-            Parsed::Usage((7, 2, 3))
+            Parsed::Usage((7, Some(2), 3))
+        );
+        // No cached count: unknown, not 0.
+        assert_eq!(
+            parse_data(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#),
+            Parsed::Usage((7, None, 3))
+        );
+        // Anthropic-style: the prompt excludes what was read from (or written to) the cache.
+        assert_eq!(
+            parse_data(
+                r#"{"choices":[],"usage":{"input_tokens":5,"output_tokens":3,"cache_read_input_tokens":600,"cache_creation_input_tokens":2}}"#
+            ),
+            Parsed::Usage((607, Some(600), 3))
         );
         assert_eq!(
             parse_data(r#"{"choices":[{"delta":{"role":"assistant","content":""}}],"usage":null}"#),

@@ -12,55 +12,20 @@ pub(crate) mod files;
 mod input;
 mod runner;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use axum::http::HeaderMap;
-use tidepool_core::{BatchConfig, KeyId};
 use tidepool_ledger::ApiKeyRecord;
 
 pub(crate) use api::{cancel_batch, create_batch, list_batches, retrieve_batch};
 pub(crate) use files::{delete_file, file_content, list_files, retrieve_file, upload_file};
 pub use runner::{BATCH_LINE_ERROR_CODES, run_pending, spawn_runner};
 
+pub(crate) use crate::batch_line::{BATCH_LINE, BatchLineContext};
+pub use crate::batch_line::{FILES_DIR_DEFAULT, files_dir_for};
 use crate::error::ApiError;
 use crate::extract::{bearer, unsuspended};
 use crate::state::AppState;
-
-/// `files_dir` when none is configured and the database is not a SQLite file.
-pub const FILES_DIR_DEFAULT: &str = "batch-files";
-
-/// The batch line a request runs, set by the runner around the request it sends through the
-/// router: the request authenticates as the batch's key and is metered as a batch line.
-#[derive(Debug, Clone)]
-pub(crate) struct BatchLineContext {
-    pub(crate) key_id: KeyId,
-    pub(crate) batch_id: String,
-    pub(crate) custom_id: String,
-    /// 1-based line number in the input file.
-    pub(crate) line: u64,
-}
-
-tokio::task_local! {
-    /// The batch line the current request runs (unset for every client request).
-    pub(crate) static BATCH_LINE: BatchLineContext;
-}
-
-/// Where file contents live: `[batch] files_dir` if set, else `batch-files` next to a SQLite
-/// database file, else `batch-files` in the working directory (with PostgreSQL, set it to a
-/// volume every replica shares).
-pub fn files_dir_for(config: &BatchConfig, database_url: &str) -> PathBuf {
-    if let Some(dir) = &config.files_dir {
-        return dir.clone();
-    }
-    let sqlite_path = database_url
-        .strip_prefix("sqlite://")
-        .or_else(|| database_url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or(rest));
-    match sqlite_path.map(Path::new).and_then(Path::parent) {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.join(FILES_DIR_DEFAULT),
-        Some(_) | None => PathBuf::from(FILES_DIR_DEFAULT),
-    }
-}
 
 /// The key calling a files or batches endpoint (no usage entry: these calls cost nothing).
 async fn caller(state: &AppState, headers: &HeaderMap) -> Result<ApiKeyRecord, ApiError> {

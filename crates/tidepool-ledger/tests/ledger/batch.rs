@@ -272,6 +272,7 @@ fn entry(reservation: &Reservation, completion_tokens: u32) -> UsageEntry {
         prompt_tokens: 10,
         completion_tokens,
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Ok,
         latency_ms: 3,
         created_at_ms: T0_MS,

@@ -258,6 +258,7 @@ fn entry(
         prompt_tokens: request.prompt_tokens,
         completion_tokens: completion,
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Ok,
         latency_ms: 5,
         created_at_ms: T0_MS,

@@ -98,6 +98,7 @@ impl Fixture {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_prompt_tokens: 0,
+            cached_prompt_tokens_unknown: false,
             status: UsageStatus::Ok,
             latency_ms: 5,
             created_at_ms: T0_MS,
@@ -1039,3 +1040,102 @@ async fn fixture_other_tenant(ledger: &Ledger) -> ReserveRequest {
         class: tidepool_ledger::ReserveClass::Online,
     }
 }
+
+/// Cached prompt tokens a backend did not report are stored as unknown (0 and a flag), billed
+/// as uncached input, and counted apart in the usage summary and the statement; known cached
+/// tokens are billed at the cached-input price, and both reports price their share.
+async fn cached_tokens_known_and_unknown(db: Arc<TestDb>) {
+    let f = fixture(db.ledger().await, Nanos(1_000_000_000)).await;
+    let price = price_v(0, INPUT, OUTPUT);
+
+    let known = f.ledger.reserve(&f.request(1000, 200)).await.unwrap();
+    let mut known_entry = f.entry(known.request_id, 1000, 100);
+    known_entry.cached_prompt_tokens = 400;
+    let settled = f.ledger.settle(&known_entry).await.unwrap();
+    let cached_tokens = BilledTokens {
+        prompt_tokens: 1000,
+        cached_prompt_tokens: 400,
+        completion_tokens: 100,
+    };
+    assert_eq!(settled.cost, cost_of(cached_tokens, &price).unwrap());
+    // 400 cached tokens cost (50 − 25) nano-USD each less than uncached ones.
+    assert_eq!(cost(1000, 100, &price).0 - settled.cost.0, 400 * 25);
+
+    let unknown = f.ledger.reserve(&f.request(1000, 200)).await.unwrap();
+    let mut unknown_entry = f.entry(unknown.request_id, 1000, 100);
+    unknown_entry.cached_prompt_tokens_unknown = true;
+    let settled = f.ledger.settle(&unknown_entry).await.unwrap();
+    assert_eq!(settled.cost, cost(1000, 100, &price), "billed as uncached");
+    let billed = f
+        .ledger
+        .billed_usage(unknown.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(billed.entry, unknown_entry);
+    assert!(billed.entry.cached_prompt_tokens_unknown);
+    let billed = f
+        .ledger
+        .billed_usage(known.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!billed.entry.cached_prompt_tokens_unknown);
+
+    // A money-free entry keeps the flag too.
+    let mut free = f.entry(RequestId::new(), 7, 0);
+    free.cached_prompt_tokens_unknown = true;
+    assert!(f.ledger.record_usage(&free).await.unwrap());
+    assert_eq!(
+        f.ledger.usage_entry(free.request_id).await.unwrap(),
+        Some(free)
+    );
+
+    let summary = f
+        .ledger
+        .usage_summary(&tidepool_ledger::UsageScope::Tenant(f.tenant.clone()), None)
+        .await
+        .unwrap();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    let row = &summary[0];
+    assert_eq!(
+        (
+            row.requests,
+            row.prompt_tokens,
+            row.cached_prompt_tokens,
+            row.cached_unknown_requests
+        ),
+        (3, 2007, 400, 2)
+    );
+    assert_eq!(row.cached_input_cost, Nanos(400 * CACHED / 1_000_000));
+
+    let statement = f
+        .ledger
+        .statement(&f.tenant, Month::parse("2026-11").unwrap())
+        .await
+        .unwrap();
+    let usage: Vec<_> = statement
+        .lines
+        .iter()
+        .filter_map(|line| match line {
+            StatementLine::Usage {
+                requests,
+                cached_prompt_tokens,
+                cached_unknown_requests,
+                cached_input_cost,
+                ..
+            } => Some((
+                *requests,
+                *cached_prompt_tokens,
+                *cached_unknown_requests,
+                *cached_input_cost,
+            )),
+            StatementLine::Credit { .. } => None,
+        })
+        .collect();
+    assert_eq!(usage, [(2, 400, 1, Nanos(10_000))]);
+}
+both_stores!(
+    cached_tokens_known_and_unknown_on,
+    cached_tokens_known_and_unknown
+);

@@ -62,6 +62,7 @@ async fn child() {
                         prompt_tokens: 100,
                         completion_tokens: 60,
                         cached_prompt_tokens: 0,
+                        cached_prompt_tokens_unknown: false,
                         status: UsageStatus::Ok,
                         latency_ms: 1,
                         created_at_ms: 0,

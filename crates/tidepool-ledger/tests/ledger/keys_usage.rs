@@ -30,6 +30,7 @@ fn entry(
         prompt_tokens: prompt,
         completion_tokens: completion,
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Ok,
         latency_ms: 12,
         created_at_ms: T0_MS,

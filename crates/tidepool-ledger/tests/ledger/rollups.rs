@@ -172,6 +172,7 @@ fn entry_for(
         prompt_tokens: prompt,
         completion_tokens: completion,
         cached_prompt_tokens: cached,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Ok,
         latency_ms: 7,
         created_at_ms,
@@ -476,6 +477,7 @@ async fn rollup_matches_raw_usage(db: Arc<TestDb>) {
                         prompt_tokens: rng.random_range(0..100),
                         completion_tokens: 0,
                         cached_prompt_tokens: 0,
+                        cached_prompt_tokens_unknown: false,
                         status: UsageStatus::Error {
                             code: "rate_limit_exceeded".to_owned(),
                         },
@@ -954,6 +956,7 @@ async fn migration_backfills_rollup(db: Arc<TestDb>) {
         prompt_tokens: 1,
         completion_tokens: 0,
         cached_prompt_tokens: 0,
+        cached_prompt_tokens_unknown: false,
         status: UsageStatus::Ok,
         latency_ms: 1,
         created_at_ms: midnight + 7,

@@ -1,0 +1,158 @@
+//! The pooled engine's prompt-prefix cache bookkeeping: which idle slots of one model still hold
+//! a finished sequence's KV, for which tokens, and which was used least recently. The KV itself
+//! stays in the model's llama.cpp context (cells allocated when the model loads); this only
+//! decides which slot a new prompt takes and which idle slots are cleared to stay within
+//! `prefix_cache_tokens_max`. As in llama.cpp's server (`--cache-reuse` off, `slot_prompt_similarity`)
+//! and the per-model engine, a prompt reuses the longest common prefix of one idle slot, in place.
+
+use std::collections::BTreeMap;
+
+use llama_cpp_2::token::LlamaToken;
+
+/// One idle slot's kept tokens (KV at positions `0..len`).
+#[derive(Debug)]
+struct Entry {
+    tokens: Vec<LlamaToken>,
+    /// When it was parked (a counter): the least recent is cleared first.
+    parked_at: u64,
+}
+
+/// The idle slots of one model that keep KV, and the tokens they keep in total.
+#[derive(Debug, Default)]
+pub(crate) struct PrefixCache {
+    entries: BTreeMap<i32, Entry>,
+    tokens: usize,
+    clock: u64,
+}
+
+impl PrefixCache {
+    /// Records that idle `slot` keeps the KV of `tokens`, then drops least recently parked
+    /// entries (this one last) until at most `tokens_max` tokens are kept. Returns the slots
+    /// whose KV the caller must clear.
+    pub(crate) fn park(
+        &mut self,
+        slot: i32,
+        tokens: Vec<LlamaToken>,
+        tokens_max: usize,
+    ) -> Vec<i32> {
+        self.forget(slot);
+        self.clock += 1;
+        self.tokens += tokens.len();
+        self.entries.insert(
+            slot,
+            Entry {
+                tokens,
+                parked_at: self.clock,
+            },
+        );
+        let mut cleared = Vec::new();
+        while self.tokens > tokens_max {
+            let Some(oldest) = self.least_recent() else {
+                break;
+            };
+            self.forget(oldest);
+            cleared.push(oldest);
+        }
+        assert!(
+            self.tokens <= tokens_max,
+            "the prefix cache stays within its bound"
+        );
+        cleared
+    }
+
+    /// The slot leaves the cache (taken, cleared or saved over).
+    pub(crate) fn forget(&mut self, slot: i32) {
+        if let Some(entry) = self.entries.remove(&slot) {
+            self.tokens -= entry.tokens.len();
+        }
+    }
+
+    pub(crate) fn holds(&self, slot: i32) -> bool {
+        self.entries.contains_key(&slot)
+    }
+
+    /// The idle slot parked longest ago.
+    pub(crate) fn least_recent(&self) -> Option<i32> {
+        self.entries
+            .iter()
+            .min_by_key(|(_, e)| e.parked_at)
+            .map(|(slot, _)| *slot)
+    }
+
+    /// The slot sharing the longest prefix with `prompt` (at least `min` tokens; ties: the most
+    /// recently parked), and that prefix's length. At least one prompt token is left to decode,
+    /// so the new sequence gets fresh logits.
+    pub(crate) fn best_match(&self, prompt: &[LlamaToken], min: usize) -> Option<(i32, usize)> {
+        let usable = prompt.len().saturating_sub(1);
+        self.entries
+            .iter()
+            .map(|(slot, entry)| {
+                let common = entry
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(usable);
+                (*slot, common, entry.parked_at)
+            })
+            .filter(|(_, common, _)| *common >= min.max(1))
+            .max_by_key(|(_, common, parked_at)| (*common, *parked_at))
+            .map(|(slot, common, _)| (slot, common))
+    }
+
+    /// Tokens kept over all idle slots.
+    #[cfg(test)]
+    pub(crate) fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(ids: &[i32]) -> Vec<LlamaToken> {
+        ids.iter().copied().map(LlamaToken).collect()
+    }
+
+    #[test]
+    fn longest_common_prefix_wins_and_one_token_is_left() {
+        let mut cache = PrefixCache::default();
+        assert!(cache.park(0, toks(&[1, 2, 3, 4]), 100).is_empty());
+        assert!(cache.park(1, toks(&[1, 2, 9]), 100).is_empty());
+        assert_eq!(cache.best_match(&toks(&[1, 2, 3, 7]), 1), Some((0, 3)));
+        // The whole prompt is cached: the last token is decoded again.
+        assert_eq!(cache.best_match(&toks(&[1, 2, 3, 4]), 1), Some((0, 3)));
+        assert_eq!(cache.best_match(&toks(&[5, 6]), 1), None);
+        // Below the minimum: no reuse.
+        assert_eq!(cache.best_match(&toks(&[1, 2, 3, 7]), 4), None);
+    }
+
+    #[test]
+    fn bound_clears_least_recently_parked_first() {
+        let mut cache = PrefixCache::default();
+        assert!(cache.park(0, toks(&[1; 4]), 10).is_empty());
+        assert!(cache.park(1, toks(&[2; 4]), 10).is_empty());
+        assert_eq!(cache.park(2, toks(&[3; 4]), 10), vec![0]);
+        assert_eq!(cache.tokens(), 8);
+        assert_eq!(cache.least_recent(), Some(1));
+        // An entry larger than the bound is not kept at all.
+        let cleared = cache.park(3, toks(&[4; 11]), 10);
+        assert_eq!(cleared, vec![1, 2, 3]);
+        assert_eq!(cache.tokens(), 0);
+        // Zero turns the cache off.
+        assert_eq!(cache.park(0, toks(&[1]), 0), vec![0]);
+    }
+
+    #[test]
+    fn forget_releases_the_tokens() {
+        let mut cache = PrefixCache::default();
+        cache.park(5, toks(&[1, 2, 3]), 10);
+        assert!(cache.holds(5));
+        cache.forget(5);
+        assert!(!cache.holds(5));
+        assert_eq!(cache.tokens(), 0);
+        assert_eq!(cache.best_match(&toks(&[1, 2, 3]), 1), None);
+    }
+}
