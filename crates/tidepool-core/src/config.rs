@@ -753,7 +753,7 @@ pub struct ModelConfig {
     pub price_output_per_mtok: Nanos,
     /// Price per million cached prompt tokens (a prefix served from the prompt cache),
     /// nano-units; unset = `price_input_per_mtok` (cached tokens are never free by accident).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub price_cached_input_per_mtok: Option<Nanos>,
     /// Pooled llama.cpp models: prompt tokens whose KV the model's idle slots keep for prefix
     /// reuse, over all its slots (least recently used cleared first); 0 turns reuse off.
