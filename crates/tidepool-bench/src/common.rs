@@ -57,7 +57,8 @@ pub(crate) fn prompt_for(request: u32, tokens: u32) -> String {
     let mut text = format!("Story {request}. Continue this text:");
     let words = tokens * 10 / 13;
     for i in 0..words {
-        let index = usize::try_from((i * 7 + request * 3) % 16).unwrap_or(0);
+        let index = usize::try_from(i.wrapping_mul(7).wrapping_add(request.wrapping_mul(3)) % 16)
+            .unwrap_or(0);
         text.push(' ');
         text.push_str(WORDS.get(index).copied().unwrap_or("sea"));
     }
