@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tidepool_ledger::{BatchRecord, BatchStatus};
 use utoipa::ToSchema;
 
-use super::files::{ListOf, ListQuery, PURPOSE_BATCH};
+use super::files::{ListOf, ListQuery, PURPOSE_BATCH, cut_page};
 use super::input::{LineError, validate};
 use super::{caller, content_path, is_file_id, new_id, seconds};
 use crate::error::{ApiError, ErrorBody};
@@ -408,24 +408,16 @@ pub(crate) async fn list_batches(
             .limit
             .unwrap_or(BATCHES_PAGE_LEN_DEFAULT)
             .clamp(1, BATCHES_PAGE_LEN_MAX);
-        let mut batches = state
+        let batches = state
             .ledger()
             .list_batches(&key.tenant, query.after.as_deref(), limit.saturating_add(1))
             .await?;
-        let page = usize::try_from(limit).unwrap_or(usize::MAX);
-        let has_more = batches.len() > page;
-        batches.truncate(page);
+        let (batches, has_more) = cut_page(batches, limit);
         let mut data = Vec::with_capacity(batches.len());
         for batch in batches {
             data.push(render(&state, batch).await?);
         }
-        Ok::<_, ApiError>(ListOf {
-            object: "list",
-            first_id: data.first().map(|b| b.id.clone()),
-            last_id: data.last().map(|b| b.id.clone()),
-            has_more,
-            data,
-        })
+        Ok::<_, ApiError>(ListOf::new(data, has_more, |b| &b.id))
     }
     .await;
     match outcome {

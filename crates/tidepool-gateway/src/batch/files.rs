@@ -67,6 +67,27 @@ pub(crate) struct ListOf<T> {
     pub(crate) has_more: bool,
 }
 
+impl<T> ListOf<T> {
+    /// The envelope of one page, its first and last ids taken with `id`.
+    pub(crate) fn new(data: Vec<T>, has_more: bool, id: impl Fn(&T) -> &str) -> Self {
+        Self {
+            object: "list",
+            first_id: data.first().map(|item| id(item).to_owned()),
+            last_id: data.last().map(|item| id(item).to_owned()),
+            has_more,
+            data,
+        }
+    }
+}
+
+/// Cuts rows read `limit + 1` long to one page; the extra row only tells whether more follow.
+pub(crate) fn cut_page<T>(mut rows: Vec<T>, limit: u32) -> (Vec<T>, bool) {
+    let page = usize::try_from(limit).unwrap_or(usize::MAX);
+    let has_more = rows.len() > page;
+    rows.truncate(page);
+    (rows, has_more)
+}
+
 /// `?purpose=&after=&limit=` of the list endpoints.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -368,7 +389,7 @@ pub(crate) async fn list_files(
             .limit
             .unwrap_or(FILES_PAGE_LEN_MAX)
             .clamp(1, FILES_PAGE_LEN_MAX);
-        let mut files = state
+        let files = state
             .ledger()
             .list_batch_files(
                 &key.tenant,
@@ -377,16 +398,9 @@ pub(crate) async fn list_files(
                 limit.saturating_add(1),
             )
             .await?;
-        let has_more = files.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-        files.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let (files, has_more) = cut_page(files, limit);
         let data: Vec<FileObject> = files.into_iter().map(FileObject::from).collect();
-        Ok::<_, ApiError>(ListOf {
-            object: "list",
-            first_id: data.first().map(|f| f.id.clone()),
-            last_id: data.last().map(|f| f.id.clone()),
-            has_more,
-            data,
-        })
+        Ok::<_, ApiError>(ListOf::new(data, has_more, |f| &f.id))
     }
     .await;
     match outcome {
