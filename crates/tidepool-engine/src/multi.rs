@@ -42,7 +42,7 @@ use crate::llama::{
 };
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
-use crate::prefix::PrefixCache;
+use crate::prefix::{PrefixCache, best_donor, common_prefix};
 use crate::{
     ChatMessage, EngineError, GenerateRequest, Generation, RequestClass, TokenCount, TokenId,
 };
@@ -70,10 +70,12 @@ pub struct MultiModelConfig {
     pub chunks_buffered_max: u32,
     /// Prompt-prefix cache: tokens whose KV the model's idle slots keep for reuse by a later
     /// prompt with the same prefix, summed over the model's slots; past it the least recently
-    /// used idle slot is cleared. 0 turns reuse off. The KV lives in the model's context, whose
+    /// used idle slot is cleared. 0 turns reuse off, copies between slots included. The KV lives
+    /// in the model's context, whose
     /// cells are allocated (and counted by the pool) when it loads, so this costs no memory.
     pub prefix_cache_tokens_max: TokenCount,
-    /// Shortest shared prefix, in tokens, worth reusing from an idle slot.
+    /// Shortest shared prefix, in tokens, worth reusing from an idle slot (or, for a copy from
+    /// another slot, worth copying beyond what the prompt's own slot holds).
     pub prefix_reuse_tokens_min: TokenCount,
 }
 
@@ -121,6 +123,13 @@ impl MultiModelConfig {
 
     fn batch_tokens(&self) -> usize {
         usize::try_from(self.batch_tokens_max).unwrap_or(1)
+    }
+
+    /// [`Self::prefix_reuse_tokens_min`], at least one.
+    fn prefix_reuse_tokens(&self) -> usize {
+        usize::try_from(self.prefix_reuse_tokens_min)
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 }
 
@@ -527,9 +536,7 @@ impl ModelSlotState {
     /// prefix of the prompt whose KV the slot already holds (`0`: none). The slot leaves the
     /// prefix cache; its KV past the prefix is the caller's to clear ([`keep_prefix`]).
     fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(i32, usize)> {
-        let min = usize::try_from(self.config.prefix_reuse_tokens_min)
-            .unwrap_or(usize::MAX)
-            .max(1);
+        let min = self.config.prefix_reuse_tokens();
         let (slot, reuse) = if let Some(hit) = self.cache.best_match(prompt, min) {
             hit
         } else {
@@ -546,6 +553,25 @@ impl ModelSlotState {
         self.cache.forget(slot);
         Some((slot, reuse))
     }
+}
+
+/// Whether one of `fed` (members whose prompt tokens are in the batch being built) will hold,
+/// once it is decoded, at least `min_gain` more tokens of `seq`'s prompt than `seq` holds now,
+/// inside the model's sliding `window` if it has one; never when prefix reuse is not `on`.
+fn prefix_in_flight(
+    seqs: &BTreeMap<u64, Seq>,
+    fed: &[Member],
+    seq: u64,
+    (on, min_gain, window): (bool, usize, Option<usize>),
+) -> bool {
+    let Some(waiting) = seqs.get(&seq).filter(|_| on) else {
+        return false;
+    };
+    let holders = fed
+        .iter()
+        .filter_map(|m| seqs.get(&m.seq).map(|s| (m.slot, s.kv_tokens.as_slice())))
+        .filter(|(_, tokens)| window.is_none_or(|w| tokens.len() <= w));
+    best_donor(&waiting.prompt, waiting.kv_tokens.len(), holders, min_gain).is_some()
 }
 
 impl Seq {
@@ -961,11 +987,19 @@ impl Accelerator {
         // greedy output the same with and without a cache hit.
         let mut cursor = 0;
         let mut tails_pending = !members.is_empty();
+        // Members that have fed a token of their own (they no longer copy a prefix).
+        let mut started = vec![false; members.len()];
         while cursor < members.len() || riders_pending || tails_pending {
+            self.share_prefixes(model, &members, cursor, &started);
             let Some(state) = self.models.get_mut(model) else {
                 break;
             };
             let limit = state.config.batch_tokens();
+            let sharing = (
+                state.config.prefix_cache_tokens_max > 0,
+                state.config.prefix_reuse_tokens(),
+                state.window_tokens,
+            );
             let (Some(loaded), Some(batch)) = (state.loaded.as_mut(), state.batch.as_mut()) else {
                 // Not loaded: the prompts failed above; riders cannot emit their token either.
                 let error = state.broken.clone().unwrap_or(EngineError::ShutDown);
@@ -985,6 +1019,7 @@ impl Accelerator {
                 add_failed = !add_next_tokens(&mut self.seqs, batch, &live_riders, &mut rows);
             }
             let mut body_added = false;
+            let batch_start = cursor;
             while !add_failed
                 && cursor < members.len()
                 && usize::try_from(batch.n_tokens()).unwrap_or(0) < limit
@@ -992,6 +1027,18 @@ impl Accelerator {
                 let Some(member) = members.get(cursor) else {
                     break;
                 };
+                // A member whose prefix an earlier member of this batch is computing copies it
+                // once the batch is decoded, instead of computing it too.
+                let fed_here = members.get(batch_start..cursor).unwrap_or(&[]);
+                if !started.get(cursor).copied().unwrap_or(true)
+                    && body_added
+                    && prefix_in_flight(&self.seqs, fed_here, member.seq, sharing)
+                {
+                    break;
+                }
+                if let Some(flag) = started.get_mut(cursor) {
+                    *flag = true;
+                }
                 let Some(seq) = self.seqs.get_mut(&member.seq) else {
                     cursor += 1;
                     continue;
@@ -1447,6 +1494,92 @@ impl Accelerator {
             loaded.with_dependent_mut(|_, ctx| clear_slot(ctx, slot));
             state.cache.forget(slot);
             state.free_slots.insert(slot);
+        }
+    }
+
+    /// Before a prefill batch is built: each member from `cursor` on that has not fed a token of
+    /// its own takes the longest prefix of its prompt that another slot of the model holds —
+    /// an idle cached slot, a decoding sequence, or a member already past `cursor` — by copying
+    /// that slot's KV (llama.cpp's `llama_memory_seq_cp`; with a KV stream per slot the whole
+    /// stream is copied at the next decode, then the tail past the prefix is dropped). A member
+    /// that a member still being fed (between `cursor` and it) would give more waits for it,
+    /// so a prefix is computed once and copied once. Copied tokens are cached tokens.
+    fn share_prefixes(
+        &mut self,
+        model: usize,
+        members: &[Member],
+        cursor: usize,
+        started: &[bool],
+    ) {
+        let Self { models, seqs, .. } = self;
+        let Some(state) = models.get_mut(model) else {
+            return;
+        };
+        let min_gain = state.config.prefix_reuse_tokens();
+        let window = state.window_tokens;
+        let (Some(loaded), Some(waiting)) = (state.loaded.as_mut(), members.get(cursor..)) else {
+            return;
+        };
+        if state.config.prefix_cache_tokens_max == 0 {
+            // Prefix reuse is off for this model, copies included.
+            return;
+        }
+        // Past a sliding window a slot no longer holds its first positions in every layer.
+        let within = |tokens: &[LlamaToken]| window.is_none_or(|w| tokens.len() <= w);
+        for (index, member) in waiting.iter().enumerate() {
+            if started.get(cursor + index).copied().unwrap_or(true) {
+                continue;
+            }
+            let growing = waiting.get(..index).unwrap_or(&[]);
+            let Some(seq) = seqs.get(&member.seq) else {
+                continue;
+            };
+            let is_growing = |id: &u64| growing.iter().any(|m| m.seq == *id);
+            let settled = seqs
+                .iter()
+                .filter(|(id, s)| {
+                    **id != member.seq && s.model == model && !s.ended && !is_growing(id)
+                })
+                .filter_map(|(_, s)| s.slot.map(|slot| (slot, s.kv_tokens.as_slice())))
+                .chain(state.cache.held())
+                .filter(|(_, tokens)| within(tokens));
+            let have = seq.kv_tokens.len();
+            let Some((from, tokens)) = best_donor(&seq.prompt, have, settled, min_gain) else {
+                continue;
+            };
+            let body = seq
+                .prompt
+                .get(..seq.prompt.len().saturating_sub(1))
+                .unwrap_or(&[]);
+            let later = growing
+                .iter()
+                .filter_map(|m| seqs.get(&m.seq))
+                .map(|s| {
+                    common_prefix(
+                        s.prompt
+                            .get(..s.prompt.len().saturating_sub(1))
+                            .unwrap_or(&[]),
+                        body,
+                    )
+                })
+                .max()
+                .unwrap_or(0);
+            if later >= tokens.saturating_add(min_gain) {
+                continue;
+            }
+            let kept = loaded.with_dependent_mut(|_, ctx| {
+                ctx.copy_kv_cache_seq(from, member.slot, None, None)
+                    .is_ok()
+                    .then(|| keep_prefix(ctx, member.slot, tokens))
+            });
+            let (Some(kept), Some(seq)) = (kept, seqs.get_mut(&member.seq)) else {
+                continue;
+            };
+            seq.kv_tokens.clear();
+            seq.kv_tokens
+                .extend_from_slice(seq.prompt.get(..kept).unwrap_or(&[]));
+            seq.output
+                .set_cached_prompt_tokens(TokenCount::try_from(kept).unwrap_or(0));
         }
     }
 

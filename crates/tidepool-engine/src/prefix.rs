@@ -1,9 +1,13 @@
-//! The pooled engine's prompt-prefix cache bookkeeping: which idle slots of one model still hold
-//! a finished sequence's KV, for which tokens, and which was used least recently. The KV itself
-//! stays in the model's llama.cpp context (cells allocated when the model loads); this only
-//! decides which slot a new prompt takes and which idle slots are cleared to stay within
-//! `prefix_cache_tokens_max`. As in llama.cpp's server (`--cache-reuse` off, `slot_prompt_similarity`)
-//! and the per-model engine, a prompt reuses the longest common prefix of one idle slot, in place.
+//! The pooled engine's prompt-prefix bookkeeping: which idle slots of one model still hold a
+//! finished sequence's KV, for which tokens, and which was used least recently; and which slot
+//! a new prompt can copy its prefix from. The KV itself stays in the model's llama.cpp context
+//! (cells allocated when the model loads); this only decides which slot a new prompt takes,
+//! which idle slots are cleared to stay within `prefix_cache_tokens_max`, and which holder's KV
+//! a prompt copies ([`best_donor`]). As in llama.cpp's server (`--cache-reuse` off,
+//! `slot_prompt_similarity`) and the per-model engine, a prompt reuses the longest common prefix
+//! of one idle slot in place; unlike it, a prompt can also copy the prefix from any other slot
+//! of the model (a running sequence, or another prompt of the same prefill), so concurrent
+//! requests sharing a system prompt compute it once.
 
 use std::collections::BTreeMap;
 
@@ -87,13 +91,7 @@ impl PrefixCache {
         self.entries
             .iter()
             .map(|(slot, entry)| {
-                let common = entry
-                    .tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count()
-                    .min(usable);
+                let common = common_prefix(&entry.tokens, prompt).min(usable);
                 (*slot, common, entry.parked_at)
             })
             .filter(|(_, common, _)| *common >= min.max(1))
@@ -105,6 +103,38 @@ impl PrefixCache {
     #[cfg(test)]
     pub(crate) fn tokens(&self) -> usize {
         self.tokens
+    }
+}
+
+/// Tokens `a` and `b` share from their start.
+pub(crate) fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Among `holders` (a slot and the tokens whose KV it holds at positions `0..len`), the one
+/// sharing the longest prefix with `prompt`, when that prefix is at least `min_gain` tokens
+/// longer than the `have` tokens the prompt's own slot holds already; ties go to the lowest
+/// slot. The prefix stops one token short of the prompt, so the sequence gets fresh logits.
+pub(crate) fn best_donor<'a>(
+    prompt: &[LlamaToken],
+    have: usize,
+    holders: impl IntoIterator<Item = (i32, &'a [LlamaToken])>,
+    min_gain: usize,
+) -> Option<(i32, usize)> {
+    let usable = prompt.len().saturating_sub(1);
+    holders
+        .into_iter()
+        .map(|(slot, tokens)| (slot, common_prefix(tokens, prompt).min(usable)))
+        .filter(|(_, common)| *common >= have.saturating_add(min_gain.max(1)))
+        .max_by_key(|(slot, common)| (*common, std::cmp::Reverse(*slot)))
+}
+
+impl PrefixCache {
+    /// The idle slots and the tokens each keeps.
+    pub(crate) fn held(&self) -> impl Iterator<Item = (i32, &[LlamaToken])> {
+        self.entries
+            .iter()
+            .map(|(slot, entry)| (*slot, entry.tokens.as_slice()))
     }
 }
 
@@ -143,6 +173,24 @@ mod tests {
         assert_eq!(cache.tokens(), 0);
         // Zero turns the cache off.
         assert_eq!(cache.park(0, toks(&[1]), 0), vec![0]);
+    }
+
+    #[test]
+    fn the_donor_shares_the_longest_prefix_beyond_what_the_prompt_has() {
+        let a = toks(&[1, 2, 3, 4, 5]);
+        let b = toks(&[1, 2, 3, 9]);
+        let c = toks(&[1, 2, 3, 4, 5, 6, 7]);
+        let holders = || [(4, a.as_slice()), (2, b.as_slice()), (7, c.as_slice())];
+        let prompt = toks(&[1, 2, 3, 4, 5, 6]);
+        // c shares all six, capped at five: one token is left to compute; a ties at five and
+        // has the lower slot.
+        assert_eq!(best_donor(&prompt, 0, holders(), 1), Some((4, 5)));
+        // Not worth it unless it gains `min_gain` tokens over what the prompt holds.
+        assert_eq!(best_donor(&prompt, 3, holders(), 2), Some((4, 5)));
+        assert_eq!(best_donor(&prompt, 4, holders(), 2), None);
+        assert_eq!(best_donor(&toks(&[8, 1]), 0, holders(), 1), None);
+        assert_eq!(best_donor(&prompt, 0, [], 1), None);
+        assert_eq!(common_prefix(&a, &b), 3);
     }
 
     #[test]

@@ -584,3 +584,169 @@ fn real_model_prefix_reuse_stays_inside_a_sliding_window() {
         assert_eq!((&again.0, again.1), (&cold.0, cold.1));
     }
 }
+
+/// Tokens two prompts share from their start (at most all but the last of `b`).
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn shared(a: &[tidepool_engine::TokenId], b: &[tidepool_engine::TokenId]) -> u32 {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    u32::try_from(common.min(b.len() - 1)).unwrap()
+}
+
+/// `questions` with `system` on a fresh accelerator of `config`, in one schedule: the first
+/// `together` in one prefill, two decode steps, then the rest in a second prefill while the
+/// first decode, then all to the end. Each answer with its prompt's tokens.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn concurrent_runs(
+    config: &MultiModelConfig,
+    front: &ModelFrontEnd,
+    system: &str,
+    questions: &[&str],
+    together: usize,
+) -> Vec<((String, u32, u32, u32), Vec<tidepool_engine::TokenId>)> {
+    let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+    accelerator.load(0).unwrap();
+    let mut runs = Vec::new();
+    for (seq, question) in (1..).zip(questions) {
+        let request = system_request(front, system, question);
+        let prompt = request.prompt.clone();
+        let (prepared, generation) = front.prepare(request).unwrap();
+        accelerator.register(seq, 0, prepared, None);
+        runs.push((generation, prompt));
+    }
+    let seqs: Vec<u64> = (1..).take(questions.len()).collect();
+    let (first, later) = seqs.split_at(together);
+    assert!(accelerator.prefill(0, first, &[]).finished.is_empty());
+    if !later.is_empty() {
+        assert_eq!(accelerator.decode(0, first, 2).steps, 2);
+        assert!(accelerator.prefill(0, later, &[]).finished.is_empty());
+    }
+    let outcome = accelerator.decode(0, &seqs, 1000);
+    assert_eq!(
+        outcome.finished.len(),
+        seqs.len(),
+        "every sequence finishes"
+    );
+    runs.into_iter()
+        .map(|(generation, prompt)| (collect_cached(generation), prompt))
+        .collect()
+}
+
+/// Concurrent prompts that share a system prompt compute it once: in one prefill the first
+/// computes it and the others copy its KV into their own slots, and a prompt arriving while
+/// others decode copies from a busy slot. Each reports exactly the prefix it shares with the
+/// earlier prompts as cached; with reuse off nothing is. (Outputs are compared in the next test:
+/// here the batches differ between the two runs, and llama.cpp's CPU kernels round differently
+/// for different batch shapes.)
+#[test]
+fn real_model_concurrent_prompts_copy_a_shared_prefix_once() {
+    let mut config = smollm2();
+    config.context_tokens = 1024;
+    let mut off = config.clone();
+    off.prefix_cache_tokens_max = 0;
+    let system = long_system_prompt();
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let questions = [
+        "Which berth leaves first?",
+        "What must boats report?",
+        "When does the tide turn?",
+        "Who is the harbour master?",
+    ];
+    // Three in one prefill (the system prompt spans three batches of 256 tokens); the fourth
+    // arrives while they decode.
+    let reference = concurrent_runs(&off, &front, &system, &questions, 3);
+    let copied = concurrent_runs(&config, &front, &system, &questions, 3);
+    for (index, ((on, prompt), (off, _))) in copied.iter().zip(&reference).enumerate() {
+        assert_eq!(off.3, 0, "reuse off: nothing cached");
+        assert_eq!(on.2, off.2, "the same prompt");
+        assert!(on.1 > 0 && !on.0.is_empty(), "question {index} is answered");
+        let expected = copied
+            .get(..index)
+            .unwrap()
+            .iter()
+            .map(|(_, earlier)| shared(earlier, prompt))
+            .max()
+            .unwrap_or(0);
+        assert_eq!(on.3, expected, "question {index}: cached tokens");
+        assert!(index == 0 || on.3 > on.2 / 2, "the system prompt is copied");
+    }
+}
+
+/// The second of two prompts sharing `system`, with the first's KV either copied from its
+/// busy slot (`busy`: the first has decoded two tokens and waits) or reused in place from its
+/// idle slot (the first has finished). Either way the second is prefilled and decoded alone,
+/// so the two runs compute the same batches and differ only in how the prefix got there.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper fails its test by panicking"
+)]
+fn second_prompt(
+    config: &MultiModelConfig,
+    front: &ModelFrontEnd,
+    system: &str,
+    questions: [&str; 2],
+    busy: bool,
+) -> (String, u32, u32, u32) {
+    let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
+    accelerator.load(0).unwrap();
+    let mut generations = Vec::new();
+    for (seq, question) in (1..).zip(questions) {
+        let request = system_request(front, system, question);
+        let (prepared, generation) = front.prepare(request).unwrap();
+        accelerator.register(seq, 0, prepared, None);
+        generations.push(generation);
+    }
+    assert!(accelerator.prefill(0, &[1], &[]).finished.is_empty());
+    let first_steps = if busy { 2 } else { 1000 };
+    accelerator.decode(0, &[1], first_steps);
+    run_straight(&mut accelerator, 0, 2);
+    if busy {
+        assert_eq!(accelerator.decode(0, &[1], 1000).finished.len(), 1);
+    }
+    let mut generations = generations.into_iter();
+    let first = generations.next().unwrap();
+    assert!(collect_cached(first).1 > 0, "the first is answered");
+    collect_cached(generations.next().unwrap())
+}
+
+/// A prefix copied from another slot is the same KV as the prefix reused in place: the second
+/// prompt gives the same greedy answer and the same cached count either way.
+#[test]
+fn real_model_a_copied_prefix_answers_as_one_reused_in_place() {
+    let mut config = smollm2();
+    config.context_tokens = 1024;
+    let system = long_system_prompt();
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let questions = ["Which berth leaves first?", "What must boats report?"];
+    let copied = second_prompt(&config, &front, &system, questions, true);
+    let in_place = second_prompt(&config, &front, &system, questions, false);
+    assert_eq!(copied, in_place);
+    assert!(
+        copied.3 > copied.2 / 2,
+        "the system prompt is reused: {copied:?}"
+    );
+}
+
+/// Gemma-3's sliding window (512 tokens): a prefix is copied from another slot only while the
+/// donor's KV is inside the window, and then answers as one reused in place.
+#[test]
+fn real_model_prefix_copies_stay_inside_a_sliding_window() {
+    let mut config = gemma();
+    config.context_tokens = 1024;
+    let front = ModelFrontEnd::open(config.clone()).unwrap();
+    let short = "The harbour has ten berths and one crane. Boats report their cargo to the \
+                 harbour master before they leave, and the crane works only at high tide.";
+    let long = long_system_prompt();
+    let questions = ["Which berth?", "Which crane?"];
+    for (system, reused) in [(short, true), (long.as_str(), false)] {
+        let copied = second_prompt(&config, &front, system, questions, true);
+        let in_place = second_prompt(&config, &front, system, questions, false);
+        assert_eq!(copied.3 > 0, reused, "{system:.20}: {copied:?}");
+        assert_eq!(copied, in_place, "{system:.20}");
+    }
+}

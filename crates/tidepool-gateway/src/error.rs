@@ -46,6 +46,7 @@ pub const ERROR_CODES: &[&str] = &[
     "file_not_found",
     "batch_not_found",
     "invalid_batch_file",
+    "file_in_use",
     "batch_not_cancellable",
     "request_timeout",
     "stream_stalled",
@@ -134,6 +135,11 @@ pub enum ApiError {
     /// A file that cannot be a batch's input: wrong purpose, or not a well-formed upload.
     #[error("invalid batch file: {reason}")]
     InvalidBatchFile { reason: String },
+    /// `DELETE /v1/files/{id}` of the input file of a batch that has not finished.
+    #[error(
+        "file `{id}` is the input of batch `{batch_id}`, which has not finished; cancel it or wait for it to end"
+    )]
+    FileInUse { id: String, batch_id: String },
     /// `POST /v1/batches/{id}/cancel` of a batch that has ended or is ending.
     #[error("batch `{id}` is {status} and cannot be cancelled")]
     BatchNotCancellable { id: String, status: &'static str },
@@ -249,6 +255,10 @@ impl ApiError {
             Self::InvalidBatchFile { .. } => {
                 Answer::new(StatusCode::BAD_REQUEST, "invalid_batch_file")
             }
+            // Not retried: the batch may run for hours.
+            Self::FileInUse { .. } => Answer::new(StatusCode::CONFLICT, "file_in_use")
+                .param("file_id")
+                .no_retry(),
             // The SDK retries 409 by default; the batch will not become cancellable.
             Self::BatchNotCancellable { .. } => {
                 Answer::new(StatusCode::CONFLICT, "batch_not_cancellable").no_retry()
@@ -718,6 +728,10 @@ mod tests {
             ApiError::FileNotFound { id: "f".into() },
             ApiError::BatchNotFound { id: "b".into() },
             ApiError::InvalidBatchFile { reason: "x".into() },
+            ApiError::FileInUse {
+                id: "f".into(),
+                batch_id: "b".into(),
+            },
             ApiError::BatchNotCancellable {
                 id: "b".into(),
                 status: "completed",

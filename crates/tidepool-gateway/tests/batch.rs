@@ -424,6 +424,23 @@ async fn a_cancelled_batch_gives_its_unfinished_lines_batch_cancelled() {
     )
     .await;
     assert_eq!(again["status"], "cancelling");
+    // Its runner still reads the input: deleting it is refused until the batch ends.
+    let delete_input = || {
+        app.send(
+            Request::delete(format!("/v1/files/{file_id}"))
+                .header("authorization", format!("Bearer {}", app.key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+    };
+    let in_use = delete_input().await;
+    assert_eq!(in_use.headers().get("x-should-retry").unwrap(), "false");
+    let error = expect_error(in_use, StatusCode::CONFLICT, "file_in_use").await;
+    assert_eq!(error["param"], "file_id", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains(&id),
+        "the refusal names the batch: {error}"
+    );
 
     tidepool_gateway::batch::run_pending(&app.state)
         .await
@@ -452,6 +469,11 @@ async fn a_cancelled_batch_gives_its_unfinished_lines_batch_cancelled() {
         .await;
     assert_eq!(refused.headers().get("x-should-retry").unwrap(), "false");
     expect_error(refused, StatusCode::CONFLICT, "batch_not_cancellable").await;
+    assert_eq!(
+        delete_input().await.status(),
+        StatusCode::OK,
+        "the batch ended"
+    );
 }
 
 /// An app on a fresh SQLite file in a directory the caller keeps.

@@ -20,6 +20,18 @@ pub const BATCH_PAGE_LEN_MAX: u32 = 10_001;
 /// Longest file name, purpose, custom id or metadata text stored, in bytes.
 pub const BATCH_TEXT_BYTES_MAX: usize = 65_536;
 
+/// What [`Ledger::delete_batch_file`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileDeletion {
+    Deleted,
+    /// No such file of this tenant, or it was deleted already.
+    NotFound,
+    /// An unfinished batch reads it as its input; nothing changed.
+    InUse {
+        batch_id: String,
+    },
+}
+
 /// Where a batch is in its life (OpenAI's statuses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchStatus {
@@ -433,17 +445,22 @@ impl Ledger {
         rows.into_iter().map(file_from_row).collect()
     }
 
-    /// Marks `tenant`'s file deleted; `false` when there was none.
+    /// Marks `tenant`'s file deleted, unless an unfinished batch (`validating`, `in_progress`,
+    /// `finalizing` or `cancelling`) reads it as its input: its runner reads the content line by
+    /// line until it finishes. The check and the update are one statement, so a batch that
+    /// finishes meanwhile is seen either way.
     pub async fn delete_batch_file(
         &self,
         tenant: &TenantId,
         file_id: &str,
-    ) -> Result<bool, LedgerError> {
+    ) -> Result<FileDeletion, LedgerError> {
         let now_ms = self.now_ms();
         let changed = on_store!(&self.store, pool => {
             sqlx::query(
                 "UPDATE batch_files SET deleted_at_ms = $3 WHERE tenant_id = $1 AND file_id = $2 \
-                 AND deleted_at_ms IS NULL",
+                 AND deleted_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM batches \
+                 WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
+                 AND batches.status IN ('validating', 'in_progress', 'finalizing', 'cancelling'))",
             )
             .bind(tenant.as_str())
             .bind(file_id)
@@ -452,7 +469,28 @@ impl Ledger {
             .await?
             .rows_affected()
         });
-        Ok(changed == 1)
+        if changed == 1 {
+            return Ok(FileDeletion::Deleted);
+        }
+        let reader: Option<(String,)> = on_store!(&self.store, pool => {
+            sqlx::query_as(
+                "SELECT batches.batch_id FROM batches JOIN batch_files \
+                 ON batch_files.file_id = batches.input_file_id \
+                 AND batch_files.tenant_id = batches.tenant_id \
+                 WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
+                 AND batch_files.deleted_at_ms IS NULL \
+                 AND batches.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
+                 ORDER BY batches.created_at_ms, batches.batch_id LIMIT 1",
+            )
+            .bind(tenant.as_str())
+            .bind(file_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(match reader {
+            Some((batch_id,)) => FileDeletion::InUse { batch_id },
+            None => FileDeletion::NotFound,
+        })
     }
 
     /// Records a new batch (validated, so `in_progress`, or `failed` with its errors).

@@ -50,7 +50,7 @@ pub use audit::{
 };
 pub use batches::{
     BATCH_PAGE_LEN_MAX, BATCH_TEXT_BYTES_MAX, BatchFile, BatchLineRecord, BatchRecord, BatchStatus,
-    BatchTotals, NewBatchLine,
+    BatchTotals, FileDeletion, NewBatchLine,
 };
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SEED_DIMENSION_MAX, BENCH_SETTLES_MAX, BENCH_USAGE_ROWS_MAX,

@@ -8,7 +8,7 @@ use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tidepool_ledger::BatchFile;
+use tidepool_ledger::{BatchFile, FileDeletion};
 use tokio::io::AsyncWriteExt as _;
 use utoipa::ToSchema;
 
@@ -339,10 +339,12 @@ pub(crate) struct FileDeleted {
     deleted: bool,
 }
 
-/// `DELETE /v1/files/{id}`: the metadata is marked deleted, then the content removed.
+/// `DELETE /v1/files/{id}`: the metadata is marked deleted, then the content removed; 409
+/// `file_in_use` while an unfinished batch reads the file as its input.
 #[utoipa::path(delete, path = "/v1/files/{id}", tag = "batch", security(("bearer" = [])),
     params(("id" = String, Path, description = "`file-…`")),
-    responses((status = 200, body = FileDeleted), (status = 404, description = "`file_not_found`", body = ErrorBody)))]
+    responses((status = 200, body = FileDeleted), (status = 404, description = "`file_not_found`", body = ErrorBody),
+        (status = 409, description = "`file_in_use`: an unfinished batch reads it", body = ErrorBody)))]
 pub(crate) async fn delete_file(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -350,12 +352,19 @@ pub(crate) async fn delete_file(
 ) -> Response {
     let outcome = async {
         let file = owned_file(&state, &headers, &file_id).await?;
-        if !state
+        match state
             .ledger()
             .delete_batch_file(&file.tenant, &file.file_id)
             .await?
         {
-            return Err(ApiError::FileNotFound { id: file.file_id });
+            FileDeletion::Deleted => {}
+            FileDeletion::NotFound => return Err(ApiError::FileNotFound { id: file.file_id }),
+            FileDeletion::InUse { batch_id } => {
+                return Err(ApiError::FileInUse {
+                    id: file.file_id,
+                    batch_id,
+                });
+            }
         }
         if let Err(error) = tokio::fs::remove_file(content_path(&state, &file.file_id)).await {
             tracing::warn!(%error, file_id = %file.file_id, "cannot remove a deleted file's content");

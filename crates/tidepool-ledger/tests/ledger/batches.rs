@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use tidepool_core::{KeyId, Nanos, RequestId, TenantId};
 use tidepool_ledger::{
-    AuditContext, BatchFile, BatchRecord, BatchStatus, Finish, Ledger, NewBatchLine, RateLimits,
-    RateScope, ReserveClass, ReserveRequest, UsageEntry, UsageStatus,
+    AuditContext, BatchFile, BatchRecord, BatchStatus, FileDeletion, Finish, Ledger, NewBatchLine,
+    RateLimits, RateScope, ReserveClass, ReserveRequest, UsageEntry, UsageStatus,
 };
 
 use crate::billing::{INPUT, OUTPUT, fixture};
@@ -114,9 +114,13 @@ async fn files_and_batches_are_rows_of_their_tenant(db: Arc<TestDb>) {
             .unwrap()),
         ["file-02", "file-01"]
     );
-    assert!(!ledger.delete_batch_file(&globex, "file-02").await.unwrap());
-    assert!(ledger.delete_batch_file(&acme, "file-02").await.unwrap());
-    assert!(!ledger.delete_batch_file(&acme, "file-02").await.unwrap());
+    let delete = |tenant: &TenantId, id: &str| {
+        let (ledger, tenant, id) = (&ledger, tenant.clone(), id.to_owned());
+        async move { ledger.delete_batch_file(&tenant, &id).await.unwrap() }
+    };
+    assert_eq!(delete(&globex, "file-02").await, FileDeletion::NotFound);
+    assert_eq!(delete(&acme, "file-02").await, FileDeletion::Deleted);
+    assert_eq!(delete(&acme, "file-02").await, FileDeletion::NotFound);
     assert!(ledger.batch_file(&acme, "file-02").await.unwrap().is_none());
 
     let key = KeyId("k".to_owned());
@@ -138,6 +142,46 @@ async fn files_and_batches_are_rows_of_their_tenant(db: Arc<TestDb>) {
             .unwrap()
             .is_empty()
     );
+
+    // An unfinished batch's input stays until the batch ends (its runner reads it); another
+    // tenant still sees no such file.
+    let in_use = FileDeletion::InUse {
+        batch_id: "batch_01".to_owned(),
+    };
+    assert_eq!(delete(&acme, "file-01").await, in_use);
+    assert_eq!(delete(&globex, "file-01").await, FileDeletion::NotFound);
+    assert!(ledger.batch_file(&acme, "file-01").await.unwrap().is_some());
+    for (batch_id, to) in [
+        ("batch_01", BatchStatus::Cancelling),
+        ("batch_02", BatchStatus::Finalizing),
+    ] {
+        assert!(
+            ledger
+                .set_batch_status(batch_id, &[BatchStatus::InProgress], to)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(delete(&acme, "file-01").await, in_use);
+    assert!(
+        ledger
+            .end_batch("batch_01", BatchStatus::Cancelled, None, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        delete(&acme, "file-01").await,
+        FileDeletion::InUse {
+            batch_id: "batch_02".to_owned()
+        }
+    );
+    assert!(
+        ledger
+            .end_batch("batch_02", BatchStatus::Completed, None, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(delete(&acme, "file-01").await, FileDeletion::Deleted);
 }
 both_stores!(
     files_and_batches_are_rows_of_their_tenant_,
