@@ -595,6 +595,9 @@ fn shared(a: &[tidepool_engine::TokenId], b: &[tidepool_engine::TokenId]) -> u32
     u32::try_from(common.min(b.len() - 1)).unwrap()
 }
 
+/// Text, completion tokens, prompt tokens and cached prompt tokens of one answer.
+type Answer = (String, u32, u32, u32);
+
 /// `questions` with `system` on a fresh accelerator of `config`, in one schedule: the first
 /// `together` in one prefill, two decode steps, then the rest in a second prefill while the
 /// first decode, then all to the end. Each answer with its prompt's tokens.
@@ -608,7 +611,7 @@ fn concurrent_runs(
     system: &str,
     questions: &[&str],
     together: usize,
-) -> Vec<((String, u32, u32, u32), Vec<tidepool_engine::TokenId>)> {
+) -> Vec<(Answer, Vec<tidepool_engine::TokenId>)> {
     let mut accelerator = Accelerator::new(vec![config.clone()]).unwrap();
     accelerator.load(0).unwrap();
     let mut runs = Vec::new();
@@ -621,10 +624,16 @@ fn concurrent_runs(
     }
     let seqs: Vec<u64> = (1..).take(questions.len()).collect();
     let (first, later) = seqs.split_at(together);
-    assert!(accelerator.prefill(0, first, &[]).finished.is_empty());
+    assert!(
+        accelerator.prefill(0, first, &[]).finished.is_empty(),
+        "nothing ends in its prefill"
+    );
     if !later.is_empty() {
-        assert_eq!(accelerator.decode(0, first, 2).steps, 2);
-        assert!(accelerator.prefill(0, later, &[]).finished.is_empty());
+        assert_eq!(accelerator.decode(0, first, 2).steps, 2, "two steps");
+        assert!(
+            accelerator.prefill(0, later, &[]).finished.is_empty(),
+            "nothing ends in its prefill"
+        );
     }
     let outcome = accelerator.decode(0, &seqs, 1000);
     assert_eq!(
@@ -701,12 +710,19 @@ fn second_prompt(
         accelerator.register(seq, 0, prepared, None);
         generations.push(generation);
     }
-    assert!(accelerator.prefill(0, &[1], &[]).finished.is_empty());
+    assert!(
+        accelerator.prefill(0, &[1], &[]).finished.is_empty(),
+        "the first is prefilled"
+    );
     let first_steps = if busy { 2 } else { 1000 };
     accelerator.decode(0, &[1], first_steps);
     run_straight(&mut accelerator, 0, 2);
     if busy {
-        assert_eq!(accelerator.decode(0, &[1], 1000).finished.len(), 1);
+        assert_eq!(
+            accelerator.decode(0, &[1], 1000).finished.len(),
+            1,
+            "the first finishes"
+        );
     }
     let mut generations = generations.into_iter();
     let first = generations.next().unwrap();
