@@ -75,7 +75,7 @@ pub(crate) struct SeqState {
 pub(crate) struct ModelState {
     pub(crate) residency: Residency,
     pub(crate) prefill_q: VecDeque<SeqId>,
-    pub(crate) decoding: BTreeSet<SeqId>,
+    pub(crate) decoding: crate::seqset::SeqSet,
     /// Batch sequences with cells in the context (or a slot reserved by an in-flight prefill,
     /// restore or preemption): decoded only while no online request is in the pool.
     pub(crate) batch_decoding: BTreeSet<SeqId>,
@@ -116,7 +116,7 @@ impl ModelState {
         Self {
             residency: Residency::Cold,
             prefill_q: VecDeque::new(),
-            decoding: BTreeSet::new(),
+            decoding: crate::seqset::SeqSet::new(),
             batch_decoding: BTreeSet::new(),
             in_ctx: 0,
             busy: 0,
@@ -596,7 +596,7 @@ impl Pool {
         );
         let batch = state.class == RequestClass::Batch;
         let model = &mut self.models[state.model];
-        model.decoding.remove(&seq);
+        model.decoding.remove(seq);
         if batch {
             model.batch_decoding.remove(&seq);
             self.batch_q.retain(|s| *s != seq);

@@ -582,11 +582,8 @@ impl Pool {
             .saturating_mul(seqs_max);
         self.models[turn.model]
             .decoding
-            .iter()
-            .skip(skip)
-            .take(seqs_max)
-            .copied()
-            .collect()
+            .window(skip, seqs_max)
+            .to_vec()
     }
 
     /// A round visits every decoding chunk once in model order. `token` sizes turns with
