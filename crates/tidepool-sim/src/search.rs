@@ -19,6 +19,7 @@ use crate::spec::SimSpec;
 use crate::workload::Workload;
 
 /// The placement the search ended with and the moves it made.
+#[derive(Debug, Clone)]
 pub(crate) struct Found {
     pub(crate) placement: Vec<Vec<u32>>,
     pub(crate) moves: u32,

@@ -315,6 +315,23 @@ pub fn simulate(
     workload: &Workload,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, SimError> {
+    simulate_with(spec, workload, progress, None)
+}
+
+/// Placement searches already run, by accelerator count. The planner keeps one per policy:
+/// all its probes start from the same first placement for a given count (same instance counts
+/// and loads) and search the same requests (the sample, or the whole workload when it is no
+/// longer), so a count searched once — on the sample during the bisection — is not searched
+/// again when the whole workload is probed at that count.
+pub(crate) type Searched = std::collections::BTreeMap<u32, crate::search::Found>;
+
+/// [`simulate`], reusing and recording the placement search in `searched` (see [`Searched`]).
+pub(crate) fn simulate_with(
+    spec: &SimSpec,
+    workload: &Workload,
+    progress: &mut dyn FnMut(Progress),
+    searched: Option<&mut Searched>,
+) -> Result<Report, SimError> {
     if let Some(problem) = spec.knobs.problems().first() {
         return Err(SimError::KnobInvalid {
             field: problem.field,
@@ -337,8 +354,13 @@ pub fn simulate(
         requests_done: total / 2,
         requests_total: total,
     });
-    let (moves, search_requests) =
-        search_and_confirm(spec, &routed, &counts, &mut placement, &mut outcomes)?;
+    let (moves, search_requests) = search_and_confirm(
+        spec,
+        &routed,
+        &counts,
+        (&mut placement, &mut outcomes),
+        searched,
+    )?;
     let current = keys(&placement, n);
     debug_assert!(
         outcomes
@@ -367,8 +389,8 @@ fn search_and_confirm(
     spec: &SimSpec,
     routed: &Routed<'_>,
     counts: &[u32],
-    placement: &mut Vec<Vec<u32>>,
-    outcomes: &mut [Option<Outcome>],
+    (placement, outcomes): (&mut Vec<Vec<u32>>, &mut [Option<Outcome>]),
+    searched: Option<&mut Searched>,
 ) -> Result<(u32, u64), SimError> {
     let workload = routed.workload;
     let n = outcomes.len();
@@ -389,7 +411,18 @@ fn search_and_confirm(
     let sample = search_sample(workload, spec.search_sample_requests);
     let searched_on = sample.as_ref().unwrap_or(workload);
     let search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
-    let found = crate::search::improve(spec, searched_on, counts, placement)?;
+    let found = match searched {
+        Some(memo) => {
+            if let Some(found) = memo.get(&spec.accelerators) {
+                found.clone()
+            } else {
+                let found = crate::search::improve(spec, searched_on, counts, placement)?;
+                memo.insert(spec.accelerators, found.clone());
+                found
+            }
+        }
+        None => crate::search::improve(spec, searched_on, counts, placement)?,
+    };
     if found.moves == 0 {
         return Ok((0, search_requests));
     }
