@@ -23,6 +23,9 @@ use crate::workload::Workload;
 pub(crate) struct Found {
     pub(crate) placement: Vec<Vec<u32>>,
     pub(crate) moves: u32,
+    /// The search gave up on reaching `SimSpec::search_until_attainment` ([`improve`]'s
+    /// `give_up`): a full search might have gone further.
+    pub(crate) gave_up: bool,
 }
 
 /// One trial: model `model`'s instance moves from `from` to `to`; `changed` are the
@@ -59,12 +62,17 @@ impl Missed {
 
 type Cache = BTreeMap<AccKey, Missed>;
 
-/// Searches from `start` on `workload` (instance counts `instances`, fixed).
+/// Searches from `start` on `workload` (instance counts `instances`, fixed). With `give_up`
+/// and a target (`SimSpec::search_until_attainment`), the search stops once the moves it has
+/// left, each gaining what its last move gained, could not bring the missed tokens down to the
+/// target's: the planner's bisection only needs a verdict, and a placement that far from the
+/// target is not worth the rest of the search (its answer is confirmed by full searches).
 pub(crate) fn improve(
     spec: &SimSpec,
     workload: &Workload,
     instances: &[u32],
     start: &[Vec<u32>],
+    give_up: bool,
 ) -> Result<Found, SimError> {
     let n = usize::try_from(spec.accelerators).unwrap_or(1);
     let routed = Routed::new(spec, workload, instances);
@@ -81,9 +89,20 @@ pub(crate) fn improve(
     let enough_missed = spec.search_until_attainment.map(|target| {
         crate::profile::f64_ns((1.0 - target.clamp(0.0, 1.0)) * crate::profile::as_f64(owed))
     });
+    let mut last_gain = u64::MAX;
+    let mut gave_up = false;
     while moves < spec.placement_moves_max {
         let miss: Vec<u64> = current.iter().map(|k| exact(&cache, k)).collect();
-        if enough_missed.is_some_and(|enough| miss.iter().sum::<u64>() <= enough) {
+        let missed_now: u64 = miss.iter().sum();
+        if enough_missed.is_some_and(|enough| missed_now <= enough) {
+            break;
+        }
+        let moves_left = u64::from(spec.placement_moves_max - moves);
+        if give_up
+            && enough_missed
+                .is_some_and(|enough| last_gain.saturating_mul(moves_left) < missed_now - enough)
+        {
+            gave_up = true;
             break;
         }
         let Some(from) = (0..n)
@@ -100,17 +119,21 @@ pub(crate) fn improve(
             .flat_map(|&(m, _)| targets.iter().map(move |&to| (m, to)))
             .filter_map(|(m, to)| trial(&placement, &current, m, from, to))
             .collect();
-        let best = best_trial(&routed, &mut cache, &miss, &trials)?;
-        let Some(t) = best else {
+        let Some((gain, t)) = best_trial(&routed, &mut cache, &miss, &trials)? else {
             break;
         };
+        last_gain = gain;
         placement[t.model].clone_from(&t.accs);
         for (a, key) in &t.changed {
             current[*a].clone_from(key);
         }
         moves += 1;
     }
-    Ok(Found { placement, moves })
+    Ok(Found {
+        placement,
+        moves,
+        gave_up,
+    })
 }
 
 /// The trial moving `model`'s instance on `from` to `to`, unless `to` holds one already.
@@ -158,7 +181,7 @@ fn trial(
 }
 
 /// The trial that lowers the missed tokens of the accelerators it changes the most (the first
-/// of equals), if any does. The holdings a trial leaves behind are simulated first; then each
+/// of equals), if any does, with what it gains. The holdings a trial leaves behind are simulated first; then each
 /// trial's target holding is simulated with the limit below which the trial gains, so a target
 /// that misses too much is stopped early. The choice is the one exact figures give: a stopped
 /// target's trial could not have gained, and every other figure is exact.
@@ -167,7 +190,7 @@ fn best_trial<'t>(
     cache: &mut Cache,
     miss: &[u64],
     trials: &'t [Trial],
-) -> Result<Option<&'t Trial>, SimError> {
+) -> Result<Option<(u64, &'t Trial)>, SimError> {
     let left = |t: &'t Trial| t.changed.iter().filter(move |(a, _)| *a != t.to);
     fill(
         routed,
@@ -212,7 +235,7 @@ fn best_trial<'t>(
             best = Some((gain, t));
         }
     }
-    Ok(best.map(|(_, t)| t))
+    Ok(best)
 }
 
 /// What the cache knows of a holding (nothing held: none missed).

@@ -322,8 +322,14 @@ pub fn simulate(
 /// all its probes start from the same first placement for a given count (same instance counts
 /// and loads) and search the same requests (the sample, or the whole workload when it is no
 /// longer), so a count searched once — on the sample during the bisection — is not searched
-/// again when the whole workload is probed at that count.
-pub(crate) type Searched = std::collections::BTreeMap<u32, crate::search::Found>;
+/// again when the whole workload is probed at that count. Only full searches are kept.
+#[derive(Debug, Default)]
+pub(crate) struct Searched {
+    found: std::collections::BTreeMap<u32, crate::search::Found>,
+    /// The next searches may give up on a placement far from the target
+    /// (`crate::search::improve`'s `give_up`): the bisection's probes, not the confirmation's.
+    pub(crate) give_up: bool,
+}
 
 /// [`simulate`], reusing and recording the placement search in `searched` (see [`Searched`]).
 pub(crate) fn simulate_with(
@@ -413,15 +419,18 @@ fn search_and_confirm(
     let search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
     let found = match searched {
         Some(memo) => {
-            if let Some(found) = memo.get(&spec.accelerators) {
+            if let Some(found) = memo.found.get(&spec.accelerators) {
                 found.clone()
             } else {
-                let found = crate::search::improve(spec, searched_on, counts, placement)?;
-                memo.insert(spec.accelerators, found.clone());
+                let found =
+                    crate::search::improve(spec, searched_on, counts, placement, memo.give_up)?;
+                if !found.gave_up {
+                    memo.found.insert(spec.accelerators, found.clone());
+                }
                 found
             }
         }
-        None => crate::search::improve(spec, searched_on, counts, placement)?,
+        None => crate::search::improve(spec, searched_on, counts, placement, false)?,
     };
     if found.moves == 0 {
         return Ok((0, search_requests));

@@ -227,8 +227,9 @@ fn plan_answers_what_probing_every_count_answers() {
     assert_eq!(report.answers[0].accelerators, Some(top));
 }
 
-/// A busier market than [`small_market`]: its compute floor (every model's busy time alone over
-/// the span of its arrivals) is several accelerators, so the bisection starts above zero.
+/// A busier market than [`small_market`]: its compute estimate (every model's busy time alone
+/// over the span of its arrivals) is several accelerators, so the bisection's first split is
+/// not at half the `dedicated` sum.
 fn busy_market(profile: &Profile) -> Workload {
     let spec_m = MarketSpec {
         models: 6,
@@ -255,11 +256,12 @@ fn probe_meets(base: &SimSpec, workload: &Workload, demand: &Demand, n: u32, tar
     simulate(&s, workload, &mut |_| {}).unwrap().attainment >= target
 }
 
-/// On a busy market, where the bisection starts from the compute floor: without a sample the
-/// answer is the first count that meets (every count probed); with a sample the answer is
-/// confirmed on the whole workload — it meets there and one fewer misses.
+/// On a busy market, where the bisection first splits at the compute estimate: without a
+/// sample the answer is the first count that meets (every count probed); with a sample (whose
+/// probes may give up on a hopeless search) the answer is confirmed on the whole workload — it
+/// meets there and one fewer misses, both with full searches.
 #[test]
-fn from_the_compute_floor_the_plan_answers_what_probing_every_count_answers() {
+fn from_the_compute_estimate_the_plan_answers_what_probing_every_count_answers() {
     let profile = Profile::load("h100").unwrap();
     let workload = busy_market(&profile);
     let base = spec(profile, PoolPolicy::Token, 1);
