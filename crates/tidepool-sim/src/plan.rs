@@ -3,11 +3,13 @@
 //! workload): `dedicated` gives each model the fewest whole accelerators of its own that reach
 //! the target on its traffic (not one per model), and its answer is their sum. The pooled
 //! policies start from those instance counts (a model that needs three accelerators alone gets
-//! three instances) and are searched by bisection over 1..=the dedicated answer (attainment is
-//! treated as monotone in the accelerator count; every probe is kept and plotted, so a
-//! non-monotone curve is visible). On a workload longer than the search sample
-//! (`SimSpec::search_sample_requests`) the bisection runs on the sample and its answer is
-//! confirmed on the whole workload: there the answer meets the target and one fewer misses.
+//! three instances) and are searched by bisection over 1..=the dedicated answer, first split at
+//! the compute estimate (attainment is treated as monotone in the accelerator count; every
+//! probe is kept and plotted, so a non-monotone curve is visible). On a workload longer than the
+//! search sample (`SimSpec::search_sample_requests`) the bisection runs on the sample, its probes
+//! may give up a hopeless placement search, and its answer is confirmed on the whole workload
+//! with full searches: there the answer meets the target and one fewer misses. Each count is
+//! probed once per workload and searched once per policy (`Probes`).
 
 use std::collections::BTreeMap;
 
