@@ -982,7 +982,7 @@ impl Pool {
 
     /// Saves one in-context sequence of `model` not in `keep`, if the saved pool has room.
     fn save_one(&self, model: usize, keep: &[SeqId]) -> Option<(usize, Work)> {
-        let seq = self.models[model].decoding.iter().rev().find(|s| {
+        let seq = self.models[model].decoding_in_ctx.iter().rev().find(|s| {
             !keep.contains(s)
                 && self
                     .seqs
