@@ -9,7 +9,11 @@
 //! accelerator without the moved instance is the same for both targets; a move's winner was
 //! already simulated as a trial) costs nothing. The trials one move needs run on every core,
 //! and the move is chosen afterwards in trial order, so the result is the same on any number
-//! of cores and equal to re-simulating every accelerator for every trial.
+//! of cores and equal to re-simulating every accelerator for every trial. A trial's target
+//! accelerator is simulated only until it misses too many tokens for the move to help
+//! ([`Missed`]), which leaves the choice unchanged. For the planner's bisection the search may
+//! also give up a placement that cannot reach its target at the pace of its last move
+//! ([`improve`]'s `give_up`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
