@@ -266,7 +266,7 @@ impl Pool {
             }
             count += 1;
             assert!(
-                !m.decoding.contains(seq) && !m.prefill_q.contains(seq),
+                !m.decoding.contains(*seq) && !m.prefill_q.contains(seq),
                 "a batch sequence in an online queue"
             );
             let in_action = !state.cancelled

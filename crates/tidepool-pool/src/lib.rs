@@ -18,6 +18,7 @@ pub mod ids;
 pub mod knobs;
 mod pool;
 mod sched;
+mod seqset;
 pub mod status;
 
 pub use config::{CostEstimate, ModelSpec, PoolConfig, memory_budget};

@@ -75,7 +75,10 @@ pub(crate) struct SeqState {
 pub(crate) struct ModelState {
     pub(crate) residency: Residency,
     pub(crate) prefill_q: VecDeque<SeqId>,
-    pub(crate) decoding: BTreeSet<SeqId>,
+    pub(crate) decoding: crate::seqset::SeqSet,
+    /// The online decoding sequences whose cells are in the context (`Kv::InCtx`): the ones a
+    /// save can take, without walking the saved ones.
+    pub(crate) decoding_in_ctx: crate::seqset::SeqSet,
     /// Batch sequences with cells in the context (or a slot reserved by an in-flight prefill,
     /// restore or preemption): decoded only while no online request is in the pool.
     pub(crate) batch_decoding: BTreeSet<SeqId>,
@@ -116,7 +119,8 @@ impl ModelState {
         Self {
             residency: Residency::Cold,
             prefill_q: VecDeque::new(),
-            decoding: BTreeSet::new(),
+            decoding: crate::seqset::SeqSet::new(),
+            decoding_in_ctx: crate::seqset::SeqSet::new(),
             batch_decoding: BTreeSet::new(),
             in_ctx: 0,
             busy: 0,
@@ -596,7 +600,8 @@ impl Pool {
         );
         let batch = state.class == RequestClass::Batch;
         let model = &mut self.models[state.model];
-        model.decoding.remove(&seq);
+        model.decoding.remove(seq);
+        model.decoding_in_ctx.remove(seq);
         if batch {
             model.batch_decoding.remove(&seq);
             self.batch_q.retain(|s| *s != seq);
@@ -777,6 +782,9 @@ impl Pool {
         state.kv = Kv::InCtx;
         let (model, cancelled) = (state.model, state.cancelled);
         let batch = state.class == RequestClass::Batch;
+        if self.models[model].decoding.contains(seq) {
+            self.models[model].decoding_in_ctx.insert(seq);
+        }
         self.models[model].saved_bytes -= bytes;
         self.ledger.saved_bytes -= bytes;
         if batch {
@@ -849,6 +857,9 @@ impl Pool {
                     m.batch_decoding.insert(seq);
                 } else {
                     m.decoding.insert(seq);
+                    if state.kv == Kv::InCtx {
+                        m.decoding_in_ctx.insert(seq);
+                    }
                 }
             }
             if reported.is_some() || state.emitted >= state.max_tokens {
@@ -1009,6 +1020,7 @@ impl Pool {
         };
         state.kv = Kv::Saving { bytes };
         state.in_action = true;
+        self.models[model].decoding_in_ctx.remove(seq);
         self.models[model].saved_bytes += bytes;
         self.ledger.saved_bytes += bytes;
         Action::SaveKv {
@@ -1194,6 +1206,16 @@ impl Pool {
             ledger.ctx_kv_bytes, self.ledger.ctx_kv_bytes,
             "paged KV ledger drifted"
         );
+        for m in &self.models {
+            let in_ctx = m
+                .decoding
+                .iter()
+                .filter(|s| self.seqs.get(s).is_some_and(|st| st.kv == Kv::InCtx));
+            assert!(
+                in_ctx.eq(m.decoding_in_ctx.iter()),
+                "the in-context decoding set drifted"
+            );
+        }
         assert_eq!(
             ledger.resident_bytes, self.ledger.resident_bytes,
             "resident ledger drifted"

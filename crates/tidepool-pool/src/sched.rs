@@ -582,11 +582,8 @@ impl Pool {
             .saturating_mul(seqs_max);
         self.models[turn.model]
             .decoding
-            .iter()
-            .skip(skip)
-            .take(seqs_max)
-            .copied()
-            .collect()
+            .window(skip, seqs_max)
+            .to_vec()
     }
 
     /// A round visits every decoding chunk once in model order. `token` sizes turns with
@@ -985,7 +982,7 @@ impl Pool {
 
     /// Saves one in-context sequence of `model` not in `keep`, if the saved pool has room.
     fn save_one(&self, model: usize, keep: &[SeqId]) -> Option<(usize, Work)> {
-        let seq = self.models[model].decoding.iter().rev().find(|s| {
+        let seq = self.models[model].decoding_in_ctx.iter().rev().find(|s| {
             !keep.contains(s)
                 && self
                     .seqs

@@ -4,7 +4,8 @@
 //! `tidepool plan` do by default (the server's knobs, instances sized at 99 %, the placement
 //! search) on a Zipf(1) market at 20 req/s Poisson.
 //! Environment: `PROFILE` (name or TOML path), `MOVES` (placement search), `STEPS_MIN`,
-//! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs).
+//! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs), `PROGRESS=1` (`market`: each simulation's
+//! progress with its time, on stderr).
 
 use std::io::Write as _;
 use std::path::Path;
@@ -110,6 +111,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..spec(PoolPolicy::Token, n)
             };
             let start = Instant::now();
+            // `PROGRESS=1`: when each simulation's first pass and whole run end, on stderr.
+            let trace = std::env::var("PROGRESS").is_ok_and(|v| v == "1");
+            let mut progress = |p: tidepool_sim::Progress| {
+                if trace {
+                    writeln!(
+                        std::io::stderr(),
+                        "{:8.2}s {}/{}",
+                        start.elapsed().as_secs_f64(),
+                        p.requests_done,
+                        p.requests_total
+                    )
+                    .ok();
+                }
+            };
             if what == "plan" {
                 let report = plan(
                     &shipped,
@@ -120,7 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         PoolPolicy::SwapLru,
                         PoolPolicy::Token,
                     ],
-                    &mut |_| {},
+                    &mut progress,
                 )?;
                 for p in &report.points {
                     writeln!(
@@ -133,7 +148,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     writeln!(out, "{line}")?;
                 }
             } else {
-                let r = simulate(&shipped, &workload, &mut |_| {})?;
+                let r = simulate(&shipped, &workload, &mut progress)?;
                 writeln!(
                     out,
                     "{} requests, {} models, {} instances on {} accelerators: attainment {:.4}, {} moves on {} requests",

@@ -111,6 +111,17 @@ impl<'a> Routed<'a> {
 
     /// Simulates accelerator `acc` holding `key` (`None` if it holds nothing).
     pub(crate) fn run(&self, acc: u32, key: &AccKey) -> Result<Option<Outcome>, SimError> {
+        self.run_limited(acc, key, None)
+    }
+
+    /// [`Self::run`], stopped once `missed_limit` online tokens are missed (the outcome then
+    /// says so: `AccOutcome::stopped`).
+    pub(crate) fn run_limited(
+        &self,
+        acc: u32,
+        key: &AccKey,
+        missed_limit: Option<u64>,
+    ) -> Result<Option<Outcome>, SimError> {
         let members: Vec<(usize, &[u32])> = key
             .iter()
             .map(|&(m, slot)| {
@@ -123,7 +134,7 @@ impl<'a> Routed<'a> {
                 (m, list)
             })
             .collect();
-        run_acc(self.spec, self.workload, acc, &members, &mut || {})
+        run_acc(self.spec, self.workload, acc, &members, missed_limit)
     }
 
     /// Every accelerator's outcome, on every core.
@@ -150,16 +161,10 @@ pub(crate) fn search_sample(workload: &Workload, requests_max: u64) -> Option<Wo
     })
 }
 
-/// Tokens an accelerator's requests owed but did not get on time.
+/// Tokens an accelerator's online requests owed but did not get on time (a lower bound if its
+/// run was stopped at a limit).
 pub(crate) fn missed(outcome: Option<&Outcome>) -> u64 {
-    outcome.map_or(0, |o| {
-        o.result
-            .seqs
-            .iter()
-            .filter(|s| !s.batch)
-            .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
-            .sum()
-    })
+    outcome.map_or(0, |o| o.result.missed_tokens)
 }
 
 /// An accelerator index (below `ACCELERATORS_MAX`) as the placement stores it.
@@ -168,13 +173,14 @@ pub(crate) fn acc_u32(acc: usize) -> u32 {
 }
 
 /// Simulates accelerator `acc` holding `members` — each a market model with the request
-/// indices its instance here serves (`None` if it holds none).
+/// indices its instance here serves (`None` if it holds none), stopped once `missed_limit`
+/// online tokens are missed if one is given.
 pub(crate) fn run_acc(
     spec: &SimSpec,
     workload: &Workload,
     acc: u32,
     members: &[(usize, &[u32])],
-    tick: &mut dyn FnMut(),
+    missed_limit: Option<u64>,
 ) -> Result<Option<Outcome>, SimError> {
     if members.is_empty() {
         return Ok(None);
@@ -209,7 +215,11 @@ pub(crate) fn run_acc(
                 .position(|&m| usize::try_from(w).is_ok_and(|w| w == m))
         })
         .collect();
-    let result = AccRun::new(cfg, costs, ids, &requests, slo, warm)?.run(tick)?;
+    let mut run = AccRun::new(cfg, costs, ids, &requests, slo, warm)?;
+    if let Some(limit) = missed_limit {
+        run = run.stop_at_missed(limit);
+    }
+    let result = run.run(&mut || {})?;
     Ok(Some(Outcome {
         acc,
         models,

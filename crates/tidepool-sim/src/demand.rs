@@ -86,13 +86,7 @@ fn size_one(
         let (mut owed, mut on_time) = (0_u64, 0_u64);
         for (slot, part) in parts.iter().enumerate() {
             let acc = u32::try_from(slot).unwrap_or(u32::MAX);
-            let Some(outcome) = run_acc(
-                alone,
-                workload,
-                acc,
-                &[(model, part.as_slice())],
-                &mut || {},
-            )?
+            let Some(outcome) = run_acc(alone, workload, acc, &[(model, part.as_slice())], None)?
             else {
                 continue;
             };

@@ -61,6 +61,11 @@ pub(crate) struct AccOutcome {
     pub(crate) counters: tidepool_pool::PoolCounters,
     /// Each model's decode steps by batch size (`ModelStatus::decode_by_batch`), by model id.
     pub(crate) decode_by_model: Vec<(String, tidepool_pool::DecodeByBatch)>,
+    /// Online tokens missed: emitted after their deadline, or owed by a rejected request.
+    pub(crate) missed_tokens: u64,
+    /// The run stopped once `missed_tokens` reached its limit ([`AccRun::stop_at_missed`]):
+    /// the other figures are partial and `missed_tokens` is a lower bound.
+    pub(crate) stopped: bool,
 }
 
 struct Pending {
@@ -112,6 +117,9 @@ pub(crate) struct AccRun<'a> {
     warming: bool,
     warm_loads: u64,
     warm_evictions: u64,
+    /// Online tokens missed so far (late or rejected); never decreases.
+    missed_tokens: u64,
+    missed_limit: Option<u64>,
 }
 
 impl<'a> AccRun<'a> {
@@ -158,7 +166,16 @@ impl<'a> AccRun<'a> {
             warming: false,
             warm_loads: 0,
             warm_evictions: 0,
+            missed_tokens: 0,
+            missed_limit: None,
         })
+    }
+
+    /// Stop the run as soon as `limit` online tokens are missed: a caller that only needs to
+    /// know whether the accelerator misses fewer saves the rest of the run.
+    pub(crate) fn stop_at_missed(mut self, limit: u64) -> Self {
+        self.missed_limit = Some(limit);
+        self
     }
 
     /// Runs to completion; `tick` is called once per arrival (progress reporting).
@@ -169,6 +186,12 @@ impl<'a> AccRun<'a> {
         // Dedicated loads its models before traffic starts.
         self.feed(Event::Tick { now_ns: 0 })?;
         loop {
+            if self
+                .missed_limit
+                .is_some_and(|limit| self.missed_tokens >= limit)
+            {
+                return Ok(self.stopped());
+            }
             let arrival_at = self.requests.get(next_arrival).map(|(_, r)| r.at_ns);
             let timer_at = self.pool.next_timer_ns().filter(|&t| t > now_ns);
             let compute_at = self.compute.as_ref().map(Compute::at_ns);
@@ -213,6 +236,11 @@ impl<'a> AccRun<'a> {
                 seqs: self.pool.seqs_len(),
             });
         }
+        Ok(self.finished())
+    }
+
+    /// The outcome of a run to its end.
+    fn finished(self) -> AccOutcome {
         let end_ns = online_end_ns(&self.seqs);
         let mut counters = self.pool.counters();
         counters.loads = counters.loads.saturating_sub(self.warm_loads);
@@ -224,13 +252,33 @@ impl<'a> AccRun<'a> {
             .into_iter()
             .map(|m| (m.model.to_string(), m.decode_by_batch))
             .collect();
-        Ok(AccOutcome {
+        debug_assert_eq!(
+            self.missed_tokens,
+            self.seqs
+                .iter()
+                .filter(|s| !s.batch)
+                .map(|s| u64::from(s.output_tokens.saturating_sub(s.on_time)))
+                .sum::<u64>(),
+            "every missed token was counted when it was missed"
+        );
+        AccOutcome {
             seqs: self.seqs,
             compute_busy_ns: self.compute_busy_ns,
             end_ns,
             counters,
             decode_by_model,
-        })
+            missed_tokens: self.missed_tokens,
+            stopped: false,
+        }
+    }
+
+    /// What a run stopped at its missed-token limit knows: the missed tokens so far.
+    fn stopped(self) -> AccOutcome {
+        AccOutcome {
+            missed_tokens: self.missed_tokens,
+            stopped: true,
+            ..AccOutcome::default()
+        }
     }
 
     /// Brings the warm models in before time starts (an operator load hint each, completed at
@@ -275,6 +323,9 @@ impl<'a> AccRun<'a> {
                 | PoolError::ModelTooLarge { .. },
             )) => {
                 self.seqs[index].rejected = true;
+                if !self.seqs[index].batch {
+                    self.missed_tokens += u64::from(self.seqs[index].output_tokens);
+                }
                 // The pool scheduled nothing new for a refused request; keep the lanes moving.
                 self.feed(Event::Tick { now_ns })
             }
@@ -451,7 +502,9 @@ impl<'a> AccRun<'a> {
             if s.emitted >= s.output_tokens {
                 continue; // a rider owes nothing (the pool finishes a sequence at its last token)
             }
-            record_token(s, end, self.slo);
+            if !record_token(s, end, self.slo) && !s.batch {
+                self.missed_tokens += 1;
+            }
             if s.emitted >= s.output_tokens {
                 finished.push(SeqFinished {
                     seq: *seq,
@@ -566,9 +619,12 @@ impl<'a> AccRun<'a> {
         };
         let (costs, slo, seqs) = (&self.costs[turn.model], self.slo, &mut self.seqs);
         let mut finished = Vec::new();
+        let mut late = 0_u64;
         let (done_steps, t) = walk_turn(costs, owed, ctx, span, |t, active| {
             for &(i, owed) in active {
-                record_token(&mut seqs[i], t, slo);
+                if !record_token(&mut seqs[i], t, slo) && !seqs[i].batch {
+                    late += 1;
+                }
                 if owed == 1 {
                     finished.push(SeqFinished {
                         seq: SeqId(u64::try_from(i).unwrap_or(u64::MAX)),
@@ -581,6 +637,7 @@ impl<'a> AccRun<'a> {
             t, turn.end_ns,
             "a decode turn booked other times than planned"
         );
+        self.missed_tokens += late;
         let d = t - turn.start_ns;
         self.compute_busy_ns += d;
         Event::StepFinished {
@@ -639,10 +696,12 @@ fn walk_turn(
     (done, t)
 }
 
-/// Books token `emitted` of `s` at `t`: the per-token deadline and the lenient score.
-fn record_token(s: &mut SeqSim, t: u64, slo: Slo) {
+/// Books token `emitted` of `s` at `t`: the per-token deadline and the lenient score. True if
+/// it was on time.
+fn record_token(s: &mut SeqSim, t: u64, slo: Slo) -> bool {
     let k = s.emitted;
-    if t <= s.arrival_ns + slo.ttft_ns + u64::from(k) * slo.tbt_ns {
+    let on_time = t <= s.arrival_ns + slo.ttft_ns + u64::from(k) * slo.tbt_ns;
+    if on_time {
         s.on_time += 1;
     }
     let lenient_deadline = s.ref_ns + u64::from(k - s.ref_k) * slo.tbt_ns;
@@ -657,6 +716,7 @@ fn record_token(s: &mut SeqSim, t: u64, slo: Slo) {
     }
     s.last_token_ns = t;
     s.emitted += 1;
+    on_time
 }
 
 #[cfg(test)]

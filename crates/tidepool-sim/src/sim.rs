@@ -315,6 +315,29 @@ pub fn simulate(
     workload: &Workload,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, SimError> {
+    simulate_with(spec, workload, progress, None)
+}
+
+/// Placement searches already run, by accelerator count. The planner keeps one per policy:
+/// all its probes start from the same first placement for a given count (same instance counts
+/// and loads) and search the same requests (the sample, or the whole workload when it is no
+/// longer), so a count searched once — on the sample during the bisection — is not searched
+/// again when the whole workload is probed at that count. Only full searches are kept.
+#[derive(Debug, Default)]
+pub(crate) struct Searched {
+    found: std::collections::BTreeMap<u32, crate::search::Found>,
+    /// The next searches may give up on a placement far from the target
+    /// (`crate::search::improve`'s `give_up`): the bisection's probes, not the confirmation's.
+    pub(crate) give_up: bool,
+}
+
+/// [`simulate`], reusing and recording the placement search in `searched` (see [`Searched`]).
+pub(crate) fn simulate_with(
+    spec: &SimSpec,
+    workload: &Workload,
+    progress: &mut dyn FnMut(Progress),
+    searched: Option<&mut Searched>,
+) -> Result<Report, SimError> {
     if let Some(problem) = spec.knobs.problems().first() {
         return Err(SimError::KnobInvalid {
             field: problem.field,
@@ -337,8 +360,13 @@ pub fn simulate(
         requests_done: total / 2,
         requests_total: total,
     });
-    let (moves, search_requests) =
-        search_and_confirm(spec, &routed, &counts, &mut placement, &mut outcomes)?;
+    let (moves, search_requests) = search_and_confirm(
+        spec,
+        &routed,
+        &counts,
+        (&mut placement, &mut outcomes),
+        searched,
+    )?;
     let current = keys(&placement, n);
     debug_assert!(
         outcomes
@@ -367,8 +395,8 @@ fn search_and_confirm(
     spec: &SimSpec,
     routed: &Routed<'_>,
     counts: &[u32],
-    placement: &mut Vec<Vec<u32>>,
-    outcomes: &mut [Option<Outcome>],
+    (placement, outcomes): (&mut Vec<Vec<u32>>, &mut [Option<Outcome>]),
+    searched: Option<&mut Searched>,
 ) -> Result<(u32, u64), SimError> {
     let workload = routed.workload;
     let n = outcomes.len();
@@ -389,7 +417,21 @@ fn search_and_confirm(
     let sample = search_sample(workload, spec.search_sample_requests);
     let searched_on = sample.as_ref().unwrap_or(workload);
     let search_requests = u64::try_from(searched_on.requests.len()).unwrap_or(u64::MAX);
-    let found = crate::search::improve(spec, searched_on, counts, placement)?;
+    let found = match searched {
+        Some(memo) => {
+            if let Some(found) = memo.found.get(&spec.accelerators) {
+                found.clone()
+            } else {
+                let found =
+                    crate::search::improve(spec, searched_on, counts, placement, memo.give_up)?;
+                if !found.gave_up {
+                    memo.found.insert(spec.accelerators, found.clone());
+                }
+                found
+            }
+        }
+        None => crate::search::improve(spec, searched_on, counts, placement, false)?,
+    };
     if found.moves == 0 {
         return Ok((0, search_requests));
     }

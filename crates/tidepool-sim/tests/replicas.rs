@@ -13,8 +13,9 @@
 use tidepool_core::PoolPolicy;
 use tidepool_sim::workload::MarketModel;
 use tidepool_sim::{
-    Arrivals, Instances, MarketSpec, PlacementFile, PoolKnobs, Popularity, Profile, Request,
-    SimSpec, Workload, market, plan, plan_placement_file, read_azure_trace, simulate, size,
+    Arrivals, Demand, Instances, MarketSpec, PlacementFile, PoolKnobs, Popularity, Profile,
+    Request, SimSpec, Workload, market, plan, plan_placement_file, read_azure_trace, simulate,
+    size,
 };
 
 fn repo_file(relative: &str) -> std::path::PathBuf {
@@ -224,6 +225,65 @@ fn plan_answers_what_probing_every_count_answers() {
     });
     assert_eq!(report.answers[1].accelerators, brute);
     assert_eq!(report.answers[0].accelerators, Some(top));
+}
+
+/// A busier market than [`small_market`]: its compute estimate (every model's busy time alone
+/// over the span of its arrivals) is several accelerators, so the bisection's first split is
+/// not at half the `dedicated` sum.
+fn busy_market(profile: &Profile) -> Workload {
+    let spec_m = MarketSpec {
+        models: 6,
+        popularity: Popularity::Zipf { s: 1.0 },
+        arrivals: Arrivals::Poisson {
+            rate_per_s: 8.0,
+            duration_s: 45.0,
+        },
+        seed: 11,
+    };
+    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
+    market(&spec_m, &rows, profile).unwrap()
+}
+
+/// Whether `n` accelerators meet `target` on `workload` as the planner probes them (its
+/// instance counts, its search bound).
+fn probe_meets(base: &SimSpec, workload: &Workload, demand: &Demand, n: u32, target: f64) -> bool {
+    let s = SimSpec {
+        accelerators: n,
+        instances: Instances::Given(demand.clone()),
+        search_until_attainment: Some(target),
+        ..base.clone()
+    };
+    simulate(&s, workload, &mut |_| {}).unwrap().attainment >= target
+}
+
+/// On a busy market, where the bisection first splits at the compute estimate: without a
+/// sample the answer is the first count that meets (every count probed); with a sample (whose
+/// probes may give up on a hopeless search) the answer is confirmed on the whole workload — it
+/// meets there and one fewer misses, both with full searches.
+#[test]
+fn from_the_compute_estimate_the_plan_answers_what_probing_every_count_answers() {
+    let profile = Profile::load("h100").unwrap();
+    let workload = busy_market(&profile);
+    let base = spec(profile, PoolPolicy::Token, 1);
+    let demand = size(&base, &workload, 0.99, plan::INSTANCES_PER_MODEL_MAX).unwrap();
+    let report = plan(&base, &workload, 0.99, &[PoolPolicy::Token], &mut |_| {}).unwrap();
+    let brute =
+        (1..=demand.accelerators()).find(|&n| probe_meets(&base, &workload, &demand, n, 0.99));
+    assert!(
+        brute.is_some_and(|n| n > 2),
+        "a market of several accelerators"
+    );
+    assert_eq!(report.answers[0].accelerators, brute);
+
+    let sampled = SimSpec {
+        search_sample_requests: u64::try_from(workload.requests.len() / 3).unwrap(),
+        ..base
+    };
+    let report = plan(&sampled, &workload, 0.99, &[PoolPolicy::Token], &mut |_| {}).unwrap();
+    let n = report.answers[0].accelerators.unwrap();
+    assert!(report.points.iter().any(|p| p.requests < report.requests));
+    assert!(probe_meets(&sampled, &workload, &demand, n, 0.99));
+    assert!(!probe_meets(&sampled, &workload, &demand, n - 1, 0.99));
 }
 
 /// The search caches each accelerator's result by what it holds and re-simulates only the
