@@ -146,17 +146,7 @@ fn a_hot_model_gets_the_instances_it_needs_and_meets_the_target() {
 #[test]
 fn dedicated_counts_are_minimal() {
     let profile = Profile::load("h100").unwrap();
-    let spec_m = MarketSpec {
-        models: 6,
-        popularity: Popularity::Zipf { s: 1.2 },
-        arrivals: Arrivals::Poisson {
-            rate_per_s: 20.0,
-            duration_s: 90.0,
-        },
-        seed: 4,
-    };
-    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
-    let workload = market(&spec_m, &rows, &profile).unwrap();
+    let workload = zipf_market(&profile, (6, 1.2), (20.0, 90.0), 4);
     let demand = size(
         &spec(profile.clone(), PoolPolicy::Token, 1),
         &workload,
@@ -181,18 +171,29 @@ fn dedicated_counts_are_minimal() {
     }
 }
 
-fn small_market(profile: &Profile, seed: u64) -> Workload {
+/// A market of `models` with Zipf(`s`) popularity and Poisson arrivals at `rate_per_s` for
+/// `duration_s`, lengths from the Azure conversation trace.
+fn zipf_market(
+    profile: &Profile,
+    (models, s): (u32, f64),
+    (rate_per_s, duration_s): (f64, f64),
+    seed: u64,
+) -> Workload {
     let spec_m = MarketSpec {
-        models: 8,
-        popularity: Popularity::Zipf { s: 1.0 },
+        models,
+        popularity: Popularity::Zipf { s },
         arrivals: Arrivals::Poisson {
-            rate_per_s: 4.0,
-            duration_s: 120.0,
+            rate_per_s,
+            duration_s,
         },
         seed,
     };
     let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
     market(&spec_m, &rows, profile).unwrap()
+}
+
+fn small_market(profile: &Profile, seed: u64) -> Workload {
+    zipf_market(profile, (8, 1.0), (4.0, 120.0), seed)
 }
 
 /// The bisection's answer is the first accelerator count at which a probe meets the target,
@@ -231,17 +232,7 @@ fn plan_answers_what_probing_every_count_answers() {
 /// over the span of its arrivals) is several accelerators, so the bisection's first split is
 /// not at half the `dedicated` sum.
 fn busy_market(profile: &Profile) -> Workload {
-    let spec_m = MarketSpec {
-        models: 6,
-        popularity: Popularity::Zipf { s: 1.0 },
-        arrivals: Arrivals::Poisson {
-            rate_per_s: 8.0,
-            duration_s: 45.0,
-        },
-        seed: 11,
-    };
-    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
-    market(&spec_m, &rows, profile).unwrap()
+    zipf_market(profile, (6, 1.0), (8.0, 45.0), 11)
 }
 
 /// Whether `n` accelerators meet `target` on `workload` as the planner probes them (its
@@ -292,17 +283,7 @@ fn from_the_compute_estimate_the_plan_answers_what_probing_every_count_answers()
 #[test]
 fn the_incremental_search_equals_a_full_simulation_of_its_placement() {
     let profile = Profile::load("h100").unwrap();
-    let market_spec = MarketSpec {
-        models: 12,
-        popularity: Popularity::Zipf { s: 1.0 },
-        arrivals: Arrivals::Poisson {
-            rate_per_s: 8.0,
-            duration_s: 120.0,
-        },
-        seed: 3,
-    };
-    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
-    let workload = market(&market_spec, &rows, &profile).unwrap();
+    let workload = zipf_market(&profile, (12, 1.0), (8.0, 120.0), 3);
     let sweep = SimSpec {
         knobs: tidepool_sim::h100_sweep_knobs(),
         placement_moves_max: 16,
