@@ -570,11 +570,25 @@ fn prefix_in_flight(
     let holders = fed
         .iter()
         .filter_map(|m| seqs.get(&m.seq).map(|s| (m.slot, s.kv_tokens.as_slice())))
-        .filter(|(_, tokens)| window.is_none_or(|w| tokens.len() <= w));
+        .filter(|(_, tokens)| fits_window(window, tokens.len()));
     best_donor(&waiting.prompt, waiting.kv_tokens.len(), holders, min_gain).is_some()
 }
 
+/// Whether a slot holding `tokens` positions still holds all of them in every layer: always
+/// without a sliding `window`; past one, llama.cpp has dropped the first positions from the
+/// window's layers, so the KV can be neither cut to a prefix nor saved whole.
+fn fits_window(window: Option<usize>, tokens: usize) -> bool {
+    window.is_none_or(|w| tokens <= w)
+}
+
 impl Seq {
+    /// The prompt but its last token, which is always decoded in a batch of last tokens.
+    fn prompt_body(&self) -> &[LlamaToken] {
+        self.prompt
+            .get(..self.prompt.len().saturating_sub(1))
+            .unwrap_or(&[])
+    }
+
     fn report(&self, seq: u64) -> FinishedSeq {
         FinishedSeq {
             seq,
@@ -841,7 +855,7 @@ impl Accelerator {
             .as_ref()
             .and_then(|l| sliding_window_tokens(l.borrow_owner()));
         let beyond_window =
-            window.is_some_and(|w| seq.kv_tokens.len() > w) || seq.class == RequestClass::Batch;
+            !fits_window(window, seq.kv_tokens.len()) || seq.class == RequestClass::Batch;
         let mut saved = Saved::Recompute;
         if let Some(loaded) = state.loaded.as_mut() {
             loaded.with_dependent_mut(|_, ctx| {
@@ -1044,7 +1058,7 @@ impl Accelerator {
                     continue;
                 };
                 let offset = seq.kv_tokens.len();
-                let body_len = seq.prompt.len().saturating_sub(1);
+                let body_len = seq.prompt_body().len();
                 let room = limit - usize::try_from(batch.n_tokens()).unwrap_or(0);
                 let end = (offset + room).min(body_len);
                 for index in offset..end {
@@ -1524,8 +1538,6 @@ impl Accelerator {
             // Prefix reuse is off for this model, copies included.
             return;
         }
-        // Past a sliding window a slot no longer holds its first positions in every layer.
-        let within = |tokens: &[LlamaToken]| window.is_none_or(|w| tokens.len() <= w);
         for (index, member) in waiting.iter().enumerate() {
             if started.get(cursor + index).copied().unwrap_or(true) {
                 continue;
@@ -1542,26 +1554,15 @@ impl Accelerator {
                 })
                 .filter_map(|(_, s)| s.slot.map(|slot| (slot, s.kv_tokens.as_slice())))
                 .chain(state.cache.held())
-                .filter(|(_, tokens)| within(tokens));
+                .filter(|(_, tokens)| fits_window(window, tokens.len()));
             let have = seq.kv_tokens.len();
             let Some((from, tokens)) = best_donor(&seq.prompt, have, settled, min_gain) else {
                 continue;
             };
-            let body = seq
-                .prompt
-                .get(..seq.prompt.len().saturating_sub(1))
-                .unwrap_or(&[]);
             let later = growing
                 .iter()
                 .filter_map(|m| seqs.get(&m.seq))
-                .map(|s| {
-                    common_prefix(
-                        s.prompt
-                            .get(..s.prompt.len().saturating_sub(1))
-                            .unwrap_or(&[]),
-                        body,
-                    )
-                })
+                .map(|s| common_prefix(s.prompt_body(), seq.prompt_body()))
                 .max()
                 .unwrap_or(0);
             if later >= tokens.saturating_add(min_gain) {
@@ -1593,12 +1594,11 @@ impl Accelerator {
             return;
         };
         let bound = usize::try_from(state.config.prefix_cache_tokens_max).unwrap_or(usize::MAX);
-        let beyond_window = state.window_tokens.is_some_and(|w| tokens.len() > w);
-        let cleared = if beyond_window {
+        let cleared = if fits_window(state.window_tokens, tokens.len()) {
+            state.cache.park(slot, tokens, bound)
+        } else {
             // Partial removal is unreliable past a sliding window: nothing to reuse.
             vec![slot]
-        } else {
-            state.cache.park(slot, tokens, bound)
         };
         loaded.with_dependent_mut(|_, ctx| {
             for &cleared_slot in &cleared {
