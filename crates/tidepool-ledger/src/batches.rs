@@ -60,18 +60,7 @@ impl BatchStatus {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Validating,
-            Self::Failed,
-            Self::InProgress,
-            Self::Finalizing,
-            Self::Completed,
-            Self::Expired,
-            Self::Cancelling,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
     /// No transition leaves this status.
@@ -80,6 +69,28 @@ impl BatchStatus {
             self,
             Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
         )
+    }
+
+    /// Every status, in life order.
+    const ALL: [Self; 8] = [
+        Self::Validating,
+        Self::Failed,
+        Self::InProgress,
+        Self::Finalizing,
+        Self::Completed,
+        Self::Expired,
+        Self::Cancelling,
+        Self::Cancelled,
+    ];
+
+    /// The statuses a transition can still leave, as an SQL list: `('validating', …)`.
+    fn unfinished_sql() -> String {
+        let quoted: Vec<String> = Self::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!("({})", quoted.join(", "))
     }
 
     /// The column that stamps when a batch entered this status.
@@ -455,13 +466,15 @@ impl Ledger {
         file_id: &str,
     ) -> Result<FileDeletion, LedgerError> {
         let now_ms = self.now_ms();
+        let unfinished = BatchStatus::unfinished_sql();
+        let delete = format!(
+            "UPDATE batch_files SET deleted_at_ms = $3 WHERE tenant_id = $1 AND file_id = $2 \
+             AND deleted_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM batches \
+             WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
+             AND batches.status IN {unfinished})"
+        );
         let changed = on_store!(&self.store, pool => {
-            sqlx::query(
-                "UPDATE batch_files SET deleted_at_ms = $3 WHERE tenant_id = $1 AND file_id = $2 \
-                 AND deleted_at_ms IS NULL AND NOT EXISTS (SELECT 1 FROM batches \
-                 WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
-                 AND batches.status IN ('validating', 'in_progress', 'finalizing', 'cancelling'))",
-            )
+            sqlx::query(&delete)
             .bind(tenant.as_str())
             .bind(file_id)
             .bind(now_ms)
@@ -472,16 +485,16 @@ impl Ledger {
         if changed == 1 {
             return Ok(FileDeletion::Deleted);
         }
+        let reader = format!(
+            "SELECT batches.batch_id FROM batches JOIN batch_files \
+             ON batch_files.file_id = batches.input_file_id \
+             AND batch_files.tenant_id = batches.tenant_id \
+             WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
+             AND batch_files.deleted_at_ms IS NULL AND batches.status IN {unfinished} \
+             ORDER BY batches.created_at_ms, batches.batch_id LIMIT 1"
+        );
         let reader: Option<(String,)> = on_store!(&self.store, pool => {
-            sqlx::query_as(
-                "SELECT batches.batch_id FROM batches JOIN batch_files \
-                 ON batch_files.file_id = batches.input_file_id \
-                 AND batch_files.tenant_id = batches.tenant_id \
-                 WHERE batches.input_file_id = $2 AND batches.tenant_id = $1 \
-                 AND batch_files.deleted_at_ms IS NULL \
-                 AND batches.status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
-                 ORDER BY batches.created_at_ms, batches.batch_id LIMIT 1",
-            )
+            sqlx::query_as(&reader)
             .bind(tenant.as_str())
             .bind(file_id)
             .fetch_optional(pool)
