@@ -5,9 +5,12 @@
 //! search) on a Zipf(1) market at 20 req/s Poisson.
 //! Environment: `PROFILE` (name or TOML path), `MOVES` (placement search), `STEPS_MIN`,
 //! `STEPS_MAX`, `QUOTA_MS`, `ALPHA` (pool knobs), `PROGRESS=1` (`market`: each simulation's
-//! progress with its time, on stderr).
+//! progress with its time, on stderr); `market` also reads `RATE` (req/s, default 20), `CV`
+//! (Gamma arrivals of that coefficient of variation instead of Poisson), `SEED` (default 7),
+//! `POLICY` (`sim`), `POLICIES` (`plan`, comma-separated) and `DETAIL=1` (`sim`: per
+//! accelerator); `plan MODELS` writes its report to `$OUT.json` and `$OUT.svg` when `OUT` is set.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -92,15 +95,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let requests: u64 = args.get(3).map_or(Ok(1_000_000), |s| s.parse())?;
             let models: u32 = args.get(4).map_or(Ok(80), |s| s.parse())?;
             let n: u32 = args.get(5).map_or(Ok(16), |s| s.parse())?;
+            let env_f64 = |k: &str, d: f64| {
+                std::env::var(k)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(d)
+            };
+            let rate_per_s = env_f64("RATE", 20.0);
+            #[expect(clippy::cast_precision_loss, reason = "dev tooling")]
+            let duration_s = requests as f64 / rate_per_s;
             let m = MarketSpec {
                 models,
                 popularity: Popularity::Zipf { s: 1.0 },
-                arrivals: Arrivals::Poisson {
-                    rate_per_s: 20.0,
-                    #[expect(clippy::cast_precision_loss, reason = "dev tooling")]
-                    duration_s: requests as f64 / 20.0,
+                arrivals: match std::env::var("CV").ok().and_then(|v| v.parse().ok()) {
+                    Some(cv) => Arrivals::Gamma {
+                        rate_per_s,
+                        duration_s,
+                        cv,
+                    },
+                    None => Arrivals::Poisson {
+                        rate_per_s,
+                        duration_s,
+                    },
                 },
-                seed: 7,
+                seed: std::env::var("SEED")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(7),
             };
             let workload = market(&m, &rows, &profile)?;
             let shipped = SimSpec {
@@ -126,17 +147,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             };
             if what == "plan" {
-                let report = plan(
-                    &shipped,
-                    &workload,
-                    0.99,
-                    &[
-                        PoolPolicy::Dedicated,
-                        PoolPolicy::SwapLru,
-                        PoolPolicy::Token,
-                    ],
-                    &mut progress,
-                )?;
+                let policies: Vec<PoolPolicy> = std::env::var("POLICIES")
+                    .unwrap_or_else(|_| "dedicated,swap-lru,token".into())
+                    .split(',')
+                    .map(|p| match p {
+                        "swap-lru" => PoolPolicy::SwapLru,
+                        "token" => PoolPolicy::Token,
+                        _ => PoolPolicy::Dedicated,
+                    })
+                    .collect();
+                let report = plan(&shipped, &workload, 0.99, &policies, &mut progress)?;
                 for p in &report.points {
                     writeln!(
                         out,
@@ -148,7 +168,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     writeln!(out, "{line}")?;
                 }
             } else {
-                let r = simulate(&shipped, &workload, &mut progress)?;
+                let policy = match std::env::var("POLICY").as_deref() {
+                    Ok("swap-lru") => PoolPolicy::SwapLru,
+                    Ok("dedicated") => PoolPolicy::Dedicated,
+                    _ => PoolPolicy::Token,
+                };
+                let r = simulate(&SimSpec { policy, ..shipped }, &workload, &mut progress)?;
+                if std::env::var("DETAIL").is_ok_and(|v| v == "1") {
+                    detail(&mut out, &r)?;
+                }
                 writeln!(
                     out,
                     "{} requests, {} models, {} instances on {} accelerators: attainment {:.4}, {} moves on {} requests",
@@ -222,6 +250,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ],
                 &mut |_| {},
             )?;
+            // `OUT=path/plan`: the report as `tidepool plan` writes it (`plan.json`, `plan.svg`).
+            if let Ok(path) = std::env::var("OUT") {
+                std::fs::write(format!("{path}.json"), serde_json::to_vec_pretty(&report)?)?;
+                std::fs::write(format!("{path}.svg"), tidepool_sim::plan_svg(&report))?;
+            }
             for p in &report.points {
                 writeln!(
                     out,
@@ -239,6 +272,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             writeln!(out, "{:.2}s", start.elapsed().as_secs_f64())?;
         }
+    }
+    Ok(())
+}
+
+/// `DETAIL=1`: per accelerator its models, attainment and utilization, and the run's switches.
+fn detail(out: &mut impl Write, r: &tidepool_sim::Report) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "loads {} evictions {} saves {} restores {} switches/s {:.2} utilization {:.3} p99 ttft {:.0} ms",
+        r.loads,
+        r.evictions,
+        r.kv_saves,
+        r.kv_restores,
+        r.switches_per_s,
+        r.utilization,
+        r.ttft_ms_p99
+    )?;
+    for a in &r.per_accelerator {
+        writeln!(
+            out,
+            "acc {:2} att {:.4} util {:.3} req {:7} models {}",
+            a.accelerator,
+            a.attainment,
+            a.utilization,
+            a.requests,
+            a.models.join(" ")
+        )?;
     }
     Ok(())
 }

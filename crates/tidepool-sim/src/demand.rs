@@ -21,13 +21,33 @@ pub fn size(
     target_attainment: f64,
     instances_max: u32,
 ) -> Result<Demand, SimError> {
+    size_under(
+        spec,
+        workload,
+        target_attainment,
+        instances_max,
+        PoolPolicy::Dedicated,
+    )
+}
+
+/// [`size`] with each model's instances run under `policy` instead of `dedicated`: how many
+/// accelerators of its own a model needs when the pool that serves it runs that policy. A
+/// pooled policy serves a model alone differently (`token` preempts a decoding sequence to
+/// start a new one; `dedicated` queues it), so near saturation the counts can differ.
+pub fn size_under(
+    spec: &SimSpec,
+    workload: &Workload,
+    target_attainment: f64,
+    instances_max: u32,
+    policy: PoolPolicy,
+) -> Result<Demand, SimError> {
     if !(0.0..=1.0).contains(&target_attainment) {
         return Err(SimError::WorkloadInvalid {
             reason: "target attainment must be in 0..=1",
         });
     }
     let alone = SimSpec {
-        policy: PoolPolicy::Dedicated,
+        policy,
         placement_moves_max: 0,
         placement: None,
         ..spec.clone()
@@ -64,7 +84,7 @@ pub fn size(
     Ok(demand)
 }
 
-/// One model: (instances, attainment there, busy time alone on one).
+/// One model: (instances, attainment there, compute-busy time summed over those instances).
 fn size_one(
     alone: &SimSpec,
     workload: &Workload,
@@ -73,7 +93,7 @@ fn size_one(
     target_attainment: f64,
     instances_max: u32,
 ) -> Result<(u32, f64, u64), SimError> {
-    let mut busy_one = 0;
+    let mut busy = 0;
     let mut last = (1, 1.0);
     for k in 1..=instances_max.max(1) {
         let parts = split(
@@ -84,6 +104,7 @@ fn size_one(
             alone.knobs.tbt_slo_ms,
         );
         let (mut owed, mut on_time) = (0_u64, 0_u64);
+        busy = 0;
         for (slot, part) in parts.iter().enumerate() {
             let acc = u32::try_from(slot).unwrap_or(u32::MAX);
             let Some(outcome) = run_acc(alone, workload, acc, &[(model, part.as_slice())], None)?
@@ -94,9 +115,7 @@ fn size_one(
                 owed += u64::from(s.output_tokens);
                 on_time += u64::from(s.on_time);
             }
-            if k == 1 {
-                busy_one = outcome.result.compute_busy_ns;
-            }
+            busy += outcome.result.compute_busy_ns;
         }
         let attainment = if owed == 0 {
             1.0
@@ -108,5 +127,5 @@ fn size_one(
             break;
         }
     }
-    Ok((last.0, last.1, busy_one))
+    Ok((last.0, last.1, busy))
 }

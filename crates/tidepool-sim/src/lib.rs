@@ -23,7 +23,7 @@ pub mod spec;
 pub mod svg;
 pub mod workload;
 
-pub use demand::size;
+pub use demand::{size, size_under};
 pub use dispatch::Dispatcher;
 pub use error::SimError;
 pub use placement::{PLACEMENT_VERSION, PlacementFile, placement_file, plan_placement_file};

@@ -18,7 +18,7 @@ use tidepool_core::PoolPolicy;
 
 use crate::SimError;
 use crate::accel::search_sample;
-use crate::demand::size;
+use crate::demand::{size, size_under};
 use crate::sim::{Demand, Instances, Progress, Report, Searched, SimSpec, simulate, simulate_with};
 use crate::svg::{Series, line_chart};
 use crate::workload::Workload;
@@ -58,7 +58,7 @@ pub struct PlanModel {
     /// Its `dedicated` accelerators: the fewest of its own that reach the target.
     pub dedicated_accelerators: u32,
     pub dedicated_attainment: f64,
-    /// Compute-busy seconds alone on one accelerator (its predicted load).
+    /// Compute-busy seconds on its `dedicated_accelerators` alone, summed (its predicted load).
     pub busy_s: f64,
 }
 
@@ -161,18 +161,16 @@ pub fn plan(
         if policy == PoolPolicy::Dedicated {
             let report = simulate(&dedicated_spec(spec, &demand), workload, progress)?;
             points.push(point(&report));
-            answers.push(answer(
-                policy,
-                demand.met().then_some(&report),
-                report.attainment,
-            ));
+            let met = demand.met().then_some(&report);
+            answers.push(answer(policy, met, report.attainment));
             continue;
         }
+        let own = own_demand(spec, workload, target_attainment, policy, &demand)?;
         let mut probes = Probes {
             spec: SimSpec {
                 policy,
                 placement: None,
-                instances: Instances::Given(demand.clone()),
+                instances: Instances::Given(own.clone()),
                 search_until_attainment: Some(target_attainment),
                 ..spec.clone()
             },
@@ -184,7 +182,8 @@ pub fn plan(
             points: &mut points,
             progress: &mut *progress,
         };
-        answers.push(probes.answer(compute_estimate(workload, &demand), demand.accelerators())?);
+        let top = own.accelerators().max(demand.accelerators());
+        answers.push(probes.answer(compute_estimate(workload, &demand), top)?);
     }
     points.sort_by(|a, b| {
         format!("{:?}", a.policy)
@@ -218,8 +217,32 @@ pub fn plan(
     })
 }
 
+/// The instances each model needs alone under a pooled `policy` (near saturation a pool
+/// serves one model differently from `dedicated`: `token` preempts a decoding sequence for a
+/// new one), with `dedicated`'s busy times as the predicted loads.
+fn own_demand(
+    spec: &SimSpec,
+    workload: &Workload,
+    target_attainment: f64,
+    policy: PoolPolicy,
+    dedicated: &Demand,
+) -> Result<Demand, SimError> {
+    let own = size_under(
+        spec,
+        workload,
+        target_attainment,
+        INSTANCES_PER_MODEL_MAX,
+        policy,
+    )?;
+    Ok(Demand {
+        busy_ns: dedicated.busy_ns.clone(),
+        ..own
+    })
+}
+
 /// Where the bisection first splits: the accelerators the workload's compute keeps busy all the
-/// time, from every model's busy time alone (`Demand::busy_ns`) over the span of the arrivals.
+/// time, from every model's busy time on its own instances (`Demand::busy_ns`) over the span of
+/// the arrivals.
 /// Not a bound: time-shared models batch more than alone, and on the `h100` Zipf markets it is
 /// between the `token` and the `swap-lru` answers or above both. Starting there instead of at
 /// half the `dedicated` sum skips the probes of counts far from the answer.

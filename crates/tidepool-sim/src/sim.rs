@@ -9,7 +9,7 @@ use tidepool_pool::PoolKnobs;
 
 use crate::SimError;
 use crate::accel::{AccKey, Outcome, Routed, acc_u32, keys, missed, search_sample};
-use crate::demand::size;
+use crate::demand::{size, size_under};
 use crate::profile::{Costs, as_f64};
 use crate::run::SeqSim;
 pub use crate::spec::{
@@ -151,8 +151,9 @@ pub struct AcceleratorReport {
 }
 
 /// Instances → accelerators (each model's accelerators, ascending). Longest-processing-time
-/// first over instances: each model's predicted load (`load_ns`: busy time alone, or the
-/// batch-1 estimate [`batch1_load_ns`]) is split evenly over its `instances`, and instances in
+/// first over instances: each model's predicted load (`load_ns`: busy time on its own sized
+/// instances, or the batch-1 estimate [`batch1_load_ns`]) is split evenly over its
+/// `instances`, and instances in
 /// decreasing order of their share (ties by model, then instance) go to the accelerator with
 /// the least predicted work that does not hold the model yet. `dedicated` additionally requires
 /// every model of an accelerator to fit its memory at once (with as many accelerators as
@@ -255,14 +256,17 @@ fn instance_plan(
         Instances::One => Ok((vec![1; models], batch1_load_ns(spec, workload))),
         Instances::Sized { target_attainment } => {
             let sample = search_sample(workload, spec.search_sample_requests);
-            let demand = size(
-                spec,
-                sample.as_ref().unwrap_or(workload),
-                *target_attainment,
-                cap,
-            )?;
+            let on = sample.as_ref().unwrap_or(workload);
+            let demand = size(spec, on, *target_attainment, cap)?;
+            // A pooled policy's instances are what each model needs alone under that policy;
+            // the predicted loads stay `dedicated`'s busy times, as in the planner.
+            let instances = if spec.policy == PoolPolicy::Dedicated {
+                demand.instances
+            } else {
+                size_under(spec, on, *target_attainment, cap, spec.policy)?.instances
+            };
             Ok((
-                demand.instances,
+                instances,
                 demand.busy_ns.iter().map(|&b| as_f64(b)).collect(),
             ))
         }

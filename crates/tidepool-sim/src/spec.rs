@@ -75,8 +75,9 @@ pub struct Demand {
     pub instances: Vec<u32>,
     /// The model's attainment on that many accelerators.
     pub attainment: Vec<f64>,
-    /// Compute-busy time of the model alone on one accelerator: its predicted load, which the
-    /// first placement balances.
+    /// Compute-busy time of the model on its `instances` accelerators of its own, summed (not
+    /// on one accelerator: a model hotter than one would saturate it and hide its load): its
+    /// predicted load, which the first placement balances.
     pub busy_ns: Vec<u64>,
 }
 

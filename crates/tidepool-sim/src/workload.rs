@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Exp};
+use rand_distr::{Distribution, Exp, Gamma};
 use serde::{Deserialize, Serialize};
 
 use crate::SimError;
@@ -77,6 +77,15 @@ pub enum Arrivals {
     Trace,
     /// Poisson arrivals at `rate_per_s` in total for `duration_s`; lengths sampled from the trace.
     Poisson { rate_per_s: f64, duration_s: f64 },
+    /// Bursty arrivals: gaps drawn from a Gamma distribution of mean `1 / rate_per_s` and
+    /// coefficient of variation `cv` (shape `1 / cv²`) for `duration_s`, lengths sampled from
+    /// the trace. `cv` 1 is Poisson; above 1 requests come in bursts separated by long lulls
+    /// (the whole market at once: every model's traffic bursts together).
+    Gamma {
+        rate_per_s: f64,
+        duration_s: f64,
+        cv: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -318,7 +327,7 @@ impl Workload {
 }
 
 /// The market generator: `spec.models` models with families by share, requests from `rows`
-/// (timestamps replayed or Poisson), each assigned a model by popularity.
+/// (timestamps replayed, Poisson or Gamma), each assigned a model by popularity.
 #[expect(
     clippy::too_many_lines,
     reason = "one branch per arrival kind, read top to bottom"
@@ -381,26 +390,76 @@ pub fn market(
             }
             let gap = Exp::new(rate_per_s)
                 .map_err(|_| SimError::WorkloadInvalid { reason: "bad rate" })?;
-            let mut t = 0.0_f64;
-            loop {
-                t += gap.sample(&mut rng);
-                if t >= duration_s {
-                    break;
-                }
-                let row = rows[rng.random_range(0..rows.len())];
-                let model = pick(&mut rng);
-                workload.push(
-                    profile,
-                    f64_ns(t * 1e9),
-                    model,
-                    row.prompt_tokens,
-                    row.output_tokens,
-                );
+            sampled(
+                &mut workload,
+                profile,
+                rows,
+                duration_s,
+                &mut rng,
+                |rng| gap.sample(rng),
+                pick,
+            );
+        }
+        Arrivals::Gamma {
+            rate_per_s,
+            duration_s,
+            cv,
+        } => {
+            if !(rate_per_s > 0.0
+                && duration_s > 0.0
+                && rate_per_s * duration_s < 1e8
+                && cv.is_finite()
+                && (0.01..=100.0).contains(&cv))
+            {
+                return Err(SimError::WorkloadInvalid {
+                    reason: "Gamma needs rate > 0, duration > 0, < 1e8 requests, cv in 0.01..=100",
+                });
             }
+            let shape = 1.0 / (cv * cv);
+            let gap = Gamma::new(shape, 1.0 / (rate_per_s * shape))
+                .map_err(|_| SimError::WorkloadInvalid { reason: "bad rate" })?;
+            sampled(
+                &mut workload,
+                profile,
+                rows,
+                duration_s,
+                &mut rng,
+                |rng| gap.sample(rng),
+                pick,
+            );
         }
     }
     workload.finish();
     Ok(workload)
+}
+
+/// Arrivals at gaps drawn by `gap` until `duration_s`, each with a trace row's lengths and a
+/// model by `pick` (drawn in that order: gap, row, model).
+fn sampled(
+    workload: &mut Workload,
+    profile: &Profile,
+    rows: &[TraceRow],
+    duration_s: f64,
+    rng: &mut ChaCha8Rng,
+    gap: impl Fn(&mut ChaCha8Rng) -> f64,
+    pick: impl Fn(&mut ChaCha8Rng) -> u32,
+) {
+    let mut t = 0.0_f64;
+    loop {
+        t += gap(rng);
+        if t >= duration_s {
+            break;
+        }
+        let row = rows[rng.random_range(0..rows.len())];
+        let model = pick(rng);
+        workload.push(
+            profile,
+            f64_ns(t * 1e9),
+            model,
+            row.prompt_tokens,
+            row.output_tokens,
+        );
+    }
 }
 
 fn popularity_cdf(spec: &MarketSpec) -> Result<Vec<f64>, SimError> {

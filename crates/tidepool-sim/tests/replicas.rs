@@ -15,7 +15,7 @@ use tidepool_sim::workload::MarketModel;
 use tidepool_sim::{
     Arrivals, Demand, Instances, MarketSpec, PlacementFile, PoolKnobs, Popularity, Profile,
     Request, SimSpec, Workload, market, plan, plan_placement_file, read_azure_trace, simulate,
-    size,
+    size, size_under,
 };
 
 fn repo_file(relative: &str) -> std::path::PathBuf {
@@ -214,8 +214,10 @@ fn plan_answers_what_probing_every_count_answers() {
         &mut |_| {},
     )
     .unwrap();
-    let demand = size(&base, &workload, 0.99, plan::INSTANCES_PER_MODEL_MAX).unwrap();
-    let top = demand.accelerators();
+    let top = size(&base, &workload, 0.99, plan::INSTANCES_PER_MODEL_MAX)
+        .unwrap()
+        .accelerators();
+    let demand = token_demand(&base, &workload);
     let brute = (1..=top).find(|&n| {
         let s = SimSpec {
             accelerators: n,
@@ -228,11 +230,33 @@ fn plan_answers_what_probing_every_count_answers() {
     assert_eq!(report.answers[0].accelerators, Some(top));
 }
 
-/// A busier market than [`small_market`]: its compute estimate (every model's busy time alone
-/// over the span of its arrivals) is several accelerators, so the bisection's first split is
+/// A busier market than [`small_market`]: its compute estimate (every model's busy time on its
+/// own instances over the span of its arrivals) is several accelerators, so the bisection's first split is
 /// not at half the `dedicated` sum.
 fn busy_market(profile: &Profile) -> Workload {
-    zipf_market(profile, (6, 1.0), (8.0, 45.0), 11)
+    zipf_market(profile, (6, 1.0), (14.0, 45.0), 11)
+}
+
+/// The instances the planner gives `token`: each model's count alone under `token`, with the
+/// `dedicated` sizing's busy times as predicted loads.
+fn token_demand(base: &SimSpec, workload: &Workload) -> Demand {
+    let dedicated = size(base, workload, 0.99, plan::INSTANCES_PER_MODEL_MAX).unwrap();
+    let own = size_under(
+        base,
+        workload,
+        0.99,
+        plan::INSTANCES_PER_MODEL_MAX,
+        PoolPolicy::Token,
+    )
+    .unwrap();
+    assert!(
+        own.accelerators() <= dedicated.accelerators(),
+        "the planner probes up to the dedicated sum here"
+    );
+    Demand {
+        busy_ns: dedicated.busy_ns,
+        ..own
+    }
 }
 
 /// Whether `n` accelerators meet `target` on `workload` as the planner probes them (its
@@ -256,7 +280,7 @@ fn from_the_compute_estimate_the_plan_answers_what_probing_every_count_answers()
     let profile = Profile::load("h100").unwrap();
     let workload = busy_market(&profile);
     let base = spec(profile, PoolPolicy::Token, 1);
-    let demand = size(&base, &workload, 0.99, plan::INSTANCES_PER_MODEL_MAX).unwrap();
+    let demand = token_demand(&base, &workload);
     let report = plan(&base, &workload, 0.99, &[PoolPolicy::Token], &mut |_| {}).unwrap();
     let brute =
         (1..=demand.accelerators()).find(|&n| probe_meets(&base, &workload, &demand, n, 0.99));
@@ -388,4 +412,77 @@ fn a_plans_placement_file_loads_and_is_checked() {
         ),
         "{error}"
     );
+}
+
+/// Models with evenly spaced requests, one stream `(gap_ns, prompt, output)` each, for
+/// `duration_s`; the first starts at 0, the others a second apart.
+fn streams(profile: &Profile, streams: &[(u64, u32, u32)], duration_s: u64) -> Workload {
+    let s = 1_000_000_000_u64;
+    let mut models = Vec::new();
+    let mut requests = Vec::new();
+    for (m, &(gap_ns, prompt_tokens, output_tokens)) in (0_u32..).zip(streams) {
+        models.push(MarketModel {
+            id: format!("m{m}"),
+            family: 0,
+            estimate: None,
+        });
+        let mut at = u64::from(m) * s;
+        while at < duration_s * s {
+            requests.push(Request {
+                at_ns: at,
+                model: m,
+                prompt_tokens,
+                output_tokens,
+                class: tidepool_pool::RequestClass::Online,
+            });
+            at += gap_ns;
+        }
+    }
+    Workload::replay(profile, models, requests).unwrap()
+}
+
+/// The first placement balances each model's busy time on its own instances: a model hotter
+/// than one accelerator is not rated by one saturated accelerator's busy time (which, split
+/// over its instances, looked lighter than a warm model alone), so the small models join the
+/// warm model's accelerator, not the hot model's.
+#[test]
+fn the_first_placement_rates_a_hot_model_by_its_busy_time_on_its_instances() {
+    let profile = Profile::load("h100").unwrap();
+    let workload = streams(
+        &profile,
+        &[
+            (HOT_GAP_NS, 2700, 450),
+            (3_000_000_000, 1000, 200),
+            (20_000_000_000, 1000, 200),
+            (20_000_000_000, 1000, 200),
+        ],
+        120,
+    );
+    let base = spec(profile, PoolPolicy::Token, 4);
+    let demand = size(&base, &workload, 0.99, 16).unwrap();
+    assert_eq!(demand.instances, [3, 1, 1, 1], "{demand:?}");
+    assert!(
+        demand.busy_ns[0] / 3 > demand.busy_ns[1],
+        "each hot instance is busier than the warm model: {demand:?}"
+    );
+    let report = simulate(
+        &SimSpec {
+            placement_moves_max: 0,
+            instances: Instances::Given(demand),
+            ..base
+        },
+        &workload,
+        &mut |_| {},
+    )
+    .unwrap();
+    let hot = &report.per_model[0].instances;
+    let warm = report.per_model[1].accelerator;
+    for small in &report.per_model[2..] {
+        assert!(
+            !hot.contains(&small.accelerator) && small.accelerator == warm,
+            "{} on {} (hot on {hot:?}, warm on {warm})",
+            small.model,
+            small.accelerator
+        );
+    }
 }
