@@ -242,10 +242,9 @@ fn own_demand(
 
 /// Where the bisection first splits: the accelerators the workload's compute keeps busy all the
 /// time, from every model's busy time on its own instances (`Demand::busy_ns`) over the span of
-/// the arrivals.
-/// Not a bound: time-shared models batch more than alone, and on the `h100` Zipf markets it is
-/// between the `token` and the `swap-lru` answers or above both. Starting there instead of at
-/// half the `dedicated` sum skips the probes of counts far from the answer.
+/// the arrivals. Not a bound: time-shared models batch more than alone, and on the `h100` Zipf
+/// markets it is between the `token` and the `swap-lru` answers or above both. Starting there
+/// instead of at half the `dedicated` sum skips the probes of counts far from the answer.
 fn compute_estimate(workload: &Workload, demand: &Demand) -> u32 {
     let busy_ns: u128 = demand.busy_ns.iter().map(|&b| u128::from(b)).sum();
     let span_ns = match (workload.requests.first(), workload.requests.last()) {

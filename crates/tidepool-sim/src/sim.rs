@@ -153,11 +153,10 @@ pub struct AcceleratorReport {
 /// Instances → accelerators (each model's accelerators, ascending). Longest-processing-time
 /// first over instances: each model's predicted load (`load_ns`: busy time on its own sized
 /// instances, or the batch-1 estimate [`batch1_load_ns`]) is split evenly over its
-/// `instances`, and instances in
-/// decreasing order of their share (ties by model, then instance) go to the accelerator with
-/// the least predicted work that does not hold the model yet. `dedicated` additionally requires
-/// every model of an accelerator to fit its memory at once (with as many accelerators as
-/// instances, this is one instance per accelerator).
+/// `instances`, and instances in decreasing order of their share (ties by model, then
+/// instance) go to the accelerator with the least predicted work that does not hold the model
+/// yet. `dedicated` additionally requires every model of an accelerator to fit its memory at
+/// once (with as many accelerators as instances, this is one instance per accelerator).
 pub fn place(
     spec: &SimSpec,
     workload: &Workload,
