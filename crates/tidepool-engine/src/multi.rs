@@ -42,6 +42,7 @@ use crate::llama::{
 };
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
+pub use crate::prefix::PrefixHints;
 use crate::prefix::{PrefixCache, best_donor, common_prefix};
 use crate::{
     ChatMessage, EngineError, GenerateRequest, Generation, RequestClass, TokenCount, TokenId,
@@ -201,6 +202,23 @@ impl ModelFrontEnd {
         tokenize_checked(&self.vocab, text)
     }
 
+    /// Empty [`PrefixHints`] for this model: its last `2 × seqs_max` prompts (as many as its
+    /// slots hold and a queue as long again), none when prefix reuse is off.
+    pub fn prefix_hints(&self) -> PrefixHints {
+        let prompts = if self.config.prefix_cache_tokens_max > 0 {
+            usize::try_from(self.config.seqs_max)
+                .unwrap_or(1)
+                .saturating_mul(2)
+        } else {
+            0
+        };
+        PrefixHints::new(
+            prompts,
+            self.config.prefix_reuse_tokens(),
+            sliding_window_tokens(&self.vocab),
+        )
+    }
+
     /// Validates a request against the model and builds its sampler and output channel. The
     /// returned [`PreparedSeq`] goes to the accelerator thread; dropping it instead (admission
     /// refused) closes the [`Generation`] without an event.
@@ -262,6 +280,11 @@ impl PreparedSeq {
 
     pub fn max_tokens(&self) -> TokenCount {
         self.max_tokens
+    }
+
+    /// The prompt tokens `hints` expects the engine to hold already (records the prompt there).
+    pub fn expected_cached_tokens(&self, hints: &mut PrefixHints) -> TokenCount {
+        TokenCount::try_from(hints.expect(&self.prompt)).unwrap_or(0)
     }
 
     /// Online or batch: a batch sequence has no token deadlines and is preempted by dropping
@@ -1003,6 +1026,7 @@ impl Accelerator {
         let mut tails_pending = !members.is_empty();
         // Members that have fed a token of their own (they no longer copy a prefix).
         let mut started = vec![false; members.len()];
+        let (mut computed, mut decodes) = (0_usize, 0_u32);
         while cursor < members.len() || riders_pending || tails_pending {
             self.share_prefixes(model, &members, cursor, &started);
             let Some(state) = self.models.get_mut(model) else {
@@ -1087,6 +1111,8 @@ impl Accelerator {
             if !add_failed && batch.n_tokens() == 0 {
                 continue;
             }
+            computed += usize::try_from(batch.n_tokens()).unwrap_or(0);
+            decodes += 1;
             let decoded = if add_failed {
                 Err(EngineError::Decode { code: -1 })
             } else {
@@ -1111,6 +1137,13 @@ impl Accelerator {
                 self.sample(model, id, row);
             }
         }
+        tracing::debug!(
+            members = members.len(),
+            riders = live_riders.len(),
+            computed_tokens = computed,
+            decodes,
+            "prefill batches"
+        );
         for member in members.iter().chain(&live_riders) {
             let ended = self.seqs.get(&member.seq).is_some_and(|s| s.ended);
             if ended {

@@ -9,7 +9,8 @@
 //! of the model (a running sequence, or another prompt of the same prefill), so concurrent
 //! requests sharing a system prompt compute it once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use llama_cpp_2::token::LlamaToken;
 
@@ -138,6 +139,65 @@ impl PrefixCache {
     }
 }
 
+/// A model's recent prompts, to predict before a prompt is scheduled how much of it the engine
+/// will find in its KV: a slot holding the prefix, or a prompt of the same prefill computing it
+/// (which the engine then copies, [`best_donor`]). The pool sizes prefills and estimates their
+/// time from it (`cached_tokens` of the pool's `RequestArrived`); it is only a hint, and what
+/// a response reports and the ledger bills is the engine's own count. Bounded: the last
+/// `prompts_max` prompts, whose tokens the model's slots could still hold.
+#[derive(Debug)]
+pub struct PrefixHints {
+    prompts: VecDeque<Arc<[LlamaToken]>>,
+    prompts_max: usize,
+    reuse_tokens_min: usize,
+    window: Option<usize>,
+}
+
+impl PrefixHints {
+    /// `prompts_max` 0: no hints (prefix reuse off).
+    pub(crate) fn new(prompts_max: usize, reuse_tokens_min: usize, window: Option<usize>) -> Self {
+        Self {
+            prompts: VecDeque::with_capacity(prompts_max),
+            prompts_max,
+            reuse_tokens_min: reuse_tokens_min.max(1),
+            window,
+        }
+    }
+
+    /// The longest prefix of `prompt` a recent prompt shares (at least the reuse minimum and,
+    /// with a sliding window, from a prompt that fits it; at most all but the last token), then
+    /// records `prompt` as the most recent.
+    pub(crate) fn expect(&mut self, prompt: &[LlamaToken]) -> usize {
+        if self.prompts_max == 0 {
+            return 0;
+        }
+        let usable = prompt.len().saturating_sub(1);
+        let window = self.window;
+        let hit = self
+            .prompts
+            .iter()
+            .filter(|p| window.is_none_or(|w| p.len() <= w))
+            .map(|p| common_prefix(p, prompt).min(usable))
+            .max()
+            .filter(|common| *common >= self.reuse_tokens_min)
+            .unwrap_or(0);
+        if self.prompts.len() == self.prompts_max {
+            self.prompts.pop_front();
+        }
+        self.prompts.push_back(Arc::from(prompt));
+        assert!(
+            self.prompts.len() <= self.prompts_max,
+            "prefix hints keep at most prompts_max prompts"
+        );
+        hit
+    }
+
+    /// Forgets every prompt: the model's KV is gone (evicted, or the engine restarted).
+    pub fn clear(&mut self) {
+        self.prompts.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +251,45 @@ mod tests {
         assert_eq!(best_donor(&toks(&[8, 1]), 0, holders(), 1), None);
         assert_eq!(best_donor(&prompt, 0, [], 1), None);
         assert_eq!(common_prefix(&a, &b), 3);
+    }
+
+    #[test]
+    fn hints_predict_a_prefix_a_recent_prompt_shares() {
+        let mut hints = PrefixHints::new(2, 2, None);
+        assert_eq!(hints.expect(&toks(&[1, 2, 3, 4])), 0, "nothing seen yet");
+        assert_eq!(hints.expect(&toks(&[1, 2, 3, 9, 9])), 3);
+        // The whole prompt seen before: its last token is computed again.
+        assert_eq!(hints.expect(&toks(&[1, 2, 3, 9, 9])), 4);
+        assert_eq!(
+            hints.expect(&toks(&[1, 5])),
+            0,
+            "one token is below the minimum"
+        );
+        // Only the last two prompts are kept: [1, 2, 3, 4] and the first [1, 2, 3, 9, 9] are
+        // gone, the second is still there.
+        assert_eq!(hints.expect(&toks(&[1, 2, 3, 9, 9, 7])), 5);
+        hints.clear();
+        assert_eq!(hints.expect(&toks(&[1, 2, 3, 9, 9, 7])), 0, "cleared");
+    }
+
+    #[test]
+    fn hints_skip_prompts_past_the_sliding_window_and_can_be_off() {
+        let mut hints = PrefixHints::new(4, 1, Some(3));
+        hints.expect(&toks(&[1, 2, 3, 4]));
+        assert_eq!(
+            hints.expect(&toks(&[1, 2, 3, 5])),
+            0,
+            "longer than the window"
+        );
+        hints.expect(&toks(&[6, 7]));
+        assert_eq!(hints.expect(&toks(&[6, 7, 8])), 2);
+        let mut off = PrefixHints::new(0, 1, None);
+        off.expect(&toks(&[1, 2, 3]));
+        assert_eq!(
+            off.expect(&toks(&[1, 2, 3])),
+            0,
+            "no hints when reuse is off"
+        );
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Pool {
             if state.model != model || state.kv != Kv::None {
                 continue;
             }
-            let prompt = u64::from(state.prompt_tokens);
+            let prompt = state.prefill_tokens();
             if !group.is_empty() && tokens + prompt > u64::from(self.cfg.knobs.prefill_tokens_max) {
                 break;
             }

@@ -50,6 +50,12 @@ pub enum Event {
         max_tokens: u32,
         #[serde(default)]
         class: RequestClass,
+        /// Prompt tokens the driver expects the engine to find in its KV already (a prompt
+        /// prefix it holds or is computing): a hint, at most `prompt_tokens − 1`. The prefill's
+        /// time estimate and `prefill_tokens_max` count only the other tokens; memory is still
+        /// charged for the whole prompt. Absent in serialized events it is 0.
+        #[serde(default)]
+        cached_tokens: u32,
     },
     /// The client went away. Unknown or finished sequences are ignored.
     Cancelled { now_ns: u64, seq: SeqId },

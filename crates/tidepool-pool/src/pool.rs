@@ -51,6 +51,13 @@ pub(crate) enum Phase {
     Decoding,
 }
 
+/// A request's prompt as admitted: its length and the driver's cached-prefix hint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PromptTokens {
+    pub(crate) prompt: u32,
+    pub(crate) cached: u32,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SeqState {
     pub(crate) model: usize,
@@ -59,6 +66,8 @@ pub(crate) struct SeqState {
     pub(crate) class: RequestClass,
     pub(crate) arrival_ns: u64,
     pub(crate) prompt_tokens: u32,
+    /// The driver's hint of `prompt_tokens` already in the engine's KV (≤ `prompt_tokens − 1`).
+    pub(crate) cached_tokens: u32,
     pub(crate) max_tokens: u32,
     pub(crate) emitted: u32,
     pub(crate) kv: Kv,
@@ -69,6 +78,13 @@ pub(crate) struct SeqState {
     pub(crate) reserved_bytes: u64,
     /// KV bytes charged while the sequence holds a context slot (`kv_paged`; else 0).
     pub(crate) ctx_kv_bytes: u64,
+}
+
+impl SeqState {
+    /// Prompt tokens its prefill computes: the prompt but the hinted cached prefix.
+    pub(crate) fn prefill_tokens(&self) -> u64 {
+        u64::from(self.prompt_tokens.saturating_sub(self.cached_tokens))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -330,9 +346,14 @@ impl Pool {
                 prompt_tokens,
                 max_tokens,
                 class,
+                cached_tokens,
                 ..
             } => {
-                self.admit(seq, &model, prompt_tokens, max_tokens, class)?;
+                let tokens = PromptTokens {
+                    prompt: prompt_tokens,
+                    cached: cached_tokens,
+                };
+                self.admit(seq, &model, tokens, max_tokens, class)?;
             }
             Event::Cancelled { seq, .. } => self.cancel(seq, actions),
             Event::LoadRequested { model, .. } => self.request_load(&model)?,
@@ -385,10 +406,11 @@ impl Pool {
         &mut self,
         seq: SeqId,
         model: &ModelId,
-        prompt_tokens: u32,
+        tokens: PromptTokens,
         max_tokens: u32,
         class: RequestClass,
     ) -> Result<(), PoolError> {
+        let prompt_tokens = tokens.prompt;
         let result = self.admission_check(seq, model, prompt_tokens, max_tokens, class);
         let index = match result {
             Ok(index) => index,
@@ -404,6 +426,7 @@ impl Pool {
             class,
             arrival_ns: self.now_ns,
             prompt_tokens,
+            cached_tokens: tokens.cached.min(prompt_tokens.saturating_sub(1)),
             max_tokens,
             emitted: 0,
             kv: Kv::None,

@@ -474,8 +474,9 @@ impl Pool {
         };
         let spec = &self.cfg.models[model];
         let m = &self.models[model];
-        let prefill_ns =
-            u64::from(state.prompt_tokens).saturating_mul(spec.estimate.prefill_ns_per_token);
+        let prefill_ns = state
+            .prefill_tokens()
+            .saturating_mul(spec.estimate.prefill_ns_per_token);
         let switch_ns = if m.residency == Residency::Resident {
             0
         } else {
@@ -500,7 +501,7 @@ impl Pool {
             let (prompt, kv) = self
                 .seqs
                 .get(&seq)
-                .map_or((0, 0), |s| (u64::from(s.prompt_tokens), s.ctx_kv_bytes));
+                .map_or((0, 0), |s| (s.prefill_tokens(), s.ctx_kv_bytes));
             if !group.is_empty() && tokens + prompt > u64::from(self.cfg.knobs.prefill_tokens_max) {
                 break;
             }

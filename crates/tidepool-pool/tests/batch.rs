@@ -408,6 +408,7 @@ impl Driver {
                         prompt_tokens: r.prompt,
                         max_tokens: r.output,
                         class: r.class,
+                        cached_tokens: 0,
                     })
                     .unwrap();
                     self.cut(r.at_ns);
@@ -531,6 +532,7 @@ fn an_online_request_takes_its_slot_from_a_batch_within_one_turn() {
                     prompt_tokens: 10,
                     max_tokens: 500,
                     class: RequestClass::Batch,
+                    cached_tokens: 0,
                 },
                 &mut out,
             )
@@ -578,6 +580,7 @@ fn an_online_request_takes_its_slot_from_a_batch_within_one_turn() {
                 prompt_tokens: 10,
                 max_tokens: 5,
                 class: RequestClass::Online,
+                cached_tokens: 0,
             },
             &mut out,
         )
@@ -725,6 +728,7 @@ fn the_batch_queue_is_bounded() {
                 prompt_tokens: 10,
                 max_tokens: 10,
                 class,
+                cached_tokens: 0,
             },
             &mut out,
         )

@@ -585,6 +585,7 @@ fn run(
             prompt_tokens: req.prompt_tokens,
             max_tokens: req.max_tokens,
             class: req.class,
+            cached_tokens: 0,
         };
         r.push(req.at_ns, event);
         if rng.random_bool(0.05) {

@@ -92,6 +92,7 @@ fn run(cfg: PoolConfig, requests: &[(u64, &str, u32, u32)]) -> Outcome {
             prompt_tokens,
             max_tokens,
             class: tidepool_pool::RequestClass::Online,
+            cached_tokens: 0,
         };
         queue.insert((at_ns, order), event);
         order += 1;

@@ -49,6 +49,7 @@ fn arrive(
         prompt_tokens: 10,
         max_tokens,
         class: tidepool_pool::RequestClass::Online,
+        cached_tokens: 0,
     };
     pool.handle(event, &mut out).map(|()| out)
 }
@@ -687,4 +688,69 @@ fn swap_lru_paged_evicts_an_idle_model_for_kv_room() {
         matches!(out.as_slice(), [Action::Prefill { model, .. }] if model.as_str() == "b"),
         "{out:?}"
     );
+}
+
+/// Request `seq` of model "a" with a `prompt_tokens` prompt of which the driver expects
+/// `cached_tokens` to be in the engine's KV already.
+fn arrive_cached(
+    pool: &mut Pool,
+    now_ns: u64,
+    seq: u64,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    let event = Event::RequestArrived {
+        now_ns,
+        seq: SeqId(seq),
+        model: ModelId::new("a").unwrap(),
+        prompt_tokens,
+        max_tokens: 10,
+        class: tidepool_pool::RequestClass::Online,
+        cached_tokens,
+    };
+    pool.handle(event, &mut out).unwrap();
+    out
+}
+
+/// `prefill_tokens_max` bounds the tokens a prefill computes: prompts the driver expects to
+/// find mostly cached (a shared system prompt) go in one group where whole prompts would not
+/// fit in one, and a hint of the whole prompt still leaves its last token to compute.
+#[test]
+fn prefill_groups_count_only_the_prompt_tokens_not_cached() {
+    let two = vec![SeqId(2), SeqId(3)];
+    let three = vec![SeqId(2), SeqId(3), SeqId(4)];
+    for (cached, group) in [(0, two), (350, three.clone()), (400, three)] {
+        let spec = ModelSpec {
+            seqs_max: 4,
+            ..model("a", 10)
+        };
+        let mut cfg = PoolConfig::new(PoolPolicy::Dedicated, 100 * MIB, vec![spec]);
+        cfg.knobs.prefill_tokens_max = 1000;
+        let mut pool = loaded(cfg);
+        let out = arrive_cached(&mut pool, 20, 1, 400, cached);
+        let [Action::Prefill { id, .. }] = out.as_slice() else {
+            panic!("expected the first request's prefill, got {out:?}")
+        };
+        for seq in 2..=4 {
+            let out = arrive_cached(&mut pool, 20 + seq, seq, 400, cached);
+            assert!(out.is_empty(), "the engine is busy: {out:?}");
+        }
+        let event = Event::StepFinished {
+            now_ns: 30,
+            action: *id,
+            steps: 1,
+            duration_ns: 10,
+            finished: vec![SeqFinished {
+                seq: SeqId(1),
+                tokens_emitted: 1,
+            }],
+        };
+        let out = feed(&mut pool, event);
+        let [Action::Prefill { seqs, .. }] = out.as_slice() else {
+            panic!("expected the queued requests' prefill, got {out:?}")
+        };
+        assert_eq!(seqs, &group, "{cached} of 400 tokens cached");
+        pool.check_invariants();
+    }
 }

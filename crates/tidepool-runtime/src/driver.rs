@@ -288,6 +288,9 @@ impl Driver {
             Action::Evict { id, model } => {
                 let index = self.model_index(&model);
                 self.accelerator.evict(index);
+                if let Some(hints) = self.shared.prefix_hints.get(index) {
+                    hints.lock().clear();
+                }
                 self.note_phase(index, Phase::Evict, elapsed_ns(started));
                 Completion::Unload { id }
             }
@@ -329,6 +332,13 @@ impl Driver {
                 let outcome = self.accelerator.prefill(index, &ids, &riders);
                 self.note_first_step(index);
                 metrics::finished(&model, &outcome);
+                tracing::debug!(
+                    %model,
+                    seqs = ids.len(),
+                    riders = riders.len(),
+                    duration_us = elapsed_ns(started) / 1_000,
+                    "prefill"
+                );
                 Completion::Step {
                     id,
                     outcome,
@@ -356,6 +366,13 @@ impl Driver {
                 let outcome = self.accelerator.decode_until(index, &ids, steps, &mut stop);
                 self.note_first_step(index);
                 metrics::finished(&model, &outcome);
+                tracing::debug!(
+                    %model,
+                    seqs = ids.len(),
+                    steps = outcome.steps,
+                    duration_us = elapsed_ns(started) / 1_000,
+                    "decode"
+                );
                 Completion::Step {
                     id,
                     outcome,

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tidepool_core::{ModelId, PoolPolicy, PoolSection, TokenCount};
 use tidepool_engine::multi::{
-    Accelerator, Calibration, ModelFrontEnd, MultiModelConfig, PreparedSeq, TokenDeadlines,
+    Accelerator, Calibration, ModelFrontEnd, MultiModelConfig, PrefixHints, PreparedSeq,
+    TokenDeadlines,
 };
 use tidepool_engine::watchdog::{
     Backoff, EngineHealth, EngineRestart, Heartbeat, RESTART_NOTICES_BUFFERED_MAX, WatchdogConfig,
@@ -137,6 +138,9 @@ pub(crate) struct Shared {
     pub(crate) index: BTreeMap<ModelId, usize>,
     /// Each model's last switch, phase by phase, in accelerator order.
     pub(crate) switches: Mutex<Vec<SwitchPhases>>,
+    /// Each model's recent prompts, in accelerator order: the cached-prefix hint a request
+    /// arrives at the pool with (cleared when the model's KV goes).
+    pub(crate) prefix_hints: Vec<Mutex<PrefixHints>>,
     slo: (Duration, Duration),
     retry_after_ms: u32,
     /// Stamped by the accelerator thread between actions and decode steps.
@@ -265,6 +269,10 @@ impl PoolRuntime {
             wake: Condvar::new(),
             epoch: Instant::now(),
             switches: Mutex::new(vec![SwitchPhases::default(); model_ids.len()]),
+            prefix_hints: fronts
+                .iter()
+                .map(|front| Mutex::new(front.prefix_hints()))
+                .collect(),
             model_ids,
             index,
             slo: (
@@ -458,6 +466,9 @@ impl PoolRuntime {
     ) -> Result<Generation, EngineError> {
         let arrived = Instant::now();
         let (prepared, generation) = front.prepare(request)?;
+        let cached_tokens = self.shared.prefix_hints.get(model).map_or(0, |hints| {
+            prepared.expected_cached_tokens(&mut hints.lock())
+        });
         let (ttft, tbt) = self.shared.slo;
         let mut core = self.shared.core.lock();
         if core.shutdown {
@@ -474,6 +485,7 @@ impl PoolRuntime {
             prompt_tokens: prepared.prompt_tokens(),
             max_tokens: prepared.max_tokens(),
             class: prepared.class(),
+            cached_tokens,
         };
         if let Err(error) = core.pool.handle(event, &mut actions) {
             metrics::rejected(front.model_id(), &error);

@@ -204,6 +204,10 @@ impl Watchdog {
         arrivals.append(&mut core.arrivals);
         arrivals.sort_by_key(|a| a.seq);
         core.actions.clear();
+        for hints in &shared.prefix_hints {
+            // The new engine holds no KV.
+            hints.lock().clear();
+        }
         match Pool::new(core.pool.config().clone()) {
             Ok(pool) => core.pool = pool,
             Err(error) => {
@@ -226,6 +230,8 @@ impl Watchdog {
                 prompt_tokens: arrival.prepared.prompt_tokens(),
                 max_tokens: arrival.prepared.max_tokens(),
                 class: arrival.prepared.class(),
+                // The restarted engine holds no KV.
+                cached_tokens: 0,
             };
             match core.pool.handle(event, &mut actions) {
                 Ok(()) => {

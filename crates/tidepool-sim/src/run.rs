@@ -310,6 +310,7 @@ impl<'a> AccRun<'a> {
             prompt_tokens: request.prompt_tokens,
             max_tokens: request.output_tokens,
             class: request.class,
+            cached_tokens: 0,
         };
         match self.feed(event) {
             Ok(()) => {
