@@ -48,15 +48,20 @@ pub(crate) struct WorkloadArgs {
     hot_models: u32,
     #[arg(long, env = "TIDEPOOL_SIM_HOT_SHARE", default_value_t = 0.9)]
     hot_share: f64,
-    /// Arrivals: `trace` (replay the trace's timestamps) or `poisson`.
+    /// Arrivals: `trace` (replay the trace's timestamps), `poisson`, or `gamma` (bursty: gaps
+    /// with coefficient of variation `--arrival-cv`).
     #[arg(long, env = "TIDEPOOL_SIM_ARRIVALS", default_value = "trace")]
     arrivals: String,
-    /// `poisson`: total requests per second over all models.
+    /// `poisson`, `gamma`: total requests per second over all models.
     #[arg(long, env = "TIDEPOOL_SIM_RATE_PER_S", default_value_t = 4.0)]
     rate_per_s: f64,
-    /// `poisson`: simulated seconds of arrivals.
+    /// `poisson`, `gamma`: simulated seconds of arrivals.
     #[arg(long, env = "TIDEPOOL_SIM_DURATION_S", default_value_t = 3600.0)]
     duration_s: f64,
+    /// `gamma`: coefficient of variation of the gaps between arrivals (1 is Poisson; above 1,
+    /// bursts of the whole market separated by lulls), 0.01 to 100.
+    #[arg(long, env = "TIDEPOOL_SIM_ARRIVAL_CV", default_value_t = 4.0)]
+    arrival_cv: f64,
     /// Seed of the market generator (model assignment, Poisson gaps, sampled lengths).
     #[arg(long, env = "TIDEPOOL_SIM_SEED", default_value_t = 1)]
     seed: u64,
@@ -171,7 +176,12 @@ impl WorkloadArgs {
                 rate_per_s: self.rate_per_s,
                 duration_s: self.duration_s,
             },
-            other => anyhow::bail!("unknown arrivals `{other}` (trace, poisson)"),
+            "gamma" => Arrivals::Gamma {
+                rate_per_s: self.rate_per_s,
+                duration_s: self.duration_s,
+                cv: self.arrival_cv,
+            },
+            other => anyhow::bail!("unknown arrivals `{other}` (trace, poisson, gamma)"),
         };
         let spec = MarketSpec {
             models: self.models,
