@@ -43,7 +43,7 @@ use crate::llama::{
 use crate::output::{Delivery, SeqOutput};
 use crate::params::validate_request;
 pub use crate::prefix::PrefixHints;
-use crate::prefix::{PrefixCache, best_donor, common_prefix};
+use crate::prefix::{PrefixCache, best_donor, common_prefix, fits_window};
 use crate::{
     ChatMessage, EngineError, GenerateRequest, Generation, RequestClass, TokenCount, TokenId,
 };
@@ -595,13 +595,6 @@ fn prefix_in_flight(
         .filter_map(|m| seqs.get(&m.seq).map(|s| (m.slot, s.kv_tokens.as_slice())))
         .filter(|(_, tokens)| fits_window(window, tokens.len()));
     best_donor(&waiting.prompt, waiting.kv_tokens.len(), holders, min_gain).is_some()
-}
-
-/// Whether a slot holding `tokens` positions still holds all of them in every layer: always
-/// without a sliding `window`; past one, llama.cpp has dropped the first positions from the
-/// window's layers, so the KV can be neither cut to a prefix nor saved whole.
-fn fits_window(window: Option<usize>, tokens: usize) -> bool {
-    window.is_none_or(|w| tokens <= w)
 }
 
 impl Seq {

@@ -88,13 +88,9 @@ impl PrefixCache {
     /// recently parked), and that prefix's length. At least one prompt token is left to decode,
     /// so the new sequence gets fresh logits.
     pub(crate) fn best_match(&self, prompt: &[LlamaToken], min: usize) -> Option<(i32, usize)> {
-        let usable = prompt.len().saturating_sub(1);
         self.entries
             .iter()
-            .map(|(slot, entry)| {
-                let common = common_prefix(&entry.tokens, prompt).min(usable);
-                (*slot, common, entry.parked_at)
-            })
+            .map(|(slot, entry)| (*slot, reusable(&entry.tokens, prompt), entry.parked_at))
             .filter(|(_, common, _)| *common >= min.max(1))
             .max_by_key(|(_, common, parked_at)| (*common, *parked_at))
             .map(|(slot, common, _)| (slot, common))
@@ -112,6 +108,19 @@ pub(crate) fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// How much of `prompt` the KV of `tokens` can give it: their common prefix, stopping one token
+/// short of the prompt so the sequence gets fresh logits.
+fn reusable(tokens: &[LlamaToken], prompt: &[LlamaToken]) -> usize {
+    common_prefix(tokens, prompt).min(prompt.len().saturating_sub(1))
+}
+
+/// Whether a slot holding `tokens` positions still holds all of them in every layer: always
+/// without a sliding `window`; past one, llama.cpp has dropped the first positions from the
+/// window's layers, so the KV can be neither cut to a prefix nor saved whole.
+pub(crate) fn fits_window(window: Option<usize>, tokens: usize) -> bool {
+    window.is_none_or(|w| tokens <= w)
+}
+
 /// Among `holders` (a slot and the tokens whose KV it holds at positions `0..len`), the one
 /// sharing the longest prefix with `prompt`, when that prefix is at least `min_gain` tokens
 /// longer than the `have` tokens the prompt's own slot holds already; ties go to the lowest
@@ -122,10 +131,9 @@ pub(crate) fn best_donor<'a>(
     holders: impl IntoIterator<Item = (i32, &'a [LlamaToken])>,
     min_gain: usize,
 ) -> Option<(i32, usize)> {
-    let usable = prompt.len().saturating_sub(1);
     holders
         .into_iter()
-        .map(|(slot, tokens)| (slot, common_prefix(tokens, prompt).min(usable)))
+        .map(|(slot, tokens)| (slot, reusable(tokens, prompt)))
         .filter(|(_, common)| *common >= have.saturating_add(min_gain.max(1)))
         .max_by_key(|(slot, common)| (*common, std::cmp::Reverse(*slot)))
 }
@@ -171,13 +179,11 @@ impl PrefixHints {
         if self.prompts_max == 0 {
             return 0;
         }
-        let usable = prompt.len().saturating_sub(1);
-        let window = self.window;
         let hit = self
             .prompts
             .iter()
-            .filter(|p| window.is_none_or(|w| p.len() <= w))
-            .map(|p| common_prefix(p, prompt).min(usable))
+            .filter(|p| fits_window(self.window, p.len()))
+            .map(|p| reusable(p, prompt))
             .max()
             .filter(|common| *common >= self.reuse_tokens_min)
             .unwrap_or(0);

@@ -51,13 +51,6 @@ pub(crate) enum Phase {
     Decoding,
 }
 
-/// A request's prompt as admitted: its length and the driver's cached-prefix hint.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PromptTokens {
-    pub(crate) prompt: u32,
-    pub(crate) cached: u32,
-}
-
 #[derive(Debug, Clone)]
 pub(crate) struct SeqState {
     pub(crate) model: usize,
@@ -349,11 +342,7 @@ impl Pool {
                 cached_tokens,
                 ..
             } => {
-                let tokens = PromptTokens {
-                    prompt: prompt_tokens,
-                    cached: cached_tokens,
-                };
-                self.admit(seq, &model, tokens, max_tokens, class)?;
+                self.admit(seq, &model, prompt_tokens, max_tokens, class, cached_tokens)?;
             }
             Event::Cancelled { seq, .. } => self.cancel(seq, actions),
             Event::LoadRequested { model, .. } => self.request_load(&model)?,
@@ -406,11 +395,11 @@ impl Pool {
         &mut self,
         seq: SeqId,
         model: &ModelId,
-        tokens: PromptTokens,
+        prompt_tokens: u32,
         max_tokens: u32,
         class: RequestClass,
+        cached_tokens: u32,
     ) -> Result<(), PoolError> {
-        let prompt_tokens = tokens.prompt;
         let result = self.admission_check(seq, model, prompt_tokens, max_tokens, class);
         let index = match result {
             Ok(index) => index,
@@ -426,7 +415,7 @@ impl Pool {
             class,
             arrival_ns: self.now_ns,
             prompt_tokens,
-            cached_tokens: tokens.cached.min(prompt_tokens.saturating_sub(1)),
+            cached_tokens: cached_tokens.min(prompt_tokens.saturating_sub(1)),
             max_tokens,
             emitted: 0,
             kv: Kv::None,
