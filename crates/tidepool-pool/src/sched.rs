@@ -5,7 +5,7 @@
 use crate::PoolPolicy;
 
 use crate::event::{Action, SeqId};
-use crate::pool::{Kv, ModelState, Phase, Pool, Target, Turn, Work};
+use crate::pool::{Kv, ModelState, Phase, Pool, SeqState, Target, Turn, Work};
 use crate::status::Residency;
 
 /// Distance of a model that is not needed by anything known.
@@ -252,7 +252,8 @@ impl Pool {
             // Resident models' requests and at-risk cold ones first; other cold ones wait for
             // their deadline or for an idle compute lane.
             self.oldest_queued(|m| {
-                self.models[m].residency == Residency::Resident || self.prefill_urgent(m)
+                (self.models[m].residency == Residency::Resident || self.prefill_urgent(m))
+                    && self.prefill_eligible(m)
             })
             .or_else(|| decode.is_none().then(|| self.prefill_candidate()).flatten())
         } else {
@@ -432,18 +433,69 @@ impl Pool {
         let room = m.in_ctx < self.cfg.models[model].seqs_max
             && self.head_kv_bytes(model) <= self.memory_bytes_free();
         match self.cfg.policy {
-            PoolPolicy::Token => true,
+            // Paged KV is freed by `prepare`; a slot only from another of the model's own
+            // sequences when that one can afford to wait (`own_slot_preemptable`).
+            PoolPolicy::Token => {
+                m.in_ctx < self.cfg.models[model].seqs_max || self.own_slot_preemptable(model)
+            }
             PoolPolicy::Dedicated => room,
             PoolPolicy::SwapLru => m.residency == Residency::Resident && room,
         }
     }
 
-    fn head_arrival(&self, model: usize) -> u64 {
+    /// Whether `token` may free a slot of `model`, all of whose slots hold its own sequences, by
+    /// saving one of them for the queue head: only for a head whose first token is at risk
+    /// ([`Self::prefill_urgent`]), and only when the sequence that would be saved has the slack
+    /// to wait out the head's prefill and its own save and restore, twice over (the margin of
+    /// `deadline_at_risk`). A model's own sequences trade places at no gain in throughput: on a
+    /// saturated model, saving one for every new request only moves the lateness to the saved
+    /// sequence and adds its transfers, where a dedicated engine would queue the request.
+    fn own_slot_preemptable(&self, model: usize) -> bool {
+        if !self.prefill_urgent(model) {
+            return false;
+        }
+        let spec = &self.cfg.models[model];
+        let Some(head) = self.queue_head(model) else {
+            return false;
+        };
+        let Some(victim) = self
+            .own_save_candidate(model, &[])
+            .and_then(|s| self.seqs.get(&s))
+        else {
+            return false;
+        };
+        let prefill_ns = head
+            .prefill_tokens()
+            .saturating_mul(spec.estimate.prefill_ns_per_token);
+        let transfer_ns = spec
+            .saved_bytes(u64::from(victim.prompt_tokens) + u64::from(victim.emitted))
+            .saturating_mul(spec.estimate.kv_transfer_ps_per_byte)
+            .saturating_mul(2)
+            / 1_000;
+        self.next_token_slack_ns(victim) > prefill_ns.saturating_add(transfer_ns).saturating_mul(2)
+    }
+
+    /// The first queued request of `model`.
+    fn queue_head(&self, model: usize) -> Option<&SeqState> {
         self.models[model]
             .prefill_q
             .front()
             .and_then(|s| self.seqs.get(s))
-            .map_or(NEVER, |s| s.arrival_ns)
+    }
+
+    /// Time until a decoding sequence's next-token deadline (arrival + TTFT SLO + tokens emitted
+    /// × TBT SLO); 0 once it is late.
+    fn next_token_slack_ns(&self, seq: &SeqState) -> u64 {
+        let ttft_ns = self.cfg.knobs.ttft_slo_ms.saturating_mul(1_000_000);
+        let tbt_ns = self.cfg.knobs.tbt_slo_ms.saturating_mul(1_000_000);
+        seq.arrival_ns
+            .saturating_add(ttft_ns)
+            .saturating_add(u64::from(seq.emitted).saturating_mul(tbt_ns))
+            .saturating_sub(self.now_ns)
+    }
+
+    fn head_arrival(&self, model: usize) -> u64 {
+        self.queue_head(model).map_or(NEVER, |s| s.arrival_ns)
     }
 
     /// The model whose queue head arrived first among those passing `filter`.
@@ -465,11 +517,7 @@ impl Pool {
     }
 
     fn prefill_urgent(&self, model: usize) -> bool {
-        let Some(state) = self.models[model]
-            .prefill_q
-            .front()
-            .and_then(|s| self.seqs.get(s))
-        else {
+        let Some(state) = self.queue_head(model) else {
             return false;
         };
         let spec = &self.cfg.models[model];
@@ -665,18 +713,11 @@ impl Pool {
     /// Time until the earliest next-token deadline among `model`'s decoding sequences
     /// (arrival + TTFT SLO + tokens emitted × TBT SLO); 0 once one is late.
     pub(crate) fn decode_slack_ns(&self, model: usize) -> u64 {
-        let ttft_ns = self.cfg.knobs.ttft_slo_ms.saturating_mul(1_000_000);
-        let tbt_ns = self.cfg.knobs.tbt_slo_ms.saturating_mul(1_000_000);
         self.models[model]
             .decoding
             .iter()
             .filter_map(|s| self.seqs.get(s))
-            .map(|s| {
-                s.arrival_ns
-                    .saturating_add(ttft_ns)
-                    .saturating_add(u64::from(s.emitted).saturating_mul(tbt_ns))
-                    .saturating_sub(self.now_ns)
-            })
+            .map(|s| self.next_token_slack_ns(s))
             .min()
             .unwrap_or(NEVER)
     }
@@ -942,10 +983,14 @@ impl Pool {
             Residency::Resident => {
                 let seqs_max = self.cfg.models[model].seqs_max;
                 let Some(turn) = turn else {
-                    // Prefill needs one free slot: save a decoding sequence (lazily, only now);
-                    // with paged KV also room for the head's KV.
+                    // Prefill needs one free slot: save a decoding sequence (lazily, only now,
+                    // and only one that can afford it); with paged KV also room for the head's
+                    // KV.
                     if m.in_ctx >= seqs_max {
-                        return self.save_one(model, &[]);
+                        return self
+                            .own_slot_preemptable(model)
+                            .then(|| self.save_one(model, &[]))
+                            .flatten();
                     }
                     let need = self.head_kv_bytes(model);
                     return (need > self.memory_bytes_free())
@@ -983,15 +1028,26 @@ impl Pool {
 
     /// Saves one in-context sequence of `model` not in `keep`, if the saved pool has room.
     fn save_one(&self, model: usize, keep: &[SeqId]) -> Option<(usize, Work)> {
-        let seq = self.models[model].decoding_in_ctx.iter().rev().find(|s| {
-            !keep.contains(s)
-                && self
-                    .seqs
-                    .get(s)
-                    .is_some_and(|st| st.kv == Kv::InCtx && !st.in_action)
-        })?;
-        self.save_fits(model, *seq)
-            .then_some((model, Work::Save(*seq)))
+        let seq = self.own_save_candidate(model, keep)?;
+        self.save_fits(model, seq)
+            .then_some((model, Work::Save(seq)))
+    }
+
+    /// The in-context sequence of `model` not in `keep` that [`Self::save_one`] would save: the
+    /// most recently admitted one not in an action.
+    fn own_save_candidate(&self, model: usize, keep: &[SeqId]) -> Option<SeqId> {
+        self.models[model]
+            .decoding_in_ctx
+            .iter()
+            .rev()
+            .find(|s| {
+                !keep.contains(s)
+                    && self
+                        .seqs
+                        .get(s)
+                        .is_some_and(|st| st.kv == Kv::InCtx && !st.in_action)
+            })
+            .copied()
     }
 
     fn save_fits(&self, model: usize, seq: SeqId) -> bool {

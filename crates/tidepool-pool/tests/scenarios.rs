@@ -211,39 +211,17 @@ fn swap_lru_evicts_least_recently_used_idle_model() {
     assert_eq!(pool.counters().kv_saves, 0);
 }
 
-/// token preempts a decoding model: its sequence is saved, the model evicted, and later
-/// restored before it decodes again.
-#[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario with its own serial driver"
-)]
-fn token_preempts_with_save_and_restore() {
-    let mut cfg = PoolConfig::new(
-        PoolPolicy::Token,
-        90 * MIB,
-        vec![model("a", 50), model("b", 50)],
-    );
-    cfg.kv_saved_bytes_max = 20 * MIB;
-    // Switches 1 ms apart (each action takes 1 ms), every deadline at risk (1 ms SLOs): the
-    // pool preempts and alternates between the models instead of finishing one first.
-    (
-        cfg.knobs.turn_quota_ms_max,
-        cfg.knobs.ttft_slo_ms,
-        cfg.knobs.tbt_slo_ms,
-    ) = (1, 1, 1);
-    let mut pool = Pool::new(cfg).unwrap();
+/// A minimal driver: completes every engine action `step_ns` after the previous one, in order,
+/// until nothing is pending. Returns every action emitted.
+fn drive_serially(pool: &mut Pool, mut pending: Vec<Action>, step_ns: u64) -> Vec<Action> {
     let mut log = Vec::new();
-    let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
-    pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
     let mut now = 0;
-    // A minimal driver: complete every engine action 1 ms later, in order.
     for _ in 0..10_000 {
         let Some(action) = pending.first().cloned() else {
             break;
         };
         pending.remove(0);
-        now += 1_000_000;
+        now += step_ns;
         log.push(action.clone());
         let event = match action {
             Action::Load { id, .. } => Event::LoadFinished {
@@ -280,8 +258,62 @@ fn token_preempts_with_save_and_restore() {
             },
             Action::Release { .. } => continue,
         };
-        pending.extend(feed(&mut pool, event));
+        pending.extend(feed(pool, event));
     }
+    log
+}
+
+/// `token` frees a slot of a model whose slots all hold its own sequences (saving one) only for
+/// a request whose first token is at risk, and only when the saved sequence has the slack to wait
+/// out the newcomer's prefill and its own transfers. With every sequence behind its schedule
+/// (1 ms per token) none can afford it: the third request waits for a slot, as on a dedicated engine, and
+/// nothing is saved. With a generous per-token deadline the same arrivals are served by saving
+/// one (processor sharing between the model's own sequences).
+#[test]
+fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
+    let run = |tbt_slo_ms: u64| {
+        let mut cfg = PoolConfig::new(PoolPolicy::Token, 200 * MIB, vec![model("a", 50)]);
+        cfg.kv_saved_bytes_max = 20 * MIB;
+        (cfg.knobs.ttft_slo_ms, cfg.knobs.tbt_slo_ms) = (1, tbt_slo_ms);
+        let mut pool = Pool::new(cfg).unwrap();
+        let mut pending = Vec::new();
+        for seq in 1..=3 {
+            pending.extend(arrive(&mut pool, 0, seq, "a", 50).unwrap());
+        }
+        // Each action takes 100 ms: a 16-step decode turn puts a sequence 16 tokens behind a
+        // 1 ms-per-token schedule, and 1,584 ms ahead of a 10 s one.
+        let log = drive_serially(&mut pool, pending, 100_000_000);
+        assert!(pool.is_idle(), "{:?}", pool.status());
+        assert_eq!(pool.counters().requests_finished, 3);
+        log.iter()
+            .filter(|a| matches!(a, Action::SaveKv { .. }))
+            .count()
+    };
+    assert_eq!(run(1), 0, "no sequence has slack: the newcomer waits");
+    assert!(run(10_000) > 0, "sequences with slack make room");
+}
+
+/// token preempts a decoding model: its sequence is saved, the model evicted, and later
+/// restored before it decodes again.
+#[test]
+fn token_preempts_with_save_and_restore() {
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::Token,
+        90 * MIB,
+        vec![model("a", 50), model("b", 50)],
+    );
+    cfg.kv_saved_bytes_max = 20 * MIB;
+    // Switches 1 ms apart (each action takes 1 ms), every deadline at risk (1 ms SLOs): the
+    // pool preempts and alternates between the models instead of finishing one first.
+    (
+        cfg.knobs.turn_quota_ms_max,
+        cfg.knobs.ttft_slo_ms,
+        cfg.knobs.tbt_slo_ms,
+    ) = (1, 1, 1);
+    let mut pool = Pool::new(cfg).unwrap();
+    let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
+    pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
+    let log = drive_serially(&mut pool, pending, 1_000_000);
     assert!(pool.is_idle(), "{:?}", pool.status());
     let saves = log
         .iter()

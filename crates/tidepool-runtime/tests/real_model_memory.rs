@@ -71,10 +71,9 @@ impl Sampler {
     }
 }
 
-#[test]
-fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() {
-    // Four models, two of each file, under a budget that fits the two largest: every round
-    // evicts and reloads, and `token` saves and restores sequences.
+/// Four models, two of each file, under a budget that fits the two largest: every round evicts
+/// and reloads, and `token` saves and restores sequences.
+fn switching_config() -> RuntimeConfig {
     let models = vec![
         model("s0", SMOLLM2, 512),
         model("g0", GEMMA, 512),
@@ -88,6 +87,16 @@ fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() 
     // Switches spaced by 1 ms, not the default quota's 4 s, so that in a run this short the
     // pool switches often and saved states take their share of the budget.
     config.pool.knobs.turn_quota_ms_max = 1;
+    // Every queued request's first token at risk at once, every decoding sequence with slack to
+    // spare: `token` saves sequences (of other models for a load, of a model's own for a free
+    // slot) instead of letting newcomers wait.
+    (config.pool.knobs.ttft_slo_ms, config.pool.knobs.tbt_slo_ms) = (1, 60_000);
+    config
+}
+
+#[test]
+fn real_model_resident_memory_stays_within_the_budget_plus_the_named_overhead() {
+    let config = switching_config();
     let runtime = PoolRuntime::start(&config).unwrap();
     let engines = runtime.engines();
     let cold = resident_bytes().unwrap();
