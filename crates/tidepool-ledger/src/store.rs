@@ -86,6 +86,10 @@ impl Store {
                 .foreign_keys(true);
             let pool_options = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS_MAX)
+                // A file connection cannot be dropped by a peer: no ping before each use (sqlx's
+                // default), a hop to the connection's thread and back on every query and
+                // transaction.
+                .test_before_acquire(false)
                 .acquire_timeout(acquire_timeout.unwrap_or(SQLITE_ACQUIRE_TIMEOUT));
             // Turning a new file into WAL takes an exclusive lock that the busy timeout does not
             // wait for: another process opening the same new file at that moment gets
