@@ -1309,6 +1309,11 @@ async function boot() {
     });
   });
   $('secret-close').addEventListener('click', closeSecret);
+  // Escape fires `cancel` before the dialog closes; `close` itself comes a task later. Forget
+  // the secret on both, so it is gone by the time the dialog is.
+  $('secret-dialog').addEventListener('cancel', () => {
+    $('secret-value').value = '';
+  });
   $('secret-dialog').addEventListener('close', () => {
     $('secret-value').value = '';
   });
