@@ -588,9 +588,13 @@ async function copySecret() {
   }
 }
 
+function forgetSecret() {
+  $('secret-value').value = '';
+}
+
 function closeSecret() {
   const dialog = $('secret-dialog');
-  $('secret-value').value = '';
+  forgetSecret();
   if (dialog.open) dialog.close();
 }
 
@@ -1311,12 +1315,8 @@ async function boot() {
   $('secret-close').addEventListener('click', closeSecret);
   // Escape fires `cancel` before the dialog closes; `close` itself comes a task later. Forget
   // the secret on both, so it is gone by the time the dialog is.
-  $('secret-dialog').addEventListener('cancel', () => {
-    $('secret-value').value = '';
-  });
-  $('secret-dialog').addEventListener('close', () => {
-    $('secret-value').value = '';
-  });
+  $('secret-dialog').addEventListener('cancel', forgetSecret);
+  $('secret-dialog').addEventListener('close', forgetSecret);
   window.addEventListener('hashchange', () => {
     route().catch(reportError);
   });

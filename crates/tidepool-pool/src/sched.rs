@@ -458,15 +458,13 @@ impl Pool {
         let Some(head) = self.queue_head(model) else {
             return false;
         };
+        let prefill_ns = self.prefill_ns(model, head);
         let Some(victim) = self
             .own_save_candidate(model, &[])
             .and_then(|s| self.seqs.get(&s))
         else {
             return false;
         };
-        let prefill_ns = head
-            .prefill_tokens()
-            .saturating_mul(spec.estimate.prefill_ns_per_token);
         let transfer_ns = spec
             .saved_bytes(u64::from(victim.prompt_tokens) + u64::from(victim.emitted))
             .saturating_mul(spec.estimate.kv_transfer_ps_per_byte)
@@ -481,6 +479,12 @@ impl Pool {
             .prefill_q
             .front()
             .and_then(|s| self.seqs.get(s))
+    }
+
+    /// The estimated time of `seq`'s prefill (the prompt tokens not hinted cached) on `model`.
+    fn prefill_ns(&self, model: usize, seq: &SeqState) -> u64 {
+        seq.prefill_tokens()
+            .saturating_mul(self.cfg.models[model].estimate.prefill_ns_per_token)
     }
 
     /// Time until a decoding sequence's next-token deadline (arrival + TTFT SLO + tokens emitted
@@ -520,11 +524,8 @@ impl Pool {
         let Some(state) = self.queue_head(model) else {
             return false;
         };
-        let spec = &self.cfg.models[model];
+        let prefill_ns = self.prefill_ns(model, state);
         let m = &self.models[model];
-        let prefill_ns = state
-            .prefill_tokens()
-            .saturating_mul(spec.estimate.prefill_ns_per_token);
         let switch_ns = if m.residency == Residency::Resident {
             0
         } else {

@@ -15,8 +15,8 @@
 
 use tidepool_core::PoolPolicy;
 use tidepool_sim::{
-    Arrivals, Instances, MarketSpec, PoolKnobs, Popularity, Profile, SimSpec, Workload, market,
-    plan, read_azure_trace, size_under,
+    Arrivals, Instances, MarketSpec, PoolKnobs, Popularity, Profile, SimSpec, TraceRow, Workload,
+    market, plan, read_azure_trace, size_under,
 };
 
 fn repo_file(relative: &str) -> std::path::PathBuf {
@@ -26,15 +26,21 @@ fn repo_file(relative: &str) -> std::path::PathBuf {
         .join(relative)
 }
 
-fn zipf(profile: &Profile, models: u32, arrivals: Arrivals, seed: u64) -> Workload {
-    let spec = MarketSpec {
+fn trace() -> Vec<TraceRow> {
+    read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap()
+}
+
+fn zipf_spec(models: u32, arrivals: Arrivals, seed: u64) -> MarketSpec {
+    MarketSpec {
         models,
         popularity: Popularity::Zipf { s: 1.0 },
         arrivals,
         seed,
-    };
-    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
-    market(&spec, &rows, profile).unwrap()
+    }
+}
+
+fn zipf(profile: &Profile, models: u32, arrivals: Arrivals, seed: u64) -> Workload {
+    market(&zipf_spec(models, arrivals, seed), &trace(), profile).unwrap()
 }
 
 /// Mean and coefficient of variation of the gaps between arrivals.
@@ -78,19 +84,17 @@ fn gamma_arrivals_have_the_asked_rate_and_burstiness() {
         );
         assert_eq!(w, gamma(cv, 3), "the same seed gives the same workload");
     }
-    let bad = MarketSpec {
-        models: 8,
-        popularity: Popularity::Zipf { s: 1.0 },
-        arrivals: Arrivals::Gamma {
+    let bad = zipf_spec(
+        8,
+        Arrivals::Gamma {
             rate_per_s: 20.0,
             duration_s: 10.0,
             cv: 0.0,
         },
-        seed: 1,
-    };
-    let rows = read_azure_trace(&repo_file("data/traces/azure-llm-2023-conv.csv")).unwrap();
+        1,
+    );
     assert!(
-        market(&bad, &rows, &profile).is_err(),
+        market(&bad, &trace(), &profile).is_err(),
         "a zero coefficient of variation is refused"
     );
 }
