@@ -33,6 +33,10 @@ pub(crate) struct KnobArgs {
     /// `token`: the longest turn the quota formula hands out, in ms.
     #[arg(long, env = "TIDEPOOL_SIM_TURN_QUOTA_MS_MAX")]
     pub(crate) turn_quota_ms_max: Option<u64>,
+    /// `token` on a CPU profile: how long a request waits for a model to go idle before its
+    /// load may preempt one with work, in ms.
+    #[arg(long, env = "TIDEPOOL_SIM_SWITCH_WAIT_MS_MAX")]
+    pub(crate) switch_wait_ms_max: Option<u64>,
     /// `token` admission: hold requests while predicted α (×1000) exceeds this
     /// (4294967295 = off, the default).
     #[arg(long, env = "TIDEPOOL_SIM_ALPHA_ADMIT_PERMILLE_MAX")]
@@ -68,6 +72,7 @@ impl KnobArgs {
             decode_steps_min: self.decode_steps_min.unwrap_or(knobs.decode_steps_min),
             decode_steps_max: self.decode_steps_max.unwrap_or(knobs.decode_steps_max),
             turn_quota_ms_max: self.turn_quota_ms_max.unwrap_or(knobs.turn_quota_ms_max),
+            switch_wait_ms_max: self.switch_wait_ms_max.unwrap_or(knobs.switch_wait_ms_max),
             alpha_admit_permille_max: self
                 .alpha_admit_permille_max
                 .unwrap_or(knobs.alpha_admit_permille_max),

@@ -38,6 +38,11 @@ pub struct PoolKnobs {
     /// `max_batch_quota`); where a load stalls compute (no `overlap_transfers`), also the least
     /// time between two loads while resident models have work (docs/pool.md §3.4).
     pub turn_quota_ms_max: u64,
+    /// `token`, where a load stalls compute (no `overlap_transfers`): how long a queued request
+    /// waits for a model to go idle before its model's load may preempt one with work, in ms.
+    /// Below the gateway's `stream_stall_ms_max` (30 s), so a waiting stream gets its model
+    /// before the gateway gives up on it (docs/pool.md §3.4).
+    pub switch_wait_ms_max: u64,
     /// `token` admission: hold new requests while the predicted round factor α (mean gap /
     /// TBT SLO), in thousandths, would exceed this. `u32::MAX` (the default) disables the
     /// check: in the simulator, holding lowered attainment in every market measured
@@ -75,6 +80,7 @@ impl Default for PoolKnobs {
             decode_steps_min: 16,
             decode_steps_max: 512,
             turn_quota_ms_max: 4_000,
+            switch_wait_ms_max: 20_000,
             alpha_admit_permille_max: u32::MAX,
             hol_blocking: false,
             prefill_cold_lazy: false,
@@ -108,6 +114,7 @@ impl PoolKnobs {
             ("decode_steps_min", self.decode_steps_min.into()),
             ("decode_steps_max", self.decode_steps_max.into()),
             ("turn_quota_ms_max", self.turn_quota_ms_max),
+            ("switch_wait_ms_max", self.switch_wait_ms_max),
             ("batch_queue_max", self.batch_queue_max.into()),
         ];
         let mut problems: Vec<KnobProblem> = at_least_one

@@ -305,10 +305,13 @@ impl Pool {
     }
 
     /// Whether `target` needs a load that should wait (resident work runs instead): one that
-    /// would displace a model with work, while switches are spaced or while the target's
-    /// deadline is not at risk — its prefill is not urgent, or its decoding sequences' slack
-    /// covers twice the load and a turn. So `token` preempts a busy model only when a request
-    /// would otherwise miss, and waits like request-level swapping where that is enough.
+    /// would displace a model with work, while switches are spaced, for a new request's prefill
+    /// until it has waited `switch_wait_ms_max`, and for a turn while its sequences' slack
+    /// covers twice the load and the turn. Where a load stalls compute, a preemption for
+    /// a prefill costs every stream two loads (the newcomer's model now, the victim's back
+    /// later) to bring one first token forward; in the simulator it lost to waiting on both CPU
+    /// markets (docs/pool.md §3.4), so the request waits for a model to go idle, as under
+    /// `swap-lru`.
     fn switch_waits(&self, target: Target, spaced: bool) -> bool {
         if self.cfg.policy != PoolPolicy::Token || self.cfg.overlap_transfers {
             return false;
@@ -317,19 +320,26 @@ impl Pool {
         if !self.load_preempts(model) || !self.resident_target_exists() {
             return false;
         }
-        spaced || !self.deadline_at_risk(target)
+        match target {
+            Target::Prefill { model } => spaced || !self.prefill_waited_too_long(model),
+            Target::Decode(turn) => spaced || !self.decode_deadline_at_risk(turn),
+        }
     }
 
-    fn deadline_at_risk(&self, target: Target) -> bool {
-        match target {
-            Target::Prefill { model } => self.prefill_urgent(model),
-            Target::Decode(turn) => {
-                let m = &self.models[turn.model];
-                let turn_ns = u64::from(turn.steps).saturating_mul(m.decode_step_ns);
-                self.decode_slack_ns(turn.model)
-                    < m.load_ns.saturating_add(turn_ns).saturating_mul(2)
-            }
-        }
+    /// Whether `model`'s oldest queued request has waited `switch_wait_ms_max` for a model to
+    /// go idle: its load may then preempt one with work, so a cold model's requests are not
+    /// starved by busy resident ones.
+    fn prefill_waited_too_long(&self, model: usize) -> bool {
+        let wait_ns = self.cfg.knobs.switch_wait_ms_max.saturating_mul(1_000_000);
+        self.now_ns >= self.head_arrival(model).saturating_add(wait_ns)
+    }
+
+    /// Whether a turn's sequences, if their model's load waited, would come within twice the
+    /// load and the turn of a next-token deadline.
+    fn decode_deadline_at_risk(&self, turn: Turn) -> bool {
+        let m = &self.models[turn.model];
+        let turn_ns = u64::from(turn.steps).saturating_mul(m.decode_step_ns);
+        self.decode_slack_ns(turn.model) < m.load_ns.saturating_add(turn_ns).saturating_mul(2)
     }
 
     /// Whether loading `model` now needs memory that a model with work holds: the model is not

@@ -293,8 +293,41 @@ fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
     assert!(run(10_000) > 0, "sequences with slack make room");
 }
 
-/// token preempts a decoding model: its sequence is saved, the model evicted, and later
-/// restored before it decodes again.
+/// Two models that do not fit together, a long request on `a`, then one on `b`. Where a load
+/// stalls compute (a CPU, the default) `b`'s request waits for `a` to finish rather than
+/// preempting it, until it has waited `switch_wait_ms_max`; with a 1 ms limit, `a`'s sequence
+/// is saved for it. Fails in both directions if the wait is dropped or never ends.
+#[test]
+fn token_on_a_cpu_waits_for_a_model_to_go_idle_before_preempting_it() {
+    let run = |switch_wait_ms_max: u64| {
+        let mut cfg = PoolConfig::new(
+            PoolPolicy::Token,
+            90 * MIB,
+            vec![model("a", 50), model("b", 50)],
+        );
+        cfg.kv_saved_bytes_max = 20 * MIB;
+        (
+            cfg.knobs.turn_quota_ms_max,
+            cfg.knobs.ttft_slo_ms,
+            cfg.knobs.tbt_slo_ms,
+            cfg.knobs.switch_wait_ms_max,
+        ) = (1, 1, 1, switch_wait_ms_max);
+        let mut pool = Pool::new(cfg).unwrap();
+        let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
+        pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
+        let log = drive_serially(&mut pool, pending, 1_000_000);
+        assert!(pool.is_idle(), "{:?}", pool.status());
+        assert_eq!(pool.counters().requests_finished, 2);
+        log.iter()
+            .filter(|a| matches!(a, Action::SaveKv { .. }))
+            .count()
+    };
+    assert_eq!(run(20_000), 0, "b waits for a to finish");
+    assert!(run(1) > 0, "past the limit, b's load preempts a");
+}
+
+/// token preempts a decoding model where transfers run beside compute (a GPU): its sequence
+/// is saved, the model evicted, and later restored before it decodes again.
 #[test]
 fn token_preempts_with_save_and_restore() {
     let mut cfg = PoolConfig::new(
@@ -303,6 +336,7 @@ fn token_preempts_with_save_and_restore() {
         vec![model("a", 50), model("b", 50)],
     );
     cfg.kv_saved_bytes_max = 20 * MIB;
+    cfg.overlap_transfers = true;
     // Switches 1 ms apart (each action takes 1 ms), every deadline at risk (1 ms SLOs): the
     // pool preempts and alternates between the models instead of finishing one first.
     (
