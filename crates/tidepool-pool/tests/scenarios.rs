@@ -263,6 +263,25 @@ fn drive_serially(pool: &mut Pool, mut pending: Vec<Action>, step_ns: u64) -> Ve
     log
 }
 
+/// Drives the pool serially until it is idle with `finished` requests done; the KV saves made.
+fn saves_to_completion(
+    pool: &mut Pool,
+    pending: Vec<Action>,
+    step_ns: u64,
+    finished: u64,
+) -> usize {
+    let log = drive_serially(pool, pending, step_ns);
+    assert!(pool.is_idle(), "{:?}", pool.status());
+    assert_eq!(
+        pool.counters().requests_finished,
+        finished,
+        "every request finishes"
+    );
+    log.iter()
+        .filter(|a| matches!(a, Action::SaveKv { .. }))
+        .count()
+}
+
 /// `token` frees a slot of a model whose slots all hold its own sequences (saving one) only for
 /// a request whose first token is at risk, and only when the saved sequence has the slack to wait
 /// out the newcomer's prefill and its own transfers. With every sequence behind its schedule
@@ -282,12 +301,7 @@ fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
         }
         // Each action takes 100 ms: a 16-step decode turn puts a sequence 16 tokens behind a
         // 1 ms-per-token schedule, and 1,584 ms ahead of a 10 s one.
-        let log = drive_serially(&mut pool, pending, 100_000_000);
-        assert!(pool.is_idle(), "{:?}", pool.status());
-        assert_eq!(pool.counters().requests_finished, 3);
-        log.iter()
-            .filter(|a| matches!(a, Action::SaveKv { .. }))
-            .count()
+        saves_to_completion(&mut pool, pending, 100_000_000, 3)
     };
     assert_eq!(run(1), 0, "no sequence has slack: the newcomer waits");
     assert!(run(10_000) > 0, "sequences with slack make room");
@@ -315,12 +329,7 @@ fn token_on_a_cpu_waits_for_a_model_to_go_idle_before_preempting_it() {
         let mut pool = Pool::new(cfg).unwrap();
         let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
         pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
-        let log = drive_serially(&mut pool, pending, 1_000_000);
-        assert!(pool.is_idle(), "{:?}", pool.status());
-        assert_eq!(pool.counters().requests_finished, 2);
-        log.iter()
-            .filter(|a| matches!(a, Action::SaveKv { .. }))
-            .count()
+        saves_to_completion(&mut pool, pending, 1_000_000, 2)
     };
     assert_eq!(run(20_000), 0, "b waits for a to finish");
     assert!(run(1) > 0, "past the limit, b's load preempts a");
