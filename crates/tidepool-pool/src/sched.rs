@@ -320,10 +320,11 @@ impl Pool {
         if !self.load_preempts(model) || !self.resident_target_exists() {
             return false;
         }
-        match target {
-            Target::Prefill { model } => spaced || !self.prefill_waited_too_long(model),
-            Target::Decode(turn) => spaced || !self.decode_deadline_at_risk(turn),
-        }
+        spaced
+            || match target {
+                Target::Prefill { model } => !self.prefill_waited_too_long(model),
+                Target::Decode(turn) => !self.decode_deadline_at_risk(turn),
+            }
     }
 
     /// Whether `model`'s oldest queued request has waited `switch_wait_ms_max` for a model to
@@ -457,7 +458,7 @@ impl Pool {
     /// saving one of them for the queue head: only for a head whose first token is at risk
     /// ([`Self::prefill_urgent`]), and only when the sequence that would be saved has the slack
     /// to wait out the head's prefill and its own save and restore, twice over (the margin of
-    /// `deadline_at_risk`). A model's own sequences trade places at no gain in throughput: on a
+    /// [`Self::decode_deadline_at_risk`]). A model's own sequences trade places at no gain in throughput: on a
     /// saturated model, saving one for every new request only moves the lateness to the saved
     /// sequence and adds its transfers, where a dedicated engine would queue the request.
     fn own_slot_preemptable(&self, model: usize) -> bool {

@@ -307,6 +307,28 @@ fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
     assert!(run(10_000) > 0, "sequences with slack make room");
 }
 
+/// `token` with two models that do not fit together (a 90 MiB budget, a 20 MiB saved pool),
+/// switches allowed 1 ms apart and 1 ms SLOs (every deadline at risk), `adjust` applied; a
+/// 400-token request on `a`, then one on `b`, both at 0. Returns the pool and its first actions.
+fn two_models_racing(adjust: impl FnOnce(&mut PoolConfig)) -> (Pool, Vec<Action>) {
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::Token,
+        90 * MIB,
+        vec![model("a", 50), model("b", 50)],
+    );
+    cfg.kv_saved_bytes_max = 20 * MIB;
+    (
+        cfg.knobs.turn_quota_ms_max,
+        cfg.knobs.ttft_slo_ms,
+        cfg.knobs.tbt_slo_ms,
+    ) = (1, 1, 1);
+    adjust(&mut cfg);
+    let mut pool = Pool::new(cfg).unwrap();
+    let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
+    pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
+    (pool, pending)
+}
+
 /// Two models that do not fit together, a long request on `a`, then one on `b`. Where a load
 /// stalls compute (a CPU, the default) `b`'s request waits for `a` to finish rather than
 /// preempting it, until it has waited `switch_wait_ms_max`; with a 1 ms limit, `a`'s sequence
@@ -314,21 +336,9 @@ fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
 #[test]
 fn token_on_a_cpu_waits_for_a_model_to_go_idle_before_preempting_it() {
     let run = |switch_wait_ms_max: u64| {
-        let mut cfg = PoolConfig::new(
-            PoolPolicy::Token,
-            90 * MIB,
-            vec![model("a", 50), model("b", 50)],
-        );
-        cfg.kv_saved_bytes_max = 20 * MIB;
-        (
-            cfg.knobs.turn_quota_ms_max,
-            cfg.knobs.ttft_slo_ms,
-            cfg.knobs.tbt_slo_ms,
-            cfg.knobs.switch_wait_ms_max,
-        ) = (1, 1, 1, switch_wait_ms_max);
-        let mut pool = Pool::new(cfg).unwrap();
-        let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
-        pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
+        let (mut pool, pending) = two_models_racing(|cfg| {
+            cfg.knobs.switch_wait_ms_max = switch_wait_ms_max;
+        });
         saves_to_completion(&mut pool, pending, 1_000_000, 2)
     };
     assert_eq!(run(20_000), 0, "b waits for a to finish");
@@ -339,23 +349,9 @@ fn token_on_a_cpu_waits_for_a_model_to_go_idle_before_preempting_it() {
 /// is saved, the model evicted, and later restored before it decodes again.
 #[test]
 fn token_preempts_with_save_and_restore() {
-    let mut cfg = PoolConfig::new(
-        PoolPolicy::Token,
-        90 * MIB,
-        vec![model("a", 50), model("b", 50)],
-    );
-    cfg.kv_saved_bytes_max = 20 * MIB;
-    cfg.overlap_transfers = true;
-    // Switches 1 ms apart (each action takes 1 ms), every deadline at risk (1 ms SLOs): the
-    // pool preempts and alternates between the models instead of finishing one first.
-    (
-        cfg.knobs.turn_quota_ms_max,
-        cfg.knobs.ttft_slo_ms,
-        cfg.knobs.tbt_slo_ms,
-    ) = (1, 1, 1);
-    let mut pool = Pool::new(cfg).unwrap();
-    let mut pending = arrive(&mut pool, 0, 1, "a", 400).unwrap();
-    pending.extend(arrive(&mut pool, 0, 2, "b", 400).unwrap());
+    // Every deadline at risk: the pool preempts and alternates between the models instead of
+    // finishing one first.
+    let (mut pool, pending) = two_models_racing(|cfg| cfg.overlap_transfers = true);
     let log = drive_serially(&mut pool, pending, 1_000_000);
     assert!(pool.is_idle(), "{:?}", pool.status());
     let saves = log
