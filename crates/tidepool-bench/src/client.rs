@@ -66,6 +66,8 @@ pub(crate) struct RequestOutcome {
     pub(crate) tokens: Vec<Duration>,
     /// Prompt tokens as the server counted them (the stream's usage chunk).
     pub(crate) prompt_tokens: Option<u32>,
+    /// The `code` of the error event that ended the stream, if one did.
+    pub(crate) error_code: Option<String>,
 }
 
 impl RequestOutcome {
@@ -77,6 +79,7 @@ impl RequestOutcome {
             send_lag: Duration::ZERO,
             tokens: Vec::new(),
             prompt_tokens: None,
+            error_code: None,
         }
     }
 }
@@ -138,6 +141,13 @@ async fn stream_tokens(
     }
     data_events(response, |event| {
         if let Some(error) = event.get("error").filter(|e| !e.is_null()) {
+            outcome.error_code = Some(
+                error
+                    .get("code")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_owned(),
+            );
             bail!("error event: {error}");
         }
         if !event_text(event).is_empty() {
@@ -170,6 +180,7 @@ pub(crate) mod tests {
                 .map(|&t| Duration::from_millis(t))
                 .collect(),
             prompt_tokens: None,
+            error_code: None,
         }
     }
 }

@@ -231,6 +231,7 @@ pub(crate) mod tests {
             requests_failed: 0,
             requests_timed_out: 0,
             statuses: BTreeMap::new(),
+            stream_errors: BTreeMap::new(),
             tokens_expected: 0,
             tokens_on_time: 0,
             attainment: 0.0,

@@ -142,6 +142,10 @@ pub(crate) struct RateRow {
     pub(crate) requests_timed_out: u32,
     /// Non-2xx responses by status.
     pub(crate) statuses: BTreeMap<u16, u32>,
+    /// Streams that answered 200 and then ended with an error event, by the event's `code`
+    /// (`stream_stalled`: no token within the gateway's `stream_stall_ms_max`).
+    #[serde(default)]
+    pub(crate) stream_errors: BTreeMap<String, u32>,
     pub(crate) tokens_expected: u64,
     pub(crate) tokens_on_time: u64,
     pub(crate) attainment: f64,

@@ -77,6 +77,7 @@ impl RateRun {
         let mut total = Score::default();
         let mut ttft_ms = Vec::new();
         let mut statuses = BTreeMap::new();
+        let mut stream_errors = BTreeMap::new();
         let (mut failed, mut timed_out) = (0_u32, 0_u32);
         let mut send_lag = Duration::ZERO;
         for outcome in outcomes {
@@ -91,6 +92,9 @@ impl RateRun {
             if let Some(status) = outcome.status.filter(|s| !(200..300).contains(s)) {
                 *statuses.entry(status).or_insert(0_u32) += 1;
             }
+            if let Some(code) = &outcome.error_code {
+                *stream_errors.entry(code.clone()).or_insert(0_u32) += 1;
+            }
         }
         let wall_s = wall.as_secs_f64();
         let loads = after.loads.saturating_sub(before.loads);
@@ -103,6 +107,7 @@ impl RateRun {
             requests_failed: failed,
             requests_timed_out: timed_out,
             statuses,
+            stream_errors,
             tokens_expected: total.tokens_expected,
             tokens_on_time: total.tokens_on_time,
             attainment: total.attainment(),
@@ -132,6 +137,49 @@ impl RateRun {
 mod tests {
     use super::*;
     use crate::client::tests::outcome;
+
+    /// A rate's row counts failed requests, tallies non-2xx statuses and, for streams that
+    /// answered 200 and then ended with an error event, the event's code.
+    #[test]
+    fn a_row_names_why_streams_failed() {
+        let run = RateRun {
+            rate_per_s: 1.0,
+            first_request: 0,
+            duration_s: 10,
+            slo: Slo {
+                ttft_ms: 1000,
+                tbt_ms: 100,
+            },
+        };
+        let stalled = || RequestOutcome {
+            error_code: Some("stream_stalled".to_owned()),
+            ..outcome(End::Failed, 8, &[900])
+        };
+        let refused = RequestOutcome {
+            status: Some(429),
+            ..outcome(End::Failed, 8, &[])
+        };
+        let outcomes = [
+            stalled(),
+            stalled(),
+            refused,
+            outcome(End::Completed, 2, &[900, 950]),
+        ];
+        let counters = CountersView::default();
+        let row = run.row(
+            "token",
+            &outcomes,
+            Duration::from_secs(10),
+            &counters,
+            &counters,
+        );
+        assert_eq!(row.requests_failed, 3);
+        assert_eq!(row.statuses, BTreeMap::from([(429, 1)]));
+        assert_eq!(
+            row.stream_errors,
+            BTreeMap::from([("stream_stalled".to_owned(), 2)])
+        );
+    }
 
     #[test]
     fn tokens_are_scored_against_their_own_deadlines() {

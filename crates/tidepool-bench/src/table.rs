@@ -142,6 +142,21 @@ fn write_rows(out: &mut impl std::io::Write, rows: &[RateRow]) -> anyhow::Result
             r.requests_failed + r.requests_timed_out,
         )?;
     }
+    for r in rows.iter().filter(|r| !r.stream_errors.is_empty()) {
+        let errors: Vec<String> = r
+            .stream_errors
+            .iter()
+            .map(|(code, n)| format!("{n} × `{code}`"))
+            .collect();
+        writeln!(
+            out,
+            "\n{} {} at {} req/s: streams ended by an error event: {}",
+            r.market.name(),
+            r.policy,
+            r.rate_per_s,
+            errors.join(", ")
+        )?;
+    }
     if rows
         .iter()
         .any(|r| r.sim.as_ref().is_some_and(|s| s.speed.is_some()))

@@ -12,6 +12,7 @@
 
 mod batch;
 pub mod config;
+mod demand;
 pub mod error;
 pub mod event;
 pub mod ids;

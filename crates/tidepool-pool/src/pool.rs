@@ -96,6 +96,8 @@ pub(crate) struct ModelState {
     /// In-flight actions touching this model.
     pub(crate) busy: u32,
     pub(crate) last_used_ns: u64,
+    /// Its recent arrivals (online requests), for eviction ties (`sched.rs`, `make_room`).
+    pub(crate) demand: crate::demand::Demand,
     pub(crate) last_switch_ns: Option<u64>,
     pub(crate) decode_step_ns: u64,
     pub(crate) load_ns: u64,
@@ -134,6 +136,7 @@ impl ModelState {
             in_ctx: 0,
             busy: 0,
             last_used_ns: 0,
+            demand: crate::demand::Demand::default(),
             last_switch_ns: None,
             decode_step_ns: spec.estimate.decode_step_ns,
             load_ns: spec.estimate.load_ns,
@@ -443,6 +446,7 @@ impl Pool {
         }
         let m = &mut self.models[index];
         m.last_used_ns = self.now_ns;
+        m.demand.arrive(self.now_ns);
         if token {
             self.pending.push_back(seq);
             m.pending += 1;

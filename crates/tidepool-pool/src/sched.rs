@@ -1,6 +1,7 @@
 //! Decisions: which compute action runs next (grouped FCFS prefill vs the decode round), and
 //! which transfer prepares it (load, Belady/LRU eviction, lazy KV save, restore). Pure functions
-//! of the pool state; ties are broken by model index (= `ModelId` order) and `SeqId`.
+//! of the pool state; ties are broken by model index (= `ModelId` order) and `SeqId`, except that
+//! eviction first prefers the model least demanded lately (`demand.rs`).
 
 use crate::PoolPolicy;
 
@@ -635,6 +636,16 @@ impl Pool {
         }
     }
 
+    /// Whether a turn still has sequences (its chunk of the model's decoding set is not empty),
+    /// without collecting them.
+    fn turn_has_seqs(&self, turn: Turn) -> bool {
+        let seqs_max = usize::try_from(self.cfg.models[turn.model].seqs_max).unwrap_or(1);
+        let skip = usize::try_from(turn.chunk)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(seqs_max);
+        self.models[turn.model].decoding.len() > skip
+    }
+
     /// The sequences of one turn: chunk `chunk` of the model's decoding set in `SeqId` order.
     pub(crate) fn turn_seqs(&self, turn: Turn) -> Vec<SeqId> {
         let seqs_max = usize::try_from(self.cfg.models[turn.model].seqs_max).unwrap_or(1);
@@ -1098,7 +1109,14 @@ impl Pool {
             .map(|i| (self.next_use(i), i))
             .filter(|&(distance, _)| current || distance > own)
             .collect();
-        victims.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Farthest next use first; among equals (above all the models nothing waits for), the
+        // least demanded lately, then configuration order.
+        let demand = |i: usize| self.models[i].demand.at(self.now_ns);
+        victims.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(demand(a.1).cmp(&demand(b.1)))
+                .then(a.1.cmp(&b.1))
+        });
         for (_, victim) in victims {
             if self.models[victim].in_ctx == 0 {
                 return Some((victim, Work::Evict));
@@ -1111,7 +1129,10 @@ impl Pool {
     }
 
     /// How soon `model` is needed: 0 for the current target, then its position in the round
-    /// after the current turn, then queued prefill; `NEVER` if nothing needs it.
+    /// after the current turn, then queued prefill; `NEVER` if nothing needs it. Only turns that
+    /// still have sequences count: a turn whose requests finished since the round was built
+    /// (the round wraps, so a spent turn can sit just ahead) says nothing about the model, and
+    /// counting it made Belady keep an idle model and save a busy one in its place.
     fn next_use(&self, model: usize) -> u64 {
         let target_model = self.target.map(|t| match t {
             Target::Prefill { model } => model,
@@ -1123,7 +1144,11 @@ impl Pool {
         let len = self.round.len();
         for offset in 0..len {
             let index = (self.turn + offset) % len;
-            if self.round.get(index).is_some_and(|t| t.model == model) {
+            if self
+                .round
+                .get(index)
+                .is_some_and(|&t| t.model == model && self.turn_has_seqs(t))
+            {
                 return 1 + u64::try_from(offset).unwrap_or(NEVER - 2);
             }
         }

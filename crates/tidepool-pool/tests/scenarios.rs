@@ -213,9 +213,18 @@ fn swap_lru_evicts_least_recently_used_idle_model() {
 
 /// A minimal driver: completes every engine action `step_ns` after the previous one, in order,
 /// until nothing is pending. Returns every action emitted.
-fn drive_serially(pool: &mut Pool, mut pending: Vec<Action>, step_ns: u64) -> Vec<Action> {
+fn drive_serially(pool: &mut Pool, pending: Vec<Action>, step_ns: u64) -> Vec<Action> {
+    drive_from(pool, pending, 0, step_ns).0
+}
+
+/// [`drive_serially`] from the clock value `now`; also returns the clock after.
+fn drive_from(
+    pool: &mut Pool,
+    mut pending: Vec<Action>,
+    mut now: u64,
+    step_ns: u64,
+) -> (Vec<Action>, u64) {
     let mut log = Vec::new();
-    let mut now = 0;
     for _ in 0..10_000 {
         let Some(action) = pending.first().cloned() else {
             break;
@@ -224,24 +233,6 @@ fn drive_serially(pool: &mut Pool, mut pending: Vec<Action>, step_ns: u64) -> Ve
         now += step_ns;
         log.push(action.clone());
         let event = match action {
-            Action::Load { id, .. } => Event::LoadFinished {
-                now_ns: now,
-                action: id,
-                duration_ns: 1,
-            },
-            Action::Evict { id, .. } => Event::UnloadFinished {
-                now_ns: now,
-                action: id,
-            },
-            Action::SaveKv { id, .. } => Event::KvSaved {
-                now_ns: now,
-                action: id,
-                bytes: 1,
-            },
-            Action::RestoreKv { id, .. } => Event::KvRestored {
-                now_ns: now,
-                action: id,
-            },
             Action::Prefill { id, .. } => Event::StepFinished {
                 now_ns: now,
                 action: id,
@@ -257,10 +248,37 @@ fn drive_serially(pool: &mut Pool, mut pending: Vec<Action>, step_ns: u64) -> Ve
                 finished: vec![],
             },
             Action::Release { .. } => continue,
+            transfer => transfer_done(&transfer, now),
         };
         pending.extend(feed(pool, event));
     }
-    log
+    (log, now)
+}
+
+/// The completion at `now` of a transfer (load, evict, KV save or restore).
+#[expect(clippy::panic, reason = "a test helper fails its test by panicking")]
+fn transfer_done(action: &Action, now: u64) -> Event {
+    match *action {
+        Action::Load { id, .. } => Event::LoadFinished {
+            now_ns: now,
+            action: id,
+            duration_ns: 1,
+        },
+        Action::Evict { id, .. } => Event::UnloadFinished {
+            now_ns: now,
+            action: id,
+        },
+        Action::SaveKv { id, .. } => Event::KvSaved {
+            now_ns: now,
+            action: id,
+            bytes: 1,
+        },
+        Action::RestoreKv { id, .. } => Event::KvRestored {
+            now_ns: now,
+            action: id,
+        },
+        _ => panic!("not a transfer: {action:?}"),
+    }
 }
 
 /// Drives the pool serially until it is idle with `finished` requests done; the KV saves made.
@@ -824,4 +842,129 @@ fn prefill_groups_count_only_the_prompt_tokens_not_cached() {
         assert_eq!(seqs, &group, "{cached} of 400 tokens cached");
         pool.check_invariants();
     }
+}
+
+/// Completes a prefill (`steps` = 1) or decode action over `seqs`: each runs until it owes no
+/// more tokens (`owed`: tokens still due per request), the action as long as its longest.
+fn step_owed(
+    owed: &mut std::collections::BTreeMap<u64, u32>,
+    now_ns: u64,
+    action: ActionId,
+    seqs: &[SeqId],
+    steps: u32,
+) -> Event {
+    let steps = seqs
+        .iter()
+        .map(|s| owed[&s.0].min(steps))
+        .max()
+        .unwrap_or(0);
+    let mut finished = Vec::new();
+    for seq in seqs {
+        let left = owed.get_mut(&seq.0).unwrap();
+        *left -= (*left).min(steps);
+        if *left == 0 {
+            finished.push(SeqFinished {
+                seq: *seq,
+                tokens_emitted: 1,
+            });
+        }
+    }
+    Event::StepFinished {
+        now_ns,
+        action,
+        steps,
+        duration_ns: 1_000_000,
+        finished,
+    }
+}
+
+/// Belady eviction counts only turns that still have sequences: a model whose requests all
+/// finished is idle, however near its spent turn sits in the round. Four models fit and decode
+/// in one round `a`, `b`, `c`, `e`; `a`'s request finishes in its turn, and while `c`'s turn
+/// runs a request for a fifth model `d` arrives. When `c`'s turn ends, `e`'s is next, then (the
+/// round wrapping) `a`'s spent one, `b`'s and `c`'s, so counting the spent turn made `c` the
+/// victim: its sequence was saved and the idle `a` stayed. `d`'s load goes at once (an idle
+/// model can make room) and takes `a`'s place; no sequence is saved.
+#[test]
+fn token_evicts_an_idle_model_not_one_whose_turn_comes_later() {
+    let names = ["a", "b", "c", "d", "e"];
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::Token,
+        270 * MIB,
+        names.iter().map(|name| model(name, 50)).collect(),
+    );
+    cfg.kv_saved_bytes_max = 20 * MIB;
+    let mut pool = Pool::new(cfg).unwrap();
+    // `a`'s 100 tokens last several rounds of 16-step turns beside `b`, `c` and `e`.
+    let mut owed =
+        std::collections::BTreeMap::from([(1, 100_u32), (2, 400), (3, 400), (4, 2), (5, 400)]);
+    let mut pending = Vec::new();
+    for (seq, name) in [(1, "a"), (2, "b"), (3, "c"), (5, "e")] {
+        pending.extend(arrive(&mut pool, 0, seq, name, owed[&seq]).unwrap());
+    }
+    let (mut now, mut d_at) = (0, None);
+    let mut log = Vec::new();
+    while !pending.is_empty() {
+        let action = pending.remove(0);
+        now += 1_000_000;
+        log.push(action.clone());
+        let event = match action.clone() {
+            Action::Prefill { id, seqs, .. } => step_owed(&mut owed, now, id, &seqs, 1),
+            Action::Decode {
+                id, seqs, steps, ..
+            } => step_owed(&mut owed, now, id, &seqs, steps),
+            Action::Release { .. } => continue,
+            transfer => transfer_done(&transfer, now),
+        };
+        let b_turn = matches!(&action, Action::Decode { model, .. } if model.as_str() == "b");
+        pending.extend(feed(&mut pool, event));
+        if d_at.is_none() && owed[&1] == 0 && b_turn {
+            d_at = Some(log.len());
+            pending.extend(arrive(&mut pool, now, 4, "d", owed[&4]).unwrap());
+        }
+        assert!(log.len() < 10_000, "the pool does not settle");
+    }
+    assert!(pool.is_idle(), "{:?}", pool.status());
+    let after_d: Vec<String> = log[d_at.unwrap()..]
+        .iter()
+        .filter_map(|a| match a {
+            Action::Evict { model, .. } => Some(format!("evict {}", model.as_str())),
+            Action::SaveKv { model, .. } => Some(format!("save {}", model.as_str())),
+            Action::Load { model, .. } => Some(format!("load {}", model.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        after_d.get(..2),
+        Some(&["evict a".to_owned(), "load d".to_owned()][..]),
+        "{after_d:?}"
+    );
+    assert_eq!(pool.counters().kv_saves, 0, "{after_d:?}");
+}
+
+/// Among models nothing waits for, eviction takes the one asked for least lately (a count of
+/// arrivals that halves every minute), not the first in configuration order nor the least
+/// recently used: `a` served three requests and `b` one, `b` the latest, both are idle, and
+/// `c` needs one of their places: `b` goes.
+#[test]
+fn token_evicts_the_least_demanded_idle_model() {
+    let mut cfg = PoolConfig::new(
+        PoolPolicy::Token,
+        150 * MIB,
+        vec![model("a", 50), model("b", 50), model("c", 50)],
+    );
+    cfg.kv_saved_bytes_max = 20 * MIB;
+    let mut pool = Pool::new(cfg).unwrap();
+    let mut now = 0;
+    for (seq, name) in [(1, "a"), (2, "a"), (3, "a"), (4, "b")] {
+        now += 1_000_000;
+        let pending = arrive(&mut pool, now, seq, name, 2).unwrap();
+        now = drive_from(&mut pool, pending, now, 1_000_000).1;
+    }
+    assert!(pool.is_idle(), "{:?}", pool.status());
+    let out = arrive(&mut pool, now + 1_000_000, 5, "c", 2).unwrap();
+    assert!(
+        matches!(&out[..], [Action::Evict { model, .. }] if model.as_str() == "b"),
+        "{out:?}"
+    );
 }

@@ -91,6 +91,9 @@ fn switching_config() -> RuntimeConfig {
     // spare: `token` saves sequences (of other models for a load, of a model's own for a free
     // slot) instead of letting newcomers wait.
     (config.pool.knobs.ttft_slo_ms, config.pool.knobs.tbt_slo_ms) = (1, 60_000);
+    // A queued request waits at most 1 ms for a model to go idle before its load may preempt
+    // one with work (the default 20 s would outlast the run).
+    config.pool.knobs.switch_wait_ms_max = 1;
     config
 }
 

@@ -49,12 +49,14 @@ fn start(policy: PoolPolicy, models: Vec<PooledModelConfig>, fit: Option<u32>) -
     config.pool.memory_models_max = fit;
     config.pool.kv_saved_bytes_max = 256 << 20;
     config.pool.knobs.decode_steps_min = 4;
-    // Switches 1 ms apart, not the default quota's 4 s, and every deadline at risk (1 ms SLOs):
-    // in a run this short `token` then preempts, saving and restoring sequences, instead of
-    // finishing one model's work first.
+    // Switches 1 ms apart, not the default quota's 4 s, every deadline at risk (1 ms SLOs), and a
+    // queued request waiting at most 1 ms for a model to go idle (not 20 s): in a run this short
+    // `token` then preempts, saving and restoring sequences, instead of finishing one model's
+    // work first.
     config.pool.knobs.turn_quota_ms_max = 1;
     config.pool.knobs.ttft_slo_ms = 1;
     config.pool.knobs.tbt_slo_ms = 1;
+    config.pool.knobs.switch_wait_ms_max = 1;
     match PoolRuntime::start(&config) {
         Ok(runtime) => runtime,
         Err(error) => panic_start(&error),
