@@ -636,26 +636,18 @@ impl Pool {
         }
     }
 
-    /// Whether a turn still has sequences (its chunk of the model's decoding set is not empty),
-    /// without collecting them.
-    fn turn_has_seqs(&self, turn: Turn) -> bool {
-        let seqs_max = usize::try_from(self.cfg.models[turn.model].seqs_max).unwrap_or(1);
-        let skip = usize::try_from(turn.chunk)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(seqs_max);
-        self.models[turn.model].decoding.len() > skip
-    }
-
     /// The sequences of one turn: chunk `chunk` of the model's decoding set in `SeqId` order.
     pub(crate) fn turn_seqs(&self, turn: Turn) -> Vec<SeqId> {
+        self.turn_window(turn).to_vec()
+    }
+
+    /// [`Self::turn_seqs`] without collecting them (empty once the turn's requests finished).
+    fn turn_window(&self, turn: Turn) -> &[SeqId] {
         let seqs_max = usize::try_from(self.cfg.models[turn.model].seqs_max).unwrap_or(1);
         let skip = usize::try_from(turn.chunk)
             .unwrap_or(usize::MAX)
             .saturating_mul(seqs_max);
-        self.models[turn.model]
-            .decoding
-            .window(skip, seqs_max)
-            .to_vec()
+        self.models[turn.model].decoding.window(skip, seqs_max)
     }
 
     /// A round visits every decoding chunk once in model order. `token` sizes turns with
@@ -1097,7 +1089,9 @@ impl Pool {
             Target::Decode(turn) => turn.model,
         });
         let own = self.next_use(model);
-        let mut victims: Vec<(u64, usize)> = (0..self.models.len())
+        // Farthest next use first; among equals (above all the models nothing waits for), the
+        // least demanded lately, then configuration order.
+        let mut victims: Vec<(std::cmp::Reverse<u64>, u64, usize)> = (0..self.models.len())
             .filter(|&i| {
                 let m = &self.models[i];
                 i != model
@@ -1108,16 +1102,13 @@ impl Pool {
             })
             .map(|i| (self.next_use(i), i))
             .filter(|&(distance, _)| current || distance > own)
+            .map(|(distance, i)| {
+                let demand = self.models[i].demand.at(self.now_ns);
+                (std::cmp::Reverse(distance), demand, i)
+            })
             .collect();
-        // Farthest next use first; among equals (above all the models nothing waits for), the
-        // least demanded lately, then configuration order.
-        let demand = |i: usize| self.models[i].demand.at(self.now_ns);
-        victims.sort_by(|a, b| {
-            b.0.cmp(&a.0)
-                .then(demand(a.1).cmp(&demand(b.1)))
-                .then(a.1.cmp(&b.1))
-        });
-        for (_, victim) in victims {
+        victims.sort_unstable();
+        for (_, _, victim) in victims {
             if self.models[victim].in_ctx == 0 {
                 return Some((victim, Work::Evict));
             }
@@ -1147,7 +1138,7 @@ impl Pool {
             if self
                 .round
                 .get(index)
-                .is_some_and(|&t| t.model == model && self.turn_has_seqs(t))
+                .is_some_and(|&t| t.model == model && !self.turn_window(t).is_empty())
             {
                 return 1 + u64::try_from(offset).unwrap_or(NEVER - 2);
             }

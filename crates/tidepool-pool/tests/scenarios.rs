@@ -218,11 +218,41 @@ fn drive_serially(pool: &mut Pool, pending: Vec<Action>, step_ns: u64) -> Vec<Ac
 }
 
 /// [`drive_serially`] from the clock value `now`; also returns the clock after.
-fn drive_from(
+fn drive_from(pool: &mut Pool, pending: Vec<Action>, now: u64, step_ns: u64) -> (Vec<Action>, u64) {
+    let compute = |action: &Action, now: u64| match *action {
+        Action::Decode { id, steps, .. } => step_event(now, id, steps, 1),
+        Action::Prefill { id, .. } => step_event(now, id, 1, 1),
+        ref other => transfer_done(other, now),
+    };
+    drive(pool, pending, now, step_ns, compute, |_, _, _, _, _| {
+        Vec::new()
+    })
+}
+
+/// The completion at `now_ns` of a prefill or decode action that ran `steps` steps in
+/// `duration_ns` and finished nothing.
+fn step_event(now_ns: u64, action: ActionId, steps: u32, duration_ns: u64) -> Event {
+    Event::StepFinished {
+        now_ns,
+        action,
+        steps,
+        duration_ns,
+        finished: Vec::new(),
+    }
+}
+
+/// Completes every engine action `step_ns` after the previous one, in order, from the clock
+/// value `now` until nothing is pending: transfers at once, prefills and decodes as `compute`
+/// reports them. After each completion `after` (given the pool, the action, its completion,
+/// the clock and how many actions ran) may start more work, such as an arrival. Returns every
+/// action emitted and the clock after.
+fn drive(
     pool: &mut Pool,
     mut pending: Vec<Action>,
     mut now: u64,
     step_ns: u64,
+    mut compute: impl FnMut(&Action, u64) -> Event,
+    mut after: impl FnMut(&mut Pool, &Action, &Event, u64, usize) -> Vec<Action>,
 ) -> (Vec<Action>, u64) {
     let mut log = Vec::new();
     for _ in 0..10_000 {
@@ -233,24 +263,12 @@ fn drive_from(
         now += step_ns;
         log.push(action.clone());
         let event = match action {
-            Action::Prefill { id, .. } => Event::StepFinished {
-                now_ns: now,
-                action: id,
-                steps: 1,
-                duration_ns: 1,
-                finished: vec![],
-            },
-            Action::Decode { id, steps, .. } => Event::StepFinished {
-                now_ns: now,
-                action: id,
-                steps,
-                duration_ns: 1,
-                finished: vec![],
-            },
+            Action::Prefill { .. } | Action::Decode { .. } => compute(&action, now),
             Action::Release { .. } => continue,
-            transfer => transfer_done(&transfer, now),
+            ref transfer => transfer_done(transfer, now),
         };
-        pending.extend(feed(pool, event));
+        pending.extend(feed(pool, event.clone()));
+        pending.extend(after(pool, &action, &event, now, log.len()));
     }
     (log, now)
 }
@@ -456,14 +474,7 @@ fn keep_alive_scales_idle_models_to_zero_but_not_pinned_ones() {
 
 /// Reports a prefill or decode action done, with no sequence finished.
 fn step_done(pool: &mut Pool, now_ns: u64, action: ActionId, steps: u32) -> Vec<Action> {
-    let event = Event::StepFinished {
-        now_ns,
-        action,
-        steps,
-        duration_ns: 10,
-        finished: Vec::new(),
-    };
-    feed(pool, event)
+    feed(pool, step_event(now_ns, action, steps, 10))
 }
 
 /// A `dedicated` pool with every model loaded (one transfer at a time, at t = 1, 2, … ns).
@@ -895,35 +906,35 @@ fn token_evicts_an_idle_model_not_one_whose_turn_comes_later() {
     );
     cfg.kv_saved_bytes_max = 20 * MIB;
     let mut pool = Pool::new(cfg).unwrap();
-    // `a`'s 100 tokens last several rounds of 16-step turns beside `b`, `c` and `e`.
+    // Tokens each request still owes: `a`'s 100 last several rounds of 16-step turns beside
+    // `b`, `c` and `e`.
     let mut owed =
         std::collections::BTreeMap::from([(1, 100_u32), (2, 400), (3, 400), (4, 2), (5, 400)]);
     let mut pending = Vec::new();
     for (seq, name) in [(1, "a"), (2, "b"), (3, "c"), (5, "e")] {
         pending.extend(arrive(&mut pool, 0, seq, name, owed[&seq]).unwrap());
     }
-    let (mut now, mut d_at) = (0, None);
-    let mut log = Vec::new();
-    while !pending.is_empty() {
-        let action = pending.remove(0);
-        now += 1_000_000;
-        log.push(action.clone());
-        let event = match action.clone() {
-            Action::Prefill { id, seqs, .. } => step_owed(&mut owed, now, id, &seqs, 1),
-            Action::Decode {
-                id, seqs, steps, ..
-            } => step_owed(&mut owed, now, id, &seqs, steps),
-            Action::Release { .. } => continue,
-            transfer => transfer_done(&transfer, now),
-        };
-        let b_turn = matches!(&action, Action::Decode { model, .. } if model.as_str() == "b");
-        pending.extend(feed(&mut pool, event));
-        if d_at.is_none() && owed[&1] == 0 && b_turn {
-            d_at = Some(log.len());
-            pending.extend(arrive(&mut pool, now, 4, "d", owed[&4]).unwrap());
+    let compute = |action: &Action, now: u64| match action {
+        Action::Prefill { id, seqs, .. } => step_owed(&mut owed, now, *id, seqs, 1),
+        Action::Decode {
+            id, seqs, steps, ..
+        } => step_owed(&mut owed, now, *id, seqs, *steps),
+        other => transfer_done(other, now),
+    };
+    // `d` arrives once `a`'s request has finished and `b`'s turn has run since.
+    let (mut a_done, mut d_at) = (false, None);
+    let arrive_d = |pool: &mut Pool, action: &Action, event: &Event, now: u64, ran: usize| {
+        if let Event::StepFinished { finished, .. } = event {
+            a_done |= finished.iter().any(|f| f.seq == SeqId(1));
         }
-        assert!(log.len() < 10_000, "the pool does not settle");
-    }
+        let b_turn = matches!(action, Action::Decode { model, .. } if model.as_str() == "b");
+        if d_at.is_some() || !a_done || !b_turn {
+            return Vec::new();
+        }
+        d_at = Some(ran);
+        arrive(pool, now, 4, "d", 2).unwrap()
+    };
+    let (log, _) = drive(&mut pool, pending, 0, 1_000_000, compute, arrive_d);
     assert!(pool.is_idle(), "{:?}", pool.status());
     let after_d: Vec<String> = log[d_at.unwrap()..]
         .iter()
