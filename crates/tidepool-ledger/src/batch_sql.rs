@@ -326,7 +326,29 @@ pub(crate) trait BatchSql {
     /// the caller's order — sorted by key, so two writers never lock two rollup rows in
     /// opposite orders. The keys must be distinct (one row per key and batch).
     async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error>;
+    /// A settle batch's rollup and money, after its usage rows: the daily rollup (as
+    /// [`BatchSql::add_usage_daily`]), then each account (hold released, cost taken) and each
+    /// budget row (hold released, cost spent), in the caller's order — the global lock order.
+    /// Returns the rows each account update and then each budget update changed (1 each when
+    /// the rows exist).
+    async fn settle_money(
+        &mut self,
+        daily: &[DailyRow<'_>],
+        accounts: &[AccountDelta<'_>],
+        budgets: &[BudgetDelta<'_>],
+    ) -> Result<Vec<u64>, sqlx::Error>;
 }
+
+/// One account's change in a settle batch: `(tenant, hold released, cost billed)`.
+pub(crate) type AccountDelta<'a> = (&'a str, i64, i64);
+/// One budget row's change in a settle batch: `(scope, scope_id, month, hold released, cost
+/// billed)`.
+pub(crate) type BudgetDelta<'a> = (&'a str, &'a str, &'a str, i64, i64);
+
+const SETTLE_ACCOUNT_SQL: &str = "UPDATE accounts SET reserved_nanos = reserved_nanos - $2, \
+     balance_nanos = balance_nanos - $3 WHERE tenant_id = $1";
+const SETTLE_BUDGET_SQL: &str = "UPDATE budget_spend SET reserved_nanos = reserved_nanos - $4, \
+     spent_nanos = spent_nanos + $5 WHERE scope = $1 AND scope_id = $2 AND month = $3";
 
 fn push_list<'a>(query: &mut QueryBuilder<'a, Sqlite>, values: impl IntoIterator<Item = &'a str>) {
     let mut list = query.separated(", ");
@@ -410,25 +432,43 @@ impl BatchSql for SqliteConnection {
         &mut self,
         writes: &ReservationWrites<'_>,
     ) -> Result<WriteCounts, sqlx::Error> {
-        let accounts = sqlite_add_account_holds(self, &writes.accounts).await?;
-        let budgets = sqlite_add_counters(
-            self,
+        // Every write of the batch in one query, so one trip to the connection's thread instead
+        // of one per statement: SQLite runs the statements in order and stops at the first
+        // error (the caller's transaction then rolls back). `total_changes()` read before,
+        // between and after them gives each table's count of changed rows.
+        let mut query = QueryBuilder::<Sqlite>::new(TOTAL_CHANGES);
+        if !writes.accounts.is_empty() {
+            push_account_holds(&mut query, &writes.accounts);
+        }
+        query.push(TOTAL_CHANGES_NEXT);
+        push_add_counters(
+            &mut query,
             Counters::Budgets {
                 month: writes.month,
             },
             &writes.budgets,
-        )
-        .await?;
-        let windows = sqlite_add_counters(
-            self,
+        );
+        query.push(TOTAL_CHANGES_NEXT);
+        push_add_counters(
+            &mut query,
             Counters::Windows {
                 window_start_ms: writes.window_start_ms,
             },
             &writes.windows,
-        )
-        .await?;
-        let reservations = sqlite_insert_reservations(self, &writes.reservations).await?;
-        Ok((accounts, budgets, windows, reservations))
+        );
+        query.push(TOTAL_CHANGES_NEXT);
+        if !writes.reservations.is_empty() {
+            push_insert_reservations(&mut query, &writes.reservations);
+        }
+        query.push(TOTAL_CHANGES_NEXT);
+        let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
+        let counts = changes_between(&marks)?;
+        match counts.as_slice() {
+            [accounts, budgets, windows, reservations] => {
+                Ok((*accounts, *budgets, *windows, *reservations))
+            }
+            _ => Err(marks_mismatch()),
+        }
     }
 
     async fn resolve_open(
@@ -498,27 +538,53 @@ impl BatchSql for SqliteConnection {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut query = QueryBuilder::<Sqlite>::new(concat!(
-            "INSERT INTO usage_daily (",
-            daily_columns!(),
-            ") "
-        ));
-        query.push_values(rows, |mut b, r| {
-            b.push_bind(r.tenant)
-                .push_bind(r.project)
-                .push_bind(r.key_id)
-                .push_bind(r.model)
-                .push_bind(r.day)
-                .push_bind(r.requests)
-                .push_bind(r.prompt_tokens)
-                .push_bind(r.cached_prompt_tokens)
-                .push_bind(r.cached_unknown_requests)
-                .push_bind(r.completion_tokens)
-                .push_bind(r.cost_nanos);
-        });
-        query.push(daily_upsert!());
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        push_usage_daily(&mut query, rows);
         query.build().execute(&mut *self).await?;
         Ok(())
+    }
+
+    async fn settle_money(
+        &mut self,
+        daily: &[DailyRow<'_>],
+        accounts: &[AccountDelta<'_>],
+        budgets: &[BudgetDelta<'_>],
+    ) -> Result<Vec<u64>, sqlx::Error> {
+        // One query, one trip to the connection's thread (see `write_reservations`).
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        if !daily.is_empty() {
+            push_usage_daily(&mut query, daily);
+            query.push("; ");
+        }
+        query.push("SELECT total_changes()");
+        for (tenant, hold, cost) in accounts {
+            query.push("; UPDATE accounts SET reserved_nanos = reserved_nanos - ");
+            query.push_bind(*hold);
+            query.push(", balance_nanos = balance_nanos - ");
+            query.push_bind(*cost);
+            query.push(" WHERE tenant_id = ");
+            query.push_bind(*tenant);
+            query.push("; SELECT total_changes()");
+        }
+        for (scope, scope_id, month, hold, cost) in budgets {
+            query.push("; UPDATE budget_spend SET reserved_nanos = reserved_nanos - ");
+            query.push_bind(*hold);
+            query.push(", spent_nanos = spent_nanos + ");
+            query.push_bind(*cost);
+            query.push(" WHERE scope = ");
+            query.push_bind(*scope);
+            query.push(" AND scope_id = ");
+            query.push_bind(*scope_id);
+            query.push(" AND month = ");
+            query.push_bind(*month);
+            query.push("; SELECT total_changes()");
+        }
+        let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
+        let changed = changes_between(&marks)?;
+        if changed.len() != accounts.len().saturating_add(budgets.len()) {
+            return Err(marks_mismatch());
+        }
+        Ok(changed)
     }
 }
 
@@ -787,15 +853,85 @@ impl BatchSql for PgConnection {
         .await?;
         Ok(())
     }
+
+    async fn settle_money(
+        &mut self,
+        daily: &[DailyRow<'_>],
+        accounts: &[AccountDelta<'_>],
+        budgets: &[BudgetDelta<'_>],
+    ) -> Result<Vec<u64>, sqlx::Error> {
+        // The rollup before the account rows are locked; then the rows in the given order.
+        self.add_usage_daily(daily).await?;
+        let mut changed = Vec::with_capacity(accounts.len().saturating_add(budgets.len()));
+        for (tenant, hold, cost) in accounts {
+            let done = sqlx::query(SETTLE_ACCOUNT_SQL)
+                .bind(*tenant)
+                .bind(*hold)
+                .bind(*cost)
+                .execute(&mut *self)
+                .await?;
+            changed.push(done.rows_affected());
+        }
+        for (scope, scope_id, month, hold, cost) in budgets {
+            let done = sqlx::query(SETTLE_BUDGET_SQL)
+                .bind(*scope)
+                .bind(*scope_id)
+                .bind(*month)
+                .bind(*hold)
+                .bind(*cost)
+                .execute(&mut *self)
+                .await?;
+            changed.push(done.rows_affected());
+        }
+        Ok(changed)
+    }
 }
 
-async fn sqlite_add_account_holds(
-    conn: &mut SqliteConnection,
-    rows: &[(&str, i64)],
-) -> Result<u64, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(
-        "UPDATE accounts SET reserved_nanos = reserved_nanos + v.column2 FROM (",
-    );
+/// The daily rollup's upsert of `rows` (at least one).
+fn push_usage_daily<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [DailyRow<'a>]) {
+    query.push(concat!("INSERT INTO usage_daily (", daily_columns!(), ") "));
+    query.push_values(rows, |mut b, r| {
+        b.push_bind(r.tenant)
+            .push_bind(r.project)
+            .push_bind(r.key_id)
+            .push_bind(r.model)
+            .push_bind(r.day)
+            .push_bind(r.requests)
+            .push_bind(r.prompt_tokens)
+            .push_bind(r.cached_prompt_tokens)
+            .push_bind(r.cached_unknown_requests)
+            .push_bind(r.completion_tokens)
+            .push_bind(r.cost_nanos);
+    });
+    query.push(daily_upsert!());
+}
+
+/// Starts a multi-statement query with the connection's count of changed rows so far.
+const TOTAL_CHANGES: &str = "SELECT total_changes(); ";
+/// Ends one statement of a multi-statement query and reads the count again.
+const TOTAL_CHANGES_NEXT: &str = "; SELECT total_changes(); ";
+
+/// The rows changed between consecutive `total_changes()` marks of a multi-statement query.
+fn changes_between(marks: &[(i64,)]) -> Result<Vec<u64>, sqlx::Error> {
+    marks
+        .windows(2)
+        .map(|pair| match pair {
+            [(before,), (after,)] => after
+                .checked_sub(*before)
+                .and_then(|changed| u64::try_from(changed).ok())
+                .ok_or_else(marks_mismatch),
+            _ => Err(marks_mismatch()),
+        })
+        .collect()
+}
+
+fn marks_mismatch() -> sqlx::Error {
+    sqlx::Error::Protocol("a multi-statement write returned unexpected change counts".to_owned())
+}
+
+/// Adds each tenant's hold to its account, where the balance covers it.
+fn push_account_holds<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [(&'a str, i64)]) {
+    query.push("UPDATE accounts SET reserved_nanos = reserved_nanos + v.column2 FROM (");
     query.push_values(rows, |mut row, (tenant, hold)| {
         row.push_bind(*tenant).push_bind(*hold);
     });
@@ -803,27 +939,27 @@ async fn sqlite_add_account_holds(
         ") AS v WHERE accounts.tenant_id = v.column1 \
          AND accounts.balance_nanos - accounts.reserved_nanos >= v.column2",
     );
-    Ok(query.build().execute(&mut *conn).await?.rows_affected())
 }
 
 /// Adds `(first, second)` to the existing rows of a counter table (budget rows: reserved, —;
 /// rate windows: requests, tokens) within their bounds, and inserts the new ones (within them
-/// too): rows changed.
-async fn sqlite_add_counters(
-    conn: &mut SqliteConnection,
-    table: Counters<'_>,
-    rows: &[CounterAdd<'_>],
-) -> Result<u64, sqlx::Error> {
-    let (existing, new): (Vec<&CounterAdd<'_>>, Vec<&CounterAdd<'_>>) =
+/// too): one or two statements, none for no rows.
+fn push_add_counters<'a>(
+    query: &mut QueryBuilder<'a, Sqlite>,
+    table: Counters<'a>,
+    rows: &'a [CounterAdd<'a>],
+) {
+    let (existing, new): (Vec<&CounterAdd<'a>>, Vec<&CounterAdd<'a>>) =
         rows.iter().partition(|r| r.exists);
-    let mut changed: u64 = 0;
     if !existing.is_empty() {
-        changed = changed.saturating_add(sqlite_update_counters(conn, table, &existing).await?);
+        push_update_counters(query, table, &existing);
     }
     if !new.is_empty() {
-        changed = changed.saturating_add(sqlite_insert_counters(conn, table, &new).await?);
+        if !existing.is_empty() {
+            query.push("; ");
+        }
+        push_insert_counters(query, table, &new);
     }
-    Ok(changed)
 }
 
 /// `(scope, scope_id, first, second, first_bound, second_bound)` as `VALUES` rows, so that the
@@ -839,12 +975,12 @@ fn push_counter_values<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &[&Counte
     });
 }
 
-async fn sqlite_update_counters(
-    conn: &mut SqliteConnection,
-    table: Counters<'_>,
-    rows: &[&CounterAdd<'_>],
-) -> Result<u64, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(match table {
+fn push_update_counters<'a>(
+    query: &mut QueryBuilder<'a, Sqlite>,
+    table: Counters<'a>,
+    rows: &[&CounterAdd<'a>],
+) {
+    query.push(match table {
         Counters::Budgets { .. } => {
             "UPDATE budget_spend SET reserved_nanos = reserved_nanos + v.column3 FROM ("
         }
@@ -853,7 +989,7 @@ async fn sqlite_update_counters(
              tokens = tokens + v.column4 FROM ("
         }
     });
-    push_counter_values(&mut query, rows);
+    push_counter_values(query, rows);
     match table {
         Counters::Budgets { month } => {
             query.push(
@@ -878,15 +1014,14 @@ async fn sqlite_update_counters(
             );
         }
     }
-    Ok(query.build().execute(&mut *conn).await?.rows_affected())
 }
 
-async fn sqlite_insert_counters(
-    conn: &mut SqliteConnection,
-    table: Counters<'_>,
-    rows: &[&CounterAdd<'_>],
-) -> Result<u64, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(match table {
+fn push_insert_counters<'a>(
+    query: &mut QueryBuilder<'a, Sqlite>,
+    table: Counters<'a>,
+    rows: &[&CounterAdd<'a>],
+) {
+    query.push(match table {
         Counters::Budgets { .. } => {
             "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
              SELECT column1, column2, "
@@ -904,9 +1039,8 @@ async fn sqlite_insert_counters(
         Counters::Budgets { .. } => ", column3, 0 FROM (",
         Counters::Windows { .. } => ", column3, column4 FROM (",
     });
-    push_counter_values(&mut query, rows);
+    push_counter_values(query, rows);
     query.push(") WHERE column3 <= column5 AND column4 <= column6");
-    Ok(query.build().execute(&mut *conn).await?.rows_affected())
 }
 
 /// A counter table and the period its rows belong to.
@@ -918,11 +1052,11 @@ enum Counters<'a> {
     Windows { window_start_ms: i64 },
 }
 
-async fn sqlite_insert_reservations(
-    conn: &mut SqliteConnection,
-    rows: &[NewReservation<'_>],
-) -> Result<u64, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(
+fn push_insert_reservations<'a>(
+    query: &mut QueryBuilder<'a, Sqlite>,
+    rows: &'a [NewReservation<'a>],
+) {
+    query.push(
         "INSERT INTO reservations (request_id, tenant_id, project_id, key_id, model, \
          replica_id, idempotency_key, month, currency, price_effective_from_ms, \
          input_per_mtok_nanos, output_per_mtok_nanos, cached_input_per_mtok_nanos, \
@@ -948,7 +1082,6 @@ async fn sqlite_insert_reservations(
             .push("'open'")
             .push_bind(r.created_at_ms);
     });
-    Ok(query.build().execute(&mut *conn).await?.rows_affected())
 }
 
 async fn pg_lock_accounts(
@@ -1007,4 +1140,156 @@ async fn pg_lock_windows(
     .bind(window_start_ms)
     .fetch_all(&mut *conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+    use tidepool_core::{Currency, Nanos, TenantId};
+
+    use super::*;
+    use crate::{AuditContext, Ledger};
+
+    fn counter(scope_id: &str, exists: bool, first: i64, bound: i64) -> CounterAdd<'_> {
+        CounterAdd {
+            scope: "key",
+            scope_id,
+            exists,
+            first,
+            second: 0,
+            first_bound: bound,
+            second_bound: 0,
+        }
+    }
+
+    fn reservation<'a>(request_id: &str, tenant: &'a str) -> NewReservation<'a> {
+        NewReservation {
+            request_id: request_id.to_owned(),
+            tenant,
+            project: "default",
+            key_id: "k",
+            model: "m",
+            replica_id: "r",
+            idempotency_key: None,
+            month: "2026-12",
+            currency: "USD",
+            price_effective_from_ms: 0,
+            input_per_mtok_nanos: 1,
+            output_per_mtok_nanos: 1,
+            cached_input_per_mtok_nanos: 1,
+            prompt_tokens_max: 1,
+            completion_tokens_max: 1,
+            hold_nanos: 1,
+            created_at_ms: 0,
+        }
+    }
+
+    /// Two funded tenants in a fresh SQLite file, and a connection inside a write transaction.
+    async fn funded() -> (tempfile::TempDir, SqliteConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let ledger = Ledger::connect(&url).await.unwrap();
+        for (tenant, credit) in [("rich", 1_000), ("poor", 10)] {
+            let tenant = TenantId::new(tenant).unwrap();
+            ledger
+                .create_tenant(&tenant, Currency::USD, &AuditContext::SYSTEM)
+                .await
+                .unwrap();
+            ledger
+                .credit(&tenant, Nanos(credit), "test", &AuditContext::SYSTEM)
+                .await
+                .unwrap();
+        }
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        (dir, conn)
+    }
+
+    /// The four counts of one multi-statement write are each statement's own, whatever the
+    /// others changed: here 1, 2, 3 and 4 of 2, 4, 3 and 4 rows.
+    #[tokio::test]
+    async fn a_one_query_reservation_write_counts_each_table_apart() {
+        let (_dir, mut conn) = funded().await;
+        let ids: Vec<String> = (0..4).map(|i| format!("req-{i}")).collect();
+        let writes = ReservationWrites {
+            // The poor tenant's balance does not cover its hold.
+            accounts: vec![("poor", 11), ("rich", 100)],
+            // Two new rows within their limit, one beyond it, and one "existing" row that is not
+            // there.
+            budgets: vec![
+                counter("a", false, 5, 10),
+                counter("b", false, 10, 10),
+                counter("c", false, 11, 10),
+                counter("d", true, 1, 10),
+            ],
+            month: "2026-12",
+            windows: vec![
+                counter("a", false, 1, 5),
+                counter("b", false, 1, 5),
+                counter("c", false, 1, 5),
+            ],
+            window_start_ms: 0,
+            reservations: ids.iter().map(|id| reservation(id, "rich")).collect(),
+        };
+        let counts = conn.write_reservations(&writes).await.unwrap();
+        assert_eq!(counts, (1, 2, 3, 4));
+        // The rows behind the counts: the poor account kept its balance whole.
+        let reserved: Vec<(String, i64)> =
+            sqlx::query_as("SELECT tenant_id, reserved_nanos FROM accounts ORDER BY tenant_id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            reserved,
+            vec![("poor".to_owned(), 0), ("rich".to_owned(), 100)]
+        );
+    }
+
+    /// A statement that fails stops the query: nothing after it runs, and the error reaches the
+    /// caller (whose transaction then rolls back).
+    #[tokio::test]
+    async fn a_failing_statement_ends_the_one_query_write_with_its_error() {
+        let (_dir, mut conn) = funded().await;
+        let twice = vec![reservation("same", "rich"), reservation("same", "rich")];
+        let writes = ReservationWrites {
+            accounts: vec![("rich", 2)],
+            budgets: Vec::new(),
+            month: "2026-12",
+            windows: Vec::new(),
+            window_start_ms: 0,
+            reservations: twice,
+        };
+        let error = conn.write_reservations(&writes).await.unwrap_err();
+        assert!(
+            error.to_string().contains("UNIQUE"),
+            "the duplicate request id's error: {error}"
+        );
+    }
+
+    /// Each account and budget update of a settle batch reports its own count, in order.
+    #[tokio::test]
+    async fn a_one_query_settlement_counts_each_row_apart() {
+        let (_dir, mut conn) = funded().await;
+        sqlx::query(
+            "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
+             VALUES ('key', 'k', '2026-12', 5, 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let accounts: Vec<AccountDelta<'_>> = vec![("missing", 1, 1), ("rich", 0, 3)];
+        let budgets: Vec<BudgetDelta<'_>> =
+            vec![("key", "k", "2026-12", 5, 4), ("key", "k", "2026-11", 1, 1)];
+        let changed = conn.settle_money(&[], &accounts, &budgets).await.unwrap();
+        assert_eq!(changed, vec![0, 1, 1, 0]);
+        let balance: (i64,) =
+            sqlx::query_as("SELECT balance_nanos FROM accounts WHERE tenant_id = 'rich'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(balance.0, 997);
+    }
 }

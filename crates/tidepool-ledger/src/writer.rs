@@ -15,7 +15,8 @@ use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch_sql::{
-    BatchSql as _, DAILY_BINDS, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
+    AccountDelta, BatchSql as _, BudgetDelta, DAILY_BINDS, ReservationRow, SQLITE_BINDS_MAX,
+    USAGE_BINDS, UsageRow,
 };
 use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
@@ -754,44 +755,30 @@ impl Writer {
                 }
                 // Their daily rollup: every row was inserted, so all of them count; one upsert
                 // per (tenant, project, key, model, day), before the account rows are locked.
-                tx.add_usage_daily(&daily_rows(&rows)?).await?;
-
-                // 5. Balances and budgets, in the global lock order.
+                // 5. Then balances and budgets, in the global lock order.
                 let mut deltas = Deltas::default();
                 for (row, _) in &applied {
                     deltas.add(row.held, row.cost)?;
                 }
-                for (tenant, (hold, cost)) in &deltas.accounts {
-                    let changed = sqlx::query(
-                        "UPDATE accounts SET reserved_nanos = reserved_nanos - $2, \
-                         balance_nanos = balance_nanos - $3 WHERE tenant_id = $1",
-                    )
-                    .bind(tenant)
-                    .bind(hold.0)
-                    .bind(cost.0)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if changed != 1 {
-                        return Err(LedgerError::Invariant { what: "account of a reservation is missing" });
-                    }
+                let accounts: Vec<AccountDelta<'_>> = deltas
+                    .accounts
+                    .iter()
+                    .map(|(tenant, (hold, cost))| (tenant.as_str(), hold.0, cost.0))
+                    .collect();
+                let budgets: Vec<BudgetDelta<'_>> = deltas
+                    .budgets
+                    .iter()
+                    .map(|((scope, scope_id, month), (hold, cost))| {
+                        (*scope, scope_id.as_str(), month.as_str(), hold.0, cost.0)
+                    })
+                    .collect();
+                let changed = tx.settle_money(&daily_rows(&rows)?, &accounts, &budgets).await?;
+                let (account_changes, budget_changes) = changed.split_at(accounts.len().min(changed.len()));
+                if account_changes.len() != accounts.len() || account_changes.iter().any(|c| *c != 1) {
+                    return Err(LedgerError::Invariant { what: "account of a reservation is missing" });
                 }
-                for ((scope, scope_id, month), (hold, cost)) in &deltas.budgets {
-                    let changed = sqlx::query(
-                        "UPDATE budget_spend SET reserved_nanos = reserved_nanos - $4, \
-                         spent_nanos = spent_nanos + $5 WHERE scope = $1 AND scope_id = $2 AND month = $3",
-                    )
-                    .bind(*scope)
-                    .bind(scope_id)
-                    .bind(month)
-                    .bind(hold.0)
-                    .bind(cost.0)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if changed != 1 {
-                        return Err(LedgerError::Invariant { what: "budget row of a reservation is missing" });
-                    }
+                if budget_changes.len() != budgets.len() || budget_changes.iter().any(|c| *c != 1) {
+                    return Err(LedgerError::Invariant { what: "budget row of a reservation is missing" });
                 }
             }
             tx.commit().await?;
