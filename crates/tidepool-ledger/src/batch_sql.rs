@@ -558,26 +558,22 @@ impl BatchSql for SqliteConnection {
         }
         query.push("SELECT total_changes()");
         for (tenant, hold, cost) in accounts {
-            query.push("; UPDATE accounts SET reserved_nanos = reserved_nanos - ");
-            query.push_bind(*hold);
-            query.push(", balance_nanos = balance_nanos - ");
-            query.push_bind(*cost);
-            query.push(" WHERE tenant_id = ");
-            query.push_bind(*tenant);
-            query.push("; SELECT total_changes()");
+            push_release(
+                &mut query,
+                "accounts",
+                "balance_nanos = balance_nanos - ",
+                &[("tenant_id", tenant)],
+                (*hold, *cost),
+            );
         }
         for (scope, scope_id, month, hold, cost) in budgets {
-            query.push("; UPDATE budget_spend SET reserved_nanos = reserved_nanos - ");
-            query.push_bind(*hold);
-            query.push(", spent_nanos = spent_nanos + ");
-            query.push_bind(*cost);
-            query.push(" WHERE scope = ");
-            query.push_bind(*scope);
-            query.push(" AND scope_id = ");
-            query.push_bind(*scope_id);
-            query.push(" AND month = ");
-            query.push_bind(*month);
-            query.push("; SELECT total_changes()");
+            push_release(
+                &mut query,
+                "budget_spend",
+                "spent_nanos = spent_nanos + ",
+                &[("scope", scope), ("scope_id", scope_id), ("month", month)],
+                (*hold, *cost),
+            );
         }
         let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
         let changed = changes_between(&marks)?;
@@ -904,6 +900,32 @@ fn push_usage_daily<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [DailyRo
             .push_bind(r.cost_nanos);
     });
     query.push(daily_upsert!());
+}
+
+/// `; UPDATE <table> SET reserved_nanos = reserved_nanos - <hold>, <cost_set><cost> WHERE <key
+/// column> = <value> AND …; SELECT total_changes()`: one row's release of a hold and its cost,
+/// then the count again.
+fn push_release<'a>(
+    query: &mut QueryBuilder<'a, Sqlite>,
+    table: &'static str,
+    cost_set: &'static str,
+    keys: &[(&'static str, &&'a str)],
+    (hold, cost): (i64, i64),
+) {
+    query.push("; UPDATE ");
+    query.push(table);
+    query.push(" SET reserved_nanos = reserved_nanos - ");
+    query.push_bind(hold);
+    query.push(", ");
+    query.push(cost_set);
+    query.push_bind(cost);
+    for (index, (column, value)) in keys.iter().enumerate() {
+        query.push(if index == 0 { " WHERE " } else { " AND " });
+        query.push(*column);
+        query.push(" = ");
+        query.push_bind(**value);
+    }
+    query.push("; SELECT total_changes()");
 }
 
 /// Starts a multi-statement query with the connection's count of changed rows so far.
