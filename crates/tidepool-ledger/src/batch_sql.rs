@@ -329,15 +329,19 @@ pub(crate) trait BatchSql {
     /// A settle batch's rollup and money, after its usage rows: the daily rollup (as
     /// [`BatchSql::add_usage_daily`]), then each account (hold released, cost taken) and each
     /// budget row (hold released, cost spent), in the caller's order — the global lock order.
-    /// Returns the rows each account update and then each budget update changed (1 each when
-    /// the rows exist).
+    /// The accounts (by tenant) and the budget rows (by scope, scope id and month) must be
+    /// distinct, so each changes at most one row. Returns the rows changed among the accounts
+    /// and among the budget rows: as many as were given when every row exists.
     async fn settle_money(
         &mut self,
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<Vec<u64>, sqlx::Error>;
+    ) -> Result<(u64, u64), sqlx::Error>;
 }
+
+/// Bind parameters of one [`BudgetDelta`] in SQLite's settle statement.
+pub(crate) const BUDGET_DELTA_BINDS: usize = 5;
 
 /// One account's change in a settle batch: `(tenant, hold released, cost billed)`.
 pub(crate) type AccountDelta<'a> = (&'a str, i64, i64);
@@ -345,8 +349,10 @@ pub(crate) type AccountDelta<'a> = (&'a str, i64, i64);
 /// billed)`.
 pub(crate) type BudgetDelta<'a> = (&'a str, &'a str, &'a str, i64, i64);
 
+/// PostgreSQL: one account's release of a settle batch (see [`BatchSql::settle_money`]).
 const SETTLE_ACCOUNT_SQL: &str = "UPDATE accounts SET reserved_nanos = reserved_nanos - $2, \
      balance_nanos = balance_nanos - $3 WHERE tenant_id = $1";
+/// PostgreSQL: one budget row's release of a settle batch.
 const SETTLE_BUDGET_SQL: &str = "UPDATE budget_spend SET reserved_nanos = reserved_nanos - $4, \
      spent_nanos = spent_nanos + $5 WHERE scope = $1 AND scope_id = $2 AND month = $3";
 
@@ -549,38 +555,49 @@ impl BatchSql for SqliteConnection {
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<Vec<u64>, sqlx::Error> {
-        // One query, one trip to the connection's thread (see `write_reservations`).
+    ) -> Result<(u64, u64), sqlx::Error> {
+        // One query, one trip to the connection's thread, one statement per table (see
+        // `write_reservations`).
         let mut query = QueryBuilder::<Sqlite>::new("");
         if !daily.is_empty() {
             push_usage_daily(&mut query, daily);
             query.push("; ");
         }
-        query.push("SELECT total_changes()");
-        for (tenant, hold, cost) in accounts {
-            push_release(
-                &mut query,
-                "accounts",
-                "balance_nanos = balance_nanos - ",
-                &[("tenant_id", tenant)],
-                (*hold, *cost),
+        query.push(TOTAL_CHANGES);
+        if !accounts.is_empty() {
+            query.push(
+                "UPDATE accounts SET reserved_nanos = reserved_nanos - v.column2, \
+                 balance_nanos = balance_nanos - v.column3 FROM (",
+            );
+            query.push_values(accounts, |mut row, (tenant, hold, cost)| {
+                row.push_bind(*tenant).push_bind(*hold).push_bind(*cost);
+            });
+            query.push(") AS v WHERE accounts.tenant_id = v.column1");
+        }
+        query.push(TOTAL_CHANGES_NEXT);
+        if !budgets.is_empty() {
+            query.push(
+                "UPDATE budget_spend SET reserved_nanos = reserved_nanos - v.column4, \
+                 spent_nanos = spent_nanos + v.column5 FROM (",
+            );
+            query.push_values(budgets, |mut row, (scope, scope_id, month, hold, cost)| {
+                row.push_bind(*scope)
+                    .push_bind(*scope_id)
+                    .push_bind(*month)
+                    .push_bind(*hold)
+                    .push_bind(*cost);
+            });
+            query.push(
+                ") AS v WHERE budget_spend.scope = v.column1 \
+                 AND budget_spend.scope_id = v.column2 AND budget_spend.month = v.column3",
             );
         }
-        for (scope, scope_id, month, hold, cost) in budgets {
-            push_release(
-                &mut query,
-                "budget_spend",
-                "spent_nanos = spent_nanos + ",
-                &[("scope", scope), ("scope_id", scope_id), ("month", month)],
-                (*hold, *cost),
-            );
-        }
+        query.push(TOTAL_CHANGES_NEXT);
         let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
-        let changed = changes_between(&marks)?;
-        if changed.len() != accounts.len().saturating_add(budgets.len()) {
-            return Err(marks_mismatch());
+        match changes_between(&marks)?.as_slice() {
+            [accounts, budgets] => Ok((*accounts, *budgets)),
+            _ => Err(marks_mismatch()),
         }
-        Ok(changed)
     }
 }
 
@@ -855,10 +872,11 @@ impl BatchSql for PgConnection {
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<Vec<u64>, sqlx::Error> {
-        // The rollup before the account rows are locked; then the rows in the given order.
+    ) -> Result<(u64, u64), sqlx::Error> {
+        // The rollup before the account rows are locked; then the rows one by one, in the given
+        // order (an `UPDATE … FROM UNNEST` would lock them in an order of its own).
         self.add_usage_daily(daily).await?;
-        let mut changed = Vec::with_capacity(accounts.len().saturating_add(budgets.len()));
+        let mut changed = (0_u64, 0_u64);
         for (tenant, hold, cost) in accounts {
             let done = sqlx::query(SETTLE_ACCOUNT_SQL)
                 .bind(*tenant)
@@ -866,7 +884,7 @@ impl BatchSql for PgConnection {
                 .bind(*cost)
                 .execute(&mut *self)
                 .await?;
-            changed.push(done.rows_affected());
+            changed.0 = changed.0.saturating_add(done.rows_affected());
         }
         for (scope, scope_id, month, hold, cost) in budgets {
             let done = sqlx::query(SETTLE_BUDGET_SQL)
@@ -877,7 +895,7 @@ impl BatchSql for PgConnection {
                 .bind(*cost)
                 .execute(&mut *self)
                 .await?;
-            changed.push(done.rows_affected());
+            changed.1 = changed.1.saturating_add(done.rows_affected());
         }
         Ok(changed)
     }
@@ -900,32 +918,6 @@ fn push_usage_daily<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [DailyRo
             .push_bind(r.cost_nanos);
     });
     query.push(daily_upsert!());
-}
-
-/// `; UPDATE <table> SET reserved_nanos = reserved_nanos - <hold>, <cost_set><cost> WHERE <key
-/// column> = <value> AND …; SELECT total_changes()`: one row's release of a hold and its cost,
-/// then the count again.
-fn push_release<'a>(
-    query: &mut QueryBuilder<'a, Sqlite>,
-    table: &'static str,
-    cost_set: &'static str,
-    keys: &[(&'static str, &&'a str)],
-    (hold, cost): (i64, i64),
-) {
-    query.push("; UPDATE ");
-    query.push(table);
-    query.push(" SET reserved_nanos = reserved_nanos - ");
-    query.push_bind(hold);
-    query.push(", ");
-    query.push(cost_set);
-    query.push_bind(cost);
-    for (index, (column, value)) in keys.iter().enumerate() {
-        query.push(if index == 0 { " WHERE " } else { " AND " });
-        query.push(*column);
-        query.push(" = ");
-        query.push_bind(**value);
-    }
-    query.push("; SELECT total_changes()");
 }
 
 /// Starts a multi-statement query with the connection's count of changed rows so far.
@@ -1291,22 +1283,36 @@ mod tests {
         );
     }
 
-    /// Each account and budget update of a settle batch reports its own count, in order.
+    /// The account and budget-row updates of a settle batch report their own counts, and
+    /// each row gets its own release.
     #[tokio::test]
-    async fn a_one_query_settlement_counts_each_row_apart() {
+    async fn a_one_query_settlement_counts_each_table_apart() {
         let (_dir, mut conn) = funded().await;
         sqlx::query(
             "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
-             VALUES ('key', 'k', '2026-12', 5, 0)",
+             VALUES ('key', 'k', '2026-12', 5, 0), ('project', 'rich/default', '2026-12', 7, 1)",
         )
         .execute(&mut conn)
         .await
         .unwrap();
         let accounts: Vec<AccountDelta<'_>> = vec![("missing", 1, 1), ("rich", 0, 3)];
-        let budgets: Vec<BudgetDelta<'_>> =
-            vec![("key", "k", "2026-12", 5, 4), ("key", "k", "2026-11", 1, 1)];
+        let budgets: Vec<BudgetDelta<'_>> = vec![
+            ("key", "k", "2026-12", 5, 4),
+            ("key", "k", "2026-11", 1, 1),
+            ("project", "rich/default", "2026-12", 6, 2),
+        ];
         let changed = conn.settle_money(&[], &accounts, &budgets).await.unwrap();
-        assert_eq!(changed, vec![0, 1, 1, 0]);
+        assert_eq!(changed, (1, 2));
+        let spend: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT scope, reserved_nanos, spent_nanos FROM budget_spend ORDER BY scope",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            spend,
+            vec![("key".to_owned(), 0, 4), ("project".to_owned(), 1, 3)]
+        );
         let balance: (i64,) =
             sqlx::query_as("SELECT balance_nanos FROM accounts WHERE tenant_id = 'rich'")
                 .fetch_one(&mut conn)

@@ -15,8 +15,8 @@ use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch_sql::{
-    AccountDelta, BatchSql as _, BudgetDelta, DAILY_BINDS, ReservationRow, SQLITE_BINDS_MAX,
-    USAGE_BINDS, UsageRow,
+    AccountDelta, BUDGET_DELTA_BINDS, BatchSql as _, BudgetDelta, DAILY_BINDS, ReservationRow,
+    SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
 };
 use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
@@ -42,6 +42,10 @@ const _: () = assert!(
 const _: () = assert!(
     SETTLE_BATCH_LEN_MAX * DAILY_BINDS < SQLITE_BINDS_MAX,
     "a batch's rollup rows fit SQLite's bind limit"
+);
+const _: () = assert!(
+    SETTLE_BATCH_LEN_MAX * 2 * BUDGET_DELTA_BINDS < SQLITE_BINDS_MAX,
+    "a batch's budget rows (a key's and a project's per request) fit SQLite's bind limit"
 );
 /// Rate windows older than this are deleted by the writer.
 const RATE_WINDOW_RETENTION_MS: i64 = 180_000;
@@ -772,12 +776,14 @@ impl Writer {
                         (*scope, scope_id.as_str(), month.as_str(), hold.0, cost.0)
                     })
                     .collect();
-                let changed = tx.settle_money(&daily_rows(&rows)?, &accounts, &budgets).await?;
-                let (account_changes, budget_changes) = changed.split_at(accounts.len().min(changed.len()));
-                if account_changes.len() != accounts.len() || account_changes.iter().any(|c| *c != 1) {
+                // Distinct rows (map keys), each changing at most one: every one exists when
+                // the counts equal the lengths.
+                let (account_changes, budget_changes) =
+                    tx.settle_money(&daily_rows(&rows)?, &accounts, &budgets).await?;
+                if account_changes != u64::try_from(accounts.len()).unwrap_or(u64::MAX) {
                     return Err(LedgerError::Invariant { what: "account of a reservation is missing" });
                 }
-                if budget_changes.len() != budgets.len() || budget_changes.iter().any(|c| *c != 1) {
+                if budget_changes != u64::try_from(budgets.len()).unwrap_or(u64::MAX) {
                     return Err(LedgerError::Invariant { what: "budget row of a reservation is missing" });
                 }
             }
