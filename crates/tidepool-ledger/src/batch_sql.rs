@@ -12,10 +12,18 @@
 //! budget rows by `(scope, scope_id, month)`, then rate windows by `(scope, scope_id)`, then
 //! reservations — and every method that locks sorts its rows first. On SQLite the write
 //! transaction (`BEGIN IMMEDIATE`) already holds the database's one write lock.
+//!
+//! A batch begins its transaction in its first statement and commits it in its last
+//! (`begin_and_*`, `*_and_commit`): on SQLite the `BEGIN` goes in the same query as the batch's
+//! read and the `COMMIT` in the same query as its writes, with a write guard after each write
+//! (`write_tx`), so a batch is two trips to the connection's thread.
 
 use sqlx::{PgConnection, QueryBuilder, Sqlite, SqliteConnection};
 
-/// One row of [`BatchSql::read_inputs`]: `(kind, a, b, c, d, n1, n2, n3, n4)`.
+use crate::LedgerError;
+use crate::write_tx::{Guard, TxControl, guard_sql, guarded};
+
+/// One row of [`BatchSql::begin_and_read_inputs`]: `(kind, a, b, c, d, n1, n2, n3, n4)`.
 pub(crate) type InputRow = (
     String,
     Option<String>,
@@ -52,7 +60,7 @@ pub(crate) struct LockRows<'a> {
     pub(crate) window_rows: &'a [(&'a str, &'a str)],
     pub(crate) window_start_ms: i64,
 }
-/// What a reservation batch writes (see [`BatchSql::write_reservations`]).
+/// What a reservation batch writes (see [`BatchSql::write_reservations_and_commit`]).
 #[derive(Debug)]
 pub(crate) struct ReservationWrites<'a> {
     /// `(tenant, hold)`.
@@ -63,8 +71,6 @@ pub(crate) struct ReservationWrites<'a> {
     pub(crate) window_start_ms: i64,
     pub(crate) reservations: Vec<NewReservation<'a>>,
 }
-/// Rows changed by each write: accounts, budget rows, rate windows, reservations.
-pub(crate) type WriteCounts = (u64, u64, u64, u64);
 /// `(tenant_id, currency, balance_nanos, reserved_nanos)`.
 pub(crate) type AccountRow = (String, String, i64, i64);
 /// `(scope, scope_id, first, second)`: a budget row's `(reserved_nanos, spent_nanos)` or a rate
@@ -210,7 +216,7 @@ macro_rules! daily_upsert {
 }
 
 /// SQLite: the reservations holding one of the batch's `(key's tenant, idempotency key)` pairs,
-/// as one more `UNION ALL` branch of `read_inputs` (none without pairs).
+/// as one more `UNION ALL` branch of `begin_and_read_inputs` (none without pairs).
 fn push_idempotency_reads<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &BatchInputs<'a>) {
     if inputs.idempotency.is_empty() {
         return;
@@ -231,7 +237,7 @@ fn push_idempotency_reads<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &Bat
 }
 
 /// SQLite: the rows `lock_rows` returns on PostgreSQL (accounts, this month's budget rows, the
-/// current rate windows), as more `UNION ALL` branches of `read_inputs`.
+/// current rate windows), as more `UNION ALL` branches of `begin_and_read_inputs`.
 fn push_locked_rows<'a>(query: &mut QueryBuilder<'a, Sqlite>, inputs: &BatchInputs<'a>) {
     let keys = || inputs.key_ids.iter().copied();
     let projects = " FROM api_keys WHERE key_id IN (";
@@ -277,41 +283,47 @@ pub(crate) const SQLITE_BINDS_MAX: usize = 32_766;
 
 /// The batched writers' statements that differ between the stores. Every method runs inside the
 /// caller's write transaction.
-pub(crate) trait BatchSql {
-    /// Everything a reservation batch reads before it takes a lock, in one statement: rows
-    /// `(kind, a, b, c, d, n1, n2, n3, n4)` where `kind` names what the other fields hold —
-    /// `key`: key id, tenant, project, -, revoked at; `reservation` (with one of the request ids,
-    /// or one of the `(key's tenant, idempotency key)` pairs): request id, tenant, idempotency
-    /// key, state; `usage` (a usage entry with one of the request ids): request id; `price` (in
-    /// force at `now_ms`): model, currency, -, -, effective from, input, output, cached input;
-    /// `budget` (of a key or a key's project): scope, scope id, -, -, limit; `rate` (of a key,
-    /// a key's project or a model): scope, scope id, -, -, requests and tokens per minute. On
-    /// SQLite also the rows `lock_rows` returns on PostgreSQL: `account` (of a key's tenant):
-    /// tenant, currency, -, -, balance, reserved; `spend` (this month's budget row of a key or
-    /// a key's project): scope, scope id, -, -, reserved, spent; `window` (the current window
-    /// of a key, a key's project or a model): scope, scope id, -, -, requests, tokens.
-    async fn read_inputs(&mut self, inputs: &BatchInputs<'_>)
-    -> Result<Vec<InputRow>, sqlx::Error>;
+pub(crate) trait BatchSql: TxControl {
+    /// Begins a write transaction (as [`TxControl::begin`]) and reads everything a reservation
+    /// batch needs before it takes a lock, in one statement (SQLite: in the same query as the
+    /// `BEGIN`): rows `(kind, a, b, c, d, n1, n2, n3, n4)` where `kind` names what the other
+    /// fields hold — `key`: key id, tenant, project, -, revoked at; `reservation` (with one of
+    /// the request ids, or one of the `(key's tenant, idempotency key)` pairs): request id,
+    /// tenant, idempotency key, state; `usage` (a usage entry with one of the request ids):
+    /// request id; `price` (in force at `now_ms`): model, currency, -, -, effective from,
+    /// input, output, cached input; `budget` (of a key or a key's project): scope, scope id, -,
+    /// -, limit; `rate` (of a key, a key's project or a model): scope, scope id, -, -, requests
+    /// and tokens per minute. On SQLite also the rows `lock_rows` returns on PostgreSQL:
+    /// `account` (of a key's tenant): tenant, currency, -, -, balance, reserved; `spend` (this
+    /// month's budget row of a key or a key's project): scope, scope id, -, -, reserved, spent;
+    /// `window` (the current window of a key, a key's project or a model): scope, scope id, -,
+    /// -, requests, tokens.
+    async fn begin_and_read_inputs(
+        &mut self,
+        inputs: &BatchInputs<'_>,
+    ) -> Result<Vec<InputRow>, sqlx::Error>;
     /// Locks the rows a reservation batch may change and reads them, as `account`, `spend` and
-    /// `window` rows of [`BatchSql::read_inputs`]. PostgreSQL: in the global order — accounts by
-    /// tenant (`FOR UPDATE`), then each budget row and each rate window in the caller's (sorted)
-    /// order, created at zero where missing (one upsert per table, whose no-op update is what
-    /// locks and returns an existing row), so two replicas never hold two rows in opposite
-    /// orders. SQLite: nothing — `read_inputs` read these rows already, and the transaction's
-    /// `BEGIN IMMEDIATE` holds the database's one write lock.
+    /// `window` rows of [`BatchSql::begin_and_read_inputs`]. PostgreSQL: in the global order —
+    /// accounts by tenant (`FOR UPDATE`), then each budget row and each rate window in the
+    /// caller's (sorted) order, created at zero where missing (one upsert per table, whose
+    /// no-op update is what locks and returns an existing row), so two replicas never hold two
+    /// rows in opposite orders. SQLite: nothing — the read took these rows already, and the
+    /// transaction's `BEGIN IMMEDIATE` holds the database's one write lock.
     async fn lock_rows(&mut self, rows: &LockRows<'_>) -> Result<Vec<InputRow>, sqlx::Error>;
-    /// Writes what a reservation batch took, each change conditional on its row still allowing
-    /// it: holds added to accounts (where the balance covers them), holds added to budget rows
-    /// (within their limit), requests and tokens added to rate windows (within their limits),
-    /// and the new reservations. Returns the rows each of the four changed.
-    async fn write_reservations(
+    /// Writes what a reservation batch took and commits, each change conditional on its row
+    /// still allowing it: holds added to accounts (where the balance covers them), holds added
+    /// to budget rows (within their limit), requests and tokens added to rate windows (within
+    /// their limits), and the new reservations. A write that changed fewer rows than it was
+    /// given fails its [`Guard`] before the commit (the caller rolls back).
+    async fn write_reservations_and_commit(
         &mut self,
         writes: &ReservationWrites<'_>,
-    ) -> Result<WriteCounts, sqlx::Error>;
-    /// Moves the open ones of these reservations to `settled` (those in `settling`) or `voided`
-    /// (the rest), at `resolved_at_ms`, and returns them (PostgreSQL: the update takes their row
-    /// locks, by request id).
-    async fn resolve_open(
+    ) -> Result<(), LedgerError>;
+    /// Begins a write transaction (as [`TxControl::begin`]), moves the open ones of these
+    /// reservations to `settled` (those in `settling`) or `voided` (the rest), at
+    /// `resolved_at_ms`, and returns them (SQLite: in the same query as the `BEGIN`;
+    /// PostgreSQL: the update takes their row locks, by request id).
+    async fn begin_and_resolve_open(
         &mut self,
         request_ids: &[String],
         settling: &[String],
@@ -326,18 +338,19 @@ pub(crate) trait BatchSql {
     /// the caller's order — sorted by key, so two writers never lock two rollup rows in
     /// opposite orders. The keys must be distinct (one row per key and batch).
     async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error>;
-    /// A settle batch's rollup and money, after its usage rows: the daily rollup (as
-    /// [`BatchSql::add_usage_daily`]), then each account (hold released, cost taken) and each
-    /// budget row (hold released, cost spent), in the caller's order — the global lock order.
-    /// The accounts (by tenant) and the budget rows (by scope, scope id and month) must be
-    /// distinct, so each changes at most one row. Returns the rows changed among the accounts
-    /// and among the budget rows: as many as were given when every row exists.
-    async fn settle_money(
+    /// A settle batch's writes, then the commit: its usage rows when `usage` is given (each
+    /// must be new: [`Guard::Usage`]; `None` when the caller inserted them already), the daily
+    /// rollup (as [`BatchSql::add_usage_daily`]), then each account (hold released, cost taken)
+    /// and each budget row (hold released, cost spent), in the caller's order — the global lock
+    /// order. The accounts (by tenant) and the budget rows (by scope, scope id and month) must
+    /// be distinct, and each must exist ([`Guard::AccountSettles`], [`Guard::BudgetSettles`]).
+    async fn settle_and_commit(
         &mut self,
+        usage: Option<&[UsageRow<'_>]>,
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<(u64, u64), sqlx::Error>;
+    ) -> Result<(), LedgerError>;
 }
 
 /// Bind parameters of one [`BudgetDelta`] in SQLite's settle statement.
@@ -349,7 +362,7 @@ pub(crate) type AccountDelta<'a> = (&'a str, i64, i64);
 /// billed)`.
 pub(crate) type BudgetDelta<'a> = (&'a str, &'a str, &'a str, i64, i64);
 
-/// PostgreSQL: one account's release of a settle batch (see [`BatchSql::settle_money`]).
+/// PostgreSQL: one account's release of a settle batch (see [`BatchSql::settle_and_commit`]).
 const SETTLE_ACCOUNT_SQL: &str = "UPDATE accounts SET reserved_nanos = reserved_nanos - $2, \
      balance_nanos = balance_nanos - $3 WHERE tenant_id = $1";
 /// PostgreSQL: one budget row's release of a settle batch.
@@ -369,14 +382,14 @@ fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
 }
 
 impl BatchSql for SqliteConnection {
-    async fn read_inputs(
+    async fn begin_and_read_inputs(
         &mut self,
         inputs: &BatchInputs<'_>,
     ) -> Result<Vec<InputRow>, sqlx::Error> {
         let keys = || inputs.key_ids.iter().copied();
         let requests = || inputs.request_ids.iter().map(String::as_str);
         let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT 'key', key_id, tenant_id, project_id, NULL, revoked_at_ms, NULL, NULL, NULL \
+            "BEGIN IMMEDIATE; SELECT 'key', key_id, tenant_id, project_id, NULL, revoked_at_ms, NULL, NULL, NULL \
              FROM api_keys WHERE key_id IN (",
         );
         push_list(&mut query, keys());
@@ -434,57 +447,52 @@ impl BatchSql for SqliteConnection {
         Ok(Vec::new())
     }
 
-    async fn write_reservations(
+    async fn write_reservations_and_commit(
         &mut self,
         writes: &ReservationWrites<'_>,
-    ) -> Result<WriteCounts, sqlx::Error> {
-        // Every write of the batch in one query, so one trip to the connection's thread instead
-        // of one per statement: SQLite runs the statements in order and stops at the first
-        // error (the caller's transaction then rolls back). `total_changes()` read before,
-        // between and after them gives each table's count of changed rows.
-        let mut query = QueryBuilder::<Sqlite>::new(TOTAL_CHANGES);
+    ) -> Result<(), LedgerError> {
+        // Every write of the batch and the commit in one query, so one trip to the
+        // connection's thread: SQLite runs the statements in order and stops at the first
+        // error, and a write guard after each write fails the query when the write changed
+        // other than every row it was given (`write_tx`). The caller then rolls back.
+        let mut query = QueryBuilder::<Sqlite>::new("");
         if !writes.accounts.is_empty() {
             push_account_holds(&mut query, &writes.accounts);
+            query.push(guard_sql(Guard::AccountHolds, writes.accounts.len()));
         }
-        query.push(TOTAL_CHANGES_NEXT);
-        push_add_counters(
+        push_guarded_counters(
             &mut query,
             Counters::Budgets {
                 month: writes.month,
             },
             &writes.budgets,
+            Guard::BudgetHolds,
         );
-        query.push(TOTAL_CHANGES_NEXT);
-        push_add_counters(
+        push_guarded_counters(
             &mut query,
             Counters::Windows {
                 window_start_ms: writes.window_start_ms,
             },
             &writes.windows,
+            Guard::WindowAdds,
         );
-        query.push(TOTAL_CHANGES_NEXT);
         if !writes.reservations.is_empty() {
             push_insert_reservations(&mut query, &writes.reservations);
+            query.push(guard_sql(Guard::Reservations, writes.reservations.len()));
         }
-        query.push(TOTAL_CHANGES_NEXT);
-        let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
-        let counts = changes_between(&marks)?;
-        match counts.as_slice() {
-            [accounts, budgets, windows, reservations] => {
-                Ok((*accounts, *budgets, *windows, *reservations))
-            }
-            _ => Err(marks_mismatch()),
-        }
+        query.push("COMMIT");
+        query.build().execute(&mut *self).await.map_err(guarded)?;
+        Ok(())
     }
 
-    async fn resolve_open(
+    async fn begin_and_resolve_open(
         &mut self,
         request_ids: &[String],
         settling: &[String],
         resolved_at_ms: i64,
     ) -> Result<Vec<ReservationRow>, sqlx::Error> {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "UPDATE reservations SET state = CASE WHEN request_id IN (",
+            "BEGIN IMMEDIATE; UPDATE reservations SET state = CASE WHEN request_id IN (",
         );
         push_list(&mut query, settling.iter().map(String::as_str));
         query.push(") THEN 'settled' ELSE 'voided' END, resolved_at_ms = ");
@@ -506,37 +514,8 @@ impl BatchSql for SqliteConnection {
     }
 
     async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error> {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-             latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
-             price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-             cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) ",
-        );
-        query.push_values(rows, |mut b, r| {
-            b.push_bind(r.request_id.as_str())
-                .push_bind(r.tenant)
-                .push_bind(r.key_id)
-                .push_bind(r.model)
-                .push_bind(r.endpoint)
-                .push_bind(r.prompt_tokens)
-                .push_bind(r.completion_tokens)
-                .push_bind(r.cached_prompt_tokens)
-                .push_bind(r.status)
-                .push_bind(r.error_code)
-                .push_bind(r.latency_ms)
-                .push_bind(r.created_at_ms)
-                .push_bind(r.project)
-                .push_bind(r.month)
-                .push_bind(r.currency)
-                .push_bind(r.cost_nanos)
-                .push_bind(r.price_effective_from_ms)
-                .push_bind(r.input_per_mtok_nanos)
-                .push_bind(r.output_per_mtok_nanos)
-                .push_bind(r.cached_input_per_mtok_nanos)
-                .push_bind(r.cached_prompt_tokens_unknown);
-        });
-        query.push(" ON CONFLICT (request_id) DO NOTHING");
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        push_insert_usage(&mut query, rows);
         Ok(query.build().execute(&mut *self).await?.rows_affected())
     }
 
@@ -550,20 +529,24 @@ impl BatchSql for SqliteConnection {
         Ok(())
     }
 
-    async fn settle_money(
+    async fn settle_and_commit(
         &mut self,
+        usage: Option<&[UsageRow<'_>]>,
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<(u64, u64), sqlx::Error> {
-        // One query, one trip to the connection's thread, one statement per table (see
-        // `write_reservations`).
+    ) -> Result<(), LedgerError> {
+        // One query, one trip to the connection's thread, one statement per table, each write
+        // followed by its guard (see `write_reservations_and_commit`).
         let mut query = QueryBuilder::<Sqlite>::new("");
+        if let Some(rows) = usage.filter(|rows| !rows.is_empty()) {
+            push_insert_usage(&mut query, rows);
+            query.push(guard_sql(Guard::Usage, rows.len()));
+        }
         if !daily.is_empty() {
             push_usage_daily(&mut query, daily);
             query.push("; ");
         }
-        query.push(TOTAL_CHANGES);
         if !accounts.is_empty() {
             query.push(
                 "UPDATE accounts SET reserved_nanos = reserved_nanos - v.column2, \
@@ -573,8 +556,8 @@ impl BatchSql for SqliteConnection {
                 row.push_bind(*tenant).push_bind(*hold).push_bind(*cost);
             });
             query.push(") AS v WHERE accounts.tenant_id = v.column1");
+            query.push(guard_sql(Guard::AccountSettles, accounts.len()));
         }
-        query.push(TOTAL_CHANGES_NEXT);
         if !budgets.is_empty() {
             query.push(
                 "UPDATE budget_spend SET reserved_nanos = reserved_nanos - v.column4, \
@@ -591,18 +574,51 @@ impl BatchSql for SqliteConnection {
                 ") AS v WHERE budget_spend.scope = v.column1 \
                  AND budget_spend.scope_id = v.column2 AND budget_spend.month = v.column3",
             );
+            query.push(guard_sql(Guard::BudgetSettles, budgets.len()));
         }
-        query.push(TOTAL_CHANGES_NEXT);
-        let marks: Vec<(i64,)> = query.build_query_as().fetch_all(&mut *self).await?;
-        match changes_between(&marks)?.as_slice() {
-            [accounts, budgets] => Ok((*accounts, *budgets)),
-            _ => Err(marks_mismatch()),
-        }
+        query.push("COMMIT");
+        query.build().execute(&mut *self).await.map_err(guarded)?;
+        Ok(())
     }
 }
 
+/// The usage rows' insert (at least one), skipping request ids that already have one.
+fn push_insert_usage<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [UsageRow<'a>]) {
+    query.push(
+        "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+         prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+         latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
+         price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
+         cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) ",
+    );
+    query.push_values(rows, |mut b, r| {
+        b.push_bind(r.request_id.as_str())
+            .push_bind(r.tenant)
+            .push_bind(r.key_id)
+            .push_bind(r.model)
+            .push_bind(r.endpoint)
+            .push_bind(r.prompt_tokens)
+            .push_bind(r.completion_tokens)
+            .push_bind(r.cached_prompt_tokens)
+            .push_bind(r.status)
+            .push_bind(r.error_code)
+            .push_bind(r.latency_ms)
+            .push_bind(r.created_at_ms)
+            .push_bind(r.project)
+            .push_bind(r.month)
+            .push_bind(r.currency)
+            .push_bind(r.cost_nanos)
+            .push_bind(r.price_effective_from_ms)
+            .push_bind(r.input_per_mtok_nanos)
+            .push_bind(r.output_per_mtok_nanos)
+            .push_bind(r.cached_input_per_mtok_nanos)
+            .push_bind(r.cached_prompt_tokens_unknown);
+    });
+    query.push(" ON CONFLICT (request_id) DO NOTHING");
+}
+
 /// PostgreSQL: a reservation batch's four writes in one statement (see
-/// [`BatchSql::write_reservations`]); every row it changes is locked already, so the order in
+/// [`BatchSql::write_reservations_and_commit`]); every row it changes is locked already, so the order in
 /// which the four run does not matter.
 const PG_WRITE_RESERVATIONS: &str = "WITH a AS (UPDATE accounts x SET reserved_nanos = x.reserved_nanos + d.hold \
      FROM UNNEST($1::text[], $2::bigint[]) AS d(tenant_id, hold) \
@@ -672,10 +688,11 @@ impl BatchSql for PgConnection {
         Ok(locked)
     }
 
-    async fn read_inputs(
+    async fn begin_and_read_inputs(
         &mut self,
         inputs: &BatchInputs<'_>,
     ) -> Result<Vec<InputRow>, sqlx::Error> {
+        self.begin().await?;
         sqlx::query_as(
             "SELECT 'key', key_id, tenant_id, project_id, NULL::text, revoked_at_ms, \
              NULL::bigint, NULL::bigint, NULL::bigint FROM api_keys WHERE key_id = ANY($2) \
@@ -714,10 +731,10 @@ impl BatchSql for PgConnection {
         .await
     }
 
-    async fn write_reservations(
+    async fn write_reservations_and_commit(
         &mut self,
         writes: &ReservationWrites<'_>,
-    ) -> Result<WriteCounts, sqlx::Error> {
+    ) -> Result<(), LedgerError> {
         let rows = &writes.reservations;
         let (accounts, budgets, windows, reservations): (i64, i64, i64, i64) =
             sqlx::query_as(PG_WRITE_RESERVATIONS)
@@ -755,20 +772,21 @@ impl BatchSql for PgConnection {
                 .fetch_one(&mut *self)
                 .await?;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
-        Ok((
-            count(accounts),
-            count(budgets),
-            count(windows),
-            count(reservations),
-        ))
+        Guard::AccountHolds.check(count(accounts), writes.accounts.len())?;
+        Guard::BudgetHolds.check(count(budgets), writes.budgets.len())?;
+        Guard::WindowAdds.check(count(windows), writes.windows.len())?;
+        Guard::Reservations.check(count(reservations), rows.len())?;
+        self.commit().await?;
+        Ok(())
     }
 
-    async fn resolve_open(
+    async fn begin_and_resolve_open(
         &mut self,
         request_ids: &[String],
         settling: &[String],
         resolved_at_ms: i64,
     ) -> Result<Vec<ReservationRow>, sqlx::Error> {
+        self.begin().await?;
         sqlx::query_as(concat!(
             "UPDATE reservations SET \
              state = CASE WHEN request_id = ANY($2) THEN 'settled' ELSE 'voided' END, \
@@ -867,12 +885,16 @@ impl BatchSql for PgConnection {
         Ok(())
     }
 
-    async fn settle_money(
+    async fn settle_and_commit(
         &mut self,
+        usage: Option<&[UsageRow<'_>]>,
         daily: &[DailyRow<'_>],
         accounts: &[AccountDelta<'_>],
         budgets: &[BudgetDelta<'_>],
-    ) -> Result<(u64, u64), sqlx::Error> {
+    ) -> Result<(), LedgerError> {
+        if let Some(rows) = usage.filter(|rows| !rows.is_empty()) {
+            Guard::Usage.check(self.insert_usage(rows).await?, rows.len())?;
+        }
         // The rollup before the account rows are locked; then the rows one by one, in the given
         // order (an `UPDATE … FROM UNNEST` would lock them in an order of its own).
         self.add_usage_daily(daily).await?;
@@ -897,7 +919,10 @@ impl BatchSql for PgConnection {
                 .await?;
             changed.1 = changed.1.saturating_add(done.rows_affected());
         }
-        Ok(changed)
+        Guard::AccountSettles.check(changed.0, accounts.len())?;
+        Guard::BudgetSettles.check(changed.1, budgets.len())?;
+        self.commit().await?;
+        Ok(())
     }
 }
 
@@ -920,29 +945,6 @@ fn push_usage_daily<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [DailyRo
     query.push(daily_upsert!());
 }
 
-/// Starts a multi-statement query with the connection's count of changed rows so far.
-const TOTAL_CHANGES: &str = "SELECT total_changes(); ";
-/// Ends one statement of a multi-statement query and reads the count again.
-const TOTAL_CHANGES_NEXT: &str = "; SELECT total_changes(); ";
-
-/// The rows changed between consecutive `total_changes()` marks of a multi-statement query.
-fn changes_between(marks: &[(i64,)]) -> Result<Vec<u64>, sqlx::Error> {
-    marks
-        .windows(2)
-        .map(|pair| match pair {
-            [(before,), (after,)] => after
-                .checked_sub(*before)
-                .and_then(|changed| u64::try_from(changed).ok())
-                .ok_or_else(marks_mismatch),
-            _ => Err(marks_mismatch()),
-        })
-        .collect()
-}
-
-fn marks_mismatch() -> sqlx::Error {
-    sqlx::Error::Protocol("a multi-statement write returned unexpected change counts".to_owned())
-}
-
 /// Adds each tenant's hold to its account, where the balance covers it.
 fn push_account_holds<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [(&'a str, i64)]) {
     query.push("UPDATE accounts SET reserved_nanos = reserved_nanos + v.column2 FROM (");
@@ -957,22 +959,22 @@ fn push_account_holds<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [(&'a 
 
 /// Adds `(first, second)` to the existing rows of a counter table (budget rows: reserved, —;
 /// rate windows: requests, tokens) within their bounds, and inserts the new ones (within them
-/// too): one or two statements, none for no rows.
-fn push_add_counters<'a>(
+/// too), each statement followed by `guard` for its own rows: none, one or two statements.
+fn push_guarded_counters<'a>(
     query: &mut QueryBuilder<'a, Sqlite>,
     table: Counters<'a>,
     rows: &'a [CounterAdd<'a>],
+    guard: Guard,
 ) {
     let (existing, new): (Vec<&CounterAdd<'a>>, Vec<&CounterAdd<'a>>) =
         rows.iter().partition(|r| r.exists);
     if !existing.is_empty() {
         push_update_counters(query, table, &existing);
+        query.push(guard_sql(guard, existing.len()));
     }
     if !new.is_empty() {
-        if !existing.is_empty() {
-            query.push("; ");
-        }
         push_insert_counters(query, table, &new);
+        query.push(guard_sql(guard, new.len()));
     }
 }
 
@@ -1198,8 +1200,35 @@ mod tests {
         }
     }
 
-    /// Two funded tenants in a fresh SQLite file, and a connection inside a write transaction.
-    async fn funded() -> (tempfile::TempDir, SqliteConnection) {
+    fn usage_row(request_id: &str) -> UsageRow<'_> {
+        UsageRow {
+            request_id: request_id.to_owned(),
+            tenant: "rich",
+            key_id: "k",
+            model: "m",
+            endpoint: "chat",
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cached_prompt_tokens: 0,
+            cached_prompt_tokens_unknown: 0,
+            status: "ok",
+            error_code: None,
+            latency_ms: 1,
+            created_at_ms: 0,
+            project: "default",
+            month: "2026-12",
+            currency: "USD",
+            cost_nanos: 3,
+            price_effective_from_ms: 0,
+            input_per_mtok_nanos: 1,
+            output_per_mtok_nanos: 1,
+            cached_input_per_mtok_nanos: 1,
+        }
+    }
+
+    /// Two funded tenants in a fresh SQLite file, and a connection with the write guard (as
+    /// the pool's connections have it) inside a write transaction.
+    async fn funded() -> (tempfile::TempDir, String, SqliteConnection) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
         let ledger = Ledger::connect(&url).await.unwrap();
@@ -1215,109 +1244,276 @@ mod tests {
                 .unwrap();
         }
         let mut conn = SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut conn)
+        crate::write_tx::install_write_guard(&mut conn)
             .await
             .unwrap();
-        (dir, conn)
+        TxControl::begin(&mut conn).await.unwrap();
+        (dir, url, conn)
     }
 
-    /// The four counts of one multi-statement write are each statement's own, whatever the
-    /// others changed: here 1, 2, 3 and 4 of 2, 4, 3 and 4 rows.
-    #[tokio::test]
-    async fn a_one_query_reservation_write_counts_each_table_apart() {
-        let (_dir, mut conn) = funded().await;
-        let ids: Vec<String> = (0..4).map(|i| format!("req-{i}")).collect();
-        let writes = ReservationWrites {
-            // The poor tenant's balance does not cover its hold.
-            accounts: vec![("poor", 11), ("rich", 100)],
-            // Two new rows within their limit, one beyond it, and one "existing" row that is not
-            // there.
-            budgets: vec![
-                counter("a", false, 5, 10),
-                counter("b", false, 10, 10),
-                counter("c", false, 11, 10),
-                counter("d", true, 1, 10),
-            ],
+    /// What another connection sees: each account's reserved and balance, the budget rows'
+    /// `(scope, scope id, reserved, spent)` and the number of reservations and usage rows.
+    async fn committed(
+        url: &str,
+    ) -> (
+        Vec<(String, i64, i64)>,
+        Vec<(String, String, i64, i64)>,
+        i64,
+        i64,
+    ) {
+        let mut other = SqliteConnection::connect(url).await.unwrap();
+        let accounts = sqlx::query_as(
+            "SELECT tenant_id, reserved_nanos, balance_nanos FROM accounts ORDER BY tenant_id",
+        )
+        .fetch_all(&mut other)
+        .await
+        .unwrap();
+        let spend = sqlx::query_as(
+            "SELECT scope, scope_id, reserved_nanos, spent_nanos FROM budget_spend \
+             ORDER BY scope, scope_id",
+        )
+        .fetch_all(&mut other)
+        .await
+        .unwrap();
+        let (reservations,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        let (usage,): (i64,) = sqlx::query_as("SELECT count(*) FROM usage_entries")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        (accounts, spend, reservations, usage)
+    }
+
+    fn writes<'a>(
+        accounts: Vec<(&'a str, i64)>,
+        budgets: Vec<CounterAdd<'a>>,
+        windows: Vec<CounterAdd<'a>>,
+        reservations: Vec<NewReservation<'a>>,
+    ) -> ReservationWrites<'a> {
+        ReservationWrites {
+            accounts,
+            budgets,
             month: "2026-12",
-            windows: vec![
-                counter("a", false, 1, 5),
-                counter("b", false, 1, 5),
-                counter("c", false, 1, 5),
-            ],
+            windows,
             window_start_ms: 0,
-            reservations: ids.iter().map(|id| reservation(id, "rich")).collect(),
-        };
-        let counts = conn.write_reservations(&writes).await.unwrap();
-        assert_eq!(counts, (1, 2, 3, 4));
-        // The rows behind the counts: the poor account kept its balance whole.
-        let reserved: Vec<(String, i64)> =
-            sqlx::query_as("SELECT tenant_id, reserved_nanos FROM accounts ORDER BY tenant_id")
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
+            reservations,
+        }
+    }
+
+    /// Asserts that `outcome` is `guard`'s invariant failure.
+    fn failed_guard(outcome: Result<(), LedgerError>, guard: Guard, case: &str) {
+        match outcome {
+            Err(LedgerError::Invariant { what }) if what == guard.what() => {}
+            other => panic!("{case}: {other:?}"),
+        }
+    }
+
+    /// A hold of 100 on the rich tenant's account, these budget rows and rate windows, no
+    /// reservation.
+    fn rich_hold_with(
+        budgets: Vec<CounterAdd<'static>>,
+        windows: Vec<CounterAdd<'static>>,
+    ) -> ReservationWrites<'static> {
+        writes(vec![("rich", 100)], budgets, windows, vec![])
+    }
+
+    /// Writes whose every row fits commit in the same query: another connection sees them.
+    #[tokio::test]
+    async fn a_guarded_reservation_write_commits_in_its_own_query() {
+        let (_dir, url, mut conn) = funded().await;
+        let ids: Vec<String> = (0..2).map(|i| format!("req-{i}")).collect();
+        let all = writes(
+            vec![("poor", 10), ("rich", 100)],
+            vec![counter("a", false, 5, 10), counter("b", false, 10, 10)],
+            vec![counter("a", false, 1, 5)],
+            ids.iter().map(|id| reservation(id, "rich")).collect(),
+        );
+        conn.write_reservations_and_commit(&all).await.unwrap();
+        let (accounts, spend, reservations, _) = committed(&url).await;
         assert_eq!(
-            reserved,
-            vec![("poor".to_owned(), 0), ("rich".to_owned(), 100)]
+            accounts,
+            vec![("poor".to_owned(), 10, 10), ("rich".to_owned(), 100, 1_000)]
         );
-    }
-
-    /// A statement that fails stops the query: nothing after it runs, and the error reaches the
-    /// caller (whose transaction then rolls back).
-    #[tokio::test]
-    async fn a_failing_statement_ends_the_one_query_write_with_its_error() {
-        let (_dir, mut conn) = funded().await;
-        let twice = vec![reservation("same", "rich"), reservation("same", "rich")];
-        let writes = ReservationWrites {
-            accounts: vec![("rich", 2)],
-            budgets: Vec::new(),
-            month: "2026-12",
-            windows: Vec::new(),
-            window_start_ms: 0,
-            reservations: twice,
-        };
-        let error = conn.write_reservations(&writes).await.unwrap_err();
-        assert!(
-            error.to_string().contains("UNIQUE"),
-            "the duplicate request id's error: {error}"
-        );
-    }
-
-    /// The account and budget-row updates of a settle batch report their own counts, and
-    /// each row gets its own release.
-    #[tokio::test]
-    async fn a_one_query_settlement_counts_each_table_apart() {
-        let (_dir, mut conn) = funded().await;
-        sqlx::query(
-            "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, spent_nanos) \
-             VALUES ('key', 'k', '2026-12', 5, 0), ('project', 'rich/default', '2026-12', 7, 1)",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let accounts: Vec<AccountDelta<'_>> = vec![("missing", 1, 1), ("rich", 0, 3)];
-        let budgets: Vec<BudgetDelta<'_>> = vec![
-            ("key", "k", "2026-12", 5, 4),
-            ("key", "k", "2026-11", 1, 1),
-            ("project", "rich/default", "2026-12", 6, 2),
-        ];
-        let changed = conn.settle_money(&[], &accounts, &budgets).await.unwrap();
-        assert_eq!(changed, (1, 2));
-        let spend: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT scope, reserved_nanos, spent_nanos FROM budget_spend ORDER BY scope",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
         assert_eq!(
             spend,
-            vec![("key".to_owned(), 0, 4), ("project".to_owned(), 1, 3)]
+            vec![
+                ("key".to_owned(), "a".to_owned(), 5, 0),
+                ("key".to_owned(), "b".to_owned(), 10, 0)
+            ]
         );
-        let balance: (i64,) =
-            sqlx::query_as("SELECT balance_nanos FROM accounts WHERE tenant_id = 'rich'")
-                .fetch_one(&mut conn)
-                .await
-                .unwrap();
-        assert_eq!(balance.0, 997);
+        assert_eq!(reservations, 2);
+        // The transaction is over: a new one begins on the same connection.
+        TxControl::begin(&mut conn).await.unwrap();
+        conn.commit().await.unwrap();
+    }
+
+    /// A write that changes fewer rows than it was given fails its guard before the commit,
+    /// naming its invariant, and after the rollback nothing of the batch is left — the writes
+    /// before the failed guard included.
+    #[tokio::test]
+    async fn each_failed_guard_names_its_invariant_and_nothing_is_committed() {
+        let cases: Vec<(&str, ReservationWrites<'static>, Guard)> = vec![
+            (
+                "a hold beyond the poor tenant's balance",
+                writes(vec![("poor", 11), ("rich", 100)], vec![], vec![], vec![]),
+                Guard::AccountHolds,
+            ),
+            (
+                "a new budget row beyond its limit",
+                rich_hold_with(
+                    vec![counter("a", false, 5, 10), counter("c", false, 11, 10)],
+                    vec![],
+                ),
+                Guard::BudgetHolds,
+            ),
+            (
+                "an existing budget row that is not there",
+                rich_hold_with(vec![counter("d", true, 1, 10)], vec![]),
+                Guard::BudgetHolds,
+            ),
+            (
+                "a new rate window beyond its limit",
+                rich_hold_with(
+                    vec![counter("a", false, 5, 10)],
+                    vec![counter("w", false, 6, 5)],
+                ),
+                Guard::WindowAdds,
+            ),
+        ];
+        for (case, batch, guard) in cases {
+            let (_dir, url, mut conn) = funded().await;
+            failed_guard(
+                conn.write_reservations_and_commit(&batch).await,
+                guard,
+                case,
+            );
+            conn.rollback().await.unwrap();
+            let (accounts, spend, reservations, _) = committed(&url).await;
+            assert_eq!(
+                accounts,
+                vec![("poor".to_owned(), 0, 10), ("rich".to_owned(), 0, 1_000)],
+                "{case}"
+            );
+            assert!(spend.is_empty(), "{case}: {spend:?}");
+            assert_eq!(reservations, 0, "{case}");
+        }
+    }
+
+    /// A statement that fails stops the query: nothing after it runs, `COMMIT` included, and
+    /// the error reaches the caller as the database's.
+    #[tokio::test]
+    async fn a_failing_statement_ends_the_one_query_write_with_its_error() {
+        let (_dir, url, mut conn) = funded().await;
+        let twice = vec![reservation("same", "rich"), reservation("same", "rich")];
+        let error = conn
+            .write_reservations_and_commit(&writes(vec![("rich", 2)], vec![], vec![], twice))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, LedgerError::Database(_)) && error.to_string().contains("UNIQUE"),
+            "the duplicate request id's error: {error}"
+        );
+        conn.rollback().await.unwrap();
+        let (accounts, _, reservations, _) = committed(&url).await;
+        assert_eq!(accounts[1], ("rich".to_owned(), 0, 1_000));
+        assert_eq!(reservations, 0);
+    }
+
+    /// Two budget rows with holds of 5 and 7, as a settle batch finds them.
+    const SPEND_ROWS: &str = "INSERT INTO budget_spend (scope, scope_id, month, reserved_nanos, \
+         spent_nanos) VALUES ('key', 'k', '2026-12', 5, 0), \
+         ('project', 'rich/default', '2026-12', 7, 1)";
+
+    /// The releases of [`SPEND_ROWS`]' two holds.
+    fn settled_budgets() -> Vec<BudgetDelta<'static>> {
+        vec![
+            ("key", "k", "2026-12", 5, 4),
+            ("project", "rich/default", "2026-12", 6, 2),
+        ]
+    }
+
+    /// A settle batch's usage rows, account and budget-row releases commit in one query, each
+    /// row with its own release.
+    #[tokio::test]
+    async fn a_guarded_settlement_releases_each_row_in_one_query() {
+        let usage = [usage_row("u-1"), usage_row("u-2")];
+        let (_dir, url, mut conn) = funded().await;
+        sqlx::query(SPEND_ROWS).execute(&mut conn).await.unwrap();
+        conn.settle_and_commit(Some(&usage), &[], &[("rich", 0, 3)], &settled_budgets())
+            .await
+            .unwrap();
+        let (accounts, spend, _, usage_rows) = committed(&url).await;
+        assert_eq!(accounts[1], ("rich".to_owned(), 0, 997));
+        assert_eq!(
+            spend,
+            vec![
+                ("key".to_owned(), "k".to_owned(), 0, 4),
+                ("project".to_owned(), "rich/default".to_owned(), 1, 3)
+            ]
+        );
+        assert_eq!(usage_rows, 2);
+    }
+
+    /// One case of a settle batch that must fail its guard: what it settles and the guard.
+    type SettleCase = (
+        &'static str,
+        Vec<UsageRow<'static>>,
+        Vec<AccountDelta<'static>>,
+        Vec<BudgetDelta<'static>>,
+        Guard,
+    );
+
+    /// A missing account or budget row, or a request id that has a usage row already, fails
+    /// its guard and leaves nothing of the batch.
+    #[tokio::test]
+    async fn a_failed_settlement_guard_leaves_nothing() {
+        let cases: Vec<SettleCase> = vec![
+            (
+                "a missing account",
+                vec![usage_row("u-3")],
+                vec![("missing", 1, 1), ("rich", 0, 3)],
+                settled_budgets(),
+                Guard::AccountSettles,
+            ),
+            (
+                "a missing budget row",
+                vec![usage_row("u-3")],
+                vec![("rich", 0, 3)],
+                vec![("key", "k", "2026-11", 1, 1)],
+                Guard::BudgetSettles,
+            ),
+            (
+                "a usage row that exists",
+                vec![usage_row("u-3"), usage_row("u-1")],
+                vec![("rich", 0, 3)],
+                settled_budgets(),
+                Guard::Usage,
+            ),
+        ];
+        for (case, usage, accounts, budgets, guard) in cases {
+            let (_dir, url, mut conn) = funded().await;
+            sqlx::query(SPEND_ROWS).execute(&mut conn).await.unwrap();
+            conn.insert_usage(&[usage_row("u-1")]).await.unwrap();
+            conn.commit().await.unwrap();
+            TxControl::begin(&mut conn).await.unwrap();
+            let outcome = conn
+                .settle_and_commit(Some(&usage), &[], &accounts, &budgets)
+                .await;
+            failed_guard(outcome, guard, case);
+            conn.rollback().await.unwrap();
+            let (accounts, spend, _, usage_rows) = committed(&url).await;
+            assert_eq!(accounts[1], ("rich".to_owned(), 0, 1_000), "{case}");
+            assert_eq!(
+                spend,
+                vec![
+                    ("key".to_owned(), "k".to_owned(), 5, 0),
+                    ("project".to_owned(), "rich/default".to_owned(), 7, 1)
+                ],
+                "{case}"
+            );
+            assert_eq!(usage_rows, 1, "{case}");
+        }
     }
 }

@@ -60,7 +60,8 @@ pub fn bench_price(model: ModelId) -> PriceVersion {
     }
 }
 
-fn bench_entry(
+/// The usage entry the benches settle a request with: 100 prompt and 50 completion tokens.
+pub fn bench_entry(
     request_id: RequestId,
     tenant: &TenantId,
     key_id: &KeyId,

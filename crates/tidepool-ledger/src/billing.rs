@@ -32,6 +32,7 @@ use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 use crate::month::Month;
 use crate::price::{PriceVersion, hold_for};
 use crate::store::{Store, WriteGate, on_store};
+use crate::write_tx::{TxControl as _, WriteTx};
 use crate::{Clock, Ledger, LedgerError};
 
 /// Longest `Idempotency-Key` accepted, in bytes.
@@ -762,86 +763,93 @@ impl Reserver {
 
         let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
-            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
-            let mut book = Book::default();
+            // Two trips on SQLite: `BEGIN` with the read, the writes with `COMMIT` (`write_tx`).
+            let mut tx = WriteTx::acquire(pool).await?;
+            let outcome = async {
+                let mut book = Book::default();
 
-            // Reads, in one statement: keys, earlier uses of the request ids and idempotency
-            // keys, prices, limits (and on SQLite the accounts, budget rows and rate windows).
-            // Limits are read before any row lock is taken, to keep locks short; a limit
-            // changed meanwhile applies from the next batch.
-            let inputs = BatchInputs {
-                request_ids: &request_ids,
-                key_ids: &key_ids,
-                idempotency: &idempotency,
-                models: &models,
-                now_ms: at.now_ms,
-                month: &at.month_text,
-                window_start_ms: at.window_start_ms,
-            };
-            for row in tx.read_inputs(&inputs).await? {
-                book.read(row)?;
-            }
-            let tenants: Vec<String> = book
-                .keys
-                .values()
-                .map(|(tenant, _, _)| tenant.clone())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let projects: Vec<String> = book
-                .keys
-                .values()
-                .map(|(tenant, project, _)| format!("{tenant}/{project}"))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let project_refs: Vec<&str> = projects.iter().map(String::as_str).collect();
+                // Reads, in one statement: keys, earlier uses of the request ids and idempotency
+                // keys, prices, limits (and on SQLite the accounts, budget rows and rate windows).
+                // Limits are read before any row lock is taken, to keep locks short; a limit
+                // changed meanwhile applies from the next batch.
+                let inputs = BatchInputs {
+                    request_ids: &request_ids,
+                    key_ids: &key_ids,
+                    idempotency: &idempotency,
+                    models: &models,
+                    now_ms: at.now_ms,
+                    month: &at.month_text,
+                    window_start_ms: at.window_start_ms,
+                };
+                for row in tx.conn().begin_and_read_inputs(&inputs).await? {
+                    book.read(row)?;
+                }
+                let tenants: Vec<String> = book
+                    .keys
+                    .values()
+                    .map(|(tenant, _, _)| tenant.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let projects: Vec<String> = book
+                    .keys
+                    .values()
+                    .map(|(tenant, project, _)| format!("{tenant}/{project}"))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let project_refs: Vec<&str> = projects.iter().map(String::as_str).collect();
 
-            // Locks (PostgreSQL), in the global order: accounts, budget rows (created at zero
-            // where missing), rate windows (the same). SQLite read these rows above already,
-            // under the one write lock its `BEGIN IMMEDIATE` holds.
-            let tenant_refs: Vec<&str> = tenants.iter().map(String::as_str).collect();
-            let budget_rows: Vec<(&str, &str)> = book
-                .keys
-                .keys()
-                .map(|key_id| ("key", key_id.as_str()))
-                .chain(project_refs.iter().map(|p| ("project", *p)))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let window_rows: Vec<(&str, &str)> = book
-                .rate_limits
-                .keys()
-                .map(|(scope, scope_id)| (scope.as_str(), scope_id.as_str()))
-                .collect();
-            let locks = LockRows {
-                tenants: &tenant_refs,
-                budget_rows: &budget_rows,
-                month: &at.month_text,
-                window_rows: &window_rows,
-                window_start_ms: at.window_start_ms,
-            };
-            for row in tx.lock_rows(&locks).await? {
-                book.read(row)?;
-            }
-            book.budgets_existing = book.budgets.keys().cloned().collect();
-            book.windows_existing = book.windows.keys().cloned().collect();
+                // Locks (PostgreSQL), in the global order: accounts, budget rows (created at zero
+                // where missing), rate windows (the same). SQLite read these rows above already,
+                // under the one write lock its `BEGIN IMMEDIATE` holds.
+                let tenant_refs: Vec<&str> = tenants.iter().map(String::as_str).collect();
+                let budget_rows: Vec<(&str, &str)> = book
+                    .keys
+                    .keys()
+                    .map(|key_id| ("key", key_id.as_str()))
+                    .chain(project_refs.iter().map(|p| ("project", *p)))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let window_rows: Vec<(&str, &str)> = book
+                    .rate_limits
+                    .keys()
+                    .map(|(scope, scope_id)| (scope.as_str(), scope_id.as_str()))
+                    .collect();
+                let locks = LockRows {
+                    tenants: &tenant_refs,
+                    budget_rows: &budget_rows,
+                    month: &at.month_text,
+                    window_rows: &window_rows,
+                    window_start_ms: at.window_start_ms,
+                };
+                for row in tx.conn().lock_rows(&locks).await? {
+                    book.read(row)?;
+                }
+                book.budgets_existing = book.budgets.keys().cloned().collect();
+                book.windows_existing = book.windows.keys().cloned().collect();
 
-            // Decide each request in queue order, then write what the granted ones took.
-            let results: Vec<Result<Reservation, LedgerError>> =
-                requests.iter().map(|r| book.decide(r, &at)).collect();
-            if !book.granted.is_empty() {
-                write_batch(&mut *tx, &book, &at, replica_id).await?;
+                // Decide each request in queue order, then write what the granted ones took.
+                let results: Vec<Result<Reservation, LedgerError>> =
+                    requests.iter().map(|r| book.decide(r, &at)).collect();
+                if book.granted.is_empty() {
+                    tx.conn().commit().await?;
+                } else {
+                    write_batch(tx.conn(), &book, &at, replica_id).await?;
+                }
+                tx.ended();
+                Ok(results)
             }
-            tx.commit().await?;
-            Ok(results)
+            .await;
+            tx.end(outcome).await
         })
     }
 }
 
-/// Writes what a batch's granted reservations took, each change with the database's own
-/// condition as a backstop: a row that would not fit is an invariant failure, and the whole
-/// batch rolls back.
+/// Writes what a batch's granted reservations took and commits, each change with the database's
+/// own condition as a backstop: a row that would not fit is an invariant failure (its write
+/// guard fails before the commit), and the whole batch rolls back.
 async fn write_batch<C: BatchSql>(
     conn: &mut C,
     book: &Book,
@@ -860,27 +868,5 @@ async fn write_batch<C: BatchSql>(
         window_start_ms: at.window_start_ms,
         reservations: book.new_rows(at, replica_id),
     };
-    let (accounts, budgets, windows, reservations) = conn.write_reservations(&writes).await?;
-    let all = |changed: u64, len: usize| changed == u64::try_from(len).unwrap_or(u64::MAX);
-    if !all(accounts, writes.accounts.len()) {
-        return Err(LedgerError::Invariant {
-            what: "a batch's holds exceed an account's balance",
-        });
-    }
-    if !all(budgets, writes.budgets.len()) {
-        return Err(LedgerError::Invariant {
-            what: "a batch's holds exceed a budget",
-        });
-    }
-    if !all(windows, writes.windows.len()) {
-        return Err(LedgerError::Invariant {
-            what: "a batch's requests exceed a rate window",
-        });
-    }
-    if !all(reservations, writes.reservations.len()) {
-        return Err(LedgerError::Invariant {
-            what: "a granted reservation was not inserted",
-        });
-    }
-    Ok(())
+    conn.write_reservations_and_commit(&writes).await
 }

@@ -34,6 +34,7 @@ mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod usage;
+mod write_tx;
 mod writer;
 
 use std::sync::Arc;
@@ -54,7 +55,7 @@ pub use batches::{
 };
 pub use bench::{
     BENCH_CONCURRENCY_MAX, BENCH_SEED_DIMENSION_MAX, BENCH_SETTLES_MAX, BENCH_USAGE_ROWS_MAX,
-    BenchDatabase, SeededUsage, SettleBench, UsageSeed, bench_price, bench_seed_usage,
+    BenchDatabase, SeededUsage, SettleBench, UsageSeed, bench_entry, bench_price, bench_seed_usage,
     bench_settles,
 };
 pub use billing::{

@@ -90,6 +90,9 @@ impl Store {
                 // default), a hop to the connection's thread and back on every query and
                 // transaction.
                 .test_before_acquire(false)
+                // The write guards of the group-commit writers (`write_tx`): a temporary view
+                // and trigger of each connection's own.
+                .after_connect(|conn, _| Box::pin(crate::write_tx::install_write_guard(conn)))
                 .acquire_timeout(acquire_timeout.unwrap_or(SQLITE_ACQUIRE_TIMEOUT));
             // Turning a new file into WAL takes an exclusive lock that the busy timeout does not
             // wait for: another process opening the same new file at that moment gets

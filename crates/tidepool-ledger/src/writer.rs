@@ -24,6 +24,7 @@ use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::daily_rows;
 use crate::store::{Store, on_store, to_i64};
 use crate::usage::{status_parts, validate_entry};
+use crate::write_tx::{Guard, TxControl as _, WriteTx};
 use crate::{Clock, LedgerError, UsageEntry};
 
 /// Commands waiting for the writer; a full queue makes `settle` wait (backpressure), never drop.
@@ -569,243 +570,254 @@ impl Writer {
 
         let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
-            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
+            // Two trips on SQLite: `BEGIN` with step 1, the writes with `COMMIT` (`write_tx`).
+            let mut tx = WriteTx::acquire(pool).await?;
+            let outcome = async {
 
-            // 1. Move the open reservations to their final state and read them back, in one
-            // statement (PostgreSQL: it takes their row locks, in request id order).
-            let mut held: BTreeMap<String, Held> = BTreeMap::new();
-            if !resolving.is_empty() {
-                for row in tx.resolve_open(&resolving, &settling, now_ms).await? {
-                    let (id, h) = held_from_row(row)?;
-                    held.insert(id, h);
-                }
-            }
-            // 2. The others: resolved before this batch, open with only invalid commands, or
-            // unknown.
-            let others: Vec<String> = items
-                .iter()
-                .map(|(e, _, _)| e.request_id.to_string())
-                .filter(|id| !held.contains_key(id))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let mut states: BTreeMap<String, (String, String, Option<i64>)> = BTreeMap::new();
-            if !others.is_empty() {
-                for (id, state, currency, cost) in tx.read_states(&others).await? {
-                    states.insert(id, (state, currency, cost));
-                }
-            }
-
-            // 2b. Batch lines that already have a result: their request is billed nothing (its
-            // reservation reads `settled` at zero cost when the command asked to settle).
-            let mut answered: BTreeSet<(String, String)> = BTreeSet::new();
-            for (_, _, line) in items {
-                if let Some(line) = line {
-                    let found: Option<(i64,)> = sqlx::query_as(
-                        "SELECT line FROM batch_lines WHERE batch_id = $1 AND custom_id = $2",
-                    )
-                    .bind(&line.batch_id)
-                    .bind(&line.custom_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if found.is_some() {
-                        answered.insert((line.batch_id.clone(), line.custom_id.clone()));
-                    }
-                }
-            }
-            let already_answered = |line: Option<&NewBatchLine>| {
-                line.is_some_and(|l| answered.contains(&(l.batch_id.clone(), l.custom_id.clone())))
-            };
-
-            // 3. Decide each command in order; a request finished twice in one batch counts once.
-            let mut outcomes: Vec<Outcome<'_>> = Vec::with_capacity(items.len());
-            let mut decided: BTreeMap<String, (ReservationState, Nanos)> = BTreeMap::new();
-            for (index, (entry, finish, line)) in items.iter().enumerate() {
-                let id = entry.request_id.to_string();
-                let finish = if already_answered(*line) { &Finish::Void } else { finish };
-                let entry_error = entry_errors.get_mut(index).and_then(Option::take);
-                let outcome = if let Some(h) = held.get(&id) {
-                    // Open before this batch.
-                    if let Some((state, cost)) = decided.get(&id).copied() {
-                        Outcome::Reply(Ok(Settlement {
-                            request_id: entry.request_id,
-                            state,
-                            cost,
-                            currency: h.currency,
-                            first: false,
-                            capped: false,
-                        }))
-                    } else if let Some(err) = entry_error {
-                        Outcome::Reply(Err(err))
-                    } else {
-                        assert!(first_valid.get(&id) == Some(&index), "the first valid command resolves");
-                        match decide(entry, *finish, h) {
-                            Ok((cost, capped, latency_ms)) => {
-                                let state = match finish {
-                                    Finish::Settle => ReservationState::Settled,
-                                    Finish::Void => ReservationState::Voided,
-                                };
-                                decided.insert(id, (state, cost));
-                                Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped, line: *line }
-                            }
-                            // The reservation moved already: this command may not apply, and a
-                            // later one for the same request might. Nothing is committed; alone,
-                            // the command gets its error, in a batch each command is retried alone.
-                            Err(err) if items.len() == 1 => return Ok(vec![Err(err)]),
-                            Err(err) => return Err(err),
-                        }
-                    }
+                // 1. Move the open reservations to their final state and read them back, in one
+                // statement (PostgreSQL: it takes their row locks, in request id order).
+                let mut held: BTreeMap<String, Held> = BTreeMap::new();
+                if resolving.is_empty() {
+                    tx.conn().begin().await?;
                 } else {
-                    match states.get(&id) {
-                        Some((state, _, _)) if state == ReservationState::Open.as_str() => {
-                            // Only invalid commands name it (or it appeared after step 1, as if
-                            // this batch came first).
-                            Outcome::Reply(Err(entry_error.unwrap_or(LedgerError::ReservationNotFound {
-                                request_id: entry.request_id,
-                            })))
-                        }
-                        Some((state, currency, cost)) => Outcome::Reply(Ok(Settlement {
-                            request_id: entry.request_id,
-                            state: ReservationState::parse(state).ok_or(LedgerError::Corrupt {
-                                what: "reservation state",
-                            })?,
-                            cost: Nanos(cost.unwrap_or(0)),
-                            currency: Currency::parse(currency).map_err(|_| corrupt("currency"))?,
-                            first: false,
-                            capped: false,
-                        })),
-                        None => Outcome::Reply(Err(LedgerError::ReservationNotFound {
-                            request_id: entry.request_id,
-                        })),
+                    for row in tx.conn().begin_and_resolve_open(&resolving, &settling, now_ms).await? {
+                        let (id, h) = held_from_row(row)?;
+                        held.insert(id, h);
                     }
-                };
-                outcomes.push(outcome);
-            }
-            let applied: Vec<(&BilledRow<'_>, Finish)> = outcomes
-                .iter()
-                .filter_map(|o| match o {
-                    Outcome::Apply { row, finish, .. } => Some((row, *finish)),
-                    Outcome::Reply(_) => None,
-                })
-                .collect();
-
-            if !applied.is_empty() {
-                // 4. Usage entries, with their money and price snapshot.
-                let rows: Vec<UsageRow<'_>> = applied
+                }
+                // 2. The others: resolved before this batch, open with only invalid commands, or
+                // unknown.
+                let others: Vec<String> = items
                     .iter()
-                    .map(|(row, _)| {
-                        let (status, code) = status_parts(&row.entry.status);
-                        UsageRow {
-                            request_id: row.entry.request_id.to_string(),
-                            tenant: row.entry.tenant.as_str(),
-                            key_id: &row.entry.key_id.0,
-                            model: &row.held.model,
-                            endpoint: &row.entry.endpoint,
-                            prompt_tokens: i64::from(row.entry.prompt_tokens),
-                            completion_tokens: i64::from(row.entry.completion_tokens),
-                            cached_prompt_tokens: i64::from(row.entry.cached_prompt_tokens),
-                            cached_prompt_tokens_unknown: i64::from(
-                                row.entry.cached_prompt_tokens_unknown,
-                            ),
-                            status,
-                            error_code: code,
-                            latency_ms: row.latency_ms,
-                            created_at_ms: row.entry.created_at_ms,
-                            project: &row.held.project,
-                            month: &row.held.month,
-                            currency: row.held.currency.as_str(),
-                            cost_nanos: row.cost.0,
-                            price_effective_from_ms: row.held.price.effective_from_ms,
-                            input_per_mtok_nanos: row.held.price.input_per_mtok.0,
-                            output_per_mtok_nanos: row.held.price.output_per_mtok.0,
-                            cached_input_per_mtok_nanos: row.held.price.cached_input_per_mtok.0,
+                    .map(|(e, _, _)| e.request_id.to_string())
+                    .filter(|id| !held.contains_key(id))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let mut states: BTreeMap<String, (String, String, Option<i64>)> = BTreeMap::new();
+                if !others.is_empty() {
+                    for (id, state, currency, cost) in tx.conn().read_states(&others).await? {
+                        states.insert(id, (state, currency, cost));
+                    }
+                }
+
+                // 2b. Batch lines that already have a result: their request is billed nothing (its
+                // reservation reads `settled` at zero cost when the command asked to settle).
+                let mut answered: BTreeSet<(String, String)> = BTreeSet::new();
+                for (_, _, line) in items {
+                    if let Some(line) = line {
+                        let found: Option<(i64,)> = sqlx::query_as(
+                            "SELECT line FROM batch_lines WHERE batch_id = $1 AND custom_id = $2",
+                        )
+                        .bind(&line.batch_id)
+                        .bind(&line.custom_id)
+                        .fetch_optional(tx.conn())
+                        .await?;
+                        if found.is_some() {
+                            answered.insert((line.batch_id.clone(), line.custom_id.clone()));
                         }
+                    }
+                }
+                let already_answered = |line: Option<&NewBatchLine>| {
+                    line.is_some_and(|l| answered.contains(&(l.batch_id.clone(), l.custom_id.clone())))
+                };
+
+                // 3. Decide each command in order; a request finished twice in one batch counts once.
+                let mut outcomes: Vec<Outcome<'_>> = Vec::with_capacity(items.len());
+                let mut decided: BTreeMap<String, (ReservationState, Nanos)> = BTreeMap::new();
+                for (index, (entry, finish, line)) in items.iter().enumerate() {
+                    let id = entry.request_id.to_string();
+                    let finish = if already_answered(*line) { &Finish::Void } else { finish };
+                    let entry_error = entry_errors.get_mut(index).and_then(Option::take);
+                    let outcome = if let Some(h) = held.get(&id) {
+                        // Open before this batch.
+                        if let Some((state, cost)) = decided.get(&id).copied() {
+                            Outcome::Reply(Ok(Settlement {
+                                request_id: entry.request_id,
+                                state,
+                                cost,
+                                currency: h.currency,
+                                first: false,
+                                capped: false,
+                            }))
+                        } else if let Some(err) = entry_error {
+                            Outcome::Reply(Err(err))
+                        } else {
+                            assert!(first_valid.get(&id) == Some(&index), "the first valid command resolves");
+                            match decide(entry, *finish, h) {
+                                Ok((cost, capped, latency_ms)) => {
+                                    let state = match finish {
+                                        Finish::Settle => ReservationState::Settled,
+                                        Finish::Void => ReservationState::Voided,
+                                    };
+                                    decided.insert(id, (state, cost));
+                                    Outcome::Apply { row: BilledRow { entry, held: h, cost, latency_ms }, finish: *finish, capped, line: *line }
+                                }
+                                // The reservation moved already: this command may not apply, and a
+                                // later one for the same request might. Nothing is committed; alone,
+                                // the command gets its error, in a batch each command is retried alone.
+                                Err(err) if items.len() == 1 => {
+                                    tx.conn().rollback().await?;
+                                    tx.ended();
+                                    return Ok(vec![Err(err)]);
+                                }
+                                Err(err) => return Err(err),
+                            }
+                        }
+                    } else {
+                        match states.get(&id) {
+                            Some((state, _, _)) if state == ReservationState::Open.as_str() => {
+                                // Only invalid commands name it (or it appeared after step 1, as if
+                                // this batch came first).
+                                Outcome::Reply(Err(entry_error.unwrap_or(LedgerError::ReservationNotFound {
+                                    request_id: entry.request_id,
+                                })))
+                            }
+                            Some((state, currency, cost)) => Outcome::Reply(Ok(Settlement {
+                                request_id: entry.request_id,
+                                state: ReservationState::parse(state).ok_or(LedgerError::Corrupt {
+                                    what: "reservation state",
+                                })?,
+                                cost: Nanos(cost.unwrap_or(0)),
+                                currency: Currency::parse(currency).map_err(|_| corrupt("currency"))?,
+                                first: false,
+                                capped: false,
+                            })),
+                            None => Outcome::Reply(Err(LedgerError::ReservationNotFound {
+                                request_id: entry.request_id,
+                            })),
+                        }
+                    };
+                    outcomes.push(outcome);
+                }
+                let applied: Vec<(&BilledRow<'_>, Finish)> = outcomes
+                    .iter()
+                    .filter_map(|o| match o {
+                        Outcome::Apply { row, finish, .. } => Some((row, *finish)),
+                        Outcome::Reply(_) => None,
                     })
                     .collect();
-                let inserted = tx.insert_usage(&rows).await?;
-                if inserted != u64::try_from(applied.len()).unwrap_or(u64::MAX) {
-                    // A money-free usage row already holds one of these ids (record_usage on a
-                    // reserved request): refuse the batch; one-by-one retry isolates it.
-                    return Err(LedgerError::Invariant { what: "usage row already exists for a reserved request" });
-                }
-                // Batch lines' results, in the same transaction as their money; a line that got
-                // a result meanwhile fails the batch (each command is then retried alone and
-                // finds it answered, so its request is voided).
-                for outcome in &outcomes {
-                    let Outcome::Apply { row, line: Some(line), .. } = outcome else {
-                        continue;
-                    };
-                    if already_answered(Some(*line)) {
-                        continue;
+
+                if applied.is_empty() {
+                    tx.conn().commit().await?;
+                } else {
+                    // 4. Usage entries, with their money and price snapshot.
+                    let rows: Vec<UsageRow<'_>> = applied
+                        .iter()
+                        .map(|(row, _)| {
+                            let (status, code) = status_parts(&row.entry.status);
+                            UsageRow {
+                                request_id: row.entry.request_id.to_string(),
+                                tenant: row.entry.tenant.as_str(),
+                                key_id: &row.entry.key_id.0,
+                                model: &row.held.model,
+                                endpoint: &row.entry.endpoint,
+                                prompt_tokens: i64::from(row.entry.prompt_tokens),
+                                completion_tokens: i64::from(row.entry.completion_tokens),
+                                cached_prompt_tokens: i64::from(row.entry.cached_prompt_tokens),
+                                cached_prompt_tokens_unknown: i64::from(
+                                    row.entry.cached_prompt_tokens_unknown,
+                                ),
+                                status,
+                                error_code: code,
+                                latency_ms: row.latency_ms,
+                                created_at_ms: row.entry.created_at_ms,
+                                project: &row.held.project,
+                                month: &row.held.month,
+                                currency: row.held.currency.as_str(),
+                                cost_nanos: row.cost.0,
+                                price_effective_from_ms: row.held.price.effective_from_ms,
+                                input_per_mtok_nanos: row.held.price.input_per_mtok.0,
+                                output_per_mtok_nanos: row.held.price.output_per_mtok.0,
+                                cached_input_per_mtok_nanos: row.held.price.cached_input_per_mtok.0,
+                            }
+                        })
+                        .collect();
+                    // With batch lines, the usage rows go first on their own (a line's result
+                    // points its usage row at the batch); otherwise with the money, below.
+                    let with_lines = outcomes
+                        .iter()
+                        .any(|o| matches!(o, Outcome::Apply { line: Some(_), .. }));
+                    if with_lines {
+                        Guard::Usage.check(tx.conn().insert_usage(&rows).await?, rows.len())?;
                     }
-                    let request_id = row.entry.request_id.to_string();
-                    let inserted = insert_line!(
-                        &mut *tx,
-                        line,
-                        Some(request_id.as_str()),
-                        i64::from(row.entry.prompt_tokens),
-                        i64::from(row.entry.completion_tokens),
-                        row.cost.0,
-                        now_ms
-                    )?;
-                    if !inserted {
-                        return Err(LedgerError::Invariant { what: "a batch line was answered twice" });
+                    // Batch lines' results, in the same transaction as their money; a line that got
+                    // a result meanwhile fails the batch (each command is then retried alone and
+                    // finds it answered, so its request is voided).
+                    for outcome in &outcomes {
+                        let Outcome::Apply { row, line: Some(line), .. } = outcome else {
+                            continue;
+                        };
+                        if already_answered(Some(*line)) {
+                            continue;
+                        }
+                        let request_id = row.entry.request_id.to_string();
+                        let inserted = insert_line!(
+                            tx.conn(),
+                            line,
+                            Some(request_id.as_str()),
+                            i64::from(row.entry.prompt_tokens),
+                            i64::from(row.entry.completion_tokens),
+                            row.cost.0,
+                            now_ms
+                        )?;
+                        if !inserted {
+                            return Err(LedgerError::Invariant { what: "a batch line was answered twice" });
+                        }
+                        sqlx::query("UPDATE usage_entries SET batch_id = $1 WHERE request_id = $2")
+                            .bind(&line.batch_id)
+                            .bind(&request_id)
+                            .execute(tx.conn())
+                            .await?;
                     }
-                    sqlx::query("UPDATE usage_entries SET batch_id = $1 WHERE request_id = $2")
-                        .bind(&line.batch_id)
-                        .bind(&request_id)
-                        .execute(&mut *tx)
+                    // Their daily rollup: every row was inserted, so all of them count; one upsert
+                    // per (tenant, project, key, model, day), before the account rows are locked.
+                    // 5. Then balances and budgets, in the global lock order.
+                    let mut deltas = Deltas::default();
+                    for (row, _) in &applied {
+                        deltas.add(row.held, row.cost)?;
+                    }
+                    let accounts: Vec<AccountDelta<'_>> = deltas
+                        .accounts
+                        .iter()
+                        .map(|(tenant, (hold, cost))| (tenant.as_str(), hold.0, cost.0))
+                        .collect();
+                    let budgets: Vec<BudgetDelta<'_>> = deltas
+                        .budgets
+                        .iter()
+                        .map(|((scope, scope_id, month), (hold, cost))| {
+                            (*scope, scope_id.as_str(), month.as_str(), hold.0, cost.0)
+                        })
+                        .collect();
+                    // Distinct rows (map keys), each changing at most one: every one exists when
+                    // the counts equal the lengths (the guards).
+                    let usage = (!with_lines).then_some(rows.as_slice());
+                    tx.conn()
+                        .settle_and_commit(usage, &daily_rows(&rows)?, &accounts, &budgets)
                         .await?;
                 }
-                // Their daily rollup: every row was inserted, so all of them count; one upsert
-                // per (tenant, project, key, model, day), before the account rows are locked.
-                // 5. Then balances and budgets, in the global lock order.
-                let mut deltas = Deltas::default();
-                for (row, _) in &applied {
-                    deltas.add(row.held, row.cost)?;
-                }
-                let accounts: Vec<AccountDelta<'_>> = deltas
-                    .accounts
-                    .iter()
-                    .map(|(tenant, (hold, cost))| (tenant.as_str(), hold.0, cost.0))
-                    .collect();
-                let budgets: Vec<BudgetDelta<'_>> = deltas
-                    .budgets
-                    .iter()
-                    .map(|((scope, scope_id, month), (hold, cost))| {
-                        (*scope, scope_id.as_str(), month.as_str(), hold.0, cost.0)
-                    })
-                    .collect();
-                // Distinct rows (map keys), each changing at most one: every one exists when
-                // the counts equal the lengths.
-                let (account_changes, budget_changes) =
-                    tx.settle_money(&daily_rows(&rows)?, &accounts, &budgets).await?;
-                if account_changes != u64::try_from(accounts.len()).unwrap_or(u64::MAX) {
-                    return Err(LedgerError::Invariant { what: "account of a reservation is missing" });
-                }
-                if budget_changes != u64::try_from(budgets.len()).unwrap_or(u64::MAX) {
-                    return Err(LedgerError::Invariant { what: "budget row of a reservation is missing" });
-                }
-            }
-            tx.commit().await?;
+                tx.ended();
 
-            Ok(outcomes
-                .into_iter()
-                .map(|outcome| match outcome {
-                    Outcome::Reply(result) => result,
-                    Outcome::Apply { row, finish, capped, .. } => Ok(Settlement {
-                        request_id: row.entry.request_id,
-                        state: match finish {
-                            Finish::Settle => ReservationState::Settled,
-                            Finish::Void => ReservationState::Voided,
-                        },
-                        cost: row.cost,
-                        currency: row.held.currency,
-                        first: true,
-                        capped,
-                    }),
-                })
-                .collect())
+                Ok(outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        Outcome::Reply(result) => result,
+                        Outcome::Apply { row, finish, capped, .. } => Ok(Settlement {
+                            request_id: row.entry.request_id,
+                            state: match finish {
+                                Finish::Settle => ReservationState::Settled,
+                                Finish::Void => ReservationState::Voided,
+                            },
+                            cost: row.cost,
+                            currency: row.held.currency,
+                            first: true,
+                            capped,
+                        }),
+                    })
+                    .collect())
+            }
+            .await;
+            tx.end(outcome).await
         })
     }
 }
