@@ -12,7 +12,7 @@
 //! 3. **Added latency from outside at a fixed rate**: an instant OpenAI-compatible upstream in
 //!    this process, and `tidepool serve` child processes routing one remote model to it, with
 //!    billing on and off on each store (and, with `--outside-baseline-bin`, another build's
-//!    gateways with billing on). An open-loop client sends `--outside-rate-per-s` requests per
+//!    gateways, billing on and off). An open-loop client sends `--outside-rate-per-s` requests per
 //!    second to one target per pass, on schedule whatever the answers do: the upstream
 //!    directly or one gateway. Passes are interleaved, the order rotating per round. Reported:
 //!    p50/p99 of each target and what each gateway adds over the direct call.
@@ -75,8 +75,8 @@ pub(crate) struct LedgerBenchArgs {
     /// Passes per target in the outside measurement (0 skips it).
     #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_PASSES", default_value_t = 4)]
     outside_passes: u32,
-    /// Another build of `tidepool` to compare with: its gateways, billing on, join the outside
-    /// measurement (target `baseline`, one per store).
+    /// Another build of `tidepool` to compare with: its gateways, billing on and off, join the
+    /// outside measurement (target `baseline`, two per store).
     #[arg(long, env = "TIDEPOOL_BENCH_OUTSIDE_BASELINE_BIN")]
     outside_baseline_bin: Option<PathBuf>,
     /// Seconds to wait for a gateway child process to become healthy.
@@ -663,6 +663,7 @@ async fn outside(
     for database_url in std::iter::once(None).chain(postgres.map(Some)) {
         let mut gateways = vec![(false, None), (true, None)];
         if let Some(baseline) = &args.outside_baseline_bin {
+            gateways.push((false, Some(baseline.as_path())));
             gateways.push((true, Some(baseline.as_path())));
         }
         for (billing, baseline) in gateways {

@@ -162,6 +162,27 @@ pub(crate) struct UsageRow<'a> {
     pub(crate) cached_input_per_mtok_nanos: i64,
 }
 
+/// One money-free usage row (a request that reserved nothing): no project, price or cost.
+#[derive(Debug)]
+pub(crate) struct FreeUsageRow<'a> {
+    pub(crate) request_id: String,
+    pub(crate) tenant: &'a str,
+    pub(crate) key_id: &'a str,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) endpoint: &'a str,
+    pub(crate) prompt_tokens: i64,
+    pub(crate) completion_tokens: i64,
+    pub(crate) cached_prompt_tokens: i64,
+    pub(crate) cached_prompt_tokens_unknown: i64,
+    pub(crate) status: &'static str,
+    pub(crate) error_code: Option<&'a str>,
+    pub(crate) latency_ms: i64,
+    pub(crate) created_at_ms: i64,
+}
+
+/// Bind parameters of one [`FreeUsageRow`] in SQLite's insert.
+pub(crate) const FREE_USAGE_BINDS: usize = 13;
+
 /// What one batch adds to one row of the daily usage rollup: the sums of its usage rows with
 /// that `(tenant, project, key, model, day)` (see `rollup`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,6 +355,14 @@ pub(crate) trait BatchSql: TxControl {
     async fn read_states(&mut self, request_ids: &[String]) -> Result<Vec<StateRow>, sqlx::Error>;
     /// Inserts usage rows, skipping request ids that already have one; rows inserted.
     async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error>;
+    /// Inserts money-free usage rows in the caller's order, skipping request ids that have a
+    /// usage row or a reservation already (a reserved request's row is written when it is
+    /// settled or voided) and all but the first row of an id given twice; returns the request
+    /// ids inserted.
+    async fn insert_free_usage(
+        &mut self,
+        rows: &[FreeUsageRow<'_>],
+    ) -> Result<Vec<String>, sqlx::Error>;
     /// Adds each row's sums to its row of the daily rollup (created at zero where missing), in
     /// the caller's order — sorted by key, so two writers never lock two rollup rows in
     /// opposite orders. The keys must be distinct (one row per key and batch).
@@ -517,6 +546,41 @@ impl BatchSql for SqliteConnection {
         let mut query = QueryBuilder::<Sqlite>::new("");
         push_insert_usage(&mut query, rows);
         Ok(query.build().execute(&mut *self).await?.rows_affected())
+    }
+
+    async fn insert_free_usage(
+        &mut self,
+        rows: &[FreeUsageRow<'_>],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        // `WHERE` before `ON CONFLICT`: SQLite needs one to tell the upsert from a join.
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+             latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
+             SELECT column1, column2, column3, column4, column5, column6, column7, column8, \
+             column9, column10, column11, column12, column13 FROM (",
+        );
+        query.push_values(rows, |mut b, r| {
+            b.push_bind(r.request_id.as_str())
+                .push_bind(r.tenant)
+                .push_bind(r.key_id)
+                .push_bind(r.model)
+                .push_bind(r.endpoint)
+                .push_bind(r.prompt_tokens)
+                .push_bind(r.completion_tokens)
+                .push_bind(r.cached_prompt_tokens)
+                .push_bind(r.status)
+                .push_bind(r.error_code)
+                .push_bind(r.latency_ms)
+                .push_bind(r.created_at_ms)
+                .push_bind(r.cached_prompt_tokens_unknown);
+        });
+        query.push(
+            ") WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = column1) \
+             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        );
+        let ids: Vec<(String,)> = query.build_query_as().fetch_all(&mut *self).await?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
     }
 
     async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error> {
@@ -848,6 +912,43 @@ impl BatchSql for PgConnection {
         .execute(&mut *self)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn insert_free_usage(
+        &mut self,
+        rows: &[FreeUsageRow<'_>],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let ids: Vec<(String,)> = sqlx::query_as(
+            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
+             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
+             latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
+             SELECT n.request_id, n.tenant_id, n.key_id, n.model, n.endpoint, n.prompt_tokens, \
+             n.completion_tokens, n.cached_prompt_tokens, n.status, n.error_code, n.latency_ms, \
+             n.created_at_ms, n.cached_unknown \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
+             $12::bigint[], $13::bigint[]) WITH ORDINALITY AS n(request_id, tenant_id, key_id, \
+             model, endpoint, prompt_tokens, completion_tokens, cached_prompt_tokens, status, \
+             error_code, latency_ms, created_at_ms, cached_unknown, i) \
+             WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = n.request_id) \
+             ORDER BY n.i ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        )
+        .bind(column(rows, |r| r.request_id.as_str()))
+        .bind(column(rows, |r| r.tenant))
+        .bind(column(rows, |r| r.key_id))
+        .bind(column(rows, |r| r.model))
+        .bind(column(rows, |r| r.endpoint))
+        .bind(column(rows, |r| r.prompt_tokens))
+        .bind(column(rows, |r| r.completion_tokens))
+        .bind(column(rows, |r| r.cached_prompt_tokens))
+        .bind(column(rows, |r| r.status))
+        .bind(column(rows, |r| r.error_code))
+        .bind(column(rows, |r| r.latency_ms))
+        .bind(column(rows, |r| r.created_at_ms))
+        .bind(column(rows, |r| r.cached_prompt_tokens_unknown))
+        .fetch_all(&mut *self)
+        .await?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
     }
 
     async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error> {

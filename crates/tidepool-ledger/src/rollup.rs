@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use tidepool_core::{Currency, KeyId, ModelId, Nanos, TenantId};
 
-use crate::batch_sql::{DailyRow, UsageRow};
+use crate::batch_sql::{DailyRow, FreeUsageRow, UsageRow};
 use crate::month::{Day, Month};
 use crate::store::{on_store, to_u64};
 use crate::{Ledger, LedgerError, ProjectId};
@@ -80,12 +80,10 @@ fn add_sums(slot: &mut DailySums, add: DailySums) -> Result<(), LedgerError> {
 /// What a batch of usage rows adds to the rollup: one row per distinct key, sorted by key (the
 /// order the upsert locks them in).
 pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>, LedgerError> {
-    let mut sums: BTreeMap<DailyKey<'a>, DailySums> = BTreeMap::new();
-    for row in rows {
+    sum_daily(rows.iter().map(|row| {
         let day = Day::of_ms(row.created_at_ms).days_since_epoch();
-        let key = (row.tenant, row.project, row.key_id, row.model, day);
-        add_sums(
-            sums.entry(key).or_default(),
+        (
+            (row.tenant, row.project, row.key_id, row.model, day),
             [
                 1,
                 row.prompt_tokens,
@@ -94,7 +92,44 @@ pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>,
                 row.completion_tokens,
                 row.cost_nanos,
             ],
-        )?;
+        )
+    }))
+}
+
+/// What a batch of money-free usage rows adds to the rollup (no project, no model as
+/// [`ROLLUP_NONE`], no cost), as [`daily_rows`].
+pub(crate) fn free_daily_rows<'a>(
+    rows: &[&FreeUsageRow<'a>],
+) -> Result<Vec<DailyRow<'a>>, LedgerError> {
+    sum_daily(rows.iter().map(|row| {
+        let day = Day::of_ms(row.created_at_ms).days_since_epoch();
+        (
+            (
+                row.tenant,
+                ROLLUP_NONE,
+                row.key_id,
+                row.model.unwrap_or(ROLLUP_NONE),
+                day,
+            ),
+            [
+                1,
+                row.prompt_tokens,
+                row.cached_prompt_tokens,
+                row.cached_prompt_tokens_unknown,
+                row.completion_tokens,
+                0,
+            ],
+        )
+    }))
+}
+
+/// One rollup row per distinct key, sorted by key, with the sums of its rows.
+fn sum_daily<'a>(
+    rows: impl IntoIterator<Item = (DailyKey<'a>, DailySums)>,
+) -> Result<Vec<DailyRow<'a>>, LedgerError> {
+    let mut sums: BTreeMap<DailyKey<'a>, DailySums> = BTreeMap::new();
+    for (key, add) in rows {
+        add_sums(sums.entry(key).or_default(), add)?;
     }
     Ok(sums
         .into_iter()

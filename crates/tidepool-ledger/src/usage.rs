@@ -4,10 +4,7 @@
 
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 
-use crate::batch_sql::{BatchSql as _, DailyRow};
-use crate::month::Day;
-use crate::rollup::ROLLUP_NONE;
-use crate::store::{RETRY_ATTEMPTS_MAX, on_store, to_i64, to_tokens, to_u64};
+use crate::store::{on_store, to_tokens, to_u64};
 use crate::{Ledger, LedgerError, ModelTotals, NO_MODEL, UsageEntry, UsageStatus};
 
 /// Longest endpoint name or error code stored, in bytes.
@@ -102,82 +99,6 @@ fn entry_from_row(row: UsageRow) -> Result<UsageEntry, LedgerError> {
 }
 
 impl Ledger {
-    /// Writes one money-free usage entry, for requests that never reserved (e.g. refused before
-    /// admission), and adds it to the daily rollup in the same transaction. Idempotent on
-    /// `request_id`: a second write of the same id is ignored and returns `false`; so is a write
-    /// for a request id that has a reservation — its entry is written by `settle`/`void`.
-    pub async fn record_usage(&self, entry: &UsageEntry) -> Result<bool, LedgerError> {
-        validate_entry(entry)?;
-        let latency_ms = to_i64(entry.latency_ms, "latency_ms")?;
-        let mut attempt: u32 = 0;
-        loop {
-            match self.record_usage_once(entry, latency_ms).await {
-                Err(err) if err.is_transient() && attempt < RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
-                }
-                outcome => return outcome,
-            }
-        }
-    }
-
-    async fn record_usage_once(
-        &self,
-        entry: &UsageEntry,
-        latency_ms: i64,
-    ) -> Result<bool, LedgerError> {
-        let (status, code) = status_parts(&entry.status);
-        let request_id = entry.request_id.to_string();
-        let model = entry.model.as_ref().map(ModelId::as_str);
-        let daily = DailyRow {
-            tenant: entry.tenant.as_str(),
-            project: ROLLUP_NONE,
-            key_id: &entry.key_id.0,
-            model: model.unwrap_or(ROLLUP_NONE),
-            day: Day::of_ms(entry.created_at_ms).days_since_epoch(),
-            requests: 1,
-            prompt_tokens: i64::from(entry.prompt_tokens),
-            cached_prompt_tokens: i64::from(entry.cached_prompt_tokens),
-            cached_unknown_requests: i64::from(entry.cached_prompt_tokens_unknown),
-            completion_tokens: i64::from(entry.completion_tokens),
-            cost_nanos: 0,
-        };
-        let _gate = self.gate.enter().await;
-        let inserted = on_store!(&self.store, pool => {
-            let mut tx = pool.begin_with(self.store.begin_write_sql()).await?;
-            let inserted = sqlx::query(
-                "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-                 prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-                 latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
-                 WHERE NOT EXISTS (SELECT 1 FROM reservations WHERE request_id = $1) \
-                 ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(&request_id)
-            .bind(entry.tenant.as_str())
-            .bind(&entry.key_id.0)
-            .bind(model)
-            .bind(&entry.endpoint)
-            .bind(i64::from(entry.prompt_tokens))
-            .bind(i64::from(entry.completion_tokens))
-            .bind(i64::from(entry.cached_prompt_tokens))
-            .bind(status)
-            .bind(code)
-            .bind(latency_ms)
-            .bind(entry.created_at_ms)
-            .bind(i64::from(entry.cached_prompt_tokens_unknown))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                tx.add_usage_daily(std::slice::from_ref(&daily)).await?;
-                tx.commit().await?;
-            }
-            inserted
-        });
-        assert!(inserted <= 1, "one request id inserts at most one row");
-        Ok(inserted == 1)
-    }
-
     /// The usage entry of one request, if any.
     pub async fn usage_entry(
         &self,

@@ -1,6 +1,7 @@
-//! Settlement: the group-committed writer. `settle`, `void` and `checkpoint` queue a command on
-//! a bounded channel and await its own outcome; one writer task per `Ledger` drains up to
-//! [`SETTLE_BATCH_LEN_MAX`] commands and applies them in one transaction with a handful of
+//! Settlement: the group-committed writer. `settle`, `void`, `checkpoint` and `record_usage`
+//! (money-free usage entries, written in a transaction of their own per drained run) queue a
+//! command on a bounded channel and await its own outcome; one writer task per `Ledger` drains
+//! up to [`SETTLE_BATCH_LEN_MAX`] commands and applies them in one transaction with a handful of
 //! statements — one update that resolves the open reservations and reads them back, one read of
 //! the others, one usage insert, one upsert of the daily usage rollup (`rollup`; on PostgreSQL
 //! each one prepared statement with whole columns bound as arrays, see `batch_sql`), one balance
@@ -15,13 +16,13 @@ use tidepool_core::{Currency, ModelId, Nanos, RequestId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch_sql::{
-    AccountDelta, BUDGET_DELTA_BINDS, BatchSql as _, BudgetDelta, DAILY_BINDS, ReservationRow,
-    SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
+    AccountDelta, BUDGET_DELTA_BINDS, BatchSql as _, BudgetDelta, DAILY_BINDS, FREE_USAGE_BINDS,
+    FreeUsageRow, ReservationRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow,
 };
 use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
-use crate::rollup::daily_rows;
+use crate::rollup::{daily_rows, free_daily_rows};
 use crate::store::{Store, on_store, to_i64};
 use crate::usage::{status_parts, validate_entry};
 use crate::write_tx::{Guard, TxControl as _, WriteTx};
@@ -39,6 +40,10 @@ const _: () = assert!(
 const _: () = assert!(
     SETTLE_BATCH_LEN_MAX * USAGE_BINDS < SQLITE_BINDS_MAX,
     "a batch fits SQLite's bind limit"
+);
+const _: () = assert!(
+    SETTLE_BATCH_LEN_MAX * FREE_USAGE_BINDS < SQLITE_BINDS_MAX,
+    "a batch of money-free usage rows fits SQLite's bind limit"
 );
 const _: () = assert!(
     SETTLE_BATCH_LEN_MAX * DAILY_BINDS < SQLITE_BINDS_MAX,
@@ -89,6 +94,11 @@ pub(crate) enum Command {
         completion_tokens: u32,
         reply: CheckpointReply,
     },
+    /// A money-free usage entry (`record_usage`); the reply says whether it was written.
+    Record {
+        entry: UsageEntry,
+        reply: oneshot::Sender<Result<bool, LedgerError>>,
+    },
 }
 
 /// One command of a settle batch: the entry, how it resolves, and a batch line's result.
@@ -96,6 +106,9 @@ type Item<'a> = (&'a UsageEntry, Finish, Option<&'a NewBatchLine>);
 
 /// Where a checkpoint's outcome goes.
 type CheckpointReply = oneshot::Sender<Result<(), LedgerError>>;
+
+/// Where a money-free usage entry's outcome goes: whether it was written.
+type RecordReply = oneshot::Sender<Result<bool, LedgerError>>;
 
 #[derive(Debug)]
 struct Held {
@@ -253,6 +266,25 @@ enum Outcome<'a> {
 }
 
 impl crate::Ledger {
+    /// Writes one money-free usage entry, for requests that never reserved (billing not
+    /// enforced, or refused before admission), and adds it to the daily rollup in the same
+    /// transaction, group-committed with other entries like settlements. Idempotent on
+    /// `request_id`: a second write of the same id is ignored and returns `false`; so is a write
+    /// for a request id that has a reservation — its entry is written by `settle`/`void`.
+    pub async fn record_usage(&self, entry: &UsageEntry) -> Result<bool, LedgerError> {
+        validate_entry(entry)?;
+        to_i64(entry.latency_ms, "latency_ms")?;
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Record {
+                entry: entry.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| LedgerError::WriterFailed)?;
+        answer.await.map_err(|_| LedgerError::WriterFailed)?
+    }
+
     /// Settles a reserved request at the exact cost of the tokens in `entry` (at the reservation's
     /// price snapshot, capped at its hold) and writes its usage entry. Returns once durable.
     /// Idempotent: a second call returns the first outcome with `first: false`.
@@ -335,6 +367,26 @@ impl crate::Ledger {
         writer.finish_batch_retrying(&items).await
     }
 
+    /// Writes `entries` as one batch of money-free usage entries, exactly as the settle writer
+    /// writes what it drains from its queue, without its entry-by-entry fallback. For tests of
+    /// what one batch decides. At most [`SETTLE_BATCH_LEN_MAX`] entries.
+    #[cfg(feature = "test-util")]
+    pub async fn record_in_one_batch(
+        &self,
+        entries: &[UsageEntry],
+    ) -> Result<Vec<bool>, LedgerError> {
+        let (_unused, rx) = mpsc::channel(1);
+        let writer = Writer {
+            store: self.store.clone(),
+            gate: self.gate.clone(),
+            clock: self.clock.clone(),
+            rx,
+            last_cleanup_ms: i64::MIN,
+        };
+        let entries: Vec<&UsageEntry> = entries.iter().collect();
+        writer.record_batch_retrying(&entries).await
+    }
+
     /// Records durable progress of an open reservation (completion tokens delivered so far), so
     /// recovery after a crash can bill them. Call when the first token goes out and then every
     /// so often; it only ever moves forward.
@@ -402,8 +454,10 @@ impl Writer {
     async fn apply(&self, commands: Vec<Command>) {
         let mut finishes = Vec::new();
         let mut checkpoints = Vec::new();
+        let mut records = Vec::new();
         for command in commands {
             match command {
+                Command::Record { entry, reply } => records.push((entry, reply)),
                 Command::Finish {
                     entry,
                     finish,
@@ -420,6 +474,7 @@ impl Writer {
             }
         }
         self.apply_checkpoints(checkpoints).await;
+        self.apply_records(records).await;
         if finishes.is_empty() {
             return;
         }
@@ -490,6 +545,120 @@ impl Writer {
             // The caller may have given up waiting; the checkpoint is applied regardless.
             drop(reply.send(answer));
         }
+    }
+
+    /// Writes a drained run of money-free usage entries as one batch and answers each caller;
+    /// if the batch fails as a whole, each entry is written alone.
+    async fn apply_records(&self, records: Vec<(UsageEntry, RecordReply)>) {
+        if records.is_empty() {
+            return;
+        }
+        let entries: Vec<&UsageEntry> = records.iter().map(|(entry, _)| entry).collect();
+        match self.record_batch_retrying(&entries).await {
+            Ok(written) => {
+                assert!(written.len() == records.len(), "one result per entry");
+                for ((_, reply), first) in records.into_iter().zip(written) {
+                    drop(reply.send(Ok(first)));
+                }
+            }
+            Err(err) if records.len() == 1 => {
+                if let Some((_, reply)) = records.into_iter().next() {
+                    drop(reply.send(Err(err)));
+                }
+            }
+            Err(err) if err.is_unavailable() => {
+                // As for settlements: one by one would wait out the connection timeout once per
+                // entry, holding up the writer. Every caller gets the failure now and may retry.
+                tracing::warn!(error = %err, len = records.len(), "usage batch failed: the database is unreachable");
+                for (_, reply) in records {
+                    drop(reply.send(Err(LedgerError::WriterFailed)));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, len = records.len(), "usage batch failed; writing one by one");
+                for (entry, reply) in records {
+                    let result = self
+                        .record_batch_retrying(&[&entry])
+                        .await
+                        .map(|written| written.first().copied().unwrap_or(false));
+                    drop(reply.send(result));
+                }
+            }
+        }
+    }
+
+    async fn record_batch_retrying(
+        &self,
+        entries: &[&UsageEntry],
+    ) -> Result<Vec<bool>, LedgerError> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.record_batch(entries).await {
+                Err(err) if err.is_transient() && attempt < crate::store::RETRY_ATTEMPTS_MAX => {
+                    attempt = attempt.saturating_add(1);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One transaction: the entries' usage rows (each only if its request id has neither a
+    /// usage row nor a reservation, and only the first of an id given twice), then the daily
+    /// rollup of those written. Returns, per entry, whether it was written.
+    async fn record_batch(&self, entries: &[&UsageEntry]) -> Result<Vec<bool>, LedgerError> {
+        assert!(
+            !entries.is_empty() && entries.len() <= SETTLE_BATCH_LEN_MAX,
+            "batches respect their limits"
+        );
+        let mut rows = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let (status, code) = status_parts(&entry.status);
+            rows.push(FreeUsageRow {
+                request_id: entry.request_id.to_string(),
+                tenant: entry.tenant.as_str(),
+                key_id: &entry.key_id.0,
+                model: entry.model.as_ref().map(ModelId::as_str),
+                endpoint: &entry.endpoint,
+                prompt_tokens: i64::from(entry.prompt_tokens),
+                completion_tokens: i64::from(entry.completion_tokens),
+                cached_prompt_tokens: i64::from(entry.cached_prompt_tokens),
+                cached_prompt_tokens_unknown: i64::from(entry.cached_prompt_tokens_unknown),
+                status,
+                error_code: code,
+                latency_ms: to_i64(entry.latency_ms, "latency_ms")?,
+                created_at_ms: entry.created_at_ms,
+            });
+        }
+        let _gate = self.gate.enter().await;
+        on_store!(&self.store, pool => {
+            let mut tx = WriteTx::acquire(pool).await?;
+            let outcome = async {
+                tx.conn().begin().await?;
+                let inserted: BTreeSet<String> =
+                    tx.conn().insert_free_usage(&rows).await?.into_iter().collect();
+                // The first row of each inserted id is the one written.
+                let mut seen: BTreeSet<&str> = BTreeSet::new();
+                let written: Vec<bool> = rows
+                    .iter()
+                    .map(|row| {
+                        inserted.contains(&row.request_id) && seen.insert(row.request_id.as_str())
+                    })
+                    .collect();
+                assert!(seen.len() == inserted.len(), "every inserted id is one of the batch's");
+                let daily_of: Vec<&FreeUsageRow<'_>> = rows
+                    .iter()
+                    .zip(&written)
+                    .filter_map(|(row, first)| first.then_some(row))
+                    .collect();
+                let daily = free_daily_rows(&daily_of)?;
+                tx.conn().add_usage_daily(&daily).await?;
+                tx.conn().commit().await?;
+                tx.ended();
+                Ok(written)
+            }
+            .await;
+            tx.end(outcome).await
+        })
     }
 
     async fn finish_batch_retrying(

@@ -617,3 +617,61 @@ both_stores!(
     settle_batch_decides_in_order_on,
     settle_batch_decides_in_order
 );
+
+async fn usage_batch_writes_each_new_id_once(db: Arc<TestDb>) {
+    // One batch of money-free usage entries writes the first entry of each new request id and
+    // nothing for an id given again, an id that has a usage row already or an id that has a
+    // reservation (its entry is the settlement's); the daily rollup counts what was written.
+    let one = world(db).await;
+    let reserved = one
+        .ledger
+        .reserve(&one.request(&Drawn {
+            request_id: RequestId::new(),
+            key: 0,
+            model: 0,
+            prompt_tokens: 10,
+            completion_tokens_max: 10,
+            idempotency_key: None,
+        }))
+        .await
+        .unwrap();
+    let fresh = |completion_tokens: u32| {
+        let mut e = entry(&reserved, completion_tokens);
+        e.request_id = RequestId::new();
+        e
+    };
+    let earlier = fresh(1);
+    assert!(one.ledger.record_usage(&earlier).await.unwrap());
+    let a = fresh(2);
+    let mut a_again = a.clone();
+    a_again.completion_tokens = 900;
+    let b = fresh(3);
+    let written = one
+        .ledger
+        .record_in_one_batch(&[
+            a.clone(),
+            a_again,
+            earlier.clone(),
+            entry(&reserved, 4),
+            b.clone(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written, vec![true, false, false, false, true]);
+    assert_eq!(one.ledger.usage_entry(a.request_id).await.unwrap(), Some(a));
+    assert_eq!(one.ledger.usage_entry(b.request_id).await.unwrap(), Some(b));
+    assert_eq!(
+        one.ledger.usage_entry(reserved.request_id).await.unwrap(),
+        None
+    );
+    // The settlement still writes the reserved request's entry.
+    assert!(one.ledger.settle(&entry(&reserved, 4)).await.unwrap().first);
+    let totals = one.ledger.usage_totals(&reserved.tenant).await.unwrap();
+    let requests: u64 = totals.iter().map(|t| t.requests).sum();
+    let completion: u64 = totals.iter().map(|t| t.completion_tokens).sum();
+    assert_eq!((requests, completion), (4, 1 + 2 + 3 + 4));
+}
+both_stores!(
+    usage_batch_writes_each_new_id_once_on,
+    usage_batch_writes_each_new_id_once
+);
