@@ -18,7 +18,10 @@
 //! read and the `COMMIT` in the same query as its writes, with a write guard after each write
 //! (`write_tx`), so a batch is two trips to the connection's thread.
 
-use sqlx::{PgConnection, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::query_builder::Separated;
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row as _, Sqlite, SqliteConnection};
 
 use crate::LedgerError;
 use crate::write_tx::{Guard, TxControl, guard_sql, guarded};
@@ -138,20 +141,8 @@ pub(crate) struct NewReservation<'a> {
 /// One usage row with its money and price snapshot.
 #[derive(Debug)]
 pub(crate) struct UsageRow<'a> {
-    pub(crate) request_id: String,
-    pub(crate) tenant: &'a str,
-    pub(crate) key_id: &'a str,
-    pub(crate) model: &'a str,
-    pub(crate) endpoint: &'a str,
-    pub(crate) prompt_tokens: i64,
-    pub(crate) completion_tokens: i64,
-    pub(crate) cached_prompt_tokens: i64,
-    /// 1: the cached count is unknown (see `UsageEntry::cached_prompt_tokens_unknown`).
-    pub(crate) cached_prompt_tokens_unknown: i64,
-    pub(crate) status: &'static str,
-    pub(crate) error_code: Option<&'a str>,
-    pub(crate) latency_ms: i64,
-    pub(crate) created_at_ms: i64,
+    /// The columns every usage row has.
+    pub(crate) entry: FreeUsageRow<'a>,
     pub(crate) project: &'a str,
     pub(crate) month: &'a str,
     pub(crate) currency: &'a str,
@@ -162,7 +153,8 @@ pub(crate) struct UsageRow<'a> {
     pub(crate) cached_input_per_mtok_nanos: i64,
 }
 
-/// One money-free usage row (a request that reserved nothing): no project, price or cost.
+/// One money-free usage row (a request that reserved nothing: no project, price or cost), and
+/// the columns every usage row has.
 #[derive(Debug)]
 pub(crate) struct FreeUsageRow<'a> {
     pub(crate) request_id: String,
@@ -561,19 +553,8 @@ impl BatchSql for SqliteConnection {
              column9, column10, column11, column12, column13 FROM (",
         );
         query.push_values(rows, |mut b, r| {
-            b.push_bind(r.request_id.as_str())
-                .push_bind(r.tenant)
-                .push_bind(r.key_id)
-                .push_bind(r.model)
-                .push_bind(r.endpoint)
-                .push_bind(r.prompt_tokens)
-                .push_bind(r.completion_tokens)
-                .push_bind(r.cached_prompt_tokens)
-                .push_bind(r.status)
-                .push_bind(r.error_code)
-                .push_bind(r.latency_ms)
-                .push_bind(r.created_at_ms)
-                .push_bind(r.cached_prompt_tokens_unknown);
+            push_entry_binds(&mut b, r);
+            b.push_bind(r.cached_prompt_tokens_unknown);
         });
         query.push(
             ") WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = column1) \
@@ -656,19 +637,8 @@ fn push_insert_usage<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [UsageR
          cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) ",
     );
     query.push_values(rows, |mut b, r| {
-        b.push_bind(r.request_id.as_str())
-            .push_bind(r.tenant)
-            .push_bind(r.key_id)
-            .push_bind(r.model)
-            .push_bind(r.endpoint)
-            .push_bind(r.prompt_tokens)
-            .push_bind(r.completion_tokens)
-            .push_bind(r.cached_prompt_tokens)
-            .push_bind(r.status)
-            .push_bind(r.error_code)
-            .push_bind(r.latency_ms)
-            .push_bind(r.created_at_ms)
-            .push_bind(r.project)
+        push_entry_binds(&mut b, &r.entry);
+        b.push_bind(r.project)
             .push_bind(r.month)
             .push_bind(r.currency)
             .push_bind(r.cost_nanos)
@@ -676,9 +646,49 @@ fn push_insert_usage<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [UsageR
             .push_bind(r.input_per_mtok_nanos)
             .push_bind(r.output_per_mtok_nanos)
             .push_bind(r.cached_input_per_mtok_nanos)
-            .push_bind(r.cached_prompt_tokens_unknown);
+            .push_bind(r.entry.cached_prompt_tokens_unknown);
     });
     query.push(" ON CONFLICT (request_id) DO NOTHING");
+}
+
+/// PostgreSQL: the first twelve columns of both usage inserts, `request_id` to `created_at_ms`,
+/// each bound as one array.
+fn bind_entry_columns<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    entries: &[&'q FreeUsageRow<'q>],
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(column(entries, |e| e.request_id.as_str()))
+        .bind(column(entries, |e| e.tenant))
+        .bind(column(entries, |e| e.key_id))
+        .bind(column(entries, |e| e.model))
+        .bind(column(entries, |e| e.endpoint))
+        .bind(column(entries, |e| e.prompt_tokens))
+        .bind(column(entries, |e| e.completion_tokens))
+        .bind(column(entries, |e| e.cached_prompt_tokens))
+        .bind(column(entries, |e| e.status))
+        .bind(column(entries, |e| e.error_code))
+        .bind(column(entries, |e| e.latency_ms))
+        .bind(column(entries, |e| e.created_at_ms))
+}
+
+/// The first twelve columns of both usage inserts, `request_id` to `created_at_ms`.
+fn push_entry_binds<'args>(
+    b: &mut Separated<'_, 'args, Sqlite, &'static str>,
+    e: &'args FreeUsageRow<'args>,
+) {
+    b.push_bind(e.request_id.as_str())
+        .push_bind(e.tenant)
+        .push_bind(e.key_id)
+        .push_bind(e.model)
+        .push_bind(e.endpoint)
+        .push_bind(e.prompt_tokens)
+        .push_bind(e.completion_tokens)
+        .push_bind(e.cached_prompt_tokens)
+        .push_bind(e.status)
+        .push_bind(e.error_code)
+        .push_bind(e.latency_ms)
+        .push_bind(e.created_at_ms);
 }
 
 /// PostgreSQL: a reservation batch's four writes in one statement (see
@@ -876,7 +886,7 @@ impl BatchSql for PgConnection {
     }
 
     async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
              prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
              latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
@@ -887,30 +897,20 @@ impl BatchSql for PgConnection {
              $12::bigint[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
              $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[]) \
              ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(column(rows, |r| r.request_id.as_str()))
-        .bind(column(rows, |r| r.tenant))
-        .bind(column(rows, |r| r.key_id))
-        .bind(column(rows, |r| r.model))
-        .bind(column(rows, |r| r.endpoint))
-        .bind(column(rows, |r| r.prompt_tokens))
-        .bind(column(rows, |r| r.completion_tokens))
-        .bind(column(rows, |r| r.cached_prompt_tokens))
-        .bind(column(rows, |r| r.status))
-        .bind(column(rows, |r| r.error_code))
-        .bind(column(rows, |r| r.latency_ms))
-        .bind(column(rows, |r| r.created_at_ms))
-        .bind(column(rows, |r| r.project))
-        .bind(column(rows, |r| r.month))
-        .bind(column(rows, |r| r.currency))
-        .bind(column(rows, |r| r.cost_nanos))
-        .bind(column(rows, |r| r.price_effective_from_ms))
-        .bind(column(rows, |r| r.input_per_mtok_nanos))
-        .bind(column(rows, |r| r.output_per_mtok_nanos))
-        .bind(column(rows, |r| r.cached_input_per_mtok_nanos))
-        .bind(column(rows, |r| r.cached_prompt_tokens_unknown))
-        .execute(&mut *self)
-        .await?;
+        );
+        let entries: Vec<&FreeUsageRow<'_>> = rows.iter().map(|r| &r.entry).collect();
+        let done = bind_entry_columns(query, &entries)
+            .bind(column(rows, |r| r.project))
+            .bind(column(rows, |r| r.month))
+            .bind(column(rows, |r| r.currency))
+            .bind(column(rows, |r| r.cost_nanos))
+            .bind(column(rows, |r| r.price_effective_from_ms))
+            .bind(column(rows, |r| r.input_per_mtok_nanos))
+            .bind(column(rows, |r| r.output_per_mtok_nanos))
+            .bind(column(rows, |r| r.cached_input_per_mtok_nanos))
+            .bind(column(rows, |r| r.entry.cached_prompt_tokens_unknown))
+            .execute(&mut *self)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -918,7 +918,7 @@ impl BatchSql for PgConnection {
         &mut self,
         rows: &[FreeUsageRow<'_>],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let ids: Vec<(String,)> = sqlx::query_as(
+        let query = sqlx::query(
             "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
              prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
              latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
@@ -932,23 +932,17 @@ impl BatchSql for PgConnection {
              error_code, latency_ms, created_at_ms, cached_unknown, i) \
              WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = n.request_id) \
              ORDER BY n.i ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-        )
-        .bind(column(rows, |r| r.request_id.as_str()))
-        .bind(column(rows, |r| r.tenant))
-        .bind(column(rows, |r| r.key_id))
-        .bind(column(rows, |r| r.model))
-        .bind(column(rows, |r| r.endpoint))
-        .bind(column(rows, |r| r.prompt_tokens))
-        .bind(column(rows, |r| r.completion_tokens))
-        .bind(column(rows, |r| r.cached_prompt_tokens))
-        .bind(column(rows, |r| r.status))
-        .bind(column(rows, |r| r.error_code))
-        .bind(column(rows, |r| r.latency_ms))
-        .bind(column(rows, |r| r.created_at_ms))
-        .bind(column(rows, |r| r.cached_prompt_tokens_unknown))
-        .fetch_all(&mut *self)
-        .await?;
-        Ok(ids.into_iter().map(|(id,)| id).collect())
+        );
+        let entries: Vec<&FreeUsageRow<'_>> = rows.iter().collect();
+        let inserted = bind_entry_columns(query, &entries)
+            .bind(column(rows, |r| r.cached_prompt_tokens_unknown))
+            .fetch_all(&mut *self)
+            .await?;
+        let ids: Vec<String> = inserted
+            .iter()
+            .map(|row| row.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
     }
 
     async fn add_usage_daily(&mut self, rows: &[DailyRow<'_>]) -> Result<(), sqlx::Error> {
@@ -1303,19 +1297,21 @@ mod tests {
 
     fn usage_row(request_id: &str) -> UsageRow<'_> {
         UsageRow {
-            request_id: request_id.to_owned(),
-            tenant: "rich",
-            key_id: "k",
-            model: "m",
-            endpoint: "chat",
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            cached_prompt_tokens: 0,
-            cached_prompt_tokens_unknown: 0,
-            status: "ok",
-            error_code: None,
-            latency_ms: 1,
-            created_at_ms: 0,
+            entry: FreeUsageRow {
+                request_id: request_id.to_owned(),
+                tenant: "rich",
+                key_id: "k",
+                model: Some("m"),
+                endpoint: "chat",
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                cached_prompt_tokens: 0,
+                cached_prompt_tokens_unknown: 0,
+                status: "ok",
+                error_code: None,
+                latency_ms: 1,
+                created_at_ms: 0,
+            },
             project: "default",
             month: "2026-12",
             currency: "USD",

@@ -11,7 +11,7 @@ use tidepool_core::{Currency, KeyId, ModelId, Nanos, RequestId, TenantId};
 use tokio::task::JoinSet;
 
 use crate::audit::AuditContext;
-use crate::batch_sql::{BatchSql as _, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow};
+use crate::batch_sql::{BatchSql as _, FreeUsageRow, SQLITE_BINDS_MAX, USAGE_BINDS, UsageRow};
 use crate::billing::ReserveRequest;
 use crate::month::{Day, Month};
 use crate::price::{BilledTokens, PriceVersion, cost_of};
@@ -429,19 +429,21 @@ async fn write_seed_chunk(ledger: &Ledger, generated: &[SeedRow<'_>]) -> Result<
     let rows: Vec<UsageRow<'_>> = generated
         .iter()
         .map(|g| UsageRow {
-            request_id: g.request_id.clone(),
-            tenant: g.key.tenant.as_str(),
-            key_id: &g.key.key_id.0,
-            model: g.price.model.as_str(),
-            endpoint: "chat.completions",
-            prompt_tokens: i64::from(g.prompt_tokens),
-            completion_tokens: i64::from(g.completion_tokens),
-            cached_prompt_tokens: i64::from(g.cached_prompt_tokens),
-            cached_prompt_tokens_unknown: 0,
-            status: if g.error { "error" } else { "ok" },
-            error_code: g.error.then_some("backend_failed"),
-            latency_ms: 100,
-            created_at_ms: g.created_at_ms,
+            entry: FreeUsageRow {
+                request_id: g.request_id.clone(),
+                tenant: g.key.tenant.as_str(),
+                key_id: &g.key.key_id.0,
+                model: Some(g.price.model.as_str()),
+                endpoint: "chat.completions",
+                prompt_tokens: i64::from(g.prompt_tokens),
+                completion_tokens: i64::from(g.completion_tokens),
+                cached_prompt_tokens: i64::from(g.cached_prompt_tokens),
+                cached_prompt_tokens_unknown: 0,
+                status: if g.error { "error" } else { "ok" },
+                error_code: g.error.then_some("backend_failed"),
+                latency_ms: 100,
+                created_at_ms: g.created_at_ms,
+            },
             project: g.key.project.as_str(),
             month: &g.month,
             currency: g.price.currency.as_str(),

@@ -81,15 +81,22 @@ fn add_sums(slot: &mut DailySums, add: DailySums) -> Result<(), LedgerError> {
 /// order the upsert locks them in).
 pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>, LedgerError> {
     sum_daily(rows.iter().map(|row| {
-        let day = Day::of_ms(row.created_at_ms).days_since_epoch();
+        let e = &row.entry;
+        let day = Day::of_ms(e.created_at_ms).days_since_epoch();
         (
-            (row.tenant, row.project, row.key_id, row.model, day),
+            (
+                e.tenant,
+                row.project,
+                e.key_id,
+                e.model.unwrap_or(ROLLUP_NONE),
+                day,
+            ),
             [
                 1,
-                row.prompt_tokens,
-                row.cached_prompt_tokens,
-                row.cached_prompt_tokens_unknown,
-                row.completion_tokens,
+                e.prompt_tokens,
+                e.cached_prompt_tokens,
+                e.cached_prompt_tokens_unknown,
+                e.completion_tokens,
                 row.cost_nanos,
             ],
         )

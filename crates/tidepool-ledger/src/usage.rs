@@ -4,11 +4,37 @@
 
 use tidepool_core::{KeyId, ModelId, RequestId, TenantId};
 
+use crate::batch_sql::FreeUsageRow;
 use crate::store::{on_store, to_tokens, to_u64};
 use crate::{Ledger, LedgerError, ModelTotals, NO_MODEL, UsageEntry, UsageStatus};
 
 /// Longest endpoint name or error code stored, in bytes.
 pub const USAGE_LABEL_BYTES_MAX: usize = 64;
+
+/// The columns every usage row has, from an entry: `model` as the row records it (the
+/// reservation's, or the entry's own) and `latency_ms` checked by the caller.
+pub(crate) fn entry_columns<'a>(
+    entry: &'a UsageEntry,
+    model: Option<&'a str>,
+    latency_ms: i64,
+) -> FreeUsageRow<'a> {
+    let (status, error_code) = status_parts(&entry.status);
+    FreeUsageRow {
+        request_id: entry.request_id.to_string(),
+        tenant: entry.tenant.as_str(),
+        key_id: &entry.key_id.0,
+        model,
+        endpoint: &entry.endpoint,
+        prompt_tokens: i64::from(entry.prompt_tokens),
+        completion_tokens: i64::from(entry.completion_tokens),
+        cached_prompt_tokens: i64::from(entry.cached_prompt_tokens),
+        cached_prompt_tokens_unknown: i64::from(entry.cached_prompt_tokens_unknown),
+        status,
+        error_code,
+        latency_ms,
+        created_at_ms: entry.created_at_ms,
+    }
+}
 
 pub(crate) fn status_parts(status: &UsageStatus) -> (&'static str, Option<&str>) {
     match status {

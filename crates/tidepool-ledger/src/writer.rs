@@ -24,7 +24,7 @@ use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::{daily_rows, free_daily_rows};
 use crate::store::{Store, on_store, to_i64};
-use crate::usage::{status_parts, validate_entry};
+use crate::usage::{entry_columns, validate_entry};
 use crate::write_tx::{Guard, TxControl as _, WriteTx};
 use crate::{Clock, LedgerError, UsageEntry};
 
@@ -355,16 +355,22 @@ impl crate::Ledger {
             !items.is_empty() && items.len() <= SETTLE_BATCH_LEN_MAX,
             "a batch respects its limits"
         );
+        let writer = self.detached_writer();
+        let items: Vec<Item<'_>> = items.iter().map(|(e, f)| (e, *f, None)).collect();
+        writer.finish_batch_retrying(&items).await
+    }
+
+    /// A writer on this handle's store with no queue of its own, for the `*_in_one_batch` tests.
+    #[cfg(feature = "test-util")]
+    fn detached_writer(&self) -> Writer {
         let (_unused, rx) = mpsc::channel(1);
-        let writer = Writer {
+        Writer {
             store: self.store.clone(),
             gate: self.gate.clone(),
             clock: self.clock.clone(),
             rx,
             last_cleanup_ms: i64::MIN,
-        };
-        let items: Vec<Item<'_>> = items.iter().map(|(e, f)| (e, *f, None)).collect();
-        writer.finish_batch_retrying(&items).await
+        }
     }
 
     /// Writes `entries` as one batch of money-free usage entries, exactly as the settle writer
@@ -375,14 +381,7 @@ impl crate::Ledger {
         &self,
         entries: &[UsageEntry],
     ) -> Result<Vec<bool>, LedgerError> {
-        let (_unused, rx) = mpsc::channel(1);
-        let writer = Writer {
-            store: self.store.clone(),
-            gate: self.gate.clone(),
-            clock: self.clock.clone(),
-            rx,
-            last_cleanup_ms: i64::MIN,
-        };
+        let writer = self.detached_writer();
         let entries: Vec<&UsageEntry> = entries.iter().collect();
         writer.record_batch_retrying(&entries).await
     }
@@ -612,22 +611,11 @@ impl Writer {
         );
         let mut rows = Vec::with_capacity(entries.len());
         for entry in entries {
-            let (status, code) = status_parts(&entry.status);
-            rows.push(FreeUsageRow {
-                request_id: entry.request_id.to_string(),
-                tenant: entry.tenant.as_str(),
-                key_id: &entry.key_id.0,
-                model: entry.model.as_ref().map(ModelId::as_str),
-                endpoint: &entry.endpoint,
-                prompt_tokens: i64::from(entry.prompt_tokens),
-                completion_tokens: i64::from(entry.completion_tokens),
-                cached_prompt_tokens: i64::from(entry.cached_prompt_tokens),
-                cached_prompt_tokens_unknown: i64::from(entry.cached_prompt_tokens_unknown),
-                status,
-                error_code: code,
-                latency_ms: to_i64(entry.latency_ms, "latency_ms")?,
-                created_at_ms: entry.created_at_ms,
-            });
+            rows.push(entry_columns(
+                entry,
+                entry.model.as_ref().map(ModelId::as_str),
+                to_i64(entry.latency_ms, "latency_ms")?,
+            ));
         }
         let _gate = self.gate.enter().await;
         on_store!(&self.store, pool => {
@@ -873,33 +861,20 @@ impl Writer {
                     // 4. Usage entries, with their money and price snapshot.
                     let rows: Vec<UsageRow<'_>> = applied
                         .iter()
-                        .map(|(row, _)| {
-                            let (status, code) = status_parts(&row.entry.status);
-                            UsageRow {
-                                request_id: row.entry.request_id.to_string(),
-                                tenant: row.entry.tenant.as_str(),
-                                key_id: &row.entry.key_id.0,
-                                model: &row.held.model,
-                                endpoint: &row.entry.endpoint,
-                                prompt_tokens: i64::from(row.entry.prompt_tokens),
-                                completion_tokens: i64::from(row.entry.completion_tokens),
-                                cached_prompt_tokens: i64::from(row.entry.cached_prompt_tokens),
-                                cached_prompt_tokens_unknown: i64::from(
-                                    row.entry.cached_prompt_tokens_unknown,
-                                ),
-                                status,
-                                error_code: code,
-                                latency_ms: row.latency_ms,
-                                created_at_ms: row.entry.created_at_ms,
-                                project: &row.held.project,
-                                month: &row.held.month,
-                                currency: row.held.currency.as_str(),
-                                cost_nanos: row.cost.0,
-                                price_effective_from_ms: row.held.price.effective_from_ms,
-                                input_per_mtok_nanos: row.held.price.input_per_mtok.0,
-                                output_per_mtok_nanos: row.held.price.output_per_mtok.0,
-                                cached_input_per_mtok_nanos: row.held.price.cached_input_per_mtok.0,
-                            }
+                        .map(|(row, _)| UsageRow {
+                            entry: entry_columns(
+                                row.entry,
+                                Some(row.held.model.as_str()),
+                                row.latency_ms,
+                            ),
+                            project: &row.held.project,
+                            month: &row.held.month,
+                            currency: row.held.currency.as_str(),
+                            cost_nanos: row.cost.0,
+                            price_effective_from_ms: row.held.price.effective_from_ms,
+                            input_per_mtok_nanos: row.held.price.input_per_mtok.0,
+                            output_per_mtok_nanos: row.held.price.output_per_mtok.0,
+                            cached_input_per_mtok_nanos: row.held.price.cached_input_per_mtok.0,
                         })
                         .collect();
                     // With batch lines, the usage rows go first on their own (a line's result
