@@ -24,7 +24,7 @@ use sqlx::query_builder::Separated;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row as _, Sqlite, SqliteConnection};
 
 use crate::LedgerError;
-use crate::write_tx::{Guard, TxControl, guard_sql, guarded};
+use crate::write_tx::{Guard, SQLITE_BEGIN_WRITE, TxControl, guard_sql, guarded};
 
 /// One row of [`BatchSql::begin_and_read_inputs`]: `(kind, a, b, c, d, n1, n2, n3, n4)`.
 pub(crate) type InputRow = (
@@ -165,6 +165,7 @@ pub(crate) struct FreeUsageRow<'a> {
     pub(crate) prompt_tokens: i64,
     pub(crate) completion_tokens: i64,
     pub(crate) cached_prompt_tokens: i64,
+    /// 1: the cached count is unknown (see `UsageEntry::cached_prompt_tokens_unknown`).
     pub(crate) cached_prompt_tokens_unknown: i64,
     pub(crate) status: &'static str,
     pub(crate) error_code: Option<&'a str>,
@@ -194,6 +195,28 @@ pub(crate) struct DailyRow<'a> {
     pub(crate) cached_unknown_requests: i64,
     pub(crate) completion_tokens: i64,
     pub(crate) cost_nanos: i64,
+}
+
+/// The columns of `usage_entries` a [`FreeUsageRow`] fills, in the order it binds them
+/// (`push_entry_binds`, `bind_entry_columns`, then `cached_prompt_tokens_unknown`; a macro,
+/// for `concat!`).
+macro_rules! free_usage_columns {
+    () => {
+        "request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, \
+         cached_prompt_tokens, status, error_code, latency_ms, created_at_ms, \
+         cached_prompt_tokens_unknown"
+    };
+}
+
+/// The columns of `usage_entries` a [`UsageRow`] fills, in the order it binds them (its
+/// entry's first twelve, its money, then `cached_prompt_tokens_unknown`).
+macro_rules! usage_columns {
+    () => {
+        "request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, \
+         cached_prompt_tokens, status, error_code, latency_ms, created_at_ms, project_id, month, \
+         currency, cost_nanos, price_effective_from_ms, input_per_mtok_nanos, \
+         output_per_mtok_nanos, cached_input_per_mtok_nanos, cached_prompt_tokens_unknown"
+    };
 }
 
 /// The columns of a [`ReservationRow`], for `RETURNING` (a macro, so that `concat!` can build
@@ -409,9 +432,10 @@ impl BatchSql for SqliteConnection {
     ) -> Result<Vec<InputRow>, sqlx::Error> {
         let keys = || inputs.key_ids.iter().copied();
         let requests = || inputs.request_ids.iter().map(String::as_str);
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "BEGIN IMMEDIATE; SELECT 'key', key_id, tenant_id, project_id, NULL, revoked_at_ms, NULL, NULL, NULL \
-             FROM api_keys WHERE key_id IN (",
+        let mut query = QueryBuilder::<Sqlite>::new(SQLITE_BEGIN_WRITE);
+        query.push(
+            "; SELECT 'key', key_id, tenant_id, project_id, NULL, revoked_at_ms, NULL, NULL, \
+             NULL FROM api_keys WHERE key_id IN (",
         );
         push_list(&mut query, keys());
         query.push(
@@ -512,9 +536,8 @@ impl BatchSql for SqliteConnection {
         settling: &[String],
         resolved_at_ms: i64,
     ) -> Result<Vec<ReservationRow>, sqlx::Error> {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "BEGIN IMMEDIATE; UPDATE reservations SET state = CASE WHEN request_id IN (",
-        );
+        let mut query = QueryBuilder::<Sqlite>::new(SQLITE_BEGIN_WRITE);
+        query.push("; UPDATE reservations SET state = CASE WHEN request_id IN (");
         push_list(&mut query, settling.iter().map(String::as_str));
         query.push(") THEN 'settled' ELSE 'voided' END, resolved_at_ms = ");
         query.push_bind(resolved_at_ms);
@@ -545,13 +568,12 @@ impl BatchSql for SqliteConnection {
         rows: &[FreeUsageRow<'_>],
     ) -> Result<Vec<String>, sqlx::Error> {
         // `WHERE` before `ON CONFLICT`: SQLite needs one to tell the upsert from a join.
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-             latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
-             SELECT column1, column2, column3, column4, column5, column6, column7, column8, \
-             column9, column10, column11, column12, column13 FROM (",
-        );
+        let mut query = QueryBuilder::<Sqlite>::new(concat!(
+            "INSERT INTO usage_entries (",
+            free_usage_columns!(),
+            ") SELECT column1, column2, column3, column4, column5, column6, column7, column8, \
+             column9, column10, column11, column12, column13 FROM ("
+        ));
         query.push_values(rows, |mut b, r| {
             push_entry_binds(&mut b, r);
             b.push_bind(r.cached_prompt_tokens_unknown);
@@ -629,13 +651,11 @@ impl BatchSql for SqliteConnection {
 
 /// The usage rows' insert (at least one), skipping request ids that already have one.
 fn push_insert_usage<'a>(query: &mut QueryBuilder<'a, Sqlite>, rows: &'a [UsageRow<'a>]) {
-    query.push(
-        "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-         prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-         latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
-         price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-         cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) ",
-    );
+    query.push(concat!(
+        "INSERT INTO usage_entries (",
+        usage_columns!(),
+        ") "
+    ));
     query.push_values(rows, |mut b, r| {
         push_entry_binds(&mut b, &r.entry);
         b.push_bind(r.project)
@@ -692,8 +712,8 @@ fn push_entry_binds<'args>(
 }
 
 /// PostgreSQL: a reservation batch's four writes in one statement (see
-/// [`BatchSql::write_reservations_and_commit`]); every row it changes is locked already, so the order in
-/// which the four run does not matter.
+/// [`BatchSql::write_reservations_and_commit`]); every row it changes is locked already, so the
+/// order in which the four run does not matter.
 const PG_WRITE_RESERVATIONS: &str = "WITH a AS (UPDATE accounts x SET reserved_nanos = x.reserved_nanos + d.hold \
      FROM UNNEST($1::text[], $2::bigint[]) AS d(tenant_id, hold) \
      WHERE x.tenant_id = d.tenant_id AND x.balance_nanos - x.reserved_nanos >= d.hold \
@@ -886,18 +906,15 @@ impl BatchSql for PgConnection {
     }
 
     async fn insert_usage(&mut self, rows: &[UsageRow<'_>]) -> Result<u64, sqlx::Error> {
-        let query = sqlx::query(
-            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-             latency_ms, created_at_ms, project_id, month, currency, cost_nanos, \
-             price_effective_from_ms, input_per_mtok_nanos, output_per_mtok_nanos, \
-             cached_input_per_mtok_nanos, cached_prompt_tokens_unknown) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+        let query = sqlx::query(concat!(
+            "INSERT INTO usage_entries (",
+            usage_columns!(),
+            ") SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], \
              $12::bigint[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
              $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[]) \
-             ON CONFLICT (request_id) DO NOTHING",
-        );
+             ON CONFLICT (request_id) DO NOTHING"
+        ));
         let entries: Vec<&FreeUsageRow<'_>> = rows.iter().map(|r| &r.entry).collect();
         let done = bind_entry_columns(query, &entries)
             .bind(column(rows, |r| r.project))
@@ -918,11 +935,10 @@ impl BatchSql for PgConnection {
         &mut self,
         rows: &[FreeUsageRow<'_>],
     ) -> Result<Vec<String>, sqlx::Error> {
-        let query = sqlx::query(
-            "INSERT INTO usage_entries (request_id, tenant_id, key_id, model, endpoint, \
-             prompt_tokens, completion_tokens, cached_prompt_tokens, status, error_code, \
-             latency_ms, created_at_ms, cached_prompt_tokens_unknown) \
-             SELECT n.request_id, n.tenant_id, n.key_id, n.model, n.endpoint, n.prompt_tokens, \
+        let query = sqlx::query(concat!(
+            "INSERT INTO usage_entries (",
+            free_usage_columns!(),
+            ") SELECT n.request_id, n.tenant_id, n.key_id, n.model, n.endpoint, n.prompt_tokens, \
              n.completion_tokens, n.cached_prompt_tokens, n.status, n.error_code, n.latency_ms, \
              n.created_at_ms, n.cached_unknown \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
@@ -931,8 +947,8 @@ impl BatchSql for PgConnection {
              model, endpoint, prompt_tokens, completion_tokens, cached_prompt_tokens, status, \
              error_code, latency_ms, created_at_ms, cached_unknown, i) \
              WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = n.request_id) \
-             ORDER BY n.i ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-        );
+             ORDER BY n.i ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+        ));
         let entries: Vec<&FreeUsageRow<'_>> = rows.iter().collect();
         let inserted = bind_entry_columns(query, &entries)
             .bind(column(rows, |r| r.cached_prompt_tokens_unknown))

@@ -31,7 +31,7 @@ use crate::batch_sql::{
 use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 use crate::month::Month;
 use crate::price::{PriceVersion, hold_for};
-use crate::store::{Store, WriteGate, on_store};
+use crate::store::{Store, WriteGate, on_store, retry_transient};
 use crate::write_tx::{TxControl as _, WriteTx};
 use crate::{Clock, Ledger, LedgerError};
 
@@ -709,24 +709,11 @@ impl Reserver {
         &self,
         requests: &[ReserveRequest],
     ) -> Result<Vec<Result<Reservation, LedgerError>>, LedgerError> {
-        let mut attempt: u32 = 0;
-        loop {
-            match self.batch(requests).await {
-                Err(err) if err.is_transient() && attempt < crate::store::RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
-                    tracing::debug!(
-                        attempt,
-                        "reservation batch retried after a transient conflict"
-                    );
-                }
-                result => {
-                    if let Ok(results) = &result {
-                        assert!(results.len() == requests.len(), "one result per request");
-                    }
-                    return result;
-                }
-            }
+        let result = retry_transient("reservation batch", || self.batch(requests)).await;
+        if let Ok(results) = &result {
+            assert!(results.len() == requests.len(), "one result per request");
         }
+        result
     }
 
     #[expect(clippy::too_many_lines, reason = "one transaction, read top to bottom")]

@@ -80,54 +80,44 @@ fn add_sums(slot: &mut DailySums, add: DailySums) -> Result<(), LedgerError> {
 /// What a batch of usage rows adds to the rollup: one row per distinct key, sorted by key (the
 /// order the upsert locks them in).
 pub(crate) fn daily_rows<'a>(rows: &[UsageRow<'a>]) -> Result<Vec<DailyRow<'a>>, LedgerError> {
-    sum_daily(rows.iter().map(|row| {
-        let e = &row.entry;
-        let day = Day::of_ms(e.created_at_ms).days_since_epoch();
-        (
-            (
-                e.tenant,
-                row.project,
-                e.key_id,
-                e.model.unwrap_or(ROLLUP_NONE),
-                day,
-            ),
-            [
-                1,
-                e.prompt_tokens,
-                e.cached_prompt_tokens,
-                e.cached_prompt_tokens_unknown,
-                e.completion_tokens,
-                row.cost_nanos,
-            ],
-        )
-    }))
+    sum_daily(
+        rows.iter()
+            .map(|row| daily_item(&row.entry, row.project, row.cost_nanos)),
+    )
 }
 
-/// What a batch of money-free usage rows adds to the rollup (no project, no model as
-/// [`ROLLUP_NONE`], no cost), as [`daily_rows`].
+/// What a batch of money-free usage rows adds to the rollup (no project, no cost), as
+/// [`daily_rows`].
 pub(crate) fn free_daily_rows<'a>(
     rows: &[&FreeUsageRow<'a>],
 ) -> Result<Vec<DailyRow<'a>>, LedgerError> {
-    sum_daily(rows.iter().map(|row| {
-        let day = Day::of_ms(row.created_at_ms).days_since_epoch();
+    sum_daily(rows.iter().map(|row| daily_item(row, ROLLUP_NONE, 0)))
+}
+
+/// One usage row's rollup key and what it adds; no model counts as [`ROLLUP_NONE`].
+fn daily_item<'a>(
+    entry: &FreeUsageRow<'a>,
+    project: &'a str,
+    cost_nanos: i64,
+) -> (DailyKey<'a>, DailySums) {
+    let day = Day::of_ms(entry.created_at_ms).days_since_epoch();
+    (
         (
-            (
-                row.tenant,
-                ROLLUP_NONE,
-                row.key_id,
-                row.model.unwrap_or(ROLLUP_NONE),
-                day,
-            ),
-            [
-                1,
-                row.prompt_tokens,
-                row.cached_prompt_tokens,
-                row.cached_prompt_tokens_unknown,
-                row.completion_tokens,
-                0,
-            ],
-        )
-    }))
+            entry.tenant,
+            project,
+            entry.key_id,
+            entry.model.unwrap_or(ROLLUP_NONE),
+            day,
+        ),
+        [
+            1,
+            entry.prompt_tokens,
+            entry.cached_prompt_tokens,
+            entry.cached_prompt_tokens_unknown,
+            entry.completion_tokens,
+            cost_nanos,
+        ],
+    )
 }
 
 /// One rollup row per distinct key, sorted by key, with the sums of its rows.

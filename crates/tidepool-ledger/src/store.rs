@@ -27,6 +27,29 @@ const SQLITE_BUSY: &str = "5";
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
 /// SQLite busy) before the error is returned.
 pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
+/// Runs `attempt`, and runs it again after each transient conflict (deadlock, serialization
+/// failure, SQLite busy), at most [`RETRY_ATTEMPTS_MAX`] times more; returns the first outcome
+/// that is not such a conflict, or the last one. `what` names the work in the debug log.
+pub(crate) async fn retry_transient<T, F, Fut>(
+    what: &'static str,
+    mut attempt: F,
+) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, LedgerError>>,
+{
+    let mut retries: u32 = 0;
+    loop {
+        match attempt().await {
+            Err(err) if err.is_transient() && retries < RETRY_ATTEMPTS_MAX => {
+                retries = retries.saturating_add(1);
+                tracing::debug!(retries, what, "retried after a transient conflict");
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// How long acquiring a pooled SQLite connection may take before the call fails: the file is
 /// local, so a wait only means this process's own connections are all busy.
 pub(crate) const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -174,7 +197,7 @@ impl Store {
     /// transaction never fails half-way upgrading a read lock; PostgreSQL: row locks as it goes.
     pub(crate) fn begin_write_sql(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "BEGIN IMMEDIATE",
+            Self::Sqlite(_) => crate::write_tx::SQLITE_BEGIN_WRITE,
             Self::Postgres(_) => "BEGIN",
         }
     }

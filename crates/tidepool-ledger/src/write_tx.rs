@@ -2,11 +2,12 @@
 //! connection that begins and commits inside the batch's own statements, and the write guards
 //! ([`Guard`]) that check each write's count of changed rows before the commit.
 //!
-//! On SQLite every statement is a trip to the connection's own thread and back (sqlx runs each
-//! SQLite connection on a thread of its own), and on a loaded machine each trip is a thread
-//! wake-up of 0.1–0.5 ms whatever the SQL. So a SQLite batch runs in two trips: `BEGIN IMMEDIATE`
-//! with the batch's read, then its writes with `COMMIT`. The checks that used to compare the
-//! write counts in Rust between the writes and the commit run inside that second query instead:
+//! On SQLite every query is a trip to the connection's own thread and back (sqlx runs each
+//! SQLite connection on a thread of its own), and each trip costs thread wake-ups, on a loaded
+//! machine far more than the SQL itself (docs/bench/ledger.md). So a SQLite batch runs in two
+//! trips: `BEGIN IMMEDIATE` with the batch's read, then its writes with `COMMIT`. The checks
+//! that used to compare the write counts in Rust between the writes and the commit run inside
+//! that second query instead:
 //! after each write, `INSERT INTO write_guard VALUES (tag, changes(), expected)` goes to a
 //! temporary view whose `INSTEAD OF` trigger raises `write guard: <tag>` when the count is not
 //! the expected one. SQLite stops a multi-statement query at its first error, so `COMMIT` never
@@ -24,6 +25,10 @@ use sqlx::{Database, Executor as _, PgConnection, SqliteConnection};
 
 use crate::LedgerError;
 
+/// SQLite's write transaction: takes the database's write lock up front, so a transaction never
+/// fails half-way upgrading a read lock.
+pub(crate) const SQLITE_BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 /// The statements that begin, commit and roll back a write transaction on either store's
 /// connection.
 pub(crate) trait TxControl {
@@ -38,7 +43,7 @@ pub(crate) trait TxControl {
 
 impl TxControl for SqliteConnection {
     async fn begin(&mut self) -> Result<(), sqlx::Error> {
-        sqlx::query("BEGIN IMMEDIATE")
+        sqlx::query(SQLITE_BEGIN_WRITE)
             .execute(&mut *self)
             .await
             .map(drop)
@@ -194,17 +199,15 @@ pub(crate) fn guarded(error: sqlx::Error) -> LedgerError {
 }
 
 /// A group-commit writer's transaction on one pooled connection. The batch's first statement
-/// begins it and its last commits it (the `begin_*` and `*_and_commit` methods of `batch_sql`), so
-/// no trip to the connection is spent on `BEGIN` or `COMMIT` alone; [`WriteTx::end`] rolls back
-/// when the batch failed. A transaction dropped before it ended (its future cancelled, or a
+/// begins it and its last commits it (the `begin_*` and `*_and_commit` methods of
+/// `batch_sql`), so no trip to the connection is spent on `BEGIN` or `COMMIT` alone;
+/// [`WriteTx::end`] rolls back when the batch failed. A transaction dropped before it ended (its future cancelled, or a
 /// rollback that failed) closes its connection instead of returning it to the pool: closing
 /// rolls back, and the pool never hands out a connection inside a transaction.
 pub(crate) struct WriteTx<DB: Database> {
     conn: PoolConnection<DB>,
-    /// Set when a statement of the batch committed the transaction or rolled it back.
+    /// Set once the transaction is over: committed or rolled back.
     ended: bool,
-    /// Cleared once the transaction is over (committed or rolled back).
-    open: bool,
 }
 
 impl<DB: Database> WriteTx<DB>
@@ -215,7 +218,6 @@ where
         Ok(Self {
             conn: pool.acquire().await?,
             ended: false,
-            open: true,
         })
     }
 
@@ -243,12 +245,11 @@ where
                     self.ended,
                     "a write transaction's batch ends it before it succeeds"
                 );
-                self.open = false;
                 Ok(value)
             }
             Err(error) => {
                 match self.conn.rollback().await {
-                    Ok(()) => self.open = false,
+                    Ok(()) => self.ended = true,
                     // No transaction left to roll back (the error came from its `BEGIN`), or the
                     // connection is broken: it is closed on drop either way.
                     Err(rollback) => tracing::debug!(error = %rollback,
@@ -262,7 +263,7 @@ where
 
 impl<DB: Database> Drop for WriteTx<DB> {
     fn drop(&mut self) {
-        if self.open {
+        if !self.ended {
             self.conn.close_on_drop();
         }
     }

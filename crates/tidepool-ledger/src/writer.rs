@@ -23,7 +23,7 @@ use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::{daily_rows, free_daily_rows};
-use crate::store::{Store, on_store, to_i64};
+use crate::store::{Store, on_store, retry_transient, to_i64};
 use crate::usage::{entry_columns, validate_entry};
 use crate::write_tx::{Guard, TxControl as _, WriteTx};
 use crate::{Clock, LedgerError, UsageEntry};
@@ -87,7 +87,7 @@ pub(crate) enum Command {
         finish: Finish,
         /// A batch line's result, written in the settlement's transaction.
         line: Option<Box<NewBatchLine>>,
-        reply: oneshot::Sender<Result<Settlement, LedgerError>>,
+        reply: Reply<Settlement>,
     },
     Checkpoint {
         request_id: RequestId,
@@ -97,18 +97,72 @@ pub(crate) enum Command {
     /// A money-free usage entry (`record_usage`); the reply says whether it was written.
     Record {
         entry: UsageEntry,
-        reply: oneshot::Sender<Result<bool, LedgerError>>,
+        reply: Reply<bool>,
     },
 }
 
 /// One command of a settle batch: the entry, how it resolves, and a batch line's result.
 type Item<'a> = (&'a UsageEntry, Finish, Option<&'a NewBatchLine>);
 
-/// Where a checkpoint's outcome goes.
-type CheckpointReply = oneshot::Sender<Result<(), LedgerError>>;
+/// Where a command's outcome goes.
+type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
 
-/// Where a money-free usage entry's outcome goes: whether it was written.
-type RecordReply = oneshot::Sender<Result<bool, LedgerError>>;
+/// Where a checkpoint's outcome goes.
+type CheckpointReply = Reply<()>;
+
+/// A `settle`/`void` command as the writer drains it: the entry, how it resolves, and a batch
+/// line's result.
+type Finishing = (UsageEntry, Finish, Option<Box<NewBatchLine>>);
+
+/// A kind of command the settle writer applies in batches: what one batch of them returns,
+/// one result per command.
+trait RunKind {
+    type Command;
+    type Output;
+    /// Names the batch in the logs.
+    const KIND: &'static str;
+    async fn batch(
+        writer: &Writer,
+        commands: &[&Self::Command],
+    ) -> Result<Vec<Result<Self::Output, LedgerError>>, LedgerError>;
+}
+
+/// `settle`/`void` commands.
+struct Finishes;
+
+impl RunKind for Finishes {
+    type Command = Finishing;
+    type Output = Settlement;
+    const KIND: &'static str = "settle batch";
+
+    async fn batch(
+        writer: &Writer,
+        commands: &[&Finishing],
+    ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
+        let items: Vec<Item<'_>> = commands
+            .iter()
+            .map(|(entry, finish, line)| (entry, *finish, line.as_deref()))
+            .collect();
+        writer.finish_batch_retrying(&items).await
+    }
+}
+
+/// Money-free usage entries (`record_usage`).
+struct Records;
+
+impl RunKind for Records {
+    type Command = UsageEntry;
+    type Output = bool;
+    const KIND: &'static str = "usage batch";
+
+    async fn batch(
+        writer: &Writer,
+        entries: &[&UsageEntry],
+    ) -> Result<Vec<Result<bool, LedgerError>>, LedgerError> {
+        let written = writer.record_batch_retrying(entries).await?;
+        Ok(written.into_iter().map(Ok).collect())
+    }
+}
 
 #[derive(Debug)]
 struct Held {
@@ -462,7 +516,7 @@ impl Writer {
                     finish,
                     line,
                     reply,
-                } => finishes.push((entry, finish, line, reply)),
+                } => finishes.push(((entry, finish, line), reply)),
                 Command::Checkpoint {
                     request_id,
                     completion_tokens,
@@ -473,41 +527,44 @@ impl Writer {
             }
         }
         self.apply_checkpoints(checkpoints).await;
-        self.apply_records(records).await;
-        if finishes.is_empty() {
+        self.answer_run::<Records>(records).await;
+        self.answer_run::<Finishes>(finishes).await;
+    }
+
+    /// Applies a drained run of commands of one kind as one batch and answers each caller. A
+    /// batch that fails as a whole is applied command by command, so one bad command cannot
+    /// fail its neighbours — unless the database is out of reach: one by one would then wait
+    /// out the connection timeout once per command, so every caller gets the failure now and
+    /// may retry.
+    async fn answer_run<K: RunKind>(&self, run: Vec<(K::Command, Reply<K::Output>)>) {
+        if run.is_empty() {
             return;
         }
-        let items: Vec<Item<'_>> = finishes
-            .iter()
-            .map(|(e, f, l, _)| (e, *f, l.as_deref()))
-            .collect();
-        match self.finish_batch_retrying(&items).await {
+        let kind = K::KIND;
+        let (commands, replies): (Vec<K::Command>, Vec<_>) = run.into_iter().unzip();
+        let all: Vec<&K::Command> = commands.iter().collect();
+        match K::batch(self, &all).await {
             Ok(results) => {
-                assert!(results.len() == finishes.len(), "one result per command");
-                for ((_, _, _, reply), result) in finishes.into_iter().zip(results) {
+                assert!(results.len() == replies.len(), "one result per command");
+                for (reply, result) in replies.into_iter().zip(results) {
                     drop(reply.send(result));
                 }
             }
-            Err(err) if items.len() == 1 => {
-                if let Some((_, _, _, reply)) = finishes.into_iter().next() {
+            Err(err) if all.len() == 1 => {
+                if let Some(reply) = replies.into_iter().next() {
                     drop(reply.send(Err(err)));
                 }
             }
             Err(err) if err.is_unavailable() => {
-                // The database is out of reach: one by one would wait out the connection
-                // timeout once per command. Every caller gets the failure now and may retry.
-                tracing::warn!(error = %err, len = items.len(), "settle batch failed: the database is unreachable");
-                for (_, _, _, reply) in finishes {
+                tracing::warn!(error = %err, len = all.len(), "{kind} failed: the database is unreachable");
+                for reply in replies {
                     drop(reply.send(Err(LedgerError::WriterFailed)));
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, len = items.len(), "settle batch failed; applying one by one");
-                for (entry, finish, line, reply) in finishes {
-                    let result = match self
-                        .finish_batch_retrying(&[(&entry, finish, line.as_deref())])
-                        .await
-                    {
+                tracing::warn!(error = %err, len = all.len(), "{kind} failed; applying one by one");
+                for (command, reply) in all.iter().zip(replies) {
+                    let result = match K::batch(self, std::slice::from_ref(command)).await {
                         Ok(mut results) => results.pop().unwrap_or(Err(LedgerError::WriterFailed)),
                         Err(err) => Err(err),
                     };
@@ -546,59 +603,11 @@ impl Writer {
         }
     }
 
-    /// Writes a drained run of money-free usage entries as one batch and answers each caller;
-    /// if the batch fails as a whole, each entry is written alone.
-    async fn apply_records(&self, records: Vec<(UsageEntry, RecordReply)>) {
-        if records.is_empty() {
-            return;
-        }
-        let entries: Vec<&UsageEntry> = records.iter().map(|(entry, _)| entry).collect();
-        match self.record_batch_retrying(&entries).await {
-            Ok(written) => {
-                assert!(written.len() == records.len(), "one result per entry");
-                for ((_, reply), first) in records.into_iter().zip(written) {
-                    drop(reply.send(Ok(first)));
-                }
-            }
-            Err(err) if records.len() == 1 => {
-                if let Some((_, reply)) = records.into_iter().next() {
-                    drop(reply.send(Err(err)));
-                }
-            }
-            Err(err) if err.is_unavailable() => {
-                // As for settlements: one by one would wait out the connection timeout once per
-                // entry, holding up the writer. Every caller gets the failure now and may retry.
-                tracing::warn!(error = %err, len = records.len(), "usage batch failed: the database is unreachable");
-                for (_, reply) in records {
-                    drop(reply.send(Err(LedgerError::WriterFailed)));
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, len = records.len(), "usage batch failed; writing one by one");
-                for (entry, reply) in records {
-                    let result = self
-                        .record_batch_retrying(&[&entry])
-                        .await
-                        .map(|written| written.first().copied().unwrap_or(false));
-                    drop(reply.send(result));
-                }
-            }
-        }
-    }
-
     async fn record_batch_retrying(
         &self,
         entries: &[&UsageEntry],
     ) -> Result<Vec<bool>, LedgerError> {
-        let mut attempt: u32 = 0;
-        loop {
-            match self.record_batch(entries).await {
-                Err(err) if err.is_transient() && attempt < crate::store::RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
-                }
-                result => return result,
-            }
-        }
+        retry_transient("usage batch", || self.record_batch(entries)).await
     }
 
     /// One transaction: the entries' usage rows (each only if its request id has neither a
@@ -653,15 +662,7 @@ impl Writer {
         &self,
         items: &[Item<'_>],
     ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
-        let mut attempt: u32 = 0;
-        loop {
-            match self.finish_batch(items).await {
-                Err(err) if err.is_transient() && attempt < crate::store::RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
-                }
-                result => return result,
-            }
-        }
+        retry_transient("settle batch", || self.finish_batch(items)).await
     }
 
     async fn checkpoint_batch(&self, items: &[(RequestId, u32)]) -> Result<(), LedgerError> {
