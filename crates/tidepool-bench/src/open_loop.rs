@@ -46,11 +46,9 @@ pub(crate) async fn interleaved(
 ) -> anyhow::Result<Interleaved> {
     for target in targets {
         for _ in 0..WARMUP_REQUESTS {
-            anyhow::ensure!(
-                post(client, target.url, target.key, body).await,
-                "warm-up request to {} failed",
-                target.url
-            );
+            if let Err(why) = post(client, target.url, target.key, body).await {
+                anyhow::bail!("warm-up request to {} failed: {why}", target.url);
+            }
         }
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
@@ -90,7 +88,7 @@ async fn pass(
     let body = Arc::new(body.clone());
     let mut in_flight = tokio::task::JoinSet::new();
     let mut samples = Vec::new();
-    let mut failed: u32 = 0;
+    let mut failed = Failures::default();
     for index in 0..requests {
         tokio::time::sleep_until(start + interval * index).await;
         while let Some(done) = in_flight.try_join_next() {
@@ -111,29 +109,66 @@ async fn pass(
             // millisecond) is not the target's latency. The sends keep their schedule whatever
             // the answers do, so a slow target still meets the full rate.
             let sent = Instant::now();
-            let ok = post(&client, &target, &key, &body).await;
-            (ok, ms(sent.elapsed()))
+            let outcome = post(&client, &target, &key, &body).await;
+            (outcome, ms(sent.elapsed()))
         });
     }
     while let Some(done) = in_flight.join_next().await {
         record(done?, &mut samples, &mut failed);
     }
-    anyhow::ensure!(failed == 0, "{failed} requests to {url} failed");
+    anyhow::ensure!(
+        failed.count == 0,
+        "{} requests to {url} failed; the first: {}",
+        failed.count,
+        failed.first.unwrap_or_default()
+    );
     Ok(samples)
 }
 
-/// One request; whether it succeeded with its whole body read.
-async fn post(client: &reqwest::Client, url: &str, key: &str, body: &Value) -> bool {
-    match client.post(url).bearer_auth(key).json(body).send().await {
-        Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
-        Err(_) => false,
-    }
+/// The failed requests of a pass: how many, and what the first one got.
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    first: Option<String>,
 }
 
-fn record((ok, latency_ms): (bool, f64), samples: &mut Vec<f64>, failed: &mut u32) {
-    if ok {
-        samples.push(latency_ms);
-    } else {
-        *failed = failed.saturating_add(1);
+/// The longest part of a failed answer's body kept to say why it failed, in bytes.
+const FAILED_BODY_BYTES_MAX: usize = 300;
+
+/// One request: `Ok` when it succeeded with its whole body read, else what went wrong (the
+/// status and the start of the body, or the transport error).
+async fn post(client: &reqwest::Client, url: &str, key: &str, body: &Value) -> Result<(), String> {
+    let response = client
+        .post(url)
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .map_err(|error| error.to_string())?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|error| error.to_string())?;
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let end = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|i| *i > FAILED_BODY_BYTES_MAX)
+        .unwrap_or(text.len());
+    Err(format!("{status} {}", text.get(..end).unwrap_or_default()))
+}
+
+fn record(
+    (outcome, latency_ms): (Result<(), String>, f64),
+    samples: &mut Vec<f64>,
+    failed: &mut Failures,
+) {
+    match outcome {
+        Ok(()) => samples.push(latency_ms),
+        Err(why) => {
+            failed.count = failed.count.saturating_add(1);
+            failed.first.get_or_insert(why);
+        }
     }
 }
