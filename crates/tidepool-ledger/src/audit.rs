@@ -35,7 +35,7 @@ use sqlx::{PgConnection, SqliteConnection};
 use tidepool_core::KeyId;
 
 use crate::clock::Clock;
-use crate::store::{RETRY_ATTEMPTS_MAX, Store, WriteGate, on_store};
+use crate::store::{APPEND_RETRIES_MAX, Store, WriteGate, on_store, retry_transient};
 use crate::{Ledger, LedgerError};
 
 /// The `prev_hash` of the first entry.
@@ -615,15 +615,10 @@ impl Ledger {
         target: &str,
         details: &serde_json::Value,
     ) -> Result<AuditEntry, LedgerError> {
-        let mut attempt = 1;
-        loop {
-            match self.append_audit_once(audit, action, target, details).await {
-                Err(error) if error.is_transient() && attempt < RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
-                }
-                outcome => return outcome,
-            }
-        }
+        retry_transient("audit append", APPEND_RETRIES_MAX, || {
+            self.append_audit_once(audit, action, target, details)
+        })
+        .await
     }
 
     async fn append_audit_once(

@@ -31,7 +31,7 @@ use crate::batch_sql::{
 use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 use crate::month::Month;
 use crate::price::{PriceVersion, hold_for};
-use crate::store::{Store, WriteGate, on_store, retry_transient};
+use crate::store::{RETRY_ATTEMPTS_MAX, Store, WriteGate, on_store, retry_transient};
 use crate::write_tx::{TxControl as _, WriteTx};
 use crate::{Clock, Ledger, LedgerError};
 
@@ -709,7 +709,10 @@ impl Reserver {
         &self,
         requests: &[ReserveRequest],
     ) -> Result<Vec<Result<Reservation, LedgerError>>, LedgerError> {
-        let result = retry_transient("reservation batch", || self.batch(requests)).await;
+        let result = retry_transient("reservation batch", RETRY_ATTEMPTS_MAX, || {
+            self.batch(requests)
+        })
+        .await;
         if let Ok(results) = &result {
             assert!(results.len() == requests.len(), "one result per request");
         }

@@ -6,7 +6,7 @@
 //! once and a row is sent again only if its lease ran out (the replica died or hung mid-send):
 //! at-least-once, and exactly once while replicas stay alive within their lease.
 
-use crate::store::{RETRY_ATTEMPTS_MAX, on_store, to_i64, to_u64};
+use crate::store::{APPEND_RETRIES_MAX, on_store, retry_transient, to_i64, to_u64};
 use crate::{Ledger, LedgerError};
 
 /// Most rows one claim returns.
@@ -61,39 +61,30 @@ impl Ledger {
             });
         }
         let now_ms = self.now_ms();
-        let mut attempt = 1;
-        loop {
-            let outcome: Result<u64, LedgerError> = async {
-                on_store!(&self.store, pool => {
-                    let mut tx = pool.begin().await?;
-                    let mut written: u64 = 0;
-                    for alert in alerts {
-                        let done = sqlx::query(
-                            "INSERT INTO alert_outbox (sink_id, event, payload, dedup_key, \
-                             created_at_ms, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $5) \
-                             ON CONFLICT (sink_id, dedup_key) DO NOTHING",
-                        )
-                        .bind(&alert.sink_id)
-                        .bind(&alert.event)
-                        .bind(&alert.payload)
-                        .bind(alert.dedup_key.as_deref())
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                        written = written.saturating_add(done.rows_affected());
-                    }
-                    tx.commit().await?;
-                    Ok::<u64, LedgerError>(written)
-                })
-            }
-            .await;
-            match outcome {
-                Err(error) if error.is_transient() && attempt < RETRY_ATTEMPTS_MAX => {
-                    attempt = attempt.saturating_add(1);
+        retry_transient("alert enqueue", APPEND_RETRIES_MAX, || async move {
+            on_store!(&self.store, pool => {
+                let mut tx = pool.begin().await?;
+                let mut written: u64 = 0;
+                for alert in alerts {
+                    let done = sqlx::query(
+                        "INSERT INTO alert_outbox (sink_id, event, payload, dedup_key, \
+                         created_at_ms, next_attempt_at_ms) VALUES ($1, $2, $3, $4, $5, $5) \
+                         ON CONFLICT (sink_id, dedup_key) DO NOTHING",
+                    )
+                    .bind(&alert.sink_id)
+                    .bind(&alert.event)
+                    .bind(&alert.payload)
+                    .bind(alert.dedup_key.as_deref())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    written = written.saturating_add(done.rows_affected());
                 }
-                outcome => return outcome,
-            }
-        }
+                tx.commit().await?;
+                Ok::<u64, LedgerError>(written)
+            })
+        })
+        .await
     }
 
     /// Claims up to `len_max` (at most [`ALERT_CLAIM_LEN_MAX`]) due rows for `lease_ms`: rows

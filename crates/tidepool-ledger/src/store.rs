@@ -27,11 +27,15 @@ const SQLITE_BUSY: &str = "5";
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
 /// SQLite busy) before the error is returned.
 pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
+/// Times an audit append or an alert enqueue is retried after a transient conflict: three
+/// attempts in all, one fewer than the group-commit writers make.
+pub(crate) const APPEND_RETRIES_MAX: u32 = RETRY_ATTEMPTS_MAX - 1;
 /// Runs `attempt`, and runs it again after each transient conflict (deadlock, serialization
-/// failure, SQLite busy), at most [`RETRY_ATTEMPTS_MAX`] times more; returns the first outcome
-/// that is not such a conflict, or the last one. `what` names the work in the debug log.
+/// failure, SQLite busy), at most `retries_max` times more; returns the first outcome that is
+/// not such a conflict, or the last one. `what` names the work in the debug log.
 pub(crate) async fn retry_transient<T, F, Fut>(
     what: &'static str,
+    retries_max: u32,
     mut attempt: F,
 ) -> Result<T, LedgerError>
 where
@@ -41,7 +45,7 @@ where
     let mut retries: u32 = 0;
     loop {
         match attempt().await {
-            Err(err) if err.is_transient() && retries < RETRY_ATTEMPTS_MAX => {
+            Err(err) if err.is_transient() && retries < retries_max => {
                 retries = retries.saturating_add(1);
                 tracing::debug!(retries, what, "retried after a transient conflict");
             }

@@ -23,7 +23,7 @@ use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::{daily_rows, free_daily_rows};
-use crate::store::{Store, on_store, retry_transient, to_i64};
+use crate::store::{RETRY_ATTEMPTS_MAX, Store, on_store, retry_transient, to_i64};
 use crate::usage::{entry_columns, validate_entry};
 use crate::write_tx::{Guard, TxControl as _, WriteTx};
 use crate::{Clock, LedgerError, UsageEntry};
@@ -607,7 +607,10 @@ impl Writer {
         &self,
         entries: &[&UsageEntry],
     ) -> Result<Vec<bool>, LedgerError> {
-        retry_transient("usage batch", || self.record_batch(entries)).await
+        retry_transient("usage batch", RETRY_ATTEMPTS_MAX, || {
+            self.record_batch(entries)
+        })
+        .await
     }
 
     /// One transaction: the entries' usage rows (each only if its request id has neither a
@@ -662,7 +665,10 @@ impl Writer {
         &self,
         items: &[Item<'_>],
     ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
-        retry_transient("settle batch", || self.finish_batch(items)).await
+        retry_transient("settle batch", RETRY_ATTEMPTS_MAX, || {
+            self.finish_batch(items)
+        })
+        .await
     }
 
     async fn checkpoint_batch(&self, items: &[(RequestId, u32)]) -> Result<(), LedgerError> {
