@@ -681,7 +681,10 @@ impl Book {
 
 impl Reserver {
     /// Applies `requests` as one batch (retried after transient conflicts; request by request
-    /// if the batch fails as a whole): one result per request, in order.
+    /// if the batch fails as a whole, so one bad request cannot fail its neighbours): one result
+    /// per request, in order. If the database is out of reach, every request fails at once, as
+    /// settlements do (`writer::answer_run`): one by one would wait out the connection timeout
+    /// once per request.
     pub(crate) async fn reserve_all(
         &self,
         requests: &[ReserveRequest],
@@ -689,6 +692,14 @@ impl Reserver {
         match self.batch_retrying(requests).await {
             Ok(results) => results,
             Err(err) if requests.len() == 1 => vec![Err(err)],
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(error = %err, len = requests.len(),
+                    "reservation batch failed: the database is unreachable");
+                requests
+                    .iter()
+                    .map(|_| Err(LedgerError::WriterFailed))
+                    .collect()
+            }
             Err(err) => {
                 tracing::warn!(error = %err, len = requests.len(),
                     "reservation batch failed; applying one by one");

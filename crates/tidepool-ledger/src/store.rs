@@ -25,11 +25,9 @@ const SQLITE_OPEN_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// SQLite's result code for a lock held by another connection.
 const SQLITE_BUSY: &str = "5";
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
-/// SQLite busy) before the error is returned.
+/// SQLite busy) before the error is returned: the group-commit writers' batches, the audit append
+/// and the alert enqueue alike.
 pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
-/// Times an audit append or an alert enqueue is retried after a transient conflict: three
-/// attempts in all, one fewer than the group-commit writers make.
-pub(crate) const APPEND_RETRIES_MAX: u32 = RETRY_ATTEMPTS_MAX - 1;
 /// Runs `attempt`, and runs it again after each transient conflict (deadlock, serialization
 /// failure, SQLite busy), at most `retries_max` times more; returns the first outcome that is
 /// not such a conflict, or the last one. `what` names the work in the debug log.

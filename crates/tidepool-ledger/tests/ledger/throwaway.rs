@@ -95,6 +95,78 @@ async fn a_stopped_cluster_fails_calls_and_comes_back_with_its_data() {
     assert_eq!(account.balance, Nanos(CREDIT.0 - 2 * billed.0));
 }
 
+/// Calls in flight at once against the stopped cluster, per writer.
+const CALLS_IN_FLIGHT: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_cluster_fails_each_batch_of_calls_at_once() {
+    let cluster = ThrowawayPostgres::spawn().await;
+    let options = LedgerOptions {
+        acquire_timeout: Some(ACQUIRE_TIMEOUT),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::connect_with(&cluster.url(), options).await.unwrap();
+    let f = fixture(ledger, CREDIT).await;
+    let mut open = Vec::new();
+    for _ in 0..CALLS_IN_FLIGHT {
+        open.push(f.ledger.reserve(&f.request(10, 10)).await.unwrap());
+    }
+    let held = f.ledger.account(&f.tenant).await.unwrap().reserved;
+    assert!(held > Nanos::ZERO);
+
+    let mut cluster = cluster.set_running(false).await;
+    // Sent together, so while the writers wait out the first call's acquire timeout the others
+    // queue and are drained as one batch per writer.
+    let mut tasks = tokio::task::JoinSet::new();
+    for reservation in &open {
+        let (ledger, request) = (f.ledger.clone(), f.request(10, 10));
+        tasks.spawn(async move { ("reserve", ledger.reserve(&request).await.err()) });
+        let (ledger, entry) = (f.ledger.clone(), f.entry(reservation.request_id, 10, 10));
+        tasks.spawn(async move { ("settle", ledger.settle(&entry).await.err()) });
+    }
+    let outcomes = tasks.join_all().await;
+    for call in ["reserve", "settle"] {
+        let errors: Vec<&LedgerError> = outcomes
+            .iter()
+            .filter(|(which, _)| *which == call)
+            .filter_map(|(_, error)| error.as_ref())
+            .collect();
+        assert_eq!(errors.len(), CALLS_IN_FLIGHT, "every {call} failed");
+        assert!(
+            errors.iter().all(|e| e.is_unavailable()),
+            "{call}: {errors:?}"
+        );
+        // A batch of several that found the database out of reach failed at once: its callers
+        // get `WriterFailed`. Tried one by one instead, each would get its own connection error
+        // after its own acquire timeout.
+        let failed_at_once = errors
+            .iter()
+            .filter(|e| matches!(e, LedgerError::WriterFailed))
+            .count();
+        assert!(failed_at_once >= 2, "{call}: {errors:?}");
+    }
+
+    cluster = cluster.set_running(true).await;
+    assert!(cluster.is_running());
+    assert!(f.ledger.readiness(READINESS_TIMEOUT).await.is_ready());
+    let account = f.ledger.account(&f.tenant).await.unwrap();
+    assert_eq!(account.balance, CREDIT, "nothing was billed");
+    assert_eq!(
+        account.reserved, held,
+        "the open holds are intact, none added"
+    );
+    for reservation in &open {
+        f.ledger
+            .settle(&f.entry(reservation.request_id, 10, 10))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        f.ledger.account(&f.tenant).await.unwrap().reserved,
+        Nanos::ZERO
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_url_falls_back_to_the_shared_cluster() {
     let unreachable = "postgres://postgres@127.0.0.1:1/test";
