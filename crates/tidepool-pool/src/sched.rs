@@ -457,11 +457,13 @@ impl Pool {
 
     /// Whether `token` may free a slot of `model`, all of whose slots hold its own sequences, by
     /// saving one of them for the queue head: only for a head whose first token is at risk
-    /// ([`Self::prefill_urgent`]), and only when the sequence that would be saved has the slack
+    /// ([`Self::prefill_urgent`]), only when the sequence that would be saved has the slack
     /// to wait out the head's prefill and its own save and restore, twice over (the margin of
-    /// [`Self::decode_deadline_at_risk`]). A model's own sequences trade places at no gain in throughput: on a
-    /// saturated model, saving one for every new request only moves the lateness to the saved
-    /// sequence and adds its transfers, where a dedicated engine would queue the request.
+    /// [`Self::decode_deadline_at_risk`]), and, where transfers run beside compute, only when
+    /// the other models' turns can hide what the extra chunk costs ([`Self::chunk_hidden`]). A
+    /// model's own sequences trade places at no gain in throughput: on a saturated model, saving
+    /// one for every new request only moves the lateness to the saved sequence and adds its
+    /// transfers, where a dedicated engine would queue the request.
     fn own_slot_preemptable(&self, model: usize) -> bool {
         if !self.prefill_urgent(model) {
             return false;
@@ -477,12 +479,45 @@ impl Pool {
         else {
             return false;
         };
-        let transfer_ns = spec
-            .saved_bytes(u64::from(victim.prompt_tokens) + u64::from(victim.emitted))
+        let victim_bytes =
+            spec.saved_bytes(u64::from(victim.prompt_tokens) + u64::from(victim.emitted));
+        let transfer_ns = victim_bytes
             .saturating_mul(spec.estimate.kv_transfer_ps_per_byte)
             .saturating_mul(2)
             / 1_000;
         self.next_token_slack_ns(victim) > prefill_ns.saturating_add(transfer_ns).saturating_mul(2)
+            && (!self.cfg.overlap_transfers || self.chunk_hidden(model, victim_bytes))
+    }
+
+    /// Whether the other resident models' decode turns of one round last at least as long as
+    /// saving and restoring a whole chunk of `model` (`seqs_max` sequences of `seq_bytes`): the
+    /// price of the extra chunk an own-slot preemption starts. Once a model has more sequences
+    /// than slots its chunks take turns, and each of those turns saves one chunk and restores
+    /// another. Where transfers run beside compute (a GPU's copy engine) that is free while
+    /// another model decodes; a model alone, or beside models with little to do, waits for its
+    /// own transfers at every turn. On the `h100` market at 200 req/s (docs/bench/sim.md) the
+    /// accelerators pairing a hot model's instance with a tail model fell to 23–52 % attainment
+    /// that way, where queueing the new requests, as `swap-lru` does, met 99 %.
+    fn chunk_hidden(&self, model: usize, seq_bytes: u64) -> bool {
+        let spec = &self.cfg.models[model];
+        let chunk_ns = seq_bytes
+            .saturating_mul(u64::from(spec.seqs_max))
+            .saturating_mul(spec.estimate.kv_transfer_ps_per_byte)
+            .saturating_mul(2)
+            / 1_000;
+        let steps = u64::from(self.cfg.knobs.decode_steps_min);
+        let others_ns = (0..self.models.len())
+            .filter(|&i| i != model && self.models[i].residency == Residency::Resident)
+            .map(|i| {
+                let m = &self.models[i];
+                let seqs_max = u64::from(self.cfg.models[i].seqs_max.max(1));
+                let turns = u64::try_from(m.decoding.len())
+                    .unwrap_or(u64::MAX)
+                    .div_ceil(seqs_max);
+                turns.saturating_mul(steps).saturating_mul(m.decode_step_ns)
+            })
+            .fold(0_u64, u64::saturating_add);
+        chunk_ns <= others_ns
     }
 
     /// The first queued request of `model`.

@@ -343,6 +343,46 @@ fn token_saves_a_models_own_sequence_only_when_it_can_wait() {
     assert!(run(10_000) > 0, "sequences with slack make room");
 }
 
+/// Where transfers run beside compute (a GPU), an own-slot preemption starts an extra chunk of
+/// the model, and each of the chunks' turns then saves one chunk and restores another: free only
+/// while other models' decode turns hide those transfers. So the arrivals of the test above, with
+/// the same generous deadlines, are served with no save when the model is alone (the newcomer
+/// waits for a slot, as on a dedicated engine), and by saving one when another model has decode
+/// work to run meanwhile. Fails if the rule is dropped (the lone model saves) or applied
+/// whatever the other models do (nothing saves).
+#[test]
+fn token_on_a_gpu_saves_its_own_sequence_only_when_other_turns_hide_the_chunk() {
+    let run = |beside_other: bool| {
+        let mut models = vec![model("a", 50)];
+        if beside_other {
+            models.push(model("b", 50));
+        }
+        let mut cfg = PoolConfig::new(PoolPolicy::Token, 200 * MIB, models);
+        cfg.kv_saved_bytes_max = 20 * MIB;
+        cfg.overlap_transfers = true;
+        (cfg.knobs.ttft_slo_ms, cfg.knobs.tbt_slo_ms) = (1, 10_000);
+        let mut pool = Pool::new(cfg).unwrap();
+        let mut pending = Vec::new();
+        let mut requests = 0;
+        if beside_other {
+            for seq in 11..=12 {
+                pending.extend(arrive(&mut pool, 0, seq, "b", 400).unwrap());
+                requests += 1;
+            }
+        }
+        for seq in 1..=3 {
+            pending.extend(arrive(&mut pool, 0, seq, "a", 50).unwrap());
+            requests += 1;
+        }
+        saves_to_completion(&mut pool, pending, 100_000_000, requests)
+    };
+    assert_eq!(run(false), 0, "alone, the newcomer waits for a slot");
+    assert!(
+        run(true) > 0,
+        "beside b's decode turns, a's extra chunk is hidden"
+    );
+}
+
 /// `token` with two models that do not fit together (a 90 MiB budget, a 20 MiB saved pool),
 /// switches allowed 1 ms apart and 1 ms SLOs (every deadline at risk), `adjust` applied; a
 /// 400-token request on `a`, then one on `b`, both at 0. Returns the pool and its first actions.
