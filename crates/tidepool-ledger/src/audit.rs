@@ -35,7 +35,7 @@ use sqlx::{PgConnection, SqliteConnection};
 use tidepool_core::KeyId;
 
 use crate::clock::Clock;
-use crate::store::{RETRY_ATTEMPTS_MAX, Store, WriteGate, on_store, retry_transient};
+use crate::store::{Store, WriteGate, on_store, retry_transient};
 use crate::{Ledger, LedgerError};
 
 /// The `prev_hash` of the first entry.
@@ -615,7 +615,7 @@ impl Ledger {
         target: &str,
         details: &serde_json::Value,
     ) -> Result<AuditEntry, LedgerError> {
-        retry_transient("audit append", RETRY_ATTEMPTS_MAX, || {
+        retry_transient("audit append", || {
             self.append_audit_once(audit, action, target, details)
         })
         .await

@@ -31,7 +31,7 @@ use crate::batch_sql::{
 use crate::kinds::{QuotaScope, RateKind, RateScopeKind, ReservationState};
 use crate::month::Month;
 use crate::price::{PriceVersion, hold_for};
-use crate::store::{RETRY_ATTEMPTS_MAX, Store, WriteGate, on_store, retry_transient};
+use crate::store::{Store, WriteGate, apply_batch_else_one_by_one, on_store, retry_transient};
 use crate::write_tx::{TxControl as _, WriteTx};
 use crate::{Clock, Ledger, LedgerError};
 
@@ -680,50 +680,25 @@ impl Book {
 }
 
 impl Reserver {
-    /// Applies `requests` as one batch (retried after transient conflicts; request by request
-    /// if the batch fails as a whole, so one bad request cannot fail its neighbours): one result
-    /// per request, in order. If the database is out of reach, every request fails at once, as
-    /// settlements do (`writer::answer_run`): one by one would wait out the connection timeout
-    /// once per request.
+    /// Applies `requests` as one batch (retried after transient conflicts), else request by
+    /// request, else all failed at once when the database is out of reach
+    /// ([`apply_batch_else_one_by_one`], as the settle writer does): one result per request, in
+    /// order.
     pub(crate) async fn reserve_all(
         &self,
         requests: &[ReserveRequest],
     ) -> Vec<Result<Reservation, LedgerError>> {
-        match self.batch_retrying(requests).await {
-            Ok(results) => results,
-            Err(err) if requests.len() == 1 => vec![Err(err)],
-            Err(err) if err.is_unavailable() => {
-                tracing::warn!(error = %err, len = requests.len(),
-                    "reservation batch failed: the database is unreachable");
-                requests
-                    .iter()
-                    .map(|_| Err(LedgerError::WriterFailed))
-                    .collect()
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, len = requests.len(),
-                    "reservation batch failed; applying one by one");
-                let mut results = Vec::with_capacity(requests.len());
-                for request in requests {
-                    let result = match self.batch_retrying(std::slice::from_ref(request)).await {
-                        Ok(mut one) => one.pop().unwrap_or(Err(LedgerError::WriterFailed)),
-                        Err(err) => Err(err),
-                    };
-                    results.push(result);
-                }
-                results
-            }
-        }
+        apply_batch_else_one_by_one("reservation batch", requests.len(), |range| {
+            self.batch_retrying(requests.get(range).unwrap_or_default())
+        })
+        .await
     }
 
     async fn batch_retrying(
         &self,
         requests: &[ReserveRequest],
     ) -> Result<Vec<Result<Reservation, LedgerError>>, LedgerError> {
-        let result = retry_transient("reservation batch", RETRY_ATTEMPTS_MAX, || {
-            self.batch(requests)
-        })
-        .await;
+        let result = retry_transient("reservation batch", || self.batch(requests)).await;
         if let Ok(results) = &result {
             assert!(results.len() == requests.len(), "one result per request");
         }

@@ -6,7 +6,7 @@
 //! once and a row is sent again only if its lease ran out (the replica died or hung mid-send):
 //! at-least-once, and exactly once while replicas stay alive within their lease.
 
-use crate::store::{RETRY_ATTEMPTS_MAX, on_store, retry_transient, to_i64, to_u64};
+use crate::store::{on_store, retry_transient, to_i64, to_u64};
 use crate::{Ledger, LedgerError};
 
 /// Most rows one claim returns.
@@ -61,7 +61,7 @@ impl Ledger {
             });
         }
         let now_ms = self.now_ms();
-        retry_transient("alert enqueue", RETRY_ATTEMPTS_MAX, || async move {
+        retry_transient("alert enqueue", || async move {
             on_store!(&self.store, pool => {
                 let mut tx = pool.begin().await?;
                 let mut written: u64 = 0;

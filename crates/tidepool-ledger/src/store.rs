@@ -27,13 +27,12 @@ const SQLITE_BUSY: &str = "5";
 /// Times a transaction is retried after a transient conflict (deadlock, serialization failure,
 /// SQLite busy) before the error is returned: the group-commit writers' batches, the audit append
 /// and the alert enqueue alike.
-pub(crate) const RETRY_ATTEMPTS_MAX: u32 = 3;
+const RETRY_ATTEMPTS_MAX: u32 = 3;
 /// Runs `attempt`, and runs it again after each transient conflict (deadlock, serialization
-/// failure, SQLite busy), at most `retries_max` times more; returns the first outcome that is
-/// not such a conflict, or the last one. `what` names the work in the debug log.
+/// failure, SQLite busy), at most [`RETRY_ATTEMPTS_MAX`] times more; returns the first outcome
+/// that is not such a conflict, or the last one. `what` names the work in the debug log.
 pub(crate) async fn retry_transient<T, F, Fut>(
     what: &'static str,
-    retries_max: u32,
     mut attempt: F,
 ) -> Result<T, LedgerError>
 where
@@ -43,11 +42,50 @@ where
     let mut retries: u32 = 0;
     loop {
         match attempt().await {
-            Err(err) if err.is_transient() && retries < retries_max => {
+            Err(err) if err.is_transient() && retries < RETRY_ATTEMPTS_MAX => {
                 retries = retries.saturating_add(1);
                 tracing::debug!(retries, what, "retried after a transient conflict");
             }
             outcome => return outcome,
+        }
+    }
+}
+
+/// Applies `len` commands as one batch, `apply(0..len)`, and returns one result per command,
+/// in order. A batch that fails as a whole is applied one command at a time (`apply(i..i + 1)`),
+/// so one bad command cannot fail its neighbours — unless the database is out of reach: one by
+/// one would then wait out the connection timeout once per command, so every command fails at
+/// once with [`LedgerError::WriterFailed`] and its caller may retry. The reservation writer and
+/// the settle writer both answer their runs this way; `what` names the batch in the logs.
+pub(crate) async fn apply_batch_else_one_by_one<T, F, Fut>(
+    what: &'static str,
+    len: usize,
+    mut apply: F,
+) -> Vec<Result<T, LedgerError>>
+where
+    F: FnMut(std::ops::Range<usize>) -> Fut,
+    Fut: Future<Output = Result<Vec<Result<T, LedgerError>>, LedgerError>>,
+{
+    match apply(0..len).await {
+        Ok(results) => {
+            assert!(results.len() == len, "one result per command");
+            results
+        }
+        Err(err) if len == 1 => vec![Err(err)],
+        Err(err) if err.is_unavailable() => {
+            tracing::warn!(error = %err, len, "{what} failed: the database is unreachable");
+            (0..len).map(|_| Err(LedgerError::WriterFailed)).collect()
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, len, "{what} failed; applying one by one");
+            let mut results = Vec::with_capacity(len);
+            for index in 0..len {
+                results.push(match apply(index..index.saturating_add(1)).await {
+                    Ok(mut one) => one.pop().unwrap_or(Err(LedgerError::WriterFailed)),
+                    Err(err) => Err(err),
+                });
+            }
+            results
         }
     }
 }

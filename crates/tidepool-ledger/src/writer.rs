@@ -23,7 +23,7 @@ use crate::batches::{NewBatchLine, insert_line, validate_line};
 use crate::kinds::ReservationState;
 use crate::price::{BilledTokens, PriceVersion, cost_of};
 use crate::rollup::{daily_rows, free_daily_rows};
-use crate::store::{RETRY_ATTEMPTS_MAX, Store, on_store, retry_transient, to_i64};
+use crate::store::{Store, apply_batch_else_one_by_one, on_store, retry_transient, to_i64};
 use crate::usage::{entry_columns, validate_entry};
 use crate::write_tx::{Guard, TxControl as _, WriteTx};
 use crate::{Clock, LedgerError, UsageEntry};
@@ -531,46 +531,21 @@ impl Writer {
         self.answer_run::<Finishes>(finishes).await;
     }
 
-    /// Applies a drained run of commands of one kind as one batch and answers each caller. A
-    /// batch that fails as a whole is applied command by command, so one bad command cannot
-    /// fail its neighbours — unless the database is out of reach: one by one would then wait
-    /// out the connection timeout once per command, so every caller gets the failure now and
-    /// may retry.
+    /// Applies a drained run of commands of one kind as one batch and answers each caller:
+    /// command by command if the batch fails as a whole, every caller at once if the database is
+    /// out of reach ([`apply_batch_else_one_by_one`]).
     async fn answer_run<K: RunKind>(&self, run: Vec<(K::Command, Reply<K::Output>)>) {
         if run.is_empty() {
             return;
         }
-        let kind = K::KIND;
         let (commands, replies): (Vec<K::Command>, Vec<_>) = run.into_iter().unzip();
         let all: Vec<&K::Command> = commands.iter().collect();
-        match K::batch(self, &all).await {
-            Ok(results) => {
-                assert!(results.len() == replies.len(), "one result per command");
-                for (reply, result) in replies.into_iter().zip(results) {
-                    drop(reply.send(result));
-                }
-            }
-            Err(err) if all.len() == 1 => {
-                if let Some(reply) = replies.into_iter().next() {
-                    drop(reply.send(Err(err)));
-                }
-            }
-            Err(err) if err.is_unavailable() => {
-                tracing::warn!(error = %err, len = all.len(), "{kind} failed: the database is unreachable");
-                for reply in replies {
-                    drop(reply.send(Err(LedgerError::WriterFailed)));
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, len = all.len(), "{kind} failed; applying one by one");
-                for (command, reply) in all.iter().zip(replies) {
-                    let result = match K::batch(self, std::slice::from_ref(command)).await {
-                        Ok(mut results) => results.pop().unwrap_or(Err(LedgerError::WriterFailed)),
-                        Err(err) => Err(err),
-                    };
-                    drop(reply.send(result));
-                }
-            }
+        let results = apply_batch_else_one_by_one(K::KIND, all.len(), |range| {
+            K::batch(self, all.get(range).unwrap_or_default())
+        })
+        .await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            drop(reply.send(result));
         }
     }
 
@@ -607,10 +582,7 @@ impl Writer {
         &self,
         entries: &[&UsageEntry],
     ) -> Result<Vec<bool>, LedgerError> {
-        retry_transient("usage batch", RETRY_ATTEMPTS_MAX, || {
-            self.record_batch(entries)
-        })
-        .await
+        retry_transient("usage batch", || self.record_batch(entries)).await
     }
 
     /// One transaction: the entries' usage rows (each only if its request id has neither a
@@ -665,10 +637,7 @@ impl Writer {
         &self,
         items: &[Item<'_>],
     ) -> Result<Vec<Result<Settlement, LedgerError>>, LedgerError> {
-        retry_transient("settle batch", RETRY_ATTEMPTS_MAX, || {
-            self.finish_batch(items)
-        })
-        .await
+        retry_transient("settle batch", || self.finish_batch(items)).await
     }
 
     async fn checkpoint_batch(&self, items: &[(RequestId, u32)]) -> Result<(), LedgerError> {
